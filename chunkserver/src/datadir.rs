@@ -1,0 +1,1 @@
+//! Data directory identity and lock (being written).

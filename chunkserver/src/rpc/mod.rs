@@ -1,0 +1,1 @@
+//! Chunk RPC server and client (being written).

@@ -1,0 +1,1 @@
+//! Block checksum slots (being written).

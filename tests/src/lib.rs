@@ -1,0 +1,1 @@
+//! Helpers shared by the process-level tests (being written).
