@@ -12,6 +12,7 @@ pub mod buf;
 mod engine;
 pub mod error;
 pub mod layout;
+mod recovery;
 pub mod slots;
 
 use std::path::{Path, PathBuf};
