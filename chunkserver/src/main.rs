@@ -1,1 +1,330 @@
-fn main() {}
+//! `cairn-chunkserver`: one per node (or per disk). Checks and locks the data
+//! directory, opens the extent store, serves the chunk RPC, and on SIGTERM or
+//! SIGINT stops taking requests, lets the ones in flight finish, shuts the
+//! store down cleanly and exits 0.
+//!
+//! Exit status: 0 after a clean stop; 2 when the configuration or the data
+//! directory is wrong (restarting will not help, and the systemd unit does
+//! not); 1 for a failure while running; 128 + the signal's number when a
+//! second signal cut the shutdown short.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cairn_chunkserver::config::{Config, LogFormat};
+use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
+use cairn_chunkserver::rpc;
+use cairn_chunkserver::store::Store;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// The configuration or data directory is wrong; a restart will not fix it.
+const EXIT_CONFIG: u8 = 2;
+/// Something failed while running.
+const EXIT_RUNTIME: u8 = 1;
+/// The RPC tasks do little but wait on sockets and the store's engine thread.
+const WORKER_THREADS: usize = 2;
+/// After the store has shut down, how long dropping the runtime may wait for
+/// stray blocking tasks before the process exits anyway.
+const RUNTIME_SHUTDOWN_MAX: Duration = Duration::from_secs(5);
+/// File descriptors beyond the store's and the connections' (logs, the ring,
+/// the listener, LOCK, directory handles).
+const FDS_SPARE: u64 = 64;
+
+/// What ends the process with an error: a one-paragraph message and a status.
+struct Fatal {
+    code: u8,
+    message: String,
+}
+
+impl Fatal {
+    fn config(message: impl Into<String>) -> Self {
+        Fatal {
+            code: EXIT_CONFIG,
+            message: message.into(),
+        }
+    }
+
+    fn runtime(message: impl Into<String>) -> Self {
+        Fatal {
+            code: EXIT_RUNTIME,
+            message: message.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(fatal) => {
+            // Plain stderr rather than a log line: the message must reach the
+            // operator even when the log filter or format is what is wrong.
+            eprintln!("cairn-chunkserver: error: {}", fatal.message);
+            ExitCode::from(fatal.code)
+        }
+    }
+}
+
+fn run() -> Result<(), Fatal> {
+    let config = Config::from_args().map_err(|e| Fatal::config(e.to_string()))?;
+    init_tracing(&config)?;
+    raise_open_files_limit(&config);
+
+    let data_dir = DataDir::open(&DataDirOptions {
+        dir: config.data_dir.clone(),
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.node_id,
+        init: config.init,
+        free_bytes_min: config.free_bytes_min,
+    })
+    .map_err(|e| Fatal::config(e.to_string()))?;
+    if data_dir.formatted() {
+        info!(
+            "formatted data dir {} as node {} of cluster {}",
+            data_dir.path().display(),
+            config.node_id,
+            config.cluster_id
+        );
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name("cairn-chunkserver")
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::runtime(format!("cannot start the tokio runtime: {e}")))?;
+    let result = runtime.block_on(serve_until_signal(&config, &data_dir));
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_MAX);
+    // The lock is released only now, after the store has shut down.
+    drop(data_dir);
+    if result.is_ok() {
+        info!("stopped cleanly");
+    }
+    result
+}
+
+/// Opens the store, serves until SIGTERM or SIGINT, then stops in order:
+/// no new requests, in-flight ones finish, the store flushes and is marked
+/// clean.
+async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), Fatal> {
+    // Before anything can be served, so that from the moment the port accepts
+    // a signal means a clean stop rather than the default instant death.
+    let mut signals = Signals::new()?;
+
+    let extents_dir = data_dir.extents_dir();
+    let options = config.store_options();
+    let open_dir = extents_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&open_dir, options))
+        .await
+        .map_err(|e| Fatal::runtime(format!("opening the extent store panicked: {e}")))?
+        .map_err(|e| {
+            Fatal::config(format!(
+                "cannot open the extent store in {}: {e}",
+                extents_dir.display()
+            ))
+        })?;
+
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            shutdown_store(&store, &mut signals).await?;
+            return Err(Fatal::runtime(format!(
+                "cannot listen on {}: {e} (check --listen / listen, and that no other server uses the port)",
+                config.listen
+            )));
+        }
+    };
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Fatal::runtime(format!("reading the listening address: {e}")))?;
+    info!(
+        "cairn-chunkserver node {} of cluster {} serving on {}, data dir {}",
+        config.node_id,
+        config.cluster_id,
+        local_addr,
+        data_dir.path().display()
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut serving = tokio::spawn(rpc::serve(
+        listener,
+        store.clone(),
+        config.server_config(),
+        stop_rx,
+    ));
+    let ended_first = tokio::select! {
+        joined = &mut serving => Some(serve_outcome(joined, false)),
+        name = signals.next() => {
+            info!("received {name}: stopping; requests in flight finish first");
+            None
+        }
+    };
+    let served = match ended_first {
+        Some(outcome) => outcome,
+        None => {
+            // An error means serve() has already returned; the join below
+            // reports how.
+            let _ = stop_tx.send(true);
+            tokio::select! {
+                joined = &mut serving => serve_outcome(joined, true),
+                name = signals.next() => exit_now(name),
+            }
+        }
+    };
+    if let Err(failure) = &served {
+        error!("{}", failure.message);
+    }
+    // Shut the store down cleanly whatever happened to the server: it flushes
+    // what was acknowledged and marks the store clean for the next start.
+    shutdown_store(&store, &mut signals).await?;
+    served
+}
+
+/// What serve()'s end means: returning after a stop request is the only
+/// good outcome.
+fn serve_outcome(
+    joined: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    stop_requested: bool,
+) -> Result<(), Fatal> {
+    match joined {
+        Ok(Ok(())) if stop_requested => Ok(()),
+        Ok(Ok(())) => Err(Fatal::runtime(
+            "the chunk RPC server stopped without being asked to",
+        )),
+        Ok(Err(e)) => Err(Fatal::runtime(format!(
+            "the chunk RPC server failed: {e:#}"
+        ))),
+        Err(e) => Err(Fatal::runtime(format!(
+            "the chunk RPC server task failed: {e}"
+        ))),
+    }
+}
+
+async fn shutdown_store(store: &Store, signals: &mut Signals) -> Result<(), Fatal> {
+    debug!("shutting the store down");
+    tokio::select! {
+        result = store.shutdown() => result.map_err(|e| {
+            Fatal::runtime(format!(
+                "store shutdown failed: {e}; the next start will recover the store"
+            ))
+        }),
+        name = signals.next() => exit_now(name),
+    }
+}
+
+/// A second signal during shutdown: the operator wants the process gone now.
+/// What was acknowledged is durable or recoverable; the store recovers on the
+/// next start as after a crash.
+fn exit_now(name: &'static str) -> ! {
+    warn!("received {name} again during shutdown: exiting now, without a clean store shutdown");
+    let signo = if name == "SIGINT" {
+        libc::SIGINT
+    } else {
+        libc::SIGTERM
+    };
+    std::process::exit(128 + signo)
+}
+
+/// SIGTERM (systemd, `cairn up`, kill) and SIGINT (Ctrl-C).
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Fatal> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| Fatal::runtime(format!("cannot install the {name} handler: {e}")))
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Logs go to stderr (the journal under systemd). RUST_LOG, when set, wins
+/// over --log-level, as it does for every tracing-based program.
+fn init_tracing(config: &Config) -> Result<(), Fatal> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.trim().is_empty() => EnvFilter::try_new(&value)
+            .map_err(|e| Fatal::config(format!("invalid RUST_LOG={value:?}: {e}")))?,
+        _ => EnvFilter::try_new(&config.log_level).map_err(|e| {
+            Fatal::config(format!(
+                "invalid log_level {:?} (--log-level / log_level): {e}",
+                config.log_level
+            ))
+        })?,
+    };
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let installed = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Journal => builder.without_time().try_init(),
+    };
+    installed.map_err(|e| Fatal::runtime(format!("cannot install the logger: {e}")))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: the store keeps two file
+/// descriptors per open extent, and the default soft limit (often 1024) is
+/// far below `open_extents_max`. Warns, rather than fails, when even the hard
+/// limit is short: the store closes idle extents when it runs out.
+fn raise_open_files_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            debug!(
+                "raised the open files limit from {} to {}",
+                limit.rlim_cur, limit.rlim_max
+            );
+            limit = raised;
+        } else {
+            warn!(
+                "cannot raise RLIMIT_NOFILE from {} to {}: {}",
+                limit.rlim_cur,
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let needed =
+        2 * config.store.open_extents_max as u64 + config.connections_max as u64 + FDS_SPARE;
+    if limit.rlim_cur < needed {
+        warn!(
+            "open files limit is {} but open_extents_max {} and connections_max {} need about {needed}; raise LimitNOFILE (systemd) or ulimit -n",
+            limit.rlim_cur, config.store.open_extents_max, config.connections_max
+        );
+    }
+}

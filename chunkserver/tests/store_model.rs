@@ -15,9 +15,24 @@ const SECTORS: u32 = EXTENT_BYTES / SECTOR;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { ext: u8, sector: u32, sectors: u32, seed: u8, fua: bool },
-    Zero { ext: u8, sector: u32, sectors: u32, punch: bool },
-    Read { ext: u8, sector: u32, sectors: u32 },
+    Write {
+        ext: u8,
+        sector: u32,
+        sectors: u32,
+        seed: u8,
+        fua: bool,
+    },
+    Zero {
+        ext: u8,
+        sector: u32,
+        sectors: u32,
+        punch: bool,
+    },
+    Read {
+        ext: u8,
+        sector: u32,
+        sectors: u32,
+    },
     Flush,
 }
 
@@ -35,7 +50,10 @@ fn range() -> impl Strategy<Value = (u32, u32)> {
         // anywhere, any size
         (0..SECTORS).prop_flat_map(|s| (Just(s), 1..=(SECTORS - s).min(40))),
         // whole blocks
-        (0..SECTORS / 8).prop_flat_map(|b| (Just(b * 8), (1..=(SECTORS / 8 - b).min(4)).prop_map(|n| n * 8))),
+        (0..SECTORS / 8).prop_flat_map(|b| (
+            Just(b * 8),
+            (1..=(SECTORS / 8 - b).min(4)).prop_map(|n| n * 8)
+        )),
         // the whole extent
         Just((0, SECTORS)),
     ]
@@ -62,51 +80,109 @@ fn batch() -> impl Strategy<Value = Batch> {
 }
 
 fn key(ext: u8) -> ExtentKey {
-    ExtentKey { volume_id: 7, extent_index: ext as u64, epoch: 1 }
+    ExtentKey {
+        volume_id: 7,
+        extent_index: ext as u64,
+        epoch: 1,
+    }
 }
 
 fn pattern(seed: u8, sector: u32, sectors: u32) -> Vec<u8> {
-    (0..sectors * SECTOR).map(|i| seed.wrapping_mul(31).wrapping_add((i / 7) as u8) ^ (sector as u8)).collect()
+    (0..sectors * SECTOR)
+        .map(|i| seed.wrapping_mul(31).wrapping_add((i / 7) as u8) ^ (sector as u8))
+        .collect()
 }
 
 fn options() -> StoreOptions {
     // A tiny cache so eviction and table reloads happen constantly.
-    StoreOptions { io_mode: IoMode::Direct, ring_entries: 64, open_extents_max: 2 }
+    StoreOptions {
+        io_mode: IoMode::Direct,
+        ring_entries: 64,
+        open_extents_max: 2,
+    }
 }
 
 async fn run_step(store: &Store, step: Step) -> Result<Option<IoBuf>, StoreError> {
     match step {
-        Step::Write { ext, sector, sectors, seed, fua } => {
+        Step::Write {
+            ext,
+            sector,
+            sectors,
+            seed,
+            fua,
+        } => {
             let data = IoBuf::copy_from(&pattern(seed, sector, sectors));
-            store.write(key(ext), EXTENT_BYTES, (sector * SECTOR) as u64, data, fua).await.map(|_| None)
+            store
+                .write(key(ext), EXTENT_BYTES, (sector * SECTOR) as u64, data, fua)
+                .await
+                .map(|_| None)
         }
-        Step::Zero { ext, sector, sectors, punch } => store
-            .write_zeroes(key(ext), EXTENT_BYTES, (sector * SECTOR) as u64, sectors * SECTOR, false, punch)
+        Step::Zero {
+            ext,
+            sector,
+            sectors,
+            punch,
+        } => store
+            .write_zeroes(
+                key(ext),
+                EXTENT_BYTES,
+                (sector * SECTOR) as u64,
+                sectors * SECTOR,
+                false,
+                punch,
+            )
             .await
             .map(|_| None),
-        Step::Read { ext, sector, sectors } => {
-            store.read(key(ext), EXTENT_BYTES, (sector * SECTOR) as u64, sectors * SECTOR).await.map(Some)
-        }
+        Step::Read {
+            ext,
+            sector,
+            sectors,
+        } => store
+            .read(
+                key(ext),
+                EXTENT_BYTES,
+                (sector * SECTOR) as u64,
+                sectors * SECTOR,
+            )
+            .await
+            .map(Some),
         Step::Flush => store.flush().await.map(|_| None),
     }
 }
 
 fn apply_model(model: &mut HashMap<u8, Vec<u8>>, step: &Step) -> Option<Vec<u8>> {
     match *step {
-        Step::Write { ext, sector, sectors, seed, .. } => {
-            let m = model.entry(ext).or_insert_with(|| vec![0; EXTENT_BYTES as usize]);
+        Step::Write {
+            ext,
+            sector,
+            sectors,
+            seed,
+            ..
+        } => {
+            let m = model
+                .entry(ext)
+                .or_insert_with(|| vec![0; EXTENT_BYTES as usize]);
             let s = (sector * SECTOR) as usize;
             m[s..s + (sectors * SECTOR) as usize].copy_from_slice(&pattern(seed, sector, sectors));
             None
         }
-        Step::Zero { ext, sector, sectors, .. } => {
+        Step::Zero {
+            ext,
+            sector,
+            sectors,
+            ..
+        } => {
             if let Some(m) = model.get_mut(&ext) {
                 let s = (sector * SECTOR) as usize;
                 m[s..s + (sectors * SECTOR) as usize].fill(0);
             }
             None
         }
-        Step::Read { ext, sector, sectors } => {
+        Step::Read {
+            ext,
+            sector,
+            sectors,
+        } => {
             let s = (sector * SECTOR) as usize;
             let n = (sectors * SECTOR) as usize;
             Some(model.get(&ext).map_or(vec![0; n], |m| m[s..s + n].to_vec()))
@@ -116,7 +192,10 @@ fn apply_model(model: &mut HashMap<u8, Vec<u8>>, step: &Step) -> Option<Vec<u8>>
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 proptest! {
@@ -178,30 +257,71 @@ fn extent_file(root: &Path, k: ExtentKey) -> std::path::PathBuf {
 fn corrupt_block_is_an_error_that_names_it() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path().join("extents");
-    let k = ExtentKey { volume_id: 0xabc, extent_index: 5, epoch: 2 };
+    let k = ExtentKey {
+        volume_id: 0xabc,
+        extent_index: 5,
+        epoch: 2,
+    };
     runtime().block_on(async {
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        store.write(k, 4 << 20, 0, IoBuf::copy_from(&vec![0x5a; 64 << 10]), false).await.unwrap();
+        store
+            .write(
+                k,
+                4 << 20,
+                0,
+                IoBuf::copy_from(&vec![0x5a; 64 << 10]),
+                false,
+            )
+            .await
+            .unwrap();
         store.flush().await.unwrap();
         store.shutdown().await.unwrap();
         let path = extent_file(&root, k);
         let data_off = cairn_chunkserver::store::layout::data_offset(4 << 20);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &[0xff; 100], data_off + 3 * 4096 + 700).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xff; 100], data_off + 3 * 4096 + 700)
+            .unwrap();
         f.sync_all().unwrap();
         let store = Store::open(&root, StoreOptions::default()).unwrap();
         let err = store.read(k, 4 << 20, 3 * 4096, 4096).await.unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, StoreError::Checksum { block_index: 3, .. }), "{msg}");
-        assert!(msg.contains("volume 0xabc") && msg.contains("extent 5") && msg.contains("block 3"), "{msg}");
+        assert!(
+            matches!(err, StoreError::Checksum { block_index: 3, .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("volume 0xabc") && msg.contains("extent 5") && msg.contains("block 3"),
+            "{msg}"
+        );
         // A read spanning the bad block fails; its neighbours are fine.
         assert!(store.read(k, 4 << 20, 0, 16 << 10).await.is_err());
-        assert_eq!(&store.read(k, 4 << 20, 2 * 4096, 4096).await.unwrap()[..], &[0x5a; 4096][..]);
-        assert_eq!(&store.read(k, 4 << 20, 4 * 4096, 4096).await.unwrap()[..], &[0x5a; 4096][..]);
+        assert_eq!(
+            &store.read(k, 4 << 20, 2 * 4096, 4096).await.unwrap()[..],
+            &[0x5a; 4096][..]
+        );
+        assert_eq!(
+            &store.read(k, 4 << 20, 4 * 4096, 4096).await.unwrap()[..],
+            &[0x5a; 4096][..]
+        );
         // A partial write cannot merge into a bad block; a whole-block write replaces it.
-        assert!(store.write(k, 4 << 20, 3 * 4096 + 512, IoBuf::copy_from(&[1; 512]), false).await.is_err());
-        store.write(k, 4 << 20, 3 * 4096, IoBuf::copy_from(&[2; 4096]), false).await.unwrap();
-        assert_eq!(&store.read(k, 4 << 20, 3 * 4096, 4096).await.unwrap()[..], &[2; 4096][..]);
+        assert!(store
+            .write(
+                k,
+                4 << 20,
+                3 * 4096 + 512,
+                IoBuf::copy_from(&[1; 512]),
+                false
+            )
+            .await
+            .is_err());
+        store
+            .write(k, 4 << 20, 3 * 4096, IoBuf::copy_from(&[2; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            &store.read(k, 4 << 20, 3 * 4096, 4096).await.unwrap()[..],
+            &[2; 4096][..]
+        );
         store.shutdown().await.unwrap();
     });
 }
@@ -213,17 +333,28 @@ fn corrupt_block_is_an_error_that_names_it() {
 fn slot_without_data_reads_old_data_after_a_crash() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path().join("extents");
-    let k = ExtentKey { volume_id: 1, extent_index: 0, epoch: 1 };
+    let k = ExtentKey {
+        volume_id: 1,
+        extent_index: 0,
+        epoch: 1,
+    };
     let eb = 64 << 10;
     runtime().block_on(async {
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        store.write(k, eb, 0, IoBuf::copy_from(&[7; 8192]), false).await.unwrap();
+        store
+            .write(k, eb, 0, IoBuf::copy_from(&[7; 8192]), false)
+            .await
+            .unwrap();
         store.flush().await.unwrap();
         store.shutdown().await.unwrap();
         // Forge what a crash mid-write leaves: block 1's other slot holds the
         // CRC of data that never landed, with a newer generation.
         let path = extent_file(&root, k);
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut entry = [0u8; 16];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut entry, 4096 + 16).unwrap();
         let gen = u32::from_le_bytes(entry[4..8].try_into().unwrap());
@@ -234,13 +365,25 @@ fn slot_without_data_reads_old_data_after_a_crash() {
         std::fs::remove_file(root.join(".clean")).unwrap();
 
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        assert_eq!(&store.read(k, eb, 4096, 4096).await.unwrap()[..], &[7; 4096][..]);
-        store.write(k, eb, 4096, IoBuf::copy_from(&[8; 4096]), false).await.unwrap();
+        assert_eq!(
+            &store.read(k, eb, 4096, 4096).await.unwrap()[..],
+            &[7; 4096][..]
+        );
+        store
+            .write(k, eb, 4096, IoBuf::copy_from(&[8; 4096]), false)
+            .await
+            .unwrap();
         store.shutdown().await.unwrap();
         std::fs::remove_file(root.join(".clean")).unwrap();
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        assert_eq!(&store.read(k, eb, 4096, 4096).await.unwrap()[..], &[8; 4096][..]);
-        assert_eq!(&store.read(k, eb, 0, 4096).await.unwrap()[..], &[7; 4096][..]);
+        assert_eq!(
+            &store.read(k, eb, 4096, 4096).await.unwrap()[..],
+            &[8; 4096][..]
+        );
+        assert_eq!(
+            &store.read(k, eb, 0, 4096).await.unwrap()[..],
+            &[7; 4096][..]
+        );
         store.shutdown().await.unwrap();
     });
 }
@@ -251,27 +394,52 @@ fn slot_without_data_reads_old_data_after_a_crash() {
 fn thin_and_trim_give_space_back() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path().join("extents");
-    let k = ExtentKey { volume_id: 2, extent_index: 9, epoch: 1 };
+    let k = ExtentKey {
+        volume_id: 2,
+        extent_index: 9,
+        epoch: 1,
+    };
     let eb = 4 << 20;
     runtime().block_on(async {
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        assert_eq!(&store.read(k, eb, 0, 8192).await.unwrap()[..], &[0; 8192][..]);
+        assert_eq!(
+            &store.read(k, eb, 0, 8192).await.unwrap()[..],
+            &[0; 8192][..]
+        );
         store.trim(k, eb, 0, 8192).await.unwrap();
-        assert!(store.stat(k).await.unwrap().is_none(), "reads and trims allocate nothing");
-        store.write(k, eb, 0, IoBuf::copy_from(&vec![1; 2 << 20]), false).await.unwrap();
+        assert!(
+            store.stat(k).await.unwrap().is_none(),
+            "reads and trims allocate nothing"
+        );
+        store
+            .write(k, eb, 0, IoBuf::copy_from(&vec![1; 2 << 20]), false)
+            .await
+            .unwrap();
         store.flush().await.unwrap();
         let full = store.stat(k).await.unwrap().unwrap().allocated_bytes;
         assert!(full >= 2 << 20, "allocated {full}");
         store.trim(k, eb, 0, 1 << 20).await.unwrap();
         store.flush().await.unwrap();
         let after = store.stat(k).await.unwrap().unwrap().allocated_bytes;
-        assert!(after <= full - (1 << 20), "punching 1 MiB left {after} of {full}");
-        assert_eq!(&store.read(k, eb, 0, 4096).await.unwrap()[..], &[0; 4096][..]);
-        assert_eq!(&store.read(k, eb, 1 << 20, 4096).await.unwrap()[..], &[1; 4096][..]);
+        assert!(
+            after <= full - (1 << 20),
+            "punching 1 MiB left {after} of {full}"
+        );
+        assert_eq!(
+            &store.read(k, eb, 0, 4096).await.unwrap()[..],
+            &[0; 4096][..]
+        );
+        assert_eq!(
+            &store.read(k, eb, 1 << 20, 4096).await.unwrap()[..],
+            &[1; 4096][..]
+        );
         store.trim(k, eb, 0, eb).await.unwrap();
         store.flush().await.unwrap();
         assert!(store.stat(k).await.unwrap().is_none());
-        assert!(!extent_file(&root, k).exists(), "whole-extent trim deletes the file");
+        assert!(
+            !extent_file(&root, k).exists(),
+            "whole-extent trim deletes the file"
+        );
         assert_eq!(store.usage().await.unwrap().extents, 0);
         store.shutdown().await.unwrap();
     });
@@ -283,20 +451,39 @@ fn thin_and_trim_give_space_back() {
 fn concurrent_sector_writes_to_one_block() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path().join("extents");
-    let k = ExtentKey { volume_id: 3, extent_index: 0, epoch: 1 };
+    let k = ExtentKey {
+        volume_id: 3,
+        extent_index: 0,
+        epoch: 1,
+    };
     let eb = 64 << 10;
     runtime().block_on(async {
         let store = Store::open(&root, StoreOptions::default()).unwrap();
         let writes = (0..32u32).map(|s| {
             let store = store.clone();
-            async move { store.write(k, eb, (s * 512) as u64, IoBuf::copy_from(&[s as u8 + 1; 512]), false).await }
+            async move {
+                store
+                    .write(
+                        k,
+                        eb,
+                        (s * 512) as u64,
+                        IoBuf::copy_from(&[s as u8 + 1; 512]),
+                        false,
+                    )
+                    .await
+            }
         });
         for r in futures::future::join_all(writes).await {
             r.unwrap();
         }
         let got = store.read(k, eb, 0, 32 * 512).await.unwrap();
         for s in 0..32usize {
-            assert!(got[s * 512..(s + 1) * 512].iter().all(|&b| b == s as u8 + 1), "sector {s}");
+            assert!(
+                got[s * 512..(s + 1) * 512]
+                    .iter()
+                    .all(|&b| b == s as u8 + 1),
+                "sector {s}"
+            );
         }
         store.shutdown().await.unwrap();
     });
@@ -307,15 +494,40 @@ fn concurrent_sector_writes_to_one_block() {
 fn extent_size_mismatch_and_bad_ranges() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let root = dir.path().join("extents");
-    let k = ExtentKey { volume_id: 4, extent_index: 0, epoch: 1 };
+    let k = ExtentKey {
+        volume_id: 4,
+        extent_index: 0,
+        epoch: 1,
+    };
     runtime().block_on(async {
         let store = Store::open(&root, StoreOptions::default()).unwrap();
-        store.write(k, 64 << 10, 0, IoBuf::copy_from(&[1; 512]), false).await.unwrap();
+        store
+            .write(k, 64 << 10, 0, IoBuf::copy_from(&[1; 512]), false)
+            .await
+            .unwrap();
         let e = store.read(k, 128 << 10, 0, 512).await.unwrap_err();
-        assert!(matches!(e, StoreError::ExtentSizeMismatch { stored_bytes: 65536, .. }), "{e}");
-        for (off, len, eb) in [(1u64, 512u32, 64u32 << 10), (0, 100, 64 << 10), (0, 0, 64 << 10), (65024, 1024, 64 << 10), (0, 512, 3 << 20)] {
+        assert!(
+            matches!(
+                e,
+                StoreError::ExtentSizeMismatch {
+                    stored_bytes: 65536,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        for (off, len, eb) in [
+            (1u64, 512u32, 64u32 << 10),
+            (0, 100, 64 << 10),
+            (0, 0, 64 << 10),
+            (65024, 1024, 64 << 10),
+            (0, 512, 3 << 20),
+        ] {
             let e = store.read(k, eb, off, len).await.unwrap_err();
-            assert!(matches!(e, StoreError::InvalidArgument(_)), "{off} {len} {eb}: {e}");
+            assert!(
+                matches!(e, StoreError::InvalidArgument(_)),
+                "{off} {len} {eb}: {e}"
+            );
         }
         store.shutdown().await.unwrap();
     });
@@ -334,8 +546,20 @@ fn overlapping_writes_keep_order_across_a_table_load() {
             let store = Store::open(&root, options()).unwrap();
             let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
             let before = [
-                Step::Write { ext: 1, sector: 24, sectors: 16, seed: 0, fua: false },
-                Step::Write { ext: 1, sector: 88, sectors: 30, seed: 5, fua: false },
+                Step::Write {
+                    ext: 1,
+                    sector: 24,
+                    sectors: 16,
+                    seed: 0,
+                    fua: false,
+                },
+                Step::Write {
+                    ext: 1,
+                    sector: 88,
+                    sectors: 30,
+                    seed: 5,
+                    fua: false,
+                },
             ];
             for s in before {
                 apply_model(&mut model, &s);
@@ -345,18 +569,38 @@ fn overlapping_writes_keep_order_across_a_table_load() {
             std::fs::remove_file(root.join(".clean")).unwrap();
             let store = Store::open(&root, options()).unwrap();
             let steps = [
-                Step::Write { ext: 1, sector: 0, sectors: 128, seed: 202, fua: false },
-                Step::Write { ext: 1, sector: 93, sectors: 28, seed: 230, fua: false },
+                Step::Write {
+                    ext: 1,
+                    sector: 0,
+                    sectors: 128,
+                    seed: 202,
+                    fua: false,
+                },
+                Step::Write {
+                    ext: 1,
+                    sector: 93,
+                    sectors: 28,
+                    seed: 230,
+                    fua: false,
+                },
             ];
             for s in &steps {
                 apply_model(&mut model, s);
             }
-            for r in futures::future::join_all(steps.iter().cloned().map(|s| run_step(&store, s))).await {
+            for r in
+                futures::future::join_all(steps.iter().cloned().map(|s| run_step(&store, s))).await
+            {
                 r.unwrap();
             }
-            let got = store.read(key(1), EXTENT_BYTES, 0, EXTENT_BYTES).await.unwrap();
+            let got = store
+                .read(key(1), EXTENT_BYTES, 0, EXTENT_BYTES)
+                .await
+                .unwrap();
             let first = got.iter().zip(&model[&1]).position(|(a, b)| a != b);
-            assert!(first.is_none(), "round {round}: first difference at byte {first:?}");
+            assert!(
+                first.is_none(),
+                "round {round}: first difference at byte {first:?}"
+            );
             store.shutdown().await.unwrap();
         });
     }

@@ -56,7 +56,8 @@ pub struct ExtentKey {
 
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ChunkRequest {
-    /// Chosen by the client, echoed in the reply.
+    /// Chosen by the client, echoed in the reply; never 0 (a reply with id 0
+    /// means the server could not decode a header and is closing).
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
     #[prost(enumeration = "Op", tag = "2")]

@@ -55,12 +55,20 @@ impl FramePrefix {
             return Err(FrameError::EmptyHeader);
         }
         if header_bytes > FRAME_HEADER_BYTES_MAX {
-            return Err(FrameError::HeaderTooLarge { bytes: header_bytes });
+            return Err(FrameError::HeaderTooLarge {
+                bytes: header_bytes,
+            });
         }
         if data_bytes > data_bytes_max {
-            return Err(FrameError::DataTooLarge { bytes: data_bytes, limit: data_bytes_max });
+            return Err(FrameError::DataTooLarge {
+                bytes: data_bytes,
+                limit: data_bytes_max,
+            });
         }
-        Ok(Self { header_bytes, data_bytes })
+        Ok(Self {
+            header_bytes,
+            data_bytes,
+        })
     }
 }
 
@@ -70,23 +78,54 @@ mod tests {
 
     #[test]
     fn prefix_round_trips() {
-        let p = FramePrefix { header_bytes: 17, data_bytes: 4096 };
-        assert_eq!(FramePrefix::decode(&p.encode(), FRAME_DATA_BYTES_MAX), Ok(p));
+        let p = FramePrefix {
+            header_bytes: 17,
+            data_bytes: 4096,
+        };
+        assert_eq!(
+            FramePrefix::decode(&p.encode(), FRAME_DATA_BYTES_MAX),
+            Ok(p)
+        );
     }
 
     #[test]
     fn prefix_rejects_bad_input() {
-        let mut raw = FramePrefix { header_bytes: 1, data_bytes: 0 }.encode();
+        let mut raw = FramePrefix {
+            header_bytes: 1,
+            data_bytes: 0,
+        }
+        .encode();
         raw[0] ^= 1;
-        assert!(matches!(FramePrefix::decode(&raw, 10), Err(FrameError::BadMagic { .. })));
-        let raw = FramePrefix { header_bytes: 0, data_bytes: 0 }.encode();
+        assert!(matches!(
+            FramePrefix::decode(&raw, 10),
+            Err(FrameError::BadMagic { .. })
+        ));
+        let raw = FramePrefix {
+            header_bytes: 0,
+            data_bytes: 0,
+        }
+        .encode();
         assert_eq!(FramePrefix::decode(&raw, 10), Err(FrameError::EmptyHeader));
-        let raw = FramePrefix { header_bytes: FRAME_HEADER_BYTES_MAX + 1, data_bytes: 0 }.encode();
-        assert!(matches!(FramePrefix::decode(&raw, 10), Err(FrameError::HeaderTooLarge { .. })));
-        let raw = FramePrefix { header_bytes: 1, data_bytes: 11 }.encode();
+        let raw = FramePrefix {
+            header_bytes: FRAME_HEADER_BYTES_MAX + 1,
+            data_bytes: 0,
+        }
+        .encode();
+        assert!(matches!(
+            FramePrefix::decode(&raw, 10),
+            Err(FrameError::HeaderTooLarge { .. })
+        ));
+        let raw = FramePrefix {
+            header_bytes: 1,
+            data_bytes: 11,
+        }
+        .encode();
         assert_eq!(
             FramePrefix::decode(&raw, 10),
-            Err(FrameError::DataTooLarge { bytes: 11, limit: 10 })
+            Err(FrameError::DataTooLarge {
+                bytes: 11,
+                limit: 10
+            })
         );
     }
 }

@@ -1,1 +1,381 @@
-//! Helpers shared by the process-level tests (being written).
+//! Helpers shared by the process-level tests: start real Cairn daemons on
+//! loopback, wait until they listen, stop them with SIGTERM, and kill them on
+//! drop so a failing test leaves no process behind.
+//!
+//! Binaries are looked up next to the test executable (cargo puts tests in
+//! `build/<profile>/deps/` and binaries in `build/<profile>/`), or in
+//! `CAIRN_BIN_DIR` if set. Cargo builds a package's binaries only for that
+//! package's own tests, so build them first: `cargo build --workspace --bins`
+//! before `cargo nextest run -p cairn-tests` (a plain `cargo nextest run
+//! --workspace` builds them too). A stale binary tests old code.
+//!
+//! Daemon output (stdout and stderr) goes to a log file in the test's
+//! temporary directory; it is printed when a test panics with the daemon
+//! still owned, and [`ChunkServerProcess::log`] returns it for assertions.
+//!
+//! - [`ChunkServerProcess`]: one `cairn-chunkserver`.
+//! - [`raw`]: frame-level access to a socket, for tests that send what a
+//!   well-behaved client never would.
+
+pub mod raw;
+
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Longest wait for a started daemon to accept connections.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a daemon to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts tried before giving up; a retry covers the port picked for a
+/// daemon being taken by someone else before the daemon binds it.
+const START_ATTEMPTS_MAX: usize = 3;
+/// Poll period while waiting for a daemon to listen or exit.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Bytes of a daemon's log shown in error messages and on panic.
+const LOG_TAIL_BYTES: usize = 8 << 10;
+
+/// The folder holding the workspace's binaries.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CAIRN_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    // build/<profile>/deps/<test>-<hash>: binaries are in build/<profile>/.
+    let deps = exe
+        .parent()
+        .context("test executable has no parent folder")?;
+    let profile_dir = if deps.ends_with("deps") {
+        deps.parent().context("deps folder has no parent")?
+    } else {
+        deps
+    };
+    Ok(profile_dir.to_path_buf())
+}
+
+/// The path of workspace binary `name`, checked to exist.
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build -p {name}` or point CAIRN_BIN_DIR at its folder",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A fresh temporary folder under /tmp, removed when dropped.
+pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .context("creating a temporary folder under /tmp")
+}
+
+/// A loopback address with a port that was free a moment ago (the kernel
+/// picked it). Someone else may take it before it is used; callers retry.
+pub fn free_loopback_addr(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
+    assert!(
+        ip.is_loopback(),
+        "tests use loopback addresses only, not {ip}"
+    );
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))?;
+    listener.local_addr().context("reading a bound address")
+}
+
+/// How to start a chunk server.
+#[derive(Debug, Clone)]
+pub struct ChunkServerOptions {
+    pub cluster_id: String,
+    pub node_id: u64,
+    /// Loopback address to listen on; the port is picked per start.
+    pub listen_ip: Ipv4Addr,
+    /// Data directory to use (created if missing; empty for the first
+    /// start, which passes `--init`). By default a fresh one in the test's
+    /// temporary folder. Pass it here, not in `extra_args`: the harness
+    /// always gives `--data-dir`, and the daemon refuses it twice.
+    pub data_dir: Option<PathBuf>,
+    /// More command-line arguments (not `--data-dir`, `--listen`,
+    /// `--cluster-id`, `--node-id` or `--init`, which the harness gives).
+    pub extra_args: Vec<String>,
+    /// `RUST_LOG` for the daemon; by default the test's own, else debug for
+    /// Cairn crates, so a failing test's log says what happened.
+    pub rust_log: Option<String>,
+}
+
+impl Default for ChunkServerOptions {
+    fn default() -> Self {
+        Self {
+            cluster_id: "test-cluster".to_string(),
+            node_id: 1,
+            listen_ip: Ipv4Addr::LOCALHOST,
+            data_dir: None,
+            extra_args: Vec::new(),
+            rust_log: None,
+        }
+    }
+}
+
+/// A running `cairn-chunkserver`, killed (SIGKILL) when dropped.
+pub struct ChunkServerProcess {
+    options: ChunkServerOptions,
+    child: Option<Child>,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    // Last, so the folder goes after the child is reaped.
+    _dir: tempfile::TempDir,
+}
+
+impl ChunkServerProcess {
+    /// Formats a new data directory (`--init`) and starts a server on it.
+    pub fn start(options: ChunkServerOptions) -> anyhow::Result<Self> {
+        let dir = temp_dir("cairn-chunkserver-")?;
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let log_path = dir.path().join("chunkserver.log");
+        let mut server = ChunkServerProcess {
+            options,
+            child: None,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            data_dir,
+            log_path,
+            _dir: dir,
+        };
+        server.launch(true)?;
+        Ok(server)
+    }
+
+    /// Starts the server again on the same data directory (without
+    /// `--init`), after [`stop`](Self::stop) or [`kill`](Self::kill). The
+    /// port may change; read [`addr`](Self::addr) again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            bail!("chunk server {} is still running", self.addr);
+        }
+        self.launch(false)
+    }
+
+    fn launch(&mut self, init: bool) -> anyhow::Result<()> {
+        let bin = bin_path("cairn-chunkserver")?;
+        let mut last_error = None;
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            let addr = free_loopback_addr(self.options.listen_ip)?;
+            let mut child = self
+                .command(&bin, addr, init)?
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            match wait_until_listening(&mut child, addr) {
+                Ok(()) => {
+                    self.child = Some(child);
+                    self.addr = addr;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_error =
+                        Some(e.context(format!("start attempt {attempt} of {START_ATTEMPTS_MAX}")));
+                }
+            }
+        }
+        let error = last_error.unwrap_or_else(|| anyhow::anyhow!("no start attempted"));
+        Err(error.context(format!(
+            "chunk server did not start; its log ends with:\n{}",
+            self.log_tail()
+        )))
+    }
+
+    fn command(&self, bin: &Path, addr: SocketAddr, init: bool) -> anyhow::Result<Command> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let log_clone = log.try_clone().context("duplicating the log file handle")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--cluster-id")
+            .arg(&self.options.cluster_id)
+            .arg("--node-id")
+            .arg(self.options.node_id.to_string());
+        if init {
+            cmd.arg("--init");
+        }
+        cmd.args(&self.options.extra_args);
+        let rust_log = self
+            .options
+            .rust_log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info,cairn_chunkserver=debug".to_string());
+        // Plain text, so tests can search the log.
+        cmd.env("RUST_LOG", rust_log).env("NO_COLOR", "1");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log_clone))
+            .stderr(Stdio::from(log));
+        Ok(cmd)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the process is alive (reaps it if it has exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_))) | Some(Err(_)) | None => false,
+        }
+    }
+
+    /// Sends SIGTERM and waits (at most [`STOP_TIMEOUT`]) for the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("chunk server {} is not running", self.addr);
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "chunk server {} had already exited with {status} before SIGTERM",
+                self.addr
+            );
+        }
+        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+        kill(pid, Signal::SIGTERM)
+            .with_context(|| format!("sending SIGTERM to chunk server pid {pid}"))?;
+        match wait_with_deadline(&mut child, STOP_TIMEOUT)? {
+            Some(status) => Ok(status),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "chunk server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it. Log ends with:\n{}",
+                    self.addr,
+                    self.log_tail()
+                )
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL (a crash, for recovery tests).
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing the chunk server")?;
+            child.wait().context("reaping the chunk server")?;
+        }
+        Ok(())
+    }
+
+    /// The daemon's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits (at most `timeout`) until some log line satisfies `matches`;
+    /// returns the lines that do.
+    pub fn wait_for_log_lines(
+        &self,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<String> = self
+                .log()
+                .lines()
+                .filter(|l| matches(l))
+                .map(str::to_string)
+                .collect();
+            if !found.is_empty() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let mut start = log.len().saturating_sub(LOG_TAIL_BYTES);
+        while !log.is_char_boundary(start) {
+            start += 1;
+        }
+        log[start..].to_string()
+    }
+}
+
+impl Drop for ChunkServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- chunk server {} log (tail) ---\n{}\n--- end of log ---",
+                self.addr,
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// Polls until `addr` accepts a TCP connection; fails early if `child` exits.
+fn wait_until_listening(child: &mut Child, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("checking the chunk server process")?
+        {
+            bail!("chunk server exited with {status} before listening on {addr}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("chunk server did not listen on {addr} within {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Waits for `child` to exit; `None` if it is still running at the deadline.
+fn wait_with_deadline(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("waiting for the chunk server to exit")?
+        {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}

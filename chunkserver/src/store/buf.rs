@@ -31,11 +31,17 @@ impl IoBuf {
     /// A zero-filled buffer of `len` bytes (capacity rounded up to the alignment).
     pub fn zeroed(len: usize) -> Self {
         let capacity_bytes = len.div_ceil(IO_ALIGN_BYTES).max(1) * IO_ALIGN_BYTES;
-        let layout = Layout::from_size_align(capacity_bytes, IO_ALIGN_BYTES).expect("valid io layout");
+        let layout =
+            Layout::from_size_align(capacity_bytes, IO_ALIGN_BYTES).expect("valid io layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        Self { ptr, capacity_bytes, view_start: 0, view_len: len }
+        Self {
+            ptr,
+            capacity_bytes,
+            view_start: 0,
+            view_len: len,
+        }
     }
 
     /// Copies `data` into a new aligned buffer.
@@ -51,7 +57,11 @@ impl IoBuf {
 
     /// Narrows the view to `[start, start + len)` of the current view.
     pub fn set_view(&mut self, start: usize, len: usize) {
-        assert!(start + len <= self.view_len, "view {start}+{len} beyond {}", self.view_len);
+        assert!(
+            start + len <= self.view_len,
+            "view {start}+{len} beyond {}",
+            self.view_len
+        );
         self.view_start += start;
         self.view_len = len;
     }
@@ -93,7 +103,8 @@ impl DerefMut for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.capacity_bytes, IO_ALIGN_BYTES).expect("valid io layout");
+        let layout =
+            Layout::from_size_align(self.capacity_bytes, IO_ALIGN_BYTES).expect("valid io layout");
         // SAFETY: allocated in `zeroed` with this exact layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }

@@ -67,7 +67,8 @@ impl Shared {
         if self.sleeping.swap(false, Ordering::SeqCst) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-            let n = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let n =
+                unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
             if n != 8 {
                 // The counter can only fail to take a write if it is saturated,
                 // which means the engine has wake-ups pending anyway.
@@ -79,7 +80,8 @@ impl Shared {
 }
 
 pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, JoinHandle<()>)> {
-    fs::create_dir_all(root).map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
+    fs::create_dir_all(root)
+        .map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
     let marker = recovery::take_clean_marker(root)?;
     let mut index = recovery::scan(root)?;
     match &marker {
@@ -104,17 +106,29 @@ pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, 
     if options.io_mode == IoMode::Direct {
         probe_direct_io(root)?;
     }
-    let ring = IoUring::new(options.ring_entries.max(8))
-        .map_err(|e| StoreError::io(format!("creating an io_uring of {} entries", options.ring_entries), e))?;
+    let ring = IoUring::new(options.ring_entries.max(8)).map_err(|e| {
+        StoreError::io(
+            format!("creating an io_uring of {} entries", options.ring_entries),
+            e,
+        )
+    })?;
     // SAFETY: eventfd returns a new fd or -1; checked below before wrapping.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if efd < 0 {
-        return Err(StoreError::io("creating the engine's eventfd", io::Error::last_os_error()));
+        return Err(StoreError::io(
+            "creating the engine's eventfd",
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: efd is a freshly created, valid fd that nothing else owns.
     let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
     let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared { tx, eventfd, sleeping: AtomicBool::new(false), closed: AtomicBool::new(false) });
+    let shared = Arc::new(Shared {
+        tx,
+        eventfd,
+        sleeping: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
     let allocated_total = index.values().map(|e| e.allocated_bytes).sum();
     info!(root = %root.display(), extents = index.len(), clean = marker.is_some(), "extent store opened");
     let engine = Engine {
@@ -156,15 +170,26 @@ pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, 
 /// Fails early, with advice, where O_DIRECT is not supported (tmpfs, some FUSE).
 fn probe_direct_io(root: &Path) -> Result<()> {
     let path = root.join(".direct-probe");
-    let r = OpenOptions::new().read(true).write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(&path);
+    let r = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path);
     let _ = fs::remove_file(&path);
     match r {
         Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(StoreError::InvalidArgument(format!(
-            "the file system of {} does not support O_DIRECT; set io_mode = \"buffered\"",
-            root.display()
-        ))),
-        Err(e) => Err(StoreError::io(format!("probing O_DIRECT in {}", root.display()), e)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(StoreError::InvalidArgument(format!(
+                "the file system of {} does not support O_DIRECT; set io_mode = \"buffered\"",
+                root.display()
+            )))
+        }
+        Err(e) => Err(StoreError::io(
+            format!("probing O_DIRECT in {}", root.display()),
+            e,
+        )),
     }
 }
 
@@ -285,11 +310,24 @@ struct Op {
 
 impl Op {
     fn new(kind: OpKind) -> Self {
-        Op { kind, phase: Phase::Resolve, outstanding: 0, expect: [0; CHAIN_SQES_MAX], error: None, seq: 0, in_ready: false }
+        Op {
+            kind,
+            phase: Phase::Resolve,
+            outstanding: 0,
+            expect: [0; CHAIN_SQES_MAX],
+            error: None,
+            seq: 0,
+            in_ready: false,
+        }
     }
     fn block_range(&self) -> Option<(ExtentKey, u32, u32, bool)> {
         match &self.kind {
-            OpKind::Read(r) => Some((r.key, blocks_of(r.offset, r.len).0, blocks_of(r.offset, r.len).1, false)),
+            OpKind::Read(r) => Some((
+                r.key,
+                blocks_of(r.offset, r.len).0,
+                blocks_of(r.offset, r.len).1,
+                false,
+            )),
             OpKind::Write(w) => {
                 let (b0, b1) = blocks_of(w.offset, w.len);
                 Some((w.key, b0, b1, true))
@@ -300,7 +338,10 @@ impl Op {
 }
 
 fn blocks_of(offset: u64, len: u32) -> (u32, u32) {
-    ((offset / BLOCK) as u32, (offset + len as u64).div_ceil(BLOCK) as u32)
+    (
+        (offset / BLOCK) as u32,
+        (offset + len as u64).div_ceil(BLOCK) as u32,
+    )
 }
 
 fn errno_text(errno: i32) -> String {
@@ -393,19 +434,68 @@ impl Engine {
             return;
         }
         match cmd {
-            Command::Read { key, extent_bytes, offset, len, reply } => {
-                let idx = self.new_op(OpKind::Read(ReadOp { key, extent_bytes, offset, len, buf: None, reply }));
+            Command::Read {
+                key,
+                extent_bytes,
+                offset,
+                len,
+                reply,
+            } => {
+                let idx = self.new_op(OpKind::Read(ReadOp {
+                    key,
+                    extent_bytes,
+                    offset,
+                    len,
+                    buf: None,
+                    reply,
+                }));
                 self.make_ready(idx);
             }
-            Command::Write { key, extent_bytes, offset, data, fua, reply } => {
+            Command::Write {
+                key,
+                extent_bytes,
+                offset,
+                data,
+                fua,
+                reply,
+            } => {
                 let len = data.len() as u32;
-                self.new_write(key, extent_bytes, offset, len, Payload::Data(data), fua, reply);
+                self.new_write(
+                    key,
+                    extent_bytes,
+                    offset,
+                    len,
+                    Payload::Data(data),
+                    fua,
+                    reply,
+                );
             }
-            Command::Zero { key, extent_bytes, offset, len, fua, punch, reply } => {
-                self.new_write(key, extent_bytes, offset, len, Payload::Zero { punch }, fua, reply);
+            Command::Zero {
+                key,
+                extent_bytes,
+                offset,
+                len,
+                fua,
+                punch,
+                reply,
+            } => {
+                self.new_write(
+                    key,
+                    extent_bytes,
+                    offset,
+                    len,
+                    Payload::Zero { punch },
+                    fua,
+                    reply,
+                );
             }
             Command::Flush { reply } => self.start_flush(Some(reply), false),
-            Command::List { volume, after, limit, reply } => {
+            Command::List {
+                volume,
+                after,
+                limit,
+                reply,
+            } => {
                 let _ = reply.send(self.list(volume, after, limit));
             }
             Command::Stat { key, reply } => {
@@ -416,13 +506,18 @@ impl Engine {
                 }));
             }
             Command::Usage { reply } => {
-                let _ = reply
-                    .send(StoreUsage { extents: self.index.len() as u64, allocated_bytes: self.allocated_total });
+                let _ = reply.send(StoreUsage {
+                    extents: self.index.len() as u64,
+                    allocated_bytes: self.allocated_total,
+                });
             }
             Command::Shutdown { reply } => {
                 self.shared.closed.store(true, Ordering::SeqCst);
                 self.shutdown = Some(reply);
-                info!(ops_in_flight = self.live_ops, "store stopping: finishing in-flight I/O");
+                info!(
+                    ops_in_flight = self.live_ops,
+                    "store stopping: finishing in-flight I/O"
+                );
             }
         }
     }
@@ -463,7 +558,11 @@ impl Engine {
         use std::ops::Bound;
         let lower = match (after, volume) {
             (Some(a), _) => Bound::Excluded(a),
-            (None, Some(v)) => Bound::Included(ExtentKey { volume_id: v, extent_index: 0, epoch: 0 }),
+            (None, Some(v)) => Bound::Included(ExtentKey {
+                volume_id: v,
+                extent_index: 0,
+                epoch: 0,
+            }),
             (None, None) => Bound::Unbounded,
         };
         let mut page = ExtentPage::default();
@@ -475,7 +574,11 @@ impl Engine {
                 page.more = true;
                 break;
             }
-            page.extents.push(ExtentStat { key: *k, extent_bytes: e.extent_bytes, allocated_bytes: e.allocated_bytes });
+            page.extents.push(ExtentStat {
+                key: *k,
+                extent_bytes: e.extent_bytes,
+                allocated_bytes: e.allocated_bytes,
+            });
         }
         page
     }
@@ -531,7 +634,9 @@ impl Engine {
     /// Moves an op forward as far as it can go now. Returns false only if the
     /// ring has no room for its I/O (the op stays ready).
     fn advance(&mut self, idx: usize) -> bool {
-        let Some(op) = self.ops[idx].as_ref() else { return true };
+        let Some(op) = self.ops[idx].as_ref() else {
+            return true;
+        };
         match op.phase {
             Phase::Resolve => {}
             Phase::ReadyToWrite => return self.submit_write(idx),
@@ -549,13 +654,17 @@ impl Engine {
             None => {
                 match &self.op_mut(idx).kind {
                     OpKind::Read(_) => {
-                        let OpKind::Read(r) = self.take_op(idx).kind else { unreachable!() };
+                        let OpKind::Read(r) = self.take_op(idx).kind else {
+                            unreachable!()
+                        };
                         let _ = r.reply.send(Ok(IoBuf::zeroed(r.len as usize)));
                         return true;
                     }
                     OpKind::Write(w) if matches!(w.payload, Payload::Zero { .. }) => {
                         // Never written: it reads as zeros already.
-                        let OpKind::Write(w) = self.take_op(idx).kind else { unreachable!() };
+                        let OpKind::Write(w) = self.take_op(idx).kind else {
+                            unreachable!()
+                        };
                         let _ = w.reply.send(Ok(()));
                         return true;
                     }
@@ -569,7 +678,11 @@ impl Engine {
             }
         };
         if entry.extent_bytes != extent_bytes {
-            let e = StoreError::ExtentSizeMismatch { key, stored_bytes: entry.extent_bytes, requested_bytes: extent_bytes };
+            let e = StoreError::ExtentSizeMismatch {
+                key,
+                stored_bytes: entry.extent_bytes,
+                requested_bytes: extent_bytes,
+            };
             self.finish_with_error(idx, e);
             return true;
         }
@@ -591,7 +704,16 @@ impl Engine {
         let whole_delete = self.is_whole_delete(idx);
         let ext = self.open.get_mut(&key).expect("open");
         let queued_pos = ext.waiters.iter().position(|&w| w == idx);
-        if lock_conflict(ext, &self.ops, idx, b0, b1, exclusive, whole_delete, queued_pos) {
+        if lock_conflict(
+            ext,
+            &self.ops,
+            idx,
+            b0,
+            b1,
+            exclusive,
+            whole_delete,
+            queued_pos,
+        ) {
             if queued_pos.is_none() {
                 ext.waiters.push_back(idx);
             }
@@ -606,7 +728,11 @@ impl Engine {
             return true;
         }
         // 3. I/O.
-        let submitted = if is_write { self.start_write_reads(idx) } else { self.start_read(idx) };
+        let submitted = if is_write {
+            self.start_write_reads(idx)
+        } else {
+            self.start_read(idx)
+        };
         if !submitted {
             // No ring room: give the locks back and retry from the start.
             let ext = self.open.get_mut(&key).expect("open");
@@ -619,14 +745,18 @@ impl Engine {
     fn is_whole_delete(&self, idx: usize) -> bool {
         match &self.ops[idx].as_ref().expect("live").kind {
             OpKind::Write(w) => {
-                matches!(w.payload, Payload::Zero { punch: true }) && w.offset == 0 && w.len == w.extent_bytes
+                matches!(w.payload, Payload::Zero { punch: true })
+                    && w.offset == 0
+                    && w.len == w.extent_bytes
             }
             _ => false,
         }
     }
 
     fn start_read(&mut self, idx: usize) -> bool {
-        let OpKind::Read(r) = &self.ops[idx].as_ref().expect("live").kind else { unreachable!() };
+        let OpKind::Read(r) = &self.ops[idx].as_ref().expect("live").kind else {
+            unreachable!()
+        };
         let (key, offset, len) = (r.key, r.offset, r.len);
         let (b0, b1) = blocks_of(offset, len);
         let ext = &self.open[&key];
@@ -634,7 +764,9 @@ impl Engine {
         if !(b0..b1).any(|b| table.needs_read(b)) {
             let op = self.take_op(idx);
             self.release(idx, key);
-            let OpKind::Read(r) = op.kind else { unreachable!() };
+            let OpKind::Read(r) = op.kind else {
+                unreachable!()
+            };
             let _ = r.reply.send(Ok(IoBuf::zeroed(r.len as usize)));
             return true;
         }
@@ -645,11 +777,15 @@ impl Engine {
         let mut buf = IoBuf::zeroed(span);
         let fd = ext.data_fd.as_raw_fd();
         let file_off = layout::data_offset(ext.extent_bytes) + b0 as u64 * BLOCK;
-        let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), span as u32).offset(file_off).build();
+        let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), span as u32)
+            .offset(file_off)
+            .build();
         let op = self.op_mut(idx);
         op.phase = Phase::Reading;
         op.expect[0] = span as u32;
-        let OpKind::Read(r) = &mut op.kind else { unreachable!() };
+        let OpKind::Read(r) = &mut op.kind else {
+            unreachable!()
+        };
         r.buf = Some(buf);
         self.push_chain(idx, vec![sqe]);
         true
@@ -658,7 +794,9 @@ impl Engine {
     /// A write first reads the blocks it must merge (partial head or tail) or
     /// settle (state unknown after a crash), if any.
     fn start_write_reads(&mut self, idx: usize) -> bool {
-        let OpKind::Write(w) = &self.ops[idx].as_ref().expect("live").kind else { unreachable!() };
+        let OpKind::Write(w) = &self.ops[idx].as_ref().expect("live").kind else {
+            unreachable!()
+        };
         let (key, offset, len) = (w.key, w.offset, w.len);
         let (b0, b1) = blocks_of(offset, len);
         let ext = &self.open[&key];
@@ -685,11 +823,15 @@ impl Engine {
         let file_off = layout::data_offset(ext.extent_bytes) + r0 as u64 * BLOCK;
         // SAFETY: r0 >= b0 and the span ends at r1 <= b1, inside `merge`.
         let ptr = unsafe { merge.as_mut_ptr().add(((r0 - b0) as u64 * BLOCK) as usize) };
-        let sqe = opcode::Read::new(types::Fd(ext.data_fd.as_raw_fd()), ptr, span as u32).offset(file_off).build();
+        let sqe = opcode::Read::new(types::Fd(ext.data_fd.as_raw_fd()), ptr, span as u32)
+            .offset(file_off)
+            .build();
         let op = self.op_mut(idx);
         op.phase = Phase::Reading;
         op.expect[0] = span as u32;
-        let OpKind::Write(w) = &mut op.kind else { unreachable!() };
+        let OpKind::Write(w) = &mut op.kind else {
+            unreachable!()
+        };
         w.merge = Some(merge);
         self.push_chain(idx, vec![sqe]);
         true
@@ -706,7 +848,9 @@ impl Engine {
         // durable and must not be overwritten until it completes, which
         // re-readies this op (it waits holding its locks).
         {
-            let OpKind::Write(w) = &self.ops[idx].as_ref().expect("live").kind else { unreachable!() };
+            let OpKind::Write(w) = &self.ops[idx].as_ref().expect("live").kind else {
+                unreachable!()
+            };
             let (key, (b0, b1)) = (w.key, blocks_of(w.offset, w.len));
             let ext = self.open.get_mut(&key).expect("open while locked");
             let table = ext.table.as_ref().expect("loaded");
@@ -725,7 +869,9 @@ impl Engine {
         let zero_crc = self.zero_crc;
         let direct = self.options.io_mode == IoMode::Direct;
         let mut op = self.ops[idx].take().expect("live");
-        let OpKind::Write(w) = &mut op.kind else { unreachable!() };
+        let OpKind::Write(w) = &mut op.kind else {
+            unreachable!()
+        };
         let key = w.key;
         let (b0, b1) = blocks_of(w.offset, w.len);
         let (head_partial, tail_partial) = partial_ends(w.offset, w.len);
@@ -746,7 +892,8 @@ impl Engine {
         let mut punch_range: Option<(u32, u32, bool)> = None;
         match &mut w.payload {
             Payload::Data(data) => {
-                let aligned = !direct || (data.as_ptr() as usize) % buf::IO_ALIGN_BYTES == 0;
+                let aligned =
+                    !direct || (data.as_ptr() as usize).is_multiple_of(buf::IO_ALIGN_BYTES);
                 if head_partial || tail_partial || !aligned {
                     let m = w.merge.get_or_insert_with(|| IoBuf::zeroed(span));
                     m[rel..rel + data.len()].copy_from_slice(data);
@@ -778,13 +925,20 @@ impl Engine {
                 }
             }
         }
-        w.old_slots = (b0..b1).zip(&crcs).map(|(b, &crc)| table.begin_write(b, crc)).collect();
+        w.old_slots = (b0..b1)
+            .zip(&crcs)
+            .map(|(b, &crc)| table.begin_write(b, crc))
+            .collect();
         w.slot_buf.clear();
         table.encode_range(b0, b1, &mut w.slot_buf);
         // FUA by RWF_DSYNC needs the file's own metadata durable already, and
         // fallocate has no DSYNC flag: otherwise FUA becomes write + flush.
         w.flush_after = w.fua && (!ext.synced || punch_range.is_some());
-        let dsync = if w.fua && !w.flush_after { libc::RWF_DSYNC } else { 0 };
+        let dsync = if w.fua && !w.flush_after {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
         let data_fd = types::Fd(ext.data_fd.as_raw_fd());
         let meta_fd = types::Fd(ext.meta_fd.as_raw_fd());
         let data_off = layout::data_offset(ext.extent_bytes);
@@ -795,7 +949,10 @@ impl Engine {
             let n = (count as u64 * BLOCK) as u32;
             // SAFETY: [s, s + n) lies inside `buf`, which spans blocks b0..b1.
             let ptr = unsafe { buf.as_mut_ptr().add(s) };
-            opcode::Write::new(data_fd, ptr, n).offset(data_off + first as u64 * BLOCK).rw_flags(dsync).build()
+            opcode::Write::new(data_fd, ptr, n)
+                .offset(data_off + first as u64 * BLOCK)
+                .rw_flags(dsync)
+                .build()
         };
         match (&mut w.payload, punch_range) {
             (Payload::Data(data), _) => {
@@ -902,7 +1059,9 @@ impl Engine {
 
     fn complete_read(&mut self, idx: usize) {
         let op = self.take_op(idx);
-        let OpKind::Read(mut r) = op.kind else { unreachable!() };
+        let OpKind::Read(mut r) = op.kind else {
+            unreachable!()
+        };
         let key = r.key;
         let result = self.finish_read(&mut r, op.error);
         self.release(idx, key);
@@ -913,7 +1072,12 @@ impl Engine {
         let ext = self.open.get_mut(&r.key).expect("open while locked");
         if let Some((errno, _)) = error {
             return Err(StoreError::from_errno(
-                format!("reading {} at offset {} ({})", r.key, r.offset, ext.path.display()),
+                format!(
+                    "reading {} at offset {} ({})",
+                    r.key,
+                    r.offset,
+                    ext.path.display()
+                ),
                 errno,
             ));
         }
@@ -932,7 +1096,12 @@ impl Engine {
                 Verified::Zeros => block.fill(0),
                 Verified::Mismatch(detail) => {
                     error!(key = %r.key, block = b, path = %ext.path.display(), "checksum mismatch: {detail}");
-                    return Err(StoreError::Checksum { key: r.key, block_index: b, path: ext.path.clone(), detail });
+                    return Err(StoreError::Checksum {
+                        key: r.key,
+                        block_index: b,
+                        path: ext.path.clone(),
+                        detail,
+                    });
                 }
             }
         }
@@ -942,12 +1111,18 @@ impl Engine {
 
     fn complete_write_reads(&mut self, idx: usize) {
         let error = self.op_mut(idx).error.take();
-        let OpKind::Write(w) = &mut self.ops[idx].as_mut().expect("live").kind else { unreachable!() };
+        let OpKind::Write(w) = &mut self.ops[idx].as_mut().expect("live").kind else {
+            unreachable!()
+        };
         let (key, offset, len) = (w.key, w.offset, w.len);
         let ext = self.open.get_mut(&key).expect("open while locked");
         if let Some((errno, _)) = error {
             let e = StoreError::from_errno(
-                format!("reading {} around offset {offset} to merge a write ({})", key, ext.path.display()),
+                format!(
+                    "reading {} around offset {offset} to merge a write ({})",
+                    key,
+                    ext.path.display()
+                ),
                 errno,
             );
             self.finish_locked_with_error(idx, key, e);
@@ -971,7 +1146,12 @@ impl Engine {
                 // as torn and overwritten. One it merges into must be sound.
                 Verified::Mismatch(detail) if partial => {
                     error!(%key, block = b, path = %ext.path.display(), "checksum mismatch before a partial write: {detail}");
-                    let e = StoreError::Checksum { key, block_index: b, path: ext.path.clone(), detail };
+                    let e = StoreError::Checksum {
+                        key,
+                        block_index: b,
+                        path: ext.path.clone(),
+                        detail,
+                    };
                     self.finish_locked_with_error(idx, key, e);
                     return;
                 }
@@ -989,7 +1169,9 @@ impl Engine {
 
     fn complete_write(&mut self, idx: usize) {
         let op = self.take_op(idx);
-        let OpKind::Write(w) = op.kind else { unreachable!() };
+        let OpKind::Write(w) = op.kind else {
+            unreachable!()
+        };
         let key = w.key;
         let (b0, b1) = blocks_of(w.offset, w.len);
         let ext = self.open.get_mut(&key).expect("open while locked");
@@ -1000,9 +1182,18 @@ impl Engine {
             for (b, old) in (b0..b1).zip(&w.old_slots) {
                 table.fail_write(b, *old);
             }
-            let what = if part as usize == count_parts(&op.expect) - 1 { "checksum slots" } else { "data" };
+            let what = if part as usize == count_parts(&op.expect) - 1 {
+                "checksum slots"
+            } else {
+                "data"
+            };
             let e = StoreError::from_errno(
-                format!("writing {what} of {key} at offset {} length {} ({})", w.offset, w.len, ext.path.display()),
+                format!(
+                    "writing {what} of {key} at offset {} length {} ({})",
+                    w.offset,
+                    w.len,
+                    ext.path.display()
+                ),
                 errno,
             );
             error!("{e}");
@@ -1029,7 +1220,10 @@ impl Engine {
 
     fn create_extent(&mut self, key: ExtentKey, extent_bytes: u32) -> Result<()> {
         let path = layout::path_for(&self.root, &key);
-        let parent = path.parent().expect("extent path has a parent").to_path_buf();
+        let parent = path
+            .parent()
+            .expect("extent path has a parent")
+            .to_path_buf();
         self.make_dirs(&parent)?;
         let ctx = |what: &str| format!("{what} extent file {} for {key}", path.display());
         let file = OpenOptions::new()
@@ -1040,20 +1234,37 @@ impl Engine {
             .open(&path)
             .map_err(|e| StoreError::io(ctx("creating"), e))?;
         let result = (|| {
-            file.set_len(layout::file_bytes(extent_bytes)).map_err(|e| StoreError::io(ctx("sizing"), e))?;
+            file.set_len(layout::file_bytes(extent_bytes))
+                .map_err(|e| StoreError::io(ctx("sizing"), e))?;
             // Reserve the header and slot table so a checksum-slot write can never
             // hit ENOSPC after its data was written.
             // SAFETY: plain syscall on a valid fd; arguments are in range.
-            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, layout::data_offset(extent_bytes) as i64) };
+            let rc = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    0,
+                    0,
+                    layout::data_offset(extent_bytes) as i64,
+                )
+            };
             if rc != 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                     return Err(StoreError::io(ctx("reserving the slot table of"), e));
                 }
             }
-            let created_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let header = Header { key, extent_bytes, created_unix_s }.encode();
-            file.write_all_at(&header, 0).map_err(|e| StoreError::io(ctx("writing the header of"), e))?;
+            let created_unix_s = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let header = Header {
+                key,
+                extent_bytes,
+                created_unix_s,
+            }
+            .encode();
+            file.write_all_at(&header, 0)
+                .map_err(|e| StoreError::io(ctx("writing the header of"), e))?;
             self.open_data_fd(&path)
         })();
         let data_fd = match result {
@@ -1066,7 +1277,14 @@ impl Engine {
         self.dirs_dirty.insert(parent);
         let allocated = layout::data_offset(extent_bytes);
         self.allocated_total += allocated;
-        self.index.insert(key, IndexEntry { extent_bytes, allocated_bytes: allocated, trusted: true });
+        self.index.insert(
+            key,
+            IndexEntry {
+                extent_bytes,
+                allocated_bytes: allocated,
+                trusted: true,
+            },
+        );
         let blocks = layout::blocks_per_extent(extent_bytes);
         self.insert_open(
             key,
@@ -1104,16 +1322,25 @@ impl Engine {
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(StoreError::io(format!("creating directory {}", dir.display()), e)),
+            Err(e) => Err(StoreError::io(
+                format!("creating directory {}", dir.display()),
+                e,
+            )),
         }
     }
 
     fn open_data_fd(&self, path: &Path) -> Result<OwnedFd> {
         let mut o = OpenOptions::new();
         o.read(true).write(true);
-        let flags = if self.options.io_mode == IoMode::Direct { libc::O_DIRECT } else { 0 };
+        let flags = if self.options.io_mode == IoMode::Direct {
+            libc::O_DIRECT
+        } else {
+            0
+        };
         o.custom_flags(libc::O_CLOEXEC | flags);
-        o.open(path).map(Into::into).map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+        o.open(path)
+            .map(Into::into)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
     }
 
     fn open_extent(&mut self, key: ExtentKey, entry: IndexEntry) -> Result<()> {
@@ -1127,7 +1354,13 @@ impl Engine {
         let data_fd = self.open_data_fd(&path)?;
         let load_bytes = layout::data_offset(entry.extent_bytes) as usize;
         let mut buf = IoBuf::zeroed(load_bytes);
-        let sqe = opcode::Read::new(types::Fd(meta.as_raw_fd()), buf.as_mut_ptr(), load_bytes as u32).offset(0).build();
+        let sqe = opcode::Read::new(
+            types::Fd(meta.as_raw_fd()),
+            buf.as_mut_ptr(),
+            load_bytes as u32,
+        )
+        .offset(0)
+        .build();
         self.insert_open(
             key,
             OpenExtent {
@@ -1157,7 +1390,9 @@ impl Engine {
 
     fn complete_load(&mut self, idx: usize) {
         let op = self.take_op(idx);
-        let OpKind::Load(l) = op.kind else { unreachable!() };
+        let OpKind::Load(l) = op.kind else {
+            unreachable!()
+        };
         let key = l.key;
         let entry = self.index[&key];
         let ext = self.open.get_mut(&key).expect("open while loading");
@@ -1195,7 +1430,11 @@ impl Engine {
         match result {
             Ok(()) => {
                 let blocks = layout::blocks_per_extent(entry.extent_bytes);
-                ext.table = Some(SlotTable::decode(&l.buf[HEADER_BYTES as usize..], blocks, entry.trusted));
+                ext.table = Some(SlotTable::decode(
+                    &l.buf[HEADER_BYTES as usize..],
+                    blocks,
+                    entry.trusted,
+                ));
                 self.make_all_ready(waiters);
             }
             Err(e) => {
@@ -1213,9 +1452,12 @@ impl Engine {
     /// and the extent reads as never written. Runs holding every block lock.
     fn delete_extent(&mut self, idx: usize, key: ExtentKey) {
         let ext = self.remove_open(key).expect("open while locked");
-        let result = fs::remove_file(&ext.path).map_err(|e| StoreError::io(format!("deleting {} for {key}", ext.path.display()), e));
+        let result = fs::remove_file(&ext.path)
+            .map_err(|e| StoreError::io(format!("deleting {} for {key}", ext.path.display()), e));
         let op = self.take_op(idx);
-        let OpKind::Write(w) = op.kind else { unreachable!() };
+        let OpKind::Write(w) = op.kind else {
+            unreachable!()
+        };
         if let Err(e) = result {
             // The file is still there: reopen on next use.
             let _ = w.reply.send(Err(e));
@@ -1226,7 +1468,8 @@ impl Engine {
             self.allocated_total -= e.allocated_bytes.min(self.allocated_total);
         }
         self.dirty.remove(&key);
-        self.dirs_dirty.insert(ext.path.parent().expect("parent").to_path_buf());
+        self.dirs_dirty
+            .insert(ext.path.parent().expect("parent").to_path_buf());
         drop(ext.data_fd);
         drop(ext.meta_fd);
         // Ops queued behind the delete start over and find no extent.
@@ -1261,7 +1504,10 @@ impl Engine {
     }
 
     fn evict(&mut self) {
-        let over = self.open.len().saturating_sub(self.options.open_extents_max);
+        let over = self
+            .open
+            .len()
+            .saturating_sub(self.options.open_extents_max);
         if over == 0 {
             return;
         }
@@ -1333,7 +1579,14 @@ impl Engine {
             .map(|(k, _)| self.open[k].data_fd.as_raw_fd())
             .chain(dir_fds.iter().map(|f| f.as_raw_fd()))
             .collect();
-        let flush = FlushOp { captured, dir_fds, replies: reply.into_iter().collect(), internal, done: false, result: Ok(()) };
+        let flush = FlushOp {
+            captured,
+            dir_fds,
+            replies: reply.into_iter().collect(),
+            internal,
+            done: false,
+            result: Ok(()),
+        };
         let idx = self.new_op(OpKind::Flush(flush));
         self.flushes.push_back(idx);
         if fds.is_empty() {
@@ -1345,7 +1598,9 @@ impl Engine {
         // Fsyncs are not linked; ring space is made by submitting in pieces.
         self.op_mut(idx).phase = Phase::Writing;
         for (i, fd) in fds.iter().enumerate() {
-            let sqe = opcode::Fsync::new(types::Fd(*fd)).flags(types::FsyncFlags::DATASYNC).build();
+            let sqe = opcode::Fsync::new(types::Fd(*fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
             let _ = i;
             self.push_chain(idx, vec![sqe]);
         }
@@ -1353,18 +1608,25 @@ impl Engine {
 
     fn complete_flush(&mut self, idx: usize) {
         let error = self.op_mut(idx).error;
-        let OpKind::Flush(f) = &mut self.ops[idx].as_mut().expect("live").kind else { unreachable!() };
+        let OpKind::Flush(f) = &mut self.ops[idx].as_mut().expect("live").kind else {
+            unreachable!()
+        };
         let captured = std::mem::take(&mut f.captured);
         f.dir_fds.clear();
         if let Some((errno, _)) = error {
-            let why = format!("fsync failed: {}; writes since the previous flush may be lost", errno_text(errno));
+            let why = format!(
+                "fsync failed: {}; writes since the previous flush may be lost",
+                errno_text(errno)
+            );
             error!("{why}; the store now refuses writes");
             f.result = Err(StoreError::Failed(why.clone()));
             self.failed = Some(why);
         }
         let ok = error.is_none();
         for (key, blocks) in captured {
-            let Some(ext) = self.open.get_mut(&key) else { continue };
+            let Some(ext) = self.open.get_mut(&key) else {
+                continue;
+            };
             let table = ext.table.as_mut().expect("loaded");
             for b in blocks {
                 if ok {
@@ -1383,7 +1645,9 @@ impl Engine {
                 if unsafe { libc::fstat(ext.data_fd.as_raw_fd(), &mut st) } == 0 {
                     if let Some(e) = self.index.get_mut(&key) {
                         let now = st.st_blocks as u64 * 512;
-                        self.allocated_total = self.allocated_total - e.allocated_bytes.min(self.allocated_total) + now;
+                        self.allocated_total = self.allocated_total
+                            - e.allocated_bytes.min(self.allocated_total)
+                            + now;
                         e.allocated_bytes = now;
                     }
                 }
@@ -1399,16 +1663,22 @@ impl Engine {
 
     fn finish_flushes_in_order(&mut self, just_done: Option<usize>) {
         if let Some(idx) = just_done {
-            let OpKind::Flush(f) = &mut self.op_mut(idx).kind else { unreachable!() };
+            let OpKind::Flush(f) = &mut self.op_mut(idx).kind else {
+                unreachable!()
+            };
             f.done = true;
         }
         while let Some(&front) = self.flushes.front() {
-            let OpKind::Flush(f) = &self.ops[front].as_ref().expect("live").kind else { unreachable!() };
+            let OpKind::Flush(f) = &self.ops[front].as_ref().expect("live").kind else {
+                unreachable!()
+            };
             if !f.done {
                 break;
             }
             self.flushes.pop_front();
-            let OpKind::Flush(f) = self.take_op(front).kind else { unreachable!() };
+            let OpKind::Flush(f) = self.take_op(front).kind else {
+                unreachable!()
+            };
             if f.internal && f.replies.is_empty() {
                 self.auto_flush_running = false;
             }
@@ -1446,7 +1716,11 @@ impl Engine {
         let base = self.op_mut(idx).outstanding as u64;
         for (i, sqe) in sqes.into_iter().enumerate() {
             let part = base + i as u64;
-            let part = if part < CHAIN_SQES_MAX as u64 { part } else { 0 };
+            let part = if part < CHAIN_SQES_MAX as u64 {
+                part
+            } else {
+                0
+            };
             let sqe = sqe.user_data(((idx as u64) << 8) | part);
             // SAFETY: every buffer an SQE points at is owned by the op (or its
             // open extent, which stays pinned while the op holds a lock) and
@@ -1466,7 +1740,9 @@ impl Engine {
             return;
         }
         let ptr = (&mut *self.eventfd_buf as *mut u64).cast::<u8>();
-        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr, 8).build().user_data(EVENTFD_TOKEN);
+        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(EVENTFD_TOKEN);
         // SAFETY: eventfd_buf is boxed, owned by the engine and outlives the ring.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
             let _ = self.ring.submit();
@@ -1507,7 +1783,10 @@ impl Engine {
     fn maintain(&mut self) {
         // Bound unflushed state: open extents with unflushed writes cannot be
         // evicted, so flush before they crowd out the cache.
-        if !self.auto_flush_running && self.dirty.len() * 2 > self.options.open_extents_max && self.failed.is_none() {
+        if !self.auto_flush_running
+            && self.dirty.len() * 2 > self.options.open_extents_max
+            && self.failed.is_none()
+        {
             self.auto_flush_running = true;
             self.start_flush(None, true);
         }
@@ -1579,7 +1858,10 @@ impl Engine {
 /// Whether the first and last blocks of a range are only partly covered.
 fn partial_ends(offset: u64, len: u32) -> (bool, bool) {
     let end = offset + len as u64;
-    (offset % BLOCK != 0 || end < (offset / BLOCK + 1) * BLOCK, end % BLOCK != 0)
+    (
+        !offset.is_multiple_of(BLOCK) || end < (offset / BLOCK + 1) * BLOCK,
+        !end.is_multiple_of(BLOCK),
+    )
 }
 
 fn count_parts(expect: &[u32; CHAIN_SQES_MAX]) -> usize {
@@ -1603,7 +1885,11 @@ fn lock_conflict(
     queued_pos: Option<usize>,
 ) -> bool {
     let overlaps = |a0: u32, a1: u32, ax: bool| a0 < b1 && b0 < a1 && (ax || exclusive);
-    if ext.active.iter().any(|&(i, a0, a1, ax)| i != idx && overlaps(a0, a1, ax)) {
+    if ext
+        .active
+        .iter()
+        .any(|&(i, a0, a1, ax)| i != idx && overlaps(a0, a1, ax))
+    {
         return true;
     }
     let ahead = queued_pos.unwrap_or(ext.waiters.len());
@@ -1627,9 +1913,15 @@ fn lock_conflict(
 }
 
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c = CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: c is a valid NUL-terminated path; the returned fd is checked.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -70,14 +70,25 @@ pub fn volume_folder_name(volume_id: u64) -> String {
 pub fn relative_path(key: &ExtentKey) -> PathBuf {
     let mut p = PathBuf::from(volume_folder_name(key.volume_id));
     p.push(format!("{:06x}", key.extent_index / EXTENTS_PER_FOLDER));
-    p.push(format!("{:016x}.{:016x}.{FILE_SUFFIX}", key.extent_index, key.epoch));
+    p.push(format!(
+        "{:016x}.{:016x}.{FILE_SUFFIX}",
+        key.extent_index, key.epoch
+    ));
     p
 }
 
 /// Parses `<volume>/<folder>/<index>.<epoch>.ext` back into a key, checking
 /// that the file sits in the folder its index belongs to.
-pub fn parse_relative_path(volume_folder: &str, index_folder: &str, file_name: &str) -> Option<ExtentKey> {
-    let hex16 = |s: &str| (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok()).flatten();
+pub fn parse_relative_path(
+    volume_folder: &str,
+    index_folder: &str,
+    file_name: &str,
+) -> Option<ExtentKey> {
+    let hex16 = |s: &str| {
+        (s.len() == 16)
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+    };
     let volume_id = hex16(volume_folder)?;
     let mut parts = file_name.split('.');
     let extent_index = hex16(parts.next()?)?;
@@ -89,7 +100,11 @@ pub fn parse_relative_path(volume_folder: &str, index_folder: &str, file_name: &
     if index_folder.len() != 6 || folder != extent_index / EXTENTS_PER_FOLDER {
         return None;
     }
-    Some(ExtentKey { volume_id, extent_index, epoch })
+    Some(ExtentKey {
+        volume_id,
+        extent_index,
+        epoch,
+    })
 }
 
 pub fn path_for(root: &Path, key: &ExtentKey) -> PathBuf {
@@ -124,7 +139,10 @@ impl Header {
     /// never flushed. `Err`: anything else that is not a valid header.
     pub fn decode(raw: &[u8]) -> Result<Option<Header>, String> {
         if raw.len() < HEADER_BYTES as usize {
-            return Err(format!("header is {} bytes, expected {HEADER_BYTES}", raw.len()));
+            return Err(format!(
+                "header is {} bytes, expected {HEADER_BYTES}",
+                raw.len()
+            ));
         }
         let raw = &raw[..HEADER_BYTES as usize];
         if raw.iter().all(|&b| b == 0) {
@@ -138,21 +156,32 @@ impl Header {
         let stored_crc = u32_at(HEADER_CHECKED_BYTES);
         let crc = crc32fast::hash(&raw[..HEADER_CHECKED_BYTES]);
         if stored_crc != crc {
-            return Err(format!("header checksum {stored_crc:#010x} does not match contents ({crc:#010x})"));
+            return Err(format!(
+                "header checksum {stored_crc:#010x} does not match contents ({crc:#010x})"
+            ));
         }
         let version = u32_at(8);
         if version != FORMAT_VERSION {
-            return Err(format!("format version {version}, this build reads {FORMAT_VERSION}"));
+            return Err(format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            ));
         }
         if u32_at(12) != BLOCK_BYTES {
-            return Err(format!("block size {} bytes, expected {BLOCK_BYTES}", u32_at(12)));
+            return Err(format!(
+                "block size {} bytes, expected {BLOCK_BYTES}",
+                u32_at(12)
+            ));
         }
         let extent_bytes = u32_at(16);
         if !extent_bytes_valid(extent_bytes) {
             return Err(format!("invalid extent size {extent_bytes}"));
         }
         Ok(Some(Header {
-            key: ExtentKey { volume_id: u64_at(24), extent_index: u64_at(32), epoch: u64_at(40) },
+            key: ExtentKey {
+                volume_id: u64_at(24),
+                extent_index: u64_at(32),
+                epoch: u64_at(40),
+            },
             extent_bytes,
             created_unix_s: u64_at(48),
         }))
@@ -180,18 +209,30 @@ mod tests {
 
     #[test]
     fn path_round_trip() {
-        let key = ExtentKey { volume_id: 0xabc, extent_index: 5000, epoch: 3 };
+        let key = ExtentKey {
+            volume_id: 0xabc,
+            extent_index: 5000,
+            epoch: 3,
+        };
         let p = relative_path(&key);
         let parts: Vec<_> = p.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(parse_relative_path(parts[0], parts[1], parts[2]), Some(key));
-        assert_eq!(parse_relative_path(parts[0], "000000", parts[2]), None, "wrong folder");
+        assert_eq!(
+            parse_relative_path(parts[0], "000000", parts[2]),
+            None,
+            "wrong folder"
+        );
         assert_eq!(parse_relative_path(parts[0], parts[1], "x.ext"), None);
     }
 
     #[test]
     fn header_round_trip_and_damage() {
         let h = Header {
-            key: ExtentKey { volume_id: 1, extent_index: 2, epoch: 3 },
+            key: ExtentKey {
+                volume_id: 1,
+                extent_index: 2,
+                epoch: 3,
+            },
             extent_bytes: 4 << 20,
             created_unix_s: 99,
         };

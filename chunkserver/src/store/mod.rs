@@ -39,7 +39,11 @@ pub struct ExtentKey {
 
 impl std::fmt::Display for ExtentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "volume {:#x} extent {} epoch {}", self.volume_id, self.extent_index, self.epoch)
+        write!(
+            f,
+            "volume {:#x} extent {} epoch {}",
+            self.volume_id, self.extent_index, self.epoch
+        )
     }
 }
 
@@ -67,7 +71,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { io_mode: IoMode::Direct, ring_entries: 1024, open_extents_max: 2048 }
+        Self {
+            io_mode: IoMode::Direct,
+            ring_entries: 1024,
+            open_extents_max: 2048,
+        }
     }
 }
 
@@ -95,16 +103,51 @@ pub struct ExtentPage {
 }
 
 pub(crate) enum Command {
-    Read { key: ExtentKey, extent_bytes: u32, offset: u64, len: u32, reply: oneshot::Sender<Result<IoBuf>> },
-    Write { key: ExtentKey, extent_bytes: u32, offset: u64, data: IoBuf, fua: bool, reply: oneshot::Sender<Result<()>> },
+    Read {
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+        reply: oneshot::Sender<Result<IoBuf>>,
+    },
+    Write {
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Trim and write-zeroes: the range reads as zeros afterwards; `punch`
     /// gives whole blocks back to the file system.
-    Zero { key: ExtentKey, extent_bytes: u32, offset: u64, len: u32, fua: bool, punch: bool, reply: oneshot::Sender<Result<()>> },
-    Flush { reply: oneshot::Sender<Result<()>> },
-    List { volume: Option<u64>, after: Option<ExtentKey>, limit: usize, reply: oneshot::Sender<ExtentPage> },
-    Stat { key: ExtentKey, reply: oneshot::Sender<Option<ExtentStat>> },
-    Usage { reply: oneshot::Sender<StoreUsage> },
-    Shutdown { reply: oneshot::Sender<Result<()>> },
+    Zero {
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        punch: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    List {
+        volume: Option<u64>,
+        after: Option<ExtentKey>,
+        limit: usize,
+        reply: oneshot::Sender<ExtentPage>,
+    },
+    Stat {
+        key: ExtentKey,
+        reply: oneshot::Sender<Option<ExtentStat>>,
+    },
+    Usage {
+        reply: oneshot::Sender<StoreUsage>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// Handle to a running store. Clones share one engine.
@@ -121,7 +164,11 @@ impl Store {
     /// if an extent file is not one Cairn wrote.
     pub fn open(root: &Path, options: StoreOptions) -> Result<Store> {
         let (shared, thread) = engine::start(root, options)?;
-        Ok(Store { shared, thread: Arc::new(std::sync::Mutex::new(Some(thread))), root: root.to_path_buf() })
+        Ok(Store {
+            shared,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -136,15 +183,43 @@ impl Store {
 
     /// Reads `len` bytes at `offset` of an extent version. Never-written ranges
     /// read as zeros. A block failing its checksum is an error, never data.
-    pub async fn read(&self, key: ExtentKey, extent_bytes: u32, offset: u64, len: u32) -> Result<IoBuf> {
+    pub async fn read(
+        &self,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<IoBuf> {
         check_range(&key, extent_bytes, offset, len as u64)?;
-        self.call(|reply| Command::Read { key, extent_bytes, offset, len, reply }).await?
+        self.call(|reply| Command::Read {
+            key,
+            extent_bytes,
+            offset,
+            len,
+            reply,
+        })
+        .await?
     }
 
     /// Writes `data` at `offset`. With `fua` the data is durable when this returns.
-    pub async fn write(&self, key: ExtentKey, extent_bytes: u32, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
+    pub async fn write(
+        &self,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+    ) -> Result<()> {
         check_range(&key, extent_bytes, offset, data.len() as u64)?;
-        self.call(|reply| Command::Write { key, extent_bytes, offset, data, fua, reply }).await?
+        self.call(|reply| Command::Write {
+            key,
+            extent_bytes,
+            offset,
+            data,
+            fua,
+            reply,
+        })
+        .await?
     }
 
     /// Makes the range read as zeros. `punch` gives whole blocks back to the
@@ -160,13 +235,29 @@ impl Store {
         punch: bool,
     ) -> Result<()> {
         check_range(&key, extent_bytes, offset, len as u64)?;
-        self.call(|reply| Command::Zero { key, extent_bytes, offset, len, fua, punch, reply }).await?
+        self.call(|reply| Command::Zero {
+            key,
+            extent_bytes,
+            offset,
+            len,
+            fua,
+            punch,
+            reply,
+        })
+        .await?
     }
 
     /// Discards the range: it reads as zeros and its space goes back to the
     /// file system. Trimming a whole extent deletes its file.
-    pub async fn trim(&self, key: ExtentKey, extent_bytes: u32, offset: u64, len: u32) -> Result<()> {
-        self.write_zeroes(key, extent_bytes, offset, len, false, true).await
+    pub async fn trim(
+        &self,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<()> {
+        self.write_zeroes(key, extent_bytes, offset, len, false, true)
+            .await
     }
 
     /// Makes every write acknowledged before this call durable.
@@ -175,8 +266,19 @@ impl Store {
     }
 
     /// Lists stored extent versions in key order, `limit` at most, after `after`.
-    pub async fn list(&self, volume: Option<u64>, after: Option<ExtentKey>, limit: usize) -> Result<ExtentPage> {
-        self.call(|reply| Command::List { volume, after, limit, reply }).await
+    pub async fn list(
+        &self,
+        volume: Option<u64>,
+        after: Option<ExtentKey>,
+        limit: usize,
+    ) -> Result<ExtentPage> {
+        self.call(|reply| Command::List {
+            volume,
+            after,
+            limit,
+            reply,
+        })
+        .await
     }
 
     pub async fn stat(&self, key: ExtentKey) -> Result<Option<ExtentStat>> {
@@ -218,6 +320,20 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    /// Dropping the last handle stops the engine the way `shutdown` does
+    /// (flush, clean marker), without waiting for it. Handles dropped at the
+    /// same instant on several threads may each see another alive; callers
+    /// that need the clean stop to have happened call `shutdown`.
+    fn drop(&mut self) {
+        // One reference is the engine's own.
+        if Arc::strong_count(&self.shared) == 2 {
+            let (reply, _) = oneshot::channel();
+            let _ = self.shared.send(Command::Shutdown { reply });
+        }
+    }
+}
+
 /// Checks a request's range before it reaches the engine.
 fn check_range(key: &ExtentKey, extent_bytes: u32, offset: u64, len: u64) -> Result<()> {
     if !extent_bytes_valid(extent_bytes) {
@@ -225,15 +341,20 @@ fn check_range(key: &ExtentKey, extent_bytes: u32, offset: u64, len: u64) -> Res
             "{key}: extent size {extent_bytes} is not a power of two from 64 KiB to 64 MiB"
         )));
     }
-    if offset % SECTOR_BYTES as u64 != 0 || len % SECTOR_BYTES as u64 != 0 {
+    if !offset.is_multiple_of(SECTOR_BYTES as u64) || !len.is_multiple_of(SECTOR_BYTES as u64) {
         return Err(StoreError::InvalidArgument(format!(
             "{key}: offset {offset} and length {len} must be multiples of {SECTOR_BYTES}"
         )));
     }
     if len == 0 {
-        return Err(StoreError::InvalidArgument(format!("{key}: zero-length request")));
+        return Err(StoreError::InvalidArgument(format!(
+            "{key}: zero-length request"
+        )));
     }
-    if offset.checked_add(len).is_none_or(|end| end > extent_bytes as u64) {
+    if offset
+        .checked_add(len)
+        .is_none_or(|end| end > extent_bytes as u64)
+    {
         return Err(StoreError::InvalidArgument(format!(
             "{key}: range {offset}+{len} runs past the end of the {extent_bytes}-byte extent"
         )));

@@ -33,7 +33,9 @@ pub struct IndexEntry {
 /// size fits no extent layout is corrupt and stops the open.
 pub fn scan(root: &Path) -> Result<BTreeMap<ExtentKey, IndexEntry>> {
     let mut index = BTreeMap::new();
-    let read_dir = |p: &Path| fs::read_dir(p).map_err(|e| StoreError::io(format!("listing {}", p.display()), e));
+    let read_dir = |p: &Path| {
+        fs::read_dir(p).map_err(|e| StoreError::io(format!("listing {}", p.display()), e))
+    };
     for vol in read_dir(root)? {
         let vol = vol.map_err(|e| StoreError::io(format!("listing {}", root.display()), e))?;
         let vol_name = vol.file_name().to_string_lossy().into_owned();
@@ -45,20 +47,25 @@ pub fn scan(root: &Path) -> Result<BTreeMap<ExtentKey, IndexEntry>> {
             continue;
         }
         for folder in read_dir(&vol.path())? {
-            let folder = folder.map_err(|e| StoreError::io(format!("listing {}", vol.path().display()), e))?;
+            let folder = folder
+                .map_err(|e| StoreError::io(format!("listing {}", vol.path().display()), e))?;
             let folder_name = folder.file_name().to_string_lossy().into_owned();
             for file in read_dir(&folder.path())? {
-                let file = file.map_err(|e| StoreError::io(format!("listing {}", folder.path().display()), e))?;
+                let file = file.map_err(|e| {
+                    StoreError::io(format!("listing {}", folder.path().display()), e)
+                })?;
                 let name = file.file_name().to_string_lossy().into_owned();
                 let path = file.path();
                 let Some(key) = layout::parse_relative_path(&vol_name, &folder_name, &name) else {
                     warn!(path = %path.display(), "ignoring a file that is not a Cairn extent");
                     continue;
                 };
-                let meta = fs::metadata(&path).map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+                let meta = fs::metadata(&path)
+                    .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
                 if meta.len() == 0 {
                     warn!(path = %path.display(), "removing an extent file whose creation never completed");
-                    fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
+                    fs::remove_file(&path)
+                        .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
                     continue;
                 }
                 let Some(extent_bytes) = extent_bytes_for_file_len(meta.len()) else {
@@ -71,7 +78,14 @@ pub fn scan(root: &Path) -> Result<BTreeMap<ExtentKey, IndexEntry>> {
                         ),
                     });
                 };
-                index.insert(key, IndexEntry { extent_bytes, allocated_bytes: meta.blocks() * 512, trusted: true });
+                index.insert(
+                    key,
+                    IndexEntry {
+                        extent_bytes,
+                        allocated_bytes: meta.blocks() * 512,
+                        trusted: true,
+                    },
+                );
             }
         }
     }
@@ -88,7 +102,8 @@ pub fn take_clean_marker(root: &Path) -> Result<Option<BTreeSet<ExtentKey>>> {
         Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
     };
     let parsed = parse_marker(&text);
-    fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
+    fs::remove_file(&path)
+        .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
     sync_dir(root)?;
     match parsed {
         Some(set) => Ok(Some(set)),
@@ -112,7 +127,11 @@ fn parse_marker(text: &str) -> Option<BTreeSet<ExtentKey>> {
     let mut set = BTreeSet::new();
     for line in lines {
         let mut f = line.split(' ').map(|x| u64::from_str_radix(x, 16));
-        let key = ExtentKey { volume_id: f.next()?.ok()?, extent_index: f.next()?.ok()?, epoch: f.next()?.ok()? };
+        let key = ExtentKey {
+            volume_id: f.next()?.ok()?,
+            extent_index: f.next()?.ok()?,
+            epoch: f.next()?.ok()?,
+        };
         set.insert(key);
     }
     Some(set)
@@ -122,14 +141,19 @@ fn parse_marker(text: &str) -> Option<BTreeSet<ExtentKey>> {
 pub fn write_clean_marker(root: &Path, untrusted: &[ExtentKey]) -> Result<()> {
     let mut body = String::from(MARKER_MAGIC);
     for k in untrusted {
-        body.push_str(&format!("\n{:x} {:x} {:x}", k.volume_id, k.extent_index, k.epoch));
+        body.push_str(&format!(
+            "\n{:x} {:x} {:x}",
+            k.volume_id, k.extent_index, k.epoch
+        ));
     }
     let text = format!("{body}\ncrc {:08x}\n", crc32fast::hash(body.as_bytes()));
     let tmp = root.join(".clean.tmp");
     let ctx = |what: &str| format!("{what} {}", tmp.display());
     let mut f = fs::File::create(&tmp).map_err(|e| StoreError::io(ctx("creating"), e))?;
-    f.write_all(text.as_bytes()).map_err(|e| StoreError::io(ctx("writing"), e))?;
-    f.sync_all().map_err(|e| StoreError::io(ctx("syncing"), e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| StoreError::io(ctx("writing"), e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io(ctx("syncing"), e))?;
     fs::rename(&tmp, root.join(CLEAN_MARKER)).map_err(|e| StoreError::io(ctx("renaming"), e))?;
     sync_dir(root)
 }
@@ -147,15 +171,25 @@ mod tests {
     #[test]
     fn marker_round_trip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = [ExtentKey { volume_id: 1, extent_index: 2, epoch: 3 }];
+        let keys = [ExtentKey {
+            volume_id: 1,
+            extent_index: 2,
+            epoch: 3,
+        }];
         write_clean_marker(dir.path(), &keys).unwrap();
         let got = take_clean_marker(dir.path()).unwrap().unwrap();
         assert_eq!(got.into_iter().collect::<Vec<_>>(), keys);
-        assert!(take_clean_marker(dir.path()).unwrap().is_none(), "marker is consumed");
+        assert!(
+            take_clean_marker(dir.path()).unwrap().is_none(),
+            "marker is consumed"
+        );
         write_clean_marker(dir.path(), &[]).unwrap();
         let p = dir.path().join(CLEAN_MARKER);
         let t = fs::read_to_string(&p).unwrap().replace("v1", "v2");
         fs::write(&p, t).unwrap();
-        assert!(take_clean_marker(dir.path()).unwrap().is_none(), "damaged marker means unclean");
+        assert!(
+            take_clean_marker(dir.path()).unwrap().is_none(),
+            "damaged marker means unclean"
+        );
     }
 }

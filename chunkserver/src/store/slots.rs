@@ -117,19 +117,39 @@ fn slot_index(d: Durable) -> Option<usize> {
 impl SlotTable {
     /// A new extent: nothing held.
     pub fn new_empty(blocks: u32) -> Self {
-        let clean = BlockState { durable: Durable::Unheld, pending: Pending::Clean, pending_slot: 0 };
-        Self { slots: vec![[Slot::default(); 2]; blocks as usize], state: vec![clean; blocks as usize] }
+        let clean = BlockState {
+            durable: Durable::Unheld,
+            pending: Pending::Clean,
+            pending_slot: 0,
+        };
+        Self {
+            slots: vec![[Slot::default(); 2]; blocks as usize],
+            state: vec![clean; blocks as usize],
+        }
     }
 
     /// Parses a table read from disk. `trusted`: the store was shut down
     /// cleanly, so the newer slot of each block is the durable one.
     pub fn decode(raw: &[u8], blocks: u32, trusted: bool) -> Self {
-        assert!(raw.len() >= blocks as usize * ENTRY_BYTES, "slot table short: {} bytes", raw.len());
+        assert!(
+            raw.len() >= blocks as usize * ENTRY_BYTES,
+            "slot table short: {} bytes",
+            raw.len()
+        );
         let mut t = Self::new_empty(blocks);
         for b in 0..blocks as usize {
             let e = &raw[b * ENTRY_BYTES..(b + 1) * ENTRY_BYTES];
             let u = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes"));
-            let pair = [Slot { crc: u(0), gen: u(4) }, Slot { crc: u(8), gen: u(12) }];
+            let pair = [
+                Slot {
+                    crc: u(0),
+                    gen: u(4),
+                },
+                Slot {
+                    crc: u(8),
+                    gen: u(12),
+                },
+            ];
             t.slots[b] = pair;
             t.state[b].durable = match (pair[0].gen, pair[1].gen) {
                 (0, 0) => Durable::Unheld,
@@ -183,7 +203,10 @@ impl SlotTable {
     /// A new write may start on the block now (no write in flight, no flush
     /// promoting its pending slot).
     pub fn writable(&self, b: u32) -> bool {
-        matches!(self.state[b as usize].pending, Pending::Clean | Pending::Written)
+        matches!(
+            self.state[b as usize].pending,
+            Pending::Clean | Pending::Written
+        )
     }
 
     /// Checks data read from the block; settles an unknown block as a side effect.
@@ -215,7 +238,11 @@ impl SlotTable {
             Durable::A | Durable::B => unreachable!("handled above"),
             Durable::Unknown | Durable::Torn => {
                 let [a, s_b] = self.slots[bi];
-                let order = if gen_newer(s_b.gen, a.gen) { [1, 0] } else { [0, 1] };
+                let order = if gen_newer(s_b.gen, a.gen) {
+                    [1, 0]
+                } else {
+                    [0, 1]
+                };
                 for i in order {
                     let s = self.slots[bi][i];
                     if s.gen != 0 && s.crc == crc {
@@ -272,9 +299,17 @@ impl SlotTable {
     /// The write to `b` completed. `durable_now`: it was written with FUA.
     pub fn complete_write(&mut self, b: u32, durable_now: bool) {
         let st = &mut self.state[b as usize];
-        assert_eq!(st.pending, Pending::InFlight, "block {b}: completion without a write");
+        assert_eq!(
+            st.pending,
+            Pending::InFlight,
+            "block {b}: completion without a write"
+        );
         if durable_now {
-            st.durable = if st.pending_slot == 0 { Durable::A } else { Durable::B };
+            st.durable = if st.pending_slot == 0 {
+                Durable::A
+            } else {
+                Durable::B
+            };
             st.pending = Pending::Clean;
         } else {
             st.pending = Pending::Written;
@@ -286,10 +321,18 @@ impl SlotTable {
     /// dirty so a flush still persists any earlier pending write.
     pub fn fail_write(&mut self, b: u32, old: [Slot; 2]) {
         let bi = b as usize;
-        assert_eq!(self.state[bi].pending, Pending::InFlight, "block {b}: failure without a write");
+        assert_eq!(
+            self.state[bi].pending,
+            Pending::InFlight,
+            "block {b}: failure without a write"
+        );
         self.slots[bi] = old;
         self.state[bi].pending = Pending::Clean;
-        self.state[bi].durable = if old[0].gen == 0 && old[1].gen == 0 { Durable::Unheld } else { Durable::Unknown };
+        self.state[bi].durable = if old[0].gen == 0 && old[1].gen == 0 {
+            Durable::Unheld
+        } else {
+            Durable::Unknown
+        };
     }
 
     /// A flush is starting: returns true if `b` has a written pending slot,
@@ -307,15 +350,27 @@ impl SlotTable {
     /// The flush covering `b` completed: its pending slot is now the durable one.
     pub fn complete_flush(&mut self, b: u32) {
         let st = &mut self.state[b as usize];
-        assert_eq!(st.pending, Pending::Flushing, "block {b}: flush completion without capture");
-        st.durable = if st.pending_slot == 0 { Durable::A } else { Durable::B };
+        assert_eq!(
+            st.pending,
+            Pending::Flushing,
+            "block {b}: flush completion without capture"
+        );
+        st.durable = if st.pending_slot == 0 {
+            Durable::A
+        } else {
+            Durable::B
+        };
         st.pending = Pending::Clean;
     }
 
     /// The flush covering `b` failed: the write stays pending.
     pub fn fail_flush(&mut self, b: u32) {
         let st = &mut self.state[b as usize];
-        assert_eq!(st.pending, Pending::Flushing, "block {b}: flush failure without capture");
+        assert_eq!(
+            st.pending,
+            Pending::Flushing,
+            "block {b}: flush failure without capture"
+        );
         st.pending = Pending::Written;
     }
 
@@ -336,7 +391,10 @@ impl SlotTable {
 
     /// Blocks that currently hold content or an unflushed write.
     pub fn held_blocks(&self) -> u32 {
-        self.state.iter().filter(|s| s.durable != Durable::Unheld || s.pending != Pending::Clean).count() as u32
+        self.state
+            .iter()
+            .filter(|s| s.durable != Durable::Unheld || s.pending != Pending::Clean)
+            .count() as u32
     }
 }
 
@@ -373,10 +431,18 @@ mod tests {
         t.complete_flush(0);
         assert_eq!(t.durable(0), Durable::A);
         t.begin_write(0, crc32fast::hash(&block(2)));
-        assert_eq!(t.slots(0)[0].crc, crc32fast::hash(&block(1)), "durable slot kept");
+        assert_eq!(
+            t.slots(0)[0].crc,
+            crc32fast::hash(&block(1)),
+            "durable slot kept"
+        );
         t.complete_write(0, false);
         t.begin_write(0, crc32fast::hash(&block(3)));
-        assert_eq!(t.slots(0)[0].crc, crc32fast::hash(&block(1)), "still kept before the flush");
+        assert_eq!(
+            t.slots(0)[0].crc,
+            crc32fast::hash(&block(1)),
+            "still kept before the flush"
+        );
         t.complete_write(0, true);
         assert_eq!(t.durable(0), Durable::B);
         assert!(t.trustworthy());
@@ -397,7 +463,10 @@ mod tests {
         assert_eq!(r.durable(0), Durable::A);
         assert!(!r.trustworthy(), "the newer slot is not the durable one");
         let mut r = SlotTable::decode(&raw, 1, false);
-        assert!(matches!(r.verify(0, &block(9), zero_crc()), Verified::Mismatch(_)));
+        assert!(matches!(
+            r.verify(0, &block(9), zero_crc()),
+            Verified::Mismatch(_)
+        ));
         assert_eq!(r.durable(0), Durable::Torn);
     }
 

@@ -1,0 +1,400 @@
+//! A real `cairn-chunkserver` child process for the RPC subject: starting it,
+//! reading its resident memory, stopping it, and a pool of clients to drive it.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cairn_chunkserver::rpc::ChunkClient;
+use cairn_chunkserver::store::ExtentKey;
+
+/// How long a fresh chunk server may take to answer its first request.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a chunk server may take to exit after SIGTERM (it flushes and
+/// marks its store clean) before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often VmRSS is read while load runs.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// How much of the chunk server's log an error message quotes.
+const LOG_TAIL_BYTES: u64 = 2000;
+
+/// The binary next to the running `cairn`, where Cargo puts both.
+pub fn default_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the path of the running cairn binary")?;
+    let dir = exe
+        .parent()
+        .context("the running cairn binary has no parent directory")?;
+    Ok(dir.join("cairn-chunkserver"))
+}
+
+/// A running chunk server. Dropping it kills the process, so a benchmark that
+/// fails half-way leaves nothing running.
+pub struct ChunkServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log_path: PathBuf,
+}
+
+impl ChunkServer {
+    /// Starts `bin` on a free loopback port with a new data directory
+    /// `data_dir` (`--init`), logging to `log_path`, and waits until it answers
+    /// a node stat.
+    pub async fn start(
+        bin: &Path,
+        data_dir: &Path,
+        log_path: &Path,
+    ) -> anyhow::Result<ChunkServer> {
+        if !bin.is_file() {
+            bail!(
+                "chunk server binary {} not found; build it with `cargo build --release -p cairn-chunkserver` \
+                 or pass --chunkserver-bin",
+                bin.display()
+            );
+        }
+        let addr = free_loopback_port()?;
+        let log =
+            File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log_path.display()))?;
+        let child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(["--cluster-id", "cairn-bench", "--node-id", "1", "--init"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut server = ChunkServer {
+            child: Some(child),
+            addr,
+            log_path: log_path.to_path_buf(),
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                bail!(
+                    "chunk server exited during start-up with {status}; its log ends:\n{}",
+                    self.log_tail()
+                );
+            }
+            let last_error = match ChunkClient::connect(self.addr).await {
+                Ok(client) => match client.node_stat().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "chunk server at {} did not answer within {START_TIMEOUT:?} (last error: {last_error}); \
+                     its log ends:\n{}",
+                    self.addr,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child
+                .try_wait()
+                .context("checking on the chunk server process"),
+            None => bail!("chunk server already stopped"),
+        }
+    }
+
+    /// Resident memory now and its peak so far, from /proc.
+    pub fn memory(&self) -> anyhow::Result<ProcMemory> {
+        proc_memory(self.pid())
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (killing it after
+    /// [`STOP_TIMEOUT`]). An exit other than 0 is an error: the daemon
+    /// promises exit 0 on SIGTERM.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child, which has not been reaped
+        // (we hold its Child), so the pid cannot have been reused.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("sending SIGTERM to the chunk server");
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                bail!("chunk server did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        self.child = None;
+        if !status.success() {
+            bail!(
+                "chunk server exited with {status} after SIGTERM; its log ends:\n{}",
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let read = || -> std::io::Result<String> {
+            let mut f = File::open(&self.log_path)?;
+            let len = f.metadata()?.len();
+            f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+            let mut raw = Vec::new();
+            f.read_to_end(&mut raw)?;
+            Ok(String::from_utf8_lossy(&raw).into_owned())
+        };
+        read().unwrap_or_else(|e| format!("(could not read {}: {e})", self.log_path.display()))
+    }
+}
+
+impl Drop for ChunkServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asks the kernel for a free port. Another process could take it before the
+/// chunk server binds it; the start-up check then fails with the server's log.
+fn free_loopback_port() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
+    listener
+        .local_addr()
+        .context("reading the address of a fresh listener")
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ProcMemory {
+    /// VmRSS: resident now.
+    pub rss_bytes: u64,
+    /// VmHWM: the peak resident size since the process started.
+    pub hwm_bytes: u64,
+}
+
+pub fn proc_memory(pid: u32) -> anyhow::Result<ProcMemory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status(&status).with_context(|| format!("reading VmRSS and VmHWM from {path}"))
+}
+
+fn parse_status(status: &str) -> anyhow::Result<ProcMemory> {
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} line"))?;
+        let mut words = line[name.len()..].split_whitespace();
+        let kib: u64 = words
+            .next()
+            .context("no value")?
+            .parse()
+            .with_context(|| format!("bad {line:?}"))?;
+        if words.next() != Some("kB") {
+            bail!("unexpected unit in {line:?}");
+        }
+        Ok(kib * 1024)
+    };
+    Ok(ProcMemory {
+        rss_bytes: field("VmRSS:")?,
+        hwm_bytes: field("VmHWM:")?,
+    })
+}
+
+/// The largest VmRSS seen by one or more samplers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RssMax {
+    pub max_bytes: Option<u64>,
+    pub samples: u32,
+}
+
+impl RssMax {
+    pub fn merge(&mut self, other: RssMax) {
+        self.max_bytes = self.max_bytes.max(other.max_bytes);
+        self.samples += other.samples;
+    }
+}
+
+/// Reads a process's VmRSS every [`RSS_SAMPLE_INTERVAL`] until stopped.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<anyhow::Result<RssMax>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut max = RssMax::default();
+            while !flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(RSS_SAMPLE_INTERVAL).await;
+                let rss = proc_memory(pid)?.rss_bytes;
+                max.max_bytes = max.max_bytes.max(Some(rss));
+                max.samples += 1;
+            }
+            Ok(max)
+        });
+        RssSampler { stop, task }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<RssMax> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.context("the memory sampler panicked")?
+    }
+}
+
+/// A few connections to one chunk server; request tasks share them
+/// round-robin, each connection carrying many requests at once.
+pub struct RpcPool {
+    clients: Vec<ChunkClient>,
+}
+
+impl RpcPool {
+    pub async fn connect(addr: SocketAddr, connections: usize) -> anyhow::Result<RpcPool> {
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            clients.push(
+                ChunkClient::connect(addr)
+                    .await
+                    .with_context(|| format!("connecting to {addr}"))?,
+            );
+        }
+        Ok(RpcPool { clients })
+    }
+
+    fn client(&self, task: usize) -> &ChunkClient {
+        &self.clients[task % self.clients.len()]
+    }
+
+    pub async fn write(
+        &self,
+        task: usize,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        Ok(self
+            .client(task)
+            .write(key, extent_bytes, offset, data, false)
+            .await?)
+    }
+
+    pub async fn read(
+        &self,
+        task: usize,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> anyhow::Result<usize> {
+        Ok(self
+            .client(task)
+            .read(key, extent_bytes, offset, len)
+            .await?
+            .len())
+    }
+
+    /// Flush is node-wide, so one connection's flush covers every write
+    /// acknowledged on any of them.
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        Ok(self.clients[0].flush().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_status() {
+        let status = "Name:\tcairn-chunkserver\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        let m = parse_status(status).unwrap();
+        assert_eq!((m.rss_bytes, m.hwm_bytes), (1 << 20, 2 << 20));
+        assert!(parse_status("VmRSS:\t12 MB\nVmHWM:\t1 kB\n").is_err());
+        assert!(parse_status("Name: x\n").is_err());
+    }
+
+    #[test]
+    fn reads_own_memory() {
+        let m = proc_memory(std::process::id()).unwrap();
+        assert!(m.rss_bytes > 0 && m.hwm_bytes >= m.rss_bytes);
+    }
+
+    #[test]
+    fn pool_drives_a_server() {
+        use super::super::load::{self, Job, Offsets, Subject};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let server = crate::test_server::TestServer::start().await;
+            let pool = RpcPool::connect(server.addr, 3).await.unwrap();
+            let subject = Arc::new(Subject::Rpc(pool));
+            let job = Job {
+                write: true,
+                offsets: Offsets::Sequential {
+                    span_bytes: 8 << 20,
+                    stride_bytes: 1 << 20,
+                    wrap: false,
+                },
+                block_bytes: 4096,
+                iodepth: 8,
+                volume_id: 3,
+                extent_bytes: 1 << 20,
+                runtime: None,
+            };
+            let t = load::run(subject.clone(), job, 1).await.unwrap();
+            assert_eq!(t.ops, 8, "one block in each of 8 extents");
+            subject.flush().await.unwrap();
+            let read = Job {
+                write: false,
+                offsets: Offsets::Random {
+                    span_bytes: 8 << 20,
+                },
+                runtime: Some(Duration::from_millis(50)),
+                ..job
+            };
+            assert!(load::run(subject.clone(), read, 2).await.unwrap().ops > 0);
+            let node = ChunkClient::connect(server.addr)
+                .await
+                .unwrap()
+                .node_stat()
+                .await
+                .unwrap();
+            assert_eq!(node.extents, 8);
+            drop(subject);
+            server.stop().await;
+        });
+    }
+}

@@ -1,0 +1,433 @@
+//! The load generator: `iodepth` tasks, each with one request in flight,
+//! driving a [`Subject`] (the store in process, or a chunk server over RPC)
+//! with a fio-like pattern until a deadline or the end of the working set.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cairn_chunkserver::store::{ExtentKey, IoBuf, Store};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+
+use super::chunkserver::RpcPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    RandWrite,
+    RandRead,
+    SeqWrite,
+    SeqRead,
+}
+
+impl Pattern {
+    pub fn is_write(self) -> bool {
+        matches!(self, Pattern::RandWrite | Pattern::SeqWrite)
+    }
+}
+
+/// What one subject did in one phase.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Throughput {
+    pub ops: u64,
+    pub bytes: u64,
+    pub elapsed_s: f64,
+    pub iops: f64,
+    pub bytes_per_s: f64,
+}
+
+impl Throughput {
+    fn new(ops: u64, bytes: u64, elapsed: Duration) -> Self {
+        // A phase always runs for milliseconds at least; the floor only keeps
+        // a degenerate run from dividing by zero.
+        let elapsed_s = elapsed.as_secs_f64().max(1e-9);
+        Throughput {
+            ops,
+            bytes,
+            elapsed_s,
+            iops: ops as f64 / elapsed_s,
+            bytes_per_s: bytes as f64 / elapsed_s,
+        }
+    }
+}
+
+/// What the load is applied to. An enum rather than a trait object so the
+/// spawned tasks' futures stay `Send` without boxing every request.
+pub enum Subject {
+    InProcess(Store),
+    Rpc(RpcPool),
+}
+
+impl Subject {
+    /// Writes `len` bytes that `fill` puts into a buffer of the kind the
+    /// subject takes without copying (aligned for the store, `Bytes` for RPC).
+    async fn write(
+        &self,
+        task: usize,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> anyhow::Result<()> {
+        match self {
+            Subject::InProcess(store) => {
+                let mut data = IoBuf::zeroed(len as usize);
+                fill(&mut data);
+                Ok(store.write(key, extent_bytes, offset, data, false).await?)
+            }
+            Subject::Rpc(pool) => {
+                let mut data = vec![0; len as usize];
+                fill(&mut data);
+                pool.write(task, key, extent_bytes, offset, data).await
+            }
+        }
+    }
+
+    /// Returns the number of bytes read.
+    async fn read(
+        &self,
+        task: usize,
+        key: ExtentKey,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> anyhow::Result<usize> {
+        match self {
+            Subject::InProcess(store) => {
+                Ok(store.read(key, extent_bytes, offset, len).await?.len())
+            }
+            Subject::Rpc(pool) => pool.read(task, key, extent_bytes, offset, len).await,
+        }
+    }
+
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        match self {
+            Subject::InProcess(store) => Ok(store.flush().await?),
+            Subject::Rpc(pool) => pool.flush().await,
+        }
+    }
+}
+
+/// Where a job's requests go, as byte offsets into the volume.
+#[derive(Debug, Clone, Copy)]
+pub enum Offsets {
+    /// Uniform over `[0, span_bytes)`, aligned to the block size.
+    Random { span_bytes: u64 },
+    /// `0, stride, 2*stride, ...` in issue order across all tasks, like one fio
+    /// job with a deep queue. With `wrap` it starts over at the end of the
+    /// span (time-based phases); without, the job ends there (layout).
+    Sequential {
+        span_bytes: u64,
+        stride_bytes: u64,
+        wrap: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    pub write: bool,
+    pub offsets: Offsets,
+    pub block_bytes: u32,
+    pub iodepth: u32,
+    pub volume_id: u64,
+    pub extent_bytes: u32,
+    /// Time-based phases stop here; None runs until the offsets run out.
+    pub runtime: Option<Duration>,
+}
+
+/// State shared by one job's tasks.
+struct Shared {
+    job: Job,
+    /// Next sequential slot (in strides).
+    cursor: AtomicU64,
+    /// Set by a failing task so the others stop rather than run out the clock.
+    stop: AtomicBool,
+    deadline: Option<Instant>,
+    /// Marks written blocks so no two carry the same bytes (a store that
+    /// deduplicated or skipped zero blocks would otherwise look faster).
+    run_nonce: u64,
+}
+
+impl Shared {
+    fn next_offset(&self, rng: &mut StdRng) -> Option<u64> {
+        let block = self.job.block_bytes as u64;
+        match self.job.offsets {
+            Offsets::Random { span_bytes } => Some(rng.gen_range(0..span_bytes / block) * block),
+            Offsets::Sequential {
+                span_bytes,
+                stride_bytes,
+                wrap,
+            } => {
+                let slot = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let slots = span_bytes / stride_bytes;
+                if wrap {
+                    Some(slot % slots * stride_bytes)
+                } else {
+                    (slot < slots).then_some(slot * stride_bytes)
+                }
+            }
+        }
+    }
+
+    fn keep_going(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed) && self.deadline.is_none_or(|d| Instant::now() < d)
+    }
+
+    fn stamp(&self, buf: &mut [u8], volume_offset: u64, seq: u64) {
+        for block in buf.chunks_mut(4096) {
+            block[..8].copy_from_slice(&self.run_nonce.to_le_bytes());
+            block[8..16].copy_from_slice(&volume_offset.to_le_bytes());
+            block[16..24].copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+}
+
+/// Checks a job before running it; the callers build jobs from user flags.
+fn validate(job: &Job) -> anyhow::Result<()> {
+    let block = job.block_bytes as u64;
+    if job.iodepth == 0 || job.block_bytes == 0 || job.block_bytes % 4096 != 0 {
+        bail!(
+            "queue depth {} and block size {} must be positive, blocks 4 KiB multiples",
+            job.iodepth,
+            block
+        );
+    }
+    if job.block_bytes > job.extent_bytes || job.extent_bytes % job.block_bytes != 0 {
+        bail!(
+            "block size {block} must divide the extent size {}",
+            job.extent_bytes
+        );
+    }
+    let (span, stride) = match job.offsets {
+        Offsets::Random { span_bytes } => (span_bytes, block),
+        Offsets::Sequential {
+            span_bytes,
+            stride_bytes,
+            ..
+        } => (span_bytes, stride_bytes),
+    };
+    if stride < block || stride % block != 0 || span < stride {
+        bail!("span {span} and stride {stride} must hold at least one {block}-byte block");
+    }
+    Ok(())
+}
+
+/// Runs `job` against `subject` and returns what it achieved. The first
+/// failing request stops the job and is returned with where it happened.
+pub async fn run(subject: Arc<Subject>, job: Job, seed: u64) -> anyhow::Result<Throughput> {
+    validate(&job)?;
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        job,
+        cursor: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        deadline: job.runtime.map(|r| start + r),
+        run_nonce: seed,
+    });
+    let mut tasks = JoinSet::new();
+    for task in 0..job.iodepth as usize {
+        let (subject, shared) = (subject.clone(), shared.clone());
+        let rng = StdRng::seed_from_u64(seed ^ (task as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        tasks.spawn(async move {
+            let result = worker(&subject, &shared, task, rng).await;
+            if result.is_err() {
+                shared.stop.store(true, Ordering::Relaxed);
+            }
+            result
+        });
+    }
+    let mut ops = 0;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("a load task panicked")? {
+            Ok(task_ops) => ops += task_ops,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(Throughput::new(
+        ops,
+        ops * job.block_bytes as u64,
+        start.elapsed(),
+    ))
+}
+
+async fn worker(
+    subject: &Subject,
+    shared: &Shared,
+    task: usize,
+    mut rng: StdRng,
+) -> anyhow::Result<u64> {
+    let job = &shared.job;
+    let mut ops = 0u64;
+    while shared.keep_going() {
+        let Some(volume_offset) = shared.next_offset(&mut rng) else {
+            break;
+        };
+        let extent_bytes = job.extent_bytes as u64;
+        let key = ExtentKey {
+            volume_id: job.volume_id,
+            extent_index: volume_offset / extent_bytes,
+            epoch: 1,
+        };
+        let offset = volume_offset % extent_bytes;
+        let what = || {
+            format!(
+                "{} of {} bytes at {key} offset {offset}",
+                if job.write { "write" } else { "read" },
+                job.block_bytes
+            )
+        };
+        if job.write {
+            let fill = |buf: &mut [u8]| shared.stamp(buf, volume_offset, ops);
+            subject
+                .write(task, key, job.extent_bytes, offset, job.block_bytes, fill)
+                .await
+                .with_context(what)?;
+        } else {
+            let got = subject
+                .read(task, key, job.extent_bytes, offset, job.block_bytes)
+                .await
+                .with_context(what)?;
+            if got != job.block_bytes as usize {
+                bail!("{}: got {got} bytes back", what());
+            }
+        }
+        ops += 1;
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_chunkserver::store::{IoMode, StoreOptions};
+
+    fn job(offsets: Offsets) -> Job {
+        Job {
+            write: true,
+            offsets,
+            block_bytes: 4096,
+            iodepth: 4,
+            volume_id: 1,
+            extent_bytes: 1 << 20,
+            runtime: None,
+        }
+    }
+
+    fn shared(job: Job) -> Shared {
+        Shared {
+            job,
+            cursor: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            deadline: None,
+            run_nonce: 7,
+        }
+    }
+
+    #[test]
+    fn sequential_offsets_end_or_wrap() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let once = shared(job(Offsets::Sequential {
+            span_bytes: 3 * 8192,
+            stride_bytes: 8192,
+            wrap: false,
+        }));
+        let got: Vec<_> = std::iter::from_fn(|| once.next_offset(&mut rng)).collect();
+        assert_eq!(got, [0, 8192, 16384]);
+        let wrap = shared(job(Offsets::Sequential {
+            span_bytes: 2 * 8192 + 100,
+            stride_bytes: 8192,
+            wrap: true,
+        }));
+        let got: Vec<_> = (0..5)
+            .map(|_| wrap.next_offset(&mut rng).unwrap())
+            .collect();
+        assert_eq!(got, [0, 8192, 0, 8192, 0]);
+    }
+
+    #[test]
+    fn random_offsets_aligned_and_in_span() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let s = shared(job(Offsets::Random {
+            span_bytes: 10 * 4096,
+        }));
+        for _ in 0..1000 {
+            let o = s.next_offset(&mut rng).unwrap();
+            assert_eq!(o % 4096, 0);
+            assert!(o < 10 * 4096);
+        }
+    }
+
+    #[test]
+    fn buffers_are_stamped_per_block() {
+        let mut j = job(Offsets::Random {
+            span_bytes: 1 << 20,
+        });
+        j.block_bytes = 8192;
+        let mut buf = vec![0; 8192];
+        shared(j).stamp(&mut buf, 12288, 3);
+        assert_eq!(&buf[4096..4104], &7u64.to_le_bytes());
+        assert_eq!(&buf[4104..4112], &12288u64.to_le_bytes());
+        assert_eq!(&buf[4112..4120], &3u64.to_le_bytes());
+    }
+
+    #[test]
+    fn rejects_bad_jobs() {
+        let mut j = job(Offsets::Random {
+            span_bytes: 1 << 20,
+        });
+        assert!(validate(&j).is_ok());
+        j.block_bytes = 2 << 20;
+        assert!(validate(&j).is_err(), "block larger than extent");
+        j.block_bytes = 4096;
+        j.iodepth = 0;
+        assert!(validate(&j).is_err());
+        j.iodepth = 1;
+        j.offsets = Offsets::Random { span_bytes: 100 };
+        assert!(validate(&j).is_err(), "span smaller than a block");
+    }
+
+    #[test]
+    fn runs_against_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Buffered, so the test also runs where /tmp is tmpfs (no O_DIRECT).
+        let options = StoreOptions {
+            io_mode: IoMode::Buffered,
+            ..Default::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        let subject = Arc::new(Subject::InProcess(store.clone()));
+        let layout = Job {
+            block_bytes: 1 << 20,
+            ..job(Offsets::Sequential {
+                span_bytes: 4 << 20,
+                stride_bytes: 1 << 20,
+                wrap: false,
+            })
+        };
+        let t = rt.block_on(run(subject.clone(), layout, 1)).unwrap();
+        assert_eq!((t.ops, t.bytes), (4, 4 << 20));
+        let read = Job {
+            write: false,
+            runtime: Some(Duration::from_millis(50)),
+            ..job(Offsets::Random {
+                span_bytes: 4 << 20,
+            })
+        };
+        let t = rt.block_on(run(subject, read, 2)).unwrap();
+        assert!(t.ops > 0);
+        rt.block_on(store.shutdown()).unwrap();
+    }
+}

@@ -1,0 +1,329 @@
+//! The benchmark's results, as JSON and as a table.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use super::disk::FsInfo;
+use super::load::Throughput;
+use crate::output::{bytes_human, count_human};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Pass,
+    Below,
+}
+
+impl Verdict {
+    fn of(passed: bool) -> Self {
+        if passed {
+            Verdict::Pass
+        } else {
+            Verdict::Below
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Below => "BELOW",
+        }
+    }
+}
+
+/// Which number a phase's ratio compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Iops,
+    BytesPerS,
+}
+
+impl Metric {
+    fn of(self, t: &Throughput) -> f64 {
+        match self {
+            Metric::Iops => t.iops,
+            Metric::BytesPerS => t.bytes_per_s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubjectResult {
+    #[serde(flatten)]
+    pub throughput: Throughput,
+    /// Store over fio by the phase's metric; absent without fio.
+    pub ratio: Option<f64>,
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    pub name: &'static str,
+    pub block_bytes: u32,
+    pub iodepth: u32,
+    pub metric: Metric,
+    /// Store/fio ratio the issue asks for (a goal, never asserted).
+    pub goal_ratio: f64,
+    pub fio: Option<Throughput>,
+    pub inprocess: Option<SubjectResult>,
+    pub rpc: Option<SubjectResult>,
+}
+
+impl PhaseReport {
+    pub fn subject(&self, t: Throughput) -> SubjectResult {
+        let ratio = self
+            .fio
+            .as_ref()
+            .map(|f| self.metric.of(&t) / self.metric.of(f).max(f64::MIN_POSITIVE));
+        SubjectResult {
+            throughput: t,
+            ratio,
+            verdict: ratio.map(|r| Verdict::of(r >= self.goal_ratio)),
+        }
+    }
+}
+
+/// The chunk server's resident memory (VmRSS) through the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    pub rss_start_bytes: u64,
+    /// Extents allocated (one 4 KiB block each) before the next reading.
+    pub extents: u64,
+    pub rss_with_extents_bytes: u64,
+    /// (with extents - start) / extents.
+    pub rss_per_extent_bytes: f64,
+    /// Largest VmRSS seen while 4 KiB random load ran, and how many samples.
+    pub rss_under_load_max_bytes: Option<u64>,
+    pub load_samples: u32,
+    /// VmHWM at the end of the run: the true peak, between samples too.
+    pub rss_peak_bytes: u64,
+    pub goal_rss_bytes: u64,
+    pub goal_extents: u64,
+    /// Against the goal, only when at least `goal_extents` were allocated.
+    pub verdict: Option<Verdict>,
+}
+
+impl MemoryReport {
+    pub fn judge(&mut self) {
+        let worst = self
+            .rss_with_extents_bytes
+            .max(self.rss_under_load_max_bytes.unwrap_or(0));
+        self.verdict =
+            (self.extents >= self.goal_extents).then(|| Verdict::of(worst < self.goal_rss_bytes));
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report<C: Serialize> {
+    pub config: C,
+    pub run_dir: String,
+    pub file_system: FsInfo,
+    pub fio_version: Option<String>,
+    /// The first sequential pass over the working set (informative).
+    pub layout: PhaseReport,
+    pub phases: Vec<PhaseReport>,
+    pub memory: Option<MemoryReport>,
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn throughput_cells(t: Option<&Throughput>) -> String {
+    match t {
+        Some(t) => format!(
+            "{:>12} {:>9.1}",
+            count_human(t.iops.round() as u64),
+            t.bytes_per_s / MIB
+        ),
+        None => format!("{:>12} {:>9}", "-", "-"),
+    }
+}
+
+fn subject_cells(s: Option<&SubjectResult>) -> String {
+    let ratio = s
+        .and_then(|s| s.ratio)
+        .map_or("-".to_string(), |r| format!("{r:.2}"));
+    let verdict = s.and_then(|s| s.verdict).map_or("-", Verdict::as_str);
+    format!(
+        "{} {ratio:>6} {verdict:>7}",
+        throughput_cells(s.map(|s| &s.throughput))
+    )
+}
+
+fn phase_row(out: &mut impl Write, p: &PhaseReport, goal: bool) -> io::Result<()> {
+    let goal = if goal {
+        format!("{:.2}", p.goal_ratio)
+    } else {
+        "-".to_string()
+    };
+    writeln!(
+        out,
+        "{:<14} {:>3} {:>5} | {} | {} | {}",
+        p.name,
+        p.iodepth,
+        goal,
+        throughput_cells(p.fio.as_ref()),
+        subject_cells(p.inprocess.as_ref()),
+        subject_cells(p.rpc.as_ref()),
+    )
+}
+
+pub fn print_table<C: Serialize>(
+    out: &mut impl Write,
+    r: &Report<C>,
+    title: &str,
+) -> io::Result<()> {
+    writeln!(out, "{title}")?;
+    writeln!(
+        out,
+        "data in {} ({}, {} free before the run); fio: {}",
+        r.run_dir,
+        r.file_system.fs_type,
+        bytes_human(r.file_system.available_bytes),
+        r.fio_version.as_deref().unwrap_or("skipped"),
+    )?;
+    writeln!(out)?;
+    let subject = |name: &str, ratio: bool| {
+        if ratio {
+            format!(
+                "{:>12} {:>9} {:>6} {:>7}",
+                format!("{name} IOPS"),
+                "MiB/s",
+                "ratio",
+                "verdict"
+            )
+        } else {
+            format!("{:>12} {:>9}", format!("{name} IOPS"), "MiB/s")
+        }
+    };
+    writeln!(
+        out,
+        "{:<14} {:>3} {:>5} | {} | {} | {}",
+        "phase",
+        "qd",
+        "goal",
+        subject("fio", false),
+        subject("in-proc", true),
+        subject("rpc", true),
+    )?;
+    phase_row(out, &r.layout, false)?;
+    for p in &r.phases {
+        phase_row(out, p, true)?;
+    }
+    writeln!(out)?;
+    writeln!(out, "ratio = store / fio (IOPS for 4k phases, bandwidth for 1m); goals are printed, never asserted")?;
+    if let Some(m) = &r.memory {
+        print_memory(out, m)?;
+    }
+    Ok(())
+}
+
+fn print_memory(out: &mut impl Write, m: &MemoryReport) -> io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "chunk server resident memory (VmRSS):")?;
+    writeln!(
+        out,
+        "  {:<40} {:>10}",
+        "at start",
+        bytes_human(m.rss_start_bytes)
+    )?;
+    writeln!(
+        out,
+        "  {:<40} {:>10}  ({} per extent)",
+        format!("with {} extents allocated", count_human(m.extents)),
+        bytes_human(m.rss_with_extents_bytes),
+        bytes_human(m.rss_per_extent_bytes.max(0.0).round() as u64),
+    )?;
+    let load = m
+        .rss_under_load_max_bytes
+        .map_or("-".to_string(), bytes_human);
+    writeln!(
+        out,
+        "  {:<40} {:>10}",
+        format!("under 4k random load (max of {})", m.load_samples),
+        load
+    )?;
+    writeln!(
+        out,
+        "  {:<40} {:>10}",
+        "peak over the run (VmHWM)",
+        bytes_human(m.rss_peak_bytes)
+    )?;
+    let verdict = match m.verdict {
+        Some(v) => v.as_str().to_string(),
+        None => format!(
+            "n/a: run with --extents-for-memory {} to judge",
+            m.goal_extents
+        ),
+    };
+    writeln!(
+        out,
+        "  goal: under {} with {} extents (with extents and under load): {verdict}",
+        bytes_human(m.goal_rss_bytes),
+        count_human(m.goal_extents),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(iops: f64, bytes_per_s: f64) -> Throughput {
+        Throughput {
+            ops: 1,
+            bytes: 1,
+            elapsed_s: 1.0,
+            iops,
+            bytes_per_s,
+        }
+    }
+
+    fn phase(fio: Option<Throughput>) -> PhaseReport {
+        PhaseReport {
+            name: "randread 4k",
+            block_bytes: 4096,
+            iodepth: 32,
+            metric: Metric::Iops,
+            goal_ratio: 0.8,
+            fio,
+            inprocess: None,
+            rpc: None,
+        }
+    }
+
+    #[test]
+    fn ratio_and_verdict() {
+        let p = phase(Some(t(1000.0, 1.0)));
+        let s = p.subject(t(850.0, 1e9));
+        assert_eq!(s.ratio, Some(0.85));
+        assert_eq!(s.verdict, Some(Verdict::Pass));
+        assert_eq!(p.subject(t(700.0, 1e9)).verdict, Some(Verdict::Below));
+        let no_fio = phase(None).subject(t(1.0, 1.0));
+        assert_eq!((no_fio.ratio, no_fio.verdict), (None, None));
+    }
+
+    #[test]
+    fn memory_verdict_only_at_goal_scale() {
+        let mut m = MemoryReport {
+            rss_start_bytes: 10 << 20,
+            extents: 10_000,
+            rss_with_extents_bytes: 20 << 20,
+            rss_per_extent_bytes: 1048.0,
+            rss_under_load_max_bytes: Some(200 << 20),
+            load_samples: 3,
+            rss_peak_bytes: 200 << 20,
+            goal_rss_bytes: 128 << 20,
+            goal_extents: 100_000,
+            verdict: None,
+        };
+        m.judge();
+        assert_eq!(m.verdict, None);
+        m.extents = 100_000;
+        m.judge();
+        assert_eq!(m.verdict, Some(Verdict::Below), "load counts");
+        m.rss_under_load_max_bytes = Some(30 << 20);
+        m.judge();
+        assert_eq!(m.verdict, Some(Verdict::Pass));
+    }
+}
