@@ -11,9 +11,12 @@
 //! ftruncate, fallocate of the slot table, unlink, mkdir) are synchronous
 //! metadata calls made once per extent, not per I/O.
 //!
-//! A write is submitted as a linked chain: data first, checksum slots after,
-//! so a data write that fails cancels its slot write and the slot table on
-//! disk never claims data that was not written.
+//! A write is submitted as a linked chain: checksum slots first, data after.
+//! The slot written is the one *not* describing the block's durable content,
+//! so a crash between the two leaves old data that still matches its slot. A
+//! write that fails marks its blocks for settling (see `slots::fail_write`):
+//! the slot on disk may then describe data that never landed, exactly as
+//! after a crash, and the block is verified against both slots before reuse.
 //!
 //! Per extent, ops take block-range locks in arrival order (FIFO among
 //! overlapping ops), so a read never sees a half-applied write and a
@@ -954,6 +957,17 @@ impl Engine {
                 .rw_flags(dsync)
                 .build()
         };
+        // Slots first, data after, linked: the slot written is never the one
+        // describing durable content, so if the process dies between the two
+        // the block still reads its old data; and a slot write that fails
+        // cancels the data write.
+        sqes.push(
+            opcode::Write::new(meta_fd, w.slot_buf.as_ptr(), w.slot_buf.len() as u32)
+                .offset(HEADER_BYTES + b0 as u64 * ENTRY_BYTES as u64)
+                .rw_flags(dsync)
+                .build(),
+        );
+        expect.push(w.slot_buf.len() as u32);
         match (&mut w.payload, punch_range) {
             (Payload::Data(data), _) => {
                 let buf = w.merge.as_mut().unwrap_or(data);
@@ -985,13 +999,6 @@ impl Engine {
                 }
             }
         }
-        sqes.push(
-            opcode::Write::new(meta_fd, w.slot_buf.as_ptr(), w.slot_buf.len() as u32)
-                .offset(HEADER_BYTES + b0 as u64 * ENTRY_BYTES as u64)
-                .rw_flags(dsync)
-                .build(),
-        );
-        expect.push(w.slot_buf.len() as u32);
         let n = sqes.len();
         for (i, s) in sqes.iter_mut().enumerate() {
             if i + 1 < n {
@@ -1182,11 +1189,7 @@ impl Engine {
             for (b, old) in (b0..b1).zip(&w.old_slots) {
                 table.fail_write(b, *old);
             }
-            let what = if part as usize == count_parts(&op.expect) - 1 {
-                "checksum slots"
-            } else {
-                "data"
-            };
+            let what = if part == 0 { "checksum slots" } else { "data" };
             let e = StoreError::from_errno(
                 format!(
                     "writing {what} of {key} at offset {} length {} ({})",
@@ -1862,12 +1865,6 @@ fn partial_ends(offset: u64, len: u32) -> (bool, bool) {
         !offset.is_multiple_of(BLOCK) || end < (offset / BLOCK + 1) * BLOCK,
         !end.is_multiple_of(BLOCK),
     )
-}
-
-fn count_parts(expect: &[u32; CHAIN_SQES_MAX]) -> usize {
-    // The last SQE of a write chain is always the slot write, which has a
-    // non-zero expected length; fallocate parts have 0.
-    expect.iter().rposition(|&e| e != 0).map_or(0, |p| p + 1)
 }
 
 /// An op conflicts with an active op on overlapping blocks unless both read;
