@@ -347,21 +347,22 @@ fn slot_without_data_reads_old_data_after_a_crash() {
             .unwrap();
         store.flush().await.unwrap();
         store.shutdown().await.unwrap();
-        // Forge what a crash mid-write leaves: block 1's other slot holds the
-        // CRC of data that never landed, with a newer generation.
+        // Forge what a crash mid-write leaves: block 1's slot B holds the CRC
+        // of data that never landed, with a newer generation (entries are
+        // three slots of 8 bytes; the block's first write went to slot A).
         let path = extent_file(&root, k);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .unwrap();
-        let mut entry = [0u8; 16];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entry, 4096 + 16).unwrap();
+        let mut entry = [0u8; 24];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entry, 4096 + 24).unwrap();
         let gen = u32::from_le_bytes(entry[4..8].try_into().unwrap());
         assert_eq!(gen, 1, "first write goes to slot A");
         entry[8..12].copy_from_slice(&crc32fast::hash(&[9u8; 4096]).to_le_bytes());
         entry[12..16].copy_from_slice(&(gen + 1).to_le_bytes());
-        std::os::unix::fs::FileExt::write_all_at(&f, &entry, 4096 + 16).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &entry, 4096 + 24).unwrap();
         std::fs::remove_file(root.join(".clean")).unwrap();
 
         let store = Store::open(&root, StoreOptions::default()).unwrap();

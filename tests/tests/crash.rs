@@ -5,8 +5,12 @@
 //! exactly which write a sector came from. After each crash, every sector must
 //! hold the last write that was durable (acknowledged before a completed
 //! flush was sent, or acknowledged with FUA) or a write issued after it —
-//! never an older one, never garbage. A block may fail its checksum only if
-//! it had writes that were not yet durable. Writers own disjoint sector
+//! never an older one, never garbage, and never a checksum error: a killed
+//! process cannot tear a 4 KiB block (its page cache and submitted writes
+//! survive), and each block keeps the checksums of its durable content, of
+//! its last completed write and of the write in flight (store/slots.rs).
+//! Torn blocks belong to power loss, which the store's model tests cover.
+//! Writers own disjoint sector
 //! ranges that share 4 KiB blocks with their neighbours, so concurrent
 //! read-modify-writes of one block are part of the test.
 //!
@@ -145,6 +149,10 @@ fn kill_9_during_writes_and_flushes_loses_nothing_flushed() {
         stats.0 > rounds * 10,
         "the workload barely ran: {} writes in {rounds} rounds",
         stats.0
+    );
+    assert_eq!(
+        stats.2, 0,
+        "kill -9 must leave every block readable as its old or new content (seed {seed})"
     );
 }
 
@@ -288,25 +296,11 @@ async fn verify(
                 }
                 Err(e) if e.status() == Some(Status::ChecksumMismatch) => {
                     let unflushed = (first..first + 8).any(|s| allowed[s as usize].len() > 1);
-                    assert!(unflushed, "round {round} (seed {seed}): block {block} of extent {extent} torn with no unflushed write: {e}");
+                    eprintln!(
+                        "round {round} (seed {seed}): block {block} of extent {extent} reads as torn \
+                         after kill -9 (unflushed writes in it: {unflushed}): {e}"
+                    );
                     torn += 1;
-                    // Rewrite it so later rounds start from known content.
-                    let data: Vec<u8> = (first..first + 8)
-                        .flat_map(|s| sector_bytes(0, s))
-                        .collect();
-                    client
-                        .write(
-                            key(extent),
-                            EXTENT_BYTES,
-                            block * 4096,
-                            Bytes::from(data),
-                            true,
-                        )
-                        .await
-                        .unwrap();
-                    for s in first..first + 8 {
-                        durable[s as usize] = 0;
-                    }
                 }
                 Err(e) => panic!(
                     "round {round} (seed {seed}): reading block {block} of extent {extent}: {e}"

@@ -16,7 +16,7 @@
 //! so a crash between the two leaves old data that still matches its slot. A
 //! write that fails marks its blocks for settling (see `slots::fail_write`):
 //! the slot on disk may then describe data that never landed, exactly as
-//! after a crash, and the block is verified against both slots before reuse.
+//! after a crash, and the block is verified against all its slots before reuse.
 //!
 //! Per extent, ops take block-range locks in arrival order (FIFO among
 //! overlapping ops), so a read never sees a half-applied write and a
@@ -266,7 +266,7 @@ struct WriteOp {
     /// Holds merged whole blocks when the write is not block-aligned, or the
     /// blocks read to settle them.
     merge: Option<IoBuf>,
-    old_slots: Vec<[super::slots::Slot; 2]>,
+    old_slots: Vec<super::slots::Slots>,
     slot_buf: Vec<u8>,
     /// FUA could not be done with RWF_DSYNC (new file, hole punch): flush after.
     flush_after: bool,

@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! offset 0                 header, 4 KiB (magic, format, sizes, key, CRC32)
-//! offset 4096              slot table: 16 bytes per 4 KiB block, two checksum
-//!                          slots of (crc32 u32 LE, generation u32 LE) each,
-//!                          rounded up to 4 KiB
+//! offset 4096              slot table: 24 bytes per 4 KiB block, three checksum
+//!                          slots of (crc32 u32 LE, generation u32 LE) each
+//!                          (see slots.rs), rounded up to 4 KiB
 //! offset data_offset       data: extent_bytes, block i at data_offset + i*4096
 //! ```
 //!
@@ -26,8 +26,8 @@ pub const SECTOR_BYTES: u32 = 512;
 pub const EXTENT_BYTES_MIN: u32 = 64 << 10;
 pub const EXTENT_BYTES_MAX: u32 = 64 << 20;
 pub const HEADER_BYTES: u64 = 4096;
-/// Two slots of (crc32, generation) per block.
-pub const SLOT_ENTRY_BYTES: u64 = 16;
+/// Three slots of (crc32, generation) per block.
+pub const SLOT_ENTRY_BYTES: u64 = super::slots::ENTRY_BYTES as u64;
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"CAIRNEXT";
 /// Header bytes covered by the header's own CRC32 (stored right after them).
@@ -194,8 +194,8 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(table_bytes(4 << 20), 16 << 10);
-        assert_eq!(data_offset(4 << 20), 20 << 10);
+        assert_eq!(table_bytes(4 << 20), 24 << 10);
+        assert_eq!(data_offset(4 << 20), 28 << 10);
         assert_eq!(table_bytes(64 << 10), 4096);
         for shift in 16..=26 {
             let eb = 1u32 << shift;
