@@ -404,7 +404,7 @@ impl Reader {
         };
         let data = if prefix.data_bytes > 0 {
             // Straight from the socket into the buffer the store hands the kernel.
-            let mut data = IoBuf::zeroed(prefix.data_bytes as usize);
+            let mut data = IoBuf::for_overwrite(prefix.data_bytes as usize);
             read_part(reader, &mut data, "frame data").await?;
             Some(data)
         } else {

@@ -777,7 +777,7 @@ impl Engine {
             return false;
         }
         let span = ((b1 - b0) as u64 * BLOCK) as usize;
-        let mut buf = IoBuf::zeroed(span);
+        let mut buf = IoBuf::for_overwrite(span);
         let fd = ext.data_fd.as_raw_fd();
         let file_off = layout::data_offset(ext.extent_bytes) + b0 as u64 * BLOCK;
         let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), span as u32)
@@ -1356,7 +1356,7 @@ impl Engine {
             .map_err(|e| StoreError::io(format!("opening {} for {key}", path.display()), e))?;
         let data_fd = self.open_data_fd(&path)?;
         let load_bytes = layout::data_offset(entry.extent_bytes) as usize;
-        let mut buf = IoBuf::zeroed(load_bytes);
+        let mut buf = IoBuf::for_overwrite(load_bytes);
         let sqe = opcode::Read::new(
             types::Fd(meta.as_raw_fd()),
             buf.as_mut_ptr(),
