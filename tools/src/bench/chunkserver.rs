@@ -7,12 +7,15 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use cairn_chunkserver::rpc::ChunkClient;
-use cairn_chunkserver::store::ExtentKey;
+use cairn_chunkserver::store::IoMode;
+
+use super::load::Range;
 
 /// How long a fresh chunk server may take to answer its first request.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,10 +37,24 @@ pub fn default_bin() -> anyhow::Result<PathBuf> {
     Ok(dir.join("cairn-chunkserver"))
 }
 
+/// Fails early, with what to do, if there is no chunk server binary at `bin`.
+pub fn check_bin(bin: &Path) -> anyhow::Result<()> {
+    if !bin.is_file() {
+        bail!(
+            "chunk server binary {} not found; build it with `cargo build --release -p cairn-chunkserver` \
+             or pass --chunkserver-bin",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
 /// A running chunk server. Dropping it kills the process, so a benchmark that
 /// fails half-way leaves nothing running.
 pub struct ChunkServer {
-    child: Option<Child>,
+    /// None once stopped. In a mutex so that `&self` callers (the phases)
+    /// can ask whether it is still running.
+    child: Mutex<Option<Child>>,
     pub addr: SocketAddr,
     log_path: PathBuf,
 }
@@ -49,15 +66,10 @@ impl ChunkServer {
     pub async fn start(
         bin: &Path,
         data_dir: &Path,
+        io_mode: IoMode,
         log_path: &Path,
     ) -> anyhow::Result<ChunkServer> {
-        if !bin.is_file() {
-            bail!(
-                "chunk server binary {} not found; build it with `cargo build --release -p cairn-chunkserver` \
-                 or pass --chunkserver-bin",
-                bin.display()
-            );
-        }
+        check_bin(bin)?;
         let addr = free_loopback_port()?;
         let log =
             File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -70,13 +82,14 @@ impl ChunkServer {
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--cluster-id", "cairn-bench", "--node-id", "1", "--init"])
+            .args(["--io-mode", io_mode_flag(io_mode)])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut server = ChunkServer {
-            child: Some(child),
+        let server = ChunkServer {
+            child: Mutex::new(Some(child)),
             addr,
             log_path: log_path.to_path_buf(),
         };
@@ -84,11 +97,18 @@ impl ChunkServer {
         Ok(server)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        // A panic elsewhere while holding the lock leaves the Child intact.
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+    pub fn pid(&self) -> u32 {
+        self.child().as_ref().map_or(0, |c| c.id())
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.try_wait()? {
@@ -116,12 +136,24 @@ impl ChunkServer {
         }
     }
 
-    fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
+    fn try_wait(&self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child().as_mut() {
             Some(child) => child
                 .try_wait()
                 .context("checking on the chunk server process"),
             None => bail!("chunk server already stopped"),
+        }
+    }
+
+    /// Adds to `error` that the chunk server has died, with its log, if it
+    /// has: a failed request or /proc read is then explained by that.
+    pub fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        match self.try_wait() {
+            Ok(Some(status)) => error.context(format!(
+                "the chunk server exited unexpectedly with {status}; its log ends:\n{}",
+                self.log_tail()
+            )),
+            _ => error,
         }
     }
 
@@ -133,14 +165,18 @@ impl ChunkServer {
     /// Sends SIGTERM and waits for a clean exit (killing it after
     /// [`STOP_TIMEOUT`]). An exit other than 0 is an error: the daemon
     /// promises exit 0 on SIGTERM.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        let pid = self.pid() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child, which has not been reaped
-        // (we hold its Child), so the pid cannot have been reused.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("sending SIGTERM to the chunk server");
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(status) = self.try_wait()? {
+            bail!(
+                "chunk server had already exited with {status}; its log ends:\n{}",
+                self.log_tail()
+            );
         }
+        // Our own child, not yet reaped (we hold its Child), so the pid
+        // cannot belong to another process.
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .context("sending SIGTERM to the chunk server")?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
             if let Some(status) = self.try_wait()? {
@@ -151,7 +187,7 @@ impl ChunkServer {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         };
-        self.child = None;
+        *self.child() = None;
         if !status.success() {
             bail!(
                 "chunk server exited with {status} after SIGTERM; its log ends:\n{}",
@@ -176,10 +212,18 @@ impl ChunkServer {
 
 impl Drop for ChunkServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.child().take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The daemon's `--io-mode` value for `mode`.
+fn io_mode_flag(mode: IoMode) -> &'static str {
+    match mode {
+        IoMode::Direct => "direct",
+        IoMode::Buffered => "buffered",
     }
 }
 
@@ -230,7 +274,7 @@ fn parse_status(status: &str) -> anyhow::Result<ProcMemory> {
 }
 
 /// The largest VmRSS seen by one or more samplers.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct RssMax {
     pub max_bytes: Option<u64>,
     pub samples: u32,
@@ -295,31 +339,17 @@ impl RpcPool {
         &self.clients[task % self.clients.len()]
     }
 
-    pub async fn write(
-        &self,
-        task: usize,
-        key: ExtentKey,
-        extent_bytes: u32,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> anyhow::Result<()> {
-        Ok(self
-            .client(task)
-            .write(key, extent_bytes, offset, data, false)
+    pub async fn write(&self, task: usize, r: Range, data: Bytes) -> anyhow::Result<()> {
+        let client = self.client(task);
+        Ok(client
+            .write(r.key, r.extent_bytes, r.offset, data, false)
             .await?)
     }
 
-    pub async fn read(
-        &self,
-        task: usize,
-        key: ExtentKey,
-        extent_bytes: u32,
-        offset: u64,
-        len: u32,
-    ) -> anyhow::Result<usize> {
-        Ok(self
-            .client(task)
-            .read(key, extent_bytes, offset, len)
+    pub async fn read(&self, task: usize, r: Range) -> anyhow::Result<usize> {
+        let client = self.client(task);
+        Ok(client
+            .read(r.key, r.extent_bytes, r.offset, r.len)
             .await?
             .len())
     }
@@ -360,7 +390,7 @@ mod tests {
         rt.block_on(async {
             let server = crate::test_server::TestServer::start().await;
             let pool = RpcPool::connect(server.addr, 3).await.unwrap();
-            let subject = Arc::new(Subject::Rpc(pool));
+            let subject = Arc::new(Subject::rpc(pool, tokio::runtime::Handle::current()));
             let job = Job {
                 write: true,
                 offsets: Offsets::Sequential {

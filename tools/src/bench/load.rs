@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use cairn_chunkserver::store::{ExtentKey, IoBuf, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 use super::chunkserver::RpcPool;
@@ -53,60 +55,168 @@ impl Throughput {
     }
 }
 
-/// What the load is applied to. An enum rather than a trait object so the
-/// spawned tasks' futures stay `Send` without boxing every request.
-pub enum Subject {
+/// Where one request goes and how long it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    pub key: ExtentKey,
+    pub extent_bytes: u32,
+    /// Byte offset inside the extent.
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes at {} offset {}",
+            self.len, self.key, self.offset
+        )
+    }
+}
+
+/// What the load is applied to, and the runtime its requests run on.
+pub struct Subject {
+    target: Target,
+    runtime: Handle,
+}
+
+/// An enum rather than a trait object so the spawned tasks' futures stay
+/// `Send` without boxing every request.
+enum Target {
     InProcess(Store),
     Rpc(RpcPool),
 }
 
 impl Subject {
-    /// Writes `len` bytes that `fill` puts into a buffer of the kind the
-    /// subject takes without copying (aligned for the store, `Bytes` for RPC).
+    pub fn in_process(store: Store, runtime: Handle) -> Self {
+        Subject {
+            target: Target::InProcess(store),
+            runtime,
+        }
+    }
+
+    pub fn rpc(pool: RpcPool, runtime: Handle) -> Self {
+        Subject {
+            target: Target::Rpc(pool),
+            runtime,
+        }
+    }
+
+    /// Whether one buffer can be sent again and again (see [`Self::write`]).
+    fn reuses_payloads(&self) -> bool {
+        matches!(self.target, Target::Rpc(_))
+    }
+
+    /// Writes `len` bytes. The store API takes an aligned buffer by value, so
+    /// each in-process write allocates a fresh one and `fill`s it, as the RPC
+    /// server does for every write it receives. The RPC client sends `Bytes`,
+    /// so a worker passes one random-filled buffer as `reusable` and sends it
+    /// every time, as fio reuses its buffers: the benchmark's own client-side
+    /// cost then stays out of the server's numbers on a shared CPU.
     async fn write(
         &self,
         task: usize,
-        key: ExtentKey,
-        extent_bytes: u32,
-        offset: u64,
-        len: u32,
+        r: Range,
+        reusable: Option<&Bytes>,
         fill: impl FnOnce(&mut [u8]),
     ) -> anyhow::Result<()> {
-        match self {
-            Subject::InProcess(store) => {
-                let mut data = IoBuf::zeroed(len as usize);
+        match &self.target {
+            Target::InProcess(store) => {
+                let mut data = IoBuf::zeroed(r.len as usize);
                 fill(&mut data);
-                Ok(store.write(key, extent_bytes, offset, data, false).await?)
+                Ok(store
+                    .write(r.key, r.extent_bytes, r.offset, data, false)
+                    .await?)
             }
-            Subject::Rpc(pool) => {
-                let mut data = vec![0; len as usize];
-                fill(&mut data);
-                pool.write(task, key, extent_bytes, offset, data).await
+            Target::Rpc(pool) => {
+                let data = match reusable {
+                    Some(data) => data.clone(),
+                    None => {
+                        let mut data = vec![0; r.len as usize];
+                        fill(&mut data);
+                        Bytes::from(data)
+                    }
+                };
+                pool.write(task, r, data).await
             }
         }
     }
 
     /// Returns the number of bytes read.
-    async fn read(
-        &self,
-        task: usize,
-        key: ExtentKey,
-        extent_bytes: u32,
-        offset: u64,
-        len: u32,
-    ) -> anyhow::Result<usize> {
-        match self {
-            Subject::InProcess(store) => {
-                Ok(store.read(key, extent_bytes, offset, len).await?.len())
-            }
-            Subject::Rpc(pool) => pool.read(task, key, extent_bytes, offset, len).await,
+    async fn read(&self, task: usize, r: Range) -> anyhow::Result<usize> {
+        match &self.target {
+            Target::InProcess(store) => Ok(store
+                .read(r.key, r.extent_bytes, r.offset, r.len)
+                .await?
+                .len()),
+            Target::Rpc(pool) => pool.read(task, r).await,
         }
     }
 
     pub async fn flush(&self) -> anyhow::Result<()> {
-        match self {
-            Subject::InProcess(store) => Ok(store.flush().await?),
-            Subject::Rpc(pool) => pool.flush().await,
+        match &self.target {
+            Target::InProcess(store) => Ok(store.flush().await?),
+            Target::Rpc(pool) => pool.flush().await,
+        }
+    }
+}
+
+/// A tokio runtime for one subject's load, driven by its own threads, so each
+/// subject can run on the runtime that suits it (see `--inprocess-threads`).
+pub struct LoadRuntime {
+    handle: Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoadRuntime {
+    /// `threads` 1 is a current-thread runtime (no cross-thread wake-ups),
+    /// more a multi-thread runtime with that many workers.
+    pub fn start(name: &str, threads: usize) -> anyhow::Result<LoadRuntime> {
+        let mut builder = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads);
+            b
+        };
+        let runtime = builder
+            .thread_name(format!("load-{name}"))
+            .enable_all()
+            .build()
+            .with_context(|| format!("starting the {name} load runtime"))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // A current-thread runtime runs its tasks only inside block_on, so a
+        // thread of its own sits there until the runtime is no longer needed.
+        let thread = std::thread::Builder::new()
+            .name(format!("load-{name}"))
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .with_context(|| format!("starting the {name} load thread"))?;
+        Ok(LoadRuntime {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for LoadRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -231,13 +341,15 @@ pub async fn run(subject: Arc<Subject>, job: Job, seed: u64) -> anyhow::Result<T
     for task in 0..job.iodepth as usize {
         let (subject, shared) = (subject.clone(), shared.clone());
         let rng = StdRng::seed_from_u64(seed ^ (task as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        tasks.spawn(async move {
+        let runtime = subject.runtime.clone();
+        let work = async move {
             let result = worker(&subject, &shared, task, rng).await;
             if result.is_err() {
                 shared.stop.store(true, Ordering::Relaxed);
             }
             result
-        });
+        };
+        tasks.spawn_on(work, &runtime);
     }
     let mut ops = 0;
     let mut first_error = None;
@@ -266,38 +378,40 @@ async fn worker(
     mut rng: StdRng,
 ) -> anyhow::Result<u64> {
     let job = &shared.job;
+    let reusable = (job.write && subject.reuses_payloads()).then(|| {
+        let mut data = vec![0; job.block_bytes as usize];
+        rng.fill(&mut data[..]);
+        Bytes::from(data)
+    });
     let mut ops = 0u64;
     while shared.keep_going() {
         let Some(volume_offset) = shared.next_offset(&mut rng) else {
             break;
         };
         let extent_bytes = job.extent_bytes as u64;
-        let key = ExtentKey {
-            volume_id: job.volume_id,
-            extent_index: volume_offset / extent_bytes,
-            epoch: 1,
-        };
-        let offset = volume_offset % extent_bytes;
-        let what = || {
-            format!(
-                "{} of {} bytes at {key} offset {offset}",
-                if job.write { "write" } else { "read" },
-                job.block_bytes
-            )
+        let r = Range {
+            key: ExtentKey {
+                volume_id: job.volume_id,
+                extent_index: volume_offset / extent_bytes,
+                epoch: 1,
+            },
+            extent_bytes: job.extent_bytes,
+            offset: volume_offset % extent_bytes,
+            len: job.block_bytes,
         };
         if job.write {
             let fill = |buf: &mut [u8]| shared.stamp(buf, volume_offset, ops);
             subject
-                .write(task, key, job.extent_bytes, offset, job.block_bytes, fill)
+                .write(task, r, reusable.as_ref(), fill)
                 .await
-                .with_context(what)?;
+                .with_context(|| format!("write of {r}"))?;
         } else {
             let got = subject
-                .read(task, key, job.extent_bytes, offset, job.block_bytes)
+                .read(task, r)
                 .await
-                .with_context(what)?;
-            if got != job.block_bytes as usize {
-                bail!("{}: got {got} bytes back", what());
+                .with_context(|| format!("read of {r}"))?;
+            if got != r.len as usize {
+                bail!("read of {r}: got {got} bytes back");
             }
         }
         ops += 1;
@@ -408,7 +522,7 @@ mod tests {
             ..Default::default()
         };
         let store = Store::open(dir.path(), options).unwrap();
-        let subject = Arc::new(Subject::InProcess(store.clone()));
+        let subject = Arc::new(Subject::in_process(store.clone(), rt.handle().clone()));
         let layout = Job {
             block_bytes: 1 << 20,
             ..job(Offsets::Sequential {
