@@ -780,18 +780,25 @@ impl Engine {
         let mut buf = IoBuf::for_overwrite(span);
         let fd = ext.data_fd.as_raw_fd();
         let file_off = layout::data_offset(ext.extent_bytes) + b0 as u64 * BLOCK;
-        let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), span as u32)
+        let ptr = buf.as_mut_ptr();
+        let OpKind::Read(r) = &mut self.op_mut(idx).kind else {
+            unreachable!()
+        };
+        // The buffer's heap address does not move when the IoBuf is stored.
+        r.buf = Some(buf);
+        self.submit_data_read(idx, fd, ptr, span as u32, file_off);
+        true
+    }
+
+    /// Submits one read of extent data for an op that owns the target buffer.
+    fn submit_data_read(&mut self, idx: usize, fd: RawFd, ptr: *mut u8, len: u32, file_off: u64) {
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len)
             .offset(file_off)
             .build();
         let op = self.op_mut(idx);
         op.phase = Phase::Reading;
-        op.expect[0] = span as u32;
-        let OpKind::Read(r) = &mut op.kind else {
-            unreachable!()
-        };
-        r.buf = Some(buf);
+        op.expect[0] = len;
         self.push_chain(idx, vec![sqe]);
-        true
     }
 
     /// A write first reads the blocks it must merge (partial head or tail) or
@@ -826,22 +833,17 @@ impl Engine {
         let file_off = layout::data_offset(ext.extent_bytes) + r0 as u64 * BLOCK;
         // SAFETY: r0 >= b0 and the span ends at r1 <= b1, inside `merge`.
         let ptr = unsafe { merge.as_mut_ptr().add(((r0 - b0) as u64 * BLOCK) as usize) };
-        let sqe = opcode::Read::new(types::Fd(ext.data_fd.as_raw_fd()), ptr, span as u32)
-            .offset(file_off)
-            .build();
-        let op = self.op_mut(idx);
-        op.phase = Phase::Reading;
-        op.expect[0] = span as u32;
-        let OpKind::Write(w) = &mut op.kind else {
+        let fd = ext.data_fd.as_raw_fd();
+        let OpKind::Write(w) = &mut self.op_mut(idx).kind else {
             unreachable!()
         };
         w.merge = Some(merge);
-        self.push_chain(idx, vec![sqe]);
+        self.submit_data_read(idx, fd, ptr, span as u32, file_off);
         true
     }
 
     /// Builds the final blocks, fills checksum slots and submits the chain
-    /// data -> slots. Returns false if the ring has no room.
+    /// slots -> data. Returns false if the ring has no room.
     fn submit_write(&mut self, idx: usize) -> bool {
         if !self.ring_room(CHAIN_SQES_MAX) {
             return false;
