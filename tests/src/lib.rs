@@ -17,6 +17,7 @@
 //! - [`raw`]: frame-level access to a socket, for tests that send what a
 //!   well-behaved client never would.
 
+pub mod mount;
 pub mod raw;
 
 use std::fs::OpenOptions;

@@ -3,64 +3,13 @@
 //! readable, the server keeps serving, and trimming gives space back so writes
 //! succeed again.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use bytes::Bytes;
 use cairn_chunkserver::rpc::client::ChunkClient;
 use cairn_proto::chunk::{ExtentKey, Status};
+use cairn_tests::mount::Mount;
 use cairn_tests::{ChunkServerOptions, ChunkServerProcess};
-
-/// A small ext4 file system on a loop device, unmounted on drop.
-struct LoopFs {
-    mount_point: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl LoopFs {
-    fn new(size_mib: u64) -> LoopFs {
-        let dir = tempfile::Builder::new()
-            .prefix("cairn-loopfs-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let image = dir.path().join("fs.img");
-        let mount_point = dir.path().join("mnt");
-        std::fs::create_dir(&mount_point).unwrap();
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(size_mib << 20)
-            .unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&mount_point));
-        LoopFs {
-            mount_point,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mount_point)
-            .status();
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed (this test needs root and loop devices): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn key(i: u64) -> ExtentKey {
     ExtentKey {
@@ -77,8 +26,9 @@ fn free_bytes(p: &Path) -> u64 {
 
 #[test]
 fn full_file_system_gives_no_space_errors_and_recovers_after_trim() {
-    let fs = LoopFs::new(48);
-    let data_dir = fs.mount_point.join("chunk");
+    let dir = cairn_tests::temp_dir("cairn-loopfs-").unwrap();
+    let fs = Mount::loop_ext4(dir.path(), 48);
+    let data_dir = fs.target().join("chunk");
     std::fs::create_dir(&data_dir).unwrap();
     let options = ChunkServerOptions {
         data_dir: Some(data_dir.clone()),
@@ -132,12 +82,12 @@ fn full_file_system_gives_no_space_errors_and_recovers_after_trim() {
             assert!(got.iter().all(|&b| b == 0xab), "extent {e} offset {off}");
         }
         // Trim gives space back; writes work again.
-        let before = free_bytes(&fs.mount_point);
+        let before = free_bytes(fs.target());
         for e in 0..4u64 {
             client.trim(key(e), eb, 0, eb).await.unwrap();
         }
         client.flush().await.unwrap();
-        let after = free_bytes(&fs.mount_point);
+        let after = free_bytes(fs.target());
         assert!(
             after >= before + (8 << 20),
             "trimming 4 extents freed only {} bytes",

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_tests::mount::Mount;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -34,33 +35,11 @@ const SERVING_MARK: &str = " serving on ";
 const STOPPED_MARK: &str = "cairn_chunkserver: stopped cleanly";
 
 fn bin() -> PathBuf {
-    let dir = match std::env::var_os("CAIRN_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let exe = std::env::current_exe().expect("locating the test executable");
-            // build/<profile>/deps/startup-<hash>: binaries are in build/<profile>/.
-            let deps = exe.parent().expect("test executable has a folder");
-            if deps.ends_with("deps") {
-                deps.parent().expect("deps has a parent").to_path_buf()
-            } else {
-                deps.to_path_buf()
-            }
-        }
-    };
-    let path = dir.join("cairn-chunkserver");
-    assert!(
-        path.is_file(),
-        "{} not found; build it (cargo build -p cairn-chunkserver) or set CAIRN_BIN_DIR",
-        path.display()
-    );
-    path
+    cairn_tests::bin_path("cairn-chunkserver").expect("locating cairn-chunkserver")
 }
 
 fn temp_dir(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/tmp")
-        .expect("creating a temporary folder")
+    cairn_tests::temp_dir(prefix).expect("creating a temporary folder")
 }
 
 /// The settings of one node; builds its command lines.
@@ -299,55 +278,6 @@ fn entries(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// A mounted file system, unmounted on drop (lazily if still busy, so a
-/// failing test cannot leave a mount behind).
-struct Mount {
-    target: PathBuf,
-}
-
-impl Mount {
-    fn new(args: &[&str], target: &Path) -> Mount {
-        run_root_command("mount", args, target);
-        Mount {
-            target: target.to_path_buf(),
-        }
-    }
-
-    fn remount(&self, options: &str) {
-        run_root_command("mount", &["-o", options], &self.target);
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.target)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
-        }
-    }
-}
-
-/// Runs a mount command, failing the test loudly if it cannot run: these
-/// tests need root and must not pass by skipping.
-fn run_root_command(program: &str, args: &[&str], target: &Path) {
-    let output = Command::new(program)
-        .args(args)
-        .arg(target)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "`{program} {} {}` failed ({}): {}; these tests need root and loop/tmpfs mounts",
-        args.join(" "),
-        target.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
 }
 
 #[test]
@@ -606,24 +536,8 @@ fn fill_file_system(path: &Path) {
 #[test]
 fn full_disk_is_refused_with_free_bytes() {
     let tmp = temp_dir("cairn-startup-");
-    let image = tmp.path().join("fs.img");
-    fs::File::create(&image)
-        .and_then(|f| f.set_len(32 << 20))
-        .expect("creating the image");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&image)
-        .output()
-        .expect("running mkfs.ext4");
-    assert!(
-        mkfs.status.success(),
-        "mkfs.ext4 failed: {}",
-        String::from_utf8_lossy(&mkfs.stderr)
-    );
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir(&mnt).expect("mkdir");
-    let image_arg = image.display().to_string();
-    let _mount = Mount::new(&["-o", "loop", &image_arg], &mnt);
+    let mount = Mount::loop_ext4(tmp.path(), 32);
+    let mnt = mount.target().to_path_buf();
 
     // The mount point itself, lost+found and all, is the data directory.
     let node = Node::new(&mnt, "c1", 9);

@@ -208,9 +208,8 @@ struct OpenExtent {
     active: Vec<(usize, u32, u32, bool)>,
     /// Ops waiting for locks, in arrival order.
     waiters: VecDeque<usize>,
-    /// Blocks whose pending write completed since the last flush capture.
-    written: Vec<u32>,
-    /// A write completed (or failed) since the last flush capture.
+    /// A write completed (or failed) since the last flush capture, so the file
+    /// needs an fsync and its table may hold Written blocks for a flush to promote.
     needs_fsync: bool,
     /// Flushes in progress that fsync this file.
     flushing: u32,
@@ -227,7 +226,6 @@ impl OpenExtent {
             || !self.load_waiters.is_empty()
             || self.flushing > 0
             || self.needs_fsync
-            || !self.written.is_empty()
     }
 }
 
@@ -798,7 +796,7 @@ impl Engine {
         let op = self.op_mut(idx);
         op.phase = Phase::Reading;
         op.expect[0] = len;
-        self.push_chain(idx, vec![sqe]);
+        self.push_chain(idx, &[sqe]);
     }
 
     /// A write first reads the blocks it must merge (partial head or tail) or
@@ -1010,7 +1008,7 @@ impl Engine {
         op.phase = Phase::Writing;
         op.expect[..expect.len()].copy_from_slice(&expect);
         self.ops[idx] = Some(op);
-        self.push_chain(idx, sqes);
+        self.push_chain(idx, &sqes);
         true
     }
 
@@ -1210,9 +1208,6 @@ impl Engine {
         for b in b0..b1 {
             table.complete_write(b, durable_now);
         }
-        if !durable_now {
-            ext.written.extend(b0..b1);
-        }
         self.release(idx, key);
         if w.flush_after {
             self.start_flush(Some(w.reply), true);
@@ -1302,7 +1297,6 @@ impl Engine {
                 load_waiters: Vec::new(),
                 active: Vec::new(),
                 waiters: VecDeque::new(),
-                written: Vec::new(),
                 needs_fsync: true,
                 flushing: 0,
                 synced: false,
@@ -1377,7 +1371,6 @@ impl Engine {
                 load_waiters: Vec::new(),
                 active: Vec::new(),
                 waiters: VecDeque::new(),
-                written: Vec::new(),
                 needs_fsync: false,
                 flushing: 0,
                 synced: true,
@@ -1389,7 +1382,7 @@ impl Engine {
         op.phase = Phase::Reading;
         op.expect[0] = load_bytes as u32;
         // A load is one SQE; the ring always keeps room for it (see ring_room).
-        self.push_chain(idx, vec![sqe]);
+        self.push_chain(idx, &[sqe]);
         Ok(())
     }
 
@@ -1559,10 +1552,7 @@ impl Engine {
         for key in std::mem::take(&mut self.dirty) {
             let ext = self.open.get_mut(&key).expect("dirty extents stay open");
             let table = ext.table.as_mut().expect("dirty extents are loaded");
-            let mut blocks: Vec<u32> = std::mem::take(&mut ext.written);
-            blocks.sort_unstable();
-            blocks.dedup();
-            blocks.retain(|&b| table.capture_for_flush(b));
+            let blocks = table.capture_written_for_flush();
             ext.needs_fsync = false;
             ext.flushing += 1;
             captured.push((key, blocks));
@@ -1607,7 +1597,7 @@ impl Engine {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
             let _ = i;
-            self.push_chain(idx, vec![sqe]);
+            self.push_chain(idx, &[sqe]);
         }
     }
 
@@ -1638,7 +1628,6 @@ impl Engine {
                     table.complete_flush(b);
                 } else {
                     table.fail_flush(b);
-                    ext.written.push(b);
                 }
             }
             ext.flushing -= 1;
@@ -1707,7 +1696,7 @@ impl Engine {
     }
 
     /// Queues one op's SQEs (a linked chain stays in one submission).
-    fn push_chain(&mut self, idx: usize, sqes: Vec<squeue::Entry>) {
+    fn push_chain(&mut self, idx: usize, sqes: &[squeue::Entry]) {
         let n = sqes.len();
         let free = {
             let sq = self.ring.submission();
@@ -1719,14 +1708,14 @@ impl Engine {
             }
         }
         let base = self.op_mut(idx).outstanding as u64;
-        for (i, sqe) in sqes.into_iter().enumerate() {
+        for (i, sqe) in sqes.iter().enumerate() {
             let part = base + i as u64;
             let part = if part < CHAIN_SQES_MAX as u64 {
                 part
             } else {
                 0
             };
-            let sqe = sqe.user_data(((idx as u64) << 8) | part);
+            let sqe = sqe.clone().user_data(((idx as u64) << 8) | part);
             // SAFETY: every buffer an SQE points at is owned by the op (or its
             // open extent, which stays pinned while the op holds a lock) and
             // lives until the completion for this user_data is reaped.
