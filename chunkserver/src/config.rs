@@ -17,7 +17,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::rpc::ServerConfig;
-use crate::store::{IoMode, StoreOptions};
+use crate::store::{IoMode, StoreOptions, ENGINES_MAX};
 
 /// Default listen address. Port 7410 is Cairn's chunk RPC port; the loopback
 /// address keeps a server started without configuration from being reachable
@@ -114,6 +114,10 @@ pub struct Flags {
     #[arg(long, value_name = "N")]
     pub open_extents_max: Option<usize>,
 
+    /// Store engine threads, each with its own io_uring and its share of the extents; 0 means one per CPU, at most 8 [default: 0].
+    #[arg(long, value_name = "N")]
+    pub store_engines: Option<usize>,
+
     /// Requests one connection may have in flight before the server stops reading it [default: 256].
     #[arg(long, value_name = "N")]
     pub requests_in_flight_max: Option<usize>,
@@ -146,6 +150,7 @@ struct FileSettings {
     io_mode: Option<IoMode>,
     ring_entries: Option<u32>,
     open_extents_max: Option<usize>,
+    store_engines: Option<usize>,
     requests_in_flight_max: Option<usize>,
     connections_max: Option<usize>,
     free_bytes_min: Option<u64>,
@@ -443,6 +448,21 @@ fn merge(
         ),
         OPEN_EXTENTS_MAX_DEFAULT,
     )?;
+    let (store_engines, origin) = pick(
+        flags.store_engines,
+        "--store-engines",
+        file.store_engines,
+        fp,
+    )
+    .unwrap_or((0, Origin::Default));
+    if store_engines > ENGINES_MAX {
+        return Err(ConfigError::Invalid {
+            key: "store_engines",
+            value: store_engines.to_string(),
+            origin,
+            reason: format!("must be from 0 (one per CPU) to {ENGINES_MAX}"),
+        });
+    }
     let requests_in_flight_max = at_least_one(
         "requests_in_flight_max",
         pick(
@@ -483,6 +503,7 @@ fn merge(
             io_mode,
             ring_entries,
             open_extents_max,
+            engines: store_engines,
         },
         requests_in_flight_max,
         connections_max,

@@ -1,19 +1,23 @@
-//! The store engine: one thread that owns all store state and one io_uring.
+//! One store engine: a thread that owns its share of the store's state and
+//! one io_uring. A store runs one engine per CPU (see `mod.rs`); each extent
+//! belongs to exactly one of them.
 //!
 //! `run` is `loop { take commands; advance ready ops; submit and wait; apply
 //! completions; maintain invariants }`. Nothing is shared with other threads
 //! but the command channel, so block locks, slot tables and the flush state
 //! need no mutex (the crucible lesson in STYLE.md).
 //!
-//! Data reads and writes, checksum-slot writes, hole punching and fsyncs go
-//! through the ring, submitted in batches (one `io_uring_enter` per loop turn
-//! for everything that became ready). File creation and deletion (open,
-//! ftruncate, fallocate of the slot table, unlink, mkdir) are synchronous
-//! metadata calls made once per extent, not per I/O.
+//! Data reads and writes, FUA checksum-slot writes, hole punching and fsyncs
+//! go through the ring, submitted in batches (one `io_uring_enter` per loop
+//! turn for everything that became ready). File creation and deletion (open,
+//! ftruncate, fallocate of the slot table, mmap, unlink, mkdir) are
+//! synchronous metadata calls made once per extent, not per I/O.
 //!
-//! A write is submitted as a linked chain: checksum slots first, data after.
-//! The slot written is the one *not* describing the block's durable content,
-//! so a crash between the two leaves old data that still matches its slot. A
+//! A write stores its checksum slots before its data is submitted: into the
+//! extent's mapped slot table (the page cache, where a write(2) would put
+//! them), or, for FUA, as the first SQE of a linked chain with RWF_DSYNC. The
+//! slot written is the one *not* describing the block's durable content, so
+//! a crash between the two leaves old data that still matches its slot. A
 //! write that fails marks its blocks for settling (see `slots::fail_write`):
 //! the slot on disk may then describe data that never landed, exactly as
 //! after a crash, and the block is verified against all its slots before reuse.
@@ -35,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use io_uring::{opcode, squeue, types, IoUring};
+use memmap2::{MmapMut, MmapOptions};
 use tracing::{debug, error, info, warn};
 
 use super::layout::{self, Header, BLOCK_BYTES, HEADER_BYTES};
@@ -82,7 +87,10 @@ impl Shared {
     }
 }
 
-pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, JoinHandle<()>)> {
+/// Opens the store under `root` before its engines start: takes the clean
+/// marker, scans the extent files (marking which extents' slots can be
+/// trusted) and checks that O_DIRECT works there.
+pub(crate) fn open_index(root: &Path, io_mode: IoMode) -> Result<BTreeMap<ExtentKey, IndexEntry>> {
     fs::create_dir_all(root)
         .map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
     let marker = recovery::take_clean_marker(root)?;
@@ -106,15 +114,84 @@ pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, 
         }
         None => {}
     }
-    if options.io_mode == IoMode::Direct {
+    if io_mode == IoMode::Direct {
         probe_direct_io(root)?;
     }
-    let ring = IoUring::new(options.ring_entries.max(8)).map_err(|e| {
-        StoreError::io(
-            format!("creating an io_uring of {} entries", options.ring_entries),
-            e,
-        )
-    })?;
+    info!(root = %root.display(), extents = index.len(), clean = marker.is_some(), "extent store opened");
+    Ok(index)
+}
+
+/// Where the engines meet when the store stops: the last one to finish
+/// writes the clean marker, listing every engine's untrusted extents, and
+/// only if all of them stopped cleanly.
+pub(crate) struct CleanStop {
+    root: PathBuf,
+    state: std::sync::Mutex<CleanStopState>,
+}
+
+struct CleanStopState {
+    running: usize,
+    all_clean: bool,
+    untrusted: Vec<ExtentKey>,
+}
+
+impl CleanStop {
+    pub(crate) fn new(root: &Path, engines: usize) -> Arc<Self> {
+        Arc::new(Self {
+            root: root.to_path_buf(),
+            state: std::sync::Mutex::new(CleanStopState {
+                running: engines,
+                all_clean: true,
+                untrusted: Vec::new(),
+            }),
+        })
+    }
+
+    /// One engine stopped; `untrusted` is None if it failed. An engine thread
+    /// that dies never calls this, so no marker is written then either.
+    fn engine_stopped(&self, untrusted: Option<Vec<ExtentKey>>) -> Result<()> {
+        let mut s = self.state.lock().expect("clean-stop lock");
+        s.running -= 1;
+        match untrusted {
+            Some(u) => s.untrusted.extend(u),
+            None => s.all_clean = false,
+        }
+        if s.running > 0 || !s.all_clean {
+            return Ok(());
+        }
+        let mut untrusted = std::mem::take(&mut s.untrusted);
+        untrusted.sort_unstable();
+        recovery::write_clean_marker(&self.root, &untrusted)
+    }
+}
+
+/// Starts engine number `engine` over its share of the index.
+pub(crate) fn start(
+    root: &Path,
+    options: StoreOptions,
+    engine: usize,
+    index: BTreeMap<ExtentKey, IndexEntry>,
+    clean_stop: Arc<CleanStop>,
+) -> Result<(Arc<Shared>, JoinHandle<()>)> {
+    let entries = options.ring_entries.max(8);
+    // Only the engine thread submits (single issuer), so completion work can
+    // wait until it asks for events (defer taskrun) instead of interrupting
+    // it: fewer wake-ups and batched completions. The ring is created
+    // disabled and enabled by the engine thread, which then owns it. Kernels
+    // before 6.1 lack these flags and get a plain ring.
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_r_disabled()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+        .map_err(|e| {
+            StoreError::io(
+                format!("creating an io_uring of {} entries", options.ring_entries),
+                e,
+            )
+        })?;
     // SAFETY: eventfd returns a new fd or -1; checked below before wrapping.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if efd < 0 {
@@ -133,8 +210,9 @@ pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, 
         closed: AtomicBool::new(false),
     });
     let allocated_total = index.values().map(|e| e.allocated_bytes).sum();
-    info!(root = %root.display(), extents = index.len(), clean = marker.is_some(), "extent store opened");
+    let name = format!("cairn-store-{engine}");
     let engine = Engine {
+        clean_stop,
         root: root.to_path_buf(),
         options,
         ring,
@@ -164,7 +242,7 @@ pub(crate) fn start(root: &Path, options: StoreOptions) -> Result<(Arc<Shared>, 
         cqes: Vec::new(),
     };
     let thread = std::thread::Builder::new()
-        .name("cairn-store".into())
+        .name(name)
         .spawn(move || engine.run())
         .map_err(|e| StoreError::io("starting the store engine thread", e))?;
     Ok((shared, thread))
@@ -201,6 +279,9 @@ struct OpenExtent {
     extent_bytes: u32,
     data_fd: OwnedFd,
     meta_fd: OwnedFd,
+    /// The on-disk slot table, mapped shared: a write's slots are stored here
+    /// before its data write is submitted (see `submit_write`).
+    slot_map: MmapMut,
     /// None while the slot table is being read.
     table: Option<SlotTable>,
     load_waiters: Vec<usize>,
@@ -266,6 +347,9 @@ struct WriteOp {
     merge: Option<IoBuf>,
     old_slots: Vec<super::slots::Slots>,
     slot_buf: Vec<u8>,
+    /// The slots go through the ring as the chain's first SQE (FUA writes);
+    /// otherwise they were stored into the mapped table before submission.
+    slot_sqe: bool,
     /// FUA could not be done with RWF_DSYNC (new file, hole punch): flush after.
     flush_after: bool,
     reply: oneshot::Sender<Result<()>>,
@@ -350,6 +434,7 @@ fn errno_text(errno: i32) -> String {
 }
 
 struct Engine {
+    clean_stop: Arc<CleanStop>,
     root: PathBuf,
     options: StoreOptions,
     ring: IoUring,
@@ -390,6 +475,13 @@ struct Engine {
 
 impl Engine {
     fn run(mut self) {
+        if self.ring.params().is_setup_single_issuer() {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                error!("enabling the store's io_uring failed: {e}; stopping the store engine");
+                self.fail_everything(&format!("enabling the io_uring failed: {e}"));
+                return;
+            }
+        }
         loop {
             self.take_commands();
             while let Some((seq, idx)) = self.ready.pop_first() {
@@ -548,6 +640,7 @@ impl Engine {
             merge: None,
             old_slots: Vec::new(),
             slot_buf: Vec::new(),
+            slot_sqe: false,
             flush_after: false,
             reply,
         };
@@ -932,8 +1025,6 @@ impl Engine {
             .zip(&crcs)
             .map(|(b, &crc)| table.begin_write(b, crc))
             .collect();
-        w.slot_buf.clear();
-        table.encode_range(b0, b1, &mut w.slot_buf);
         // FUA by RWF_DSYNC needs the file's own metadata durable already, and
         // fallocate has no DSYNC flag: otherwise FUA becomes write + flush.
         w.flush_after = w.fua && (!ext.synced || punch_range.is_some());
@@ -942,6 +1033,22 @@ impl Engine {
         } else {
             0
         };
+        // Slots before data. Without DSYNC the slots are stored into the
+        // mapped table: that is the page cache, where a write(2) would have put
+        // them, before the data is even submitted. A buffered write through
+        // the ring cannot be issued without blocking on ext4, so io_uring
+        // would hand it (and the data write linked behind it) to a worker
+        // thread: that cost half the 4 KiB write rate. A DSYNC write still goes
+        // through the ring, linked before its data, so both are durable when
+        // it completes.
+        let slot_range = b0 as usize * ENTRY_BYTES..b1 as usize * ENTRY_BYTES;
+        w.slot_sqe = dsync != 0;
+        if w.slot_sqe {
+            w.slot_buf.clear();
+            table.encode_range(b0, b1, &mut w.slot_buf);
+        } else {
+            table.encode_range_into(b0, b1, &mut ext.slot_map[slot_range]);
+        }
         let data_fd = types::Fd(ext.data_fd.as_raw_fd());
         let meta_fd = types::Fd(ext.meta_fd.as_raw_fd());
         let data_off = layout::data_offset(ext.extent_bytes);
@@ -961,13 +1068,15 @@ impl Engine {
         // describing durable content, so if the process dies between the two
         // the block still reads its old data; and a slot write that fails
         // cancels the data write.
-        sqes.push(
-            opcode::Write::new(meta_fd, w.slot_buf.as_ptr(), w.slot_buf.len() as u32)
-                .offset(HEADER_BYTES + b0 as u64 * ENTRY_BYTES as u64)
-                .rw_flags(dsync)
-                .build(),
-        );
-        expect.push(w.slot_buf.len() as u32);
+        if w.slot_sqe {
+            sqes.push(
+                opcode::Write::new(meta_fd, w.slot_buf.as_ptr(), w.slot_buf.len() as u32)
+                    .offset(HEADER_BYTES + b0 as u64 * ENTRY_BYTES as u64)
+                    .rw_flags(dsync)
+                    .build(),
+            );
+            expect.push(w.slot_buf.len() as u32);
+        }
         match (&mut w.payload, punch_range) {
             (Payload::Data(data), _) => {
                 let buf = w.merge.as_mut().unwrap_or(data);
@@ -1189,7 +1298,11 @@ impl Engine {
             for (b, old) in (b0..b1).zip(&w.old_slots) {
                 table.fail_write(b, *old);
             }
-            let what = if part == 0 { "checksum slots" } else { "data" };
+            let what = if part == 0 && w.slot_sqe {
+                "checksum slots"
+            } else {
+                "data"
+            };
             let e = StoreError::from_errno(
                 format!(
                     "writing {what} of {key} at offset {} length {} ({})",
@@ -1236,8 +1349,9 @@ impl Engine {
         let result = (|| {
             file.set_len(layout::file_bytes(extent_bytes))
                 .map_err(|e| StoreError::io(ctx("sizing"), e))?;
-            // Reserve the header and slot table so a checksum-slot write can never
-            // hit ENOSPC after its data was written.
+            // Reserve the header and slot table so a checksum-slot store can
+            // never hit ENOSPC (a SIGBUS through the mapping) after its data
+            // was written.
             // SAFETY: plain syscall on a valid fd; arguments are in range.
             let rc = unsafe {
                 libc::fallocate(
@@ -1252,6 +1366,10 @@ impl Engine {
                 if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                     return Err(StoreError::io(ctx("reserving the slot table of"), e));
                 }
+                // No fallocate here: allocate the table by writing its zeros.
+                let zeros = vec![0u8; layout::table_bytes(extent_bytes) as usize];
+                file.write_all_at(&zeros, HEADER_BYTES)
+                    .map_err(|e| StoreError::io(ctx("reserving the slot table of"), e))?;
             }
             let created_unix_s = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -1265,10 +1383,11 @@ impl Engine {
             .encode();
             file.write_all_at(&header, 0)
                 .map_err(|e| StoreError::io(ctx("writing the header of"), e))?;
-            self.open_data_fd(&path)
+            let slot_map = map_slot_table(&file, extent_bytes, &path)?;
+            Ok((self.open_data_fd(&path)?, slot_map))
         })();
-        let data_fd = match result {
-            Ok(fd) => fd,
+        let (data_fd, slot_map) = match result {
+            Ok(fds) => fds,
             Err(e) => {
                 let _ = fs::remove_file(&path);
                 return Err(e);
@@ -1293,6 +1412,7 @@ impl Engine {
                 extent_bytes,
                 data_fd,
                 meta_fd: file.into(),
+                slot_map,
                 table: Some(SlotTable::new_empty(blocks)),
                 load_waiters: Vec::new(),
                 active: Vec::new(),
@@ -1351,6 +1471,7 @@ impl Engine {
             .open(&path)
             .map_err(|e| StoreError::io(format!("opening {} for {key}", path.display()), e))?;
         let data_fd = self.open_data_fd(&path)?;
+        let slot_map = map_slot_table(&meta, entry.extent_bytes, &path)?;
         let load_bytes = layout::data_offset(entry.extent_bytes) as usize;
         let mut buf = IoBuf::for_overwrite(load_bytes);
         let sqe = opcode::Read::new(
@@ -1367,6 +1488,7 @@ impl Engine {
                 extent_bytes: entry.extent_bytes,
                 data_fd,
                 meta_fd: meta.into(),
+                slot_map,
                 table: None,
                 load_waiters: Vec::new(),
                 active: Vec::new(),
@@ -1794,7 +1916,10 @@ impl Engine {
     fn finish_shutdown(&mut self) {
         let reply = self.shutdown.take().expect("shutdown requested");
         let result = match &self.failed {
-            Some(why) => Err(StoreError::Failed(why.clone())),
+            Some(why) => {
+                let _ = self.clean_stop.engine_stopped(None);
+                Err(StoreError::Failed(why.clone()))
+            }
             None => {
                 let mut untrusted: Vec<ExtentKey> = Vec::new();
                 for (key, entry) in self.index.iter_mut() {
@@ -1805,12 +1930,12 @@ impl Engine {
                         untrusted.push(*key);
                     }
                 }
-                recovery::write_clean_marker(&self.root, &untrusted)
+                self.clean_stop.engine_stopped(Some(untrusted))
             }
         };
         match &result {
-            Ok(()) => info!("store stopped cleanly"),
-            Err(e) => error!("store stopped without a clean marker: {e}"),
+            Ok(()) => info!("store engine stopped cleanly"),
+            Err(e) => error!("store engine stopped without a clean marker: {e}"),
         }
         // Drain commands that raced the shutdown.
         while let Ok(cmd) = self.rx.try_recv() {
@@ -1898,6 +2023,29 @@ fn lock_conflict(
         }
     }
     false
+}
+
+/// Maps the slot table of an extent file shared and writable.
+///
+/// Only the engine thread touches the mapping, and only to store entries it
+/// also keeps decoded in memory; it never reads through it. The table's
+/// blocks are allocated when the file is created, so a store cannot fail
+/// for space. A store that faults in a page the disk cannot read kills the
+/// process with SIGBUS, where a write(2) would have returned EIO: the disk
+/// under this extent is failing, and the node is better down than serving.
+fn map_slot_table(file: &fs::File, extent_bytes: u32, path: &Path) -> Result<MmapMut> {
+    let len = layout::blocks_per_extent(extent_bytes) as usize * ENTRY_BYTES;
+    // SAFETY: the file is an extent file this engine owns (no other process
+    // writes it, the data directory is locked); the mapping covers its slot
+    // table, which the file's size (set at creation) always includes, and is
+    // dropped with the open extent before the file is deleted.
+    unsafe {
+        MmapOptions::new()
+            .offset(HEADER_BYTES)
+            .len(len)
+            .map_mut(file)
+    }
+    .map_err(|e| StoreError::io(format!("mapping the slot table of {}", path.display()), e))
 }
 
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {

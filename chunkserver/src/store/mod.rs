@@ -1,10 +1,14 @@
 //! The extent store: thin, checksummed extent versions on local disk, all data
-//! I/O through one io_uring.
+//! I/O through io_uring.
 //!
-//! [`Store`] is a cheap handle; one engine thread ([`engine`]) owns every piece
-//! of state (index, open extents, block slots, the ring) and applies commands
-//! in the order they arrive. Handles send commands over a channel and await a
-//! oneshot reply, so callers can be tokio tasks or plain threads.
+//! [`Store`] is a cheap handle over one or more engines ([`engine`]), one
+//! thread and one io_uring each (by default one per CPU). Every extent
+//! belongs to one engine, chosen by hashing `(volume, extent index)`, so all
+//! versions of an extent live in the same engine; that engine owns every piece
+//! of state about it (index entry, open files, block slots, locks) and applies
+//! its commands in the order they arrive. Handles send commands over a
+//! channel and await a oneshot reply, so callers can be tokio tasks or plain
+//! threads. Flush, listing and usage go to every engine and are combined here.
 //!
 //! How a block stays verifiable through crashes is explained in [`slots`].
 
@@ -15,6 +19,7 @@ pub mod layout;
 mod recovery;
 pub mod slots;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -62,12 +67,22 @@ pub enum IoMode {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub io_mode: IoMode,
-    /// Submission queue entries of the io_uring.
+    /// Submission queue entries of each engine's io_uring.
     pub ring_entries: u32,
-    /// Extents kept open (two file descriptors and the slot table each).
-    /// Bounds the engine's memory: about 28 KiB per open 4 MiB extent.
+    /// Extents kept open, over all engines (two file descriptors and the slot
+    /// table each). Bounds memory: about 28 KiB per open 4 MiB extent.
     pub open_extents_max: usize,
+    /// Engine threads, each with its own io_uring; 0 means one per CPU, at
+    /// most [`ENGINES_AUTO_MAX`]. One thread cannot keep a fast disk busy:
+    /// submitting a 4 KiB write costs the kernel about as much CPU time as the
+    /// disk takes to do it.
+    pub engines: usize,
 }
+
+/// The most engines `engines: 0` starts.
+pub const ENGINES_AUTO_MAX: usize = 8;
+/// The most engines a store accepts.
+pub const ENGINES_MAX: usize = 64;
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -75,8 +90,37 @@ impl Default for StoreOptions {
             io_mode: IoMode::Direct,
             ring_entries: 1024,
             open_extents_max: 1024,
+            engines: 0,
         }
     }
+}
+
+impl StoreOptions {
+    /// The number of engines these options start.
+    pub fn engine_count(&self) -> usize {
+        match self.engines {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(ENGINES_AUTO_MAX),
+            n => n.min(ENGINES_MAX),
+        }
+    }
+}
+
+/// The engine that owns every version of extent `(volume, index)`, of `n`.
+/// Not persisted anywhere: a restart with another engine count is fine.
+fn engine_of(key: &ExtentKey, n: usize) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    // splitmix64's finaliser over both fields: consecutive extents of a
+    // volume spread evenly, so a sequential stream uses every engine.
+    let mut h = key.volume_id ^ key.extent_index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
+    (h % n as u64) as usize
 }
 
 /// One stored extent version, as listed.
@@ -150,35 +194,99 @@ pub(crate) enum Command {
     },
 }
 
-/// Handle to a running store. Clones share one engine.
+/// Handle to a running store. Clones share its engines.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<engine::Shared>,
-    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engines: Vec<Arc<engine::Shared>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     root: PathBuf,
 }
 
 impl Store {
     /// Opens (creating if needed) the store under `root` (the data directory's
-    /// `extents/` folder) and starts its engine thread. Fails, never reformats,
-    /// if an extent file is not one Cairn wrote.
+    /// `extents/` folder) and starts its engine threads. Fails, never
+    /// reformats, if an extent file is not one Cairn wrote.
     pub fn open(root: &Path, options: StoreOptions) -> Result<Store> {
-        let (shared, thread) = engine::start(root, options)?;
+        let n = options.engine_count();
+        let index = engine::open_index(root, options.io_mode)?;
+        let mut shares: Vec<BTreeMap<ExtentKey, recovery::IndexEntry>> =
+            (0..n).map(|_| BTreeMap::new()).collect();
+        for (key, entry) in index {
+            shares[engine_of(&key, n)].insert(key, entry);
+        }
+        let per_engine = StoreOptions {
+            open_extents_max: options.open_extents_max.div_ceil(n).max(1),
+            ..options
+        };
+        let clean_stop = engine::CleanStop::new(root, n);
+        let mut engines = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for (i, share) in shares.into_iter().enumerate() {
+            match engine::start(root, per_engine.clone(), i, share, clean_stop.clone()) {
+                Ok((shared, thread)) => {
+                    engines.push(shared);
+                    threads.push(thread);
+                }
+                Err(e) => {
+                    // Stop the engines already running; they took no commands.
+                    for shared in &engines {
+                        let (reply, _) = oneshot::channel();
+                        let _ = shared.send(Command::Shutdown { reply });
+                    }
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(Store {
-            shared,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
-            root: root.to_path_buf(),
+            inner: Arc::new(Inner {
+                engines,
+                threads: std::sync::Mutex::new(threads),
+                root: root.to_path_buf(),
+            }),
         })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.inner.root
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        self.shared.send(make(tx))?;
-        rx.await.map_err(|_| StoreError::ShuttingDown)
+    /// Engine threads running this store.
+    pub fn engines(&self) -> usize {
+        self.inner.engines.len()
+    }
+
+    fn engine(&self, key: &ExtentKey) -> &engine::Shared {
+        &self.inner.engines[engine_of(key, self.inner.engines.len())]
+    }
+
+    async fn call<T>(
+        &self,
+        key: &ExtentKey,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T> {
+        call(self.engine(key), make).await
+    }
+
+    /// Sends one command to every engine and collects the replies in order.
+    async fn call_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> Command) -> Result<Vec<T>> {
+        let mut pending = Vec::with_capacity(self.inner.engines.len());
+        for shared in &self.inner.engines {
+            let (tx, rx) = oneshot::channel();
+            shared.send(make(tx))?;
+            pending.push(rx);
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for rx in pending {
+            out.push(rx.await.map_err(|_| StoreError::ShuttingDown)?);
+        }
+        Ok(out)
     }
 
     /// Reads `len` bytes at `offset` of an extent version. Never-written ranges
@@ -191,7 +299,7 @@ impl Store {
         len: u32,
     ) -> Result<IoBuf> {
         check_range(&key, extent_bytes, offset, len as u64)?;
-        self.call(|reply| Command::Read {
+        self.call(&key, |reply| Command::Read {
             key,
             extent_bytes,
             offset,
@@ -211,7 +319,7 @@ impl Store {
         fua: bool,
     ) -> Result<()> {
         check_range(&key, extent_bytes, offset, data.len() as u64)?;
-        self.call(|reply| Command::Write {
+        self.call(&key, |reply| Command::Write {
             key,
             extent_bytes,
             offset,
@@ -235,7 +343,7 @@ impl Store {
         punch: bool,
     ) -> Result<()> {
         check_range(&key, extent_bytes, offset, len as u64)?;
-        self.call(|reply| Command::Zero {
+        self.call(&key, |reply| Command::Zero {
             key,
             extent_bytes,
             offset,
@@ -260,9 +368,13 @@ impl Store {
             .await
     }
 
-    /// Makes every write acknowledged before this call durable.
+    /// Makes every write acknowledged before this call durable (each engine
+    /// flushes what it acknowledged; the first error is returned).
     pub async fn flush(&self) -> Result<()> {
-        self.call(|reply| Command::Flush { reply }).await?
+        self.call_all(|reply| Command::Flush { reply })
+            .await?
+            .into_iter()
+            .collect()
     }
 
     /// Lists stored extent versions in key order, `limit` at most, after `after`.
@@ -272,64 +384,110 @@ impl Store {
         after: Option<ExtentKey>,
         limit: usize,
     ) -> Result<ExtentPage> {
-        self.call(|reply| Command::List {
-            volume,
-            after,
-            limit,
-            reply,
-        })
-        .await
+        let pages = self
+            .call_all(|reply| Command::List {
+                volume,
+                after,
+                limit,
+                reply,
+            })
+            .await?;
+        // Each engine gave its first `limit` keys after `after`: the first
+        // `limit` of all of them are among those.
+        let mut more = pages.iter().any(|p| p.more);
+        let mut extents: Vec<ExtentStat> = pages.into_iter().flat_map(|p| p.extents).collect();
+        extents.sort_unstable_by_key(|e| e.key);
+        if extents.len() > limit {
+            extents.truncate(limit);
+            more = true;
+        }
+        Ok(ExtentPage { extents, more })
     }
 
     pub async fn stat(&self, key: ExtentKey) -> Result<Option<ExtentStat>> {
-        self.call(|reply| Command::Stat { key, reply }).await
+        self.call(&key, |reply| Command::Stat { key, reply }).await
     }
 
     pub async fn usage(&self) -> Result<StoreUsage> {
-        self.call(|reply| Command::Usage { reply }).await
+        let all = self.call_all(|reply| Command::Usage { reply }).await?;
+        Ok(StoreUsage {
+            extents: all.iter().map(|u| u.extents).sum(),
+            allocated_bytes: all.iter().map(|u| u.allocated_bytes).sum(),
+        })
     }
 
     /// Stops taking new commands, waits for in-flight I/O, flushes, marks the
-    /// store clean and joins the engine thread. Later calls get `ShuttingDown`.
+    /// store clean and joins the engine threads. Later calls get `ShuttingDown`.
     pub async fn shutdown(&self) -> Result<()> {
-        let result = self.call(|reply| Command::Shutdown { reply }).await;
-        let handle = self.thread.lock().expect("store thread lock").take();
-        if let Some(handle) = handle {
-            // The engine has replied; it exits right after.
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        let mut pending = Vec::with_capacity(self.inner.engines.len());
+        for shared in &self.inner.engines {
+            let (tx, rx) = oneshot::channel();
+            if shared.send(Command::Shutdown { reply: tx }).is_ok() {
+                pending.push(rx);
+            }
         }
-        match result {
-            Ok(r) => r,
-            Err(StoreError::ShuttingDown) => Ok(()),
-            Err(e) => Err(e),
+        let mut result = Ok(());
+        for rx in pending {
+            // A dropped reply means that engine had already stopped.
+            if let Ok(Err(e)) = rx.await {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
         }
+        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock"));
+        if !threads.is_empty() {
+            // The engines have replied; they exit right after.
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        }
+        result
     }
 
     /// Blocking shutdown for callers outside an async runtime.
     pub fn shutdown_blocking(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let result = match self.shared.send(Command::Shutdown { reply: tx }) {
-            Ok(()) => rx.blocking_recv().unwrap_or(Ok(())),
-            Err(StoreError::ShuttingDown) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Some(handle) = self.thread.lock().expect("store thread lock").take() {
-            let _ = handle.join();
+        let mut pending = Vec::with_capacity(self.inner.engines.len());
+        for shared in &self.inner.engines {
+            let (tx, rx) = oneshot::channel();
+            if shared.send(Command::Shutdown { reply: tx }).is_ok() {
+                pending.push(rx);
+            }
+        }
+        let mut result = Ok(());
+        for rx in pending {
+            if let Ok(Err(e)) = rx.blocking_recv() {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        for t in std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock")) {
+            let _ = t.join();
         }
         result
     }
 }
 
-impl Drop for Store {
-    /// Dropping the last handle stops the engine the way `shutdown` does
-    /// (flush, clean marker), without waiting for it. Handles dropped at the
-    /// same instant on several threads may each see another alive; callers
-    /// that need the clean stop to have happened call `shutdown`.
+async fn call<T>(
+    shared: &engine::Shared,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T> {
+    let (tx, rx) = oneshot::channel();
+    shared.send(make(tx))?;
+    rx.await.map_err(|_| StoreError::ShuttingDown)
+}
+
+impl Drop for Inner {
+    /// Dropping the last handle stops the engines the way `shutdown` does
+    /// (flush, clean marker), without waiting for them.
     fn drop(&mut self) {
-        // One reference is the engine's own.
-        if Arc::strong_count(&self.shared) == 2 {
+        for shared in &self.engines {
             let (reply, _) = oneshot::channel();
-            let _ = self.shared.send(Command::Shutdown { reply });
+            let _ = shared.send(Command::Shutdown { reply });
         }
     }
 }

@@ -8,8 +8,9 @@
 //! - the *pending* slot describes the latest completed write not yet flushed;
 //! - a new write puts its CRC in the remaining slot, never in either of those.
 //!
-//! The engine writes the slot before the data (linked), so whatever the
-//! kernel and the disk persist, the data on disk matches one of the slots:
+//! The engine stores the slot before it submits the data (into the mapped
+//! slot table, or as the first write of a linked chain for FUA), so whatever
+//! the kernel and the disk persist, the data on disk matches one of the slots:
 //!
 //! - process killed before the new data lands: the data matches the pending
 //!   slot (or the durable one if nothing was pending): the previous content;
@@ -201,10 +202,26 @@ impl SlotTable {
 
     /// Appends the on-disk entries of blocks `[b0, b1)` to `out`.
     pub fn encode_range(&self, b0: u32, b1: u32, out: &mut Vec<u8>) {
-        for slots in &self.slots[b0 as usize..b1 as usize] {
-            for s in slots {
-                out.extend_from_slice(&s.crc.to_le_bytes());
-                out.extend_from_slice(&s.gen.to_le_bytes());
+        let start = out.len();
+        out.resize(start + (b1 - b0) as usize * ENTRY_BYTES, 0);
+        self.encode_range_into(b0, b1, &mut out[start..]);
+    }
+
+    /// Writes the on-disk entries of blocks `[b0, b1)` over `out`, which
+    /// holds exactly `(b1 - b0) * ENTRY_BYTES` bytes.
+    pub fn encode_range_into(&self, b0: u32, b1: u32, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            (b1 - b0) as usize * ENTRY_BYTES,
+            "entry buffer size"
+        );
+        for (slots, e) in self.slots[b0 as usize..b1 as usize]
+            .iter()
+            .zip(out.chunks_exact_mut(ENTRY_BYTES))
+        {
+            for (s, o) in slots.iter().zip(e.chunks_exact_mut(8)) {
+                o[..4].copy_from_slice(&s.crc.to_le_bytes());
+                o[4..].copy_from_slice(&s.gen.to_le_bytes());
             }
         }
     }
