@@ -1898,9 +1898,13 @@ impl Engine {
 
     fn maintain(&mut self) {
         // Bound unflushed state: open extents with unflushed writes cannot be
-        // evicted, so flush before they crowd out the cache.
+        // evicted, so once the cache is three quarters full, flush before
+        // they crowd it out. (Not earlier: every flush is a disk cache flush,
+        // and a working set that fits the cache needs none.)
+        let max = self.options.open_extents_max;
         if !self.auto_flush_running
-            && self.dirty.len() * 2 > self.options.open_extents_max
+            && self.open.len() * 4 >= max * 3
+            && self.dirty.len() * 2 > max
             && self.failed.is_none()
         {
             self.auto_flush_running = true;
