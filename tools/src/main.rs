@@ -7,6 +7,7 @@
 mod bench;
 mod chunk;
 mod output;
+mod placement;
 #[cfg(test)]
 mod test_server;
 
@@ -36,6 +37,9 @@ enum Command {
     /// Measure Cairn against a reference (fio).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check where data would be placed: balance, movement, failure domains.
+    #[command(subcommand)]
+    Placement(placement::PlacementCommand),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Chunk(cmd) => chunk::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Placement(cmd) => placement::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
