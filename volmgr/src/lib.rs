@@ -1,4 +1,8 @@
 //! cairn-volmgr: the raft-replicated cluster map and volume catalogue.
 //!
-//! Not built yet: see issue 4 and ARCHITECTURE.md. This crate exists so the
-//! workspace has the layout the design brief describes.
+//! - [`node`]: the raft node loop (raft-rs `RawNode`, Ready/advance), generic
+//!   over the durable log and the state machine.
+//! - [`slog_tracing`]: raft-rs's slog records into `tracing`.
+
+pub mod node;
+pub mod slog_tracing;

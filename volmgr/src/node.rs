@@ -1,0 +1,930 @@
+//! The raft node loop: one thread that owns the raft-rs `RawNode`, the
+//! durable log and the replicated state machine, and runs raft-rs's
+//! Ready/advance cycle.
+//!
+//! Everything reaches the loop as an [`Input`] over one channel (peer
+//! messages, proposals, linearizable reads, membership changes, status
+//! requests), and it ticks raft every [`TICK`]. Like the chunk server's store
+//! engine, nothing is shared: the loop applies committed entries to the
+//! machine, and reads run *on* the loop, after raft's read index says the
+//! machine is current. Other threads see only what the loop publishes
+//! ([`NodeStatus`] through a `watch`).
+//!
+//! The log and the machine are traits ([`LogStore`], [`Machine`]) so the same
+//! loop runs over the disk log in the daemon and over memory in tests.
+//!
+//! Ordering per Ready (raft-rs's contract): messages that need no persistence
+//! go out first; then a received snapshot is installed, committed entries are
+//! applied, new entries and the hard state are written and **synced**; only
+//! then are the persisted messages (votes, append responses) sent.
+//!
+//! Membership: the voters are raft's conf state; each member's address rides
+//! in its conf change's `context` and is kept in the replicated [`Members`]
+//! table (part of every snapshot), so a member that joins later, or restarts,
+//! learns every address from the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
+use raft::{RawNode, StateRole, Storage};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+/// How often raft's logical clock ticks.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Ticks without a leader's heartbeat before a follower campaigns (randomised
+/// up to twice this by raft): 1-2 s.
+pub const ELECTION_TICKS: usize = 10;
+/// Ticks between a leader's heartbeats.
+pub const HEARTBEAT_TICKS: usize = 2;
+/// Applied entries between log compactions (a machine snapshot each).
+pub const COMPACT_EVERY: u64 = 1000;
+/// Proposals and reads a node holds waiting for raft at once; more are refused.
+pub const PENDING_MAX: usize = 10_000;
+
+/// The durable side of raft: raft-rs's `Storage` plus the writes the loop makes.
+pub trait LogStore: Storage + Send + 'static {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), String>;
+    fn set_hard_state(&mut self, hs: HardState) -> Result<(), String>;
+    fn set_conf_state(&mut self, cs: ConfState) -> Result<(), String>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Result<(), String>;
+    /// Replaces log and state with a snapshot received from the leader.
+    fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), String>;
+    /// Stores `data` as the snapshot at `index` and drops the log up to it.
+    fn compact(&mut self, index: u64, data: Vec<u8>, cs: ConfState) -> Result<(), String>;
+}
+
+/// The replicated state machine. `apply` must be deterministic and total.
+pub trait Machine: Send + 'static {
+    /// Applies one committed command and returns its encoded result.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    fn snapshot(&self) -> Vec<u8>;
+    fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+}
+
+/// Raft members and their addresses, replicated with the machine.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Members {
+    #[prost(btree_map = "uint64, string", tag = "1")]
+    pub addrs: BTreeMap<u64, String>,
+}
+
+/// What a snapshot holds: the members and the machine's own bytes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+struct SnapshotData {
+    #[prost(message, optional, tag = "1")]
+    members: Option<Members>,
+    #[prost(bytes = "vec", tag = "2")]
+    machine: Vec<u8>,
+}
+
+/// Encodes the data of the bootstrap snapshot that every initial member
+/// starts from: the initial members, and the machine's empty state.
+pub fn bootstrap_snapshot(members: &BTreeMap<u64, String>, machine: &impl Machine) -> Vec<u8> {
+    SnapshotData {
+        members: Some(Members {
+            addrs: members.clone(),
+        }),
+        machine: machine.snapshot(),
+    }
+    .encode_to_vec()
+}
+
+/// Why a proposal or read did not happen here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// This member is not the leader; `leader` is the one it knows of (0: none yet).
+    #[error("not the leader (leader is member {leader}, at {addr:?})")]
+    NotLeader { leader: u64, addr: Option<String> },
+    /// Leadership changed before the outcome was known: the command may or
+    /// may not be applied; retrying with the same request id is safe.
+    #[error("leadership changed before the outcome was known; retry")]
+    Unknown,
+    #[error("too many requests waiting for raft ({PENDING_MAX})")]
+    Busy,
+    #[error("raft refused: {0}")]
+    Raft(String),
+    #[error("the node is stopping")]
+    Stopped,
+}
+
+pub type ReadFn<M> = Box<dyn FnOnce(Result<&M, NodeError>) + Send>;
+
+/// Everything the loop takes.
+pub enum Input<M: Machine> {
+    /// A message from another member.
+    Raft(Box<Message>),
+    /// A sent message could not be delivered to this member.
+    Unreachable(u64),
+    /// Replicates `command`; the reply carries the machine's result.
+    Propose {
+        command: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    /// Runs `read` on the machine once it holds every write committed before
+    /// this request (raft read index), or with the error.
+    Read(ReadFn<M>),
+    /// Adds `id` at `addr` as a voter (or removes it with `addr` None).
+    ChangeMember {
+        id: u64,
+        addr: Option<String>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    /// Hands leadership to `to` (a no-op unless this member leads).
+    TransferLeader(u64),
+    Stop,
+}
+
+/// Sends raft messages to other members. Must not block: queue, drop when
+/// full (raft retransmits), and report failures as [`Input::Unreachable`].
+pub trait Transport: Send + 'static {
+    fn send(&mut self, msgs: Vec<Message>);
+    /// The member table changed.
+    fn set_members(&mut self, members: &BTreeMap<u64, String>);
+}
+
+/// What other threads may see of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader: u64,
+    pub term: u64,
+    pub is_leader: bool,
+    pub applied: u64,
+    pub members: BTreeMap<u64, String>,
+}
+
+impl NodeStatus {
+    pub fn leader_addr(&self) -> Option<String> {
+        self.members.get(&self.leader).cloned()
+    }
+}
+
+/// Handle to a running node loop.
+pub struct NodeHandle<M: Machine> {
+    tx: mpsc::Sender<Input<M>>,
+    status: watch::Receiver<NodeStatus>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<M: Machine> Clone for NodeHandle<M> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            status: self.status.clone(),
+            thread: None,
+        }
+    }
+}
+
+impl<M: Machine> NodeHandle<M> {
+    pub fn sender(&self) -> mpsc::Sender<Input<M>> {
+        self.tx.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Propose { command, reply })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Runs `f` on the machine after a linearizable read barrier.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&M) -> R + Send + 'static,
+    ) -> Result<R, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadFn<M> = Box::new(move |m| {
+            let _ = tx.send(m.map(f));
+        });
+        self.tx
+            .send(Input::Read(read))
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    pub async fn change_member(&self, id: u64, addr: Option<String>) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ChangeMember { id, addr, reply })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Stops the loop and waits for its thread.
+    pub fn stop(mut self) {
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the loop for member `id` over `log` (opened, possibly holding a
+/// bootstrap snapshot) and `machine` (empty: it is restored from the log's
+/// snapshot and the entries after it are re-applied).
+pub fn start<L: LogStore, M: Machine, T: Transport>(
+    id: u64,
+    log: L,
+    machine: M,
+    transport: T,
+) -> Result<NodeHandle<M>, String> {
+    let (tx, rx) = mpsc::channel();
+    let (status_tx, status) = watch::channel(NodeStatus {
+        id,
+        ..NodeStatus::default()
+    });
+    let mut node = Node::new(id, log, machine, transport, rx, status_tx)?;
+    let thread = std::thread::Builder::new()
+        .name(format!("raft-{id}"))
+        .spawn(move || node.run())
+        .map_err(|e| format!("starting the raft thread: {e}"))?;
+    Ok(NodeHandle {
+        tx,
+        status,
+        thread: Some(thread),
+    })
+}
+
+struct Node<L: LogStore, M: Machine, T: Transport> {
+    id: u64,
+    raw: RawNode<L>,
+    machine: M,
+    members: BTreeMap<u64, String>,
+    transport: T,
+    rx: mpsc::Receiver<Input<M>>,
+    status: watch::Sender<NodeStatus>,
+    applied: u64,
+    compacted: u64,
+    conf_state: ConfState,
+    next_tag: u64,
+    proposals: HashMap<u64, oneshot::Sender<Result<Vec<u8>, NodeError>>>,
+    member_changes: HashMap<u64, oneshot::Sender<Result<(), NodeError>>>,
+    /// Reads waiting for raft's read index, by tag.
+    reads: HashMap<u64, ReadFn<M>>,
+    /// Reads whose index is known, waiting for the machine to reach it.
+    ready_reads: Vec<(u64, ReadFn<M>)>,
+    was_leader: bool,
+}
+
+impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
+    fn new(
+        id: u64,
+        log: L,
+        mut machine: M,
+        mut transport: T,
+        rx: mpsc::Receiver<Input<M>>,
+        status: watch::Sender<NodeStatus>,
+    ) -> Result<Self, String> {
+        let state = log
+            .initial_state()
+            .map_err(|e| format!("reading the raft log: {e}"))?;
+        let snap = match log.snapshot(0, id) {
+            Ok(s) => s,
+            Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)) => {
+                Snapshot::default()
+            }
+            Err(e) => return Err(format!("reading the raft snapshot: {e}")),
+        };
+        let mut members = BTreeMap::new();
+        let snap_index = snap.get_metadata().index;
+        if !snap.data.is_empty() {
+            let data = SnapshotData::decode(&snap.data[..])
+                .map_err(|e| format!("decoding the raft snapshot at index {snap_index}: {e}"))?;
+            members = data.members.unwrap_or_default().addrs;
+            machine
+                .restore(&data.machine)
+                .map_err(|e| format!("restoring the snapshot at index {snap_index}: {e}"))?;
+        }
+        transport.set_members(&members);
+        let cfg = raft::Config {
+            id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            // Entries after the snapshot are applied again from the log: the
+            // machine was restored from the snapshot only.
+            applied: snap_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        cfg.validate().map_err(|e| format!("raft config: {e}"))?;
+        let logger = slog::Logger::root(crate::slog_tracing::TracingDrain, slog::o!());
+        let raw = RawNode::new(&cfg, log, &logger).map_err(|e| format!("starting raft: {e}"))?;
+        info!(
+            member = id,
+            snapshot_index = snap_index,
+            commit = state.hard_state.commit,
+            term = state.hard_state.term,
+            voters = ?state.conf_state.voters,
+            "raft member starting"
+        );
+        Ok(Self {
+            id,
+            raw,
+            machine,
+            members,
+            transport,
+            rx,
+            status,
+            applied: snap_index,
+            compacted: snap_index,
+            conf_state: state.conf_state,
+            next_tag: 1,
+            proposals: HashMap::new(),
+            member_changes: HashMap::new(),
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            was_leader: false,
+        })
+    }
+
+    fn run(&mut self) {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(timeout) {
+                Ok(Input::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(input) => {
+                    self.take(input);
+                    // Take whatever else is queued before doing one Ready.
+                    while let Ok(input) = self.rx.try_recv() {
+                        if matches!(input, Input::Stop) {
+                            return self.stop();
+                        }
+                        self.take(input);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_tick {
+                self.raw.tick();
+                next_tick += TICK;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + TICK;
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                // The log could not be written: this member must not go on
+                // voting or acknowledging. Stop; the process exits.
+                error!(
+                    member = self.id,
+                    "raft log write failed: {e}; stopping this member"
+                );
+                break;
+            }
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for (_, r) in self.proposals.drain() {
+            let _ = r.send(Err(NodeError::Stopped));
+        }
+        for (_, r) in self.member_changes.drain() {
+            let _ = r.send(Err(NodeError::Stopped));
+        }
+        for (_, f) in self.reads.drain() {
+            f(Err(NodeError::Stopped));
+        }
+        for (_, f) in self.ready_reads.drain(..) {
+            f(Err(NodeError::Stopped));
+        }
+        info!(member = self.id, "raft member stopped");
+    }
+
+    fn not_leader(&self) -> NodeError {
+        let leader = self.raw.raft.leader_id;
+        NodeError::NotLeader {
+            leader,
+            addr: self.members.get(&leader).cloned(),
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.proposals.len() + self.reads.len() + self.ready_reads.len()
+    }
+
+    fn tag(&mut self) -> (u64, Vec<u8>) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.id.to_le_bytes());
+        ctx.extend_from_slice(&tag.to_le_bytes());
+        (tag, ctx)
+    }
+
+    /// The tag of an entry or read this member proposed, if it is one.
+    fn own_tag(&self, ctx: &[u8]) -> Option<u64> {
+        if ctx.len() < 16 || ctx[..8] != self.id.to_le_bytes() {
+            return None;
+        }
+        Some(u64::from_le_bytes(ctx[8..16].try_into().expect("8 bytes")))
+    }
+
+    fn take(&mut self, input: Input<M>) {
+        match input {
+            Input::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    debug!(member = self.id, "raft step: {e}");
+                }
+            }
+            Input::Unreachable(peer) => self.raw.report_unreachable(peer),
+            Input::Propose { command, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else if self.pending() >= PENDING_MAX {
+                    let _ = reply.send(Err(NodeError::Busy));
+                } else {
+                    let (tag, ctx) = self.tag();
+                    match self.raw.propose(ctx, command) {
+                        Ok(()) => {
+                            self.proposals.insert(tag, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(NodeError::Raft(e.to_string())));
+                        }
+                    }
+                }
+            }
+            Input::Read(f) => {
+                if self.raw.raft.state != StateRole::Leader {
+                    f(Err(self.not_leader()));
+                } else if self.pending() >= PENDING_MAX {
+                    f(Err(NodeError::Busy));
+                } else {
+                    let (tag, ctx) = self.tag();
+                    self.raw.read_index(ctx);
+                    self.reads.insert(tag, f);
+                }
+            }
+            Input::ChangeMember { id, addr, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let mut cc = ConfChange {
+                    node_id: id,
+                    ..Default::default()
+                };
+                match addr {
+                    Some(a) => {
+                        cc.set_change_type(ConfChangeType::AddNode);
+                        cc.context = a.into_bytes().into();
+                    }
+                    None => cc.set_change_type(ConfChangeType::RemoveNode),
+                }
+                let (tag, ctx) = self.tag();
+                match self.raw.propose_conf_change(ctx, cc) {
+                    Ok(()) => {
+                        self.member_changes.insert(tag, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Raft(e.to_string())));
+                    }
+                }
+            }
+            Input::TransferLeader(to) => self.raw.transfer_leader(to),
+            Input::Stop => unreachable!("handled by run"),
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        if !msgs.is_empty() {
+            self.transport.send(msgs);
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), String> {
+        if self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            self.send(ready.take_messages());
+            if !ready.snapshot().is_empty() {
+                self.install_snapshot(ready.snapshot().clone())?;
+            }
+            self.apply(ready.take_committed_entries());
+            let entries = ready.take_entries();
+            if !entries.is_empty() {
+                self.raw.mut_store().append(&entries)?;
+            }
+            if let Some(hs) = ready.hs() {
+                self.raw.mut_store().set_hard_state(hs.clone())?;
+            }
+            let read_states = ready.take_read_states();
+            if ready.must_sync() || !entries.is_empty() {
+                self.raw.mut_store().sync()?;
+            }
+            self.send(ready.take_persisted_messages());
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                let mut hs = self.raw.raft.hard_state();
+                hs.commit = commit;
+                self.raw.mut_store().set_hard_state(hs)?;
+            }
+            self.send(light.take_messages());
+            self.apply(light.take_committed_entries());
+            self.raw.advance_apply();
+            for rs in read_states {
+                if let Some(tag) = self.own_tag(&rs.request_ctx) {
+                    if let Some(f) = self.reads.remove(&tag) {
+                        self.ready_reads.push((rs.index, f));
+                    }
+                }
+            }
+        }
+        self.serve_reads();
+        self.after_role_change();
+        self.maybe_compact()?;
+        self.publish();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), String> {
+        let index = snap.get_metadata().index;
+        let data = SnapshotData::decode(&snap.data[..])
+            .map_err(|e| format!("decoding the snapshot at index {index} from the leader: {e}"))?;
+        self.machine.restore(&data.machine)?;
+        self.members = data.members.unwrap_or_default().addrs;
+        self.transport.set_members(&self.members);
+        self.conf_state = snap.get_metadata().get_conf_state().clone();
+        self.raw.mut_store().apply_snapshot(snap)?;
+        self.applied = index;
+        self.compacted = index;
+        info!(
+            member = self.id,
+            index, "installed a snapshot from the leader"
+        );
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            self.applied = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if entry.data.is_empty() {
+                        continue; // a new leader's empty entry
+                    }
+                    let result = self.machine.apply(entry.index, &entry.data);
+                    if let Some(tag) = self.own_tag(&entry.context) {
+                        if let Some(reply) = self.proposals.remove(&tag) {
+                            let _ = reply.send(Ok(result));
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    if let Err(e) = protobuf::Message::merge_from_bytes(&mut cc, &entry.data) {
+                        error!(index = entry.index, "undecodable membership change: {e}");
+                        continue;
+                    }
+                    let result = match self.raw.apply_conf_change(&cc) {
+                        Ok(cs) => {
+                            match cc.get_change_type() {
+                                ConfChangeType::RemoveNode => {
+                                    self.members.remove(&cc.node_id);
+                                }
+                                _ => {
+                                    let addr = String::from_utf8_lossy(&cc.context).into_owned();
+                                    self.members.insert(cc.node_id, addr);
+                                }
+                            }
+                            info!(member = self.id, changed = cc.node_id, voters = ?cs.voters, "membership changed");
+                            self.conf_state = cs.clone();
+                            self.transport.set_members(&self.members);
+                            self.raw
+                                .mut_store()
+                                .set_conf_state(cs)
+                                .map_err(NodeError::Raft)
+                        }
+                        Err(e) => Err(NodeError::Raft(e.to_string())),
+                    };
+                    if let Some(tag) = self.own_tag(&entry.context) {
+                        if let Some(reply) = self.member_changes.remove(&tag) {
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    warn!(
+                        index = entry.index,
+                        "ignoring a joint-consensus change: not used by Cairn"
+                    );
+                }
+            }
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        if self.ready_reads.is_empty() {
+            return;
+        }
+        let applied = self.applied;
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.ready_reads = later;
+        for (_, f) in now {
+            f(Ok(&self.machine));
+        }
+    }
+
+    /// A member that stops leading cannot know whether its pending proposals
+    /// will commit: their callers get `Unknown` and retry (requests carry ids,
+    /// so a retry never applies twice).
+    fn after_role_change(&mut self) {
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if self.was_leader && !leader {
+            warn!(
+                member = self.id,
+                term = self.raw.raft.term,
+                "lost leadership"
+            );
+            for (_, r) in self.proposals.drain() {
+                let _ = r.send(Err(NodeError::Unknown));
+            }
+            for (_, r) in self.member_changes.drain() {
+                let _ = r.send(Err(NodeError::Unknown));
+            }
+            let err = self.not_leader();
+            for (_, f) in self.reads.drain() {
+                f(Err(err.clone()));
+            }
+            for (_, f) in self.ready_reads.drain(..) {
+                f(Err(err.clone()));
+            }
+        }
+        if !self.was_leader && leader {
+            info!(member = self.id, term = self.raw.raft.term, "leading");
+        }
+        self.was_leader = leader;
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), String> {
+        if self.applied < self.compacted + COMPACT_EVERY {
+            return Ok(());
+        }
+        let data = SnapshotData {
+            members: Some(Members {
+                addrs: self.members.clone(),
+            }),
+            machine: self.machine.snapshot(),
+        }
+        .encode_to_vec();
+        let index = self.applied;
+        self.raw
+            .mut_store()
+            .compact(index, data, self.conf_state.clone())?;
+        self.compacted = index;
+        debug!(member = self.id, index, "raft log compacted");
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let status = NodeStatus {
+            id: self.id,
+            leader: self.raw.raft.leader_id,
+            term: self.raw.raft.term,
+            is_leader: self.raw.raft.state == StateRole::Leader,
+            applied: self.applied,
+            members: self.members.clone(),
+        };
+        self.status.send_if_modified(|s| {
+            if *s == status {
+                false
+            } else {
+                *s = status;
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Three loops over memory logs and a channel network: election, proposals
+    //! applied everywhere, linearizable reads, failover when the leader stops.
+
+    use super::*;
+    use raft::storage::MemStorage;
+    use std::sync::{Arc, Mutex};
+
+    /// MemStorage keeps a snapshot's metadata but not its data; this keeps both.
+    struct MemLog {
+        mem: MemStorage,
+        snap_data: Vec<u8>,
+    }
+
+    impl Storage for MemLog {
+        fn initial_state(&self) -> raft::Result<raft::RaftState> {
+            self.mem.initial_state()
+        }
+        fn entries(
+            &self,
+            low: u64,
+            high: u64,
+            max: impl Into<Option<u64>>,
+            ctx: raft::GetEntriesContext,
+        ) -> raft::Result<Vec<Entry>> {
+            self.mem.entries(low, high, max, ctx)
+        }
+        fn term(&self, idx: u64) -> raft::Result<u64> {
+            self.mem.term(idx)
+        }
+        fn first_index(&self) -> raft::Result<u64> {
+            self.mem.first_index()
+        }
+        fn last_index(&self) -> raft::Result<u64> {
+            self.mem.last_index()
+        }
+        fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+            let mut s = self.mem.snapshot(request_index, to)?;
+            s.data = self.snap_data.clone().into();
+            Ok(s)
+        }
+    }
+
+    impl LogStore for MemLog {
+        fn append(&mut self, entries: &[Entry]) -> Result<(), String> {
+            self.mem.wl().append(entries).map_err(|e| e.to_string())
+        }
+        fn set_hard_state(&mut self, hs: HardState) -> Result<(), String> {
+            self.mem.wl().set_hardstate(hs);
+            Ok(())
+        }
+        fn set_conf_state(&mut self, cs: ConfState) -> Result<(), String> {
+            self.mem.wl().set_conf_state(cs);
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), String> {
+            self.snap_data = snap.data.to_vec();
+            self.mem
+                .wl()
+                .apply_snapshot(snap)
+                .map_err(|e| e.to_string())
+        }
+        fn compact(&mut self, _: u64, _: Vec<u8>, _: ConfState) -> Result<(), String> {
+            Ok(()) // memory logs keep everything
+        }
+    }
+
+    /// Appends every command; the result is the list's length.
+    #[derive(Default)]
+    struct ListMachine(Vec<Vec<u8>>);
+
+    impl Machine for ListMachine {
+        fn apply(&mut self, _: u64, command: &[u8]) -> Vec<u8> {
+            self.0.push(command.to_vec());
+            (self.0.len() as u64).to_le_bytes().to_vec()
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            self.0.concat()
+        }
+        fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    type Net = Arc<Mutex<HashMap<u64, mpsc::Sender<Input<ListMachine>>>>>;
+
+    struct ChanTransport {
+        me: u64,
+        net: Net,
+    }
+
+    impl Transport for ChanTransport {
+        fn send(&mut self, msgs: Vec<Message>) {
+            let net = self.net.lock().unwrap();
+            for m in msgs {
+                match net.get(&m.to) {
+                    Some(tx) => {
+                        let _ = tx.send(Input::Raft(Box::new(m)));
+                    }
+                    None => {
+                        if let Some(me) = net.get(&self.me) {
+                            let _ = me.send(Input::Unreachable(m.to));
+                        }
+                    }
+                }
+            }
+        }
+        fn set_members(&mut self, _: &BTreeMap<u64, String>) {}
+    }
+
+    fn cluster(n: u64) -> (Net, BTreeMap<u64, NodeHandle<ListMachine>>) {
+        let net: Net = Arc::default();
+        let members: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("m{i}"))).collect();
+        let mut handles = BTreeMap::new();
+        for id in 1..=n {
+            let mut log = MemLog {
+                mem: MemStorage::new(),
+                snap_data: Vec::new(),
+            };
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 1;
+            snap.mut_metadata().term = 1;
+            snap.mut_metadata().mut_conf_state().voters = (1..=n).collect();
+            snap.data = bootstrap_snapshot(&members, &ListMachine::default()).into();
+            log.apply_snapshot(snap).unwrap();
+            let h = start(
+                id,
+                log,
+                ListMachine::default(),
+                ChanTransport {
+                    me: id,
+                    net: net.clone(),
+                },
+            )
+            .unwrap();
+            net.lock().unwrap().insert(id, h.sender());
+            handles.insert(id, h);
+        }
+        (net, handles)
+    }
+
+    async fn leader(handles: &BTreeMap<u64, NodeHandle<ListMachine>>) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for (id, h) in handles {
+                if h.status().borrow().is_leader {
+                    return *id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader elected in 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_members_elect_replicate_read_and_fail_over() {
+        let (net, mut handles) = cluster(3);
+        let first = leader(&handles).await;
+        for i in 0..50u32 {
+            let r = handles[&first]
+                .propose(i.to_le_bytes().to_vec())
+                .await
+                .unwrap();
+            assert_eq!(r, (i as u64 + 1).to_le_bytes().to_vec());
+        }
+        // A follower refuses and names the leader.
+        let follower = *handles.keys().find(|&&id| id != first).unwrap();
+        match handles[&follower].propose(vec![9]).await {
+            Err(NodeError::NotLeader { leader, addr }) => {
+                assert_eq!(leader, first);
+                assert_eq!(addr, Some(format!("m{first}")));
+            }
+            other => panic!("follower accepted a proposal: {other:?}"),
+        }
+        let len = handles[&first].read(|m| m.0.len()).await.unwrap();
+        assert_eq!(len, 50);
+
+        // Stop the leader: the others elect a new one, which has every
+        // acknowledged command and takes more.
+        net.lock().unwrap().remove(&first);
+        handles.remove(&first).unwrap().stop();
+        let t0 = Instant::now();
+        let second = leader(&handles).await;
+        assert_ne!(second, first);
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "election took {:?}",
+            t0.elapsed()
+        );
+        let len = handles[&second].read(|m| m.0.len()).await.unwrap();
+        assert_eq!(len, 50, "the new leader lost acknowledged commands");
+        let r = handles[&second].propose(vec![1, 2, 3]).await.unwrap();
+        assert_eq!(r, 51u64.to_le_bytes().to_vec());
+        // Both survivors applied the same list.
+        let other = *handles.keys().find(|&&id| id != second).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if handles[&other].status().borrow().applied
+                >= handles[&second].status().borrow().applied
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "follower did not catch up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (_, h) in handles {
+            h.stop();
+        }
+    }
+}
