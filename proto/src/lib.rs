@@ -13,5 +13,6 @@
 
 pub mod chunk;
 pub mod frame;
+pub mod frame_io;
 
 pub use frame::{FrameError, FramePrefix};

@@ -11,12 +11,12 @@
 //!   task per request.
 //! - [`client`]: a pipelined client with a reader task routing replies.
 //! - `request`: checks a decoded header and turns it into a typed request.
-//! - `frame_io`: reading and writing frames on a stream.
+//! - `frame_io` (from cairn-proto): reading and writing frames on a stream.
 //!
 //! [`ChunkRequest`]: cairn_proto::chunk::ChunkRequest
 
 pub mod client;
-mod frame_io;
+use cairn_proto::frame_io;
 mod request;
 pub mod server;
 

@@ -1,14 +1,13 @@
-//! Reading and writing frames on a byte stream, shared by server and client.
+//! Reading and writing frames on a byte stream, shared by every server and
+//! client (chunk server RPC, volume manager API and raft transport).
 //!
 //! Only the prefix and the header pass through here; data bytes are read by
-//! the caller straight into the buffer that will own them (an [`IoBuf`] on the
-//! server, so the store can hand it to the kernel without another copy).
-//!
-//! [`IoBuf`]: crate::store::IoBuf
+//! the caller straight into the buffer that will own them (on the chunk
+//! server, an aligned buffer the store hands to the kernel without a copy).
 
 use std::io;
 
-use cairn_proto::frame::{FrameError, FramePrefix, FRAME_HEADER_BYTES_MAX, FRAME_PREFIX_BYTES};
+use crate::frame::{FrameError, FramePrefix, FRAME_HEADER_BYTES_MAX, FRAME_PREFIX_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Socket buffer on each side of a connection. Small frames (a 4 KiB write
@@ -16,11 +15,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// payloads larger than this bypass the buffer and go straight to their
 /// destination (tokio's `BufReader`/`BufWriter` skip their buffer when it is
 /// empty and the transfer is at least its size).
-pub(crate) const SOCKET_BUFFER_BYTES: usize = 16 << 10;
+pub const SOCKET_BUFFER_BYTES: usize = 16 << 10;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadFrameError {
+pub enum ReadFrameError {
     /// The peer closed the connection between frames: a normal end.
     #[error("connection closed by peer")]
     Closed,
@@ -40,7 +39,7 @@ pub(crate) enum ReadFrameError {
 
 /// Reads exactly `buf.len()` bytes; an EOF is `Truncated`, not an I/O error,
 /// because a peer going away mid-frame is ordinary on a network.
-pub(crate) async fn read_part<R: AsyncRead + Unpin>(
+pub async fn read_part<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut [u8],
     part: &'static str,
@@ -55,7 +54,7 @@ pub(crate) async fn read_part<R: AsyncRead + Unpin>(
 }
 
 /// Reads and checks a frame prefix. An EOF before its first byte is `Closed`.
-pub(crate) async fn read_prefix<R: AsyncRead + Unpin>(
+pub async fn read_prefix<R: AsyncRead + Unpin>(
     reader: &mut R,
     data_bytes_max: u32,
 ) -> Result<FramePrefix, ReadFrameError> {
@@ -76,7 +75,7 @@ pub(crate) async fn read_prefix<R: AsyncRead + Unpin>(
 
 /// Reads the header bytes announced by `prefix` (at most
 /// [`FRAME_HEADER_BYTES_MAX`], checked by [`FramePrefix::decode`]).
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+pub async fn read_header<R: AsyncRead + Unpin>(
     reader: &mut R,
     prefix: &FramePrefix,
 ) -> Result<Vec<u8>, ReadFrameError> {
@@ -91,7 +90,7 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(
 
 /// Writes one whole frame. The caller flushes (so that replies queued
 /// together leave in one segment).
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
+pub async fn write_frame<W: AsyncWrite + Unpin>(
     writer: &mut W,
     header: &[u8],
     data: &[u8],
