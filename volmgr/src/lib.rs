@@ -6,3 +6,4 @@
 
 pub mod node;
 pub mod slog_tracing;
+pub mod transport;

@@ -1,0 +1,203 @@
+//! Raft messages between volume manager members, over TCP with Cairn's frame
+//! format.
+//!
+//! One link task per peer holds a bounded queue and one connection, opened
+//! on demand and reopened after a failure. A message is one frame: header
+//! [`PeerFrame`] (cluster id and sender, checked by the receiver), data the
+//! raft message in raft-rs's own protobuf encoding. Raft tolerates loss, so a
+//! full queue or a broken connection drops messages and reports the peer
+//! unreachable to the node loop, which makes raft probe it gently instead of
+//! streaming appends into the void.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cairn_proto::frame_io::write_frame;
+use prost::Message as _;
+use raft::prelude::Message;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::node::{Input, Machine, Transport};
+
+/// Messages queued per peer before new ones are dropped.
+pub const PEER_QUEUE_MAX: usize = 4096;
+/// How long a connection attempt to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between connection attempts to a peer that is down.
+pub const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The frame header of a raft message between members.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PeerFrame {
+    /// Always [`PEER_FRAME_MAGIC`]: tells a raft frame from an API request
+    /// arriving on the same port.
+    #[prost(fixed64, tag = "1")]
+    pub magic: u64,
+    #[prost(string, tag = "2")]
+    pub cluster_id: String,
+    #[prost(uint64, tag = "3")]
+    pub from: u64,
+}
+
+/// `PeerFrame.magic`: "CRNRAFT1" little-endian.
+pub const PEER_FRAME_MAGIC: u64 = u64::from_le_bytes(*b"CRNRAFT1");
+
+/// Raft transport over TCP; see the module docs.
+pub struct TcpTransport<M: Machine> {
+    me: u64,
+    cluster_id: String,
+    runtime: tokio::runtime::Handle,
+    node: mpsc::Sender<Input<M>>,
+    links: HashMap<u64, Link>,
+}
+
+struct Link {
+    addr: String,
+    tx: tokio::sync::mpsc::Sender<Message>,
+}
+
+impl<M: Machine> TcpTransport<M> {
+    /// `node` is the loop's own input channel (for unreachable reports);
+    /// link tasks run on `runtime`.
+    pub fn new(
+        me: u64,
+        cluster_id: String,
+        runtime: tokio::runtime::Handle,
+        node: mpsc::Sender<Input<M>>,
+    ) -> Self {
+        Self {
+            me,
+            cluster_id,
+            runtime,
+            node,
+            links: HashMap::new(),
+        }
+    }
+}
+
+impl<M: Machine> Transport for TcpTransport<M> {
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let delivered = match self.links.get(&to) {
+                Some(link) => link.tx.try_send(m).is_ok(),
+                None => false,
+            };
+            if !delivered {
+                let _ = self.node.send(Input::Unreachable(to));
+            }
+        }
+    }
+
+    fn set_members(&mut self, members: &BTreeMap<u64, String>) {
+        self.links
+            .retain(|id, link| members.get(id).is_some_and(|a| *a == link.addr));
+        for (&id, addr) in members {
+            if id == self.me || self.links.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(PEER_QUEUE_MAX);
+            self.runtime.spawn(run_link(
+                self.me,
+                id,
+                addr.clone(),
+                self.cluster_id.clone(),
+                rx,
+                self.node.clone(),
+            ));
+            self.links.insert(
+                id,
+                Link {
+                    addr: addr.clone(),
+                    tx,
+                },
+            );
+        }
+    }
+}
+
+/// Sends queued messages to one peer until the transport drops the link.
+async fn run_link<M: Machine>(
+    me: u64,
+    peer: u64,
+    addr: String,
+    cluster_id: String,
+    mut rx: tokio::sync::mpsc::Receiver<Message>,
+    node: mpsc::Sender<Input<M>>,
+) {
+    let header = PeerFrame {
+        magic: PEER_FRAME_MAGIC,
+        cluster_id,
+        from: me,
+    }
+    .encode_to_vec();
+    let mut conn: Option<BufWriter<TcpStream>> = None;
+    let mut warned = false;
+    while let Some(first) = rx.recv().await {
+        if conn.is_none() {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    if warned {
+                        info!(peer, %addr, "raft peer reachable again");
+                    }
+                    warned = false;
+                    conn = Some(BufWriter::new(s));
+                }
+                Ok(Err(e)) => {
+                    unreachable_for_now(&node, peer, &addr, &e.to_string(), &mut warned);
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+                Err(_) => {
+                    unreachable_for_now(&node, peer, &addr, "connect timed out", &mut warned);
+                    continue;
+                }
+            }
+        }
+        let w = conn.as_mut().expect("connected above");
+        let mut result = write_message(w, &header, &first).await;
+        // Whatever else is queued goes out in the same flush.
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(m) => result = write_message(w, &header, &m).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_ok() {
+            result = w.flush().await;
+        }
+        if let Err(e) = result {
+            debug!(peer, %addr, "raft connection lost: {e}");
+            conn = None;
+            let _ = node.send(Input::Unreachable(peer));
+        }
+    }
+}
+
+fn unreachable_for_now<M: Machine>(
+    node: &mpsc::Sender<Input<M>>,
+    peer: u64,
+    addr: &str,
+    why: &str,
+    warned: &mut bool,
+) {
+    if !*warned {
+        warn!(peer, addr, "raft peer unreachable: {why}");
+        *warned = true;
+    }
+    let _ = node.send(Input::Unreachable(peer));
+}
+
+async fn write_message(
+    w: &mut BufWriter<TcpStream>,
+    header: &[u8],
+    m: &Message,
+) -> std::io::Result<()> {
+    let data = protobuf::Message::write_to_bytes(m)
+        .map_err(|e| std::io::Error::other(format!("encoding a raft message: {e}")))?;
+    write_frame(w, header, &data).await
+}
