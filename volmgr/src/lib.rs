@@ -4,6 +4,8 @@
 //!   over the durable log and the state machine.
 //! - [`slog_tracing`]: raft-rs's slog records into `tracing`.
 
+pub mod config;
 pub mod node;
 pub mod slog_tracing;
+pub mod server;
 pub mod transport;
