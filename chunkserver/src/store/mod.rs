@@ -419,23 +419,12 @@ impl Store {
     /// Stops taking new commands, waits for in-flight I/O, flushes, marks the
     /// store clean and joins the engine threads. Later calls get `ShuttingDown`.
     pub async fn shutdown(&self) -> Result<()> {
-        let mut pending = Vec::with_capacity(self.inner.engines.len());
-        for shared in &self.inner.engines {
-            let (tx, rx) = oneshot::channel();
-            if shared.send(Command::Shutdown { reply: tx }).is_ok() {
-                pending.push(rx);
-            }
-        }
         let mut result = Ok(());
-        for rx in pending {
+        for rx in self.send_shutdown() {
             // A dropped reply means that engine had already stopped.
-            if let Ok(Err(e)) = rx.await {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
+            keep_first_error(&mut result, rx.await);
         }
-        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock"));
+        let threads = self.take_threads();
         if !threads.is_empty() {
             // The engines have replied; they exit right after.
             let _ = tokio::task::spawn_blocking(move || {
@@ -450,6 +439,18 @@ impl Store {
 
     /// Blocking shutdown for callers outside an async runtime.
     pub fn shutdown_blocking(&self) -> Result<()> {
+        let mut result = Ok(());
+        for rx in self.send_shutdown() {
+            keep_first_error(&mut result, rx.blocking_recv());
+        }
+        for t in self.take_threads() {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Asks every engine still running to stop; their replies.
+    fn send_shutdown(&self) -> Vec<oneshot::Receiver<Result<()>>> {
         let mut pending = Vec::with_capacity(self.inner.engines.len());
         for shared in &self.inner.engines {
             let (tx, rx) = oneshot::channel();
@@ -457,18 +458,20 @@ impl Store {
                 pending.push(rx);
             }
         }
-        let mut result = Ok(());
-        for rx in pending {
-            if let Ok(Err(e)) = rx.blocking_recv() {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
+        pending
+    }
+
+    fn take_threads(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock"))
+    }
+}
+
+/// Folds one engine's shutdown reply into the store's result.
+fn keep_first_error<E>(result: &mut Result<()>, reply: std::result::Result<Result<()>, E>) {
+    if let Ok(Err(e)) = reply {
+        if result.is_ok() {
+            *result = Err(e);
         }
-        for t in std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock")) {
-            let _ = t.join();
-        }
-        result
     }
 }
 
