@@ -320,7 +320,10 @@ mod tests {
                 &["--member-id", "1", "--initial-members", "1=x"],
                 "not an address",
             ),
-            (&["--member-id", "1", "--group-count", "1000"], "power of two"),
+            (
+                &["--member-id", "1", "--group-count", "1000"],
+                "power of two",
+            ),
             (&["--member-id", "1", "--down-after-ms", "1500"], "twice"),
             (
                 &["--member-id", "1", "--listen", "0.0.0.0:7400"],
@@ -333,8 +336,8 @@ mod tests {
             let err = Config::from_flags(flags(&all)).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
         }
-        let err = Config::from_flags(flags(&["--member-id", "1", "--cluster-id", "bad id"]))
-            .unwrap_err();
+        let err =
+            Config::from_flags(flags(&["--member-id", "1", "--cluster-id", "bad id"])).unwrap_err();
         assert!(err.contains("--data-dir"), "{err}");
     }
 }

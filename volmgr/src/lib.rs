@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod node;
-pub mod slog_tracing;
 pub mod server;
+pub mod slog_tracing;
 pub mod transport;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -235,13 +235,16 @@ impl<M: Machine> NodeHandle<M> {
 /// Starts the loop for member `id` over `log` (opened, possibly holding a
 /// bootstrap snapshot) and `machine` (empty: it is restored from the log's
 /// snapshot and the entries after it are re-applied).
+/// `transport` is built from the loop's own input channel (where it reports
+/// unreachable peers).
 pub fn start<L: LogStore, M: Machine, T: Transport>(
     id: u64,
     log: L,
     machine: M,
-    transport: T,
+    transport: impl FnOnce(mpsc::Sender<Input<M>>) -> T,
 ) -> Result<NodeHandle<M>, String> {
     let (tx, rx) = mpsc::channel();
+    let transport = transport(tx.clone());
     let (status_tx, status) = watch::channel(NodeStatus {
         id,
         ..NodeStatus::default()
@@ -720,87 +723,8 @@ mod tests {
     //! applied everywhere, linearizable reads, failover when the leader stops.
 
     use super::*;
-    use raft::storage::MemStorage;
+    use crate::testing::{ListMachine, MemLog};
     use std::sync::{Arc, Mutex};
-
-    /// MemStorage keeps a snapshot's metadata but not its data; this keeps both.
-    struct MemLog {
-        mem: MemStorage,
-        snap_data: Vec<u8>,
-    }
-
-    impl Storage for MemLog {
-        fn initial_state(&self) -> raft::Result<raft::RaftState> {
-            self.mem.initial_state()
-        }
-        fn entries(
-            &self,
-            low: u64,
-            high: u64,
-            max: impl Into<Option<u64>>,
-            ctx: raft::GetEntriesContext,
-        ) -> raft::Result<Vec<Entry>> {
-            self.mem.entries(low, high, max, ctx)
-        }
-        fn term(&self, idx: u64) -> raft::Result<u64> {
-            self.mem.term(idx)
-        }
-        fn first_index(&self) -> raft::Result<u64> {
-            self.mem.first_index()
-        }
-        fn last_index(&self) -> raft::Result<u64> {
-            self.mem.last_index()
-        }
-        fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-            let mut s = self.mem.snapshot(request_index, to)?;
-            s.data = self.snap_data.clone().into();
-            Ok(s)
-        }
-    }
-
-    impl LogStore for MemLog {
-        fn append(&mut self, entries: &[Entry]) -> Result<(), String> {
-            self.mem.wl().append(entries).map_err(|e| e.to_string())
-        }
-        fn set_hard_state(&mut self, hs: HardState) -> Result<(), String> {
-            self.mem.wl().set_hardstate(hs);
-            Ok(())
-        }
-        fn set_conf_state(&mut self, cs: ConfState) -> Result<(), String> {
-            self.mem.wl().set_conf_state(cs);
-            Ok(())
-        }
-        fn sync(&mut self) -> Result<(), String> {
-            Ok(())
-        }
-        fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), String> {
-            self.snap_data = snap.data.to_vec();
-            self.mem
-                .wl()
-                .apply_snapshot(snap)
-                .map_err(|e| e.to_string())
-        }
-        fn compact(&mut self, _: u64, _: Vec<u8>, _: ConfState) -> Result<(), String> {
-            Ok(()) // memory logs keep everything
-        }
-    }
-
-    /// Appends every command; the result is the list's length.
-    #[derive(Default)]
-    struct ListMachine(Vec<Vec<u8>>);
-
-    impl Machine for ListMachine {
-        fn apply(&mut self, _: u64, command: &[u8]) -> Vec<u8> {
-            self.0.push(command.to_vec());
-            (self.0.len() as u64).to_le_bytes().to_vec()
-        }
-        fn snapshot(&self) -> Vec<u8> {
-            self.0.concat()
-        }
-        fn restore(&mut self, _: &[u8]) -> Result<(), String> {
-            Ok(())
-        }
-    }
 
     type Net = Arc<Mutex<HashMap<u64, mpsc::Sender<Input<ListMachine>>>>>;
 
@@ -833,25 +757,12 @@ mod tests {
         let members: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("m{i}"))).collect();
         let mut handles = BTreeMap::new();
         for id in 1..=n {
-            let mut log = MemLog {
-                mem: MemStorage::new(),
-                snap_data: Vec::new(),
-            };
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().index = 1;
-            snap.mut_metadata().term = 1;
-            snap.mut_metadata().mut_conf_state().voters = (1..=n).collect();
-            snap.data = bootstrap_snapshot(&members, &ListMachine::default()).into();
-            log.apply_snapshot(snap).unwrap();
-            let h = start(
-                id,
-                log,
-                ListMachine::default(),
-                ChanTransport {
-                    me: id,
-                    net: net.clone(),
-                },
-            )
+            let log = MemLog::bootstrapped(&members);
+            let net2 = net.clone();
+            let h = start(id, log, ListMachine::default(), move |_| ChanTransport {
+                me: id,
+                net: net2,
+            })
             .unwrap();
             net.lock().unwrap().insert(id, h.sender());
             handles.insert(id, h);

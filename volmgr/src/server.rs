@@ -168,3 +168,132 @@ async fn connection<M: Machine, H: Handler>(
         _ => result,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Three members over real loopback sockets: raft traffic through the
+    //! listener and [`TcpTransport`], API frames answered beside it, and a
+    //! member of another cluster refused.
+
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::node::{self, NodeHandle};
+    use crate::testing::{ListMachine, MemLog};
+    use crate::transport::TcpTransport;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(
+            self: Arc<Self>,
+            header: Vec<u8>,
+            data: Vec<u8>,
+            _: SocketAddr,
+        ) -> (Vec<u8>, Vec<u8>) {
+            (header, data)
+        }
+    }
+
+    struct Member {
+        node: NodeHandle<ListMachine>,
+        stop: watch::Sender<bool>,
+    }
+
+    async fn start_member(
+        id: u64,
+        cluster: &str,
+        listener: TcpListener,
+        members: &BTreeMap<u64, String>,
+    ) -> Member {
+        let rt = tokio::runtime::Handle::current();
+        let cluster_id = cluster.to_string();
+        let node = node::start(id, MemLog::bootstrapped(members), ListMachine::default(), {
+            let cluster_id = cluster_id.clone();
+            move |tx| TcpTransport::new(id, cluster_id, rt, tx)
+        })
+        .unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            cluster_id,
+            node.sender(),
+            Arc::new(Echo),
+            stop_rx,
+        ));
+        Member { node, stop }
+    }
+
+    async fn leader_of(members: &BTreeMap<u64, Member>) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((id, _)) = members
+                .iter()
+                .find(|(_, m)| m.node.status().borrow().is_leader)
+            {
+                return *id;
+            }
+            assert!(Instant::now() < deadline, "no leader within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_replicate_over_tcp_and_survive_losing_the_leader() {
+        let mut listeners = Vec::new();
+        let mut addrs = BTreeMap::new();
+        for id in 1..=3u64 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.insert(id, l.local_addr().unwrap().to_string());
+            listeners.push((id, l));
+        }
+        let mut members = BTreeMap::new();
+        for (id, l) in listeners {
+            members.insert(id, start_member(id, "c1", l, &addrs).await);
+        }
+        let first = leader_of(&members).await;
+        for i in 0..20u8 {
+            members[&first].node.propose(vec![i]).await.unwrap();
+        }
+
+        // An API frame on the same port is answered by the handler.
+        let mut s = TcpStream::connect(&addrs[&first]).await.unwrap();
+        write_frame(&mut s, b"\x08\x07", b"data").await.unwrap();
+        let prefix = read_prefix(&mut s, FRAME_DATA_BYTES_MAX).await.unwrap();
+        assert_eq!(read_header(&mut s, &prefix).await.unwrap(), b"\x08\x07");
+
+        // A raft frame from another cluster closes that connection only.
+        let mut s = TcpStream::connect(&addrs[&first]).await.unwrap();
+        let pf = PeerFrame {
+            magic: PEER_FRAME_MAGIC,
+            cluster_id: "other".into(),
+            from: 9,
+        };
+        write_frame(&mut s, &pf.encode_to_vec(), b"").await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .unwrap_or(0);
+        assert_eq!(n, 0, "connection from another cluster stays open");
+
+        // The leader goes away (listener and node): the others carry on.
+        let gone = members.remove(&first).unwrap();
+        let _ = gone.stop.send(true);
+        gone.node.stop();
+        let t0 = Instant::now();
+        let second = leader_of(&members).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "election took {:?}",
+            t0.elapsed()
+        );
+        let len = members[&second].node.read(|m| m.0.len()).await.unwrap();
+        assert_eq!(len, 20);
+        members[&second].node.propose(vec![99]).await.unwrap();
+        for (_, m) in members {
+            let _ = m.stop.send(true);
+            m.node.stop();
+        }
+    }
+}
