@@ -14,5 +14,7 @@
 pub mod chunk;
 pub mod frame;
 pub mod frame_io;
+pub mod map;
+pub mod volmgr;
 
 pub use frame::{FrameError, FramePrefix};

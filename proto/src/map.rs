@@ -1,0 +1,251 @@
+//! The cluster map and volume catalogue records, as every process sees them.
+//!
+//! The volume manager replicates these through raft, stores them in its
+//! snapshots and serves them to chunk servers, targets and `cairn`. They are
+//! therefore both a wire format and an on-disk format:
+//!
+//! - **Field tags never change and are never reused.** A field that is no
+//!   longer needed is left in place (or its tag reserved in a comment); a new
+//!   field takes a new tag. Old readers skip tags they do not know, so adding
+//!   fields is the only compatible change.
+//! - Every field's zero value (0, false, empty) is what an old writer that did
+//!   not know the field means, so choose new fields' meanings accordingly.
+//!
+//! # Epochs
+//!
+//! [`ClusterMap::epoch`] names one version of the map's placement-relevant
+//! content: the node set, each node's address, failure-domain labels and
+//! weight, its up/down and in/out state, and the group count. Two maps with
+//! the same epoch agree on all of these. The usage figures
+//! ([`NodeInfo::capacity_bytes`], [`NodeInfo::used_bytes`]) are informational
+//! and are refreshed without a new epoch, so that disk usage never churns
+//! placement or fences I/O.
+
+/// Which nodes hold which groups, and in what state: one map epoch.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClusterMap {
+    /// The map epoch; 0 means no map has been made yet. Every change to the
+    /// placement-relevant content (see the module docs) makes a new epoch,
+    /// exactly one higher.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// Redundancy groups in the pool, a power of two; fixed once set (at
+    /// bootstrap), because changing it would move every extent. 0 until set.
+    #[prost(uint32, tag = "2")]
+    pub group_count: u32,
+    /// Every registered chunk server, sorted by `id`, each id once.
+    #[prost(message, repeated, tag = "3")]
+    pub nodes: ::prost::alloc::vec::Vec<NodeInfo>,
+}
+
+impl ClusterMap {
+    /// The node with `id`, if it is registered. `nodes` is sorted by id.
+    pub fn node(&self, id: u64) -> Option<&NodeInfo> {
+        self.nodes
+            .binary_search_by_key(&id, |n| n.id)
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+}
+
+/// One chunk server in the map.
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct NodeInfo {
+    /// The chunk server's node id (from its data directory); never 0.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Where its RPC listens: `host:port` (`[v6addr]:port` for IPv6).
+    #[prost(string, tag = "2")]
+    pub addr: ::prost::alloc::string::String,
+    /// Failure domains, nested: a host is identified by (room, rack, host),
+    /// a rack by (room, rack). No two replicas of a group share a host.
+    #[prost(string, tag = "3")]
+    pub host: ::prost::alloc::string::String,
+    /// Rack label; may be empty (one unnamed rack).
+    #[prost(string, tag = "4")]
+    pub rack: ::prost::alloc::string::String,
+    /// Room (or site) label; may be empty (one unnamed room).
+    #[prost(string, tag = "5")]
+    pub room: ::prost::alloc::string::String,
+    /// Relative capacity for placement; 0 takes no replicas.
+    #[prost(uint32, tag = "6")]
+    pub weight: u32,
+    /// Usable bytes of its data directory. Informational: not covered by the
+    /// map epoch.
+    #[prost(uint64, tag = "7")]
+    pub capacity_bytes: u64,
+    /// Bytes in use. Informational: not covered by the map epoch.
+    #[prost(uint64, tag = "8")]
+    pub used_bytes: u64,
+    /// Up: heartbeating, may serve I/O. Down: silent for longer than
+    /// `down_after`; its groups continue on their other replicas.
+    #[prost(bool, tag = "9")]
+    pub up: bool,
+    /// In: holds its share of placement (also while down, so a short outage
+    /// moves no data). Out: holds nothing; its groups are re-replicated.
+    #[prost(bool, tag = "10")]
+    pub in_: bool,
+    /// The map epoch at which the node was registered or its up/in state
+    /// last changed.
+    #[prost(uint64, tag = "11")]
+    pub since_epoch: u64,
+    /// Wall-clock time of that change (ms since the Unix epoch), as the
+    /// proposing volume manager saw it; for status displays only.
+    #[prost(uint64, tag = "12")]
+    pub since_unix_ms: u64,
+}
+
+/// One volume in the catalogue.
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct VolumeInfo {
+    /// Assigned by the volume manager from 1 upwards; never reused, also not
+    /// after the volume is deleted.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Unique among live volumes; `[A-Za-z0-9._-]`, not starting with `-`
+    /// or `.`.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Size in bytes; a multiple of 512. Only grows.
+    #[prost(uint64, tag = "3")]
+    pub size_bytes: u64,
+    /// Extent size in bytes; a power of two. Fixed at creation.
+    #[prost(uint32, tag = "4")]
+    pub extent_size_bytes: u32,
+    /// Copies of every block.
+    #[prost(uint32, tag = "5")]
+    pub replicas: u32,
+    /// Writes wait (never fail, never complete under-replicated) while
+    /// fewer replicas than this are in a group's acting set.
+    #[prost(uint32, tag = "6")]
+    pub min_replicas: u32,
+    /// Creation time (ms since the Unix epoch), as the proposer saw it.
+    #[prost(uint64, tag = "7")]
+    pub created_unix_ms: u64,
+    /// The epoch new extent versions are written at; taking a snapshot
+    /// freezes it and opens the next. Starts at 1.
+    #[prost(uint64, tag = "8")]
+    pub head_epoch: u64,
+    /// For a clone: the snapshot its chain starts at (issue 8).
+    #[prost(message, optional, tag = "9")]
+    pub parent: ::core::option::Option<SnapshotRef>,
+    /// Snapshots, oldest first (issue 8; empty until then).
+    #[prost(message, repeated, tag = "10")]
+    pub snapshots: ::prost::alloc::vec::Vec<SnapshotInfo>,
+}
+
+/// A snapshot of a volume: a clone's parent.
+#[derive(Clone, Copy, PartialEq, Eq, ::prost::Message)]
+pub struct SnapshotRef {
+    /// The volume the snapshot belongs to.
+    #[prost(uint64, tag = "1")]
+    pub volume_id: u64,
+    /// The snapshot's id within that volume.
+    #[prost(uint64, tag = "2")]
+    pub snapshot_id: u64,
+}
+
+/// One snapshot of a volume: a frozen head epoch.
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct SnapshotInfo {
+    /// Unique within the volume, never reused.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Unique within the volume; same rules as volume names.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// The head epoch the snapshot froze.
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
+    /// Creation time (ms since the Unix epoch), as the proposer saw it.
+    #[prost(uint64, tag = "4")]
+    pub created_unix_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    /// Pins the encoding: if this fails, a tag or type changed, which breaks
+    /// every stored snapshot and every process of another version.
+    #[test]
+    fn encoding_is_pinned() {
+        let map = ClusterMap {
+            epoch: 7,
+            group_count: 1024,
+            nodes: vec![NodeInfo {
+                id: 3,
+                addr: "a:1".into(),
+                host: "h".into(),
+                rack: "r".into(),
+                room: "m".into(),
+                weight: 2,
+                capacity_bytes: 5,
+                used_bytes: 4,
+                up: true,
+                in_: true,
+                since_epoch: 6,
+                since_unix_ms: 9,
+            }],
+        };
+        let bytes = map.encode_to_vec();
+        assert_eq!(
+            bytes,
+            [
+                0x08, 7, 0x10, 0x80, 0x08, 0x1a, 30, 0x08, 3, 0x12, 3, b'a', b':', b'1', 0x1a, 1,
+                b'h', 0x22, 1, b'r', 0x2a, 1, b'm', 0x30, 2, 0x38, 5, 0x40, 4, 0x48, 1, 0x50, 1,
+                0x58, 6, 0x60, 9,
+            ]
+        );
+        assert_eq!(ClusterMap::decode(&bytes[..]).unwrap(), map);
+
+        let vol = VolumeInfo {
+            id: 1,
+            name: "v".into(),
+            size_bytes: 512,
+            extent_size_bytes: 1 << 20,
+            replicas: 3,
+            min_replicas: 2,
+            created_unix_ms: 8,
+            head_epoch: 1,
+            parent: Some(SnapshotRef {
+                volume_id: 4,
+                snapshot_id: 5,
+            }),
+            snapshots: vec![SnapshotInfo {
+                id: 1,
+                name: "s".into(),
+                epoch: 1,
+                created_unix_ms: 2,
+            }],
+        };
+        let bytes = vol.encode_to_vec();
+        assert_eq!(
+            bytes,
+            [
+                0x08, 1, 0x12, 1, b'v', 0x18, 0x80, 0x04, 0x20, 0x80, 0x80, 0x40, 0x28, 3, 0x30, 2,
+                0x38, 8, 0x40, 1, 0x4a, 4, 0x08, 4, 0x10, 5, 0x52, 9, 0x08, 1, 0x12, 1, b's', 0x18,
+                1, 0x20, 2,
+            ]
+        );
+        assert_eq!(VolumeInfo::decode(&bytes[..]).unwrap(), vol);
+    }
+
+    #[test]
+    fn node_lookup_by_id() {
+        let map = ClusterMap {
+            epoch: 1,
+            group_count: 1,
+            nodes: [2, 5, 9]
+                .into_iter()
+                .map(|id| NodeInfo {
+                    id,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        assert_eq!(map.node(5).map(|n| n.id), Some(5));
+        assert!(map.node(4).is_none());
+    }
+}

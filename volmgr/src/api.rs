@@ -1,0 +1,413 @@
+//! The volume manager's API: [`VolmgrRequest`] in, [`VolmgrResponse`] out.
+//!
+//! Changes become [`Proposal`]s through raft (exactly once per client id and
+//! sequence, see `state`); reads run on the node loop after raft's read index,
+//! so they are current; both need the leader, and a follower answers
+//! `NotLeader` with the leader's address. Heartbeats go to the leader's
+//! failure detector, in memory. A long poll for a newer map waits on the
+//! node's applied index and answers when the epoch moves or the wait ends.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_proto::map::ClusterMap;
+use cairn_proto::volmgr::{
+    ClusterStatus, MemberInfo, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
+};
+use prost::Message as _;
+use tracing::{debug, info};
+
+use crate::detector::FailureDetector;
+use crate::node::{NodeError, NodeHandle};
+use crate::server::Handler;
+use crate::state::{
+    Command, CreateVolume, DeleteVolume, ErrorCode, GrowVolume, Proposal, RegisterNode, Response,
+    State, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+};
+
+/// Longest a `GetMap` long poll waits.
+pub const MAP_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Most volumes one `ListVolumes` answer holds.
+pub const LIST_LIMIT_MAX: u32 = 1000;
+
+/// The leader's failure detector, replaced at every election (see `detector`).
+pub type SharedDetector = Arc<Mutex<Option<FailureDetector>>>;
+
+pub struct Api {
+    pub node: NodeHandle<State>,
+    pub cluster_id: String,
+    pub detector: SharedDetector,
+    pub heartbeat_interval: Duration,
+    /// Monotonic clock origin for the detector's `now_ms`.
+    pub started: std::time::Instant,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn reply(status: VolmgrStatus, message: impl Into<String>) -> VolmgrResponse {
+    VolmgrResponse {
+        status: status as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+fn from_node_error(e: NodeError) -> VolmgrResponse {
+    match e {
+        NodeError::NotLeader { leader, addr } => VolmgrResponse {
+            status: VolmgrStatus::NotLeader as i32,
+            message: if leader == 0 {
+                "no leader is known yet; retry shortly".into()
+            } else {
+                format!("not the leader; member {leader} leads")
+            },
+            leader_id: leader,
+            leader_addr: addr.unwrap_or_default(),
+            ..Default::default()
+        },
+        NodeError::Unknown => reply(VolmgrStatus::Retry, e.to_string()),
+        NodeError::Busy => reply(VolmgrStatus::Busy, e.to_string()),
+        NodeError::Raft(_) | NodeError::Stopped => reply(VolmgrStatus::Internal, e.to_string()),
+    }
+}
+
+fn from_state_response(r: Response) -> VolmgrResponse {
+    let status = match ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Malformed) {
+        ErrorCode::Ok => VolmgrStatus::Ok,
+        ErrorCode::InvalidArgument | ErrorCode::Malformed | ErrorCode::StaleRequest => {
+            VolmgrStatus::InvalidArgument
+        }
+        ErrorCode::AlreadyExists => VolmgrStatus::AlreadyExists,
+        ErrorCode::NotFound => VolmgrStatus::NotFound,
+        ErrorCode::FailedPrecondition | ErrorCode::LimitReached => VolmgrStatus::FailedPrecondition,
+    };
+    VolmgrResponse {
+        status: status as i32,
+        message: r.message,
+        volume: r.volume,
+        ..Default::default()
+    }
+}
+
+impl Api {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn propose(&self, req: &VolmgrRequest, command: Command) -> VolmgrResponse {
+        let proposal = Proposal {
+            client_id: req.client_id,
+            client_seq: req.client_seq,
+            proposed_unix_ms: unix_ms(),
+            command: Some(command),
+        };
+        match self.node.propose(proposal.encode_to_vec()).await {
+            Ok(bytes) => match Response::decode(&bytes[..]) {
+                Ok(r) => from_state_response(r),
+                Err(e) => reply(
+                    VolmgrStatus::Internal,
+                    format!("undecodable apply result: {e}"),
+                ),
+            },
+            Err(e) => from_node_error(e),
+        }
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State) -> R + Send + 'static,
+    ) -> Result<R, VolmgrResponse> {
+        self.node.read(f).await.map_err(from_node_error)
+    }
+
+    async fn get_map(&self, req: &VolmgrRequest) -> VolmgrResponse {
+        let wait = Duration::from_millis(req.wait_ms as u64).min(MAP_WAIT_MAX);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut status = self.node.status();
+        loop {
+            let map: ClusterMap = match self.read(|s| s.map().clone()).await {
+                Ok(m) => m,
+                Err(r) => return r,
+            };
+            if map.epoch > req.wait_newer_than || tokio::time::Instant::now() >= deadline {
+                return VolmgrResponse {
+                    map: Some(map),
+                    ..Default::default()
+                };
+            }
+            // Something was applied (or the leader changed): look again.
+            if tokio::time::timeout_at(deadline, status.changed())
+                .await
+                .is_err()
+            {
+                continue; // deadline: answer with the current map
+            }
+        }
+    }
+
+    async fn cluster_status(&self) -> VolmgrResponse {
+        let node = self.node.status().borrow().clone();
+        let summary = self
+            .read(|s| {
+                let map = s.map();
+                let up = map.nodes.iter().filter(|n| n.up).count() as u32;
+                let out = map.nodes.iter().filter(|n| !n.in_).count() as u32;
+                (
+                    map.epoch,
+                    up,
+                    map.nodes.len() as u32 - up,
+                    out,
+                    map.nodes.iter().map(|n| n.capacity_bytes).sum::<u64>(),
+                    map.nodes.iter().map(|n| n.used_bytes).sum::<u64>(),
+                    s.volumes().count() as u64,
+                )
+            })
+            .await;
+        let (map_epoch, nodes_up, nodes_down, nodes_out, capacity_bytes, used_bytes, volumes) =
+            match summary {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+        VolmgrResponse {
+            status_info: Some(ClusterStatus {
+                leader_id: node.leader,
+                term: node.term,
+                members: node
+                    .members
+                    .iter()
+                    .map(|(&id, addr)| MemberInfo {
+                        id,
+                        addr: addr.clone(),
+                    })
+                    .collect(),
+                map_epoch,
+                nodes_up,
+                nodes_down,
+                nodes_out,
+                capacity_bytes,
+                used_bytes,
+                volumes,
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn dispatch(&self, req: &VolmgrRequest, peer: SocketAddr) -> VolmgrResponse {
+        let Ok(op) = VolmgrOp::try_from(req.op) else {
+            return reply(
+                VolmgrStatus::UnknownOp,
+                format!("unknown operation {}", req.op),
+            );
+        };
+        let changes = matches!(
+            op,
+            VolmgrOp::RegisterNode
+                | VolmgrOp::CreateVolume
+                | VolmgrOp::GrowVolume
+                | VolmgrOp::DeleteVolume
+        );
+        if changes && (req.client_id == 0 || req.client_seq == 0) {
+            return reply(
+                VolmgrStatus::InvalidArgument,
+                "a change needs client_id and client_seq (both above 0) so a retry is applied once",
+            );
+        }
+        let volume_key = || Some(VolumeKey::name(req.volume_name.clone()));
+        match op {
+            VolmgrOp::Unspecified => reply(VolmgrStatus::UnknownOp, "operation not set"),
+            VolmgrOp::RegisterNode => {
+                let r = self
+                    .propose(
+                        req,
+                        Command::RegisterNode(RegisterNode {
+                            node_id: req.node_id,
+                            addr: req.node_addr.clone(),
+                            host: req.host.clone(),
+                            rack: req.rack.clone(),
+                            room: req.room.clone(),
+                            weight: req.weight,
+                            capacity_bytes: req.capacity_bytes,
+                        }),
+                    )
+                    .await;
+                if r.status == VolmgrStatus::Ok as i32 {
+                    info!(node = req.node_id, addr = %req.node_addr, %peer, "chunk server registered");
+                    self.heartbeat(req.node_id);
+                }
+                VolmgrResponse {
+                    heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    ..r
+                }
+            }
+            VolmgrOp::Heartbeat => {
+                let status = self.node.status().borrow().clone();
+                if !status.is_leader {
+                    return from_node_error(NodeError::NotLeader {
+                        leader: status.leader,
+                        addr: status.leader_addr(),
+                    });
+                }
+                self.heartbeat(req.node_id);
+                VolmgrResponse {
+                    heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    ..Default::default()
+                }
+            }
+            VolmgrOp::GetMap => self.get_map(req).await,
+            VolmgrOp::CreateVolume => {
+                let extent = if req.extent_size == 0 {
+                    EXTENT_SIZE_BYTES_DEFAULT
+                } else {
+                    req.extent_size
+                };
+                self.propose(
+                    req,
+                    Command::CreateVolume(CreateVolume {
+                        name: req.volume_name.clone(),
+                        size_bytes: req.size_bytes,
+                        extent_size_bytes: extent,
+                        replicas: req.replicas,
+                        min_replicas: req.min_replicas,
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::GrowVolume => {
+                self.propose(
+                    req,
+                    Command::GrowVolume(GrowVolume {
+                        volume: volume_key(),
+                        size_bytes: req.size_bytes,
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::DeleteVolume => {
+                self.propose(
+                    req,
+                    Command::DeleteVolume(DeleteVolume {
+                        volume: volume_key(),
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::GetVolume => {
+                let name = req.volume_name.clone();
+                match self.read(move |s| s.volume_by_name(&name).cloned()).await {
+                    Ok(Some(v)) => VolmgrResponse {
+                        volume: Some(v),
+                        ..Default::default()
+                    },
+                    Ok(None) => reply(
+                        VolmgrStatus::NotFound,
+                        format!("no volume named {:?}", req.volume_name),
+                    ),
+                    Err(r) => r,
+                }
+            }
+            VolmgrOp::ListVolumes => {
+                let limit = match req.limit {
+                    0 => LIST_LIMIT_MAX,
+                    n => n.min(LIST_LIMIT_MAX),
+                } as usize;
+                let after = req.after_name.clone();
+                let page = self
+                    .read(move |s| {
+                        let mut names: Vec<_> =
+                            s.volumes().filter(|v| v.name > after).cloned().collect();
+                        names.sort_by(|a, b| a.name.cmp(&b.name));
+                        let more = names.len() > limit;
+                        names.truncate(limit);
+                        (names, more)
+                    })
+                    .await;
+                match page {
+                    Ok((volumes, more)) => VolmgrResponse {
+                        volumes,
+                        more,
+                        ..Default::default()
+                    },
+                    Err(r) => r,
+                }
+            }
+            VolmgrOp::ClusterStatus => self.cluster_status().await,
+            VolmgrOp::AddMember | VolmgrOp::RemoveMember => {
+                if req.member_id == 0 {
+                    return reply(VolmgrStatus::InvalidArgument, "member_id must be above 0");
+                }
+                let addr = if op == VolmgrOp::AddMember {
+                    match req.member_addr.parse::<SocketAddr>() {
+                        Ok(a) => Some(a.to_string()),
+                        Err(e) => {
+                            return reply(
+                                VolmgrStatus::InvalidArgument,
+                                format!("member_addr {:?}: {e}", req.member_addr),
+                            )
+                        }
+                    }
+                } else {
+                    None
+                };
+                match self.node.change_member(req.member_id, addr).await {
+                    Ok(()) => VolmgrResponse::default(),
+                    Err(e) => from_node_error(e),
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self, node_id: u64) {
+        let now = self.now_ms();
+        if let Some(d) = self.detector.lock().expect("detector lock").as_mut() {
+            d.heartbeat(node_id, now);
+        }
+    }
+}
+
+impl Handler for Api {
+    async fn handle(
+        self: Arc<Self>,
+        header: Vec<u8>,
+        _data: Vec<u8>,
+        peer: SocketAddr,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut resp = match VolmgrRequest::decode(&header[..]) {
+            Err(e) => reply(
+                VolmgrStatus::InvalidArgument,
+                format!("undecodable request header: {e}"),
+            ),
+            Ok(req) if !req.cluster_id.is_empty() && req.cluster_id != self.cluster_id => {
+                VolmgrResponse {
+                    request_id: req.request_id,
+                    ..reply(
+                        VolmgrStatus::InvalidArgument,
+                        format!(
+                            "this is cluster {:?}, not {:?}",
+                            self.cluster_id, req.cluster_id
+                        ),
+                    )
+                }
+            }
+            Ok(req) => {
+                let mut r = self.dispatch(&req, peer).await;
+                r.request_id = req.request_id;
+                if r.status != VolmgrStatus::Ok as i32 {
+                    debug!(%peer, op = req.op, status = r.status, "{}", r.message);
+                }
+                r
+            }
+        };
+        if resp.leader_id == 0 {
+            let s = self.node.status().borrow().clone();
+            resp.leader_id = s.leader;
+            resp.leader_addr = s.leader_addr().unwrap_or_default();
+        }
+        (resp.encode_to_vec(), Vec::new())
+    }
+}

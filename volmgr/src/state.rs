@@ -1,0 +1,715 @@
+//! The replicated state machine: the cluster map and the volume catalogue.
+//!
+//! [`State`] is what every volume manager member holds. raft's apply loop
+//! calls [`State::apply`] with each committed [`Proposal`] in log order, and
+//! [`State::snapshot`] / [`State::restore`] when it compacts or installs a
+//! snapshot (the [`Machine`] impl does exactly that over bytes). There is no
+//! I/O, no clock and no randomness in here:
+//!
+//! - **Deterministic.** Every member applies the same entries to the same
+//!   state and gets the same bytes (`snapshot()` is compared in tests). Time
+//!   comes from the proposal ([`Proposal::proposed_unix_ms`]), decided once by
+//!   the proposer. Maps are ordered (`BTreeMap`), never hashed.
+//! - **Total and atomic.** Any proposal, however malformed, gives a
+//!   [`Response`]; a refused one changes nothing at all. Each handler checks
+//!   everything first and then mutates, with nothing fallible after the first
+//!   write.
+//!
+//! # Versions
+//!
+//! The map and the catalogue change at very different rates and are watched
+//! by different readers, so they have separate counters:
+//!
+//! - **Map epoch** ([`ClusterMap::epoch`]): every command that changes the
+//!   map's placement-relevant content (nodes, addresses, labels, weights,
+//!   up/in, group count) raises it by exactly one, however many nodes it
+//!   touches. A command that changes nothing (marking a down node down)
+//!   leaves it. Usage figures ([`Command::NodeStats`]) are not covered.
+//!   Chunk servers and targets fence I/O by it, so it moves only for them.
+//! - **Catalogue version**: every create, grow and delete raises it by one.
+//!   It does not touch the map epoch: creating a volume must not make every
+//!   chunk server reject in-flight writes tagged with the previous epoch.
+//!
+//! # Retried requests
+//!
+//! A client that loses its leader does not know whether its proposal was
+//! committed, and retries it with the same `(client_id, client_seq)`. The
+//! state keeps, per client, the last applied sequence number and its
+//! successful [`Response`]; a proposal with that number returns the
+//! recorded response without applying again, an older one is refused
+//! ([`StateError::StaleRequest`]), a newer one is applied. Refusals are not
+//! recorded: a refused command changed nothing, so evaluating its retry
+//! again cannot apply anything twice (and the state stays byte-identical
+//! after bad input). Sequence numbers may skip; they only have to grow.
+//!
+//! The table keeps the [`CLIENTS_MAX`] (10,000) most recently used sessions,
+//! by a deterministic use counter. A session evicted between a request and
+//! its retry would have the retry applied again, so clients use a fresh
+//! random `client_id` per process and retry within seconds, while 10,000
+//! other sessions cannot realistically come and go. `client_id` 0 opts out
+//! (the failure detector's commands are idempotent).
+//!
+//! # Deleted volumes
+//!
+//! Volume ids are never reused, so any stored extent whose volume id is below
+//! the next id and not in the catalogue is garbage: that is the future
+//! collector's ground truth. The state also keeps the last [`DELETED_MAX`]
+//! deletions (id, name, time, size) so the collector can start with them
+//! and `cairn` can show them; older records are dropped (oldest first), which
+//! loses only the convenience, never the garbage.
+
+mod command;
+mod error;
+mod snapshot;
+pub mod validate;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use cairn_proto::map::{ClusterMap, NodeInfo, VolumeInfo};
+use prost::Message as _;
+
+pub use command::*;
+pub use error::{RestoreError, StateError};
+pub use snapshot::{ClientRecord, DeletedVolume, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC};
+
+use crate::node::Machine;
+
+/// Volume sizes are whole sectors.
+pub const SECTOR_BYTES: u64 = 512;
+/// Largest volume: 1 PiB.
+pub const VOLUME_SIZE_BYTES_MAX: u64 = 1 << 50;
+/// Smallest extent size: 1 MiB.
+pub const EXTENT_SIZE_BYTES_MIN: u32 = 1 << 20;
+/// Largest extent size: 64 MiB, the chunk server store's limit.
+pub const EXTENT_SIZE_BYTES_MAX: u32 = 64 << 20;
+/// The extent size the API uses when none is given: 4 MiB.
+pub const EXTENT_SIZE_BYTES_DEFAULT: u32 = 4 << 20;
+/// Most replicas a volume may have: what placement can place.
+pub const REPLICAS_MAX: u32 = cairn_placement::MAX_REPLICAS as u32;
+/// Longest volume name.
+pub const VOLUME_NAME_BYTES_MAX: usize = 128;
+/// Longest host, rack or room label.
+pub const LABEL_BYTES_MAX: usize = 64;
+/// Longest chunk server address.
+pub const ADDR_BYTES_MAX: usize = 256;
+/// Live volumes in the catalogue (about 150 bytes each in a snapshot).
+pub const VOLUMES_MAX: usize = 100_000;
+/// Chunk servers in the map.
+pub const NODES_MAX: usize = 4096;
+/// Client sessions remembered for deduplication, most recently used first.
+pub const CLIENTS_MAX: usize = 10_000;
+/// Deletion records kept for the garbage collector, newest first.
+pub const DELETED_MAX: usize = 10_000;
+
+/// The replicated state of the volume manager. See the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// Nodes sorted by id.
+    map: ClusterMap,
+    catalogue_version: u64,
+    volumes: BTreeMap<u64, VolumeInfo>,
+    /// Live volumes by name; always the inverse of `volumes`.
+    names: BTreeMap<String, u64>,
+    /// The id the next volume gets; above every id ever given.
+    next_volume_id: u64,
+    /// Oldest first, at most [`DELETED_MAX`].
+    deleted: VecDeque<DeletedVolume>,
+    clients: BTreeMap<u64, ClientRecord>,
+    /// `ClientRecord::last_used` -> client id; the first entry is evicted.
+    clients_by_use: BTreeMap<u64, u64>,
+    /// Counts recorded responses; stamps `last_used`.
+    client_uses: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a successful command returns besides the counters.
+#[derive(Default)]
+struct Outcome {
+    volume: Option<VolumeInfo>,
+    node: Option<NodeInfo>,
+}
+
+impl State {
+    /// The empty state every member starts from: map epoch 0, no group
+    /// count, no nodes, no volumes.
+    pub fn new() -> Self {
+        Self {
+            map: ClusterMap::default(),
+            catalogue_version: 0,
+            volumes: BTreeMap::new(),
+            names: BTreeMap::new(),
+            next_volume_id: 1,
+            deleted: VecDeque::new(),
+            clients: BTreeMap::new(),
+            clients_by_use: BTreeMap::new(),
+            client_uses: 0,
+        }
+    }
+
+    /// The cluster map (nodes sorted by id).
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
+    }
+
+    /// The map epoch; 0 before the first map change.
+    pub fn map_epoch(&self) -> u64 {
+        self.map.epoch
+    }
+
+    /// The catalogue version; 0 before the first volume change.
+    pub fn catalogue_version(&self) -> u64 {
+        self.catalogue_version
+    }
+
+    /// Live volumes in id order.
+    pub fn volumes(&self) -> impl Iterator<Item = &VolumeInfo> {
+        self.volumes.values()
+    }
+
+    /// The live volume with `id`.
+    pub fn volume(&self, id: u64) -> Option<&VolumeInfo> {
+        self.volumes.get(&id)
+    }
+
+    /// The live volume named `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeInfo> {
+        self.names.get(name).and_then(|id| self.volumes.get(id))
+    }
+
+    /// The id the next created volume will get.
+    pub fn next_volume_id(&self) -> u64 {
+        self.next_volume_id
+    }
+
+    /// The most recent deletions, oldest first (at most [`DELETED_MAX`]).
+    pub fn deleted(&self) -> impl Iterator<Item = &DeletedVolume> {
+        self.deleted.iter()
+    }
+
+    /// Sessions currently remembered for deduplication.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Applies one committed proposal. Never fails: a refusal is a
+    /// [`Response`] with an error code, and leaves the state unchanged.
+    pub fn apply(&mut self, proposal: &Proposal) -> Response {
+        match self.try_apply(proposal) {
+            Ok(response) => response,
+            Err(e) => self.error_response(&e),
+        }
+    }
+
+    /// [`State::apply`] with the refusal as a typed error.
+    pub fn try_apply(&mut self, proposal: &Proposal) -> Result<Response, StateError> {
+        let client_id = proposal.client_id;
+        if client_id != 0 {
+            if let Some(record) = self.clients.get(&client_id) {
+                if proposal.client_seq == record.last_seq {
+                    return Ok(record.response.clone().unwrap_or_default());
+                }
+                if proposal.client_seq < record.last_seq {
+                    return Err(StateError::StaleRequest {
+                        client_id,
+                        client_seq: proposal.client_seq,
+                        last_seq: record.last_seq,
+                    });
+                }
+            }
+        }
+        let command = proposal.command.as_ref().ok_or(StateError::NoCommand)?;
+        let outcome = self.execute(command, proposal.proposed_unix_ms)?;
+        let response = Response {
+            code: ErrorCode::Ok as i32,
+            message: String::new(),
+            map_epoch: self.map.epoch,
+            catalogue_version: self.catalogue_version,
+            volume: outcome.volume,
+            node: outcome.node,
+        };
+        if client_id != 0 {
+            self.record(client_id, proposal.client_seq, &response);
+        }
+        Ok(response)
+    }
+
+    /// Applies a raw log entry: decodes it first, refusing what does not
+    /// decode.
+    pub fn apply_bytes(&mut self, entry: &[u8]) -> Response {
+        match Proposal::decode(entry) {
+            Ok(p) => self.apply(&p),
+            Err(e) => self.error_response(&StateError::Malformed {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn error_response(&self, e: &StateError) -> Response {
+        Response {
+            code: e.code() as i32,
+            message: e.to_string(),
+            map_epoch: self.map.epoch,
+            catalogue_version: self.catalogue_version,
+            volume: None,
+            node: None,
+        }
+    }
+
+    /// Remembers a session's successful response, evicting the least
+    /// recently used session when the table is full.
+    fn record(&mut self, client_id: u64, client_seq: u64, response: &Response) {
+        // Cannot realistically wrap (one increment per applied request); if it
+        // ever did, stamps would repeat and eviction order would be off, but
+        // every member would still compute the same thing.
+        self.client_uses = self.client_uses.wrapping_add(1);
+        let stamp = self.client_uses;
+        if let Some(old) = self.clients.get(&client_id) {
+            self.clients_by_use.remove(&old.last_used);
+        } else if self.clients.len() >= CLIENTS_MAX {
+            if let Some((_, evicted)) = self.clients_by_use.pop_first() {
+                self.clients.remove(&evicted);
+            }
+        }
+        self.clients.insert(
+            client_id,
+            ClientRecord {
+                client_id,
+                last_seq: client_seq,
+                last_used: stamp,
+                response: Some(response.clone()),
+            },
+        );
+        self.clients_by_use.insert(stamp, client_id);
+        debug_assert_eq!(self.clients.len(), self.clients_by_use.len());
+        debug_assert!(self.clients.len() <= CLIENTS_MAX);
+    }
+
+    fn execute(&mut self, command: &Command, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        match command {
+            Command::SetGroupCount(c) => self.set_group_count(c.group_count),
+            Command::RegisterNode(c) => self.register_node(c, now_unix_ms),
+            Command::NodeStats(c) => Ok(self.node_stats(c)),
+            Command::MarkDown(c) => self.mark(&c.node_ids, Mark::Down, now_unix_ms),
+            Command::MarkUp(c) => self.mark(&c.node_ids, Mark::Up, now_unix_ms),
+            Command::MarkOut(c) => self.mark(&c.node_ids, Mark::Out, now_unix_ms),
+            Command::MarkIn(c) => self.mark(&c.node_ids, Mark::In, now_unix_ms),
+            Command::SetWeight(c) => self.set_weight(c, now_unix_ms),
+            Command::RemoveNode(c) => self.remove_node(c.node_id),
+            Command::CreateVolume(c) => self.create_volume(c, now_unix_ms),
+            Command::GrowVolume(c) => self.grow_volume(c),
+            Command::DeleteVolume(c) => self.delete_volume(c, now_unix_ms),
+        }
+    }
+
+    // ---- the cluster map ----
+
+    fn next_epoch(&self) -> Result<u64, StateError> {
+        self.map.epoch.checked_add(1).ok_or(StateError::Exhausted {
+            counter: "map epoch",
+            value: self.map.epoch,
+        })
+    }
+
+    fn node_index(&self, node_id: u64) -> Result<usize, StateError> {
+        self.map
+            .nodes
+            .binary_search_by_key(&node_id, |n| n.id)
+            .map_err(|_| StateError::UnknownNode { node_id })
+    }
+
+    fn set_group_count(&mut self, group_count: u32) -> Result<Outcome, StateError> {
+        let max = cairn_placement::MAX_TABLE_GROUPS;
+        if !group_count.is_power_of_two() || group_count > max {
+            return Err(StateError::InvalidGroupCount { group_count, max });
+        }
+        match self.map.group_count {
+            current if current == group_count => return Ok(Outcome::default()),
+            0 => {}
+            current => {
+                return Err(StateError::GroupCountFixed {
+                    current,
+                    requested: group_count,
+                })
+            }
+        }
+        self.map.epoch = self.next_epoch()?;
+        self.map.group_count = group_count;
+        Ok(Outcome::default())
+    }
+
+    fn register_node(&mut self, c: &RegisterNode, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        let node_id = c.node_id;
+        let invalid = |reason: String| StateError::InvalidNode { node_id, reason };
+        if node_id == 0 {
+            return Err(invalid("node id 0 is reserved".into()));
+        }
+        validate::addr(&c.addr).map_err(invalid)?;
+        validate::label("host", &c.host, false).map_err(invalid)?;
+        validate::label("rack", &c.rack, true).map_err(invalid)?;
+        validate::label("room", &c.room, true).map_err(invalid)?;
+        let epoch = self.next_epoch()?;
+        match self.map.nodes.binary_search_by_key(&node_id, |n| n.id) {
+            Ok(i) => {
+                let node = &mut self.map.nodes[i];
+                node.capacity_bytes = c.capacity_bytes;
+                let same = node.addr == c.addr
+                    && node.host == c.host
+                    && node.rack == c.rack
+                    && node.room == c.room;
+                if !same {
+                    node.addr.clone_from(&c.addr);
+                    node.host.clone_from(&c.host);
+                    node.rack.clone_from(&c.rack);
+                    node.room.clone_from(&c.room);
+                    node.since_epoch = epoch;
+                    node.since_unix_ms = now_unix_ms;
+                    self.map.epoch = epoch;
+                }
+                Ok(Outcome {
+                    node: Some(self.map.nodes[i].clone()),
+                    ..Outcome::default()
+                })
+            }
+            Err(i) => {
+                if self.map.nodes.len() >= NODES_MAX {
+                    return Err(StateError::TooManyNodes {
+                        node_id,
+                        max: NODES_MAX,
+                    });
+                }
+                let node = NodeInfo {
+                    id: node_id,
+                    addr: c.addr.clone(),
+                    host: c.host.clone(),
+                    rack: c.rack.clone(),
+                    room: c.room.clone(),
+                    weight: c.weight,
+                    capacity_bytes: c.capacity_bytes,
+                    used_bytes: 0,
+                    up: true,
+                    in_: true,
+                    since_epoch: epoch,
+                    since_unix_ms: now_unix_ms,
+                };
+                self.map.nodes.insert(i, node.clone());
+                self.map.epoch = epoch;
+                Ok(Outcome {
+                    node: Some(node),
+                    ..Outcome::default()
+                })
+            }
+        }
+    }
+
+    fn node_stats(&mut self, c: &NodeStats) -> Outcome {
+        for usage in &c.nodes {
+            if let Ok(i) = self.node_index(usage.node_id) {
+                let node = &mut self.map.nodes[i];
+                node.capacity_bytes = usage.capacity_bytes;
+                node.used_bytes = usage.used_bytes;
+            }
+        }
+        Outcome::default()
+    }
+
+    fn mark(&mut self, ids: &[u64], mark: Mark, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        if ids.is_empty() {
+            return Err(StateError::NoNodes);
+        }
+        let mut changing = BTreeSet::new();
+        for &node_id in ids {
+            let i = self.node_index(node_id)?;
+            let node = &self.map.nodes[i];
+            let current = match mark {
+                Mark::Down | Mark::Up => node.up,
+                Mark::Out | Mark::In => node.in_,
+            };
+            if current != mark.value() {
+                changing.insert(i);
+            }
+        }
+        if changing.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let epoch = self.next_epoch()?;
+        for i in changing {
+            let node = &mut self.map.nodes[i];
+            match mark {
+                Mark::Down | Mark::Up => node.up = mark.value(),
+                Mark::Out | Mark::In => node.in_ = mark.value(),
+            }
+            node.since_epoch = epoch;
+            node.since_unix_ms = now_unix_ms;
+        }
+        self.map.epoch = epoch;
+        Ok(Outcome::default())
+    }
+
+    fn set_weight(&mut self, c: &SetWeight, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        let i = self.node_index(c.node_id)?;
+        if self.map.nodes[i].weight != c.weight {
+            let epoch = self.next_epoch()?;
+            let node = &mut self.map.nodes[i];
+            node.weight = c.weight;
+            node.since_epoch = epoch;
+            node.since_unix_ms = now_unix_ms;
+            self.map.epoch = epoch;
+        }
+        Ok(Outcome {
+            node: Some(self.map.nodes[i].clone()),
+            ..Outcome::default()
+        })
+    }
+
+    fn remove_node(&mut self, node_id: u64) -> Result<Outcome, StateError> {
+        let i = self.node_index(node_id)?;
+        let node = &self.map.nodes[i];
+        let state = match (node.in_, node.up) {
+            (false, false) => None,
+            (true, false) => Some("in"),
+            (false, true) => Some("up"),
+            (true, true) => Some("in and up"),
+        };
+        if let Some(state) = state {
+            return Err(StateError::NodeInUse {
+                node_id,
+                state: state.into(),
+            });
+        }
+        let epoch = self.next_epoch()?;
+        let node = self.map.nodes.remove(i);
+        self.map.epoch = epoch;
+        Ok(Outcome {
+            node: Some(node),
+            ..Outcome::default()
+        })
+    }
+
+    /// Distinct hosts, as placement counts them ((room, rack, host)), among
+    /// the nodes that can take replicas: in, with weight above 0. Down nodes
+    /// count: they keep their place in placement while in.
+    pub fn failure_domains(&self) -> u32 {
+        let hosts: BTreeSet<(&str, &str, &str)> = self
+            .map
+            .nodes
+            .iter()
+            .filter(|n| n.in_ && n.weight > 0)
+            .map(|n| (n.room.as_str(), n.rack.as_str(), n.host.as_str()))
+            .collect();
+        u32::try_from(hosts.len()).unwrap_or(u32::MAX)
+    }
+
+    // ---- the volume catalogue ----
+
+    fn next_catalogue_version(&self) -> Result<u64, StateError> {
+        self.catalogue_version
+            .checked_add(1)
+            .ok_or(StateError::Exhausted {
+                counter: "catalogue version",
+                value: self.catalogue_version,
+            })
+    }
+
+    /// Checks in the order a user fixes them: the name, then the numbers,
+    /// then what depends on the cluster.
+    fn create_volume(&mut self, c: &CreateVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        let name = &c.name;
+        validate::volume_name(name).map_err(|reason| StateError::InvalidName {
+            name: name.clone(),
+            reason,
+        })?;
+        if let Some(&id) = self.names.get(name) {
+            return Err(StateError::DuplicateName {
+                name: name.clone(),
+                id,
+            });
+        }
+        validate::volume_size(c.size_bytes).map_err(|reason| StateError::InvalidSize {
+            name: name.clone(),
+            size_bytes: c.size_bytes,
+            reason,
+        })?;
+        if !validate::extent_size(c.extent_size_bytes) {
+            return Err(StateError::InvalidExtentSize {
+                name: name.clone(),
+                extent_size_bytes: c.extent_size_bytes,
+                min: EXTENT_SIZE_BYTES_MIN,
+                max: EXTENT_SIZE_BYTES_MAX,
+            });
+        }
+        if c.replicas == 0 || c.replicas > REPLICAS_MAX {
+            return Err(StateError::InvalidReplicas {
+                name: name.clone(),
+                replicas: c.replicas,
+                max: REPLICAS_MAX,
+            });
+        }
+        if c.min_replicas == 0 || c.min_replicas > c.replicas {
+            return Err(StateError::InvalidMinReplicas {
+                name: name.clone(),
+                min_replicas: c.min_replicas,
+                replicas: c.replicas,
+            });
+        }
+        let hosts = self.failure_domains();
+        if c.replicas > hosts {
+            return Err(StateError::NotEnoughFailureDomains {
+                name: name.clone(),
+                replicas: c.replicas,
+                hosts,
+            });
+        }
+        if self.volumes.len() >= VOLUMES_MAX {
+            return Err(StateError::TooManyVolumes {
+                name: name.clone(),
+                max: VOLUMES_MAX,
+            });
+        }
+        let id = self.next_volume_id;
+        let next_volume_id = id.checked_add(1).ok_or(StateError::Exhausted {
+            counter: "volume id",
+            value: id,
+        })?;
+        let version = self.next_catalogue_version()?;
+
+        let volume = VolumeInfo {
+            id,
+            name: name.clone(),
+            size_bytes: c.size_bytes,
+            extent_size_bytes: c.extent_size_bytes,
+            replicas: c.replicas,
+            min_replicas: c.min_replicas,
+            created_unix_ms: now_unix_ms,
+            head_epoch: 1,
+            parent: None,
+            snapshots: Vec::new(),
+        };
+        self.volumes.insert(id, volume.clone());
+        self.names.insert(name.clone(), id);
+        self.next_volume_id = next_volume_id;
+        self.catalogue_version = version;
+        Ok(Outcome {
+            volume: Some(volume),
+            ..Outcome::default()
+        })
+    }
+
+    fn resolve(&self, key: Option<&VolumeKey>) -> Result<u64, StateError> {
+        let key = key.cloned().unwrap_or_default();
+        let unknown = || StateError::UnknownVolume {
+            key: key.to_string(),
+        };
+        let id = match (key.id, key.name.as_str()) {
+            (0, "") => return Err(unknown()),
+            (0, name) => *self.names.get(name).ok_or_else(unknown)?,
+            (id, _) => id,
+        };
+        match self.volumes.get(&id) {
+            Some(v) if key.name.is_empty() || v.name == key.name => Ok(id),
+            _ => Err(unknown()),
+        }
+    }
+
+    fn grow_volume(&mut self, c: &GrowVolume) -> Result<Outcome, StateError> {
+        let id = self.resolve(c.volume.as_ref())?;
+        let volume = &self.volumes[&id];
+        validate::volume_size(c.size_bytes).map_err(|reason| StateError::InvalidSize {
+            name: volume.name.clone(),
+            size_bytes: c.size_bytes,
+            reason,
+        })?;
+        if c.size_bytes < volume.size_bytes {
+            return Err(StateError::Shrink {
+                name: volume.name.clone(),
+                id,
+                size_bytes: volume.size_bytes,
+                requested_bytes: c.size_bytes,
+            });
+        }
+        if c.size_bytes > volume.size_bytes {
+            let version = self.next_catalogue_version()?;
+            self.catalogue_version = version;
+            if let Some(v) = self.volumes.get_mut(&id) {
+                v.size_bytes = c.size_bytes;
+            }
+        }
+        Ok(Outcome {
+            volume: self.volumes.get(&id).cloned(),
+            ..Outcome::default()
+        })
+    }
+
+    fn delete_volume(&mut self, c: &DeleteVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        let id = self.resolve(c.volume.as_ref())?;
+        let clones: Vec<u64> = self
+            .volumes
+            .values()
+            .filter(|v| v.parent.is_some_and(|p| p.volume_id == id))
+            .map(|v| v.id)
+            .collect();
+        if !clones.is_empty() {
+            return Err(StateError::VolumeHasClones {
+                name: self.volumes[&id].name.clone(),
+                id,
+                clones,
+            });
+        }
+        let version = self.next_catalogue_version()?;
+        let Some(volume) = self.volumes.remove(&id) else {
+            return Err(StateError::UnknownVolume {
+                key: VolumeKey::id(id).to_string(),
+            });
+        };
+        self.names.remove(&volume.name);
+        if self.deleted.len() >= DELETED_MAX {
+            self.deleted.pop_front();
+        }
+        self.deleted.push_back(DeletedVolume {
+            volume_id: id,
+            name: volume.name.clone(),
+            size_bytes: volume.size_bytes,
+            deleted_unix_ms: now_unix_ms,
+        });
+        self.catalogue_version = version;
+        Ok(Outcome {
+            volume: Some(volume),
+            ..Outcome::default()
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mark {
+    Down,
+    Up,
+    Out,
+    In,
+}
+
+impl Mark {
+    /// The flag's value after marking (`up` or `in_`).
+    fn value(self) -> bool {
+        matches!(self, Mark::Up | Mark::In)
+    }
+}
+
+/// raft's apply loop ([`crate::node`]) drives the state through this.
+impl Machine for State {
+    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+        self.apply_bytes(command).encode_to_vec()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        State::snapshot(self)
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
+        *self = State::restore(data).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}

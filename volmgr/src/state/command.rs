@@ -1,0 +1,327 @@
+//! What raft replicates ([`Proposal`], [`Command`]) and what applying it
+//! answers ([`Response`]).
+//!
+//! These are raft log entries and so an on-disk format: field tags never
+//! change and are never reused. A new command takes a new tag in
+//! [`Command`]; members that do not know it answer [`ErrorCode::Malformed`]
+//! while members that do would apply it, so **every member must run a build
+//! that knows a command before any client proposes it** (upgrade all members,
+//! then use the new command).
+
+use cairn_proto::map::{NodeInfo, VolumeInfo};
+
+/// One raft log entry: a command and who asked for it.
+///
+/// `proposed_unix_ms` is the proposer's wall clock when it proposed. Apply
+/// never reads a clock: every time it records (creation, deletion, state
+/// changes) is this value, so every replica computes the same state.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Proposal {
+    /// The client session; 0 means "no deduplication" (for commands that are
+    /// idempotent anyway, such as the failure detector's). Clients pick a
+    /// random id per session.
+    #[prost(uint64, tag = "1")]
+    pub client_id: u64,
+    /// Increases with every new request of the session; a retry repeats it.
+    #[prost(uint64, tag = "2")]
+    pub client_seq: u64,
+    /// The proposer's wall clock, ms since the Unix epoch.
+    #[prost(uint64, tag = "3")]
+    pub proposed_unix_ms: u64,
+    /// What to do; `None` when the entry was made by a build with a command
+    /// this build does not know.
+    #[prost(
+        oneof = "Command",
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+    )]
+    pub command: Option<Command>,
+}
+
+/// A change to the replicated state. Tags 22 and up are free (snapshots,
+/// clones and rollback come with issue 8).
+#[derive(Clone, PartialEq, ::prost::Oneof)]
+pub enum Command {
+    /// Sets the pool's group count; only once (at bootstrap). Map change.
+    #[prost(message, tag = "10")]
+    SetGroupCount(SetGroupCount),
+    /// Adds a chunk server (up and in), or updates a registered one's address,
+    /// labels and capacity. Map change when anything but capacity changes.
+    #[prost(message, tag = "11")]
+    RegisterNode(RegisterNode),
+    /// Refreshes usage figures. Never a map change (see [`NodeStats`]).
+    #[prost(message, tag = "12")]
+    NodeStats(NodeStats),
+    /// Marks nodes down (the failure detector). Map change.
+    #[prost(message, tag = "13")]
+    MarkDown(NodeIds),
+    /// Marks nodes up (the failure detector). Map change.
+    #[prost(message, tag = "14")]
+    MarkUp(NodeIds),
+    /// Marks nodes out (the detector after `out_after`, or an admin draining
+    /// them). Map change.
+    #[prost(message, tag = "15")]
+    MarkOut(NodeIds),
+    /// Marks nodes in (an admin). Map change.
+    #[prost(message, tag = "16")]
+    MarkIn(NodeIds),
+    /// Changes a node's placement weight (an admin). Map change.
+    #[prost(message, tag = "17")]
+    SetWeight(SetWeight),
+    /// Drops a node that is out and down from the map. Map change.
+    #[prost(message, tag = "18")]
+    RemoveNode(RemoveNode),
+    /// Catalogue change.
+    #[prost(message, tag = "19")]
+    CreateVolume(CreateVolume),
+    /// Catalogue change.
+    #[prost(message, tag = "20")]
+    GrowVolume(GrowVolume),
+    /// Catalogue change.
+    #[prost(message, tag = "21")]
+    DeleteVolume(DeleteVolume),
+}
+
+/// See [`Command::SetGroupCount`].
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetGroupCount {
+    /// A power of two up to `cairn_placement::MAX_TABLE_GROUPS`.
+    #[prost(uint32, tag = "1")]
+    pub group_count: u32,
+}
+
+/// See [`Command::RegisterNode`].
+///
+/// Re-registering a known node (a chunk server registers at every start)
+/// updates its address, labels and capacity and leaves its weight, up/down
+/// and in/out alone: weight belongs to the admin after the first
+/// registration ([`SetWeight`]), up/down to the failure detector, in/out to
+/// the detector and the admin. So a restarting server does not undo a drain.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RegisterNode {
+    /// Never 0.
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+    /// `host:port` of its RPC listener.
+    #[prost(string, tag = "2")]
+    pub addr: String,
+    /// Required; see `NodeInfo::host`.
+    #[prost(string, tag = "3")]
+    pub host: String,
+    /// May be empty.
+    #[prost(string, tag = "4")]
+    pub rack: String,
+    /// May be empty.
+    #[prost(string, tag = "5")]
+    pub room: String,
+    /// Placement weight at first registration; ignored afterwards.
+    #[prost(uint32, tag = "6")]
+    pub weight: u32,
+    /// Usable bytes of its data directory.
+    #[prost(uint64, tag = "7")]
+    pub capacity_bytes: u64,
+}
+
+/// See [`Command::NodeStats`].
+///
+/// Heartbeats do **not** go through raft: a cluster of 100 servers
+/// heartbeating every second would add 100 log entries a second for no
+/// change. They go to the leader's failure detector, in memory; only the
+/// state changes it decides on (down, up, out) are proposed. Usage figures
+/// from heartbeats reach the replicated map through this command, which the
+/// leader proposes for all nodes at once and seldom (when a figure moved
+/// noticeably). They are informational, so it does not make a new epoch.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeStats {
+    /// Figures for any number of nodes; entries for nodes no longer in the
+    /// map are skipped (the node was removed since its heartbeat).
+    #[prost(message, repeated, tag = "1")]
+    pub nodes: Vec<NodeUsage>,
+}
+
+/// One node's usage, see [`NodeStats`].
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeUsage {
+    /// The node.
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+    /// Usable bytes of its data directory.
+    #[prost(uint64, tag = "2")]
+    pub capacity_bytes: u64,
+    /// Bytes in use.
+    #[prost(uint64, tag = "3")]
+    pub used_bytes: u64,
+}
+
+/// The nodes a MarkDown/Up/Out/In applies to: all of them in one epoch, so a
+/// rack that loses power makes one new map, not one per server. Every id
+/// must be in the map; nodes already in the target state are left as they
+/// are, and if that is all of them nothing changes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NodeIds {
+    /// At least one.
+    #[prost(uint64, repeated, tag = "1")]
+    pub node_ids: Vec<u64>,
+}
+
+/// See [`Command::SetWeight`].
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetWeight {
+    /// The node.
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+    /// New weight; 0 drains the node like marking it out, but keeps it in
+    /// the balancing.
+    #[prost(uint32, tag = "2")]
+    pub weight: u32,
+}
+
+/// See [`Command::RemoveNode`].
+///
+/// Only a node that is out and down can be removed. The volume manager does
+/// not (yet) know whether re-replication of its groups has finished; the
+/// admin tool checks that before removing. Requiring down as well means the
+/// server has been stopped: a running one would register again at once.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RemoveNode {
+    /// The node.
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+}
+
+/// See [`Command::CreateVolume`]. Every field is explicit; defaults (such as
+/// `EXTENT_SIZE_BYTES_DEFAULT`) are the API's business.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateVolume {
+    /// Unique; see `validate::volume_name`.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// A multiple of 512, above 0, at most `VOLUME_SIZE_BYTES_MAX`.
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+    /// A power of two in `EXTENT_SIZE_BYTES_MIN..=EXTENT_SIZE_BYTES_MAX`.
+    #[prost(uint32, tag = "3")]
+    pub extent_size_bytes: u32,
+    /// 1 up to the distinct hosts among in nodes of weight above 0.
+    #[prost(uint32, tag = "4")]
+    pub replicas: u32,
+    /// 1 up to `replicas`.
+    #[prost(uint32, tag = "5")]
+    pub min_replicas: u32,
+}
+
+/// Names a volume by id, by name, or by both (then they must agree, which
+/// guards against a name deleted and created again since the caller looked).
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct VolumeKey {
+    /// 0: not given.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Empty: not given.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+impl VolumeKey {
+    /// A key by id.
+    pub fn id(id: u64) -> Self {
+        Self {
+            id,
+            name: String::new(),
+        }
+    }
+
+    /// A key by name.
+    pub fn name(name: impl Into<String>) -> Self {
+        Self {
+            id: 0,
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.id, self.name.is_empty()) {
+            (0, true) => write!(f, "(no id or name given)"),
+            (0, false) => write!(f, "named {:?}", self.name),
+            (id, true) => write!(f, "with id {id}"),
+            (id, false) => write!(f, "with id {id} named {:?}", self.name),
+        }
+    }
+}
+
+/// See [`Command::GrowVolume`].
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GrowVolume {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// The new size: a multiple of 512, not below the current size (equal is
+    /// accepted and changes nothing), at most `VOLUME_SIZE_BYTES_MAX`.
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+}
+
+/// See [`Command::DeleteVolume`].
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteVolume {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+}
+
+/// Outcome class of a command; the message says which volume, node or field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    /// Applied (or nothing needed changing).
+    Ok = 0,
+    /// A field is out of range or malformed: name, size, extent size,
+    /// replicas, labels, address, group count.
+    InvalidArgument = 1,
+    /// A volume with that name exists.
+    AlreadyExists = 2,
+    /// No such volume or node.
+    NotFound = 3,
+    /// Valid on its own but not in the current state: shrinking, more
+    /// replicas than failure domains, removing a node still in or up,
+    /// changing the group count, deleting a clone's parent.
+    FailedPrecondition = 4,
+    /// A named limit (volumes, nodes) is reached.
+    LimitReached = 5,
+    /// A retry older than the session's last applied request.
+    StaleRequest = 6,
+    /// The entry does not decode, or carries no command this build knows.
+    Malformed = 7,
+}
+
+/// What applying a proposal answers. Encoded into the raft apply result and,
+/// later, into API replies.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Response {
+    /// [`ErrorCode`]; `Ok` is 0.
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    /// Empty on success; otherwise what was wrong and with what.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// The map epoch after applying.
+    #[prost(uint64, tag = "3")]
+    pub map_epoch: u64,
+    /// The catalogue version after applying.
+    #[prost(uint64, tag = "4")]
+    pub catalogue_version: u64,
+    /// Create, grow: the volume as it is now; delete: as it was.
+    #[prost(message, optional, tag = "5")]
+    pub volume: Option<VolumeInfo>,
+    /// Register, set weight: the node as it is now; remove: as it was.
+    #[prost(message, optional, tag = "6")]
+    pub node: Option<NodeInfo>,
+}
+
+impl Response {
+    /// True when the command was applied (or had nothing to change).
+    pub fn is_ok(&self) -> bool {
+        self.code == ErrorCode::Ok as i32
+    }
+}

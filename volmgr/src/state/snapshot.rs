@@ -1,0 +1,302 @@
+//! The state's snapshot format, and restoring from it.
+//!
+//! ```text
+//! SnapshotEnvelope { magic, format_version, crc32 (of payload), payload: StateSnapshot }
+//! ```
+//!
+//! The envelope is checked before the payload is decoded: the magic says the
+//! bytes are a volume manager snapshot at all, the version says this build
+//! can read them, the CRC32 (crc32fast, IEEE) that they are what was
+//! written. Then the payload is decoded and every invariant the state relies
+//! on is checked (sorted unique node ids, unique names, ids below the next
+//! id, bounded tables), so a snapshot that would make `apply` misbehave is
+//! refused at the door with the reason. Field tags never change (on-disk
+//! format); a change to the meaning of the payload takes a new version.
+//!
+//! Encoding is canonical: the same state always gives the same bytes
+//! (ordered maps, fields in tag order), so members' snapshots can be
+//! compared byte for byte.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use cairn_proto::map::{ClusterMap, VolumeInfo};
+use prost::Message as _;
+
+use super::{
+    validate, Response, RestoreError, State, CLIENTS_MAX, DELETED_MAX, NODES_MAX, VOLUMES_MAX,
+};
+
+/// First field of every snapshot: "CVMS" read as a little-endian u32.
+pub const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"CVMS");
+/// The payload format this build writes and reads.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, PartialEq, ::prost::Message)]
+struct SnapshotEnvelope {
+    #[prost(fixed32, tag = "1")]
+    magic: u32,
+    #[prost(uint32, tag = "2")]
+    format_version: u32,
+    #[prost(fixed32, tag = "3")]
+    crc32: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    payload: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, ::prost::Message)]
+struct StateSnapshot {
+    #[prost(message, optional, tag = "1")]
+    map: Option<ClusterMap>,
+    #[prost(uint64, tag = "2")]
+    catalogue_version: u64,
+    /// In id order.
+    #[prost(message, repeated, tag = "3")]
+    volumes: Vec<VolumeInfo>,
+    #[prost(uint64, tag = "4")]
+    next_volume_id: u64,
+    /// Oldest first.
+    #[prost(message, repeated, tag = "5")]
+    deleted: Vec<DeletedVolume>,
+    /// In client id order.
+    #[prost(message, repeated, tag = "6")]
+    clients: Vec<ClientRecord>,
+    #[prost(uint64, tag = "7")]
+    client_uses: u64,
+}
+
+/// A deleted volume, kept for the garbage collector (see the module docs of
+/// [`super`]).
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct DeletedVolume {
+    /// The deleted volume's id; never given to another volume.
+    #[prost(uint64, tag = "1")]
+    pub volume_id: u64,
+    /// Its name (free for a new volume from the deletion on).
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Its size when deleted.
+    #[prost(uint64, tag = "3")]
+    pub size_bytes: u64,
+    /// When it was deleted (proposer's clock, ms since the Unix epoch).
+    #[prost(uint64, tag = "4")]
+    pub deleted_unix_ms: u64,
+}
+
+/// One client session's last applied request, for deduplication.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClientRecord {
+    /// The session.
+    #[prost(uint64, tag = "1")]
+    pub client_id: u64,
+    /// Its last applied sequence number.
+    #[prost(uint64, tag = "2")]
+    pub last_seq: u64,
+    /// Use counter stamp of that request; the lowest is evicted first.
+    #[prost(uint64, tag = "3")]
+    pub last_used: u64,
+    /// What that request answered; a retry gets it again.
+    #[prost(message, optional, tag = "4")]
+    pub response: Option<Response>,
+}
+
+impl State {
+    /// The whole state as bytes, in the format [`State::restore`] reads.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let payload = StateSnapshot {
+            map: Some(self.map.clone()),
+            catalogue_version: self.catalogue_version,
+            volumes: self.volumes.values().cloned().collect(),
+            next_volume_id: self.next_volume_id,
+            deleted: self.deleted.iter().cloned().collect(),
+            clients: self.clients.values().cloned().collect(),
+            client_uses: self.client_uses,
+        }
+        .encode_to_vec();
+        SnapshotEnvelope {
+            magic: SNAPSHOT_MAGIC,
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            crc32: crc32fast::hash(&payload),
+            payload,
+        }
+        .encode_to_vec()
+    }
+
+    /// Rebuilds a state from [`State::snapshot`]'s bytes, refusing anything
+    /// corrupt, from another format version, or breaking an invariant.
+    pub fn restore(bytes: &[u8]) -> Result<State, RestoreError> {
+        let envelope = SnapshotEnvelope::decode(bytes).map_err(|e| RestoreError::NotASnapshot {
+            reason: e.to_string(),
+        })?;
+        if envelope.magic != SNAPSHOT_MAGIC {
+            return Err(RestoreError::NotASnapshot {
+                reason: format!(
+                    "magic is {:#010x}, expected {SNAPSHOT_MAGIC:#010x}",
+                    envelope.magic
+                ),
+            });
+        }
+        if envelope.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(RestoreError::UnsupportedVersion {
+                found: envelope.format_version,
+                supported: SNAPSHOT_FORMAT_VERSION,
+            });
+        }
+        let computed = crc32fast::hash(&envelope.payload);
+        if computed != envelope.crc32 {
+            return Err(RestoreError::ChecksumMismatch {
+                stored: envelope.crc32,
+                computed,
+                payload_bytes: envelope.payload.len(),
+            });
+        }
+        let snap =
+            StateSnapshot::decode(&envelope.payload[..]).map_err(|e| RestoreError::Payload {
+                reason: e.to_string(),
+            })?;
+        from_snapshot(snap)
+    }
+}
+
+fn invariant(reason: String) -> RestoreError {
+    RestoreError::Invariant { reason }
+}
+
+fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
+    let map = snap.map.unwrap_or_default();
+    check_map(&map)?;
+    let (volumes, names) = check_volumes(snap.volumes, snap.next_volume_id)?;
+
+    if snap.deleted.len() > DELETED_MAX {
+        return Err(invariant(format!(
+            "{} deletion records, at most {DELETED_MAX} kept",
+            snap.deleted.len()
+        )));
+    }
+    for d in &snap.deleted {
+        if d.volume_id == 0
+            || d.volume_id >= snap.next_volume_id
+            || volumes.contains_key(&d.volume_id)
+        {
+            return Err(invariant(format!(
+                "deleted volume {} is live, 0, or not below the next volume id {}",
+                d.volume_id, snap.next_volume_id
+            )));
+        }
+    }
+
+    let (clients, clients_by_use) = check_clients(snap.clients, snap.client_uses)?;
+    Ok(State {
+        map,
+        catalogue_version: snap.catalogue_version,
+        volumes,
+        names,
+        next_volume_id: snap.next_volume_id,
+        deleted: VecDeque::from(snap.deleted),
+        clients,
+        clients_by_use,
+        client_uses: snap.client_uses,
+    })
+}
+
+fn check_map(map: &ClusterMap) -> Result<(), RestoreError> {
+    let gc = map.group_count;
+    if gc != 0 && (!gc.is_power_of_two() || gc > cairn_placement::MAX_TABLE_GROUPS) {
+        return Err(invariant(format!(
+            "group count {gc} is not a power of two within the placement limit"
+        )));
+    }
+    if map.nodes.len() > NODES_MAX {
+        return Err(invariant(format!(
+            "{} nodes in the map, at most {NODES_MAX} allowed",
+            map.nodes.len()
+        )));
+    }
+    let mut previous = 0;
+    for node in &map.nodes {
+        if node.id <= previous {
+            return Err(invariant(format!(
+                "node ids not ascending and above 0: {} after {previous}",
+                node.id
+            )));
+        }
+        previous = node.id;
+        if node.since_epoch > map.epoch {
+            return Err(invariant(format!(
+                "node {} changed at epoch {}, after the map's epoch {}",
+                node.id, node.since_epoch, map.epoch
+            )));
+        }
+    }
+    Ok(())
+}
+
+type Catalogue = (BTreeMap<u64, VolumeInfo>, BTreeMap<String, u64>);
+
+fn check_volumes(list: Vec<VolumeInfo>, next_volume_id: u64) -> Result<Catalogue, RestoreError> {
+    if list.len() > VOLUMES_MAX {
+        return Err(invariant(format!(
+            "{} volumes, at most {VOLUMES_MAX} allowed",
+            list.len()
+        )));
+    }
+    if next_volume_id == 0 {
+        return Err(invariant("next volume id is 0".into()));
+    }
+    let mut volumes = BTreeMap::new();
+    let mut names = BTreeMap::new();
+    for v in list {
+        if v.id == 0 || v.id >= next_volume_id {
+            return Err(invariant(format!(
+                "volume {} {:?}: id is 0 or not below the next volume id {next_volume_id}",
+                v.id, v.name
+            )));
+        }
+        validate::volume_name(&v.name)
+            .map_err(|e| invariant(format!("volume {}: name {:?}: {e}", v.id, v.name)))?;
+        if let Some(other) = names.insert(v.name.clone(), v.id) {
+            return Err(invariant(format!(
+                "volumes {other} and {} are both named {:?}",
+                v.id, v.name
+            )));
+        }
+        let id = v.id;
+        if volumes.insert(id, v).is_some() {
+            return Err(invariant(format!("volume id {id} appears twice")));
+        }
+    }
+    Ok((volumes, names))
+}
+
+type Clients = (BTreeMap<u64, ClientRecord>, BTreeMap<u64, u64>);
+
+fn check_clients(list: Vec<ClientRecord>, client_uses: u64) -> Result<Clients, RestoreError> {
+    if list.len() > CLIENTS_MAX {
+        return Err(invariant(format!(
+            "{} client sessions, at most {CLIENTS_MAX} kept",
+            list.len()
+        )));
+    }
+    let mut clients = BTreeMap::new();
+    let mut by_use = BTreeMap::new();
+    let mut stamps = BTreeSet::new();
+    for c in list {
+        if c.client_id == 0 || c.last_used == 0 || c.last_used > client_uses {
+            return Err(invariant(format!(
+                "client session {:#x}: id 0, or use stamp {} outside 1..={client_uses}",
+                c.client_id, c.last_used
+            )));
+        }
+        if !stamps.insert(c.last_used) {
+            return Err(invariant(format!(
+                "client session {:#x}: use stamp {} shared with another session",
+                c.client_id, c.last_used
+            )));
+        }
+        by_use.insert(c.last_used, c.client_id);
+        let id = c.client_id;
+        if clients.insert(id, c).is_some() {
+            return Err(invariant(format!("client session {id:#x} appears twice")));
+        }
+    }
+    Ok((clients, by_use))
+}
