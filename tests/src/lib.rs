@@ -14,11 +14,13 @@
 //! still owned, and [`ChunkServerProcess::log`] returns it for assertions.
 //!
 //! - [`ChunkServerProcess`]: one `cairn-chunkserver`.
+//! - [`volmgr::VolmgrCluster`]: 1, 3 or 5 `cairn-volmgr` members.
 //! - [`raw`]: frame-level access to a socket, for tests that send what a
 //!   well-behaved client never would.
 
 pub mod mount;
 pub mod raw;
+pub mod volmgr;
 
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -345,33 +347,30 @@ impl Drop for ChunkServerProcess {
 }
 
 /// Polls until `addr` accepts a TCP connection; fails early if `child` exits.
-fn wait_until_listening(child: &mut Child, addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_until_listening(child: &mut Child, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        if let Some(status) = child
-            .try_wait()
-            .context("checking the chunk server process")?
-        {
-            bail!("chunk server exited with {status} before listening on {addr}");
+        if let Some(status) = child.try_wait().context("checking the daemon process")? {
+            bail!("daemon exited with {status} before listening on {addr}");
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("chunk server did not listen on {addr} within {READY_TIMEOUT:?}");
+            bail!("daemon did not listen on {addr} within {READY_TIMEOUT:?}");
         }
         std::thread::sleep(POLL_INTERVAL);
     }
 }
 
 /// Waits for `child` to exit; `None` if it is still running at the deadline.
-fn wait_with_deadline(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+pub(crate) fn wait_with_deadline(
+    child: &mut Child,
+    timeout: Duration,
+) -> anyhow::Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = child
-            .try_wait()
-            .context("waiting for the chunk server to exit")?
-        {
+        if let Some(status) = child.try_wait().context("waiting for the daemon to exit")? {
             return Ok(Some(status));
         }
         if Instant::now() >= deadline {

@@ -16,6 +16,7 @@
 //! - [`slog_tracing`]: raft-rs's slog records into `tracing`.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod detector;
 pub mod node;

@@ -520,7 +520,7 @@ impl State {
     fn create_volume(&mut self, c: &CreateVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let name = &c.name;
         validate::volume_name(name).map_err(|reason| StateError::InvalidName {
-            name: name.clone(),
+            name: validate::shown(name),
             reason,
         })?;
         if let Some(&id) = self.names.get(name) {

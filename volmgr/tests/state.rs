@@ -118,6 +118,8 @@ fn bad_sizes_are_refused() {
         (0, &["\"v\"", "size 0", "at least one 512-byte sector"][..]),
         (1000, &["size 1000", "multiple of 512", "512 and 1024"]),
         (GIB + 1, &["not a multiple of 512"]),
+        (u64::MAX, &["not a multiple of 512"]),
+        (u64::MAX - 511, &["above the limit"]),
         (VOLUME_SIZE_BYTES_MAX + 512, &["above the limit", "1 PiB"]),
     ] {
         refused(
@@ -332,6 +334,13 @@ fn invalid_names_are_refused() {
         );
         assert!(matches!(e, StateError::InvalidName { .. }));
     }
+    let e = refused(
+        &mut s,
+        create(&"x".repeat(1 << 20), GIB, 4 * MIB, 3, 2),
+        ErrorCode::InvalidArgument,
+        &["1048576 bytes long"],
+    );
+    assert!(e.to_string().len() < 400, "a huge name is not echoed whole");
     ok(
         &mut s,
         create(&"a".repeat(VOLUME_NAME_BYTES_MAX), GIB, 4 * MIB, 3, 2),

@@ -36,6 +36,7 @@ fn size() -> impl Strategy<Value = u64> {
     prop_oneof![
         1 => Just(0u64),
         1 => Just(1000),
+        1 => prop_oneof![Just(u64::MAX), Just(u64::MAX - 511), Just(VOLUME_SIZE_BYTES_MAX)],
         4 => (1u64..64).prop_map(|n| n << 30),
         4 => (1u64..1 << 20).prop_map(|n| n * 512),
     ]
@@ -235,7 +236,7 @@ fn check_state(s: &State) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn replicas_agree_across_snapshot_and_keep_invariants(

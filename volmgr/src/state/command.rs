@@ -241,11 +241,12 @@ impl VolumeKey {
 
 impl std::fmt::Display for VolumeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.id, self.name.is_empty()) {
+        let name = super::validate::shown(&self.name);
+        match (self.id, name.is_empty()) {
             (0, true) => write!(f, "(no id or name given)"),
-            (0, false) => write!(f, "named {:?}", self.name),
+            (0, false) => write!(f, "named {name:?}"),
             (id, true) => write!(f, "with id {id}"),
-            (id, false) => write!(f, "with id {id} named {:?}", self.name),
+            (id, false) => write!(f, "with id {id} named {name:?}"),
         }
     }
 }

@@ -10,6 +10,19 @@ fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
+/// `name` for an error message: at most [`VOLUME_NAME_BYTES_MAX`] bytes of
+/// it, so that a megabyte of garbage is not echoed back whole.
+pub fn shown(name: &str) -> String {
+    if name.len() <= VOLUME_NAME_BYTES_MAX {
+        return name.to_string();
+    }
+    let mut end = VOLUME_NAME_BYTES_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &name[..end])
+}
+
 /// Volume (and later snapshot) names: 1 to [`VOLUME_NAME_BYTES_MAX`] bytes
 /// of `[A-Za-z0-9._-]`, not starting with `-` (it would read as a CLI flag)
 /// or `.` (hidden files, `.` and `..` in paths built from names).
@@ -85,11 +98,13 @@ pub fn volume_size(size_bytes: u64) -> Result<(), String> {
         return Err("a volume needs at least one 512-byte sector".into());
     }
     if !size_bytes.is_multiple_of(SECTOR_BYTES) {
-        return Err(format!(
-            "not a multiple of {SECTOR_BYTES} (the nearest are {} and {})",
-            size_bytes / SECTOR_BYTES * SECTOR_BYTES,
-            (size_bytes / SECTOR_BYTES + 1) * SECTOR_BYTES
-        ));
+        let below = size_bytes - size_bytes % SECTOR_BYTES;
+        return Err(match below.checked_add(SECTOR_BYTES) {
+            Some(above) => {
+                format!("not a multiple of {SECTOR_BYTES} (the nearest are {below} and {above})")
+            }
+            None => format!("not a multiple of {SECTOR_BYTES}"),
+        });
     }
     if size_bytes > VOLUME_SIZE_BYTES_MAX {
         return Err(format!(
@@ -129,6 +144,14 @@ mod tests {
     }
 
     #[test]
+    fn long_names_are_cut_for_messages() {
+        assert_eq!(shown("abc"), "abc");
+        let long = "\u{e9}".repeat(VOLUME_NAME_BYTES_MAX);
+        let cut = shown(&long);
+        assert!(cut.len() <= VOLUME_NAME_BYTES_MAX + 3 && cut.ends_with("..."));
+    }
+
+    #[test]
     fn addrs() {
         for good in ["127.0.0.2:7000", "node-1:1", "[::1]:65535"] {
             assert_eq!(addr(good), Ok(()), "{good}");
@@ -155,6 +178,8 @@ mod tests {
         assert!(volume_size(0).is_err());
         assert!(volume_size(513).unwrap_err().contains("512 and 1024"));
         assert!(volume_size(VOLUME_SIZE_BYTES_MAX + 512).is_err());
+        assert!(volume_size(u64::MAX).is_err());
+        assert!(volume_size(u64::MAX - 511).is_err());
         assert!(extent_size(1 << 20) && extent_size(4 << 20) && extent_size(64 << 20));
         assert!(!extent_size(0) && !extent_size(512 << 10) && !extent_size(128 << 20));
         assert!(!extent_size(3 << 20));

@@ -1,0 +1,200 @@
+//! A volume manager cluster of real `cairn-volmgr` processes on loopback:
+//! member `i` listens on 127.0.0.(i+1) at a port picked once, so it keeps its
+//! address across kills and restarts (raft knows members by address).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cairn_volmgr::client::VolmgrClient;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{
+    bin_path, free_loopback_addr, temp_dir, wait_until_listening, wait_with_deadline, STOP_TIMEOUT,
+};
+
+pub struct VolmgrMember {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    log_path: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl VolmgrMember {
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let bin = bin_path("cairn-volmgr")?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let mut child = Command::new(&bin)
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,cairn_volmgr=debug".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        if let Err(e) = wait_until_listening(&mut child, self.addr) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!(
+                "volmgr member {} did not start; log:\n{}",
+                self.id,
+                self.log()
+            )));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().context("killing a volmgr member")?;
+            c.wait().context("reaping a volmgr member")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("volmgr member {} is not running", self.id);
+        };
+        let pid = Pid::from_raw(c.id() as i32);
+        kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
+        match wait_with_deadline(&mut c, STOP_TIMEOUT)? {
+            Some(s) => Ok(s),
+            None => {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!(
+                    "volmgr member {} ignored SIGTERM for {STOP_TIMEOUT:?}",
+                    self.id
+                )
+            }
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            bail!("volmgr member {} is still running", self.id);
+        }
+        self.launch()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for VolmgrMember {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail = &log[log.len().saturating_sub(6000)..];
+            eprintln!("--- volmgr member {} log (tail) ---\n{tail}\n---", self.id);
+        }
+    }
+}
+
+pub struct VolmgrCluster {
+    pub cluster_id: String,
+    pub members: BTreeMap<u64, VolmgrMember>,
+    _dir: tempfile::TempDir,
+}
+
+impl VolmgrCluster {
+    /// Starts `n` members bootstrapping a new cluster; `extra` goes to each.
+    pub fn start(n: u64, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = temp_dir("cairn-volmgr-")?;
+        let cluster_id = "test-cluster".to_string();
+        let mut addrs = BTreeMap::new();
+        for id in 1..=n {
+            addrs.insert(
+                id,
+                free_loopback_addr(Ipv4Addr::new(127, 0, 0, 1 + id as u8))?,
+            );
+        }
+        let initial: Vec<String> = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect();
+        let mut members = BTreeMap::new();
+        for (&id, &addr) in &addrs {
+            let data_dir = dir.path().join(format!("m{id}"));
+            let mut args: Vec<String> = vec![
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--cluster-id".into(),
+                cluster_id.clone(),
+                "--member-id".into(),
+                id.to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--initial-members".into(),
+                initial.join(","),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            members.insert(
+                id,
+                VolmgrMember {
+                    id,
+                    addr,
+                    data_dir,
+                    log_path: dir.path().join(format!("m{id}.log")),
+                    args,
+                    child: None,
+                },
+            );
+        }
+        for m in members.values_mut() {
+            m.launch()?;
+        }
+        Ok(Self {
+            cluster_id,
+            members,
+            _dir: dir,
+        })
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.values().map(|m| m.addr.to_string()).collect()
+    }
+
+    /// A client that knows every member.
+    pub fn client(&self) -> VolmgrClient {
+        VolmgrClient::new(self.addrs(), self.cluster_id.clone())
+    }
+
+    /// The member that leads now, asked of the cluster (waits up to 10 s).
+    pub async fn leader(&self) -> anyhow::Result<u64> {
+        let status = self
+            .client()
+            .with_deadline(Duration::from_secs(10))
+            .cluster_status()
+            .await
+            .context("asking the cluster who leads")?;
+        Ok(status.leader_id)
+    }
+}

@@ -1,0 +1,360 @@
+//! A client of the volume manager, for the CLI, chunk servers, the volume
+//! client and tests.
+//!
+//! It knows the members' addresses, talks to the leader, follows `NotLeader`
+//! redirects, and retries across leader changes and lost connections until a
+//! deadline. Every change it sends carries this client's id and a sequence
+//! number that a retry repeats, so the state machine applies it exactly once
+//! (a create retried after the leader died answers with the original
+//! result, never "already exists").
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn_proto::frame_io::{read_header, read_prefix, write_frame};
+use cairn_proto::map::{ClusterMap, VolumeInfo};
+use cairn_proto::volmgr::{ClusterStatus, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus};
+use prost::Message as _;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::server::FRAME_DATA_BYTES_MAX;
+
+/// Default time a request may take, retries included.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
+/// Pause before retrying when no leader is known.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What went wrong, with the member's message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The request was refused: `status` and the server's explanation.
+    #[error("{message} ({status:?})")]
+    Refused {
+        status: VolmgrStatus,
+        message: String,
+    },
+    /// No member answered usefully before the deadline.
+    #[error("no volume manager leader answered within {waited:?} (tried {members}); last problem: {last}")]
+    Unavailable {
+        waited: Duration,
+        members: String,
+        last: String,
+    },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<VolmgrStatus> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            ClientError::Unavailable { .. } => None,
+        }
+    }
+}
+
+pub struct VolmgrClient {
+    members: Vec<String>,
+    cluster_id: String,
+    client_id: u64,
+    next_seq: AtomicU64,
+    next_request: AtomicU64,
+    deadline: Duration,
+    /// The member believed to lead, and a connection to it.
+    conn: Mutex<(usize, Option<BufReader<TcpStream>>)>,
+}
+
+impl VolmgrClient {
+    /// `members`: every member's address (any order); `cluster_id` is checked
+    /// by the server. The client id is random per client.
+    pub fn new(members: Vec<String>, cluster_id: impl Into<String>) -> Self {
+        let client_id = loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
+        Self {
+            members,
+            cluster_id: cluster_id.into(),
+            client_id,
+            next_seq: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
+            deadline: REQUEST_DEADLINE,
+            conn: Mutex::new((0, None)),
+        }
+    }
+
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    fn request(&self, op: VolmgrOp) -> VolmgrRequest {
+        VolmgrRequest {
+            op: op as i32,
+            cluster_id: self.cluster_id.clone(),
+            client_id: self.client_id,
+            ..Default::default()
+        }
+    }
+
+    fn change(&self, op: VolmgrOp) -> VolmgrRequest {
+        VolmgrRequest {
+            client_seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
+            ..self.request(op)
+        }
+    }
+
+    /// Sends `req` to the leader, retrying until it answers or the deadline.
+    pub async fn call(&self, mut req: VolmgrRequest) -> Result<VolmgrResponse, ClientError> {
+        let start = Instant::now();
+        let mut last = String::from("nothing tried");
+        let mut conn = self.conn.lock().await;
+        while start.elapsed() < self.deadline {
+            let idx = conn.0 % self.members.len().max(1);
+            let addr = self.members.get(idx).cloned().unwrap_or_default();
+            if conn.1.is_none() {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        conn.1 = Some(BufReader::new(s));
+                    }
+                    Ok(Err(e)) => {
+                        last = format!("{addr}: {e}");
+                        conn.0 = idx + 1;
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{addr}: connect timed out");
+                        conn.0 = idx + 1;
+                        continue;
+                    }
+                }
+            }
+            req.request_id = self.next_request.fetch_add(1, Ordering::SeqCst);
+            let stream = conn.1.as_mut().expect("connected above");
+            let remaining = self.deadline.saturating_sub(start.elapsed()) + Duration::from_secs(1);
+            let resp = match tokio::time::timeout(remaining, exchange(stream, &req)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    last = format!("{addr}: {e}");
+                    conn.1 = None;
+                    conn.0 = idx + 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{addr}: no answer");
+                    conn.1 = None;
+                    conn.0 = idx + 1;
+                    continue;
+                }
+            };
+            let status = VolmgrStatus::try_from(resp.status).unwrap_or(VolmgrStatus::Internal);
+            match status {
+                VolmgrStatus::Ok => return Ok(resp),
+                VolmgrStatus::NotLeader => {
+                    last = format!("{addr}: {}", resp.message);
+                    conn.1 = None;
+                    match self.members.iter().position(|m| *m == resp.leader_addr) {
+                        Some(i) if !resp.leader_addr.is_empty() => conn.0 = i,
+                        _ => {
+                            conn.0 = idx + 1;
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                    }
+                }
+                VolmgrStatus::Retry | VolmgrStatus::Busy => {
+                    last = format!("{addr}: {}", resp.message);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                _ => {
+                    return Err(ClientError::Refused {
+                        status,
+                        message: resp.message,
+                    })
+                }
+            }
+        }
+        Err(ClientError::Unavailable {
+            waited: start.elapsed(),
+            members: self.members.join(", "),
+            last,
+        })
+    }
+
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        extent_size: u32,
+        replicas: u32,
+        min_replicas: u32,
+    ) -> Result<VolumeInfo, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: name.into(),
+            size_bytes,
+            extent_size,
+            replicas,
+            min_replicas,
+            ..self.change(VolmgrOp::CreateVolume)
+        };
+        Ok(self.call(req).await?.volume.unwrap_or_default())
+    }
+
+    pub async fn grow_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: name.into(),
+            size_bytes,
+            ..self.change(VolmgrOp::GrowVolume)
+        };
+        Ok(self.call(req).await?.volume.unwrap_or_default())
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            volume_name: name.into(),
+            ..self.change(VolmgrOp::DeleteVolume)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    pub async fn get_volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: name.into(),
+            ..self.request(VolmgrOp::GetVolume)
+        };
+        Ok(self.call(req).await?.volume.unwrap_or_default())
+    }
+
+    /// Every volume, in name order (pages through the list).
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
+        let mut out: Vec<VolumeInfo> = Vec::new();
+        loop {
+            let req = VolmgrRequest {
+                after_name: out.last().map(|v| v.name.clone()).unwrap_or_default(),
+                ..self.request(VolmgrOp::ListVolumes)
+            };
+            let resp = self.call(req).await?;
+            out.extend(resp.volumes);
+            if !resp.more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The map; with `wait_newer_than` above 0, waits up to `wait` for an
+    /// epoch above it.
+    pub async fn get_map(
+        &self,
+        wait_newer_than: u64,
+        wait: Duration,
+    ) -> Result<ClusterMap, ClientError> {
+        let req = VolmgrRequest {
+            wait_newer_than,
+            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            ..self.request(VolmgrOp::GetMap)
+        };
+        Ok(self.call(req).await?.map.unwrap_or_default())
+    }
+
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        Ok(self
+            .call(self.request(VolmgrOp::ClusterStatus))
+            .await?
+            .status_info
+            .unwrap_or_default())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn register_node(
+        &self,
+        node_id: u64,
+        addr: &str,
+        host: &str,
+        rack: &str,
+        room: &str,
+        weight: u32,
+        capacity_bytes: u64,
+    ) -> Result<VolmgrResponse, ClientError> {
+        let req = VolmgrRequest {
+            node_id,
+            node_addr: addr.into(),
+            host: host.into(),
+            rack: rack.into(),
+            room: room.into(),
+            weight,
+            capacity_bytes,
+            ..self.change(VolmgrOp::RegisterNode)
+        };
+        self.call(req).await
+    }
+
+    pub async fn heartbeat(&self, node_id: u64, used_bytes: u64) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            node_id,
+            used_bytes,
+            ..self.request(VolmgrOp::Heartbeat)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    pub async fn add_member(&self, id: u64, addr: &str) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            member_id: id,
+            member_addr: addr.into(),
+            ..self.request(VolmgrOp::AddMember)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            member_id: id,
+            ..self.request(VolmgrOp::RemoveMember)
+        };
+        self.call(req).await.map(|_| ())
+    }
+}
+
+async fn exchange(
+    stream: &mut BufReader<TcpStream>,
+    req: &VolmgrRequest,
+) -> Result<VolmgrResponse, String> {
+    write_frame(stream.get_mut(), &req.encode_to_vec(), &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.get_mut().flush().await.map_err(|e| e.to_string())?;
+    let prefix = read_prefix(stream, FRAME_DATA_BYTES_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    let header = read_header(stream, &prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    if prefix.data_bytes > 0 {
+        let mut skip = vec![0u8; prefix.data_bytes as usize];
+        cairn_proto::frame_io::read_part(stream, &mut skip, "frame data")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let resp =
+        VolmgrResponse::decode(&header[..]).map_err(|e| format!("undecodable reply: {e}"))?;
+    if resp.request_id != req.request_id {
+        return Err(format!(
+            "reply to request {} while waiting for {}",
+            resp.request_id, req.request_id
+        ));
+    }
+    Ok(resp)
+}
