@@ -74,8 +74,8 @@ fn leader_killed_during_creations_then_full_restart_loses_nothing() {
                 .unwrap_or_else(|e| panic!("creating {name}: {e}"));
             assert_eq!(v.name, name);
             assert!(ids.insert(v.id), "volume id {} given twice", v.id);
-            if killed_at.is_some() && first_after_kill.is_none() {
-                first_after_kill = Some(killed_at.unwrap().0.elapsed());
+            if let (Some((at, _)), None) = (killed_at, first_after_kill) {
+                first_after_kill = Some(at.elapsed());
             }
         }
         let failover = first_after_kill.unwrap();
