@@ -124,6 +124,7 @@ impl Drop for VolmgrMember {
 pub struct VolmgrCluster {
     pub cluster_id: String,
     pub members: BTreeMap<u64, VolmgrMember>,
+    extra: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -174,8 +175,40 @@ impl VolmgrCluster {
         Ok(Self {
             cluster_id,
             members,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         })
+    }
+
+    /// Starts member `id` with an empty data directory and `--join`, on
+    /// 127.0.0.(id+1); it serves once the leader adds it
+    /// ([`VolmgrClient::add_member`]).
+    pub fn start_joining(&mut self, id: u64) -> anyhow::Result<SocketAddr> {
+        let addr = free_loopback_addr(Ipv4Addr::new(127, 0, 0, 1 + id as u8))?;
+        let data_dir = self._dir.path().join(format!("m{id}"));
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--cluster-id".into(),
+            self.cluster_id.clone(),
+            "--member-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--join".into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let mut m = VolmgrMember {
+            id,
+            addr,
+            data_dir,
+            log_path: self._dir.path().join(format!("m{id}.log")),
+            args,
+            child: None,
+        };
+        m.launch()?;
+        self.members.insert(id, m);
+        Ok(addr)
     }
 
     pub fn addrs(&self) -> Vec<String> {

@@ -178,3 +178,157 @@ fn bad_requests_are_refused_and_change_nothing() {
         assert_eq!(v.size_bytes, 20 * GIB);
     });
 }
+
+/// Members change at run time: a fourth joins empty and is added, the first
+/// is removed, and a cluster of {2, 3, 4} that has lost member 2 still serves
+/// everything: the newcomer holds the whole state.
+#[test]
+fn members_are_added_and_removed_at_run_time() {
+    let mut cluster = VolmgrCluster::start(3, &[]).unwrap();
+    runtime().block_on(async {
+        let _hb = register_three_nodes(&cluster).await;
+        let client = cluster.client();
+        for i in 0..5 {
+            client
+                .create_volume(&format!("before-{i}"), GIB, 0, 3, 2)
+                .await
+                .unwrap();
+        }
+        let addr = cluster.start_joining(4).unwrap();
+        client.add_member(4, &addr.to_string()).await.unwrap();
+        client.remove_member(1).await.unwrap();
+        let status = client.cluster_status().await.unwrap();
+        let ids: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![2, 3, 4]);
+        cluster.members.get_mut(&1).unwrap().stop().unwrap();
+        cluster.members.get_mut(&2).unwrap().kill().unwrap();
+        // Only 3 and 4 are left: a majority of {2, 3, 4} only if 4 caught up.
+        let client = VolmgrClient::new(
+            vec![cluster.members[&3].addr.to_string(), addr.to_string()],
+            cluster.cluster_id.clone(),
+        );
+        client.create_volume("after", GIB, 0, 3, 2).await.unwrap();
+        let names: Vec<String> = client
+            .list_volumes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["after", "before-0", "before-1", "before-2", "before-3", "before-4"]
+        );
+    });
+}
+
+/// A chunk server that stops heartbeating is marked down in a new map
+/// epoch, which a long poll for a newer map sees; the others stay up.
+#[test]
+fn a_silent_chunk_server_is_marked_down_in_a_new_epoch() {
+    let cluster = VolmgrCluster::start(
+        3,
+        &["--heartbeat-interval-ms", "200", "--down-after-ms", "1000"],
+    )
+    .unwrap();
+    runtime().block_on(async {
+        let client = Arc::new(cluster.client());
+        for i in 1..=3u64 {
+            client
+                .register_node(
+                    i,
+                    &format!("127.0.0.{}:7410", i + 1),
+                    &format!("h{i}"),
+                    "",
+                    "",
+                    1,
+                    GIB,
+                )
+                .await
+                .unwrap();
+        }
+        // Its own client: calls on one client share one connection, and the
+        // long polls below would hold the heartbeats up.
+        let hb = cluster.client();
+        let _beats = tokio::spawn(async move {
+            loop {
+                for i in 1..=2u64 {
+                    let _ = hb.heartbeat(i, 0).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let t0 = Instant::now();
+        let mut map = client.get_map(0, Duration::ZERO).await.unwrap();
+        while map.nodes.iter().find(|n| n.id == 3).unwrap().up {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "node 3 never marked down"
+            );
+            let epoch = map.epoch;
+            map = client.get_map(epoch, Duration::from_secs(5)).await.unwrap();
+            assert!(map.epoch >= epoch);
+        }
+        println!(
+            "silent node marked down after {:?} (epoch {})",
+            t0.elapsed(),
+            map.epoch
+        );
+        assert!(
+            map.nodes.iter().filter(|n| n.id != 3).all(|n| n.up),
+            "{:?}",
+            map.nodes
+        );
+    });
+}
+
+/// A known node id from another address, a request for another cluster, and
+/// a corrupt raft log on start: each refused with a clear error.
+#[test]
+fn bad_registrations_other_clusters_and_a_corrupt_log_are_refused() {
+    let mut cluster = VolmgrCluster::start(3, &[]).unwrap();
+    runtime().block_on(async {
+        let client = cluster.client();
+        client
+            .register_node(7, "127.0.0.2:7410", "h1", "", "", 1, GIB)
+            .await
+            .unwrap();
+        let err = client
+            .register_node(7, "127.0.0.3:7410", "h1", "", "", 1, GIB)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.status(),
+            Some(VolmgrStatus::FailedPrecondition),
+            "{err}"
+        );
+        assert!(err.to_string().contains("127.0.0.2:7410"), "{err}");
+        let map = client.get_map(0, Duration::ZERO).await.unwrap();
+        assert_eq!(map.nodes[0].addr, "127.0.0.2:7410");
+
+        let other = VolmgrClient::new(cluster.addrs(), "another-cluster");
+        let err = other.cluster_status().await.unwrap_err();
+        assert_eq!(err.status(), Some(VolmgrStatus::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("test-cluster"), "{err}");
+    });
+    // Damage a record in the middle of member 3's log.
+    let m = cluster.members.get_mut(&3).unwrap();
+    m.stop().unwrap();
+    let raft = m.data_dir.join("raft");
+    let wal = std::fs::read_dir(&raft)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .expect("a log file");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(bytes.len() > 400, "log of {} bytes", bytes.len());
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 8] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&wal, &bytes).unwrap();
+    let err = m.restart().unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("exit status: 2"), "{text}");
+    assert!(text.contains("raft log"), "{text}");
+}

@@ -7,6 +7,10 @@
 //! number that a retry repeats, so the state machine applies it exactly once
 //! (a create retried after the leader died answers with the original
 //! result, never "already exists").
+//!
+//! Calls on one client take turns on one connection; a long poll
+//! ([`VolmgrClient::get_map`] with a wait) holds it for the wait, so give
+//! periodic work such as heartbeats a client of its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,8 +65,15 @@ pub struct VolmgrClient {
     next_seq: AtomicU64,
     next_request: AtomicU64,
     deadline: Duration,
-    /// The member believed to lead, and a connection to it.
-    conn: Mutex<(usize, Option<BufReader<TcpStream>>)>,
+    conn: Mutex<Conn>,
+}
+
+/// Which member is believed to lead, and a connection to it.
+struct Conn {
+    /// The members given, plus leaders learnt from redirects.
+    members: Vec<String>,
+    idx: usize,
+    stream: Option<BufReader<TcpStream>>,
 }
 
 impl VolmgrClient {
@@ -76,13 +87,17 @@ impl VolmgrClient {
             }
         };
         Self {
-            members,
+            members: members.clone(),
             cluster_id: cluster_id.into(),
             client_id,
             next_seq: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
             deadline: REQUEST_DEADLINE,
-            conn: Mutex::new((0, None)),
+            conn: Mutex::new(Conn {
+                members,
+                idx: 0,
+                stream: None,
+            }),
         }
     }
 
@@ -117,43 +132,43 @@ impl VolmgrClient {
         let mut last = String::from("nothing tried");
         let mut conn = self.conn.lock().await;
         while start.elapsed() < self.deadline {
-            let idx = conn.0 % self.members.len().max(1);
-            let addr = self.members.get(idx).cloned().unwrap_or_default();
-            if conn.1.is_none() {
+            let idx = conn.idx % conn.members.len().max(1);
+            let addr = conn.members.get(idx).cloned().unwrap_or_default();
+            if conn.stream.is_none() {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
-                        conn.1 = Some(BufReader::new(s));
+                        conn.stream = Some(BufReader::new(s));
                     }
                     Ok(Err(e)) => {
                         last = format!("{addr}: {e}");
-                        conn.0 = idx + 1;
+                        conn.idx = idx + 1;
                         tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
                     }
                     Err(_) => {
                         last = format!("{addr}: connect timed out");
-                        conn.0 = idx + 1;
+                        conn.idx = idx + 1;
                         continue;
                     }
                 }
             }
             req.request_id = self.next_request.fetch_add(1, Ordering::SeqCst);
-            let stream = conn.1.as_mut().expect("connected above");
+            let stream = conn.stream.as_mut().expect("connected above");
             let remaining = self.deadline.saturating_sub(start.elapsed()) + Duration::from_secs(1);
             let resp = match tokio::time::timeout(remaining, exchange(stream, &req)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     last = format!("{addr}: {e}");
-                    conn.1 = None;
-                    conn.0 = idx + 1;
+                    conn.stream = None;
+                    conn.idx = idx + 1;
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
                 Err(_) => {
                     last = format!("{addr}: no answer");
-                    conn.1 = None;
-                    conn.0 = idx + 1;
+                    conn.stream = None;
+                    conn.idx = idx + 1;
                     continue;
                 }
             };
@@ -162,13 +177,20 @@ impl VolmgrClient {
                 VolmgrStatus::Ok => return Ok(resp),
                 VolmgrStatus::NotLeader => {
                     last = format!("{addr}: {}", resp.message);
-                    conn.1 = None;
-                    match self.members.iter().position(|m| *m == resp.leader_addr) {
-                        Some(i) if !resp.leader_addr.is_empty() => conn.0 = i,
-                        _ => {
-                            conn.0 = idx + 1;
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                        }
+                    conn.stream = None;
+                    if resp.leader_addr.is_empty() {
+                        conn.idx = idx + 1;
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    } else {
+                        // A leader this client was not told about (added
+                        // since) is remembered like the others.
+                        conn.idx = match conn.members.iter().position(|m| *m == resp.leader_addr) {
+                            Some(i) => i,
+                            None => {
+                                conn.members.push(resp.leader_addr.clone());
+                                conn.members.len() - 1
+                            }
+                        };
                     }
                 }
                 VolmgrStatus::Retry | VolmgrStatus::Busy => {

@@ -100,7 +100,8 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     let (id, cluster_id) = (config.member_id, config.cluster_id.clone());
     let node = node::start(id, log, State::new(), {
         let cluster_id = cluster_id.clone();
-        move |tx| TcpTransport::new(id, cluster_id, rt, tx)
+        let advertise = config.advertise.to_string();
+        move |tx| TcpTransport::new(id, advertise, cluster_id, rt, tx)
     })
     .map_err(|e| (EXIT_RUNTIME, e))?;
     let detector: SharedDetector = Arc::new(Mutex::new(None));

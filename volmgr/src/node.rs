@@ -38,8 +38,8 @@ use tracing::{debug, error, info, warn};
 /// How often raft's logical clock ticks.
 pub const TICK: Duration = Duration::from_millis(100);
 /// Ticks without a leader's heartbeat before a follower campaigns (randomised
-/// up to twice this by raft): 1-2 s.
-pub const ELECTION_TICKS: usize = 10;
+/// up to twice this by raft): 0.8-1.6 s.
+pub const ELECTION_TICKS: usize = 8;
 /// Ticks between a leader's heartbeats.
 pub const HEARTBEAT_TICKS: usize = 2;
 /// Applied entries between log compactions (a machine snapshot each).
@@ -122,6 +122,12 @@ pub enum Input<M: Machine> {
     Raft(Box<Message>),
     /// A sent message could not be delivered to this member.
     Unreachable(u64),
+    /// Member `id` sent raft traffic from `addr`: used to reach members
+    /// this one has no address for yet (it joined empty).
+    PeerSeen {
+        id: u64,
+        addr: String,
+    },
     /// Replicates `command`; the reply carries the machine's result.
     Propose {
         command: Vec<u8>,
@@ -266,11 +272,18 @@ struct Node<L: LogStore, M: Machine, T: Transport> {
     raw: RawNode<L>,
     machine: M,
     members: BTreeMap<u64, String>,
+    /// Addresses learnt from peers' frames for members not (yet) in the
+    /// replicated table.
+    hints: BTreeMap<u64, String>,
     transport: T,
     rx: mpsc::Receiver<Input<M>>,
     status: watch::Sender<NodeStatus>,
     applied: u64,
     compacted: u64,
+    /// A membership change was applied: the next compaction cannot wait,
+    /// because a member added empty can only start from a snapshot that
+    /// lists it as a voter (raft-rs ignores one that does not).
+    compact_now: bool,
     conf_state: ConfState,
     next_tag: u64,
     proposals: HashMap<u64, oneshot::Sender<Result<Vec<u8>, NodeError>>>,
@@ -341,11 +354,13 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
             raw,
             machine,
             members,
+            hints: BTreeMap::new(),
             transport,
             rx,
             status,
             applied: snap_index,
             compacted: snap_index,
+            compact_now: false,
             conf_state: state.conf_state,
             next_tag: 1,
             proposals: HashMap::new(),
@@ -447,6 +462,16 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                 }
             }
             Input::Unreachable(peer) => self.raw.report_unreachable(peer),
+            Input::PeerSeen { id, addr } => {
+                if id != self.id
+                    && !self.members.contains_key(&id)
+                    && self.hints.get(&id) != Some(&addr)
+                {
+                    info!(member = self.id, peer = id, %addr, "learnt a member's address from its traffic");
+                    self.hints.insert(id, addr);
+                    self.update_transport();
+                }
+            }
             Input::Propose { command, reply } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = reply.send(Err(self.not_leader()));
@@ -506,6 +531,16 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
         }
     }
 
+    /// The transport's address book: the replicated members, plus hints for
+    /// members the table does not hold yet.
+    fn update_transport(&mut self) {
+        let mut book = self.members.clone();
+        for (id, addr) in &self.hints {
+            book.entry(*id).or_insert_with(|| addr.clone());
+        }
+        self.transport.set_members(&book);
+    }
+
     fn send(&mut self, msgs: Vec<Message>) {
         if !msgs.is_empty() {
             self.transport.send(msgs);
@@ -562,7 +597,7 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
             .map_err(|e| format!("decoding the snapshot at index {index} from the leader: {e}"))?;
         self.machine.restore(&data.machine)?;
         self.members = data.members.unwrap_or_default().addrs;
-        self.transport.set_members(&self.members);
+        self.update_transport();
         self.conf_state = snap.get_metadata().get_conf_state().clone();
         self.raw.mut_store().apply_snapshot(snap)?;
         self.applied = index;
@@ -608,7 +643,8 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                             }
                             info!(member = self.id, changed = cc.node_id, voters = ?cs.voters, "membership changed");
                             self.conf_state = cs.clone();
-                            self.transport.set_members(&self.members);
+                            self.compact_now = true;
+                            self.update_transport();
                             self.raw
                                 .mut_store()
                                 .set_conf_state(cs)
@@ -678,9 +714,12 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
     }
 
     fn maybe_compact(&mut self) -> Result<(), String> {
-        if self.applied < self.compacted + COMPACT_EVERY {
+        if self.applied <= self.compacted
+            || (self.applied < self.compacted + COMPACT_EVERY && !self.compact_now)
+        {
             return Ok(());
         }
+        self.compact_now = false;
         let data = SnapshotData {
             members: Some(Members {
                 addrs: self.members.clone(),

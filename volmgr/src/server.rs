@@ -108,6 +108,7 @@ async fn connection<M: Machine, H: Handler>(
         Ok::<(), std::io::Error>(())
     });
     let in_progress = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_CONNECTION_MAX));
+    let mut peer_seen = false;
     let result = loop {
         let prefix = tokio::select! {
             p = read_prefix(&mut reader, FRAME_DATA_BYTES_MAX) => p,
@@ -133,6 +134,13 @@ async fn connection<M: Machine, H: Handler>(
                         "raft message from member {} of cluster {:?}, this is {cluster_id:?}",
                         pf.from, pf.cluster_id
                     ));
+                }
+                if !peer_seen && !pf.from_addr.is_empty() {
+                    peer_seen = true;
+                    let _ = node.send(Input::PeerSeen {
+                        id: pf.from,
+                        addr: pf.from_addr.clone(),
+                    });
                 }
                 match protobuf::Message::parse_from_bytes(&data) {
                     Ok(m) => {
@@ -211,7 +219,8 @@ mod tests {
         let cluster_id = cluster.to_string();
         let node = node::start(id, MemLog::bootstrapped(members), ListMachine::default(), {
             let cluster_id = cluster_id.clone();
-            move |tx| TcpTransport::new(id, cluster_id, rt, tx)
+            let my_addr = members[&id].clone();
+            move |tx| TcpTransport::new(id, my_addr, cluster_id, rt, tx)
         })
         .unwrap();
         let (stop, stop_rx) = watch::channel(false);
@@ -269,6 +278,7 @@ mod tests {
             magic: PEER_FRAME_MAGIC,
             cluster_id: "other".into(),
             from: 9,
+            from_addr: "127.0.0.9:1".into(),
         };
         write_frame(&mut s, &pf.encode_to_vec(), b"").await.unwrap();
         let mut buf = [0u8; 1];

@@ -78,8 +78,8 @@ use crate::node::Machine;
 pub const SECTOR_BYTES: u64 = 512;
 /// Largest volume: 1 PiB.
 pub const VOLUME_SIZE_BYTES_MAX: u64 = 1 << 50;
-/// Smallest extent size: 1 MiB.
-pub const EXTENT_SIZE_BYTES_MIN: u32 = 1 << 20;
+/// Smallest extent size: 64 KiB, the chunk server store's own minimum.
+pub const EXTENT_SIZE_BYTES_MIN: u32 = 64 << 10;
 /// Largest extent size: 64 MiB, the chunk server store's limit.
 pub const EXTENT_SIZE_BYTES_MAX: u32 = 64 << 20;
 /// The extent size the API uses when none is given: 4 MiB.
@@ -356,6 +356,13 @@ impl State {
         match self.map.nodes.binary_search_by_key(&node_id, |n| n.id) {
             Ok(i) => {
                 let node = &mut self.map.nodes[i];
+                if node.addr != c.addr {
+                    return Err(StateError::NodeAddrMismatch {
+                        node_id,
+                        registered: node.addr.clone(),
+                        offered: c.addr.clone(),
+                    });
+                }
                 node.capacity_bytes = c.capacity_bytes;
                 let same = node.addr == c.addr
                     && node.host == c.host

@@ -40,6 +40,10 @@ pub struct PeerFrame {
     pub cluster_id: String,
     #[prost(uint64, tag = "3")]
     pub from: u64,
+    /// The address the sender advertises: how a member that joined empty
+    /// (and so knows no addresses yet) can answer the leader.
+    #[prost(string, tag = "4")]
+    pub from_addr: String,
 }
 
 /// `PeerFrame.magic`: "CRNRAFT1" little-endian.
@@ -48,6 +52,7 @@ pub const PEER_FRAME_MAGIC: u64 = u64::from_le_bytes(*b"CRNRAFT1");
 /// Raft transport over TCP; see the module docs.
 pub struct TcpTransport<M: Machine> {
     me: u64,
+    my_addr: String,
     cluster_id: String,
     runtime: tokio::runtime::Handle,
     node: mpsc::Sender<Input<M>>,
@@ -64,12 +69,14 @@ impl<M: Machine> TcpTransport<M> {
     /// link tasks run on `runtime`.
     pub fn new(
         me: u64,
+        my_addr: String,
         cluster_id: String,
         runtime: tokio::runtime::Handle,
         node: mpsc::Sender<Input<M>>,
     ) -> Self {
         Self {
             me,
+            my_addr,
             cluster_id,
             runtime,
             node,
@@ -101,7 +108,7 @@ impl<M: Machine> Transport for TcpTransport<M> {
             }
             let (tx, rx) = tokio::sync::mpsc::channel(PEER_QUEUE_MAX);
             self.runtime.spawn(run_link(
-                self.me,
+                (self.me, self.my_addr.clone()),
                 id,
                 addr.clone(),
                 self.cluster_id.clone(),
@@ -121,7 +128,7 @@ impl<M: Machine> Transport for TcpTransport<M> {
 
 /// Sends queued messages to one peer until the transport drops the link.
 async fn run_link<M: Machine>(
-    me: u64,
+    (me, my_addr): (u64, String),
     peer: u64,
     addr: String,
     cluster_id: String,
@@ -132,6 +139,7 @@ async fn run_link<M: Machine>(
         magic: PEER_FRAME_MAGIC,
         cluster_id,
         from: me,
+        from_addr: my_addr,
     }
     .encode_to_vec();
     let mut conn: Option<BufWriter<TcpStream>> = None;

@@ -137,7 +137,15 @@ fn bad_sizes_are_refused() {
 #[test]
 fn bad_extent_sizes_are_refused() {
     let mut s = cluster();
-    for extent in [0, 3 * MIB, MIB / 2, 64 * 1024, 128 * MIB, 1 << 30, MIB + 1] {
+    for extent in [
+        0,
+        3 * MIB,
+        3 * 64 * 1024,
+        32 * 1024,
+        128 * MIB,
+        1 << 30,
+        MIB + 1,
+    ] {
         let e = refused(
             &mut s,
             create("v", GIB, extent, 3, 2),
@@ -150,7 +158,7 @@ fn bad_extent_sizes_are_refused() {
         );
         assert!(matches!(e, StateError::InvalidExtentSize { .. }));
     }
-    for extent in [MIB, 4 * MIB, 64 * MIB] {
+    for extent in [64 * 1024, MIB, 4 * MIB, 64 * MIB] {
         ok(&mut s, create(&format!("e{extent}"), GIB, extent, 1, 1));
     }
 }
@@ -538,16 +546,24 @@ fn map_changes_make_exactly_one_epoch_each() {
     // Volumes: no epoch.
     ok(&mut s, create("vol-b", GIB, 4 * MIB, 1, 1));
     assert_eq!(s.map_epoch(), e + 3);
-    // Re-registering unchanged: no epoch; with a new address: one.
+    // Re-registering unchanged: no epoch; from another address: refused,
+    // nothing changes (two servers claiming one id must not swap places).
     ok(&mut s, register(1, "h1", "r1"));
     assert_eq!(s.map_epoch(), e + 3);
+    let addr = s.map().node(1).unwrap().addr.clone();
     let mut moved = register(1, "h1", "r1");
     if let Command::RegisterNode(r) = &mut moved {
         r.addr = "10.0.0.1:7000".into();
     }
-    ok(&mut s, moved);
-    assert_eq!(s.map_epoch(), e + 4);
-    assert_eq!(s.map().node(1).unwrap().addr, "10.0.0.1:7000");
+    let err = refused(
+        &mut s,
+        moved,
+        ErrorCode::FailedPrecondition,
+        &["chunk server 1", &addr, "10.0.0.1:7000"],
+    );
+    assert!(matches!(err, StateError::NodeAddrMismatch { .. }));
+    assert_eq!(s.map_epoch(), e + 3);
+    assert_eq!(s.map().node(1).unwrap().addr, addr);
 }
 
 #[test]

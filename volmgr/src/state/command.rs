@@ -92,10 +92,12 @@ pub struct SetGroupCount {
 /// See [`Command::RegisterNode`].
 ///
 /// Re-registering a known node (a chunk server registers at every start)
-/// updates its address, labels and capacity and leaves its weight, up/down
-/// and in/out alone: weight belongs to the admin after the first
-/// registration ([`SetWeight`]), up/down to the failure detector, in/out to
-/// the detector and the admin. So a restarting server does not undo a drain.
+/// from its registered address updates its labels and capacity and leaves
+/// its weight, up/down and in/out alone: weight belongs to the admin after
+/// the first registration ([`SetWeight`]), up/down to the failure detector,
+/// in/out to the detector and the admin. So a restarting server does not
+/// undo a drain. A registration of a known id from another address is
+/// refused (`NodeAddrMismatch`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RegisterNode {
     /// Never 0.

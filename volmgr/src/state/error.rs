@@ -61,7 +61,7 @@ pub enum StateError {
     /// An extent size outside the allowed powers of two.
     #[error(
         "volume {name:?}: extent size {extent_size_bytes} bytes is not a power of two \
-         from {min} to {max} bytes (1 MiB to 64 MiB)"
+         from {min} to {max} bytes (64 KiB to 64 MiB)"
     )]
     InvalidExtentSize {
         /// The volume.
@@ -162,6 +162,22 @@ pub enum StateError {
         /// What is wrong.
         reason: String,
     },
+    /// A registration for a known id from another address: two servers
+    /// claiming one id (a copied data directory, a typo in a config) must
+    /// not take each other's place in the map.
+    #[error(
+        "chunk server {node_id} is registered at {registered}; a registration from {offered} is \
+         refused (two servers with one node id?). If the server really moved, mark the old \
+         entry out, remove it, and register again"
+    )]
+    NodeAddrMismatch {
+        /// The id given.
+        node_id: u64,
+        /// The address in the map.
+        registered: String,
+        /// The address of this registration.
+        offered: String,
+    },
     /// The map holds `NODES_MAX` nodes.
     #[error("cannot register chunk server {node_id}: the map is full ({max} chunk servers)")]
     TooManyNodes {
@@ -234,6 +250,7 @@ impl StateError {
             | Shrink { .. }
             | VolumeHasClones { .. }
             | NodeInUse { .. }
+            | NodeAddrMismatch { .. }
             | GroupCountFixed { .. } => ErrorCode::FailedPrecondition,
             TooManyVolumes { .. } | TooManyNodes { .. } | Exhausted { .. } => {
                 ErrorCode::LimitReached

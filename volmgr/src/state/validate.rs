@@ -114,14 +114,14 @@ pub fn volume_size(size_bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Extent sizes: a power of two from [`EXTENT_SIZE_BYTES_MIN`] (1 MiB) to
+/// Extent sizes: a power of two from [`EXTENT_SIZE_BYTES_MIN`] (64 KiB) to
 /// [`EXTENT_SIZE_BYTES_MAX`] (64 MiB).
 ///
-/// The top is the chunk server store's own limit (`EXTENT_BYTES_MAX` in
-/// `chunkserver/src/store/layout.rs`): a larger extent could be created here
-/// and then never stored. The bottom keeps a 1 PiB volume under 2^30 extents
-/// and a snapshot's per-extent work reasonable; below 1 MiB the per-extent
-/// file and slot-table overhead on the chunk servers also starts to show.
+/// Both ends are the chunk server store's own limits (`EXTENT_BYTES_MIN` and
+/// `EXTENT_BYTES_MAX` in `chunkserver/src/store/layout.rs`): another size
+/// could be created here and then never stored. Small extents suit
+/// databases' small random writes after a snapshot (copy-on-write copies
+/// less); large ones keep a petabyte volume's extent count down.
 pub fn extent_size(extent_size_bytes: u32) -> bool {
     extent_size_bytes.is_power_of_two()
         && (EXTENT_SIZE_BYTES_MIN..=EXTENT_SIZE_BYTES_MAX).contains(&extent_size_bytes)
@@ -180,8 +180,8 @@ mod tests {
         assert!(volume_size(VOLUME_SIZE_BYTES_MAX + 512).is_err());
         assert!(volume_size(u64::MAX).is_err());
         assert!(volume_size(u64::MAX - 511).is_err());
-        assert!(extent_size(1 << 20) && extent_size(4 << 20) && extent_size(64 << 20));
-        assert!(!extent_size(0) && !extent_size(512 << 10) && !extent_size(128 << 20));
+        assert!(extent_size(64 << 10) && extent_size(4 << 20) && extent_size(64 << 20));
+        assert!(!extent_size(0) && !extent_size(32 << 10) && !extent_size(128 << 20));
         assert!(!extent_size(3 << 20));
     }
 }
