@@ -152,7 +152,6 @@ impl Api {
     }
 
     async fn cluster_status(&self) -> VolmgrResponse {
-        let node = self.node.status().borrow().clone();
         let summary = self
             .read(|s| {
                 let map = s.map();
@@ -174,6 +173,8 @@ impl Api {
                 Ok(x) => x,
                 Err(r) => return r,
             };
+        // After the read: at least as new as the state it read.
+        let node = self.node.status().borrow().clone();
         VolmgrResponse {
             status_info: Some(ClusterStatus {
                 leader_id: node.leader,

@@ -584,10 +584,12 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                 }
             }
         }
-        self.serve_reads();
         self.after_role_change();
         self.maybe_compact()?;
+        // Publish before serving reads, so a reader that looks at the status
+        // after its read sees at least what the read saw.
         self.publish();
+        self.serve_reads();
         Ok(())
     }
 
