@@ -332,3 +332,24 @@ fn bad_registrations_other_clusters_and_a_corrupt_log_are_refused() {
     assert!(text.contains("exit status: 2"), "{text}");
     assert!(text.contains("raft log"), "{text}");
 }
+
+/// One member and five members work the same way as three.
+#[test]
+fn one_and_five_member_clusters_serve() {
+    for n in [1u64, 5] {
+        let cluster = VolmgrCluster::start(n, &[]).unwrap();
+        runtime().block_on(async {
+            let client = cluster.client();
+            client
+                .register_node(1, "127.0.0.2:7410", "h1", "", "", 1, GIB)
+                .await
+                .unwrap();
+            for i in 0..10 {
+                client.create_volume(&format!("v{i}"), GIB, 0, 1, 1).await.unwrap();
+            }
+            assert_eq!(client.list_volumes().await.unwrap().len(), 10, "{n} members");
+            let status = client.cluster_status().await.unwrap();
+            assert_eq!(status.members.len() as u64, n);
+        });
+    }
+}
