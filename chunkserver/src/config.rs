@@ -137,6 +137,30 @@ pub struct Flags {
     /// Log line format on stderr: text (with timestamps) or journal (without, for systemd) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Volume manager members to register with and heartbeat, as ADDR,ADDR,...; without it the server runs on its own (tests, benchmarks).
+    #[arg(long, value_name = "ADDRS")]
+    pub volmgr: Option<String>,
+
+    /// The address clients and other chunk servers use to reach this one, registered with the volume manager [default: --listen].
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+
+    /// Failure domain: this server's host name [default: the system's host name].
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+
+    /// Failure domain: the rack this server is in [default: none].
+    #[arg(long, value_name = "NAME")]
+    pub rack: Option<String>,
+
+    /// Failure domain: the room (or site) this server is in [default: none].
+    #[arg(long, value_name = "NAME")]
+    pub room: Option<String>,
+
+    /// Placement weight at first registration, usually its capacity in TiB; later changes are the admin's [default: 1].
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
 }
 
 /// The config file's contents. Same names as [`Flags`]; every key optional.
@@ -156,6 +180,12 @@ struct FileSettings {
     free_bytes_min: Option<u64>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    volmgr: Option<String>,
+    advertise: Option<SocketAddr>,
+    host: Option<String>,
+    rack: Option<String>,
+    room: Option<String>,
+    weight: Option<u32>,
 }
 
 /// The resolved configuration.
@@ -172,6 +202,13 @@ pub struct Config {
     pub free_bytes_min: u64,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Volume manager members; empty: do not register.
+    pub volmgr: Vec<String>,
+    pub advertise: SocketAddr,
+    pub host: String,
+    pub rack: String,
+    pub room: String,
+    pub weight: u32,
     /// The file the settings were read from, if any (for messages).
     pub config_file: Option<PathBuf>,
 }
@@ -492,6 +529,45 @@ fn merge(
         .or(file.log_level)
         .unwrap_or_else(|| LOG_LEVEL_DEFAULT.to_string());
     let log_format = flags.log_format.or(file.log_format).unwrap_or_default();
+    let volmgr: Vec<String> = flags
+        .volmgr
+        .or(file.volmgr)
+        .map(|list| {
+            list.split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for addr in &volmgr {
+        if addr.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "volmgr",
+                value: addr.clone(),
+                origin: Origin::Default,
+                reason: "each volume manager member is an IP:PORT address".into(),
+            });
+        }
+    }
+    let advertise = flags.advertise.or(file.advertise).unwrap_or(listen);
+    if !volmgr.is_empty() && (advertise.ip().is_unspecified() || advertise.port() == 0) {
+        return Err(ConfigError::Invalid {
+            key: "advertise",
+            value: advertise.to_string(),
+            origin: Origin::Default,
+            reason: "registering with a volume manager needs the address others reach this server at: give --advertise".into(),
+        });
+    }
+    let host = match flags.host.or(file.host) {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    let rack = flags.rack.or(file.rack).unwrap_or_default();
+    let room = flags.room.or(file.room).unwrap_or_default();
+    let weight = flags.weight.or(file.weight).unwrap_or(1);
 
     Ok(Config {
         data_dir,
@@ -510,6 +586,12 @@ fn merge(
         free_bytes_min,
         log_level,
         log_format,
+        volmgr,
+        advertise,
+        host,
+        rack,
+        room,
+        weight,
         config_file: file_path,
     })
 }

@@ -8,5 +8,6 @@
 
 pub mod config;
 pub mod datadir;
+pub mod registration;
 pub mod rpc;
 pub mod store;

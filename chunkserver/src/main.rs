@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use cairn_chunkserver::config::{Config, LogFormat};
 use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
-use cairn_chunkserver::rpc;
 use cairn_chunkserver::store::Store;
+use cairn_chunkserver::{registration, rpc};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
@@ -150,6 +150,23 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if !config.volmgr.is_empty() {
+        tokio::spawn(registration::run(
+            registration::Registration {
+                volmgr: config.volmgr.clone(),
+                cluster_id: config.cluster_id.clone(),
+                node_id: config.node_id,
+                advertise: config.advertise.to_string(),
+                host: config.host.clone(),
+                rack: config.rack.clone(),
+                room: config.room.clone(),
+                weight: config.weight,
+                data_dir: data_dir.path().to_path_buf(),
+            },
+            store.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let mut serving = tokio::spawn(rpc::serve(
         listener,
         store.clone(),

@@ -345,11 +345,87 @@ fn one_and_five_member_clusters_serve() {
                 .await
                 .unwrap();
             for i in 0..10 {
-                client.create_volume(&format!("v{i}"), GIB, 0, 1, 1).await.unwrap();
+                client
+                    .create_volume(&format!("v{i}"), GIB, 0, 1, 1)
+                    .await
+                    .unwrap();
             }
-            assert_eq!(client.list_volumes().await.unwrap().len(), 10, "{n} members");
+            assert_eq!(
+                client.list_volumes().await.unwrap().len(),
+                10,
+                "{n} members"
+            );
             let status = client.cluster_status().await.unwrap();
             assert_eq!(status.members.len() as u64, n);
         });
     }
+}
+
+/// Real chunk servers started with `--volmgr` register (address, host,
+/// capacity) and heartbeat; one killed with SIGKILL is marked down, the
+/// others stay up.
+#[test]
+fn chunk_servers_register_heartbeat_and_are_marked_down_when_killed() {
+    use cairn_tests::{ChunkServerOptions, ChunkServerProcess};
+    let cluster = VolmgrCluster::start(
+        3,
+        &["--heartbeat-interval-ms", "200", "--down-after-ms", "1000"],
+    )
+    .unwrap();
+    let volmgr = cluster.addrs().join(",");
+    let mut servers: Vec<ChunkServerProcess> = (1..=3u64)
+        .map(|i| {
+            ChunkServerProcess::start(ChunkServerOptions {
+                cluster_id: cluster.cluster_id.clone(),
+                node_id: i,
+                extra_args: vec![
+                    "--volmgr".into(),
+                    volmgr.clone(),
+                    "--host".into(),
+                    format!("h{i}"),
+                ],
+                ..ChunkServerOptions::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    runtime().block_on(async {
+        let client = cluster.client();
+        let t0 = Instant::now();
+        let mut map = client.get_map(0, Duration::ZERO).await.unwrap();
+        while map.nodes.len() < 3 || !map.nodes.iter().all(|n| n.up) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "servers did not register: {map:?}"
+            );
+            map = client
+                .get_map(map.epoch, Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
+        for (n, s) in map.nodes.iter().zip(&servers) {
+            assert_eq!(n.addr, s.addr().to_string());
+            assert!(n.capacity_bytes > 0);
+        }
+        client.create_volume("db", GIB, 0, 3, 2).await.unwrap();
+
+        servers[2].kill().unwrap();
+        let t0 = Instant::now();
+        while map.nodes.iter().find(|n| n.id == 3).unwrap().up {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "killed server never marked down"
+            );
+            map = client
+                .get_map(map.epoch, Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
+        println!("killed chunk server marked down after {:?}", t0.elapsed());
+        assert!(
+            map.nodes.iter().filter(|n| n.id != 3).all(|n| n.up),
+            "{:?}",
+            map.nodes
+        );
+    });
 }
