@@ -253,7 +253,7 @@ fn a_silent_chunk_server_is_marked_down_in_a_new_epoch() {
         let _beats = tokio::spawn(async move {
             loop {
                 for i in 1..=2u64 {
-                    let _ = hb.heartbeat(i, 0).await;
+                    let _ = hb.heartbeat(i, i * GIB).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -279,6 +279,19 @@ fn a_silent_chunk_server_is_marked_down_in_a_new_epoch() {
             "{:?}",
             map.nodes
         );
+        // Used bytes from heartbeats reach the map (batched, no new epoch).
+        let epoch = map.epoch;
+        let t0 = Instant::now();
+        while map.nodes.iter().take(2).any(|n| n.used_bytes != n.id * GIB) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "usage never reached the map: {:?}",
+                map.nodes
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            map = client.get_map(0, Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(map.epoch, epoch, "usage made a new map epoch");
     });
 }
 

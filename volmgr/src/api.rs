@@ -33,11 +33,15 @@ pub const LIST_LIMIT_MAX: u32 = 1000;
 
 /// The leader's failure detector, replaced at every election (see `detector`).
 pub type SharedDetector = Arc<Mutex<Option<FailureDetector>>>;
+/// Used bytes per chunk server, from heartbeats, until the leader proposes
+/// them into the map (`NodeStats`, in batches).
+pub type SharedUsage = Arc<Mutex<std::collections::BTreeMap<u64, u64>>>;
 
 pub struct Api {
     pub node: NodeHandle<State>,
     pub cluster_id: String,
     pub detector: SharedDetector,
+    pub usage: SharedUsage,
     pub heartbeat_interval: Duration,
     /// Monotonic clock origin for the detector's `now_ms`.
     pub started: std::time::Instant,
@@ -255,6 +259,10 @@ impl Api {
                     });
                 }
                 self.heartbeat(req.node_id);
+                self.usage
+                    .lock()
+                    .expect("usage lock")
+                    .insert(req.node_id, req.used_bytes);
                 VolmgrResponse {
                     heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
                     ..Default::default()

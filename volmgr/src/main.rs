@@ -15,12 +15,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_volmgr::api::{Api, SharedDetector};
+use cairn_volmgr::api::{Api, SharedDetector, SharedUsage};
 use cairn_volmgr::config::Config;
 use cairn_volmgr::detector::{DetectorConfig, FailureDetector};
 use cairn_volmgr::node::{self, NodeHandle};
 use cairn_volmgr::raftlog::RaftLog;
-use cairn_volmgr::state::{Command, Proposal, SetGroupCount, State};
+use cairn_volmgr::state::{Command, NodeStats, NodeUsage, Proposal, SetGroupCount, State};
 use cairn_volmgr::transport::TcpTransport;
 use prost::Message as _;
 use raft::prelude::Snapshot;
@@ -34,6 +34,10 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
 /// How often the leader's failure detector looks at the map.
 const DETECTOR_PERIOD: Duration = Duration::from_millis(250);
+/// Detector periods between usage updates proposed into the map.
+const USAGE_EVERY: u32 = 20;
+/// A node's used bytes are proposed when they moved by more than this.
+const USAGE_CHANGE_MIN: u64 = 64 << 20;
 
 type Fatal = (u8, String);
 
@@ -105,11 +109,13 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     })
     .map_err(|e| (EXIT_RUNTIME, e))?;
     let detector: SharedDetector = Arc::new(Mutex::new(None));
+    let usage: SharedUsage = Arc::default();
     let started = Instant::now();
     let api = Arc::new(Api {
         node: node.clone(),
         cluster_id: cluster_id.clone(),
         detector: detector.clone(),
+        usage: usage.clone(),
         heartbeat_interval: config.heartbeat_interval,
         started,
     });
@@ -124,7 +130,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     ));
     let leader_duties = tokio::spawn(lead(
         node.clone(),
-        detector,
+        (detector, usage),
         DetectorConfig::new(
             config.heartbeat_interval.as_millis() as u64,
             config.down_after.as_millis() as u64,
@@ -157,7 +163,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
 /// failure detector (a new one per term of leadership, see `detector`).
 async fn lead(
     node: NodeHandle<State>,
-    detector: SharedDetector,
+    (detector, usage): (SharedDetector, SharedUsage),
     config: DetectorConfig,
     group_count: u32,
     started: Instant,
@@ -165,7 +171,9 @@ async fn lead(
 ) {
     let mut ticker = tokio::time::interval(DETECTOR_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u32 = 0;
     loop {
+        ticks = ticks.wrapping_add(1);
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
@@ -190,6 +198,25 @@ async fn lead(
         }
         if let Some(d) = detector.lock().expect("detector lock").as_mut() {
             commands.extend(d.tick(now, &map));
+        }
+        if ticks % USAGE_EVERY == 0 {
+            // Usage is informational: batched, and only figures that moved.
+            let seen = std::mem::take(&mut *usage.lock().expect("usage lock"));
+            let nodes: Vec<NodeUsage> = map
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let used = *seen.get(&n.id)?;
+                    (used.abs_diff(n.used_bytes) > USAGE_CHANGE_MIN).then_some(NodeUsage {
+                        node_id: n.id,
+                        capacity_bytes: n.capacity_bytes,
+                        used_bytes: used,
+                    })
+                })
+                .collect();
+            if !nodes.is_empty() {
+                commands.push(Command::NodeStats(NodeStats { nodes }));
+            }
         }
         for command in commands {
             let p = Proposal {
