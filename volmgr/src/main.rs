@@ -199,7 +199,7 @@ async fn lead(
         if let Some(d) = detector.lock().expect("detector lock").as_mut() {
             commands.extend(d.tick(now, &map));
         }
-        if ticks % USAGE_EVERY == 0 {
+        if ticks.is_multiple_of(USAGE_EVERY) {
             // Usage is informational: batched, and only figures that moved.
             let seen = std::mem::take(&mut *usage.lock().expect("usage lock"));
             let nodes: Vec<NodeUsage> = map
