@@ -31,6 +31,12 @@ pub enum VolmgrOp {
     /// Adds a volume manager member (`member_id`, `member_addr`).
     AddMember = 10,
     RemoveMember = 11,
+    /// A front end (NBD/iSCSI target `node_id`) exports `volume_name`;
+    /// repeated at the heartbeat interval while it does (a lease). Not
+    /// replicated: the leader holds the leases.
+    RegisterExport = 12,
+    /// The front end stopped exporting `volume_name`.
+    UnregisterExport = 13,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -122,6 +128,10 @@ pub struct VolmgrRequest {
     pub member_id: u64,
     #[prost(string, tag = "41")]
     pub member_addr: String,
+
+    /// DeleteVolume: delete even while exported.
+    #[prost(bool, tag = "50")]
+    pub force: bool,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -152,6 +162,9 @@ pub struct VolmgrResponse {
     pub heartbeat_interval_ms: u32,
     #[prost(message, optional, tag = "15")]
     pub status_info: Option<ClusterStatus>,
+    /// GetVolume: the front ends exporting it now (by the leader's leases).
+    #[prost(uint64, repeated, tag = "16")]
+    pub exported_by: Vec<u64>,
 }
 
 /// Cluster health in one message.

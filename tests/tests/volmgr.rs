@@ -170,7 +170,7 @@ fn bad_requests_are_refused_and_change_nothing() {
         );
         let err = client.get_volume("nope").await.unwrap_err();
         assert_eq!(err.status(), Some(VolmgrStatus::NotFound), "{err}");
-        let err = client.delete_volume("nope").await.unwrap_err();
+        let err = client.delete_volume("nope", false).await.unwrap_err();
         assert_eq!(err.status(), Some(VolmgrStatus::NotFound), "{err}");
         assert_eq!(client.list_volumes().await.unwrap(), before);
         // Growing works, and shows.
@@ -440,5 +440,51 @@ fn chunk_servers_register_heartbeat_and_are_marked_down_when_killed() {
             "{:?}",
             map.nodes
         );
+    });
+}
+
+/// A volume a front end exports is not deleted unless forced; the export
+/// is a lease, so a front end that dies stops holding it.
+#[test]
+fn deleting_an_exported_volume_needs_force() {
+    let cluster = VolmgrCluster::start(
+        3,
+        &["--heartbeat-interval-ms", "200", "--down-after-ms", "1000"],
+    )
+    .unwrap();
+    runtime().block_on(async {
+        let _hb = register_three_nodes(&cluster).await;
+        let client = cluster.client();
+        for name in ["a", "b", "c"] {
+            client.create_volume(name, GIB, 0, 3, 2).await.unwrap();
+        }
+        client.register_export(100, "a").await.unwrap();
+        client.register_export(100, "b").await.unwrap();
+        assert_eq!(client.volume_exports("a").await.unwrap(), vec![100]);
+        let err = client.delete_volume("a", false).await.unwrap_err();
+        assert_eq!(
+            err.status(),
+            Some(VolmgrStatus::FailedPrecondition),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("exported") && err.to_string().contains("--force"),
+            "{err}"
+        );
+        client.get_volume("a").await.expect("still there");
+        // Forced: gone.
+        client.delete_volume("a", true).await.unwrap();
+        assert_eq!(
+            client.get_volume("a").await.unwrap_err().status(),
+            Some(VolmgrStatus::NotFound)
+        );
+        // Unexported: deletable.
+        client.unregister_export(100, "b").await.unwrap();
+        client.delete_volume("b", false).await.unwrap();
+        // A lease that is not renewed runs out (3 intervals of 200 ms).
+        client.register_export(101, "c").await.unwrap();
+        assert!(client.delete_volume("c", false).await.is_err());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        client.delete_volume("c", false).await.unwrap();
     });
 }

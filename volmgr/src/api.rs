@@ -37,11 +37,54 @@ pub type SharedDetector = Arc<Mutex<Option<FailureDetector>>>;
 /// them into the map (`NodeStats`, in batches).
 pub type SharedUsage = Arc<Mutex<std::collections::BTreeMap<u64, u64>>>;
 
+/// Export leases: which front ends export which volume, last renewed when
+/// (the leader's clock, ms). Held by the leader only, like heartbeats: a
+/// front end that dies simply stops renewing.
+#[derive(Default)]
+pub struct Exports {
+    leases: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>>,
+}
+
+impl Exports {
+    fn renew(&mut self, volume: &str, target: u64, now_ms: u64) {
+        self.leases
+            .entry(volume.to_string())
+            .or_default()
+            .insert(target, now_ms);
+    }
+
+    fn drop_lease(&mut self, volume: &str, target: u64) {
+        if let Some(t) = self.leases.get_mut(volume) {
+            t.remove(&target);
+            if t.is_empty() {
+                self.leases.remove(volume);
+            }
+        }
+    }
+
+    /// Front ends whose lease on `volume` is younger than `valid_ms`.
+    fn holders(&self, volume: &str, now_ms: u64, valid_ms: u64) -> Vec<u64> {
+        self.leases
+            .get(volume)
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, &seen)| now_ms.saturating_sub(seen) <= valid_ms)
+                    .map(|(&id, _)| id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 pub struct Api {
     pub node: NodeHandle<State>,
     pub cluster_id: String,
     pub detector: SharedDetector,
     pub usage: SharedUsage,
+    pub exports: Mutex<Exports>,
+    /// When this member last became leader (its clock, ms); export leases
+    /// from before are unknown to it.
+    pub led_since_ms: Arc<std::sync::atomic::AtomicU64>,
     pub heartbeat_interval: Duration,
     /// Monotonic clock origin for the detector's `now_ms`.
     pub started: std::time::Instant,
@@ -298,6 +341,11 @@ impl Api {
                 .await
             }
             VolmgrOp::DeleteVolume => {
+                if !req.force {
+                    if let Some(refusal) = self.exported(&req.volume_name) {
+                        return refusal;
+                    }
+                }
                 self.propose(
                     req,
                     Command::DeleteVolume(DeleteVolume {
@@ -310,6 +358,11 @@ impl Api {
                 let name = req.volume_name.clone();
                 match self.read(move |s| s.volume_by_name(&name).cloned()).await {
                     Ok(Some(v)) => VolmgrResponse {
+                        exported_by: self.exports.lock().expect("exports lock").holders(
+                            &v.name,
+                            self.now_ms(),
+                            self.lease_ms(),
+                        ),
                         volume: Some(v),
                         ..Default::default()
                     },
@@ -346,6 +399,31 @@ impl Api {
                 }
             }
             VolmgrOp::ClusterStatus => self.cluster_status().await,
+            VolmgrOp::RegisterExport | VolmgrOp::UnregisterExport => {
+                let status = self.node.status().borrow().clone();
+                if !status.is_leader {
+                    return from_node_error(NodeError::NotLeader {
+                        leader: status.leader,
+                        addr: status.leader_addr(),
+                    });
+                }
+                if req.node_id == 0 || req.volume_name.is_empty() {
+                    return reply(
+                        VolmgrStatus::InvalidArgument,
+                        "an export names its front end (node_id above 0) and its volume",
+                    );
+                }
+                let mut exports = self.exports.lock().expect("exports lock");
+                if op == VolmgrOp::RegisterExport {
+                    exports.renew(&req.volume_name, req.node_id, self.now_ms());
+                } else {
+                    exports.drop_lease(&req.volume_name, req.node_id);
+                }
+                VolmgrResponse {
+                    heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    ..Default::default()
+                }
+            }
             VolmgrOp::AddMember | VolmgrOp::RemoveMember => {
                 if req.member_id == 0 {
                     return reply(VolmgrStatus::InvalidArgument, "member_id must be above 0");
@@ -369,6 +447,39 @@ impl Api {
                 }
             }
         }
+    }
+
+    /// A lease lasts three renewal intervals.
+    fn lease_ms(&self) -> u64 {
+        3 * self.heartbeat_interval.as_millis() as u64
+    }
+
+    /// Why `volume` may not be deleted now, if it may not.
+    fn exported(&self, volume: &str) -> Option<VolmgrResponse> {
+        let now = self.now_ms();
+        let holders =
+            self.exports
+                .lock()
+                .expect("exports lock")
+                .holders(volume, now, self.lease_ms());
+        if !holders.is_empty() {
+            return Some(reply(
+                VolmgrStatus::FailedPrecondition,
+                format!(
+                    "volume {volume:?} is exported by front end(s) {holders:?}: disconnect its clients first, \
+                     or delete with --force"
+                ),
+            ));
+        }
+        // A new leader has not seen every lease yet: wait one lease period.
+        let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if now < led_since + self.lease_ms() {
+            return Some(reply(
+                VolmgrStatus::Retry,
+                "the volume manager leader just changed and does not know every export yet; retry",
+            ));
+        }
+        None
     }
 
     fn heartbeat(&self, node_id: u64) {

@@ -244,12 +244,42 @@ impl VolmgrClient {
         Ok(self.call(req).await?.volume.unwrap_or_default())
     }
 
-    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+    /// Deletes `name`; refused while a front end exports it unless `force`.
+    pub async fn delete_volume(&self, name: &str, force: bool) -> Result<(), ClientError> {
         let req = VolmgrRequest {
             volume_name: name.into(),
+            force,
             ..self.change(VolmgrOp::DeleteVolume)
         };
         self.call(req).await.map(|_| ())
+    }
+
+    /// Renews front end `target`'s lease on exporting `volume`.
+    pub async fn register_export(&self, target: u64, volume: &str) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            node_id: target,
+            volume_name: volume.into(),
+            ..self.request(VolmgrOp::RegisterExport)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    pub async fn unregister_export(&self, target: u64, volume: &str) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            node_id: target,
+            volume_name: volume.into(),
+            ..self.request(VolmgrOp::UnregisterExport)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    /// The front ends exporting `name` now.
+    pub async fn volume_exports(&self, name: &str) -> Result<Vec<u64>, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: name.into(),
+            ..self.request(VolmgrOp::GetVolume)
+        };
+        Ok(self.call(req).await?.exported_by)
     }
 
     pub async fn get_volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {

@@ -110,12 +110,15 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     .map_err(|e| (EXIT_RUNTIME, e))?;
     let detector: SharedDetector = Arc::new(Mutex::new(None));
     let usage: SharedUsage = Arc::default();
+    let led_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let api = Arc::new(Api {
         node: node.clone(),
         cluster_id: cluster_id.clone(),
         detector: detector.clone(),
         usage: usage.clone(),
+        exports: Default::default(),
+        led_since_ms: led_since.clone(),
         heartbeat_interval: config.heartbeat_interval,
         started,
     });
@@ -130,7 +133,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     ));
     let leader_duties = tokio::spawn(lead(
         node.clone(),
-        (detector, usage),
+        (detector, usage, led_since),
         DetectorConfig::new(
             config.heartbeat_interval.as_millis() as u64,
             config.down_after.as_millis() as u64,
@@ -163,7 +166,11 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
 /// failure detector (a new one per term of leadership, see `detector`).
 async fn lead(
     node: NodeHandle<State>,
-    (detector, usage): (SharedDetector, SharedUsage),
+    (detector, usage, led_since): (
+        SharedDetector,
+        SharedUsage,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
     config: DetectorConfig,
     group_count: u32,
     started: Instant,
@@ -187,7 +194,11 @@ async fn lead(
         detector
             .lock()
             .expect("detector lock")
-            .get_or_insert_with(|| FailureDetector::new(config, now));
+            .get_or_insert_with(|| {
+                // A new term of leadership: export leases start from nothing.
+                led_since.store(now, std::sync::atomic::Ordering::SeqCst);
+                FailureDetector::new(config, now)
+            });
         let map = match node.read(|s| s.map().clone()).await {
             Ok(m) => m,
             Err(_) => continue, // leadership moved; the next tick sees it
