@@ -19,10 +19,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Registers three chunk servers on three hosts and keeps them heartbeating,
-/// so 3-replica volumes have their failure domains.
-async fn register_three_nodes(cluster: &VolmgrCluster) -> tokio::task::JoinHandle<()> {
-    let client = Arc::new(cluster.client());
+/// Registers chunk servers 1, 2 and 3, each on its own host.
+async fn register_nodes(client: &VolmgrClient) {
     for i in 1..=3u64 {
         client
             .register_node(
@@ -37,14 +35,28 @@ async fn register_three_nodes(cluster: &VolmgrCluster) -> tokio::task::JoinHandl
             .await
             .expect("registering a chunk server");
     }
+}
+
+/// Sends heartbeats for `nodes` (used bytes: id GiB) until aborted. Its own
+/// client: calls on one client share one connection, and a long poll would
+/// hold the heartbeats up.
+fn heartbeat(cluster: &VolmgrCluster, nodes: &'static [u64]) -> tokio::task::JoinHandle<()> {
+    let client = cluster.client();
     tokio::spawn(async move {
         loop {
-            for i in 1..=3u64 {
-                let _ = client.heartbeat(i, 0).await;
+            for &i in nodes {
+                let _ = client.heartbeat(i, i * GIB).await;
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
+}
+
+/// Three chunk servers on three hosts, kept heartbeating, so 3-replica
+/// volumes have their failure domains.
+async fn register_three_nodes(cluster: &VolmgrCluster) -> tokio::task::JoinHandle<()> {
+    register_nodes(&cluster.client()).await;
+    heartbeat(cluster, &[1, 2, 3])
 }
 
 /// kill -9 of the leader in the middle of a stream of creations: a new
@@ -232,32 +244,9 @@ fn a_silent_chunk_server_is_marked_down_in_a_new_epoch() {
     )
     .unwrap();
     runtime().block_on(async {
-        let client = Arc::new(cluster.client());
-        for i in 1..=3u64 {
-            client
-                .register_node(
-                    i,
-                    &format!("127.0.0.{}:7410", i + 1),
-                    &format!("h{i}"),
-                    "",
-                    "",
-                    1,
-                    GIB,
-                )
-                .await
-                .unwrap();
-        }
-        // Its own client: calls on one client share one connection, and the
-        // long polls below would hold the heartbeats up.
-        let hb = cluster.client();
-        let _beats = tokio::spawn(async move {
-            loop {
-                for i in 1..=2u64 {
-                    let _ = hb.heartbeat(i, i * GIB).await;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
+        let client = cluster.client();
+        register_nodes(&client).await;
+        let _beats = heartbeat(&cluster, &[1, 2]);
         let t0 = Instant::now();
         let mut map = client.get_map(0, Duration::ZERO).await.unwrap();
         while map.nodes.iter().find(|n| n.id == 3).unwrap().up {
