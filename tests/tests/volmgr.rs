@@ -2,7 +2,6 @@
 //! 127.0.0.2-4, driven through the client library the CLI uses.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_proto::volmgr::VolmgrStatus;
