@@ -50,6 +50,10 @@
 //! again (raft may have dropped it). Repeats are harmless: marking a down
 //! node down changes nothing.
 //!
+//! - **Isolation**: if every up server (two or more) is silent at once, the
+//!   leader is more likely cut off than they all dead, and nothing is marked
+//!   down ([`FailureDetector::suspects_isolation`]).
+//!
 //! # Bounds
 //!
 //! One entry per node in the map, plus heartbeats from ids the map does not
@@ -213,6 +217,8 @@ pub struct FailureDetector {
     config: DetectorConfig,
     started_ms: u64,
     nodes: BTreeMap<u64, Tracked>,
+    /// The last tick found every up server silent (see `tick`).
+    isolated: bool,
 }
 
 impl FailureDetector {
@@ -222,7 +228,15 @@ impl FailureDetector {
             config,
             started_ms: now_ms,
             nodes: BTreeMap::new(),
+            isolated: false,
         }
+    }
+
+    /// True when the last tick found every up chunk server silent at once
+    /// and therefore proposed none of them down: this leader is probably
+    /// cut off from them.
+    pub fn suspects_isolation(&self) -> bool {
+        self.isolated
     }
 
     /// The configuration in use.
@@ -327,6 +341,16 @@ impl FailureDetector {
         // is due takes along those within one interval of it: one epoch for a
         // rack that lost power, not one per tick.
         let mut down = Vec::new();
+        // Every up server silent at once (two or more of them) says more
+        // about this leader than about them: it is cut off from the chunk
+        // servers, and marking them all down would stop every volume for
+        // nothing. It proposes nothing then (a real outage of every server
+        // stops I/O anyway; the map changes nothing about it).
+        let up_count = map.nodes.iter().filter(|n| n.up).count();
+        self.isolated = up_count >= 2 && silent.len() == up_count;
+        if self.isolated {
+            silent.clear();
+        }
         if silent.iter().any(|&(_, ms)| ms >= config.down_after_ms) {
             for (id, _) in silent {
                 if let Some(t) = self.nodes.get_mut(&id) {

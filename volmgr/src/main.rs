@@ -208,7 +208,11 @@ async fn lead(
             commands.push(Command::SetGroupCount(SetGroupCount { group_count }));
         }
         if let Some(d) = detector.lock().expect("detector lock").as_mut() {
+            let was_isolated = d.suspects_isolation();
             commands.extend(d.tick(now, &map));
+            if d.suspects_isolation() && !was_isolated {
+                warn!("no chunk server has heartbeaten to this leader lately: marking none down; check this member's network");
+            }
         }
         if ticks.is_multiple_of(USAGE_EVERY) {
             // Usage is informational: batched, and only figures that moved.

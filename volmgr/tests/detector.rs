@@ -294,3 +294,23 @@ fn the_wait_before_up_doubles_per_fall_and_resets_after_the_window() {
     assert_eq!(sim.detector.required_up_ms(2), 3000);
     assert_eq!(sim.node(2), (true, true));
 }
+
+/// A leader that hears from no chunk server at all is more likely cut off
+/// than facing the death of every server: it marks none of them down, and
+/// says so. One server falling silent among live ones still goes down.
+#[test]
+fn a_leader_that_hears_no_one_marks_no_one_down() {
+    let mut sim = Sim::new(3, 0, DetectorConfig::default());
+    sim.run(60_000, |_, t| t <= 20_000);
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+    assert!(sim.detector.suspects_isolation());
+    assert_eq!(
+        (sim.node(1), sim.node(2), sim.node(3)),
+        ((true, true), (true, true), (true, true))
+    );
+    // Heartbeats resume, then only node 2 stops: it alone goes down.
+    sim.run(120_000, |id, t| id != 2 || t <= 90_000);
+    assert!(!sim.detector.suspects_isolation());
+    assert_eq!(sim.node(2), (false, true));
+    assert_eq!((sim.node(1), sim.node(3)), ((true, true), (true, true)));
+}
