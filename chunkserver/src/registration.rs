@@ -41,76 +41,74 @@ pub async fn run(reg: Registration, store: Store, mut stop: watch::Receiver<bool
         .with_deadline(HEARTBEAT_DEADLINE * 5);
     let beats = VolmgrClient::new(reg.volmgr.clone(), reg.cluster_id.clone())
         .with_deadline(HEARTBEAT_DEADLINE);
-    {
-        let mut interval = HEARTBEAT_DEFAULT;
-        let mut complained = false;
-        // Register until accepted.
-        loop {
-            match client
-                .register_node(
-                    reg.node_id,
-                    &reg.advertise,
-                    &reg.host,
-                    &reg.rack,
-                    &reg.room,
-                    reg.weight,
-                    capacity_bytes(&reg.data_dir),
-                )
-                .await
-            {
-                Ok(resp) => {
-                    if resp.heartbeat_interval_ms > 0 {
-                        interval = Duration::from_millis(resp.heartbeat_interval_ms as u64);
-                    }
-                    info!(
-                        node = reg.node_id,
-                        advertise = %reg.advertise,
-                        heartbeat_ms = interval.as_millis() as u64,
-                        "registered with the volume manager"
-                    );
-                    break;
+    let mut interval = HEARTBEAT_DEFAULT;
+    let mut complained = false;
+    // Register until accepted.
+    loop {
+        match client
+            .register_node(
+                reg.node_id,
+                &reg.advertise,
+                &reg.host,
+                &reg.rack,
+                &reg.room,
+                reg.weight,
+                capacity_bytes(&reg.data_dir),
+            )
+            .await
+        {
+            Ok(resp) => {
+                if resp.heartbeat_interval_ms > 0 {
+                    interval = Duration::from_millis(resp.heartbeat_interval_ms as u64);
                 }
-                Err(e) => {
-                    if !complained {
-                        warn!(
-                            node = reg.node_id,
-                            "cannot register with the volume manager yet: {e}; retrying"
-                        );
-                        complained = true;
-                    }
-                }
+                info!(
+                    node = reg.node_id,
+                    advertise = %reg.advertise,
+                    heartbeat_ms = interval.as_millis() as u64,
+                    "registered with the volume manager"
+                );
+                break;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(REGISTER_RETRY) => {}
-                _ = stop.changed() => return,
+            Err(e) => {
+                if !complained {
+                    warn!(
+                        node = reg.node_id,
+                        "cannot register with the volume manager yet: {e}; retrying"
+                    );
+                    complained = true;
+                }
             }
         }
-        // Heartbeat until stopped. A server the admin removed from the map
-        // is not registered again behind the admin's back: its heartbeats
-        // are ignored until it is registered deliberately (a restart).
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stop.changed() => return,
+        tokio::select! {
+            _ = tokio::time::sleep(REGISTER_RETRY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    // Heartbeat until stopped. A server the admin removed from the map
+    // is not registered again behind the admin's back: its heartbeats
+    // are ignored until it is registered deliberately (a restart).
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        let used = store.usage().await.map(|u| u.allocated_bytes).unwrap_or(0);
+        match beats.heartbeat(reg.node_id, used).await {
+            Ok(()) => {
+                if failing {
+                    info!(
+                        node = reg.node_id,
+                        "heartbeats reach the volume manager again"
+                    );
+                }
+                failing = false;
             }
-            let used = store.usage().await.map(|u| u.allocated_bytes).unwrap_or(0);
-            match beats.heartbeat(reg.node_id, used).await {
-                Ok(()) => {
-                    if failing {
-                        info!(
-                            node = reg.node_id,
-                            "heartbeats reach the volume manager again"
-                        );
-                    }
-                    failing = false;
+            Err(e) => {
+                if !failing {
+                    warn!(node = reg.node_id, "heartbeat failed: {e}; retrying");
                 }
-                Err(e) => {
-                    if !failing {
-                        warn!(node = reg.node_id, "heartbeat failed: {e}; retrying");
-                    }
-                    failing = true;
-                }
+                failing = true;
             }
         }
     }

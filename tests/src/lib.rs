@@ -256,30 +256,14 @@ impl ChunkServerProcess {
 
     /// Sends SIGTERM and waits (at most [`STOP_TIMEOUT`]) for the exit status.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             bail!("chunk server {} is not running", self.addr);
         };
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!(
-                "chunk server {} had already exited with {status} before SIGTERM",
-                self.addr
-            );
-        }
-        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
-        kill(pid, Signal::SIGTERM)
-            .with_context(|| format!("sending SIGTERM to chunk server pid {pid}"))?;
-        match wait_with_deadline(&mut child, STOP_TIMEOUT)? {
-            Some(status) => Ok(status),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "chunk server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it. Log ends with:\n{}",
-                    self.addr,
-                    self.log_tail()
-                )
-            }
-        }
+        terminate(
+            child,
+            &format!("chunk server {}", self.addr),
+            &self.log_path,
+        )
     }
 
     /// Kills the process with SIGKILL (a crash, for recovery tests).
@@ -293,9 +277,7 @@ impl ChunkServerProcess {
 
     /// The daemon's whole log so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
-            .unwrap_or_default()
+        read_log(&self.log_path)
     }
 
     /// Waits (at most `timeout`) until some log line satisfies `matches`;
@@ -321,13 +303,50 @@ impl ChunkServerProcess {
     }
 
     fn log_tail(&self) -> String {
-        let log = self.log();
-        let mut start = log.len().saturating_sub(LOG_TAIL_BYTES);
-        while !log.is_char_boundary(start) {
-            start += 1;
-        }
-        log[start..].to_string()
+        log_tail(&self.log_path)
     }
+}
+
+/// SIGTERM to `child`, then its exit status (at most [`STOP_TIMEOUT`]);
+/// `what` names it in errors, whose text ends with its log's tail.
+pub(crate) fn terminate(
+    mut child: Child,
+    what: &str,
+    log_path: &Path,
+) -> anyhow::Result<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        bail!("{what} had already exited with {status} before SIGTERM");
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    kill(pid, Signal::SIGTERM).with_context(|| format!("sending SIGTERM to {what} (pid {pid})"))?;
+    match wait_with_deadline(&mut child, STOP_TIMEOUT)? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{what} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it. Log ends with:\n{}",
+                log_tail(log_path)
+            )
+        }
+    }
+}
+
+/// A daemon's whole log so far (empty if there is none yet).
+pub(crate) fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+        .unwrap_or_default()
+}
+
+/// The last [`LOG_TAIL_BYTES`] of a daemon's log, cut at a character boundary.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let log = read_log(path);
+    let mut start = log.len().saturating_sub(LOG_TAIL_BYTES);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    log[start..].to_string()
 }
 
 impl Drop for ChunkServerProcess {

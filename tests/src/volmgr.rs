@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cairn_volmgr::client::VolmgrClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::{
-    bin_path, free_loopback_addr, temp_dir, wait_until_listening, wait_with_deadline, STOP_TIMEOUT,
+    bin_path, free_loopback_addr, log_tail, read_log, temp_dir, terminate, wait_until_listening,
 };
 
 pub struct VolmgrMember {
@@ -75,22 +73,10 @@ impl VolmgrMember {
 
     /// SIGTERM and wait for the exit status.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut c) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             bail!("volmgr member {} is not running", self.id);
         };
-        let pid = Pid::from_raw(c.id() as i32);
-        kill(pid, Signal::SIGTERM).context("sending SIGTERM")?;
-        match wait_with_deadline(&mut c, STOP_TIMEOUT)? {
-            Some(s) => Ok(s),
-            None => {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!(
-                    "volmgr member {} ignored SIGTERM for {STOP_TIMEOUT:?}",
-                    self.id
-                )
-            }
-        }
+        terminate(child, &format!("volmgr member {}", self.id), &self.log_path)
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {
@@ -101,9 +87,7 @@ impl VolmgrMember {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        read_log(&self.log_path)
     }
 }
 
@@ -114,9 +98,11 @@ impl Drop for VolmgrMember {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            let log = self.log();
-            let tail = &log[log.len().saturating_sub(6000)..];
-            eprintln!("--- volmgr member {} log (tail) ---\n{tail}\n---", self.id);
+            eprintln!(
+                "--- volmgr member {} log (tail) ---\n{}\n---",
+                self.id,
+                log_tail(&self.log_path)
+            );
         }
     }
 }

@@ -294,12 +294,8 @@ impl Api {
                 }
             }
             VolmgrOp::Heartbeat => {
-                let status = self.node.status().borrow().clone();
-                if !status.is_leader {
-                    return from_node_error(NodeError::NotLeader {
-                        leader: status.leader,
-                        addr: status.leader_addr(),
-                    });
+                if let Some(redirect) = self.unless_leader() {
+                    return redirect;
                 }
                 self.heartbeat(req.node_id);
                 self.usage
@@ -381,12 +377,11 @@ impl Api {
                 let after = req.after_name.clone();
                 let page = self
                     .read(move |s| {
-                        let mut names: Vec<_> =
-                            s.volumes().filter(|v| v.name > after).cloned().collect();
-                        names.sort_by(|a, b| a.name.cmp(&b.name));
-                        let more = names.len() > limit;
-                        names.truncate(limit);
-                        (names, more)
+                        let mut page: Vec<_> =
+                            s.volumes_after(&after).take(limit + 1).cloned().collect();
+                        let more = page.len() > limit;
+                        page.truncate(limit);
+                        (page, more)
                     })
                     .await;
                 match page {
@@ -400,12 +395,8 @@ impl Api {
             }
             VolmgrOp::ClusterStatus => self.cluster_status().await,
             VolmgrOp::RegisterExport | VolmgrOp::UnregisterExport => {
-                let status = self.node.status().borrow().clone();
-                if !status.is_leader {
-                    return from_node_error(NodeError::NotLeader {
-                        leader: status.leader,
-                        addr: status.leader_addr(),
-                    });
+                if let Some(redirect) = self.unless_leader() {
+                    return redirect;
                 }
                 if req.node_id == 0 || req.volume_name.is_empty() {
                     return reply(
@@ -447,6 +438,18 @@ impl Api {
                 }
             }
         }
+    }
+
+    /// For requests only the leader's memory can answer (heartbeats, export
+    /// leases): the redirect, unless this member leads.
+    fn unless_leader(&self) -> Option<VolmgrResponse> {
+        let status = self.node.status().borrow().clone();
+        (!status.is_leader).then(|| {
+            from_node_error(NodeError::NotLeader {
+                leader: status.leader,
+                addr: status.leader_addr(),
+            })
+        })
     }
 
     /// A lease lasts three renewal intervals.

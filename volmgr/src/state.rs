@@ -171,6 +171,15 @@ impl State {
         self.volumes.values()
     }
 
+    /// Live volumes in name order, starting after `after` (exclusive; "" for
+    /// the first), from the name index: a page costs its own length.
+    pub fn volumes_after(&self, after: &str) -> impl Iterator<Item = &VolumeInfo> {
+        use std::ops::Bound;
+        self.names
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .filter_map(|(_, id)| self.volumes.get(id))
+    }
+
     /// The live volume with `id`.
     pub fn volume(&self, id: u64) -> Option<&VolumeInfo> {
         self.volumes.get(&id)

@@ -230,7 +230,13 @@ fn io_mode_flag(mode: IoMode) -> &'static str {
 /// Asks the kernel for a free port. Another process could take it before the
 /// chunk server binds it; the start-up check then fails with the server's log.
 fn free_loopback_port() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
+    free_loopback_addr(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// A port on loopback address `ip` that was free a moment ago.
+pub fn free_loopback_addr(ip: std::net::Ipv4Addr) -> anyhow::Result<SocketAddr> {
+    let listener =
+        TcpListener::bind((ip, 0)).with_context(|| format!("finding a free port on {ip}"))?;
     listener
         .local_addr()
         .context("reading the address of a fresh listener")

@@ -7,7 +7,7 @@
 //! *and* serving writes), start the killed member again and let it catch up.
 //! Prints each round and the min / median / max; `--json` for machines.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use cairn_volmgr::client::VolmgrClient;
 use clap::Args;
+
+use super::chunkserver::free_loopback_addr;
 
 #[derive(Args)]
 pub struct ElectionBenchArgs {
@@ -77,11 +79,6 @@ impl Drop for Member {
     }
 }
 
-fn free_addr(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))?;
-    Ok(l.local_addr()?)
-}
-
 pub fn run(args: ElectionBenchArgs) -> anyhow::Result<()> {
     let bin = match args.volmgr_bin {
         Some(b) => b,
@@ -102,7 +99,10 @@ pub fn run(args: ElectionBenchArgs) -> anyhow::Result<()> {
         .context("creating a temporary folder")?;
     let mut addrs = Vec::new();
     for id in 1..=3u64 {
-        addrs.push((id, free_addr(Ipv4Addr::new(127, 0, 0, 1 + id as u8))?));
+        addrs.push((
+            id,
+            free_loopback_addr(Ipv4Addr::new(127, 0, 0, 1 + id as u8))?,
+        ));
     }
     let initial: Vec<String> = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect();
     let mut members: Vec<Member> = addrs
