@@ -529,32 +529,33 @@ fn merge(
         .or(file.log_level)
         .unwrap_or_else(|| LOG_LEVEL_DEFAULT.to_string());
     let log_format = flags.log_format.or(file.log_format).unwrap_or_default();
-    let volmgr: Vec<String> = flags
-        .volmgr
-        .or(file.volmgr)
-        .map(|list| {
+    let (volmgr, volmgr_origin) = match pick(flags.volmgr, "--volmgr", file.volmgr, fp) {
+        Some((list, origin)) => (
             list.split(',')
                 .map(|a| a.trim().to_string())
                 .filter(|a| !a.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+                .collect::<Vec<_>>(),
+            origin,
+        ),
+        None => (Vec::new(), Origin::Default),
+    };
     for addr in &volmgr {
         if addr.parse::<SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 key: "volmgr",
                 value: addr.clone(),
-                origin: Origin::Default,
+                origin: volmgr_origin.clone(),
                 reason: "each volume manager member is an IP:PORT address".into(),
             });
         }
     }
-    let advertise = flags.advertise.or(file.advertise).unwrap_or(listen);
+    let (advertise, advertise_origin) = pick(flags.advertise, "--advertise", file.advertise, fp)
+        .unwrap_or((listen, Origin::Default));
     if !volmgr.is_empty() && (advertise.ip().is_unspecified() || advertise.port() == 0) {
         return Err(ConfigError::Invalid {
             key: "advertise",
             value: advertise.to_string(),
-            origin: Origin::Default,
+            origin: advertise_origin,
             reason: "registering with a volume manager needs the address others reach this server at: give --advertise".into(),
         });
     }
