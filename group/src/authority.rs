@@ -1,0 +1,268 @@
+//! How the map's acting sets may change: pure functions the volume manager
+//! applies (through raft) and the simulator applies directly.
+//!
+//! The rules that make Write-All-Read-One safe:
+//!
+//! - **A node leaves acting sets only when it is marked down or registers
+//!   anew** (a restarted process has lost what it held in memory and may have
+//!   lost unflushed writes). It is never removed from a group where it is the
+//!   last acting replica: that group then waits for it, because nobody else
+//!   is known to hold every acknowledged write.
+//! - **A node joins an acting set only by a claim** made by the group's
+//!   primary after it brought the node up to date, and only if nothing
+//!   changed in between: the group's interval is the one the claim was made
+//!   in, and the node is still up in the same incarnation.
+//! - Every change of a group's acting set gives it a new interval (the new
+//!   map epoch), which fences writes of the old one.
+
+use crate::map::{Epoch, GroupKey, GroupMap, NodeId, NodeView};
+
+/// Why a claim was refused; the claimant starts over from the current map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// The group is not in the map.
+    UnknownGroup,
+    /// The group's acting set changed since the claim was made.
+    IntervalMoved {
+        /// The group's current interval.
+        current: Epoch,
+    },
+    /// The node is down, or came back as another incarnation.
+    NodeChanged,
+    /// The node is not in the group's placement.
+    NotPlaced,
+    /// The node is already acting (an earlier copy of the claim was applied).
+    AlreadyActing,
+    /// The claimant is not the group's primary (it was marked down).
+    NotPrimary,
+}
+
+/// A primary's claim that `node` holds every write of `key` as of `interval`
+/// and may join its acting set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// The group.
+    pub key: GroupKey,
+    /// The primary making the claim.
+    pub primary: NodeId,
+    /// The interval the primary brought the node up to date in.
+    pub interval: Epoch,
+    /// The node brought up to date.
+    pub node: NodeId,
+    /// Its incarnation at that time.
+    pub up_since: Epoch,
+}
+
+/// `node` stopped heartbeating: it is down, and leaves every acting set in
+/// which it is not the last replica. Returns the next map; `None` if the node
+/// is unknown or already down.
+pub fn mark_down(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
+    let n = map.nodes.get(&node)?;
+    if !n.up {
+        return None;
+    }
+    let mut next = map.clone();
+    next.epoch += 1;
+    let epoch = next.epoch;
+    next.nodes.insert(
+        node,
+        NodeView {
+            up: false,
+            up_since: n.up_since,
+        },
+    );
+    leave_acting_sets(&mut next, node, epoch);
+    Some(next)
+}
+
+/// A down node heartbeats again, as the same incarnation: it is up, and
+/// joins acting sets again only through claims.
+pub fn mark_up(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
+    let n = map.nodes.get(&node)?;
+    if n.up {
+        return None;
+    }
+    let mut next = map.clone();
+    next.epoch += 1;
+    let epoch = next.epoch;
+    next.nodes.insert(
+        node,
+        NodeView {
+            up: true,
+            up_since: epoch,
+        },
+    );
+    // Where it stayed acting as the last replica, its incarnation changed:
+    // a new interval makes the primary address the new one.
+    for g in next.groups.values_mut() {
+        if g.acting.contains(&node) {
+            g.interval = epoch;
+        }
+    }
+    Some(next)
+}
+
+/// A node process (re)starts and registers: a new incarnation. It leaves
+/// every acting set where others remain (what it held only in memory is
+/// gone) and is up from the new epoch. Unknown nodes are added (their
+/// groups' placement is the caller's concern).
+pub fn register(map: &GroupMap, node: NodeId) -> GroupMap {
+    let mut next = map.clone();
+    next.epoch += 1;
+    let epoch = next.epoch;
+    next.nodes.insert(
+        node,
+        NodeView {
+            up: true,
+            up_since: epoch,
+        },
+    );
+    leave_acting_sets(&mut next, node, epoch);
+    // Where it stays as the last replica, its new incarnation gets a new
+    // interval, so that requests addressed to the old one are refused.
+    for g in next.groups.values_mut() {
+        if g.acting.contains(&node) {
+            g.interval = epoch;
+        }
+    }
+    next
+}
+
+fn leave_acting_sets(map: &mut GroupMap, node: NodeId, epoch: Epoch) {
+    for g in map.groups.values_mut() {
+        if g.acting.len() > 1 && g.acting.contains(&node) {
+            g.acting.retain(|&n| n != node);
+            g.interval = epoch;
+        }
+    }
+}
+
+/// Applies a primary's claim, or says why not.
+pub fn claim(map: &GroupMap, c: &Claim) -> Result<GroupMap, ClaimRefused> {
+    let g = map.groups.get(&c.key).ok_or(ClaimRefused::UnknownGroup)?;
+    if g.acting.contains(&c.node) {
+        return Err(ClaimRefused::AlreadyActing);
+    }
+    if g.interval != c.interval {
+        return Err(ClaimRefused::IntervalMoved {
+            current: g.interval,
+        });
+    }
+    if map.primary(c.key) != Some(c.primary) {
+        return Err(ClaimRefused::NotPrimary);
+    }
+    if map.up_since(c.node) != Some(c.up_since) {
+        return Err(ClaimRefused::NodeChanged);
+    }
+    if !g.placement.contains(&c.node) {
+        return Err(ClaimRefused::NotPlaced);
+    }
+    let mut next = map.clone();
+    next.epoch += 1;
+    let epoch = next.epoch;
+    let g = next.groups.get_mut(&c.key).expect("checked above");
+    let mut members: Vec<NodeId> = g.acting.clone();
+    members.push(c.node);
+    // Placement order first; replicas outside the placement (data still
+    // moving away from them) last, and dropped once the placement is whole.
+    let mut acting: Vec<NodeId> = g
+        .placement
+        .iter()
+        .copied()
+        .filter(|n| members.contains(n))
+        .collect();
+    if acting.len() < g.placement.len() {
+        acting.extend(members.iter().filter(|n| !g.placement.contains(n)));
+    }
+    g.acting = acting;
+    g.interval = epoch;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::GroupView;
+
+    fn map3() -> GroupMap {
+        let mut m = GroupMap {
+            epoch: 5,
+            ..Default::default()
+        };
+        for n in 1..=3 {
+            m.nodes.insert(
+                n,
+                NodeView {
+                    up: true,
+                    up_since: 1,
+                },
+            );
+        }
+        m.groups.insert(
+            GroupKey {
+                replicas: 3,
+                index: 0,
+            },
+            GroupView {
+                interval: 2,
+                placement: vec![2, 1, 3],
+                acting: vec![2, 1, 3],
+            },
+        );
+        m
+    }
+
+    const KEY: GroupKey = GroupKey {
+        replicas: 3,
+        index: 0,
+    };
+
+    #[test]
+    fn down_leaves_acting_but_never_empties_it() {
+        let m = mark_down(&map3(), 2).unwrap();
+        assert_eq!(m.epoch, 6);
+        assert_eq!(m.groups[&KEY].acting, vec![1, 3]);
+        assert_eq!(m.groups[&KEY].interval, 6);
+        assert_eq!(m.primary(KEY), Some(1));
+        let m = mark_down(&m, 1).unwrap();
+        let m = mark_down(&m, 3).unwrap();
+        assert_eq!(m.groups[&KEY].acting, vec![3], "the last replica stays");
+        assert_eq!(m.primary(KEY), None, "and the group waits for it");
+        assert!(mark_down(&m, 3).is_none());
+    }
+
+    #[test]
+    fn claims_are_compare_and_set() {
+        let m = mark_down(&map3(), 2).unwrap();
+        let m = mark_up(&m, 2).unwrap();
+        let up_since = m.nodes[&2].up_since;
+        let good = Claim {
+            key: KEY,
+            primary: 1,
+            interval: 6,
+            node: 2,
+            up_since,
+        };
+        let stale = Claim {
+            interval: 2,
+            ..good.clone()
+        };
+        assert_eq!(
+            claim(&m, &stale),
+            Err(ClaimRefused::IntervalMoved { current: 6 })
+        );
+        let restarted = register(&m, 2);
+        assert_eq!(claim(&restarted, &good), Err(ClaimRefused::NodeChanged));
+        let next = claim(&m, &good).unwrap();
+        assert_eq!(next.groups[&KEY].acting, vec![2, 1, 3]);
+        assert_eq!(next.groups[&KEY].interval, next.epoch);
+        assert_eq!(claim(&next, &good), Err(ClaimRefused::AlreadyActing));
+    }
+
+    #[test]
+    fn registering_again_is_a_new_incarnation() {
+        let m = register(&map3(), 3);
+        assert_eq!(m.nodes[&3].up_since, 6);
+        assert_eq!(m.groups[&KEY].acting, vec![2, 1]);
+    }
+}

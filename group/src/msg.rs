@@ -1,0 +1,242 @@
+//! Messages of the group protocol: volume client to primary, primary to
+//! replicas. The daemons carry them over the chunk server RPC; the simulator
+//! over its fake network, which may drop, delay, duplicate and reorder any of
+//! them. Every handler therefore tolerates duplicates and stale copies.
+
+use bytes::Bytes;
+
+use crate::map::{Epoch, ExtentId, GroupKey, NodeId, Seq};
+
+/// A volume client's id, unique per client process.
+pub type ClientId = u64;
+
+/// What a write does to its range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Store `data` at `offset`.
+    Data {
+        /// Byte offset in the extent.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Zero `len` bytes at `offset` (trim and write-zeroes).
+    Zero {
+        /// Byte offset in the extent.
+        offset: u64,
+        /// Bytes to zero.
+        len: u64,
+    },
+}
+
+impl WriteOp {
+    /// The byte range written.
+    pub fn range(&self) -> (u64, u64) {
+        match self {
+            WriteOp::Data { offset, data } => (*offset, offset + data.len() as u64),
+            WriteOp::Zero { offset, len } => (*offset, offset + len),
+        }
+    }
+}
+
+/// A client request's operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientOp {
+    /// Write (or zero) part of one extent.
+    Write {
+        /// The extent.
+        ext: ExtentId,
+        /// What to write.
+        op: WriteOp,
+        /// Durable on every replica before the reply.
+        fua: bool,
+    },
+    /// Read part of one extent.
+    Read {
+        /// The extent.
+        ext: ExtentId,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Make every write this group acknowledged before durable on every
+    /// replica.
+    Flush,
+}
+
+/// A request from a volume client to a group's primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    /// The client.
+    pub client: ClientId,
+    /// Chosen by the client, increasing; a retry reuses it.
+    pub id: u64,
+    /// Every request of this client with a smaller id is finished from the
+    /// client's point of view; a copy of one that arrives late is dropped.
+    pub oldest_outstanding: u64,
+    /// The client's map epoch.
+    pub epoch: Epoch,
+    /// The group.
+    pub key: GroupKey,
+    /// The volume's `min_replicas`: writes wait while fewer replicas act.
+    pub min_replicas: u32,
+    /// What to do.
+    pub op: ClientOp,
+}
+
+/// Why a request was not done; every one of them is worth a retry, after a
+/// newer map for the first three.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request's epoch is older than the group's interval here.
+    StaleEpoch {
+        /// The newest map epoch this node knows.
+        current: Epoch,
+    },
+    /// This node is not the group's primary in the newest map it knows.
+    NotPrimary {
+        /// The newest map epoch this node knows.
+        current: Epoch,
+    },
+    /// The request names a newer map than this node has; it is fetching it.
+    NodeBehind,
+    /// The group is peering or its acting set changed under the request.
+    Busy,
+    /// Fewer replicas act than the volume's `min_replicas`.
+    Degraded {
+        /// Acting replicas.
+        acting: u32,
+        /// Required.
+        min: u32,
+    },
+    /// A disk error at the primary; the message says where.
+    Io(String),
+}
+
+/// The reply to a [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientReply {
+    /// The client.
+    pub client: ClientId,
+    /// The request.
+    pub id: u64,
+    /// Data for reads, nothing for writes and flushes, or why not.
+    pub result: Result<Option<Bytes>, Refusal>,
+}
+
+/// What a replica reports about one group when the primary asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncState {
+    /// Highest sequence number it ever applied in the group.
+    pub last_seq: Seq,
+    /// Every write of the group with a sequence number up to this one that
+    /// was acknowledged anywhere is applied here (and every extent it does
+    /// not list in `uncertain` equals the acting replicas' copy as of then).
+    pub committed: Seq,
+    /// Extents it wrote after `committed`: maybe different from the others.
+    pub uncertain: Vec<ExtentId>,
+}
+
+/// Why a replica refused a primary's message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// The replica knows a newer interval for the group.
+    StaleInterval {
+        /// The replica's interval.
+        current: Epoch,
+    },
+    /// The message was addressed to another incarnation of the replica.
+    WrongIncarnation,
+}
+
+/// Messages between a group's primary and its replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// Replica → primary: bring me up to date (I am in the placement but not
+    /// acting).
+    SyncRequest {
+        /// Sender's incarnation.
+        up_since: Epoch,
+    },
+    /// Primary → replica: report your state; from now on refuse older
+    /// intervals.
+    SyncQuery {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+    },
+    /// Replica → primary.
+    SyncReport(SyncState),
+    /// Primary → replica: apply a write.
+    Forward {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// Its sequence number.
+        seq: Seq,
+        /// The primary's committed watermark (see [`SyncState::committed`]).
+        committed: Seq,
+        /// The extent.
+        ext: ExtentId,
+        /// The write.
+        op: WriteOp,
+        /// Durable before the ack.
+        fua: bool,
+    },
+    /// Replica → primary.
+    ForwardAck {
+        /// The write.
+        seq: Seq,
+    },
+    /// Primary → replica: replace your copy of an extent with this one.
+    Push {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// Matches the ack.
+        push_id: u64,
+        /// The extent.
+        ext: ExtentId,
+        /// The primary's last write sequence number for it, if it has one.
+        seq: Option<Seq>,
+        /// The whole extent, or `None` if it does not exist (delete it).
+        data: Option<Bytes>,
+    },
+    /// Replica → primary.
+    PushAck {
+        /// The push.
+        push_id: u64,
+    },
+    /// Primary → replica: you hold every write up to `committed`.
+    SyncDone {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// The committed watermark to adopt.
+        committed: Seq,
+    },
+    /// Primary → replica: make every write you acknowledged durable.
+    Flush {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// Matches the ack.
+        flush_id: u64,
+    },
+    /// Replica → primary.
+    FlushAck {
+        /// The flush.
+        flush_id: u64,
+    },
+    /// Replica → primary: refused.
+    Refused(PeerRefusal),
+}
+
+/// A [`PeerMsg`] with its group and interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Sender.
+    pub from: NodeId,
+    /// The group.
+    pub key: GroupKey,
+    /// The interval the sender acts in.
+    pub interval: Epoch,
+    /// The message.
+    pub msg: PeerMsg,
+}

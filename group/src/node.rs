@@ -1,0 +1,2302 @@
+//! One chunk server's side of every group it belongs to: primary, replica or
+//! rejoining replica. See the crate documentation for the protocol.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+
+use crate::authority::Claim;
+use crate::locks::{Locks, WHOLE};
+use crate::map::{Epoch, ExtentId, GroupKey, GroupMap, NodeId, Seq};
+use crate::msg::{
+    ClientId, ClientOp, ClientReply, ClientRequest, Peer, PeerMsg, PeerRefusal, Refusal, SyncState,
+    WriteOp,
+};
+
+/// Identifies a disk operation between [`Output::Disk`] and
+/// [`Node::on_disk`].
+pub type OpId = u64;
+
+/// Timing. All times are milliseconds of the driver's clock.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Resend unanswered forwards, pushes, queries and flushes this often.
+    pub retry_ms: u64,
+    /// Drop a rejoining replica that has not answered for this long.
+    pub sync_timeout_ms: u64,
+    /// A replica outside the acting set asks to rejoin this often.
+    pub sync_request_ms: u64,
+    /// Resend an unanswered claim this often.
+    pub claim_retry_ms: u64,
+    /// A deliberately broken variant, to show the simulator catches it.
+    pub bug: Option<Bug>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            retry_ms: 200,
+            sync_timeout_ms: 3000,
+            sync_request_ms: 500,
+            claim_retry_ms: 1000,
+            bug: None,
+        }
+    }
+}
+
+/// Deliberate protocol bugs. Never set outside the simulator's own tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// Acknowledge a write once the primary wrote it, before the replicas.
+    AckBeforeReplicas,
+    /// Replicas accept messages of intervals older than the newest they saw.
+    NoFence,
+    /// Peering marks replicas up to date without pushing anything.
+    NoPeeringPush,
+}
+
+/// A disk operation for the driver to run on the node's store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskReq {
+    /// Write or zero a range.
+    Write {
+        /// The extent.
+        ext: ExtentId,
+        /// What.
+        op: WriteOp,
+        /// Durable before completion.
+        fua: bool,
+    },
+    /// Read a range.
+    Read {
+        /// The extent.
+        ext: ExtentId,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Read the whole extent; `None` if it is not stored.
+    ReadExtent {
+        /// The extent.
+        ext: ExtentId,
+    },
+    /// Replace the whole extent, or delete it.
+    PutExtent {
+        /// The extent.
+        ext: ExtentId,
+        /// New content; `None` deletes.
+        data: Option<Bytes>,
+    },
+    /// Make every completed write durable.
+    Flush,
+}
+
+/// A disk operation's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskDone {
+    /// Write, put or flush done.
+    Ok,
+    /// Read done.
+    Data(Bytes),
+    /// ReadExtent done.
+    Extent(Option<Bytes>),
+    /// Failed; the message names the extent and the error.
+    Failed(String),
+}
+
+/// A durable record: the driver appends it to the node's journal before it
+/// starts any disk operation output after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JournalRecord {
+    /// The last write applied to `ext` has sequence number `seq` (or, with
+    /// `None`, the extent was replaced by a copy the primary had no entry
+    /// for: forget it).
+    Log {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// The sequence number.
+        seq: Option<Seq>,
+        /// A write (the entry only moves up) rather than a replacement.
+        write: bool,
+    },
+    /// The committed watermark moved up.
+    Committed {
+        /// The group.
+        key: GroupKey,
+        /// The new watermark.
+        seq: Seq,
+    },
+}
+
+/// What the journal holds for one group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupDurable {
+    /// Last applied write per extent.
+    pub log: BTreeMap<ExtentId, Seq>,
+    /// The committed watermark.
+    pub committed: Seq,
+    /// The highest sequence number ever applied.
+    pub last_seq: Seq,
+}
+
+impl GroupDurable {
+    fn uncertain(&self) -> Vec<ExtentId> {
+        self.log
+            .iter()
+            .filter(|(_, &s)| s > self.committed)
+            .map(|(&e, _)| e)
+            .collect()
+    }
+
+    /// A write with `seq` was applied to `ext` (writes to one extent may
+    /// complete out of sequence order when their ranges do not overlap).
+    fn note_write(&mut self, ext: ExtentId, seq: Seq) {
+        let e = self.log.entry(ext).or_insert(seq);
+        *e = (*e).max(seq);
+        self.last_seq = self.last_seq.max(seq);
+    }
+
+    /// The extent was replaced by a copy whose last write is `seq`.
+    fn set_log(&mut self, ext: ExtentId, seq: Option<Seq>) {
+        match seq {
+            Some(s) => {
+                self.log.insert(ext, s);
+                self.last_seq = self.last_seq.max(s);
+            }
+            None => {
+                self.log.remove(&ext);
+            }
+        }
+    }
+}
+
+/// A node's journal, replayed: what survives a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// Per group.
+    pub groups: BTreeMap<GroupKey, GroupDurable>,
+}
+
+impl Durable {
+    /// Applies one journal record (replay).
+    pub fn apply(&mut self, r: &JournalRecord) {
+        match r {
+            JournalRecord::Log {
+                key,
+                ext,
+                seq,
+                write,
+            } => {
+                let g = self.groups.entry(*key).or_default();
+                match (write, seq) {
+                    (true, Some(s)) => g.note_write(*ext, *s),
+                    _ => g.set_log(*ext, *seq),
+                }
+            }
+            JournalRecord::Committed { key, seq } => {
+                let g = self.groups.entry(*key).or_default();
+                g.committed = g.committed.max(*seq);
+            }
+        }
+    }
+}
+
+/// Something observable for tests and logs; daemons may ignore it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trace {
+    /// This node acknowledged a client write as primary of `key` in
+    /// `interval`.
+    AckedWrite {
+        /// The group.
+        key: GroupKey,
+        /// The interval.
+        interval: Epoch,
+    },
+    /// This node became the active primary of `key` in `interval`.
+    Activated {
+        /// The group.
+        key: GroupKey,
+        /// The interval.
+        interval: Epoch,
+        /// Extents pushed during peering.
+        pushed: usize,
+    },
+    /// A rejoining replica was brought up to date and claimed.
+    Claimed {
+        /// The group.
+        key: GroupKey,
+        /// The replica.
+        node: NodeId,
+        /// Extents pushed to it.
+        pushed: usize,
+    },
+}
+
+/// What the node asks its driver to do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send to another node.
+    Peer {
+        /// Recipient.
+        to: NodeId,
+        /// Message.
+        msg: Peer,
+    },
+    /// Answer a client.
+    Reply(ClientReply),
+    /// Start a disk operation; report its end with [`Node::on_disk`].
+    Disk {
+        /// Its id.
+        id: OpId,
+        /// What.
+        req: DiskReq,
+    },
+    /// Append to the journal before starting any later disk operation.
+    Journal(JournalRecord),
+    /// Propose to the volume manager.
+    Claim(Claim),
+    /// The node saw a reference to a map epoch it does not have.
+    NeedMap(Epoch),
+    /// For tests and logs.
+    Trace(Trace),
+}
+
+/// What a disk operation was for.
+#[derive(Debug)]
+enum DiskCtx {
+    /// A primary task's local operation, under lock `lock`.
+    Task { key: GroupKey, gen: u64, task: u64 },
+    /// A replica applying a forwarded write.
+    ReplicaWrite {
+        key: GroupKey,
+        interval: Epoch,
+        primary: NodeId,
+        seq: Seq,
+        ext: ExtentId,
+        lock: u64,
+    },
+    /// A replica applying a push.
+    ReplicaPush {
+        key: GroupKey,
+        interval: Epoch,
+        primary: NodeId,
+        push_id: u64,
+        ext: ExtentId,
+        lock: u64,
+    },
+    /// A replica flushing.
+    ReplicaFlush {
+        key: GroupKey,
+        interval: Epoch,
+        primary: NodeId,
+        flush_id: u64,
+    },
+    /// An aborted task's operation, still holding its lock.
+    Orphan {
+        key: GroupKey,
+        ext: ExtentId,
+        lock: u64,
+    },
+}
+
+/// Work waiting for a lock.
+#[derive(Debug)]
+enum Waiting {
+    Task {
+        gen: u64,
+        task: u64,
+    },
+    ReplicaWrite {
+        interval: Epoch,
+        primary: NodeId,
+        seq: Seq,
+        ext: ExtentId,
+        op: WriteOp,
+        fua: bool,
+    },
+    ReplicaPush {
+        interval: Epoch,
+        primary: NodeId,
+        push_id: u64,
+        ext: ExtentId,
+        seq: Option<Seq>,
+        data: Option<Bytes>,
+    },
+}
+
+/// A replica's view of one interval of a group.
+#[derive(Debug)]
+struct Session {
+    interval: Epoch,
+    synced: bool,
+    /// Forwarded writes seen, and whether they are applied.
+    applied: BTreeMap<Seq, bool>,
+    /// Every forwarded write at or below it is applied.
+    floor: Seq,
+    /// Pushes seen, and whether they are applied.
+    pushes: BTreeMap<u64, bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MemberState {
+    /// Asked for its report.
+    Querying,
+    /// Receiving pushes; `pending` extents still to go.
+    Syncing { pending: BTreeSet<ExtentId> },
+    /// Up to date.
+    Synced,
+}
+
+#[derive(Debug)]
+struct Member {
+    up_since: Epoch,
+    state: MemberState,
+    /// In the acting set: writes wait for it, whatever happens.
+    acting: bool,
+    /// Claimed into the acting set (last sent at); writes wait for it too.
+    claimed_at: Option<u64>,
+    last_heard: u64,
+    sent_at: u64,
+    pushed: usize,
+}
+
+impl Member {
+    fn receives_writes(&self) -> bool {
+        !matches!(self.state, MemberState::Querying)
+    }
+}
+
+#[derive(Debug)]
+enum Task {
+    Write {
+        client: Option<(ClientId, u64)>,
+        seq: Seq,
+        ext: ExtentId,
+        op: WriteOp,
+        fua: bool,
+        lock: u64,
+        started: bool,
+        local_done: bool,
+        failed: Option<String>,
+        waiting: BTreeSet<NodeId>,
+        sent_at: u64,
+        replied: bool,
+    },
+    Read {
+        client: (ClientId, u64),
+        ext: ExtentId,
+        offset: u64,
+        len: u64,
+        lock: u64,
+    },
+    Push {
+        ext: ExtentId,
+        lock: u64,
+        started: bool,
+        data: Option<Option<Bytes>>,
+        seq: Option<Seq>,
+        /// member -> push id
+        waiting: BTreeMap<NodeId, u64>,
+        sent_at: u64,
+    },
+    Flush {
+        client: (ClientId, u64),
+        local_done: bool,
+        /// member -> flush id
+        waiting: BTreeMap<NodeId, u64>,
+        sent_at: u64,
+    },
+}
+
+/// The primary's state for one interval of a group.
+#[derive(Debug)]
+struct Primary {
+    gen: u64,
+    interval: Epoch,
+    active: bool,
+    next_seq: Seq,
+    /// Reports received while peering.
+    reports: BTreeMap<NodeId, SyncState>,
+    committed: Seq,
+    done_above: BTreeSet<Seq>,
+    members: BTreeMap<NodeId, Member>,
+    tasks: BTreeMap<u64, Task>,
+    by_seq: BTreeMap<Seq, u64>,
+    by_push: BTreeMap<u64, (u64, NodeId)>,
+    by_flush: BTreeMap<u64, (u64, NodeId)>,
+    pushed_at_peering: usize,
+}
+
+#[derive(Debug)]
+struct Group {
+    d: GroupDurable,
+    known_interval: Epoch,
+    session: Option<Session>,
+    primary: Option<Primary>,
+    locks: Locks,
+    waiting: BTreeMap<u64, Waiting>,
+    last_sync_request: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct ClientWindow {
+    low: u64,
+    done: BTreeSet<u64>,
+    inflight: BTreeSet<u64>,
+}
+
+/// One chunk server's group protocol state.
+#[derive(Debug)]
+pub struct Node {
+    me: NodeId,
+    cfg: Config,
+    now: u64,
+    map: GroupMap,
+    up_since: Option<Epoch>,
+    lease_until: u64,
+    groups: BTreeMap<GroupKey, Group>,
+    next_id: u64,
+    disk: HashMap<OpId, DiskCtx>,
+    clients: HashMap<ClientId, ClientWindow>,
+    out: Vec<Output>,
+}
+
+impl Node {
+    /// A node starting with what its journal holds. It serves nothing until
+    /// a map shows it up ([`Node::on_map`]).
+    pub fn new(me: NodeId, cfg: Config, durable: Durable, now: u64) -> Self {
+        let groups = durable
+            .groups
+            .into_iter()
+            .map(|(k, d)| (k, Group::new(d)))
+            .collect();
+        Node {
+            me,
+            cfg,
+            now,
+            map: GroupMap::default(),
+            up_since: None,
+            lease_until: 0,
+            groups,
+            next_id: 1,
+            disk: HashMap::new(),
+            clients: HashMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The newest map this node has.
+    pub fn map(&self) -> &GroupMap {
+        &self.map
+    }
+
+    /// Takes the outputs produced so far, in order.
+    pub fn drain(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The group's journal state as this node holds it (for checks).
+    pub fn durable(&self, key: GroupKey) -> Option<&GroupDurable> {
+        self.groups.get(&key).map(|g| &g.d)
+    }
+
+    /// Whether this node is the active primary of `key`.
+    pub fn is_active_primary(&self, key: GroupKey) -> bool {
+        self.groups
+            .get(&key)
+            .and_then(|g| g.primary.as_ref())
+            .is_some_and(|p| p.active)
+    }
+
+    /// Moves the clock without doing periodic work (the driver calls it
+    /// before every input, so that a node resumed after a pause sees the
+    /// time that passed).
+    pub fn set_clock(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    /// The volume manager confirmed this node's heartbeat: it may serve reads
+    /// until `until`. `map_epoch` is the volume manager's current epoch; a
+    /// node that has an older map asks for the newer one.
+    pub fn on_lease(&mut self, until: u64, map_epoch: Epoch) {
+        self.lease_until = self.lease_until.max(until);
+        if map_epoch > self.map.epoch {
+            self.out.push(Output::NeedMap(map_epoch));
+        }
+    }
+
+    fn id_next(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    // ----------------------------------------------------------------- map
+
+    /// A newer map (older ones are ignored).
+    pub fn on_map(&mut self, map: GroupMap) {
+        if map.epoch <= self.map.epoch && self.map.epoch != 0 {
+            return;
+        }
+        self.map = map;
+        self.up_since = self.map.up_since(self.me);
+        let keys: Vec<GroupKey> = self
+            .map
+            .groups
+            .iter()
+            .filter(|(_, g)| g.placement.contains(&self.me) || g.acting.contains(&self.me))
+            .map(|(k, _)| *k)
+            .chain(self.groups.keys().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for key in keys {
+            self.refresh(key);
+        }
+    }
+
+    /// Brings the roles of `key` in line with the map.
+    fn refresh(&mut self, key: GroupKey) {
+        let Some(gv) = self.map.groups.get(&key).cloned() else {
+            return;
+        };
+        let me = self.me;
+        let is_primary = self.up_since.is_some() && self.map.primary(key) == Some(me);
+        let g = self
+            .groups
+            .entry(key)
+            .or_insert_with(|| Group::new(GroupDurable::default()));
+        if gv.interval > g.known_interval {
+            g.known_interval = gv.interval;
+        }
+        if g.session
+            .as_ref()
+            .is_some_and(|s| s.interval < g.known_interval)
+        {
+            g.session = None;
+            let known = g.known_interval;
+            self.cancel_replica_waiting(key, known);
+        }
+        let g = self.groups.get_mut(&key).expect("exists");
+        let keep = is_primary
+            && g.primary
+                .as_ref()
+                .is_some_and(|p| p.interval == gv.interval);
+        if !keep {
+            self.abort_primary(key);
+            if is_primary {
+                self.start_primary(key);
+            }
+            return;
+        }
+        // Same interval: drop rejoining members the map no longer allows.
+        let map = &self.map;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let p = g.primary.as_mut().expect("kept");
+        let gone: Vec<NodeId> = p
+            .members
+            .iter()
+            .filter(|(n, m)| {
+                !m.acting && (map.up_since(**n) != Some(m.up_since) || !gv.placement.contains(n))
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for n in gone {
+            self.drop_member(key, n);
+        }
+    }
+
+    // ------------------------------------------------------------ primary
+
+    fn start_primary(&mut self, key: GroupKey) {
+        let gen = self.id_next();
+        let gv = self.map.groups[&key].clone();
+        let now = self.now;
+        let mut members = BTreeMap::new();
+        for &n in gv.acting.iter().filter(|&&n| n != self.me) {
+            // Acting members are up unless they are the last (and then we
+            // would not be primary); an unknown node cannot answer anyway.
+            let up_since = self.map.nodes.get(&n).map(|v| v.up_since).unwrap_or(0);
+            members.insert(
+                n,
+                Member {
+                    up_since,
+                    state: MemberState::Querying,
+                    acting: true,
+                    claimed_at: None,
+                    last_heard: now,
+                    sent_at: now,
+                    pushed: 0,
+                },
+            );
+        }
+        let g = self.groups.get_mut(&key).expect("refresh made it");
+        g.primary = Some(Primary {
+            gen,
+            interval: gv.interval,
+            active: false,
+            next_seq: 0,
+            reports: BTreeMap::new(),
+            committed: 0,
+            done_above: BTreeSet::new(),
+            members,
+            tasks: BTreeMap::new(),
+            by_seq: BTreeMap::new(),
+            by_push: BTreeMap::new(),
+            by_flush: BTreeMap::new(),
+            pushed_at_peering: 0,
+        });
+        let queries: Vec<(NodeId, Epoch)> = g
+            .primary
+            .as_ref()
+            .expect("just set")
+            .members
+            .iter()
+            .map(|(n, m)| (*n, m.up_since))
+            .collect();
+        for (n, up_since) in queries {
+            self.send(
+                n,
+                key,
+                gv.interval,
+                PeerMsg::SyncQuery {
+                    to_up_since: up_since,
+                },
+            );
+        }
+        self.maybe_finish_peering(key);
+    }
+
+    /// Ends the primary session of `key`: every client request in it is
+    /// answered `Busy` (the client retries), locks are released, and disk
+    /// operations still running keep their locks until they end.
+    fn abort_primary(&mut self, key: GroupKey) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            return;
+        };
+        let Some(p) = g.primary.take() else {
+            return;
+        };
+        let gen = p.gen;
+        // Disk operations of this session still in flight keep their locks.
+        let mut running: BTreeMap<u64, OpId> = BTreeMap::new();
+        for (op, ctx) in &self.disk {
+            if let DiskCtx::Task {
+                key: k,
+                gen: g2,
+                task,
+            } = ctx
+            {
+                if *k == key && *g2 == gen {
+                    running.insert(*task, *op);
+                }
+            }
+        }
+        let mut replies = Vec::new();
+        let mut releases = Vec::new();
+        for (tid, t) in p.tasks {
+            let (ext, lock, client) = match t {
+                Task::Write {
+                    client,
+                    ext,
+                    lock,
+                    replied,
+                    ..
+                } => (ext, lock, if replied { None } else { client }),
+                Task::Read {
+                    client, ext, lock, ..
+                } => (ext, lock, Some(client)),
+                Task::Push { ext, lock, .. } => (ext, lock, None),
+                Task::Flush { client, .. } => {
+                    replies.push(client);
+                    continue;
+                }
+            };
+            if let Some(c) = client {
+                replies.push(c);
+            }
+            g.waiting.remove(&lock);
+            match running.get(&tid) {
+                Some(op) => {
+                    self.disk.insert(*op, DiskCtx::Orphan { key, ext, lock });
+                }
+                None => releases.push((ext, lock)),
+            }
+        }
+        for (client, id) in replies {
+            if let Some(w) = self.clients.get_mut(&client) {
+                w.inflight.remove(&id);
+            }
+            self.out.push(Output::Reply(ClientReply {
+                client,
+                id,
+                result: Err(Refusal::Busy),
+            }));
+        }
+        for (ext, lock) in releases {
+            self.release(key, ext, lock);
+        }
+    }
+
+    fn maybe_finish_peering(&mut self, key: GroupKey) {
+        let me_last = self.groups[&key].d.last_seq;
+        let bug = self.cfg.bug;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let p = g.primary.as_mut().expect("primary");
+        if p.next_seq != 0 {
+            return;
+        }
+        if p.members
+            .iter()
+            .any(|(n, m)| m.acting && !p.reports.contains_key(n))
+        {
+            return;
+        }
+        let last = p
+            .reports
+            .values()
+            .map(|r| r.last_seq)
+            .chain([me_last])
+            .max()
+            .unwrap_or(0);
+        p.next_seq = last + 1;
+        let reports = std::mem::take(&mut p.reports);
+        let mut sets = Vec::new();
+        for (n, r) in reports {
+            let set = if bug == Some(Bug::NoPeeringPush) {
+                BTreeSet::new()
+            } else {
+                push_set(&g.d, &r)
+            };
+            sets.push((n, set));
+        }
+        for (n, set) in sets {
+            self.begin_sync(key, n, set);
+        }
+        self.maybe_activate(key);
+    }
+
+    /// Starts pushes of `set` to member `n` (now receiving writes).
+    fn begin_sync(&mut self, key: GroupKey, n: NodeId, set: BTreeSet<ExtentId>) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        let p = g.primary.as_mut().expect("primary");
+        let Some(m) = p.members.get_mut(&n) else {
+            return;
+        };
+        m.pushed = set.len();
+        m.state = MemberState::Syncing {
+            pending: set.clone(),
+        };
+        if !p.active {
+            p.pushed_at_peering += set.len();
+        }
+        for ext in set {
+            // Join an unstarted push of the same extent, else start one.
+            let g = self.groups.get_mut(&key).expect("exists");
+            let p = g.primary.as_mut().expect("primary");
+            let joined = p.tasks.values_mut().any(|t| match t {
+                Task::Push {
+                    ext: e,
+                    started: false,
+                    waiting,
+                    ..
+                } if *e == ext => {
+                    waiting.insert(n, 0);
+                    true
+                }
+                _ => false,
+            });
+            if joined {
+                continue;
+            }
+            let tid = self.next_id;
+            self.next_id += 1;
+            let lock = self.next_id;
+            self.next_id += 1;
+            let g = self.groups.get_mut(&key).expect("exists");
+            let p = g.primary.as_mut().expect("primary");
+            let gen = p.gen;
+            p.tasks.insert(
+                tid,
+                Task::Push {
+                    ext,
+                    lock,
+                    started: false,
+                    data: None,
+                    seq: None,
+                    waiting: BTreeMap::from([(n, 0)]),
+                    sent_at: 0,
+                },
+            );
+            g.waiting.insert(lock, Waiting::Task { gen, task: tid });
+            if g.locks.acquire(ext, WHOLE, lock) {
+                self.granted(key, lock);
+            }
+        }
+        self.maybe_member_synced(key, n);
+    }
+
+    fn maybe_member_synced(&mut self, key: GroupKey, n: NodeId) {
+        let interval;
+        let committed;
+        let up_since;
+        let acting;
+        {
+            let g = self.groups.get_mut(&key).expect("exists");
+            let p = g.primary.as_mut().expect("primary");
+            interval = p.interval;
+            committed = if p.active {
+                p.committed
+            } else {
+                p.next_seq - 1
+            };
+            let Some(m) = p.members.get_mut(&n) else {
+                return;
+            };
+            match &m.state {
+                MemberState::Syncing { pending } if pending.is_empty() => {}
+                _ => return,
+            }
+            m.state = MemberState::Synced;
+            up_since = m.up_since;
+            acting = m.acting;
+        }
+        self.send(
+            n,
+            key,
+            interval,
+            PeerMsg::SyncDone {
+                to_up_since: up_since,
+                committed,
+            },
+        );
+        if acting {
+            self.maybe_activate(key);
+        } else {
+            self.claim(key, n);
+        }
+    }
+
+    fn claim(&mut self, key: GroupKey, n: NodeId) {
+        let now = self.now;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let p = g.primary.as_mut().expect("primary");
+        let interval = p.interval;
+        let Some(m) = p.members.get_mut(&n) else {
+            return;
+        };
+        m.claimed_at = Some(now);
+        let (up_since, pushed) = (m.up_since, m.pushed);
+        self.out.push(Output::Claim(Claim {
+            key,
+            primary: self.me,
+            interval,
+            node: n,
+            up_since,
+        }));
+        self.out.push(Output::Trace(Trace::Claimed {
+            key,
+            node: n,
+            pushed,
+        }));
+    }
+
+    fn maybe_activate(&mut self, key: GroupKey) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        if p.active || p.next_seq == 0 {
+            return;
+        }
+        if p.members
+            .values()
+            .any(|m| m.acting && m.state != MemberState::Synced)
+        {
+            return;
+        }
+        p.active = true;
+        p.committed = p.next_seq - 1;
+        let (interval, committed, pushed) = (p.interval, p.committed, p.pushed_at_peering);
+        if committed > g.d.committed {
+            g.d.committed = committed;
+            self.out.push(Output::Journal(JournalRecord::Committed {
+                key,
+                seq: committed,
+            }));
+        }
+        self.out.push(Output::Trace(Trace::Activated {
+            key,
+            interval,
+            pushed,
+        }));
+    }
+
+    /// Removes a rejoining member: its pushes and acks are no longer awaited.
+    fn drop_member(&mut self, key: GroupKey, n: NodeId) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        if p.members.remove(&n).is_none() {
+            return;
+        }
+        let mut touched = Vec::new();
+        for (tid, t) in p.tasks.iter_mut() {
+            let hit = match t {
+                Task::Write { waiting, .. } => waiting.remove(&n),
+                Task::Push { waiting, .. } => waiting.remove(&n).is_some(),
+                Task::Flush { waiting, .. } => waiting.remove(&n).is_some(),
+                Task::Read { .. } => false,
+            };
+            if hit {
+                touched.push(*tid);
+            }
+        }
+        for tid in touched {
+            self.check_task(key, tid);
+        }
+    }
+
+    // ------------------------------------------------------------ clients
+
+    /// A client request (to this node as the group's primary).
+    pub fn on_client(&mut self, req: ClientRequest) {
+        let key = req.key;
+        let reply = |r: Refusal| {
+            Output::Reply(ClientReply {
+                client: req.client,
+                id: req.id,
+                result: Err(r),
+            })
+        };
+        if req.epoch > self.map.epoch {
+            self.out.push(Output::NeedMap(req.epoch));
+            self.out.push(reply(Refusal::NodeBehind));
+            return;
+        }
+        let current = self.map.epoch;
+        if self.up_since.is_none() || self.map.primary(key) != Some(self.me) {
+            self.out.push(reply(Refusal::NotPrimary { current }));
+            return;
+        }
+        let gv = &self.map.groups[&key];
+        if req.epoch < gv.interval {
+            self.out.push(reply(Refusal::StaleEpoch { current }));
+            return;
+        }
+        let acting = gv.acting.len() as u32;
+        let active = self
+            .groups
+            .get(&key)
+            .and_then(|g| g.primary.as_ref())
+            .is_some_and(|p| p.active);
+        if !active {
+            self.out.push(reply(Refusal::Busy));
+            return;
+        }
+        // Late copies and duplicates.
+        let w = self.clients.entry(req.client).or_default();
+        if req.id < w.low {
+            return;
+        }
+        if req.oldest_outstanding > w.low {
+            w.low = req.oldest_outstanding;
+            let low = w.low;
+            w.done = w.done.split_off(&low);
+        }
+        match req.op {
+            ClientOp::Write { ext, op, fua } => {
+                if acting < req.min_replicas {
+                    self.out.push(reply(Refusal::Degraded {
+                        acting,
+                        min: req.min_replicas,
+                    }));
+                    return;
+                }
+                if w.done.contains(&req.id) {
+                    self.out.push(Output::Reply(ClientReply {
+                        client: req.client,
+                        id: req.id,
+                        result: Ok(None),
+                    }));
+                    return;
+                }
+                if !w.inflight.insert(req.id) {
+                    return;
+                }
+                self.new_write(key, Some((req.client, req.id)), ext, op, fua);
+            }
+            ClientOp::Read { ext, offset, len } => {
+                if self.now >= self.lease_until {
+                    self.out.push(reply(Refusal::Busy));
+                    return;
+                }
+                let tid = self.id_next();
+                let lock = self.id_next();
+                let g = self.groups.get_mut(&key).expect("active");
+                let p = g.primary.as_mut().expect("active");
+                let gen = p.gen;
+                p.tasks.insert(
+                    tid,
+                    Task::Read {
+                        client: (req.client, req.id),
+                        ext,
+                        offset,
+                        len,
+                        lock,
+                    },
+                );
+                g.waiting.insert(lock, Waiting::Task { gen, task: tid });
+                if g.locks.acquire(ext, (offset, offset + len), lock) {
+                    self.granted(key, lock);
+                }
+            }
+            ClientOp::Flush => {
+                let tid = self.id_next();
+                let op = self.id_next();
+                let now = self.now;
+                let g = self.groups.get_mut(&key).expect("active");
+                let p = g.primary.as_mut().expect("active");
+                let gen = p.gen;
+                let interval = p.interval;
+                let mut waiting = BTreeMap::new();
+                let mut sends = Vec::new();
+                for (n, m) in &p.members {
+                    if m.receives_writes() {
+                        let fid = self.next_id;
+                        self.next_id += 1;
+                        waiting.insert(*n, fid);
+                        p.by_flush.insert(fid, (tid, *n));
+                        sends.push((*n, m.up_since, fid));
+                    }
+                }
+                p.tasks.insert(
+                    tid,
+                    Task::Flush {
+                        client: (req.client, req.id),
+                        local_done: false,
+                        waiting,
+                        sent_at: now,
+                    },
+                );
+                self.disk.insert(
+                    op,
+                    DiskCtx::Task {
+                        key,
+                        gen,
+                        task: tid,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id: op,
+                    req: DiskReq::Flush,
+                });
+                for (n, up_since, flush_id) in sends {
+                    self.send(
+                        n,
+                        key,
+                        interval,
+                        PeerMsg::Flush {
+                            to_up_since: up_since,
+                            flush_id,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn new_write(
+        &mut self,
+        key: GroupKey,
+        client: Option<(ClientId, u64)>,
+        ext: ExtentId,
+        op: WriteOp,
+        fua: bool,
+    ) {
+        let tid = self.id_next();
+        let lock = self.id_next();
+        let g = self.groups.get_mut(&key).expect("active");
+        let p = g.primary.as_mut().expect("active");
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        p.by_seq.insert(seq, tid);
+        let gen = p.gen;
+        let range = op.range();
+        p.tasks.insert(
+            tid,
+            Task::Write {
+                client,
+                seq,
+                ext,
+                op,
+                fua,
+                lock,
+                started: false,
+                local_done: false,
+                failed: None,
+                waiting: BTreeSet::new(),
+                sent_at: 0,
+                replied: false,
+            },
+        );
+        g.waiting.insert(lock, Waiting::Task { gen, task: tid });
+        if g.locks.acquire(ext, range, lock) {
+            self.granted(key, lock);
+        }
+    }
+
+    // ------------------------------------------------------------- locks
+
+    fn release(&mut self, key: GroupKey, ext: ExtentId, lock: u64) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            return;
+        };
+        for l in g.locks.release(ext, lock) {
+            self.granted(key, l);
+        }
+    }
+
+    /// Lock `lock` of `key` was granted: start its work.
+    fn granted(&mut self, key: GroupKey, lock: u64) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(w) = g.waiting.remove(&lock) else {
+            return;
+        };
+        match w {
+            Waiting::Task { gen, task } => self.start_task(key, gen, task),
+            Waiting::ReplicaWrite {
+                interval,
+                primary,
+                seq,
+                ext,
+                op,
+                fua,
+            } => {
+                let id = self.id_next();
+                let g = self.groups.get_mut(&key).expect("exists");
+                g.d.note_write(ext, seq);
+                self.out.push(Output::Journal(JournalRecord::Log {
+                    key,
+                    ext,
+                    seq: Some(seq),
+                    write: true,
+                }));
+                self.disk.insert(
+                    id,
+                    DiskCtx::ReplicaWrite {
+                        key,
+                        interval,
+                        primary,
+                        seq,
+                        ext,
+                        lock,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id,
+                    req: DiskReq::Write { ext, op, fua },
+                });
+            }
+            Waiting::ReplicaPush {
+                interval,
+                primary,
+                push_id,
+                ext,
+                seq,
+                data,
+            } => {
+                let id = self.id_next();
+                let g = self.groups.get_mut(&key).expect("exists");
+                g.d.set_log(ext, seq);
+                self.out.push(Output::Journal(JournalRecord::Log {
+                    key,
+                    ext,
+                    seq,
+                    write: false,
+                }));
+                self.disk.insert(
+                    id,
+                    DiskCtx::ReplicaPush {
+                        key,
+                        interval,
+                        primary,
+                        push_id,
+                        ext,
+                        lock,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id,
+                    req: DiskReq::PutExtent { ext, data },
+                });
+            }
+        }
+    }
+
+    fn start_task(&mut self, key: GroupKey, gen: u64, tid: u64) {
+        let now = self.now;
+        let op_id = self.id_next();
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut().filter(|p| p.gen == gen) else {
+            return;
+        };
+        let interval = p.interval;
+        let committed = p.committed;
+        let targets: Vec<(NodeId, Epoch)> = p
+            .members
+            .iter()
+            .filter(|(_, m)| m.receives_writes())
+            .map(|(n, m)| (*n, m.up_since))
+            .collect();
+        let Some(t) = p.tasks.get_mut(&tid) else {
+            return;
+        };
+        match t {
+            Task::Write {
+                seq,
+                ext,
+                op,
+                fua,
+                started,
+                waiting,
+                sent_at,
+                ..
+            } => {
+                *started = true;
+                *sent_at = now;
+                let (seq, ext, op, fua) = (*seq, *ext, op.clone(), *fua);
+                waiting.extend(targets.iter().map(|(n, _)| *n));
+                g.d.note_write(ext, seq);
+                self.out.push(Output::Journal(JournalRecord::Log {
+                    key,
+                    ext,
+                    seq: Some(seq),
+                    write: true,
+                }));
+                self.disk.insert(
+                    op_id,
+                    DiskCtx::Task {
+                        key,
+                        gen,
+                        task: tid,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id: op_id,
+                    req: DiskReq::Write {
+                        ext,
+                        op: op.clone(),
+                        fua,
+                    },
+                });
+                for (n, up_since) in targets {
+                    self.send(
+                        n,
+                        key,
+                        interval,
+                        PeerMsg::Forward {
+                            to_up_since: up_since,
+                            seq,
+                            committed,
+                            ext,
+                            op: op.clone(),
+                            fua,
+                        },
+                    );
+                }
+            }
+            Task::Read {
+                ext, offset, len, ..
+            } => {
+                let req = DiskReq::Read {
+                    ext: *ext,
+                    offset: *offset,
+                    len: *len,
+                };
+                self.disk.insert(
+                    op_id,
+                    DiskCtx::Task {
+                        key,
+                        gen,
+                        task: tid,
+                    },
+                );
+                self.out.push(Output::Disk { id: op_id, req });
+            }
+            Task::Push { ext, started, .. } => {
+                *started = true;
+                let ext = *ext;
+                self.disk.insert(
+                    op_id,
+                    DiskCtx::Task {
+                        key,
+                        gen,
+                        task: tid,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id: op_id,
+                    req: DiskReq::ReadExtent { ext },
+                });
+            }
+            Task::Flush { .. } => {}
+        }
+    }
+
+    /// Finishes a task whose conditions are met.
+    fn check_task(&mut self, key: GroupKey, tid: u64) {
+        let bug = self.cfg.bug;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        let interval = p.interval;
+        let Some(t) = p.tasks.get_mut(&tid) else {
+            return;
+        };
+        match t {
+            Task::Write {
+                client,
+                seq,
+                local_done,
+                waiting,
+                replied,
+                failed,
+                ..
+            } => {
+                if bug == Some(Bug::AckBeforeReplicas) && *local_done && !*replied {
+                    *replied = true;
+                    if let Some((c, id)) = *client {
+                        if failed.is_none() {
+                            self.out
+                                .push(Output::Trace(Trace::AckedWrite { key, interval }));
+                        }
+                        self.out.push(Output::Reply(ClientReply {
+                            client: c,
+                            id,
+                            result: match failed {
+                                None => Ok(None),
+                                Some(e) => Err(Refusal::Io(e.clone())),
+                            },
+                        }));
+                    }
+                }
+                if !*local_done || !waiting.is_empty() {
+                    return;
+                }
+                let seq = *seq;
+                let Some(Task::Write {
+                    client,
+                    ext,
+                    lock,
+                    failed,
+                    replied,
+                    ..
+                }) = p.tasks.remove(&tid)
+                else {
+                    unreachable!()
+                };
+                p.by_seq.remove(&seq);
+                p.done_above.insert(seq);
+                let before = p.committed;
+                while p.done_above.first() == Some(&(p.committed + 1)) {
+                    p.done_above.pop_first();
+                    p.committed += 1;
+                }
+                if p.committed > before && p.committed > g.d.committed {
+                    g.d.committed = p.committed;
+                    self.out.push(Output::Journal(JournalRecord::Committed {
+                        key,
+                        seq: p.committed,
+                    }));
+                }
+                if let Some((c, id)) = client {
+                    if let Some(w) = self.clients.get_mut(&c) {
+                        w.inflight.remove(&id);
+                        if failed.is_none() {
+                            w.done.insert(id);
+                        }
+                    }
+                    if !replied {
+                        if failed.is_none() {
+                            self.out
+                                .push(Output::Trace(Trace::AckedWrite { key, interval }));
+                        }
+                        self.out.push(Output::Reply(ClientReply {
+                            client: c,
+                            id,
+                            result: match &failed {
+                                None => Ok(None),
+                                Some(e) => Err(Refusal::Io(e.clone())),
+                            },
+                        }));
+                    }
+                }
+                self.release(key, ext, lock);
+                if failed.is_some() {
+                    // Our copy is what counts: push it to every member so
+                    // the replicas agree again.
+                    let members: Vec<NodeId> = self.groups[&key]
+                        .primary
+                        .as_ref()
+                        .map(|p| p.members.keys().copied().collect())
+                        .unwrap_or_default();
+                    for n in members {
+                        self.begin_extra_push(key, n, ext);
+                    }
+                }
+            }
+            Task::Read { .. } => {}
+            Task::Push {
+                data: Some(_),
+                waiting,
+                ..
+            } if waiting.is_empty() => {
+                let Some(Task::Push { ext, lock, .. }) = p.tasks.remove(&tid) else {
+                    unreachable!()
+                };
+                self.release(key, ext, lock);
+            }
+            Task::Push { .. } => {}
+            Task::Flush {
+                client,
+                local_done,
+                waiting,
+                ..
+            } => {
+                if *local_done && waiting.is_empty() {
+                    let (c, id) = *client;
+                    p.tasks.remove(&tid);
+                    self.out.push(Output::Reply(ClientReply {
+                        client: c,
+                        id,
+                        result: Ok(None),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Pushes one extent to a member that is already up to date (after a
+    /// failed local write made the copies differ).
+    fn begin_extra_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId) {
+        let tid = self.id_next();
+        let lock = self.id_next();
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        let gen = p.gen;
+        p.tasks.insert(
+            tid,
+            Task::Push {
+                ext,
+                lock,
+                started: false,
+                data: None,
+                seq: None,
+                waiting: BTreeMap::from([(n, 0)]),
+                sent_at: 0,
+            },
+        );
+        g.waiting.insert(lock, Waiting::Task { gen, task: tid });
+        if g.locks.acquire(ext, WHOLE, lock) {
+            self.granted(key, lock);
+        }
+    }
+
+    // -------------------------------------------------------------- disk
+
+    /// A disk operation ended.
+    pub fn on_disk(&mut self, id: OpId, done: DiskDone) {
+        let Some(ctx) = self.disk.remove(&id) else {
+            return;
+        };
+        match ctx {
+            DiskCtx::Orphan { key, ext, lock } => self.release(key, ext, lock),
+            DiskCtx::ReplicaWrite {
+                key,
+                interval,
+                primary,
+                seq,
+                ext,
+                lock,
+            } => {
+                self.release(key, ext, lock);
+                if let DiskDone::Failed(_) = done {
+                    // No ack: the primary retries, and the write cannot
+                    // complete without this replica.
+                    if let Some(s) = self.session_mut(key, interval) {
+                        s.applied.remove(&seq);
+                    }
+                    return;
+                }
+                if let Some(s) = self.session_mut(key, interval) {
+                    s.applied.insert(seq, true);
+                    self.send(primary, key, interval, PeerMsg::ForwardAck { seq });
+                }
+            }
+            DiskCtx::ReplicaPush {
+                key,
+                interval,
+                primary,
+                push_id,
+                ext,
+                lock,
+            } => {
+                self.release(key, ext, lock);
+                if let DiskDone::Failed(_) = done {
+                    if let Some(s) = self.session_mut(key, interval) {
+                        s.pushes.remove(&push_id);
+                    }
+                    return;
+                }
+                if let Some(s) = self.session_mut(key, interval) {
+                    s.pushes.insert(push_id, true);
+                    self.send(primary, key, interval, PeerMsg::PushAck { push_id });
+                }
+            }
+            DiskCtx::ReplicaFlush {
+                key,
+                interval,
+                primary,
+                flush_id,
+            } => {
+                if done == DiskDone::Ok && self.session_mut(key, interval).is_some() {
+                    self.send(primary, key, interval, PeerMsg::FlushAck { flush_id });
+                }
+            }
+            DiskCtx::Task { key, gen, task } => self.task_disk_done(key, gen, task, done),
+        }
+    }
+
+    fn session_mut(&mut self, key: GroupKey, interval: Epoch) -> Option<&mut Session> {
+        self.groups
+            .get_mut(&key)?
+            .session
+            .as_mut()
+            .filter(|s| s.interval == interval)
+    }
+
+    fn task_disk_done(&mut self, key: GroupKey, gen: u64, tid: u64, done: DiskDone) {
+        let now = self.now;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut().filter(|p| p.gen == gen) else {
+            return;
+        };
+        let interval = p.interval;
+        let Some(t) = p.tasks.get_mut(&tid) else {
+            return;
+        };
+        match t {
+            Task::Write {
+                local_done, failed, ..
+            } => {
+                *local_done = true;
+                if let DiskDone::Failed(e) = done {
+                    *failed = Some(e);
+                }
+                self.check_task(key, tid);
+            }
+            Task::Read { .. } => {
+                let Some(Task::Read {
+                    client, ext, lock, ..
+                }) = p.tasks.remove(&tid)
+                else {
+                    unreachable!()
+                };
+                let result = match done {
+                    DiskDone::Data(b) => Ok(Some(b)),
+                    DiskDone::Failed(e) => Err(Refusal::Io(e)),
+                    other => Err(Refusal::Io(format!("unexpected read result {other:?}"))),
+                };
+                self.out.push(Output::Reply(ClientReply {
+                    client: client.0,
+                    id: client.1,
+                    result,
+                }));
+                self.release(key, ext, lock);
+            }
+            Task::Push {
+                ext,
+                data,
+                seq,
+                waiting,
+                sent_at,
+                ..
+            } => {
+                let content = match done {
+                    DiskDone::Extent(c) => c,
+                    _ => {
+                        // Cannot read our own copy: leave the lock held and
+                        // retry on the next tick.
+                        return;
+                    }
+                };
+                *data = Some(content.clone());
+                *seq = g.d.log.get(ext).copied();
+                *sent_at = now;
+                let ext = *ext;
+                let seq = *seq;
+                let mut sends = Vec::new();
+                for (n, pid) in waiting.iter_mut() {
+                    let push_id = self.next_id;
+                    self.next_id += 1;
+                    *pid = push_id;
+                    p.by_push.insert(push_id, (tid, *n));
+                    let up = p.members.get(n).map(|m| m.up_since).unwrap_or(0);
+                    sends.push((*n, up, push_id));
+                }
+                for (n, up_since, push_id) in sends {
+                    self.send(
+                        n,
+                        key,
+                        interval,
+                        PeerMsg::Push {
+                            to_up_since: up_since,
+                            push_id,
+                            ext,
+                            seq,
+                            data: content.clone(),
+                        },
+                    );
+                }
+                self.check_task(key, tid);
+            }
+            Task::Flush { local_done, .. } => {
+                *local_done = true;
+                self.check_task(key, tid);
+            }
+        }
+    }
+
+    // -------------------------------------------------------------- peers
+
+    fn send(&mut self, to: NodeId, key: GroupKey, interval: Epoch, msg: PeerMsg) {
+        self.out.push(Output::Peer {
+            to,
+            msg: Peer {
+                from: self.me,
+                key,
+                interval,
+                msg,
+            },
+        });
+    }
+
+    /// A message from another node.
+    pub fn on_peer(&mut self, m: Peer) {
+        let Some(my) = self.up_since else {
+            return;
+        };
+        match m.msg {
+            PeerMsg::SyncRequest { up_since } => self.on_sync_request(m.key, m.from, up_since),
+            PeerMsg::SyncReport(r) => self.on_report(m.key, m.interval, m.from, r),
+            PeerMsg::ForwardAck { seq } => self.on_forward_ack(m.key, m.interval, m.from, seq),
+            PeerMsg::PushAck { push_id } => self.on_push_ack(m.key, m.interval, m.from, push_id),
+            PeerMsg::FlushAck { flush_id } => {
+                self.on_flush_ack(m.key, m.interval, m.from, flush_id)
+            }
+            PeerMsg::Refused(r) => self.on_refused(m.key, m.interval, m.from, r),
+            PeerMsg::SyncQuery { to_up_since }
+            | PeerMsg::Forward { to_up_since, .. }
+            | PeerMsg::Push { to_up_since, .. }
+            | PeerMsg::SyncDone { to_up_since, .. }
+            | PeerMsg::Flush { to_up_since, .. } => {
+                if to_up_since != my {
+                    self.send(
+                        m.from,
+                        m.key,
+                        m.interval,
+                        PeerMsg::Refused(PeerRefusal::WrongIncarnation),
+                    );
+                    return;
+                }
+                self.on_from_primary(m);
+            }
+        }
+    }
+
+    /// Checks a primary's message against the newest interval seen and opens
+    /// the replica session for it. False if refused.
+    fn admit(&mut self, key: GroupKey, interval: Epoch, from: NodeId) -> bool {
+        let bug = self.cfg.bug;
+        let g = self
+            .groups
+            .entry(key)
+            .or_insert_with(|| Group::new(GroupDurable::default()));
+        if interval < g.known_interval && bug != Some(Bug::NoFence) {
+            let current = g.known_interval;
+            self.send(
+                from,
+                key,
+                interval,
+                PeerMsg::Refused(PeerRefusal::StaleInterval { current }),
+            );
+            return false;
+        }
+        if interval > g.known_interval {
+            g.known_interval = interval;
+            self.out.push(Output::NeedMap(interval));
+            if g.primary.as_ref().is_some_and(|p| p.interval < interval) {
+                self.abort_primary(key);
+            }
+        }
+        let g = self.groups.get_mut(&key).expect("exists");
+        if g.session.as_ref().map(|s| s.interval) != Some(interval) {
+            if bug == Some(Bug::NoFence)
+                && g.session.as_ref().is_some_and(|s| s.interval > interval)
+            {
+                // The broken variant serves the old interval in passing.
+                return true;
+            }
+            self.cancel_replica_waiting(key, interval);
+            let g = self.groups.get_mut(&key).expect("exists");
+            g.session = Some(Session {
+                interval,
+                synced: false,
+                applied: BTreeMap::new(),
+                floor: 0,
+                pushes: BTreeMap::new(),
+            });
+        }
+        true
+    }
+
+    /// Forgets replica work of intervals before `interval` that has not
+    /// started: its primary can no longer complete it, and the new primary's
+    /// peering must see every write this replica will ever apply.
+    fn cancel_replica_waiting(&mut self, key: GroupKey, interval: Epoch) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            return;
+        };
+        let stale: Vec<(u64, ExtentId)> = g
+            .waiting
+            .iter()
+            .filter_map(|(lock, w)| match w {
+                Waiting::ReplicaWrite {
+                    interval: i, ext, ..
+                }
+                | Waiting::ReplicaPush {
+                    interval: i, ext, ..
+                } if *i < interval => Some((*lock, *ext)),
+                _ => None,
+            })
+            .collect();
+        for (lock, ext) in stale {
+            let g = self.groups.get_mut(&key).expect("exists");
+            g.waiting.remove(&lock);
+            self.release(key, ext, lock);
+        }
+    }
+
+    fn on_from_primary(&mut self, m: Peer) {
+        let (key, interval, from) = (m.key, m.interval, m.from);
+        if !self.admit(key, interval, from) {
+            return;
+        }
+        let bug_nofence = self.cfg.bug == Some(Bug::NoFence);
+        match m.msg {
+            PeerMsg::SyncQuery { .. } => {
+                let g = &self.groups[&key];
+                let r = SyncState {
+                    last_seq: g.d.last_seq,
+                    committed: g.d.committed,
+                    uncertain: g.d.uncertain(),
+                };
+                self.send(from, key, interval, PeerMsg::SyncReport(r));
+            }
+            PeerMsg::Forward {
+                seq,
+                committed,
+                ext,
+                op,
+                fua,
+                ..
+            } => {
+                let lock = self.id_next();
+                let g = self.groups.get_mut(&key).expect("admitted");
+                let Some(s) = g.session.as_mut() else {
+                    return;
+                };
+                if s.interval != interval && !bug_nofence {
+                    return;
+                }
+                if committed > s.floor {
+                    s.floor = committed;
+                    let floor = s.floor;
+                    s.applied = s.applied.split_off(&(floor + 1));
+                }
+                if s.synced && committed > g.d.committed {
+                    g.d.committed = committed;
+                    self.out.push(Output::Journal(JournalRecord::Committed {
+                        key,
+                        seq: committed,
+                    }));
+                }
+                let g = self.groups.get_mut(&key).expect("admitted");
+                let s = g.session.as_mut().expect("checked");
+                if seq <= s.floor || s.applied.get(&seq) == Some(&true) {
+                    self.send(from, key, interval, PeerMsg::ForwardAck { seq });
+                    return;
+                }
+                if s.applied.contains_key(&seq) {
+                    return; // being applied; acked when done
+                }
+                s.applied.insert(seq, false);
+                let range = op.range();
+                g.waiting.insert(
+                    lock,
+                    Waiting::ReplicaWrite {
+                        interval,
+                        primary: from,
+                        seq,
+                        ext,
+                        op,
+                        fua,
+                    },
+                );
+                if g.locks.acquire(ext, range, lock) {
+                    self.granted(key, lock);
+                }
+            }
+            PeerMsg::Push {
+                push_id,
+                ext,
+                seq,
+                data,
+                ..
+            } => {
+                let lock = self.id_next();
+                let g = self.groups.get_mut(&key).expect("admitted");
+                let Some(s) = g.session.as_mut() else {
+                    return;
+                };
+                match s.pushes.get(&push_id) {
+                    Some(true) => {
+                        self.send(from, key, interval, PeerMsg::PushAck { push_id });
+                        return;
+                    }
+                    Some(false) => return,
+                    None => {}
+                }
+                s.pushes.insert(push_id, false);
+                g.waiting.insert(
+                    lock,
+                    Waiting::ReplicaPush {
+                        interval,
+                        primary: from,
+                        push_id,
+                        ext,
+                        seq,
+                        data,
+                    },
+                );
+                if g.locks.acquire(ext, WHOLE, lock) {
+                    self.granted(key, lock);
+                }
+            }
+            PeerMsg::SyncDone { committed, .. } => {
+                let g = self.groups.get_mut(&key).expect("admitted");
+                let Some(s) = g.session.as_mut() else {
+                    return;
+                };
+                s.synced = true;
+                if committed > g.d.committed {
+                    g.d.committed = committed;
+                    self.out.push(Output::Journal(JournalRecord::Committed {
+                        key,
+                        seq: committed,
+                    }));
+                }
+            }
+            PeerMsg::Flush { flush_id, .. } => {
+                let id = self.id_next();
+                self.disk.insert(
+                    id,
+                    DiskCtx::ReplicaFlush {
+                        key,
+                        interval,
+                        primary: from,
+                        flush_id,
+                    },
+                );
+                self.out.push(Output::Disk {
+                    id,
+                    req: DiskReq::Flush,
+                });
+            }
+            _ => unreachable!("only primary messages get here"),
+        }
+    }
+
+    fn primary_for(&mut self, key: GroupKey, interval: Epoch) -> Option<&mut Primary> {
+        self.groups
+            .get_mut(&key)?
+            .primary
+            .as_mut()
+            .filter(|p| p.interval == interval)
+    }
+
+    fn on_sync_request(&mut self, key: GroupKey, from: NodeId, up_since: Epoch) {
+        let now = self.now;
+        let Some(gv) = self.map.groups.get(&key) else {
+            return;
+        };
+        let interval = gv.interval;
+        if !gv.placement.contains(&from)
+            || gv.acting.contains(&from)
+            || self.map.up_since(from) != Some(up_since)
+        {
+            return;
+        }
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        if !p.active {
+            return;
+        }
+        match p.members.get_mut(&from) {
+            Some(m) if m.up_since == up_since => {
+                if m.state != MemberState::Querying {
+                    return;
+                }
+                m.sent_at = now;
+            }
+            Some(_) => return,
+            None => {
+                p.members.insert(
+                    from,
+                    Member {
+                        up_since,
+                        state: MemberState::Querying,
+                        acting: false,
+                        claimed_at: None,
+                        last_heard: now,
+                        sent_at: now,
+                        pushed: 0,
+                    },
+                );
+            }
+        }
+        self.send(
+            from,
+            key,
+            interval,
+            PeerMsg::SyncQuery {
+                to_up_since: up_since,
+            },
+        );
+    }
+
+    fn on_report(&mut self, key: GroupKey, interval: Epoch, from: NodeId, r: SyncState) {
+        let now = self.now;
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        let Some(m) = p.members.get_mut(&from) else {
+            return;
+        };
+        m.last_heard = now;
+        if m.state != MemberState::Querying {
+            return;
+        }
+        if !p.active {
+            p.reports.insert(from, r);
+            self.maybe_finish_peering(key);
+            return;
+        }
+        let set = push_set(&self.groups[&key].d, &r);
+        self.begin_sync(key, from, set);
+    }
+
+    fn on_forward_ack(&mut self, key: GroupKey, interval: Epoch, from: NodeId, seq: Seq) {
+        let now = self.now;
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        if let Some(m) = p.members.get_mut(&from) {
+            m.last_heard = now;
+        }
+        let Some(&tid) = p.by_seq.get(&seq) else {
+            return;
+        };
+        if let Some(Task::Write { waiting, .. }) = p.tasks.get_mut(&tid) {
+            if waiting.remove(&from) {
+                self.check_task(key, tid);
+            }
+        }
+    }
+
+    fn on_push_ack(&mut self, key: GroupKey, interval: Epoch, from: NodeId, push_id: u64) {
+        let now = self.now;
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        if let Some(m) = p.members.get_mut(&from) {
+            m.last_heard = now;
+        }
+        let Some((tid, n)) = p.by_push.remove(&push_id) else {
+            return;
+        };
+        if n != from {
+            return;
+        }
+        let ext = match p.tasks.get_mut(&tid) {
+            Some(Task::Push { waiting, ext, .. }) => {
+                waiting.remove(&from);
+                *ext
+            }
+            _ => return,
+        };
+        if let Some(m) = p.members.get_mut(&from) {
+            if let MemberState::Syncing { pending } = &mut m.state {
+                pending.remove(&ext);
+            }
+        }
+        self.check_task(key, tid);
+        self.maybe_member_synced(key, from);
+    }
+
+    fn on_flush_ack(&mut self, key: GroupKey, interval: Epoch, from: NodeId, flush_id: u64) {
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        let Some((tid, n)) = p.by_flush.remove(&flush_id) else {
+            return;
+        };
+        if n != from {
+            return;
+        }
+        if let Some(Task::Flush { waiting, .. }) = p.tasks.get_mut(&tid) {
+            waiting.remove(&from);
+        }
+        self.check_task(key, tid);
+    }
+
+    fn on_refused(&mut self, key: GroupKey, interval: Epoch, from: NodeId, r: PeerRefusal) {
+        match r {
+            PeerRefusal::StaleInterval { current } => {
+                if current > self.map.epoch {
+                    self.out.push(Output::NeedMap(current));
+                }
+            }
+            PeerRefusal::WrongIncarnation => {
+                let drop = self
+                    .primary_for(key, interval)
+                    .and_then(|p| p.members.get(&from))
+                    .is_some_and(|m| !m.acting && m.claimed_at.is_none());
+                if drop {
+                    self.drop_member(key, from);
+                }
+            }
+        }
+    }
+
+    // -------------------------------------------------------------- ticks
+
+    /// The clock moved to `now`: retransmit, time out, ask to rejoin.
+    pub fn on_tick(&mut self, now: u64) {
+        self.now = now;
+        let Some(my) = self.up_since else {
+            return;
+        };
+        let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
+        for key in keys {
+            self.tick_primary(key);
+            // Outside the acting set but placed here: ask to rejoin.
+            let Some(gv) = self.map.groups.get(&key) else {
+                continue;
+            };
+            if !gv.placement.contains(&self.me) || gv.acting.contains(&self.me) {
+                continue;
+            }
+            let Some(primary) = self.map.primary(key) else {
+                continue;
+            };
+            let interval = gv.interval;
+            let g = self.groups.get_mut(&key).expect("exists");
+            if g.last_sync_request
+                .is_some_and(|t| now < t + self.cfg.sync_request_ms)
+            {
+                continue;
+            }
+            g.last_sync_request = Some(now);
+            self.send(
+                primary,
+                key,
+                interval,
+                PeerMsg::SyncRequest { up_since: my },
+            );
+        }
+    }
+
+    fn tick_primary(&mut self, key: GroupKey) {
+        let now = self.now;
+        let cfg = self.cfg.clone();
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        let interval = p.interval;
+        let committed = p.committed;
+        let mut sends: Vec<(NodeId, PeerMsg)> = Vec::new();
+        let mut drops = Vec::new();
+        let mut claims = Vec::new();
+        for (n, m) in p.members.iter_mut() {
+            if m.state == MemberState::Querying && now >= m.sent_at + cfg.retry_ms {
+                m.sent_at = now;
+                sends.push((
+                    *n,
+                    PeerMsg::SyncQuery {
+                        to_up_since: m.up_since,
+                    },
+                ));
+            }
+            if !m.acting && m.claimed_at.is_none() && now >= m.last_heard + cfg.sync_timeout_ms {
+                drops.push(*n);
+            }
+            if let Some(t) = m.claimed_at {
+                if now >= t + cfg.claim_retry_ms {
+                    claims.push(*n);
+                }
+            }
+        }
+        let ups: BTreeMap<NodeId, Epoch> =
+            p.members.iter().map(|(n, m)| (*n, m.up_since)).collect();
+        let mut restart_reads = Vec::new();
+        for (tid, t) in p.tasks.iter_mut() {
+            match t {
+                Task::Write {
+                    started: true,
+                    seq,
+                    ext,
+                    op,
+                    fua,
+                    waiting,
+                    sent_at,
+                    ..
+                } if now >= *sent_at + cfg.retry_ms => {
+                    *sent_at = now;
+                    for n in waiting.iter() {
+                        sends.push((
+                            *n,
+                            PeerMsg::Forward {
+                                to_up_since: ups.get(n).copied().unwrap_or(0),
+                                seq: *seq,
+                                committed,
+                                ext: *ext,
+                                op: op.clone(),
+                                fua: *fua,
+                            },
+                        ));
+                    }
+                }
+                Task::Push {
+                    started: true,
+                    data: Some(data),
+                    ext,
+                    seq,
+                    waiting,
+                    sent_at,
+                    ..
+                } if now >= *sent_at + cfg.retry_ms => {
+                    *sent_at = now;
+                    for (n, pid) in waiting.iter() {
+                        sends.push((
+                            *n,
+                            PeerMsg::Push {
+                                to_up_since: ups.get(n).copied().unwrap_or(0),
+                                push_id: *pid,
+                                ext: *ext,
+                                seq: *seq,
+                                data: data.clone(),
+                            },
+                        ));
+                    }
+                }
+                Task::Push {
+                    started: true,
+                    data: None,
+                    sent_at,
+                    ..
+                } if now >= *sent_at + cfg.retry_ms => {
+                    // Reading our copy failed: try again.
+                    *sent_at = now;
+                    restart_reads.push(*tid);
+                }
+                Task::Flush {
+                    waiting, sent_at, ..
+                } if now >= *sent_at + cfg.retry_ms => {
+                    *sent_at = now;
+                    for (n, fid) in waiting.iter() {
+                        sends.push((
+                            *n,
+                            PeerMsg::Flush {
+                                to_up_since: ups.get(n).copied().unwrap_or(0),
+                                flush_id: *fid,
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let gen = p.gen;
+        for (n, msg) in sends {
+            self.send(n, key, interval, msg);
+        }
+        for tid in restart_reads {
+            let in_flight = self
+                .disk
+                .values()
+                .any(|c| matches!(c, DiskCtx::Task { key: k, gen: g2, task } if *k == key && *g2 == gen && *task == tid));
+            if !in_flight {
+                self.start_task(key, gen, tid);
+            }
+        }
+        for n in drops {
+            self.drop_member(key, n);
+        }
+        for n in claims {
+            self.claim(key, n);
+        }
+    }
+}
+
+impl Group {
+    fn new(d: GroupDurable) -> Self {
+        Group {
+            d,
+            known_interval: 0,
+            session: None,
+            primary: None,
+            locks: Locks::default(),
+            waiting: BTreeMap::new(),
+            last_sync_request: None,
+        }
+    }
+}
+
+/// The extents to push to a replica with report `r`: every extent the
+/// primary wrote after the replica's committed watermark, and every extent
+/// the replica itself is unsure of.
+fn push_set(primary: &GroupDurable, r: &SyncState) -> BTreeSet<ExtentId> {
+    primary
+        .log
+        .iter()
+        .filter(|(_, &s)| s > r.committed)
+        .map(|(&e, _)| e)
+        .chain(r.uncertain.iter().copied())
+        .collect()
+}

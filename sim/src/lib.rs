@@ -1,0 +1,1263 @@
+//! A seeded simulator for the replication group protocol (`cairn-group`).
+//!
+//! One schedule runs 3-5 chunk-server cores, a volume client and a volume
+//! manager (the pure [`cairn_group::authority`] functions, with a failure
+//! detector and leases) over a fake network that drops, delays, duplicates
+//! and reorders messages, and fake disks that complete operations in any
+//! order and tear the writes in flight when a node crashes. Nodes crash and
+//! restart, freeze (as under SIGSTOP) and resume, lose their link to the
+//! volume manager (so it marks them down while they still run), and the map
+//! moves on at any point.
+//!
+//! After the faults stop, the schedule heals (every node back, every group's
+//! acting set whole again, every client request answered) and is checked:
+//!
+//! - every acknowledged write reads back (and every read during the run
+//!   returned what the last acknowledged write, or one in flight, left);
+//! - every replica of every group holds the same bytes;
+//! - at most one node acknowledged writes for a group in one interval.
+//!
+//! Everything is a function of the seed: a failing seed replays exactly
+//! (`cargo run -p cairn-sim --release -- --seed N --verbose`).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use bytes::Bytes;
+use cairn_group::authority::{self, Claim};
+use cairn_group::msg::{ClientOp, ClientReply, ClientRequest, Peer, Refusal, WriteOp};
+use cairn_group::node::{
+    Bug, Config, DiskDone, DiskReq, Durable, JournalRecord, Node, Output, Trace,
+};
+use cairn_group::{Epoch, ExtentId, GroupKey, GroupMap, GroupView, NodeId, NodeView};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The shape of one schedule.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Chunk servers (3-5).
+    pub nodes: u64,
+    /// Replicas per group.
+    pub replicas: u32,
+    /// Placement groups.
+    pub groups: u32,
+    /// Extents in the one volume.
+    pub extents: u64,
+    /// Bytes per extent.
+    pub extent_bytes: u64,
+    /// Bytes per block (the write granularity).
+    pub block: u64,
+    /// Milliseconds of faults before healing.
+    pub fault_ms: u64,
+    /// Milliseconds allowed to heal.
+    pub heal_ms: u64,
+    /// Client requests in flight at most.
+    pub queue_depth: usize,
+    /// The volume's min_replicas.
+    pub min_replicas: u32,
+    /// A deliberately broken protocol variant.
+    pub bug: Option<Bug>,
+    /// Print every event.
+    pub verbose: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 4,
+            replicas: 3,
+            groups: 4,
+            extents: 12,
+            extent_bytes: 64,
+            block: 8,
+            fault_ms: 3000,
+            heal_ms: 60_000,
+            queue_depth: 4,
+            min_replicas: 1,
+            bug: None,
+            verbose: false,
+        }
+    }
+}
+
+impl SimConfig {
+    /// The configuration seed `seed` runs with: node count, replicas and
+    /// queue depth vary with the seed.
+    pub fn for_seed(seed: u64, bug: Option<Bug>) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_c0f1_6a11_0000);
+        let nodes = rng.gen_range(3..=5);
+        let replicas = if rng.gen_bool(0.75) { 3 } else { 2 };
+        SimConfig {
+            nodes,
+            replicas,
+            groups: [2, 4, 8][rng.gen_range(0..3)],
+            queue_depth: rng.gen_range(1..=6),
+            min_replicas: rng.gen_range(1..=replicas),
+            bug,
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// What one schedule did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Writes acknowledged to the client.
+    pub acked_writes: u64,
+    /// Reads checked.
+    pub reads: u64,
+    /// Node crashes.
+    pub crashes: u64,
+    /// Node freezes.
+    pub freezes: u64,
+    /// Map epochs published.
+    pub epochs: u64,
+    /// Messages dropped / duplicated.
+    pub dropped: u64,
+    /// Messages duplicated.
+    pub duplicated: u64,
+    /// Simulated milliseconds until healed.
+    pub healed_at_ms: u64,
+}
+
+/// A failed check, with everything needed to replay it.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// What went wrong.
+    pub what: String,
+    /// Simulated time of the failure.
+    pub at_ms: u64,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at {} ms: {} (replay: cargo run -p cairn-sim --release -- --seed {} --verbose)",
+            self.seed, self.at_ms, self.what, self.seed
+        )
+    }
+}
+
+const VOLUME: u64 = 1;
+const CLIENT: u64 = 1;
+const TICK_MS: u64 = 20;
+const HEARTBEAT_MS: u64 = 100;
+const DOWN_AFTER_MS: u64 = 1000;
+const LEASE_MS: u64 = 600;
+const CLIENT_TIMEOUT_MS: u64 = 400;
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Peer(Peer),
+    Request(ClientRequest),
+    Reply(ClientReply),
+    Map(GroupMap),
+    Heartbeat {
+        node: NodeId,
+        process: u64,
+        sent_at: u64,
+    },
+    Lease {
+        until: u64,
+        epoch: Epoch,
+    },
+    Claim(Claim),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum At {
+    Node(NodeId),
+    Client,
+    Volmgr,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { to: At, from: At, msg: Msg },
+    Disk { node: NodeId, process: u64, op: u64 },
+    Tick { node: NodeId, process: u64 },
+    Heartbeat { node: NodeId, process: u64 },
+    Restart { node: NodeId },
+    Fault,
+    ClientStep,
+    VolmgrTick,
+}
+
+struct Queued(u64, u64, Event);
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+/// A fake disk: extents as byte vectors, operations applied when they
+/// complete, in flight ones torn block by block at a crash.
+#[derive(Default)]
+struct Disk {
+    extents: BTreeMap<ExtentId, Vec<u8>>,
+    inflight: BTreeMap<u64, DiskReq>,
+}
+
+struct SimNode {
+    core: Option<Node>,
+    process: u64,
+    journal: Vec<JournalRecord>,
+    disk: Disk,
+    frozen_until: u64,
+    /// Heartbeats to the volume manager are lost until then.
+    cut_until: u64,
+}
+
+struct PendingOp {
+    id: u64,
+    key: GroupKey,
+    op: ClientOp,
+    sent_at: u64,
+    next_try: u64,
+    /// For reads: every value each block may show.
+    allowed: Vec<BTreeSet<Vec<u8>>>,
+}
+
+struct Client {
+    map: GroupMap,
+    next_id: u64,
+    pending: BTreeMap<u64, PendingOp>,
+    /// Per (extent, block): every value the block may hold.
+    model: BTreeMap<(u64, u64), Vec<Vec<u8>>>,
+}
+
+struct Volmgr {
+    map: GroupMap,
+    last_heard: BTreeMap<NodeId, u64>,
+    process: BTreeMap<NodeId, u64>,
+}
+
+struct World {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    client: Client,
+    volmgr: Volmgr,
+    faults: bool,
+    stats: Stats,
+    acked_in: BTreeMap<(GroupKey, Epoch), NodeId>,
+    failure: Option<String>,
+    core_cfg: Config,
+}
+
+/// Runs schedule `seed` with configuration `cfg`.
+pub fn run(seed: u64, cfg: &SimConfig) -> Result<Stats, Failure> {
+    let mut w = World::new(seed, cfg.clone());
+    w.run().map_err(|what| Failure {
+        seed,
+        what,
+        at_ms: w.now,
+    })?;
+    Ok(w.stats)
+}
+
+impl World {
+    fn new(seed: u64, cfg: SimConfig) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut map = GroupMap {
+            epoch: 1,
+            ..Default::default()
+        };
+        let candidates: Vec<cairn_placement::Candidate> = (1..=cfg.nodes)
+            .map(|id| cairn_placement::Candidate {
+                id,
+                weight: 1,
+                host: format!("h{id}"),
+                rack: String::new(),
+                room: String::new(),
+                eligible: true,
+            })
+            .collect();
+        let table =
+            cairn_placement::PlacementTable::build(&candidates, cfg.groups, cfg.replicas as usize)
+                .expect("valid placement");
+        for id in 1..=cfg.nodes {
+            map.nodes.insert(
+                id,
+                NodeView {
+                    up: true,
+                    up_since: 1,
+                },
+            );
+        }
+        for index in 0..cfg.groups {
+            let placement = table.lookup(index).expect("in range").to_vec();
+            map.groups.insert(
+                GroupKey {
+                    replicas: cfg.replicas,
+                    index,
+                },
+                GroupView {
+                    interval: 1,
+                    acting: placement.clone(),
+                    placement,
+                },
+            );
+        }
+        let core_cfg = Config {
+            retry_ms: 100,
+            sync_timeout_ms: 1500,
+            sync_request_ms: 200,
+            claim_retry_ms: 400,
+            bug: cfg.bug,
+        };
+        let mut nodes = BTreeMap::new();
+        for id in 1..=cfg.nodes {
+            let mut core = Node::new(id, core_cfg.clone(), Durable::default(), 0);
+            core.on_map(map.clone());
+            nodes.insert(
+                id,
+                SimNode {
+                    core: Some(core),
+                    process: 1,
+                    journal: Vec::new(),
+                    disk: Disk::default(),
+                    frozen_until: 0,
+                    cut_until: 0,
+                },
+            );
+        }
+        let mut model = BTreeMap::new();
+        let blocks = cfg.extent_bytes / cfg.block;
+        for e in 0..cfg.extents {
+            for b in 0..blocks {
+                model.insert((e, b), vec![vec![0u8; cfg.block as usize]]);
+            }
+        }
+        World {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            volmgr: Volmgr {
+                map: map.clone(),
+                last_heard: (1..=cfg.nodes).map(|n| (n, 0)).collect(),
+                process: (1..=cfg.nodes).map(|n| (n, 1)).collect(),
+            },
+            client: Client {
+                map,
+                next_id: 1,
+                pending: BTreeMap::new(),
+                model,
+            },
+            nodes,
+            faults: true,
+            stats: Stats::default(),
+            acked_in: BTreeMap::new(),
+            failure: None,
+            core_cfg,
+            cfg,
+        }
+    }
+
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.cfg.verbose {
+            eprintln!("{:>6} {}", self.now, what());
+        }
+    }
+
+    fn at(&mut self, t: u64, e: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued(t, self.seq, e)));
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        for id in 1..=self.cfg.nodes {
+            let j = self.rng.gen_range(0..TICK_MS);
+            self.at(
+                j,
+                Event::Tick {
+                    node: id,
+                    process: 1,
+                },
+            );
+            self.at(
+                j,
+                Event::Heartbeat {
+                    node: id,
+                    process: 1,
+                },
+            );
+        }
+        self.at(1, Event::ClientStep);
+        self.at(50, Event::Fault);
+        self.at(10, Event::VolmgrTick);
+        let deadline = self.cfg.fault_ms + self.cfg.heal_ms;
+        while let Some(Reverse(Queued(t, _, e))) = self.queue.pop() {
+            self.now = t;
+            if self.faults && t >= self.cfg.fault_ms {
+                self.heal();
+            }
+            self.handle(e);
+            if let Some(f) = self.failure.take() {
+                return Err(f);
+            }
+            if !self.faults && self.healed() {
+                self.stats.healed_at_ms = self.now;
+                return self.check_final();
+            }
+            if t > deadline {
+                return Err(format!(
+                    "did not heal within {} ms: {}",
+                    self.cfg.heal_ms,
+                    self.unhealed()
+                ));
+            }
+        }
+        Err("event queue ran dry".into())
+    }
+
+    fn heal(&mut self) {
+        self.faults = false;
+        self.log(|| "--- faults stop; healing".into());
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let n = self.nodes.get_mut(&id).expect("node");
+            n.frozen_until = n.frozen_until.min(self.now);
+            n.cut_until = 0;
+            if n.core.is_none() {
+                self.restart(id);
+            }
+        }
+    }
+
+    fn healed(&self) -> bool {
+        let map = &self.volmgr.map;
+        if !self.client.pending.is_empty() {
+            return false;
+        }
+        if map.nodes.values().any(|n| !n.up) {
+            return false;
+        }
+        for (key, g) in &map.groups {
+            if g.acting != g.placement {
+                return false;
+            }
+            let Some(p) = map.primary(*key) else {
+                return false;
+            };
+            let core = self.nodes[&p].core.as_ref();
+            if !core.is_some_and(|c| c.map().epoch == map.epoch && c.is_active_primary(*key)) {
+                return false;
+            }
+        }
+        self.nodes.values().all(|n| n.disk.inflight.is_empty())
+    }
+
+    fn unhealed(&self) -> String {
+        let map = &self.volmgr.map;
+        let mut s = format!(
+            "epoch {}; pending client ops {}",
+            map.epoch,
+            self.client.pending.len()
+        );
+        for (id, n) in &map.nodes {
+            if !n.up {
+                s += &format!("; node {id} down");
+            }
+        }
+        for (key, g) in &map.groups {
+            if g.acting != g.placement {
+                s += &format!("; {key} acting {:?} placement {:?}", g.acting, g.placement);
+            }
+        }
+        s
+    }
+
+    // ------------------------------------------------------------ events
+
+    fn handle(&mut self, e: Event) {
+        match e {
+            Event::Deliver { to, from, msg } => self.deliver(to, from, msg),
+            Event::Disk { node, process, op } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.process != process || n.core.is_none() {
+                    return;
+                }
+                if n.frozen_until > self.now {
+                    let t = n.frozen_until;
+                    self.at(t, Event::Disk { node, process, op });
+                    return;
+                }
+                let Some(req) = n.disk.inflight.remove(&op) else {
+                    return;
+                };
+                let done = apply(&mut n.disk, &req, self.cfg.extent_bytes);
+                let core = n.core.as_mut().expect("running");
+                core.set_clock(self.now);
+                core.on_disk(op, done);
+                self.outputs(node);
+            }
+            Event::Tick { node, process } => {
+                let now = self.now;
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.process != process || n.core.is_none() {
+                    return;
+                }
+                if n.frozen_until <= now {
+                    n.core.as_mut().expect("running").on_tick(now);
+                    self.outputs(node);
+                }
+                self.at(now + TICK_MS, Event::Tick { node, process });
+            }
+            Event::Heartbeat { node, process } => {
+                let now = self.now;
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.process != process || n.core.is_none() {
+                    return;
+                }
+                if n.frozen_until <= now && n.cut_until <= now {
+                    self.send(
+                        At::Node(node),
+                        At::Volmgr,
+                        Msg::Heartbeat {
+                            node,
+                            process,
+                            sent_at: now,
+                        },
+                    );
+                }
+                self.at(now + HEARTBEAT_MS, Event::Heartbeat { node, process });
+            }
+            Event::Restart { node } => {
+                if self.nodes[&node].core.is_none() {
+                    self.restart(node);
+                }
+            }
+            Event::Fault => {
+                if self.faults {
+                    self.fault();
+                    let dt = self.rng.gen_range(30..300);
+                    self.at(self.now + dt, Event::Fault);
+                }
+            }
+            Event::ClientStep => {
+                self.client_step();
+                self.at(self.now + 5, Event::ClientStep);
+            }
+            Event::VolmgrTick => {
+                self.detector();
+                self.at(self.now + 50, Event::VolmgrTick);
+            }
+        }
+    }
+
+    fn send(&mut self, from: At, to: At, msg: Msg) {
+        let mut copies = 1;
+        let mut delay = self.rng.gen_range(0..=4);
+        if self.faults {
+            let r: f64 = self.rng.gen();
+            if r < 0.02 {
+                self.stats.dropped += 1;
+                self.log(|| format!("drop {from:?}->{to:?} {}", brief(&msg)));
+                return;
+            }
+            if r < 0.04 {
+                copies = 2;
+                self.stats.duplicated += 1;
+            }
+            if self.rng.gen_bool(0.02) {
+                delay += self.rng.gen_range(50..800);
+            }
+        }
+        for _ in 0..copies {
+            let d = delay + self.rng.gen_range(0..=2);
+            self.at(
+                self.now + d,
+                Event::Deliver {
+                    to,
+                    from,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    fn deliver(&mut self, to: At, from: At, msg: Msg) {
+        match to {
+            At::Node(id) => {
+                let now = self.now;
+                let n = self.nodes.get_mut(&id).expect("node");
+                if n.frozen_until > now {
+                    let t = n.frozen_until;
+                    self.at(t, Event::Deliver { to, from, msg });
+                    return;
+                }
+                let Some(core) = n.core.as_mut() else {
+                    return;
+                };
+                core.set_clock(now);
+                match msg {
+                    Msg::Peer(p) => core.on_peer(p),
+                    Msg::Request(r) => core.on_client(r),
+                    Msg::Map(m) => core.on_map(m),
+                    Msg::Lease { until, epoch } => core.on_lease(until, epoch),
+                    _ => unreachable!("not for nodes"),
+                }
+                self.outputs(id);
+            }
+            At::Client => match msg {
+                Msg::Reply(r) => self.client_reply(r),
+                Msg::Map(m) => {
+                    if m.epoch > self.client.map.epoch {
+                        self.client.map = m;
+                    }
+                }
+                _ => unreachable!("not for the client"),
+            },
+            At::Volmgr => match msg {
+                Msg::Heartbeat {
+                    node,
+                    process,
+                    sent_at,
+                } => {
+                    if self.volmgr.process.get(&node) != Some(&process) {
+                        return;
+                    }
+                    self.volmgr.last_heard.insert(node, self.now);
+                    if !self.volmgr.map.nodes[&node].up {
+                        if let Some(m) = authority::mark_up(&self.volmgr.map, node) {
+                            self.log(|| format!("volmgr: node {node} up again"));
+                            self.publish(m);
+                        }
+                    }
+                    if self.volmgr.map.nodes[&node].up {
+                        self.send(
+                            At::Volmgr,
+                            from,
+                            Msg::Lease {
+                                until: sent_at + LEASE_MS,
+                                epoch: self.volmgr.map.epoch,
+                            },
+                        );
+                    }
+                }
+                Msg::Claim(c) => match authority::claim(&self.volmgr.map, &c) {
+                    Ok(m) => {
+                        self.log(|| format!("volmgr: claim {c:?} granted"));
+                        self.publish(m);
+                    }
+                    Err(e) => self.log(|| format!("volmgr: claim {c:?} refused: {e:?}")),
+                },
+                _ => unreachable!("not for the volume manager"),
+            },
+        }
+    }
+
+    fn outputs(&mut self, id: NodeId) {
+        let outs = match self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
+            Some(c) => c.drain(),
+            None => return,
+        };
+        for o in outs {
+            match o {
+                Output::Peer { to, msg } => {
+                    self.log(|| {
+                        format!(
+                            "{id}->{to} {:?} i{} {}",
+                            msg.key,
+                            msg.interval,
+                            brief_peer(&msg)
+                        )
+                    });
+                    self.send(At::Node(id), At::Node(to), Msg::Peer(msg));
+                }
+                Output::Reply(r) => self.send(At::Node(id), At::Client, Msg::Reply(r)),
+                Output::Disk { id: op, req } => {
+                    self.log(|| format!("{id}: disk {op} {}", brief_disk(&req)));
+                    let n = self.nodes.get_mut(&id).expect("node");
+                    let process = n.process;
+                    n.disk.inflight.insert(op, req);
+                    let d = self.rng.gen_range(0..=3);
+                    self.at(
+                        self.now + d,
+                        Event::Disk {
+                            node: id,
+                            process,
+                            op,
+                        },
+                    );
+                }
+                Output::Journal(r) => self.nodes.get_mut(&id).expect("node").journal.push(r),
+                Output::Claim(c) => self.send(At::Node(id), At::Volmgr, Msg::Claim(c)),
+                Output::NeedMap(_) => {
+                    // A fetch from the volume manager that retries until it
+                    // succeeds: the current map, a little later.
+                    let m = self.volmgr.map.clone();
+                    let d = self.rng.gen_range(1..20);
+                    self.at(
+                        self.now + d,
+                        Event::Deliver {
+                            to: At::Node(id),
+                            from: At::Volmgr,
+                            msg: Msg::Map(m),
+                        },
+                    );
+                }
+                Output::Trace(t) => {
+                    self.log(|| format!("{id}: {t:?}"));
+                    if let Trace::AckedWrite { key, interval } = t {
+                        let prev = *self.acked_in.entry((key, interval)).or_insert(id);
+                        if prev != id {
+                            self.failure = Some(format!(
+                                "two primaries acknowledged writes for {key} in interval {interval}: nodes {prev} and {id}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ----------------------------------------------------- volume manager
+
+    fn publish(&mut self, m: GroupMap) {
+        self.stats.epochs += 1;
+        self.log(|| {
+            format!(
+                "volmgr: epoch {} {:?}",
+                m.epoch,
+                m.groups
+                    .values()
+                    .map(|g| (g.interval, g.acting.clone()))
+                    .collect::<Vec<_>>()
+            )
+        });
+        self.volmgr.map = m.clone();
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.send(At::Volmgr, At::Node(id), Msg::Map(m.clone()));
+        }
+        self.send(At::Volmgr, At::Client, Msg::Map(m));
+    }
+
+    fn detector(&mut self) {
+        let now = self.now;
+        let late: Vec<NodeId> = self
+            .volmgr
+            .map
+            .nodes
+            .iter()
+            .filter(|(id, n)| n.up && now > self.volmgr.last_heard[id] + DOWN_AFTER_MS)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(m) = authority::mark_down(&self.volmgr.map, id) {
+                self.log(|| format!("volmgr: node {id} down"));
+                self.publish(m);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- faults
+
+    fn fault(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let id = ids[self.rng.gen_range(0..ids.len())];
+        let now = self.now;
+        match self.rng.gen_range(0..10) {
+            0..=2 if self.nodes[&id].core.is_some() => {
+                self.crash(id);
+                let back = now + self.rng.gen_range(20..1500);
+                self.at(back, Event::Restart { node: id });
+            }
+            3..=4 => {
+                // SIGSTOP for a while, then SIGCONT.
+                let until = now + self.rng.gen_range(100..2000);
+                self.stats.freezes += 1;
+                self.log(|| format!("node {id} frozen until {until}"));
+                self.nodes.get_mut(&id).expect("node").frozen_until = until;
+            }
+            5 => {
+                let until = now + self.rng.gen_range(500..2500);
+                self.log(|| format!("node {id} cut from the volume manager until {until}"));
+                self.nodes.get_mut(&id).expect("node").cut_until = until;
+            }
+            6 => {
+                // A map epoch that changes nothing.
+                let mut m = self.volmgr.map.clone();
+                m.epoch += 1;
+                self.publish(m);
+            }
+            _ => {}
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        self.stats.crashes += 1;
+        let block = self.cfg.block as usize;
+        let eb = self.cfg.extent_bytes;
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.core = None;
+        let inflight = std::mem::take(&mut n.disk.inflight);
+        let mut torn = 0;
+        for (_, req) in inflight {
+            match self.rng.gen_range(0..3) {
+                0 => {}
+                1 => {
+                    apply(&mut n.disk, &req, eb);
+                }
+                _ => {
+                    // Torn: some blocks land, others keep the old bytes.
+                    let before = n.disk.extents.clone();
+                    apply(&mut n.disk, &req, eb);
+                    if let Some(ext) = req_ext(&req) {
+                        let old = before.get(&ext).cloned();
+                        if let Some(new) = n.disk.extents.get_mut(&ext) {
+                            for (i, chunk) in new.chunks_mut(block).enumerate() {
+                                if self.rng.gen_bool(0.5) {
+                                    match &old {
+                                        Some(o) => {
+                                            chunk.copy_from_slice(&o[i * block..(i + 1) * block])
+                                        }
+                                        None => chunk.fill(0),
+                                    }
+                                    torn += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.log(|| format!("node {id} crashed ({torn} blocks torn)"));
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let now = self.now;
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.process += 1;
+        n.frozen_until = 0;
+        let process = n.process;
+        let mut durable = Durable::default();
+        for r in &n.journal {
+            durable.apply(r);
+        }
+        let core = Node::new(id, self.core_cfg.clone(), durable, now);
+        n.core = Some(core);
+        // Registration (retried until the volume manager answers).
+        self.volmgr.process.insert(id, process);
+        self.volmgr.last_heard.insert(id, now);
+        let m = authority::register(&self.volmgr.map, id);
+        self.log(|| format!("node {id} restarted as process {process}"));
+        self.publish(m.clone());
+        let core = self
+            .nodes
+            .get_mut(&id)
+            .expect("node")
+            .core
+            .as_mut()
+            .expect("just set");
+        core.on_map(m);
+        self.outputs(id);
+        self.at(now + 1, Event::Tick { node: id, process });
+        self.at(now + 1, Event::Heartbeat { node: id, process });
+    }
+
+    // ------------------------------------------------------------- client
+
+    fn key_of(&self, ext: u64) -> GroupKey {
+        GroupKey {
+            replicas: self.cfg.replicas,
+            index: cairn_placement::group_of(VOLUME, ext, self.cfg.groups).expect("power of two"),
+        }
+    }
+
+    fn client_step(&mut self) {
+        let now = self.now;
+        // Retries.
+        let due: Vec<u64> = self
+            .client
+            .pending
+            .values()
+            .filter(|p| p.next_try <= now)
+            .map(|p| p.id)
+            .collect();
+        if !due.is_empty() {
+            // A request timed out or was refused: the client's map poll
+            // (a long poll in the real client) brings the current map.
+            self.client.map = self.volmgr.map.clone();
+        }
+        for id in due {
+            self.client_send(id);
+        }
+        if !self.faults && self.now > self.cfg.fault_ms + 200 {
+            return; // healing: finish what is pending, start nothing new
+        }
+        if self.client.pending.len() >= self.cfg.queue_depth || !self.rng.gen_bool(0.5) {
+            return;
+        }
+        let blocks = self.cfg.extent_bytes / self.cfg.block;
+        let ext = self.rng.gen_range(0..self.cfg.extents);
+        let first = self.rng.gen_range(0..blocks);
+        let count = self.rng.gen_range(1..=(blocks - first).min(3));
+        let id = self.client.next_id;
+        self.client.next_id += 1;
+        let extent = ExtentId {
+            volume: VOLUME,
+            index: ext,
+            epoch: 1,
+        };
+        let key = self.key_of(ext);
+        let r: u32 = self.rng.gen_range(0..100);
+        let op = if !(65..97).contains(&r) {
+            // A write, unless it would overlap one in flight.
+            let busy = self.client.pending.values().any(|p| match &p.op {
+                ClientOp::Write { ext: e, op, .. } => {
+                    let (s, t) = op.range();
+                    e.index == ext
+                        && s < (first + count) * self.cfg.block
+                        && first * self.cfg.block < t
+                }
+                _ => false,
+            });
+            if busy {
+                return;
+            }
+            let offset = first * self.cfg.block;
+            let len = count * self.cfg.block;
+            let op = if r >= 97 {
+                WriteOp::Zero { offset, len }
+            } else {
+                let mut data = Vec::with_capacity(len as usize);
+                for b in 0..count {
+                    let mut v = id.to_le_bytes().to_vec();
+                    v[7] = b as u8 + 1;
+                    data.extend_from_slice(&v[..self.cfg.block as usize]);
+                }
+                WriteOp::Data {
+                    offset,
+                    data: Bytes::from(data),
+                }
+            };
+            // Every value the write may leave becomes possible at once.
+            for b in 0..count {
+                let v = block_value(&op, first + b, self.cfg.block);
+                self.client
+                    .model
+                    .get_mut(&(ext, first + b))
+                    .expect("block")
+                    .push(v.clone());
+                for p in self.client.pending.values_mut() {
+                    if let ClientOp::Read { ext: e, offset, .. } = &p.op {
+                        let rb = offset / self.cfg.block;
+                        if e.index == ext
+                            && first + b >= rb
+                            && first + b < rb + p.allowed.len() as u64
+                        {
+                            p.allowed[(first + b - rb) as usize].insert(v.clone());
+                        }
+                    }
+                }
+            }
+            ClientOp::Write {
+                ext: extent,
+                op,
+                fua: self.rng.gen_bool(0.1),
+            }
+        } else if r < 95 {
+            ClientOp::Read {
+                ext: extent,
+                offset: first * self.cfg.block,
+                len: count * self.cfg.block,
+            }
+        } else {
+            ClientOp::Flush
+        };
+        let allowed = match &op {
+            ClientOp::Read { .. } => (first..first + count)
+                .map(|b| self.client.model[&(ext, b)].iter().cloned().collect())
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.client.pending.insert(
+            id,
+            PendingOp {
+                id,
+                key,
+                op,
+                sent_at: now,
+                next_try: now,
+                allowed,
+            },
+        );
+        self.client_send(id);
+    }
+
+    fn client_send(&mut self, id: u64) {
+        self.log(|| {
+            let p = &self.client.pending[&id];
+            format!(
+                "client: send {id} {:?} {}",
+                p.key,
+                match &p.op {
+                    ClientOp::Write { ext, op, .. } =>
+                        format!("write ext {} {:?}", ext.index, op.range()),
+                    ClientOp::Read { ext, offset, len } =>
+                        format!("read ext {} {offset}+{len}", ext.index),
+                    ClientOp::Flush => "flush".into(),
+                }
+            )
+        });
+        let now = self.now;
+        let oldest = *self.client.pending.keys().next().expect("pending");
+        let map = &self.client.map;
+        let p = self.client.pending.get_mut(&id).expect("pending");
+        p.next_try = now + CLIENT_TIMEOUT_MS;
+        p.sent_at = now;
+        let Some(primary) = map.primary(p.key) else {
+            p.next_try = now + 50;
+            return;
+        };
+        let req = ClientRequest {
+            client: CLIENT,
+            id,
+            oldest_outstanding: oldest,
+            epoch: map.epoch,
+            key: p.key,
+            min_replicas: self.cfg.min_replicas,
+            op: p.op.clone(),
+        };
+        self.send(At::Client, At::Node(primary), Msg::Request(req));
+    }
+
+    fn client_reply(&mut self, r: ClientReply) {
+        let now = self.now;
+        self.log(|| {
+            format!(
+                "client: reply {} {:?}",
+                r.id,
+                r.result.as_ref().map(|d| d.as_ref().map(|b| b.len()))
+            )
+        });
+        let Some(p) = self.client.pending.get_mut(&r.id) else {
+            return; // a duplicate
+        };
+        match r.result {
+            Err(refusal) => {
+                // Refresh the map (a fetch that retries) and try again soon.
+                if matches!(
+                    refusal,
+                    Refusal::StaleEpoch { .. } | Refusal::NotPrimary { .. }
+                ) {
+                    self.client.map = self.volmgr.map.clone();
+                }
+                p.next_try = now + 20;
+            }
+            Ok(data) => {
+                let p = self.client.pending.remove(&r.id).expect("pending");
+                match p.op {
+                    ClientOp::Write { ext, op, .. } => {
+                        self.stats.acked_writes += 1;
+                        let (s, t) = op.range();
+                        for b in s / self.cfg.block..t / self.cfg.block {
+                            let v = block_value(&op, b, self.cfg.block);
+                            self.client.model.insert((ext.index, b), vec![v]);
+                        }
+                    }
+                    ClientOp::Read { ext, offset, len } => {
+                        self.stats.reads += 1;
+                        let data = data.unwrap_or_default();
+                        if data.len() as u64 != len {
+                            self.failure =
+                                Some(format!("read of {len} bytes returned {}", data.len()));
+                            return;
+                        }
+                        for (i, chunk) in data.chunks(self.cfg.block as usize).enumerate() {
+                            let b = offset / self.cfg.block + i as u64;
+                            if !p.allowed[i].contains(chunk) {
+                                self.failure = Some(format!(
+                                    "read of extent {} block {b} returned {chunk:?}, which no acknowledged or in-flight write left there (allowed {:?})",
+                                    ext.index, p.allowed[i]
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                    ClientOp::Flush => {}
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- checks
+
+    fn check_final(&mut self) -> Result<(), String> {
+        let map = self.volmgr.map.clone();
+        let blocks = self.cfg.extent_bytes / self.cfg.block;
+        for e in 0..self.cfg.extents {
+            let key = self.key_of(e);
+            let ext = ExtentId {
+                volume: VOLUME,
+                index: e,
+                epoch: 1,
+            };
+            let g = &map.groups[&key];
+            let zeros = vec![0u8; self.cfg.extent_bytes as usize];
+            let copies: Vec<(NodeId, Vec<u8>)> = g
+                .acting
+                .iter()
+                .map(|n| {
+                    (
+                        *n,
+                        self.nodes[n]
+                            .disk
+                            .extents
+                            .get(&ext)
+                            .cloned()
+                            .unwrap_or_else(|| zeros.clone()),
+                    )
+                })
+                .collect();
+            let (first, data) = &copies[0];
+            for (n, other) in &copies[1..] {
+                if other != data {
+                    return Err(format!(
+                        "replicas differ after healing: extent {e} ({key}) on node {first} is {data:?}, on node {n} {other:?}"
+                    ));
+                }
+            }
+            for b in 0..blocks {
+                let got = &data[(b * self.cfg.block) as usize..((b + 1) * self.cfg.block) as usize];
+                let want = &self.client.model[&(e, b)];
+                if want.len() == 1 && want[0] != got {
+                    return Err(format!(
+                        "acknowledged write lost: extent {e} block {b} holds {got:?}, the last acknowledged write left {:?}",
+                        want[0]
+                    ));
+                }
+                if !want.iter().any(|w| w == got) {
+                    return Err(format!("extent {e} block {b} holds {got:?}, never written"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn block_value(op: &WriteOp, b: u64, block: u64) -> Vec<u8> {
+    match op {
+        WriteOp::Data { offset, data } => {
+            let at = (b * block - offset) as usize;
+            data[at..at + block as usize].to_vec()
+        }
+        WriteOp::Zero { .. } => vec![0; block as usize],
+    }
+}
+
+fn req_ext(r: &DiskReq) -> Option<ExtentId> {
+    match r {
+        DiskReq::Write { ext, .. } | DiskReq::PutExtent { ext, .. } => Some(*ext),
+        _ => None,
+    }
+}
+
+/// Applies a disk operation to the fake disk.
+fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
+    match r {
+        DiskReq::Write { ext, op, .. } => {
+            let e = d
+                .extents
+                .entry(*ext)
+                .or_insert_with(|| vec![0; extent_bytes as usize]);
+            match op {
+                WriteOp::Data { offset, data } => {
+                    e[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                }
+                WriteOp::Zero { offset, len } => {
+                    e[*offset as usize..(*offset + *len) as usize].fill(0)
+                }
+            }
+            DiskDone::Ok
+        }
+        DiskReq::Read { ext, offset, len } => {
+            let data = match d.extents.get(ext) {
+                Some(e) => e[*offset as usize..(*offset + *len) as usize].to_vec(),
+                None => vec![0; *len as usize],
+            };
+            DiskDone::Data(Bytes::from(data))
+        }
+        DiskReq::ReadExtent { ext } => {
+            DiskDone::Extent(d.extents.get(ext).map(|e| Bytes::from(e.clone())))
+        }
+        DiskReq::PutExtent { ext, data } => {
+            match data {
+                Some(b) => {
+                    d.extents.insert(*ext, b.to_vec());
+                }
+                None => {
+                    d.extents.remove(ext);
+                }
+            }
+            DiskDone::Ok
+        }
+        DiskReq::Flush => DiskDone::Ok,
+    }
+}
+
+fn brief(m: &Msg) -> String {
+    match m {
+        Msg::Peer(p) => brief_peer(p),
+        Msg::Request(r) => format!("request {} {:?}", r.id, r.key),
+        Msg::Reply(r) => format!("reply {} {:?}", r.id, r.result.as_ref().err()),
+        Msg::Map(m) => format!("map {}", m.epoch),
+        Msg::Heartbeat { node, .. } => format!("heartbeat {node}"),
+        Msg::Lease { until, .. } => format!("lease {until}"),
+        Msg::Claim(c) => format!("claim {c:?}"),
+    }
+}
+
+fn brief_peer(p: &Peer) -> String {
+    use cairn_group::msg::PeerMsg::*;
+    match &p.msg {
+        Forward { seq, ext, .. } => format!("forward seq {seq} ext {}", ext.index),
+        Push {
+            ext, push_id, data, ..
+        } => {
+            format!(
+                "push {push_id} ext {} {}",
+                ext.index,
+                if data.is_some() { "data" } else { "delete" }
+            )
+        }
+        SyncReport(r) => format!("report {r:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn brief_disk(r: &DiskReq) -> String {
+    match r {
+        DiskReq::Write { ext, op, .. } => format!("write ext {} {:?}", ext.index, op.range()),
+        DiskReq::Read { ext, offset, len } => format!("read ext {} {offset}+{len}", ext.index),
+        DiskReq::ReadExtent { ext } => format!("read extent {}", ext.index),
+        DiskReq::PutExtent { ext, data } => format!(
+            "put extent {} {}",
+            ext.index,
+            if data.is_some() { "data" } else { "delete" }
+        ),
+        DiskReq::Flush => "flush".into(),
+    }
+}
