@@ -12,8 +12,24 @@ use std::collections::BTreeMap;
 pub type NodeId = u64;
 /// A map epoch.
 pub type Epoch = u64;
-/// A write's sequence number within its group.
-pub type Seq = u64;
+/// A write's sequence number: the interval its primary served in, then a
+/// counter from 1 within it. Ordered by interval first, so every write of a
+/// later interval follows every write of an earlier one, whatever happened
+/// to the writes that were in flight when the interval changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seq {
+    /// The interval.
+    pub interval: Epoch,
+    /// The counter within it; 0 stands for "before the interval's first
+    /// write".
+    pub n: u64,
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.interval, self.n)
+    }
+}
 
 /// A redundancy group: a placement group index together with the replica
 /// count of the volumes it serves. Volumes with 1, 2 or 3 replicas whose

@@ -75,6 +75,10 @@ pub struct ClientRequest {
     /// Every request of this client with a smaller id is finished from the
     /// client's point of view; a copy of one that arrives late is dropped.
     pub oldest_outstanding: u64,
+    /// Requests above `oldest_outstanding` the client gave up on: a copy
+    /// that arrives later is dropped, so that it can never land after a
+    /// newer write to the same blocks.
+    pub abandoned: Vec<u64>,
     /// The client's map epoch.
     pub epoch: Epoch,
     /// The group.
@@ -128,8 +132,6 @@ pub struct ClientReply {
 /// What a replica reports about one group when the primary asks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncState {
-    /// Highest sequence number it ever applied in the group.
-    pub last_seq: Seq,
     /// Every write of the group with a sequence number up to this one that
     /// was acknowledged anywhere is applied here (and every extent it does
     /// not list in `uncertain` equals the acting replicas' copy as of then).

@@ -334,7 +334,8 @@ struct Session {
     synced: bool,
     /// Forwarded writes seen, and whether they are applied.
     applied: BTreeMap<Seq, bool>,
-    /// Every forwarded write at or below it is applied.
+    /// Every forwarded write at or below it is applied (or was never sent
+    /// here, having been committed before this replica joined).
     floor: Seq,
     /// Pushes seen, and whether they are applied.
     pushes: BTreeMap<u64, bool>,
@@ -417,11 +418,15 @@ struct Primary {
     gen: u64,
     interval: Epoch,
     active: bool,
-    next_seq: Seq,
+    /// Every acting member reported and its pushes are under way.
+    peered: bool,
+    /// The counter of the next write's sequence number.
+    next_n: u64,
     /// Reports received while peering.
     reports: BTreeMap<NodeId, SyncState>,
     committed: Seq,
-    done_above: BTreeSet<Seq>,
+    /// Counters of completed writes above `committed`.
+    done_above: BTreeSet<u64>,
     members: BTreeMap<NodeId, Member>,
     tasks: BTreeMap<u64, Task>,
     by_seq: BTreeMap<Seq, u64>,
@@ -445,6 +450,7 @@ struct Group {
 struct ClientWindow {
     low: u64,
     done: BTreeSet<u64>,
+    abandoned: BTreeSet<u64>,
     inflight: BTreeSet<u64>,
 }
 
@@ -506,6 +512,15 @@ impl Node {
     /// The group's journal state as this node holds it (for checks).
     pub fn durable(&self, key: GroupKey) -> Option<&GroupDurable> {
         self.groups.get(&key).map(|g| &g.d)
+    }
+
+    /// Whether any request, push, forward or disk operation is still under
+    /// way on this node.
+    pub fn busy(&self) -> bool {
+        !self.disk.is_empty()
+            || self.groups.values().any(|g| {
+                !g.locks.is_empty() || g.primary.as_ref().is_some_and(|p| !p.tasks.is_empty())
+            })
     }
 
     /// Whether this node is the active primary of `key`.
@@ -643,9 +658,13 @@ impl Node {
             gen,
             interval: gv.interval,
             active: false,
-            next_seq: 0,
+            peered: false,
+            next_n: 1,
             reports: BTreeMap::new(),
-            committed: 0,
+            committed: Seq {
+                interval: gv.interval,
+                n: 0,
+            },
             done_above: BTreeSet::new(),
             members,
             tasks: BTreeMap::new(),
@@ -747,11 +766,10 @@ impl Node {
     }
 
     fn maybe_finish_peering(&mut self, key: GroupKey) {
-        let me_last = self.groups[&key].d.last_seq;
         let bug = self.cfg.bug;
         let g = self.groups.get_mut(&key).expect("exists");
         let p = g.primary.as_mut().expect("primary");
-        if p.next_seq != 0 {
+        if p.peered {
             return;
         }
         if p.members
@@ -760,14 +778,7 @@ impl Node {
         {
             return;
         }
-        let last = p
-            .reports
-            .values()
-            .map(|r| r.last_seq)
-            .chain([me_last])
-            .max()
-            .unwrap_or(0);
-        p.next_seq = last + 1;
+        p.peered = true;
         let reports = std::mem::take(&mut p.reports);
         let mut sets = Vec::new();
         for (n, r) in reports {
@@ -853,11 +864,10 @@ impl Node {
             let g = self.groups.get_mut(&key).expect("exists");
             let p = g.primary.as_mut().expect("primary");
             interval = p.interval;
-            committed = if p.active {
-                p.committed
-            } else {
-                p.next_seq - 1
-            };
+            // Before activation `committed` is (interval, 0): every write of
+            // earlier intervals that was acknowledged anywhere, which the
+            // pushes just made this member hold.
+            committed = p.committed;
             let Some(m) = p.members.get_mut(&n) else {
                 return;
             };
@@ -914,7 +924,7 @@ impl Node {
         let Some(p) = g.primary.as_mut() else {
             return;
         };
-        if p.active || p.next_seq == 0 {
+        if p.active || !p.peered {
             return;
         }
         if p.members
@@ -924,7 +934,6 @@ impl Node {
             return;
         }
         p.active = true;
-        p.committed = p.next_seq - 1;
         let (interval, committed, pushed) = (p.interval, p.committed, p.pushed_at_peering);
         if committed > g.d.committed {
             g.d.committed = committed;
@@ -1012,6 +1021,12 @@ impl Node {
             w.low = req.oldest_outstanding;
             let low = w.low;
             w.done = w.done.split_off(&low);
+            w.abandoned = w.abandoned.split_off(&low);
+        }
+        w.abandoned
+            .extend(req.abandoned.iter().filter(|&&a| a >= w.low));
+        if w.abandoned.contains(&req.id) {
+            return;
         }
         match req.op {
             ClientOp::Write { ext, op, fua } => {
@@ -1127,8 +1142,11 @@ impl Node {
         let lock = self.id_next();
         let g = self.groups.get_mut(&key).expect("active");
         let p = g.primary.as_mut().expect("active");
-        let seq = p.next_seq;
-        p.next_seq += 1;
+        let seq = Seq {
+            interval: p.interval,
+            n: p.next_n,
+        };
+        p.next_n += 1;
         p.by_seq.insert(seq, tid);
         let gen = p.gen;
         let range = op.range();
@@ -1407,11 +1425,11 @@ impl Node {
                     unreachable!()
                 };
                 p.by_seq.remove(&seq);
-                p.done_above.insert(seq);
+                p.done_above.insert(seq.n);
                 let before = p.committed;
-                while p.done_above.first() == Some(&(p.committed + 1)) {
+                while p.done_above.first() == Some(&(p.committed.n + 1)) {
                     p.done_above.pop_first();
-                    p.committed += 1;
+                    p.committed.n += 1;
                 }
                 if p.committed > before && p.committed > g.d.committed {
                     g.d.committed = p.committed;
@@ -1766,7 +1784,7 @@ impl Node {
                 interval,
                 synced: false,
                 applied: BTreeMap::new(),
-                floor: 0,
+                floor: Seq::default(),
                 pushes: BTreeMap::new(),
             });
         }
@@ -1810,7 +1828,6 @@ impl Node {
             PeerMsg::SyncQuery { .. } => {
                 let g = &self.groups[&key];
                 let r = SyncState {
-                    last_seq: g.d.last_seq,
                     committed: g.d.committed,
                     uncertain: g.d.uncertain(),
                 };
@@ -1835,7 +1852,7 @@ impl Node {
                 if committed > s.floor {
                     s.floor = committed;
                     let floor = s.floor;
-                    s.applied = s.applied.split_off(&(floor + 1));
+                    s.applied.retain(|k, _| *k > floor);
                 }
                 if s.synced && committed > g.d.committed {
                     g.d.committed = committed;

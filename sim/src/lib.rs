@@ -117,6 +117,8 @@ pub struct Stats {
     pub dropped: u64,
     /// Messages duplicated.
     pub duplicated: u64,
+    /// Requests the client gave up on.
+    pub abandoned: u64,
     /// Simulated milliseconds until healed.
     pub healed_at_ms: u64,
 }
@@ -237,6 +239,8 @@ struct Client {
     map: GroupMap,
     next_id: u64,
     pending: BTreeMap<u64, PendingOp>,
+    /// Requests given up on, above the oldest pending one.
+    abandoned: BTreeSet<u64>,
     /// Per (extent, block): every value the block may hold.
     model: BTreeMap<(u64, u64), Vec<Vec<u8>>>,
 }
@@ -361,6 +365,7 @@ impl World {
                 map,
                 next_id: 1,
                 pending: BTreeMap::new(),
+                abandoned: BTreeSet::new(),
                 model,
             },
             nodes,
@@ -464,7 +469,9 @@ impl World {
                 return false;
             }
         }
-        self.nodes.values().all(|n| n.disk.inflight.is_empty())
+        self.nodes
+            .values()
+            .all(|n| n.disk.inflight.is_empty() && !n.core.as_ref().is_some_and(Node::busy))
     }
 
     fn unhealed(&self) -> String {
@@ -896,6 +903,25 @@ impl World {
             .filter(|p| p.next_try <= now)
             .map(|p| p.id)
             .collect();
+        // Now and then the client gives up on a request that timed out (as
+        // an NBD client whose connection broke does); a write it gave up on
+        // may or may not have landed, and the replicas must still agree.
+        let due: Vec<u64> = due
+            .into_iter()
+            .filter(|id| {
+                let p = &self.client.pending[id];
+                let retry = p.sent_at + CLIENT_TIMEOUT_MS <= now && p.sent_at < p.next_try;
+                if self.faults && retry && self.rng.gen_bool(0.1) {
+                    self.log(|| format!("client: gives up on {id}"));
+                    self.client.pending.remove(id);
+                    self.client.abandoned.insert(*id);
+                    self.stats.abandoned += 1;
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
         if !due.is_empty() {
             // A request timed out or was refused: the client's map poll
             // (a long poll in the real client) brings the current map.
@@ -1024,6 +1050,8 @@ impl World {
         });
         let now = self.now;
         let oldest = *self.client.pending.keys().next().expect("pending");
+        self.client.abandoned = self.client.abandoned.split_off(&oldest);
+        let abandoned: Vec<u64> = self.client.abandoned.iter().copied().collect();
         let map = &self.client.map;
         let p = self.client.pending.get_mut(&id).expect("pending");
         p.next_try = now + CLIENT_TIMEOUT_MS;
@@ -1036,6 +1064,7 @@ impl World {
             client: CLIENT,
             id,
             oldest_outstanding: oldest,
+            abandoned,
             epoch: map.epoch,
             key: p.key,
             min_replicas: self.cfg.min_replicas,
