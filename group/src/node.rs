@@ -269,22 +269,11 @@ pub enum Output {
 enum DiskCtx {
     /// A primary task's local operation, under lock `lock`.
     Task { key: GroupKey, gen: u64, task: u64 },
-    /// A replica applying a forwarded write.
-    ReplicaWrite {
+    /// A replica applying a forwarded write or a push.
+    Replica {
         key: GroupKey,
-        interval: Epoch,
-        primary: NodeId,
-        seq: Seq,
-        ext: ExtentId,
-        lock: u64,
-    },
-    /// A replica applying a push.
-    ReplicaPush {
-        key: GroupKey,
-        interval: Epoch,
-        primary: NodeId,
-        push_id: u64,
-        ext: ExtentId,
+        from: Origin,
+        applied: Applied,
         lock: u64,
     },
     /// A replica flushing.
@@ -305,26 +294,39 @@ enum DiskCtx {
 /// Work waiting for a lock.
 #[derive(Debug)]
 enum Waiting {
-    Task {
-        gen: u64,
-        task: u64,
-    },
-    ReplicaWrite {
-        interval: Epoch,
-        primary: NodeId,
+    Task { gen: u64, task: u64 },
+    Replica { from: Origin, work: ReplicaWork },
+}
+
+/// Which primary, in which interval, asked a replica for work on which
+/// extent.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    interval: Epoch,
+    primary: NodeId,
+    ext: ExtentId,
+}
+
+/// A replica's work on an extent.
+#[derive(Debug)]
+enum ReplicaWork {
+    Write {
         seq: Seq,
-        ext: ExtentId,
         op: WriteOp,
         fua: bool,
     },
-    ReplicaPush {
-        interval: Epoch,
-        primary: NodeId,
+    Push {
         push_id: u64,
-        ext: ExtentId,
         seq: Option<Seq>,
         data: Option<Bytes>,
     },
+}
+
+/// What a replica acknowledges once its disk operation is done.
+#[derive(Debug, Clone, Copy)]
+enum Applied {
+    Write(Seq),
+    Push(u64),
 }
 
 /// A replica's view of one interval of a group.
@@ -1192,71 +1194,44 @@ impl Node {
         };
         match w {
             Waiting::Task { gen, task } => self.start_task(key, gen, task),
-            Waiting::ReplicaWrite {
-                interval,
-                primary,
-                seq,
-                ext,
-                op,
-                fua,
-            } => {
+            Waiting::Replica { from, work } => {
                 let id = self.id_next();
+                let ext = from.ext;
                 let g = self.groups.get_mut(&key).expect("exists");
-                g.d.note_write(ext, seq);
+                let (record, req, applied) = match work {
+                    ReplicaWork::Write { seq, op, fua } => {
+                        g.d.note_write(ext, seq);
+                        (
+                            (Some(seq), true),
+                            DiskReq::Write { ext, op, fua },
+                            Applied::Write(seq),
+                        )
+                    }
+                    ReplicaWork::Push { push_id, seq, data } => {
+                        g.d.set_log(ext, seq);
+                        (
+                            (seq, false),
+                            DiskReq::PutExtent { ext, data },
+                            Applied::Push(push_id),
+                        )
+                    }
+                };
                 self.out.push(Output::Journal(JournalRecord::Log {
                     key,
                     ext,
-                    seq: Some(seq),
-                    write: true,
+                    seq: record.0,
+                    write: record.1,
                 }));
                 self.disk.insert(
                     id,
-                    DiskCtx::ReplicaWrite {
+                    DiskCtx::Replica {
                         key,
-                        interval,
-                        primary,
-                        seq,
-                        ext,
+                        from,
+                        applied,
                         lock,
                     },
                 );
-                self.out.push(Output::Disk {
-                    id,
-                    req: DiskReq::Write { ext, op, fua },
-                });
-            }
-            Waiting::ReplicaPush {
-                interval,
-                primary,
-                push_id,
-                ext,
-                seq,
-                data,
-            } => {
-                let id = self.id_next();
-                let g = self.groups.get_mut(&key).expect("exists");
-                g.d.set_log(ext, seq);
-                self.out.push(Output::Journal(JournalRecord::Log {
-                    key,
-                    ext,
-                    seq,
-                    write: false,
-                }));
-                self.disk.insert(
-                    id,
-                    DiskCtx::ReplicaPush {
-                        key,
-                        interval,
-                        primary,
-                        push_id,
-                        ext,
-                        lock,
-                    },
-                );
-                self.out.push(Output::Disk {
-                    id,
-                    req: DiskReq::PutExtent { ext, data },
-                });
+                self.out.push(Output::Disk { id, req });
             }
         }
     }
@@ -1542,47 +1517,38 @@ impl Node {
         };
         match ctx {
             DiskCtx::Orphan { key, ext, lock } => self.release(key, ext, lock),
-            DiskCtx::ReplicaWrite {
+            DiskCtx::Replica {
                 key,
-                interval,
-                primary,
-                seq,
-                ext,
+                from,
+                applied,
                 lock,
             } => {
-                self.release(key, ext, lock);
-                if let DiskDone::Failed(_) = done {
-                    // No ack: the primary retries, and the write cannot
-                    // complete without this replica.
-                    if let Some(s) = self.session_mut(key, interval) {
-                        s.applied.remove(&seq);
-                    }
+                self.release(key, from.ext, lock);
+                let ok = !matches!(done, DiskDone::Failed(_));
+                let Some(sess) = self.session_mut(key, from.interval) else {
                     return;
-                }
-                if let Some(s) = self.session_mut(key, interval) {
-                    s.applied.insert(seq, true);
-                    self.send(primary, key, interval, PeerMsg::ForwardAck { seq });
-                }
-            }
-            DiskCtx::ReplicaPush {
-                key,
-                interval,
-                primary,
-                push_id,
-                ext,
-                lock,
-            } => {
-                self.release(key, ext, lock);
-                if let DiskDone::Failed(_) = done {
-                    if let Some(s) = self.session_mut(key, interval) {
-                        s.pushes.remove(&push_id);
+                };
+                // A failure is not acknowledged: the primary retries, and
+                // the write cannot complete without this replica.
+                let ack = match applied {
+                    Applied::Write(seq) if ok => {
+                        sess.applied.insert(seq, true);
+                        PeerMsg::ForwardAck { seq }
                     }
-                    return;
-                }
-                if let Some(s) = self.session_mut(key, interval) {
-                    s.pushes.insert(push_id, true);
-                    self.send(primary, key, interval, PeerMsg::PushAck { push_id });
-                }
+                    Applied::Write(seq) => {
+                        sess.applied.remove(&seq);
+                        return;
+                    }
+                    Applied::Push(push_id) if ok => {
+                        sess.pushes.insert(push_id, true);
+                        PeerMsg::PushAck { push_id }
+                    }
+                    Applied::Push(push_id) => {
+                        sess.pushes.remove(&push_id);
+                        return;
+                    }
+                };
+                self.send(from.primary, key, from.interval, ack);
             }
             DiskCtx::ReplicaFlush {
                 key,
@@ -1802,12 +1768,9 @@ impl Node {
             .waiting
             .iter()
             .filter_map(|(lock, w)| match w {
-                Waiting::ReplicaWrite {
-                    interval: i, ext, ..
+                Waiting::Replica { from, .. } if from.interval < interval => {
+                    Some((*lock, from.ext))
                 }
-                | Waiting::ReplicaPush {
-                    interval: i, ext, ..
-                } if *i < interval => Some((*lock, *ext)),
                 _ => None,
             })
             .collect();
@@ -1874,13 +1837,13 @@ impl Node {
                 let range = op.range();
                 g.waiting.insert(
                     lock,
-                    Waiting::ReplicaWrite {
-                        interval,
-                        primary: from,
-                        seq,
-                        ext,
-                        op,
-                        fua,
+                    Waiting::Replica {
+                        from: Origin {
+                            interval,
+                            primary: from,
+                            ext,
+                        },
+                        work: ReplicaWork::Write { seq, op, fua },
                     },
                 );
                 if g.locks.acquire(ext, range, lock) {
@@ -1910,13 +1873,13 @@ impl Node {
                 s.pushes.insert(push_id, false);
                 g.waiting.insert(
                     lock,
-                    Waiting::ReplicaPush {
-                        interval,
-                        primary: from,
-                        push_id,
-                        ext,
-                        seq,
-                        data,
+                    Waiting::Replica {
+                        from: Origin {
+                            interval,
+                            primary: from,
+                            ext,
+                        },
+                        work: ReplicaWork::Push { push_id, seq, data },
                     },
                 );
                 if g.locks.acquire(ext, WHOLE, lock) {
