@@ -326,7 +326,8 @@ enum ReplicaWork {
 #[derive(Debug, Clone, Copy)]
 enum Applied {
     Write(Seq),
-    Push(u64),
+    /// A push: its id, and the log entry it leaves once it is on disk.
+    Push(u64, Option<Seq>),
 }
 
 /// A replica's view of one interval of a group.
@@ -1202,26 +1203,30 @@ impl Node {
                     ReplicaWork::Write { seq, op, fua } => {
                         g.d.note_write(ext, seq);
                         (
-                            (Some(seq), true),
+                            Some(seq),
                             DiskReq::Write { ext, op, fua },
                             Applied::Write(seq),
                         )
                     }
-                    ReplicaWork::Push { push_id, seq, data } => {
-                        g.d.set_log(ext, seq);
-                        (
-                            (seq, false),
-                            DiskReq::PutExtent { ext, data },
-                            Applied::Push(push_id),
-                        )
-                    }
+                    ReplicaWork::Push { push_id, seq, data } => (
+                        None,
+                        DiskReq::PutExtent { ext, data },
+                        Applied::Push(push_id, seq),
+                    ),
                 };
-                self.out.push(Output::Journal(JournalRecord::Log {
-                    key,
-                    ext,
-                    seq: record.0,
-                    write: record.1,
-                }));
+                // A write is journaled before it starts: from then on the
+                // extent counts as uncertain here. A push lowers the entry
+                // (it may end the uncertainty), so it is journaled only once
+                // it is on disk: a crash in between leaves the extent
+                // uncertain and it is pushed again.
+                if let Some(seq) = record {
+                    self.out.push(Output::Journal(JournalRecord::Log {
+                        key,
+                        ext,
+                        seq: Some(seq),
+                        write: true,
+                    }));
+                }
                 self.disk.insert(
                     id,
                     DiskCtx::Replica {
@@ -1523,8 +1528,18 @@ impl Node {
                 applied,
                 lock,
             } => {
-                self.release(key, from.ext, lock);
                 let ok = !matches!(done, DiskDone::Failed(_));
+                if let (Applied::Push(_, seq), true) = (applied, ok) {
+                    let g = self.groups.get_mut(&key).expect("exists");
+                    g.d.set_log(from.ext, seq);
+                    self.out.push(Output::Journal(JournalRecord::Log {
+                        key,
+                        ext: from.ext,
+                        seq,
+                        write: false,
+                    }));
+                }
+                self.release(key, from.ext, lock);
                 let Some(sess) = self.session_mut(key, from.interval) else {
                     return;
                 };
@@ -1539,11 +1554,11 @@ impl Node {
                         sess.applied.remove(&seq);
                         return;
                     }
-                    Applied::Push(push_id) if ok => {
+                    Applied::Push(push_id, _) if ok => {
                         sess.pushes.insert(push_id, true);
                         PeerMsg::PushAck { push_id }
                     }
-                    Applied::Push(push_id) => {
+                    Applied::Push(push_id, _) => {
                         sess.pushes.remove(&push_id);
                         return;
                     }
