@@ -867,9 +867,6 @@ impl Node {
             let g = self.groups.get_mut(&key).expect("exists");
             let p = g.primary.as_mut().expect("primary");
             interval = p.interval;
-            // Before activation `committed` is (interval, 0): every write of
-            // earlier intervals that was acknowledged anywhere, which the
-            // pushes just made this member hold.
             committed = p.committed;
             let Some(m) = p.members.get_mut(&n) else {
                 return;
@@ -882,6 +879,12 @@ impl Node {
             up_since = m.up_since;
             acting = m.acting;
         }
+        if acting {
+            // Told at activation: until every acting member holds the
+            // primary's copy, no watermark may call an extent certain.
+            self.maybe_activate(key);
+            return;
+        }
         self.send(
             n,
             key,
@@ -891,11 +894,7 @@ impl Node {
                 committed,
             },
         );
-        if acting {
-            self.maybe_activate(key);
-        } else {
-            self.claim(key, n);
-        }
+        self.claim(key, n);
     }
 
     fn claim(&mut self, key: GroupKey, n: NodeId) {
@@ -938,12 +937,32 @@ impl Node {
         }
         p.active = true;
         let (interval, committed, pushed) = (p.interval, p.committed, p.pushed_at_peering);
+        // `committed` is (interval, 0): every write of earlier intervals that
+        // was acknowledged anywhere. Every acting member now holds the same
+        // bytes as this primary, so the watermark holds for all of them.
+        let done: Vec<(NodeId, Epoch)> = p
+            .members
+            .iter()
+            .filter(|(_, m)| m.acting)
+            .map(|(n, m)| (*n, m.up_since))
+            .collect();
         if committed > g.d.committed {
             g.d.committed = committed;
             self.out.push(Output::Journal(JournalRecord::Committed {
                 key,
                 seq: committed,
             }));
+        }
+        for (n, up_since) in done {
+            self.send(
+                n,
+                key,
+                interval,
+                PeerMsg::SyncDone {
+                    to_up_since: up_since,
+                    committed,
+                },
+            );
         }
         self.out.push(Output::Trace(Trace::Activated {
             key,
