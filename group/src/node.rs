@@ -604,6 +604,9 @@ impl Node {
             self.cancel_replica_waiting(key, known);
         }
         let g = self.groups.get_mut(&key).expect("exists");
+        // A replica may already have told us of a newer interval than this
+        // map has (a late map): never serve an interval older than that.
+        let is_primary = is_primary && gv.interval >= g.known_interval;
         let keep = is_primary
             && g.primary
                 .as_ref()
