@@ -834,29 +834,7 @@ impl Node {
             if joined {
                 continue;
             }
-            let tid = self.next_id;
-            self.next_id += 1;
-            let lock = self.next_id;
-            self.next_id += 1;
-            let g = self.groups.get_mut(&key).expect("exists");
-            let p = g.primary.as_mut().expect("primary");
-            let gen = p.gen;
-            p.tasks.insert(
-                tid,
-                Task::Push {
-                    ext,
-                    lock,
-                    started: false,
-                    data: None,
-                    seq: None,
-                    waiting: BTreeMap::from([(n, 0)]),
-                    sent_at: 0,
-                },
-            );
-            g.waiting.insert(lock, Waiting::Task { gen, task: tid });
-            if g.locks.acquire(ext, WHOLE, lock) {
-                self.granted(key, lock);
-            }
+            self.start_push(key, n, ext);
         }
         self.maybe_member_synced(key, n);
     }
@@ -1472,7 +1450,7 @@ impl Node {
                         .map(|p| p.members.keys().copied().collect())
                         .unwrap_or_default();
                     for n in members {
-                        self.begin_extra_push(key, n, ext);
+                        self.start_push(key, n, ext);
                     }
                 }
             }
@@ -1507,9 +1485,9 @@ impl Node {
         }
     }
 
-    /// Pushes one extent to a member that is already up to date (after a
-    /// failed local write made the copies differ).
-    fn begin_extra_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId) {
+    /// Queues a push of `ext` to member `n` behind every earlier operation
+    /// on the extent.
+    fn start_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId) {
         let tid = self.id_next();
         let lock = self.id_next();
         let g = self.groups.get_mut(&key).expect("exists");
