@@ -57,18 +57,14 @@ pub struct Claim {
 /// which it is not the last replica. Returns the next map; `None` if the node
 /// is unknown or already down.
 pub fn mark_down(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
-    let n = map.nodes.get(&node)?;
-    if !n.up {
-        return None;
-    }
-    let mut next = map.clone();
-    next.epoch += 1;
-    let epoch = next.epoch;
+    let n = map.nodes.get(&node).filter(|n| n.up)?;
+    let up_since = n.up_since;
+    let (mut next, epoch) = next_epoch(map);
     next.nodes.insert(
         node,
         NodeView {
             up: false,
-            up_since: n.up_since,
+            up_since,
         },
     );
     leave_acting_sets(&mut next, node, epoch);
@@ -78,27 +74,9 @@ pub fn mark_down(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
 /// A down node heartbeats again, as the same incarnation: it is up, and
 /// joins acting sets again only through claims.
 pub fn mark_up(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
-    let n = map.nodes.get(&node)?;
-    if n.up {
-        return None;
-    }
-    let mut next = map.clone();
-    next.epoch += 1;
-    let epoch = next.epoch;
-    next.nodes.insert(
-        node,
-        NodeView {
-            up: true,
-            up_since: epoch,
-        },
-    );
-    // Where it stayed acting as the last replica, its incarnation changed:
-    // a new interval makes the primary address the new one.
-    for g in next.groups.values_mut() {
-        if g.acting.contains(&node) {
-            g.interval = epoch;
-        }
-    }
+    map.nodes.get(&node).filter(|n| !n.up)?;
+    let (mut next, epoch) = next_epoch(map);
+    new_incarnation(&mut next, node, epoch);
     Some(next)
 }
 
@@ -107,25 +85,36 @@ pub fn mark_up(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
 /// gone) and is up from the new epoch. Unknown nodes are added (their
 /// groups' placement is the caller's concern).
 pub fn register(map: &GroupMap, node: NodeId) -> GroupMap {
+    let (mut next, epoch) = next_epoch(map);
+    leave_acting_sets(&mut next, node, epoch);
+    new_incarnation(&mut next, node, epoch);
+    next
+}
+
+fn next_epoch(map: &GroupMap) -> (GroupMap, Epoch) {
     let mut next = map.clone();
     next.epoch += 1;
     let epoch = next.epoch;
-    next.nodes.insert(
+    (next, epoch)
+}
+
+/// `node` is up as a new incarnation from `epoch`. Where it is (still) the
+/// last acting replica, its groups get a new interval, so that the primary
+/// addresses the new incarnation and requests sent to the old one are
+/// refused.
+fn new_incarnation(map: &mut GroupMap, node: NodeId, epoch: Epoch) {
+    map.nodes.insert(
         node,
         NodeView {
             up: true,
             up_since: epoch,
         },
     );
-    leave_acting_sets(&mut next, node, epoch);
-    // Where it stays as the last replica, its new incarnation gets a new
-    // interval, so that requests addressed to the old one are refused.
-    for g in next.groups.values_mut() {
+    for g in map.groups.values_mut() {
         if g.acting.contains(&node) {
             g.interval = epoch;
         }
     }
-    next
 }
 
 fn leave_acting_sets(map: &mut GroupMap, node: NodeId, epoch: Epoch) {
@@ -157,9 +146,7 @@ pub fn claim(map: &GroupMap, c: &Claim) -> Result<GroupMap, ClaimRefused> {
     if !g.placement.contains(&c.node) {
         return Err(ClaimRefused::NotPlaced);
     }
-    let mut next = map.clone();
-    next.epoch += 1;
-    let epoch = next.epoch;
+    let (mut next, epoch) = next_epoch(map);
     let g = next.groups.get_mut(&c.key).expect("checked above");
     let mut members: Vec<NodeId> = g.acting.clone();
     members.push(c.node);

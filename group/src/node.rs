@@ -138,8 +138,6 @@ pub struct GroupDurable {
     pub log: BTreeMap<ExtentId, Seq>,
     /// The committed watermark.
     pub committed: Seq,
-    /// The highest sequence number ever applied.
-    pub last_seq: Seq,
 }
 
 impl GroupDurable {
@@ -156,7 +154,6 @@ impl GroupDurable {
     fn note_write(&mut self, ext: ExtentId, seq: Seq) {
         let e = self.log.entry(ext).or_insert(seq);
         *e = (*e).max(seq);
-        self.last_seq = self.last_seq.max(seq);
     }
 
     /// The extent was replaced by a copy whose last write is `seq`.
@@ -164,7 +161,6 @@ impl GroupDurable {
         match seq {
             Some(s) => {
                 self.log.insert(ext, s);
-                self.last_seq = self.last_seq.max(s);
             }
             None => {
                 self.log.remove(&ext);
@@ -927,13 +923,7 @@ impl Node {
             .filter(|(_, m)| m.acting)
             .map(|(n, m)| (*n, m.up_since))
             .collect();
-        if committed > g.d.committed {
-            g.d.committed = committed;
-            self.out.push(Output::Journal(JournalRecord::Committed {
-                key,
-                seq: committed,
-            }));
-        }
+        self.raise_committed(key, committed);
         for (n, up_since) in done {
             self.send(
                 n,
@@ -1073,10 +1063,13 @@ impl Node {
                         lock,
                     },
                 );
-                g.waiting.insert(lock, Waiting::Task { gen, task: tid });
-                if g.locks.acquire(ext, (offset, offset + len), lock) {
-                    self.granted(key, lock);
-                }
+                self.queue(
+                    key,
+                    ext,
+                    (offset, offset + len),
+                    lock,
+                    Waiting::Task { gen, task: tid },
+                );
             }
             ClientOp::Flush => {
                 let tid = self.id_next();
@@ -1170,13 +1163,31 @@ impl Node {
                 replied: false,
             },
         );
-        g.waiting.insert(lock, Waiting::Task { gen, task: tid });
+        self.queue(key, ext, range, lock, Waiting::Task { gen, task: tid });
+    }
+
+    // ------------------------------------------------------------- locks
+
+    /// Queues `w` under lock `lock` on `range` of `ext`; starts it at once
+    /// if nothing earlier overlaps.
+    fn queue(&mut self, key: GroupKey, ext: ExtentId, range: (u64, u64), lock: u64, w: Waiting) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        g.waiting.insert(lock, w);
         if g.locks.acquire(ext, range, lock) {
             self.granted(key, lock);
         }
     }
 
-    // ------------------------------------------------------------- locks
+    /// Raises the group's committed watermark to `seq` (journaled) if it is
+    /// higher.
+    fn raise_committed(&mut self, key: GroupKey, seq: Seq) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        if seq > g.d.committed {
+            g.d.committed = seq;
+            self.out
+                .push(Output::Journal(JournalRecord::Committed { key, seq }));
+        }
+    }
 
     fn release(&mut self, key: GroupKey, ext: ExtentId, lock: u64) {
         let Some(g) = self.groups.get_mut(&key) else {
@@ -1406,18 +1417,12 @@ impl Node {
                 };
                 p.by_seq.remove(&seq);
                 p.done_above.insert(seq.n);
-                let before = p.committed;
                 while p.done_above.first() == Some(&(p.committed.n + 1)) {
                     p.done_above.pop_first();
                     p.committed.n += 1;
                 }
-                if p.committed > before && p.committed > g.d.committed {
-                    g.d.committed = p.committed;
-                    self.out.push(Output::Journal(JournalRecord::Committed {
-                        key,
-                        seq: p.committed,
-                    }));
-                }
+                let committed = p.committed;
+                self.raise_committed(key, committed);
                 if let Some((c, id)) = client {
                     if let Some(w) = self.clients.get_mut(&c) {
                         w.inflight.remove(&id);
@@ -1507,10 +1512,7 @@ impl Node {
                 sent_at: 0,
             },
         );
-        g.waiting.insert(lock, Waiting::Task { gen, task: tid });
-        if g.locks.acquire(ext, WHOLE, lock) {
-            self.granted(key, lock);
-        }
+        self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
     }
 
     // -------------------------------------------------------------- disk
@@ -1832,12 +1834,8 @@ impl Node {
                     let floor = s.floor;
                     s.applied.retain(|k, _| *k > floor);
                 }
-                if s.synced && committed > g.d.committed {
-                    g.d.committed = committed;
-                    self.out.push(Output::Journal(JournalRecord::Committed {
-                        key,
-                        seq: committed,
-                    }));
+                if s.synced {
+                    self.raise_committed(key, committed);
                 }
                 let g = self.groups.get_mut(&key).expect("admitted");
                 let s = g.session.as_mut().expect("checked");
@@ -1850,20 +1848,19 @@ impl Node {
                 }
                 s.applied.insert(seq, false);
                 let range = op.range();
-                g.waiting.insert(
+                let origin = Origin {
+                    interval,
+                    primary: from,
+                    ext,
+                };
+                let work = ReplicaWork::Write { seq, op, fua };
+                self.queue(
+                    key,
+                    ext,
+                    range,
                     lock,
-                    Waiting::Replica {
-                        from: Origin {
-                            interval,
-                            primary: from,
-                            ext,
-                        },
-                        work: ReplicaWork::Write { seq, op, fua },
-                    },
+                    Waiting::Replica { from: origin, work },
                 );
-                if g.locks.acquire(ext, range, lock) {
-                    self.granted(key, lock);
-                }
             }
             PeerMsg::Push {
                 push_id,
@@ -1886,20 +1883,19 @@ impl Node {
                     None => {}
                 }
                 s.pushes.insert(push_id, false);
-                g.waiting.insert(
+                let origin = Origin {
+                    interval,
+                    primary: from,
+                    ext,
+                };
+                let work = ReplicaWork::Push { push_id, seq, data };
+                self.queue(
+                    key,
+                    ext,
+                    WHOLE,
                     lock,
-                    Waiting::Replica {
-                        from: Origin {
-                            interval,
-                            primary: from,
-                            ext,
-                        },
-                        work: ReplicaWork::Push { push_id, seq, data },
-                    },
+                    Waiting::Replica { from: origin, work },
                 );
-                if g.locks.acquire(ext, WHOLE, lock) {
-                    self.granted(key, lock);
-                }
             }
             PeerMsg::SyncDone { committed, .. } => {
                 let g = self.groups.get_mut(&key).expect("admitted");
@@ -1907,13 +1903,7 @@ impl Node {
                     return;
                 };
                 s.synced = true;
-                if committed > g.d.committed {
-                    g.d.committed = committed;
-                    self.out.push(Output::Journal(JournalRecord::Committed {
-                        key,
-                        seq: committed,
-                    }));
-                }
+                self.raise_committed(key, committed);
             }
             PeerMsg::Flush { flush_id, .. } => {
                 let id = self.id_next();

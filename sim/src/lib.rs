@@ -923,8 +923,8 @@ impl World {
             })
             .collect();
         if !due.is_empty() {
-            // A request timed out or was refused: the client's map poll
-            // (a long poll in the real client) brings the current map.
+            // Requests are (re)sent: the client's map poll (a long poll in
+            // the real client) has brought the current map by then.
             self.client.map = self.volmgr.map.clone();
         }
         for id in due {
