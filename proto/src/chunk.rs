@@ -19,6 +19,14 @@ pub enum Op {
     ExtentList = 6,
     ExtentStat = 7,
     NodeStat = 8,
+    /// A volume client's request to a group's primary: header field
+    /// `group`, data a write's bytes; a read's reply carries the data.
+    /// Refusals come back as `Status::Refused` with `refusal` set.
+    Group = 9,
+    /// A message between members of a group: header field `peer`, data a
+    /// forwarded write or pushed extent. Never answered: the group protocol
+    /// acknowledges with messages of its own (see `crate::group`).
+    Peer = 10,
 }
 
 /// Outcome of a request.
@@ -41,6 +49,9 @@ pub enum Status {
     NotFound = 7,
     /// An extent file exists with another extent size than the request's.
     ExtentSizeMismatch = 8,
+    /// A `Group` request was refused by the group protocol; `refusal` says
+    /// why. Every refusal is worth a retry (after a newer map for some).
+    Refused = 9,
 }
 
 /// Which stored extent version a request addresses.
@@ -88,6 +99,12 @@ pub struct ChunkRequest {
     /// WriteZeroes: keep the blocks allocated instead of punching a hole.
     #[prost(bool, tag = "11")]
     pub no_hole: bool,
+    /// Op `Group`.
+    #[prost(message, optional, tag = "12")]
+    pub group: ::core::option::Option<crate::group::GroupRequest>,
+    /// Op `Peer`.
+    #[prost(message, optional, tag = "13")]
+    pub peer: ::core::option::Option<crate::group::PeerHeader>,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -136,6 +153,9 @@ pub struct ChunkResponse {
     pub list_more: bool,
     #[prost(message, optional, tag = "6")]
     pub node: ::core::option::Option<NodeStat>,
+    /// With `Status::Refused`.
+    #[prost(message, optional, tag = "7")]
+    pub refusal: ::core::option::Option<crate::group::GroupRefusal>,
 }
 
 /// Largest number of entries in one ExtentList reply page.

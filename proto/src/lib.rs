@@ -14,6 +14,8 @@
 pub mod chunk;
 pub mod frame;
 pub mod frame_io;
+pub mod group;
+pub mod groupmap;
 pub mod map;
 pub mod volmgr;
 

@@ -36,6 +36,29 @@ pub struct ClusterMap {
     /// Every registered chunk server, sorted by `id`, each id once.
     #[prost(message, repeated, tag = "3")]
     pub nodes: ::prost::alloc::vec::Vec<NodeInfo>,
+    /// Every redundancy group in use, sorted by `(replicas, index)`: its
+    /// acting set and interval (see `cairn_group::map::GroupView`). A
+    /// replica count's groups appear when the first volume with that count
+    /// is created. Changes to them are map changes (a new epoch).
+    #[prost(message, repeated, tag = "4")]
+    pub groups: ::prost::alloc::vec::Vec<GroupRecord>,
+}
+
+/// One redundancy group's replication state.
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct GroupRecord {
+    /// Replicas of the volumes in the group.
+    #[prost(uint32, tag = "1")]
+    pub replicas: u32,
+    /// Placement group index, `0..group_count`.
+    #[prost(uint32, tag = "2")]
+    pub index: u32,
+    /// The epoch at which `acting` last changed.
+    #[prost(uint64, tag = "3")]
+    pub interval: u64,
+    /// The replicas that hold every acknowledged write, primary first.
+    #[prost(uint64, repeated, tag = "4")]
+    pub acting: ::prost::alloc::vec::Vec<u64>,
 }
 
 impl ClusterMap {
@@ -93,6 +116,11 @@ pub struct NodeInfo {
     /// proposing volume manager saw it; for status displays only.
     #[prost(uint64, tag = "12")]
     pub since_unix_ms: u64,
+    /// The epoch at which the node's current up period began: its last
+    /// registration (a process start) or its return after being down. It
+    /// names the node's incarnation for the group protocol.
+    #[prost(uint64, tag = "13")]
+    pub up_since: u64,
 }
 
 /// One volume in the catalogue.
@@ -187,7 +215,9 @@ mod tests {
                 in_: true,
                 since_epoch: 6,
                 since_unix_ms: 9,
+                up_since: 0,
             }],
+            groups: vec![],
         };
         let bytes = map.encode_to_vec();
         assert_eq!(
@@ -244,6 +274,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            groups: vec![],
         };
         assert_eq!(map.node(5).map(|n| n.id), Some(5));
         assert!(map.node(4).is_none());

@@ -37,6 +37,11 @@ pub enum VolmgrOp {
     RegisterExport = 12,
     /// The front end stopped exporting `volume_name`.
     UnregisterExport = 13,
+    /// A group's primary claims that `claim_node` is up to date and may join
+    /// the group's acting set (see `cairn_group::authority::claim`). Granted
+    /// (a new map epoch) or refused with `FailedPrecondition` and the reason;
+    /// an already-granted claim answers Ok.
+    ClaimReplica = 14,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -132,6 +137,21 @@ pub struct VolmgrRequest {
     /// DeleteVolume: delete even while exported.
     #[prost(bool, tag = "50")]
     pub force: bool,
+
+    // ClaimReplica (the group; the claiming primary is `node_id`)
+    #[prost(uint32, tag = "60")]
+    pub group_replicas: u32,
+    #[prost(uint32, tag = "61")]
+    pub group_index: u32,
+    /// The interval the primary brought the node up to date in.
+    #[prost(uint64, tag = "62")]
+    pub group_interval: u64,
+    /// The node brought up to date.
+    #[prost(uint64, tag = "63")]
+    pub claim_node: u64,
+    /// Its incarnation (`NodeInfo::up_since`) at that time.
+    #[prost(uint64, tag = "64")]
+    pub claim_up_since: u64,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -165,6 +185,14 @@ pub struct VolmgrResponse {
     /// GetVolume: the front ends exporting it now (by the leader's leases).
     #[prost(uint64, repeated, tag = "16")]
     pub exported_by: Vec<u64>,
+    /// Heartbeat, RegisterNode: the read lease granted, in milliseconds from
+    /// when the chunk server *sent* the request (it measures from there, so
+    /// the lease ends before the leader could mark it down). 0: none.
+    #[prost(uint32, tag = "17")]
+    pub lease_ms: u32,
+    /// Heartbeat, RegisterNode, ClaimReplica: the leader's map epoch now.
+    #[prost(uint64, tag = "18")]
+    pub map_epoch: u64,
 }
 
 /// Cluster health in one message.
