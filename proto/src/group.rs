@@ -368,7 +368,10 @@ fn check_range(ext: ExtentId, extent_bytes: u32, offset: u64, len: u64) -> Resul
             "{ext}: range {offset}+{len} is empty or not whole 512-byte sectors"
         ));
     }
-    if offset.checked_add(len).is_none_or(|end| end > extent_bytes as u64) {
+    if offset
+        .checked_add(len)
+        .is_none_or(|end| end > extent_bytes as u64)
+    {
         return Err(format!(
             "{ext}: range {offset}+{len} ends beyond the extent size {extent_bytes}"
         ));

@@ -269,6 +269,7 @@ impl Api {
         let volume_key = || Some(VolumeKey::name(req.volume_name.clone()));
         match op {
             VolmgrOp::Unspecified => reply(VolmgrStatus::UnknownOp, "operation not set"),
+            VolmgrOp::ClaimReplica => reply(VolmgrStatus::UnknownOp, "claims are not served yet"),
             VolmgrOp::RegisterNode => {
                 let r = self
                     .propose(

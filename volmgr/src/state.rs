@@ -411,6 +411,7 @@ impl State {
                     in_: true,
                     since_epoch: epoch,
                     since_unix_ms: now_unix_ms,
+                    up_since: epoch,
                 };
                 self.map.nodes.insert(i, node.clone());
                 self.map.epoch = epoch;

@@ -816,6 +816,7 @@ fn snapshots_breaking_invariants_are_refused() {
                 ..Default::default()
             },
         ],
+        groups: vec![],
     };
     let mut payload = Vec::new();
     prost::encoding::message::encode(1, &map, &mut payload);

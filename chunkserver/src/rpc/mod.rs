@@ -15,7 +15,9 @@
 //!
 //! [`ChunkRequest`]: cairn_proto::chunk::ChunkRequest
 
-pub mod client;
+/// The client moved to `cairn-client`; re-exported for the chunk server's
+/// own tests and tools.
+pub use cairn_client::chunk as client;
 use cairn_proto::frame_io;
 mod request;
 pub mod server;

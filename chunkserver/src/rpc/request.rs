@@ -111,6 +111,10 @@ pub(crate) fn parse(
     }
     match op {
         Op::Unspecified => unreachable!("rejected above"),
+        Op::Group | Op::Peer => Err(Rejection {
+            status: Status::UnknownOp,
+            message: format!("{op:?} is not served yet"),
+        }),
         Op::Read => {
             let (key, extent_bytes, offset, len) = extent_range(header, op)?;
             if len > read_bytes_max {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::frame_io::{
+use cairn_proto::frame_io::{
     read_header, read_part, read_prefix, write_frame, ReadFrameError, SOCKET_BUFFER_BYTES,
 };
 
