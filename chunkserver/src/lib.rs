@@ -9,5 +9,6 @@
 pub mod config;
 pub mod datadir;
 pub mod registration;
+pub mod replica;
 pub mod rpc;
 pub mod store;

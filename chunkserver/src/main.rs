@@ -15,7 +15,7 @@ use std::time::Duration;
 use cairn_chunkserver::config::{Config, LogFormat};
 use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
 use cairn_chunkserver::store::Store;
-use cairn_chunkserver::{registration, rpc};
+use cairn_chunkserver::{registration, replica, rpc};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
@@ -150,6 +150,44 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Replication runs when there is a volume manager to take maps from.
+    let replication = if config.volmgr.is_empty() {
+        None
+    } else {
+        let opened = match replica::journal::Journal::open(data_dir.path()) {
+            Ok(opened) => opened,
+            Err(e) => {
+                shutdown_store(&store, &mut signals).await?;
+                return Err(Fatal::config(e));
+            }
+        };
+        if opened.truncated_bytes > 0 {
+            warn!(
+                "group journal: cut a torn tail of {} bytes after {} records",
+                opened.truncated_bytes, opened.records
+            );
+        }
+        info!(
+            records = opened.records,
+            groups = opened.durable.groups.len(),
+            "group journal replayed"
+        );
+        let volmgr = std::sync::Arc::new(cairn_volmgr::client::VolmgrClient::new(
+            config.volmgr.clone(),
+            config.cluster_id.clone(),
+        ));
+        let (replication, _driver) = replica::Replication::start(
+            replica::ReplicaConfig {
+                node_id: config.node_id,
+                core: cairn_group::node::Config::default(),
+                volmgr: Some(volmgr),
+            },
+            store.clone(),
+            opened,
+            stop_rx.clone(),
+        );
+        Some(replication)
+    };
     if !config.volmgr.is_empty() {
         tokio::spawn(registration::run(
             registration::Registration {
@@ -164,6 +202,7 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
                 data_dir: data_dir.path().to_path_buf(),
             },
             store.clone(),
+            replication.clone(),
             stop_rx.clone(),
         ));
     }
@@ -171,6 +210,7 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
         listener,
         store.clone(),
         config.server_config(),
+        replication,
         stop_rx,
     ));
     let ended_first = tokio::select! {

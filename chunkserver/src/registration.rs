@@ -8,12 +8,14 @@
 //! not once per second) and retried.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cairn_volmgr::client::VolmgrClient;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::replica::Replication;
 use crate::store::Store;
 
 /// Pause between registration attempts while the volume manager is away.
@@ -35,16 +37,26 @@ pub struct Registration {
     pub data_dir: PathBuf,
 }
 
-/// Registers, then heartbeats until `stop` turns true.
-pub async fn run(reg: Registration, store: Store, mut stop: watch::Receiver<bool>) {
-    let client = VolmgrClient::new(reg.volmgr.clone(), reg.cluster_id.clone())
-        .with_deadline(HEARTBEAT_DEADLINE * 5);
+/// Registers, then heartbeats until `stop` turns true. With `replication`,
+/// heartbeat replies renew its read lease, and once registered it starts
+/// following the map from the registration's epoch.
+pub async fn run(
+    reg: Registration,
+    store: Store,
+    replication: Option<Replication>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = Arc::new(
+        VolmgrClient::new(reg.volmgr.clone(), reg.cluster_id.clone())
+            .with_deadline(HEARTBEAT_DEADLINE * 5),
+    );
     let beats = VolmgrClient::new(reg.volmgr.clone(), reg.cluster_id.clone())
         .with_deadline(HEARTBEAT_DEADLINE);
     let mut interval = HEARTBEAT_DEFAULT;
     let mut complained = false;
     // Register until accepted.
     loop {
+        let sent = Instant::now();
         match client
             .register_node(
                 reg.node_id,
@@ -65,8 +77,16 @@ pub async fn run(reg: Registration, store: Store, mut stop: watch::Receiver<bool
                     node = reg.node_id,
                     advertise = %reg.advertise,
                     heartbeat_ms = interval.as_millis() as u64,
+                    epoch = resp.map_epoch,
                     "registered with the volume manager"
                 );
+                if let Some(r) = &replication {
+                    r.lease(sent, resp.lease_ms as u64, resp.map_epoch).await;
+                    tokio::spawn(
+                        r.clone()
+                            .watch_map(client.clone(), resp.map_epoch, stop.clone()),
+                    );
+                }
                 break;
             }
             Err(e) => {
@@ -94,8 +114,12 @@ pub async fn run(reg: Registration, store: Store, mut stop: watch::Receiver<bool
             _ = stop.changed() => return,
         }
         let used = store.usage().await.map(|u| u.allocated_bytes).unwrap_or(0);
-        match beats.heartbeat(reg.node_id, used).await {
-            Ok(()) => {
+        let sent = Instant::now();
+        match beats.heartbeat_lease(reg.node_id, used).await {
+            Ok(reply) => {
+                if let Some(r) = &replication {
+                    r.lease(sent, reply.lease_ms as u64, reply.map_epoch).await;
+                }
                 if failing {
                     info!(
                         node = reg.node_id,

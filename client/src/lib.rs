@@ -2,8 +2,24 @@
 //! the data.
 //!
 //! - [`chunk`]: a pipelined client for one chunk server's RPC.
-//! - `volume` (issue 5): the volume client library, which splits byte ranges
-//!   into extents, routes each piece to its group's primary, and retries
-//!   across map changes and failover.
+//! - [`Cluster`] and [`Volume`]: the volume client library. A [`Cluster`]
+//!   (one per process) holds the client id, request ids, the cluster map
+//!   (kept current by a long poll at the volume manager) and connections; a
+//!   [`Volume`] splits byte ranges into extents, routes each piece to its
+//!   group's primary, and retries across refusals, map changes and failover
+//!   with the piece's request id, so the primary applies it once.
 
 pub mod chunk;
+mod cluster;
+mod error;
+mod ids;
+mod pool;
+mod retry;
+mod split;
+mod volume;
+
+pub use cluster::{ClientConfig, Cluster};
+pub use error::ClientError;
+pub use retry::IO_RETRIES;
+pub use split::SECTOR_BYTES;
+pub use volume::Volume;

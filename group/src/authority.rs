@@ -57,18 +57,9 @@ pub struct Claim {
 /// which it is not the last replica. Returns the next map; `None` if the node
 /// is unknown or already down.
 pub fn mark_down(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
-    let n = map.nodes.get(&node).filter(|n| n.up)?;
-    let up_since = n.up_since;
+    map.nodes.get(&node).filter(|n| n.up)?;
     let (mut next, epoch) = next_epoch(map);
-    next.nodes.insert(
-        node,
-        NodeView {
-            up: false,
-            up_since,
-        },
-    );
-    leave_acting_sets(&mut next, node, epoch);
-    Some(next)
+    mark_down_at(&mut next, node, epoch).then_some(next)
 }
 
 /// A down node heartbeats again, as the same incarnation: it is up, and
@@ -76,8 +67,7 @@ pub fn mark_down(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
 pub fn mark_up(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
     map.nodes.get(&node).filter(|n| !n.up)?;
     let (mut next, epoch) = next_epoch(map);
-    new_incarnation(&mut next, node, epoch);
-    Some(next)
+    mark_up_at(&mut next, node, epoch).then_some(next)
 }
 
 /// A node process (re)starts and registers: a new incarnation. It leaves
@@ -86,9 +76,98 @@ pub fn mark_up(map: &GroupMap, node: NodeId) -> Option<GroupMap> {
 /// groups' placement is the caller's concern).
 pub fn register(map: &GroupMap, node: NodeId) -> GroupMap {
     let (mut next, epoch) = next_epoch(map);
-    leave_acting_sets(&mut next, node, epoch);
-    new_incarnation(&mut next, node, epoch);
+    register_at(&mut next, node, epoch);
     next
+}
+
+/// Applies a primary's claim, or says why not.
+pub fn claim(map: &GroupMap, c: &Claim) -> Result<GroupMap, ClaimRefused> {
+    check_claim(map, c)?;
+    let (mut next, epoch) = next_epoch(map);
+    claim_at(&mut next, c, epoch)?;
+    Ok(next)
+}
+
+// ---- In place, at a given epoch ----
+//
+// The functions above make one map epoch per transition. The volume manager
+// applies several transitions in one epoch (a rack that loses power is one
+// `MarkDown` of all its nodes), so these apply a transition to `map` in
+// place with `epoch` as the new interval and incarnation, and leave
+// `map.epoch` alone: the caller sets it to `epoch` once, after the last
+// transition. `epoch` must be above every interval and incarnation in the
+// map (normally `map.epoch + 1`).
+
+/// [`mark_down`] in place at `epoch`. Returns false (and changes nothing) if
+/// the node is unknown or already down.
+pub fn mark_down_at(map: &mut GroupMap, node: NodeId, epoch: Epoch) -> bool {
+    let Some(n) = map.nodes.get_mut(&node).filter(|n| n.up) else {
+        return false;
+    };
+    n.up = false;
+    leave_acting_sets(map, node, epoch);
+    true
+}
+
+/// [`mark_up`] in place at `epoch`. Returns false (and changes nothing) if
+/// the node is unknown or already up.
+pub fn mark_up_at(map: &mut GroupMap, node: NodeId, epoch: Epoch) -> bool {
+    if map.nodes.get(&node).is_none_or(|n| n.up) {
+        return false;
+    }
+    new_incarnation(map, node, epoch);
+    true
+}
+
+/// [`register`] in place at `epoch`; always a change.
+pub fn register_at(map: &mut GroupMap, node: NodeId, epoch: Epoch) {
+    leave_acting_sets(map, node, epoch);
+    new_incarnation(map, node, epoch);
+}
+
+/// [`claim`] in place at `epoch`; a refused claim changes nothing.
+pub fn claim_at(map: &mut GroupMap, c: &Claim, epoch: Epoch) -> Result<(), ClaimRefused> {
+    check_claim(map, c)?;
+    let g = map.groups.get_mut(&c.key).expect("checked above");
+    let mut members: Vec<NodeId> = g.acting.clone();
+    members.push(c.node);
+    // Placement order first; replicas outside the placement (data still
+    // moving away from them) last, and dropped once the placement is whole.
+    let mut acting: Vec<NodeId> = g
+        .placement
+        .iter()
+        .copied()
+        .filter(|n| members.contains(n))
+        .collect();
+    if acting.len() < g.placement.len() {
+        acting.extend(members.iter().filter(|n| !g.placement.contains(n)));
+    }
+    g.acting = acting;
+    g.interval = epoch;
+    Ok(())
+}
+
+/// Whether `map` grants the claim `c`, and if not, why.
+pub fn check_claim(map: &GroupMap, c: &Claim) -> Result<(), ClaimRefused> {
+    let g = map.groups.get(&c.key).ok_or(ClaimRefused::UnknownGroup)?;
+    if g.acting.contains(&c.node) {
+        return Err(ClaimRefused::AlreadyActing);
+    }
+    if g.interval != c.interval {
+        return Err(ClaimRefused::IntervalMoved {
+            current: g.interval,
+        });
+    }
+    if map.primary(c.key) != Some(c.primary) {
+        return Err(ClaimRefused::NotPrimary);
+    }
+    if map.up_since(c.node) != Some(c.up_since) {
+        return Err(ClaimRefused::NodeChanged);
+    }
+    if !g.placement.contains(&c.node) {
+        return Err(ClaimRefused::NotPlaced);
+    }
+    Ok(())
 }
 
 fn next_epoch(map: &GroupMap) -> (GroupMap, Epoch) {
@@ -124,46 +203,6 @@ fn leave_acting_sets(map: &mut GroupMap, node: NodeId, epoch: Epoch) {
             g.interval = epoch;
         }
     }
-}
-
-/// Applies a primary's claim, or says why not.
-pub fn claim(map: &GroupMap, c: &Claim) -> Result<GroupMap, ClaimRefused> {
-    let g = map.groups.get(&c.key).ok_or(ClaimRefused::UnknownGroup)?;
-    if g.acting.contains(&c.node) {
-        return Err(ClaimRefused::AlreadyActing);
-    }
-    if g.interval != c.interval {
-        return Err(ClaimRefused::IntervalMoved {
-            current: g.interval,
-        });
-    }
-    if map.primary(c.key) != Some(c.primary) {
-        return Err(ClaimRefused::NotPrimary);
-    }
-    if map.up_since(c.node) != Some(c.up_since) {
-        return Err(ClaimRefused::NodeChanged);
-    }
-    if !g.placement.contains(&c.node) {
-        return Err(ClaimRefused::NotPlaced);
-    }
-    let (mut next, epoch) = next_epoch(map);
-    let g = next.groups.get_mut(&c.key).expect("checked above");
-    let mut members: Vec<NodeId> = g.acting.clone();
-    members.push(c.node);
-    // Placement order first; replicas outside the placement (data still
-    // moving away from them) last, and dropped once the placement is whole.
-    let mut acting: Vec<NodeId> = g
-        .placement
-        .iter()
-        .copied()
-        .filter(|n| members.contains(n))
-        .collect();
-    if acting.len() < g.placement.len() {
-        acting.extend(members.iter().filter(|n| !g.placement.contains(n)));
-    }
-    g.acting = acting;
-    g.interval = epoch;
-    Ok(next)
 }
 
 #[cfg(test)]
@@ -251,5 +290,64 @@ mod tests {
         let m = register(&map3(), 3);
         assert_eq!(m.nodes[&3].up_since, 6);
         assert_eq!(m.groups[&KEY].acting, vec![2, 1]);
+    }
+
+    #[test]
+    fn several_transitions_in_one_epoch() {
+        let mut m = map3();
+        assert!(mark_down_at(&mut m, 1, 6));
+        assert!(mark_down_at(&mut m, 2, 6));
+        assert!(!mark_down_at(&mut m, 2, 6), "already down");
+        assert!(!mark_down_at(&mut m, 9, 6), "unknown");
+        assert_eq!(m.epoch, 5, "the caller sets the epoch");
+        assert_eq!(m.groups[&KEY].acting, vec![3]);
+        assert_eq!(m.groups[&KEY].interval, 6);
+        // The same as one transition after the other, but one epoch.
+        let stepwise = mark_down(&mark_down(&map3(), 1).unwrap(), 2).unwrap();
+        assert_eq!(stepwise.groups[&KEY].acting, vec![3]);
+        assert_eq!(stepwise.epoch, 7);
+
+        m.epoch = 6;
+        assert!(mark_up_at(&mut m, 2, 7));
+        assert!(!mark_up_at(&mut m, 2, 7), "already up");
+        assert_eq!(m.nodes[&2].up_since, 7);
+        register_at(&mut m, 3, 7);
+        assert_eq!(m.nodes[&3].up_since, 7);
+        assert_eq!(m.groups[&KEY].acting, vec![3], "the last replica stays");
+        assert_eq!(m.groups[&KEY].interval, 7, "but its interval moves");
+        m.epoch = 7;
+
+        let c = Claim {
+            key: KEY,
+            primary: 3,
+            interval: 7,
+            node: 2,
+            up_since: 7,
+        };
+        let before = m.clone();
+        let stale = Claim {
+            interval: 6,
+            ..c.clone()
+        };
+        assert_eq!(
+            claim_at(&mut m, &stale, 8),
+            Err(ClaimRefused::IntervalMoved { current: 7 })
+        );
+        assert_eq!(m, before, "a refused claim changes nothing");
+        assert_eq!(claim_at(&mut m, &c, 8), Ok(()));
+        assert_eq!(m.groups[&KEY].acting, vec![2, 3], "placement order");
+        assert_eq!(m.groups[&KEY].interval, 8);
+        assert_eq!(claim(&before, &c).unwrap().groups, m.groups);
+        let not_placed = Claim {
+            node: 1,
+            interval: 8,
+            primary: 2,
+            ..c.clone()
+        };
+        m.nodes.get_mut(&1).unwrap().up = true;
+        m.groups.get_mut(&KEY).unwrap().placement = vec![2, 3];
+        assert_eq!(check_claim(&m, &not_placed), Err(ClaimRefused::NodeChanged));
+        m.nodes.get_mut(&1).unwrap().up_since = 7;
+        assert_eq!(check_claim(&m, &not_placed), Err(ClaimRefused::NotPlaced));
     }
 }

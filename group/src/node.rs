@@ -513,6 +513,11 @@ impl Node {
         self.groups.get(&key).map(|g| &g.d)
     }
 
+    /// Every group's journal state, for rewriting the journal compactly.
+    pub fn durables(&self) -> impl Iterator<Item = (GroupKey, &GroupDurable)> {
+        self.groups.iter().map(|(k, g)| (*k, &g.d))
+    }
+
     /// Whether any request, push, forward or disk operation is still under
     /// way on this node.
     pub fn busy(&self) -> bool {

@@ -363,7 +363,7 @@ fn check_range(ext: ExtentId, extent_bytes: u32, offset: u64, len: u64) -> Resul
             "{ext}: extent size {extent_bytes} is not a power of two from 64 KiB to 64 MiB"
         ));
     }
-    if len == 0 || offset % 512 != 0 || len % 512 != 0 {
+    if len == 0 || !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
         return Err(format!(
             "{ext}: range {offset}+{len} is empty or not whole 512-byte sectors"
         ));

@@ -218,6 +218,10 @@ pub struct ClusterStatus {
     pub used_bytes: u64,
     #[prost(uint64, tag = "10")]
     pub volumes: u64,
+    /// Groups whose acting set holds fewer replicas than their replica
+    /// count (a replica is down, restarted, or not yet claimed back).
+    #[prost(uint32, tag = "11")]
+    pub groups_degraded: u32,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -15,9 +15,12 @@
 //!
 //! - [`ChunkServerProcess`]: one `cairn-chunkserver`.
 //! - [`volmgr::VolmgrCluster`]: 1, 3 or 5 `cairn-volmgr` members.
+//! - [`cluster::ReplicatedCluster`]: a volume manager and chunk servers on
+//!   127.0.0.2, .3, .4 ..., replicating.
 //! - [`raw`]: frame-level access to a socket, for tests that send what a
 //!   well-behaved client never would.
 
+pub mod cluster;
 pub mod mount;
 pub mod raw;
 pub mod volmgr;
@@ -161,8 +164,10 @@ impl ChunkServerProcess {
     }
 
     /// Starts the server again on the same data directory (without
-    /// `--init`), after [`stop`](Self::stop) or [`kill`](Self::kill). The
-    /// port may change; read [`addr`](Self::addr) again.
+    /// `--init`), after [`stop`](Self::stop) or [`kill`](Self::kill). It
+    /// tries its previous address first (the volume manager refuses a node
+    /// that registers from a new one); only if that is taken may the port
+    /// change: read [`addr`](Self::addr) again.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         if self.is_running() {
             bail!("chunk server {} is still running", self.addr);
@@ -174,7 +179,11 @@ impl ChunkServerProcess {
         let bin = bin_path("cairn-chunkserver")?;
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS_MAX {
-            let addr = free_loopback_addr(self.options.listen_ip)?;
+            let addr = if attempt == 1 && self.addr.port() != 0 {
+                self.addr
+            } else {
+                free_loopback_addr(self.options.listen_ip)?
+            };
             let mut child = self
                 .command(&bin, addr, init)?
                 .spawn()
@@ -273,6 +282,22 @@ impl ChunkServerProcess {
             child.wait().context("reaping the chunk server")?;
         }
         Ok(())
+    }
+
+    /// Freezes the process (SIGSTOP), as a long stall or a partition would.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the chunk server is not running")?;
+        kill(Pid::from_raw(pid as i32), signal)
+            .with_context(|| format!("sending {signal} to chunk server {}", self.addr))
     }
 
     /// The daemon's whole log so far.

@@ -34,7 +34,7 @@ impl TestServer {
             ..Default::default()
         };
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, store.clone(), config, rx));
+        let task = tokio::spawn(serve(listener, store.clone(), config, None, rx));
         TestServer {
             addr,
             store,

@@ -4,8 +4,11 @@
 //! sequence, see `state`); reads run on the node loop after raft's read index,
 //! so they are current; both need the leader, and a follower answers
 //! `NotLeader` with the leader's address. Heartbeats go to the leader's
-//! failure detector, in memory. A long poll for a newer map waits on the
-//! node's applied index and answers when the epoch moves or the wait ends.
+//! failure detector, in memory, and are answered with a read lease and the
+//! map epoch it holds for (see `Api::heartbeat`). Claims (`ClaimReplica`) are
+//! changes like any other: the state machine grants or refuses them. A long
+//! poll for a newer map waits on the node's applied index and answers when
+//! the epoch moves or the wait ends.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -22,8 +25,8 @@ use crate::detector::FailureDetector;
 use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
-    Command, CreateVolume, DeleteVolume, ErrorCode, GrowVolume, Proposal, RegisterNode, Response,
-    State, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    ClaimReplica, Command, CreateVolume, DeleteVolume, ErrorCode, GrowVolume, Proposal,
+    RegisterNode, Response, State, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
@@ -86,8 +89,15 @@ pub struct Api {
     /// from before are unknown to it.
     pub led_since_ms: Arc<std::sync::atomic::AtomicU64>,
     pub heartbeat_interval: Duration,
+    /// The failure detector's `down_after`: read leases are half of it.
+    pub down_after: Duration,
     /// Monotonic clock origin for the detector's `now_ms`.
     pub started: std::time::Instant,
+}
+
+/// The read lease a heartbeat grants: half of the detector's `down_after`.
+pub fn lease_ms(down_after: Duration) -> u32 {
+    (down_after.as_millis() / 2).min(u32::MAX as u128) as u32
 }
 
 fn unix_ms() -> u64 {
@@ -133,11 +143,13 @@ fn from_state_response(r: Response) -> VolmgrResponse {
         ErrorCode::AlreadyExists => VolmgrStatus::AlreadyExists,
         ErrorCode::NotFound => VolmgrStatus::NotFound,
         ErrorCode::FailedPrecondition | ErrorCode::LimitReached => VolmgrStatus::FailedPrecondition,
+        ErrorCode::Unavailable => VolmgrStatus::Retry,
     };
     VolmgrResponse {
         status: status as i32,
         message: r.message,
         volume: r.volume,
+        map_epoch: r.map_epoch,
         ..Default::default()
     }
 }
@@ -203,6 +215,11 @@ impl Api {
             .read(|s| {
                 let map = s.map();
                 let up = map.nodes.iter().filter(|n| n.up).count() as u32;
+                let degraded = map
+                    .groups
+                    .iter()
+                    .filter(|g| (g.acting.len() as u64) < u64::from(g.replicas))
+                    .count() as u32;
                 let out = map.nodes.iter().filter(|n| !n.in_).count() as u32;
                 (
                     map.epoch,
@@ -212,14 +229,23 @@ impl Api {
                     map.nodes.iter().map(|n| n.capacity_bytes).sum::<u64>(),
                     map.nodes.iter().map(|n| n.used_bytes).sum::<u64>(),
                     s.volumes().count() as u64,
+                    degraded,
                 )
             })
             .await;
-        let (map_epoch, nodes_up, nodes_down, nodes_out, capacity_bytes, used_bytes, volumes) =
-            match summary {
-                Ok(x) => x,
-                Err(r) => return r,
-            };
+        let (
+            map_epoch,
+            nodes_up,
+            nodes_down,
+            nodes_out,
+            capacity_bytes,
+            used_bytes,
+            volumes,
+            groups_degraded,
+        ) = match summary {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
         // After the read: at least as new as the state it read.
         let node = self.node.status().borrow().clone();
         VolmgrResponse {
@@ -241,6 +267,7 @@ impl Api {
                 capacity_bytes,
                 used_bytes,
                 volumes,
+                groups_degraded,
             }),
             ..Default::default()
         }
@@ -259,6 +286,7 @@ impl Api {
                 | VolmgrOp::CreateVolume
                 | VolmgrOp::GrowVolume
                 | VolmgrOp::DeleteVolume
+                | VolmgrOp::ClaimReplica
         );
         if changes && (req.client_id == 0 || req.client_seq == 0) {
             return reply(
@@ -269,7 +297,31 @@ impl Api {
         let volume_key = || Some(VolumeKey::name(req.volume_name.clone()));
         match op {
             VolmgrOp::Unspecified => reply(VolmgrStatus::UnknownOp, "operation not set"),
-            VolmgrOp::ClaimReplica => reply(VolmgrStatus::UnknownOp, "claims are not served yet"),
+            VolmgrOp::ClaimReplica => {
+                let r = self
+                    .propose(
+                        req,
+                        Command::ClaimReplica(ClaimReplica {
+                            primary: req.node_id,
+                            replicas: req.group_replicas,
+                            index: req.group_index,
+                            interval: req.group_interval,
+                            node: req.claim_node,
+                            up_since: req.claim_up_since,
+                        }),
+                    )
+                    .await;
+                if r.status == VolmgrStatus::Ok as i32 {
+                    debug!(
+                        primary = req.node_id,
+                        group = format_args!("{}x{}", req.group_index, req.group_replicas),
+                        node = req.claim_node,
+                        epoch = r.map_epoch,
+                        "claim granted"
+                    );
+                }
+                r
+            }
             VolmgrOp::RegisterNode => {
                 let r = self
                     .propose(
@@ -285,12 +337,16 @@ impl Api {
                         }),
                     )
                     .await;
+                let mut lease_ms = 0;
                 if r.status == VolmgrStatus::Ok as i32 {
-                    info!(node = req.node_id, addr = %req.node_addr, %peer, "chunk server registered");
-                    self.heartbeat(req.node_id);
+                    info!(node = req.node_id, addr = %req.node_addr, %peer, epoch = r.map_epoch, "chunk server registered");
+                    // `map_epoch` is the epoch the registration made: the
+                    // new incarnation is in it.
+                    lease_ms = self.heartbeat(req.node_id);
                 }
                 VolmgrResponse {
                     heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    lease_ms,
                     ..r
                 }
             }
@@ -298,13 +354,26 @@ impl Api {
                 if let Some(redirect) = self.unless_leader() {
                     return redirect;
                 }
-                self.heartbeat(req.node_id);
+                let lease_ms = self.heartbeat(req.node_id);
                 self.usage
                     .lock()
                     .expect("usage lock")
                     .insert(req.node_id, req.used_bytes);
+                // After a read index: this member still leads (a deposed
+                // leader grants nothing), and the epoch includes every
+                // committed change, down marks of earlier terms too.
+                let node_id = req.node_id;
+                let (map_epoch, known) = match self
+                    .read(move |s| (s.map_epoch(), s.map().node(node_id).is_some()))
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(r) => return r,
+                };
                 VolmgrResponse {
                     heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    lease_ms: if known { lease_ms } else { 0 },
+                    map_epoch,
                     ..Default::default()
                 }
             }
@@ -486,11 +555,29 @@ impl Api {
         None
     }
 
-    fn heartbeat(&self, node_id: u64) {
+    /// Tells the detector `node_id` is alive, and answers the read lease to
+    /// grant it in milliseconds (0: none).
+    ///
+    /// The lease is half of `down_after`. The chunk server counts it from
+    /// when it *sent* the request, the detector counts silence from when it
+    /// *received* the last one, so the lease ends at least `down_after / 2`
+    /// before the node can be proposed down. Nodes taken down along with
+    /// another after only `down_after` minus one heartbeat interval of
+    /// silence are still past their lease: the configuration requires the
+    /// interval to be at most `down_after / 2`. No lease while this
+    /// detector's proposal to mark the node down is in flight: that change
+    /// could apply after the epoch the reply carries. (Proposals of earlier
+    /// terms are covered by the heartbeat's read index, see `dispatch`.)
+    fn heartbeat(&self, node_id: u64) -> u32 {
         let now = self.now_ms();
-        if let Some(d) = self.detector.lock().expect("detector lock").as_mut() {
+        let mut detector = self.detector.lock().expect("detector lock");
+        if let Some(d) = detector.as_mut() {
             d.heartbeat(node_id, now);
+            if !d.may_lease(node_id) {
+                return 0;
+            }
         }
+        lease_ms(self.down_after)
     }
 }
 

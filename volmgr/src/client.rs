@@ -58,6 +58,18 @@ impl ClientError {
     }
 }
 
+/// What a heartbeat answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// The read lease granted, in ms from when the heartbeat was sent; 0:
+    /// none.
+    pub lease_ms: u32,
+    /// The leader's map epoch when it granted the lease.
+    pub map_epoch: u64,
+    /// How often the leader wants heartbeats, ms.
+    pub interval_ms: u32,
+}
+
 pub struct VolmgrClient {
     members: Vec<String>,
     cluster_id: String,
@@ -354,12 +366,57 @@ impl VolmgrClient {
     }
 
     pub async fn heartbeat(&self, node_id: u64, used_bytes: u64) -> Result<(), ClientError> {
+        self.heartbeat_lease(node_id, used_bytes).await.map(|_| ())
+    }
+
+    /// A heartbeat, answered with the read lease the leader grants. The
+    /// lease runs from when the request was *sent*: take the time before
+    /// calling. It is only good with a map at least as new as the reply's
+    /// `map_epoch`.
+    pub async fn heartbeat_lease(
+        &self,
+        node_id: u64,
+        used_bytes: u64,
+    ) -> Result<HeartbeatReply, ClientError> {
         let req = VolmgrRequest {
             node_id,
             used_bytes,
             ..self.request(VolmgrOp::Heartbeat)
         };
-        self.call(req).await.map(|_| ())
+        let resp = self.call(req).await?;
+        Ok(HeartbeatReply {
+            lease_ms: resp.lease_ms,
+            map_epoch: resp.map_epoch,
+            interval_ms: resp.heartbeat_interval_ms,
+        })
+    }
+
+    /// `primary` claims that `node` (as incarnation `up_since`) holds every
+    /// write of group `index`x`replicas` as of `interval`, and may join its
+    /// acting set. Returns the map epoch after the claim (the one that
+    /// granted it, or a later one if an earlier copy was granted). A refusal
+    /// (the map moved on: start over from the newest map) is
+    /// `ClientError::Refused` with `VolmgrStatus::FailedPrecondition` and
+    /// the reason.
+    pub async fn claim_replica(
+        &self,
+        primary: u64,
+        replicas: u32,
+        index: u32,
+        interval: u64,
+        node: u64,
+        up_since: u64,
+    ) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            node_id: primary,
+            group_replicas: replicas,
+            group_index: index,
+            group_interval: interval,
+            claim_node: node,
+            claim_up_since: up_since,
+            ..self.change(VolmgrOp::ClaimReplica)
+        };
+        Ok(self.call(req).await?.map_epoch)
     }
 
     pub async fn add_member(&self, id: u64, addr: &str) -> Result<(), ClientError> {

@@ -53,6 +53,9 @@
 //! - **Isolation**: if every up server (two or more) is silent at once, the
 //!   leader is more likely cut off than they all dead, and nothing is marked
 //!   down ([`FailureDetector::suspects_isolation`]).
+//! - **Leases**: the API grants a heartbeating node a read lease of
+//!   `down_after_ms / 2` (see `api.rs`), except while a proposal of this
+//!   detector to mark it down is in flight ([`FailureDetector::may_lease`]).
 //!
 //! # Bounds
 //!
@@ -266,6 +269,19 @@ impl FailureDetector {
         true
     }
 
+    /// Whether the API may grant `node_id` a read lease now: not while a
+    /// proposal of this detector to mark it down may still be applied (the
+    /// lease could then outlive the node's place in the acting sets of the
+    /// map it was granted with). A proposal is settled when the map shows
+    /// the node down, or, while it stays up and heartbeating, when the
+    /// proposal is due for repeating (the leader's loop awaits its
+    /// proposals before the next tick, so by then it was applied or lost).
+    pub fn may_lease(&self, node_id: u64) -> bool {
+        self.nodes
+            .get(&node_id)
+            .is_none_or(|t| t.down_proposed_ms.is_none())
+    }
+
     /// The last heartbeat this detector received from `node_id`.
     pub fn last_heartbeat_ms(&self, node_id: u64) -> Option<u64> {
         self.nodes.get(&node_id).and_then(|t| t.last_heartbeat_ms)
@@ -308,6 +324,12 @@ impl FailureDetector {
                     .last_heartbeat_ms
                     .map_or(t.watched_since_ms, |h| h.max(t.watched_since_ms));
                 let silent_ms = now_ms.saturating_sub(heard_ms);
+                if silent_ms < nearly_silent_ms && proposal_due(t.down_proposed_ms, now_ms, &config)
+                {
+                    // Up and heard from: an old proposal to mark it down
+                    // was lost (see `may_lease`).
+                    t.down_proposed_ms = None;
+                }
                 if may_mark_down
                     && silent_ms >= nearly_silent_ms
                     && proposal_due(t.down_proposed_ms, now_ms, &config)

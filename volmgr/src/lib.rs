@@ -4,7 +4,8 @@
 //! later, the simulator:
 //!
 //! - [`state`]: the replicated state machine: cluster map (chunk servers,
-//!   failure domains, up/down, in/out, map epoch) and volume catalogue;
+//!   failure domains, up/down, in/out, incarnations, the groups' acting
+//!   sets, map epoch) and volume catalogue;
 //!   `apply` for raft's apply loop, snapshots, request deduplication.
 //! - [`detector`]: the failure detector the leader runs over chunk server
 //!   heartbeats; it proposes down, up and out.

@@ -120,6 +120,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
         exports: Default::default(),
         led_since_ms: led_since.clone(),
         heartbeat_interval: config.heartbeat_interval,
+        down_after: config.down_after,
         started,
     });
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -22,13 +22,46 @@
 //!
 //! - **Map epoch** ([`ClusterMap::epoch`]): every command that changes the
 //!   map's placement-relevant content (nodes, addresses, labels, weights,
-//!   up/in, group count) raises it by exactly one, however many nodes it
-//!   touches. A command that changes nothing (marking a down node down)
-//!   leaves it. Usage figures ([`Command::NodeStats`]) are not covered.
-//!   Chunk servers and targets fence I/O by it, so it moves only for them.
+//!   up/in, incarnations, group count) or a group's acting set raises it by
+//!   exactly one, however many nodes and groups it touches. A command that
+//!   changes nothing (marking a down node down) leaves it. Usage figures
+//!   ([`Command::NodeStats`]) are not covered. Chunk servers and targets
+//!   fence I/O by it, so it moves only for them.
 //! - **Catalogue version**: every create, grow and delete raises it by one.
-//!   It does not touch the map epoch: creating a volume must not make every
-//!   chunk server reject in-flight writes tagged with the previous epoch.
+//!   It does not touch the map epoch, with one exception: the first volume
+//!   with a replica count adds that count's group records to the map (see
+//!   below), so that create is also a map change. Later creates, grows and
+//!   deletes leave the epoch alone: they must not make every chunk server
+//!   reject in-flight writes tagged with the previous epoch.
+//!
+//! # Groups and acting sets
+//!
+//! The map holds every redundancy group in use ([`ClusterMap::groups`]):
+//! its acting set and interval, changed only as `cairn_group::authority`
+//! allows (the `groups` module applies it):
+//!
+//! - [`Command::CreateVolume`] of the first volume with `r` replicas adds a
+//!   record for each of the `group_count` groups of `r`: it acts on its
+//!   placement's up nodes (all of its placement if none is up: it holds no
+//!   data yet), interval the new epoch. Records stay when the volumes are
+//!   deleted (a few KiB; the next volume with `r` replicas finds them).
+//!   Volumes cannot be created before the group count is set.
+//! - [`Command::MarkDown`] takes the nodes out of every acting set where
+//!   another replica remains, all at one epoch (the last replica stays: the
+//!   group waits for it). [`Command::MarkUp`] and [`Command::RegisterNode`]
+//!   of a known node make a new incarnation ([`NodeInfo::up_since`]);
+//!   registration also leaves acting sets (a restarted process may have
+//!   lost writes it held in memory).
+//! - [`Command::ClaimReplica`] adds a node that its group's primary brought
+//!   up to date, compare-and-set on the interval and the incarnation.
+//! - [`Command::RemoveNode`] is refused while the node is acting anywhere.
+//!
+//! Placement changes ([`Command::MarkOut`], [`Command::MarkIn`],
+//! [`Command::SetWeight`], a new node, new labels) change placement, not
+//! acting sets. Moving a group's data to a new placement is later work:
+//! the new placement members are to catch up and be claimed by the
+//! primary; old members outside the placement stay acting (listed last)
+//! and are not yet retired.
 //!
 //! # Retried requests
 //!
@@ -60,11 +93,13 @@
 
 mod command;
 mod error;
+mod groups;
 mod snapshot;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use cairn_group::authority;
 use cairn_proto::map::{ClusterMap, NodeInfo, VolumeInfo};
 use prost::Message as _;
 
@@ -119,6 +154,8 @@ pub struct State {
     clients_by_use: BTreeMap<u64, u64>,
     /// Counts recorded responses; stamps `last_used`.
     client_uses: u64,
+    /// Placement tables of the current map (derived, not state).
+    placement: groups::PlacementCache,
 }
 
 impl Default for State {
@@ -148,6 +185,7 @@ impl State {
             clients: BTreeMap::new(),
             clients_by_use: BTreeMap::new(),
             client_uses: 0,
+            placement: Default::default(),
         }
     }
 
@@ -312,6 +350,7 @@ impl State {
             Command::CreateVolume(c) => self.create_volume(c, now_unix_ms),
             Command::GrowVolume(c) => self.grow_volume(c),
             Command::DeleteVolume(c) => self.delete_volume(c, now_unix_ms),
+            Command::ClaimReplica(c) => self.claim_replica(c, now_unix_ms),
         }
     }
 
@@ -372,20 +411,14 @@ impl State {
                         offered: c.addr.clone(),
                     });
                 }
+                // A new incarnation (see `RegisterNode`): always a new epoch.
                 node.capacity_bytes = c.capacity_bytes;
-                let same = node.addr == c.addr
-                    && node.host == c.host
-                    && node.rack == c.rack
-                    && node.room == c.room;
-                if !same {
-                    node.addr.clone_from(&c.addr);
-                    node.host.clone_from(&c.host);
-                    node.rack.clone_from(&c.rack);
-                    node.room.clone_from(&c.room);
-                    node.since_epoch = epoch;
-                    node.since_unix_ms = now_unix_ms;
-                    self.map.epoch = epoch;
-                }
+                node.host.clone_from(&c.host);
+                node.rack.clone_from(&c.rack);
+                node.room.clone_from(&c.room);
+                let mut view = self.group_view();
+                authority::register_at(&mut view, node_id, epoch);
+                self.write_back(&view, epoch, now_unix_ms);
                 Ok(Outcome {
                     node: Some(self.map.nodes[i].clone()),
                     ..Outcome::default()
@@ -413,6 +446,8 @@ impl State {
                     since_unix_ms: now_unix_ms,
                     up_since: epoch,
                 };
+                // A new node is in no acting set: registering it is only
+                // its first incarnation (what `authority::register` does).
                 self.map.nodes.insert(i, node.clone());
                 self.map.epoch = epoch;
                 Ok(Outcome {
@@ -454,16 +489,32 @@ impl State {
             return Ok(Outcome::default());
         }
         let epoch = self.next_epoch()?;
-        for i in changing {
-            let node = &mut self.map.nodes[i];
-            match mark {
-                Mark::Down | Mark::Up => node.up = mark.value(),
-                Mark::Out | Mark::In => node.in_ = mark.value(),
+        match mark {
+            // Acting sets change with up/down: through the authority, every
+            // node at the same epoch, in id order.
+            Mark::Down | Mark::Up => {
+                let mut view = self.group_view();
+                for i in changing {
+                    let id = self.map.nodes[i].id;
+                    let changed = match mark {
+                        Mark::Down => authority::mark_down_at(&mut view, id, epoch),
+                        _ => authority::mark_up_at(&mut view, id, epoch),
+                    };
+                    debug_assert!(changed, "node {id} was selected as changing");
+                }
+                self.write_back(&view, epoch, now_unix_ms);
             }
-            node.since_epoch = epoch;
-            node.since_unix_ms = now_unix_ms;
+            // In/out changes placement only.
+            Mark::Out | Mark::In => {
+                for i in changing {
+                    let node = &mut self.map.nodes[i];
+                    node.in_ = mark.value();
+                    node.since_epoch = epoch;
+                    node.since_unix_ms = now_unix_ms;
+                }
+                self.map.epoch = epoch;
+            }
         }
-        self.map.epoch = epoch;
         Ok(Outcome::default())
     }
 
@@ -496,6 +547,14 @@ impl State {
             return Err(StateError::NodeInUse {
                 node_id,
                 state: state.into(),
+            });
+        }
+        if let Some((key, groups)) = self.acting_in(node_id) {
+            return Err(StateError::NodeActing {
+                node_id,
+                replicas: key.replicas,
+                index: key.index,
+                groups,
             });
         }
         let epoch = self.next_epoch()?;
@@ -581,6 +640,9 @@ impl State {
                 hosts,
             });
         }
+        if self.map.group_count == 0 {
+            return Err(StateError::GroupCountUnset { name: name.clone() });
+        }
         if self.volumes.len() >= VOLUMES_MAX {
             return Err(StateError::TooManyVolumes {
                 name: name.clone(),
@@ -593,6 +655,13 @@ impl State {
             value: id,
         })?;
         let version = self.next_catalogue_version()?;
+        // The first volume with this replica count brings its groups.
+        let groups = if self.has_groups(c.replicas) {
+            None
+        } else {
+            let epoch = self.next_epoch()?;
+            Some((epoch, self.new_records(c.replicas, epoch)?))
+        };
 
         let volume = VolumeInfo {
             id,
@@ -610,6 +679,10 @@ impl State {
         self.names.insert(name.clone(), id);
         self.next_volume_id = next_volume_id;
         self.catalogue_version = version;
+        if let Some((epoch, records)) = groups {
+            self.insert_records(records);
+            self.map.epoch = epoch;
+        }
         Ok(Outcome {
             volume: Some(volume),
             ..Outcome::default()

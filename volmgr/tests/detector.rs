@@ -314,3 +314,48 @@ fn a_leader_that_hears_no_one_marks_no_one_down() {
     assert_eq!(sim.node(2), (false, true));
     assert_eq!((sim.node(1), sim.node(3)), ((true, true), (true, true)));
 }
+
+#[test]
+fn no_lease_while_a_down_mark_is_in_flight() {
+    let config = DetectorConfig::default();
+    let mut state = Sim::new(2, 0, config).state;
+    let mut d = FailureDetector::new(config, 0);
+    d.heartbeat(1, 9_000);
+    d.heartbeat(2, 9_000);
+    assert!(d.may_lease(1) && d.may_lease(2) && d.may_lease(99));
+    // Node 2 falls silent; the detector proposes it down at 13 s.
+    d.heartbeat(1, 12_500);
+    assert!(d.tick(12_500, state.map()).is_empty());
+    let commands = d.tick(13_000, state.map());
+    assert_eq!(commands.len(), 1);
+    // Node 2 heartbeats before the mark is applied: no lease, since the
+    // mark could land after the epoch the reply would carry.
+    d.heartbeat(2, 13_100);
+    assert!(!d.may_lease(2));
+    assert!(d.may_lease(1));
+    // Applied and seen: leases again (the map says it is down).
+    state.apply(&proposal(commands[0].clone()));
+    d.heartbeat(1, 14_000);
+    d.tick(14_000, state.map());
+    assert!(d.may_lease(2));
+
+    // A proposal that was lost (the map never shows it) stops withholding
+    // once it is due for repeating and the node is heard from.
+    let state = Sim::new(2, 0, config).state;
+    let mut d = FailureDetector::new(config, 0);
+    d.heartbeat(1, 9_000);
+    d.heartbeat(2, 9_000);
+    d.heartbeat(1, 12_500);
+    let lost = d.tick(13_000, state.map());
+    assert_eq!(lost.len(), 1);
+    for t in (13_500..=16_500).step_by(500) {
+        d.heartbeat(1, t);
+        d.heartbeat(2, t);
+        assert!(d.tick(t, state.map()).is_empty());
+        assert!(!d.may_lease(2), "withheld at {t}");
+    }
+    d.heartbeat(1, 17_000);
+    d.heartbeat(2, 17_000);
+    d.tick(17_000, state.map());
+    assert!(d.may_lease(2));
+}

@@ -504,7 +504,10 @@ fn deletion_records_are_bounded() {
 fn map_changes_make_exactly_one_epoch_each() {
     let mut s = cluster();
     let e = s.map_epoch();
-    assert_eq!(e, 4, "group count and three registrations");
+    assert_eq!(
+        e, 5,
+        "group count, three registrations, the first 3-replica volume's groups"
+    );
     // Several nodes in one command: one epoch.
     ok(&mut s, Command::MarkDown(ids(&[1, 2, 3])));
     assert_eq!(s.map_epoch(), e + 1);
@@ -543,13 +546,20 @@ fn map_changes_make_exactly_one_epoch_each() {
     assert_eq!(s.map_epoch(), e + 3);
     assert_ne!(s.map(), &before);
     assert_eq!(s.map().node(1).unwrap().used_bytes, GIB);
-    // Volumes: no epoch.
-    ok(&mut s, create("vol-b", GIB, 4 * MIB, 1, 1));
+    // Volumes: no epoch, except the first of a replica count (its groups).
+    ok(&mut s, create("vol-b", GIB, 4 * MIB, 3, 1));
     assert_eq!(s.map_epoch(), e + 3);
-    // Re-registering unchanged: no epoch; from another address: refused,
-    // nothing changes (two servers claiming one id must not swap places).
+    ok(&mut s, create("vol-c", GIB, 4 * MIB, 1, 1));
+    assert_eq!(s.map_epoch(), e + 4);
+    ok(&mut s, create("vol-d", GIB, 4 * MIB, 1, 1));
+    ok(&mut s, delete(VolumeKey::name("vol-c")));
+    assert_eq!(s.map_epoch(), e + 4);
+    // Re-registering, even unchanged, is a new incarnation: one epoch.
+    // From another address: refused, nothing changes (two servers claiming
+    // one id must not swap places).
     ok(&mut s, register(1, "h1", "r1"));
-    assert_eq!(s.map_epoch(), e + 3);
+    assert_eq!(s.map_epoch(), e + 5);
+    assert_eq!(s.map().node(1).unwrap().up_since, e + 5);
     let addr = s.map().node(1).unwrap().addr.clone();
     let mut moved = register(1, "h1", "r1");
     if let Command::RegisterNode(r) = &mut moved {
@@ -562,7 +572,7 @@ fn map_changes_make_exactly_one_epoch_each() {
         &["chunk server 1", &addr, "10.0.0.1:7000"],
     );
     assert!(matches!(err, StateError::NodeAddrMismatch { .. }));
-    assert_eq!(s.map_epoch(), e + 3);
+    assert_eq!(s.map_epoch(), e + 5);
     assert_eq!(s.map().node(1).unwrap().addr, addr);
 }
 
@@ -579,11 +589,14 @@ fn re_registering_keeps_weight_and_states() {
     ok(&mut s, Command::MarkOut(ids(&[2])));
     ok(&mut s, Command::MarkDown(ids(&[2])));
     let epoch = s.map_epoch();
-    // The chunk server restarts and registers with its configured weight.
+    // The chunk server restarts and registers with its configured weight:
+    // a new incarnation, up (the process just started), still out, weight
+    // kept.
     ok(&mut s, register(2, "h2", "r1"));
     let n = s.map().node(2).unwrap();
-    assert_eq!((n.weight, n.up, n.in_), (0, false, false));
-    assert_eq!(s.map_epoch(), epoch);
+    assert_eq!((n.weight, n.up, n.in_), (0, true, false));
+    assert_eq!((n.up_since, n.since_epoch), (epoch + 1, epoch + 1));
+    assert_eq!(s.map_epoch(), epoch + 1);
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! restored midway: they must end identical, and every step must keep the
 //! invariants (unique names, ids never reused, one epoch per map change, one
 //! catalogue version per catalogue change, refusals change nothing, retries
-//! return the recorded result).
+//! return the recorded result; group records sorted, complete per replica
+//! count in use, acting sets non-empty and of nodes in the map, nodes that
+//! go down or restart stay acting only where they are the last replica,
+//! granted claims add the node at a new interval).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -108,7 +111,63 @@ fn command() -> impl Strategy<Value = Command> {
             size_bytes
         })),
         2 => key().prop_map(|key| Command::DeleteVolume(DeleteVolume { volume: Some(key) })),
+        // Claims: 0 in `primary`, `interval` or `up_since` is filled from the
+        // state when applied ([`fill_claim`]), so that many are granted.
+        4 => (
+            1u32..4,
+            prop_oneof![8 => 0u32..4, 1 => Just(1000)],
+            node_id(),
+            prop_oneof![4 => Just(0u64), 1 => 1u64..8],
+            prop_oneof![6 => Just(0u64), 1 => 1u64..40],
+            prop_oneof![6 => Just(0u64), 1 => 1u64..40],
+        )
+            .prop_map(|(replicas, index, node, primary, interval, up_since)| {
+                Command::ClaimReplica(ClaimReplica {
+                    primary,
+                    replicas,
+                    index,
+                    interval,
+                    node,
+                    up_since,
+                })
+            }),
     ]
+}
+
+/// Fills a claim's zero fields from `s`: the group's primary and interval,
+/// the node's incarnation, as a primary that just brought it up to date
+/// would claim. Group keys below 1000 are mapped onto groups in the map.
+fn fill_claim(p: &Proposal, s: &State) -> Proposal {
+    let mut p = p.clone();
+    if let Some(Command::ClaimReplica(c)) = &mut p.command {
+        let counts: Vec<u32> = s
+            .map()
+            .groups
+            .iter()
+            .map(|g| g.replicas)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if c.index < 1000 && !counts.is_empty() {
+            c.replicas = counts[c.replicas as usize % counts.len()];
+            c.index %= s.map().group_count;
+        }
+        let group = s
+            .map()
+            .groups
+            .iter()
+            .find(|g| (g.replicas, g.index) == (c.replicas, c.index));
+        if c.primary == 0 {
+            c.primary = group.and_then(|g| g.acting.first().copied()).unwrap_or(0);
+        }
+        if c.interval == 0 {
+            c.interval = group.map(|g| g.interval).unwrap_or(0);
+        }
+        if c.up_since == 0 {
+            c.up_since = s.map().node(c.node).map(|n| n.up_since).unwrap_or(0);
+        }
+    }
+    p
 }
 
 /// Client 0 opts out of deduplication. For clients 1 and 2 `client_seq` is
@@ -209,8 +268,24 @@ fn check_step(
         p.command
     );
     assert_eq!(r.catalogue_version, after.catalogue_version());
-    // A volume command never touches the map, a map command never the catalogue.
-    assert!(!(view_changed && catalogue_changed));
+    // A volume command never touches the map, a map command never the
+    // catalogue; except that the first volume of a replica count adds that
+    // count's group records, and nothing else, to the map.
+    if view_changed && catalogue_changed {
+        let Some(Command::CreateVolume(c)) = &p.command else {
+            panic!("{:?} changed map and catalogue", p.command);
+        };
+        let r = c.replicas;
+        assert!(!before.map().groups.iter().any(|g| g.replicas == r));
+        let mut rest = after.map().clone();
+        rest.groups.retain(|g| g.replicas != r);
+        rest.epoch = before.map_epoch();
+        assert_eq!(placement_view(&rest), placement_view(before.map()));
+        let added = after.map().groups.iter().filter(|g| g.replicas == r);
+        assert!(added.clone().all(|g| g.interval == after.map_epoch()));
+        assert_eq!(added.count(), after.map().group_count as usize);
+    }
+    check_groups_step(before, after, p);
 
     // Ids: new ones were never seen before, and stay below the next id.
     let live_before: BTreeSet<u64> = before.volumes().map(|v| v.id).collect();
@@ -222,17 +297,104 @@ fn check_step(
     }
 }
 
+/// What acting sets may do in one successful step.
+fn check_groups_step(before: &State, after: &State, p: &Proposal) {
+    let (b, a) = (before.map(), after.map());
+    // Nodes that went down or restarted act only where they are the last.
+    for n in &a.nodes {
+        let Some(old) = b.node(n.id) else { continue };
+        let fell = old.up && !n.up;
+        let restarted = matches!(&p.command, Some(Command::RegisterNode(r)) if r.node_id == n.id);
+        if fell || restarted {
+            for g in a.groups.iter().filter(|g| g.acting.contains(&n.id)) {
+                assert_eq!(
+                    g.acting,
+                    vec![n.id],
+                    "node {} still acting with others",
+                    n.id
+                );
+            }
+        }
+        if restarted || (!old.up && n.up) {
+            assert_eq!(n.up_since, a.epoch, "a new incarnation");
+        }
+    }
+    // Acting sets grow only by a granted claim, by its node, at a new
+    // interval; every acting set that changed has the new epoch as interval.
+    for g in &a.groups {
+        let Some(old) = b
+            .groups
+            .iter()
+            .find(|o| (o.replicas, o.index) == (g.replicas, g.index))
+        else {
+            continue;
+        };
+        if old.acting != g.acting {
+            assert_eq!(g.interval, a.epoch);
+        }
+        let joined: Vec<u64> = g
+            .acting
+            .iter()
+            .copied()
+            .filter(|id| !old.acting.contains(id))
+            .collect();
+        if !joined.is_empty() {
+            let Some(Command::ClaimReplica(c)) = &p.command else {
+                panic!(
+                    "{joined:?} joined group {}x{} by {:?}",
+                    g.index, g.replicas, p.command
+                );
+            };
+            assert_eq!((c.replicas, c.index), (g.replicas, g.index));
+            assert_eq!(joined, vec![c.node]);
+            assert_eq!(c.interval, old.interval, "compare and set");
+            assert_eq!(
+                b.node(c.node).map(|n| (n.up, n.up_since)),
+                Some((true, c.up_since))
+            );
+            assert_eq!(old.acting.first(), Some(&c.primary));
+        }
+    }
+}
+
 fn check_state(s: &State) {
     let mut names = BTreeSet::new();
     for v in s.volumes() {
         assert!(names.insert(v.name.clone()), "name {:?} twice", v.name);
         assert_eq!(s.volume_by_name(&v.name).map(|x| x.id), Some(v.id));
         assert!(v.min_replicas >= 1 && v.min_replicas <= v.replicas);
-        assert!(v.size_bytes > 0 && v.size_bytes.is_multiple_of(512));
+        assert!(v.size_bytes > 0 && v.size_bytes % 512 == 0);
     }
     let ids: Vec<u64> = s.map().nodes.iter().map(|n| n.id).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "nodes sorted: {ids:?}");
     assert!(s.map().nodes.iter().all(|n| n.since_epoch <= s.map_epoch()));
+    assert!(s.map().nodes.iter().all(|n| n.up_since <= s.map_epoch()));
+
+    let map = s.map();
+    let keys: Vec<(u32, u32)> = map.groups.iter().map(|g| (g.replicas, g.index)).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "records sorted: {keys:?}"
+    );
+    for g in &map.groups {
+        assert!(
+            !g.acting.is_empty(),
+            "group {}x{} has no acting replica",
+            g.index,
+            g.replicas
+        );
+        for (i, id) in g.acting.iter().enumerate() {
+            assert!(map.node(*id).is_some(), "acting node {id} not in the map");
+            assert!(!g.acting[..i].contains(id), "acting node {id} twice");
+        }
+        assert!(g.interval <= map.epoch && g.index < map.group_count);
+    }
+    // Every replica count in use has all its groups.
+    let counts: BTreeSet<u32> = s.volumes().map(|v| v.replicas).collect();
+    for r in counts {
+        let n = map.groups.iter().filter(|g| g.replicas == r).count();
+        assert_eq!(n, map.group_count as usize, "groups of {r} replicas");
+    }
 }
 
 proptest! {
@@ -250,7 +412,7 @@ proptest! {
         let mut ever = BTreeSet::new();
         let mut last_seq = BTreeMap::new();
         for (i, p) in proposals.iter().enumerate() {
-            let p = &sequence(p, &mut last_seq);
+            let p = &fill_claim(&sequence(p, &mut last_seq), &a);
             if i == cut {
                 b = State::restore(&b.snapshot()).expect("own snapshot restores");
                 prop_assert_eq!(&a, &b);

@@ -6,12 +6,13 @@
 //! its side; the two checks are meant to agree.
 
 use cairn_proto::chunk::{ChunkRequest, Op, Status, EXTENT_LIST_PAGE_MAX};
+use cairn_proto::group::{GroupOp, GroupRequest, PeerHeader};
 
 use crate::store::layout::{extent_bytes_valid, SECTOR_BYTES};
 use crate::store::ExtentKey;
 
 /// A request that passed every check that does not need the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Request {
     Read {
         key: ExtentKey,
@@ -51,6 +52,17 @@ pub(crate) enum Request {
         key: ExtentKey,
     },
     NodeStat,
+    /// A volume client's request to a group's primary; decoded fully (with
+    /// its data) by `cairn_proto::group::decode_request`.
+    Group {
+        header: Box<GroupRequest>,
+        /// Data bytes held in flight: a write's data or a read's reply.
+        buffer_bytes: u32,
+    },
+    /// A message from a group member; never answered.
+    Peer {
+        header: Box<PeerHeader>,
+    },
 }
 
 impl Request {
@@ -59,6 +71,7 @@ impl Request {
     pub(crate) fn buffer_bytes(&self) -> u32 {
         match self {
             Request::Read { len, .. } | Request::Write { len, .. } => *len,
+            Request::Group { buffer_bytes, .. } => *buffer_bytes,
             _ => 0,
         }
     }
@@ -104,17 +117,42 @@ pub(crate) fn parse(
         }
         Ok(op) => op,
     };
-    if op != Op::Write && data_bytes != 0 {
+    if !matches!(op, Op::Write | Op::Group | Op::Peer) && data_bytes != 0 {
         return Err(Rejection::invalid(format!(
-            "{op:?} request carries {data_bytes} data bytes; only Write may"
+            "{op:?} request carries {data_bytes} data bytes; only Write, Group and Peer may"
         )));
     }
     match op {
         Op::Unspecified => unreachable!("rejected above"),
-        Op::Group | Op::Peer => Err(Rejection {
-            status: Status::UnknownOp,
-            message: format!("{op:?} is not served yet"),
-        }),
+        Op::Group => {
+            let header = header.group.clone().ok_or_else(|| {
+                Rejection::invalid("Group request without its group header".into())
+            })?;
+            let buffer_bytes = if header.op == GroupOp::Read as i32 {
+                if header.length_bytes > read_bytes_max as u64 {
+                    return Err(Rejection::invalid(format!(
+                        "group read of {} bytes is over the {read_bytes_max}-byte frame limit; split it",
+                        header.length_bytes
+                    )));
+                }
+                header.length_bytes as u32
+            } else {
+                data_bytes
+            };
+            Ok(Request::Group {
+                header: Box::new(header),
+                buffer_bytes,
+            })
+        }
+        Op::Peer => {
+            let header = header
+                .peer
+                .clone()
+                .ok_or_else(|| Rejection::invalid("Peer message without its peer header".into()))?;
+            Ok(Request::Peer {
+                header: Box::new(header),
+            })
+        }
         Op::Read => {
             let (key, extent_bytes, offset, len) = extent_range(header, op)?;
             if len > read_bytes_max {

@@ -25,8 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
+use cairn_group::msg::Refusal;
 use cairn_proto::chunk::{ChunkRequest, ChunkResponse, ExtentInfo, NodeStat, Status};
 use cairn_proto::frame::FRAME_DATA_BYTES_MAX;
+use cairn_proto::group::{decode_peer, decode_request, encode_refusal, GroupRefusal, GroupRequest};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -39,6 +42,7 @@ use super::frame_io::{
     read_header, read_part, read_prefix, write_frame, ReadFrameError, SOCKET_BUFFER_BYTES,
 };
 use super::request::{parse, Rejection, Request};
+use crate::replica::Replication;
 use crate::store::{IoBuf, Store, StoreError};
 
 pub const REQUESTS_IN_FLIGHT_MAX_DEFAULT: usize = 256;
@@ -59,6 +63,11 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest error message sent in a reply. Store messages are far shorter; the
 /// cap keeps every reply header provably under the frame header limit.
 const REPLY_MESSAGE_BYTES_MAX: usize = 4096;
+/// Longest a group request waits for the protocol's answer before it is
+/// answered `Busy` (the client retries with the same id). Writes to a group
+/// below `min_replicas` are refused `Degraded` at once, so only a stuck
+/// replica or a lost reply makes a request wait this long.
+const GROUP_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -92,6 +101,9 @@ impl Default for ServerConfig {
 struct Context {
     store: Store,
     config: ServerConfig,
+    /// The group protocol driver; `None` when the server runs without a
+    /// volume manager (then `Group` requests are refused).
+    replication: Option<Replication>,
 }
 
 /// Serves the chunk RPC on `listener` until `shutdown` becomes true (or its
@@ -102,6 +114,7 @@ pub async fn serve(
     listener: TcpListener,
     store: Store,
     config: ServerConfig,
+    replication: Option<Replication>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -123,7 +136,11 @@ pub async fn serve(
     info!(%local_addr, node_id = config.node_id, "chunk RPC listening");
 
     let connections_max = config.connections_max;
-    let context = Arc::new(Context { store, config });
+    let context = Arc::new(Context {
+        store,
+        config,
+        replication,
+    });
     let connection_slots = Arc::new(Semaphore::new(connections_max));
     // Every connection and request task holds a clone of `tasks_alive`; recv
     // on `tasks_done` returns None once all are gone.
@@ -212,7 +229,7 @@ fn log_task_end(ended: Result<(), tokio::task::JoinError>) {
 /// One reply on its way to the writer, holding what its request took.
 struct Reply {
     header: ChunkResponse,
-    data: Option<IoBuf>,
+    data: Option<Bytes>,
     _in_flight: InFlight,
 }
 
@@ -410,6 +427,17 @@ impl Reader {
         } else {
             None
         };
+        if let Request::Peer { header } = request {
+            // One way: hand it over and free the slot; no reply.
+            drop(in_flight);
+            let data = data.map(Bytes::from_owner).unwrap_or_default();
+            match (&context.replication, decode_peer(&header, data)) {
+                (Some(r), Ok((msg, extent_bytes))) => r.peer(msg, extent_bytes),
+                (None, _) => debug!("peer message while replication is off; dropped"),
+                (_, Err(e)) => warn!(request_id, "dropping a bad peer message: {e}"),
+            }
+            return Ok(());
+        }
         let (context, reply_tx, tasks_alive) =
             (context.clone(), reply_tx.clone(), self.tasks_alive.clone());
         tokio::spawn(
@@ -451,7 +479,7 @@ impl From<ReadFrameError> for FrameEnd {
 async fn send_reply(
     reply_tx: &mpsc::Sender<Reply>,
     header: ChunkResponse,
-    data: Option<IoBuf>,
+    data: Option<Bytes>,
     in_flight: InFlight,
 ) {
     // Fails only when the writer stopped (peer gone); the reply has nowhere to go.
@@ -507,17 +535,24 @@ async fn write_replies(
 /// A successful request's reply content.
 #[derive(Default)]
 struct Answer {
-    data: Option<IoBuf>,
+    data: Option<Bytes>,
     extents: Vec<ExtentInfo>,
     list_more: bool,
     node: Option<NodeStat>,
+    refusal: Option<GroupRefusal>,
 }
 
 impl Answer {
-    fn into_reply(self, request_id: u64) -> (ChunkResponse, Option<IoBuf>) {
+    fn into_reply(self, request_id: u64) -> (ChunkResponse, Option<Bytes>) {
+        let status = if self.refusal.is_some() {
+            Status::Refused
+        } else {
+            Status::Ok
+        };
         let header = ChunkResponse {
             request_id,
-            status: Status::Ok as i32,
+            status: status as i32,
+            refusal: self.refusal,
             extents: self.extents,
             list_more: self.list_more,
             node: self.node,
@@ -594,7 +629,7 @@ async fn execute(
                 });
             }
             Ok(Answer {
-                data: Some(data),
+                data: Some(Bytes::from_owner(data)),
                 ..Default::default()
             })
         }
@@ -675,6 +710,53 @@ async fn execute(
             node: Some(node_stat(context).await?),
             ..Default::default()
         }),
+        Request::Group { header, .. } => group_request(context, &header, data).await,
+        Request::Peer { .. } => unreachable!("peer messages are handed over by the reader"),
+    }
+}
+
+/// Runs a volume client's request through the group protocol.
+async fn group_request(
+    context: &Context,
+    header: &GroupRequest,
+    data: Option<IoBuf>,
+) -> Result<Answer, Failure> {
+    let invalid = |message: String| Failure {
+        status: Status::InvalidArgument,
+        message,
+    };
+    let Some(replication) = &context.replication else {
+        return Err(invalid(format!(
+            "node {}: replicated I/O needs a volume manager (--volmgr); this chunk server runs stand-alone",
+            context.config.node_id
+        )));
+    };
+    let data = data.map(Bytes::from_owner).unwrap_or_default();
+    let (req, extent_bytes) = decode_request(header, data).map_err(invalid)?;
+    let what = format!("{} request {} of client {:#x}", req.key, req.id, req.client);
+    let Some(rx) = replication.request(req, extent_bytes).await else {
+        return Err(Failure {
+            status: Status::ShuttingDown,
+            message: format!("node {}: replication stopped", context.config.node_id),
+        });
+    };
+    let refused = |r: Refusal| Answer {
+        refusal: Some(encode_refusal(&r)),
+        ..Default::default()
+    };
+    match tokio::time::timeout(GROUP_REPLY_TIMEOUT, rx).await {
+        Ok(Ok(Ok(data))) => Ok(Answer {
+            data,
+            ..Default::default()
+        }),
+        Ok(Ok(Err(r))) => Ok(refused(r)),
+        // Replaced by a retry of the same request, or dropped by the
+        // protocol (a stale copy): the client has moved on; Busy is safe.
+        Ok(Err(_)) => Ok(refused(Refusal::Busy)),
+        Err(_) => {
+            debug!("{what}: no outcome within {GROUP_REPLY_TIMEOUT:?}; answering Busy");
+            Ok(refused(Refusal::Busy))
+        }
     }
 }
 

@@ -41,7 +41,7 @@ impl TestServer {
             data_dir: dir.path().to_path_buf(),
             ..config
         };
-        let served = tokio::spawn(serve(listener, store.clone(), config, shutdown));
+        let served = tokio::spawn(serve(listener, store.clone(), config, None, shutdown));
         TestServer {
             addr,
             stop,

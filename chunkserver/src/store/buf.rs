@@ -113,6 +113,14 @@ impl IoBuf {
     }
 }
 
+/// Lets a filled buffer become [`bytes::Bytes`] without a copy
+/// (`Bytes::from_owner`), for replies and replication messages.
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -298,14 +298,14 @@ impl Shared {
 /// Checks a job before running it; the callers build jobs from user flags.
 fn validate(job: &Job) -> anyhow::Result<()> {
     let block = job.block_bytes as u64;
-    if job.iodepth == 0 || job.block_bytes == 0 || job.block_bytes % 4096 != 0 {
+    if job.iodepth == 0 || job.block_bytes == 0 || !job.block_bytes.is_multiple_of(4096) {
         bail!(
             "queue depth {} and block size {} must be positive, blocks 4 KiB multiples",
             job.iodepth,
             block
         );
     }
-    if job.block_bytes > job.extent_bytes || job.extent_bytes % job.block_bytes != 0 {
+    if job.block_bytes > job.extent_bytes || !job.extent_bytes.is_multiple_of(job.block_bytes) {
         bail!(
             "block size {block} must divide the extent size {}",
             job.extent_bytes

@@ -32,29 +32,31 @@ pub struct Proposal {
     /// this build does not know.
     #[prost(
         oneof = "Command",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
     )]
     pub command: Option<Command>,
 }
 
-/// A change to the replicated state. Tags 22 and up are free (snapshots,
+/// A change to the replicated state. Tags 23 and up are free (snapshots,
 /// clones and rollback come with issue 8).
 #[derive(Clone, PartialEq, ::prost::Oneof)]
 pub enum Command {
     /// Sets the pool's group count; only once (at bootstrap). Map change.
     #[prost(message, tag = "10")]
     SetGroupCount(SetGroupCount),
-    /// Adds a chunk server (up and in), or updates a registered one's address,
-    /// labels and capacity. Map change when anything but capacity changes.
+    /// Adds a chunk server (up and in), or registers a new incarnation of a
+    /// known one (its process started again). Always a map change.
     #[prost(message, tag = "11")]
     RegisterNode(RegisterNode),
     /// Refreshes usage figures. Never a map change (see [`NodeStats`]).
     #[prost(message, tag = "12")]
     NodeStats(NodeStats),
-    /// Marks nodes down (the failure detector). Map change.
+    /// Marks nodes down (the failure detector); they leave every acting set
+    /// where they are not the last replica. Map change.
     #[prost(message, tag = "13")]
     MarkDown(NodeIds),
-    /// Marks nodes up (the failure detector). Map change.
+    /// Marks nodes up (the failure detector) as a new incarnation; they
+    /// rejoin acting sets only through claims. Map change.
     #[prost(message, tag = "14")]
     MarkUp(NodeIds),
     /// Marks nodes out (the detector after `out_after`, or an admin draining
@@ -67,10 +69,12 @@ pub enum Command {
     /// Changes a node's placement weight (an admin). Map change.
     #[prost(message, tag = "17")]
     SetWeight(SetWeight),
-    /// Drops a node that is out and down from the map. Map change.
+    /// Drops a node that is out and down, and in no acting set, from the
+    /// map. Map change.
     #[prost(message, tag = "18")]
     RemoveNode(RemoveNode),
-    /// Catalogue change.
+    /// Catalogue change; also a map change when it is the first volume with
+    /// its replica count (the count's groups are added to the map).
     #[prost(message, tag = "19")]
     CreateVolume(CreateVolume),
     /// Catalogue change.
@@ -79,6 +83,11 @@ pub enum Command {
     /// Catalogue change.
     #[prost(message, tag = "21")]
     DeleteVolume(DeleteVolume),
+    /// A group's primary claims an up-to-date replica into the group's
+    /// acting set (compare and set, see [`ClaimReplica`]). Map change when
+    /// granted.
+    #[prost(message, tag = "22")]
+    ClaimReplica(ClaimReplica),
 }
 
 /// See [`Command::SetGroupCount`].
@@ -91,13 +100,17 @@ pub struct SetGroupCount {
 
 /// See [`Command::RegisterNode`].
 ///
-/// Re-registering a known node (a chunk server registers at every start)
-/// from its registered address updates its labels and capacity and leaves
-/// its weight, up/down and in/out alone: weight belongs to the admin after
-/// the first registration ([`SetWeight`]), up/down to the failure detector,
-/// in/out to the detector and the admin. So a restarting server does not
-/// undo a drain. A registration of a known id from another address is
-/// refused (`NodeAddrMismatch`).
+/// A chunk server registers at every process start, so re-registering a
+/// known node (from its registered address) is a new *incarnation*
+/// (`cairn_group::authority::register`): the node leaves every acting set
+/// where other replicas remain (what it held only in memory is gone), where
+/// it is the last replica its group gets a new interval, and it is up from
+/// the new epoch (`NodeInfo::up_since`). That is always a map change, even
+/// when nothing else changed. Its labels and capacity are updated; its
+/// weight and in/out are left alone: weight belongs to the admin after the
+/// first registration ([`SetWeight`]), in/out to the detector and the
+/// admin, so a restarting server does not undo a drain. A registration of
+/// a known id from another address is refused (`NodeAddrMismatch`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RegisterNode {
     /// Never 0.
@@ -179,7 +192,9 @@ pub struct SetWeight {
 
 /// See [`Command::RemoveNode`].
 ///
-/// Only a node that is out and down can be removed. The volume manager does
+/// Only a node that is out and down, and in no group's acting set, can be
+/// removed (a down node stays acting only where it is the last replica: it
+/// then holds the only copy of the group's acknowledged writes). The volume manager does
 /// not (yet) know whether re-replication of its groups has finished; the
 /// admin tool checks that before removing. Requiring down as well means the
 /// server has been stopped: a running one would register again at once.
@@ -209,6 +224,36 @@ pub struct CreateVolume {
     /// 1 up to `replicas`.
     #[prost(uint32, tag = "5")]
     pub min_replicas: u32,
+}
+
+/// See [`Command::ClaimReplica`]: the claim of
+/// `cairn_group::authority::Claim`, applied with
+/// `cairn_group::authority::claim`. Granted only if nothing changed since
+/// the primary brought `node` up to date: the group's interval is still
+/// `interval`, `primary` is still its primary, `node` is still up as the
+/// incarnation `up_since`, and `node` is in the group's placement. A claim
+/// already granted (an earlier copy was applied: `node` is acting) answers
+/// Ok and changes nothing, so a retry after a lost reply is harmless.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClaimReplica {
+    /// The claiming primary.
+    #[prost(uint64, tag = "1")]
+    pub primary: u64,
+    /// The group's replica count.
+    #[prost(uint32, tag = "2")]
+    pub replicas: u32,
+    /// The group's index, `0..group_count`.
+    #[prost(uint32, tag = "3")]
+    pub index: u32,
+    /// The interval the primary brought the node up to date in.
+    #[prost(uint64, tag = "4")]
+    pub interval: u64,
+    /// The node brought up to date.
+    #[prost(uint64, tag = "5")]
+    pub node: u64,
+    /// Its incarnation (`NodeInfo::up_since`) at that time.
+    #[prost(uint64, tag = "6")]
+    pub up_since: u64,
 }
 
 /// Names a volume by id, by name, or by both (then they must agree, which
@@ -287,8 +332,9 @@ pub enum ErrorCode {
     /// No such volume or node.
     NotFound = 3,
     /// Valid on its own but not in the current state: shrinking, more
-    /// replicas than failure domains, removing a node still in or up,
-    /// changing the group count, deleting a clone's parent.
+    /// replicas than failure domains, removing a node still in, up or
+    /// acting, changing the group count, deleting a clone's parent, a
+    /// refused claim.
     FailedPrecondition = 4,
     /// A named limit (volumes, nodes) is reached.
     LimitReached = 5,
@@ -296,6 +342,9 @@ pub enum ErrorCode {
     StaleRequest = 6,
     /// The entry does not decode, or carries no command this build knows.
     Malformed = 7,
+    /// Not possible yet, but soon without anyone acting: the pool's group
+    /// count is not set (the leader sets it as it starts). Retry.
+    Unavailable = 8,
 }
 
 /// What applying a proposal answers. Encoded into the raft apply result and,

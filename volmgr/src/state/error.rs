@@ -197,6 +197,59 @@ pub enum StateError {
         /// "in", "up" or "in and up".
         state: String,
     },
+    /// Removing a node that is still in a group's acting set: it is down, so
+    /// it is that group's last acting replica, the only one known to hold
+    /// every acknowledged write.
+    #[error(
+        "chunk server {node_id} cannot be removed: it is the last acting replica of group \
+         {index}x{replicas} ({groups} group(s) in all) and may hold the only copy of their \
+         acknowledged writes; start it again so those groups can be copied elsewhere"
+    )]
+    NodeActing {
+        /// The node.
+        node_id: u64,
+        /// The first such group's replica count.
+        replicas: u32,
+        /// The first such group's index.
+        index: u32,
+        /// How many groups it is acting in.
+        groups: usize,
+    },
+    /// A claim the map does not grant (see `cairn_group::authority::claim`).
+    #[error(
+        "claim by primary {primary} of chunk server {node} into group {index}x{replicas} \
+         refused: {reason}"
+    )]
+    ClaimRefused {
+        /// The claiming primary.
+        primary: u64,
+        /// The group's replica count.
+        replicas: u32,
+        /// The group's index.
+        index: u32,
+        /// The node claimed.
+        node: u64,
+        /// Why, in words (from `cairn_group::authority::ClaimRefused`).
+        reason: String,
+    },
+    /// A volume created before the pool's group count is set.
+    #[error(
+        "cannot create volume {name:?} yet: the pool's group count is not set (the volume \
+         manager leader sets it as it starts); retry"
+    )]
+    GroupCountUnset {
+        /// The volume.
+        name: String,
+    },
+    /// Placement could not place a replica count's groups (it cannot
+    /// happen after the checks before it; kept so apply stays total).
+    #[error("cannot place the groups of {replicas}-replica volumes: {reason}")]
+    Placement {
+        /// The replica count.
+        replicas: u32,
+        /// Placement's complaint.
+        reason: String,
+    },
     /// A Mark* command with an empty id list.
     #[error("no node ids given")]
     NoNodes,
@@ -250,8 +303,12 @@ impl StateError {
             | Shrink { .. }
             | VolumeHasClones { .. }
             | NodeInUse { .. }
+            | NodeActing { .. }
+            | ClaimRefused { .. }
+            | Placement { .. }
             | NodeAddrMismatch { .. }
             | GroupCountFixed { .. } => ErrorCode::FailedPrecondition,
+            GroupCountUnset { .. } => ErrorCode::Unavailable,
             TooManyVolumes { .. } | TooManyNodes { .. } | Exhausted { .. } => {
                 ErrorCode::LimitReached
             }

@@ -10,7 +10,11 @@
 //! written. Then the payload is decoded and every invariant the state relies
 //! on is checked (sorted unique node ids, unique names, ids below the next
 //! id, bounded tables), so a snapshot that would make `apply` misbehave is
-//! refused at the door with the reason. Field tags never change (on-disk
+//! refused at the door with the reason. The cluster map, group records and
+//! incarnations included, is stored as its own prost message
+//! ([`ClusterMap`]), so new map fields ride along without a format change;
+//! a snapshot from before group records restores with none (records appear
+//! with the next volume of each replica count). Field tags never change (on-disk
 //! format); a change to the meaning of the payload takes a new version.
 //!
 //! Encoding is canonical: the same state always gives the same bytes
@@ -23,7 +27,8 @@ use cairn_proto::map::{ClusterMap, VolumeInfo};
 use prost::Message as _;
 
 use super::{
-    validate, Response, RestoreError, State, CLIENTS_MAX, DELETED_MAX, NODES_MAX, VOLUMES_MAX,
+    validate, Response, RestoreError, State, CLIENTS_MAX, DELETED_MAX, NODES_MAX, REPLICAS_MAX,
+    VOLUMES_MAX,
 };
 
 /// First field of every snapshot: "CVMS" read as a little-endian u32.
@@ -195,6 +200,7 @@ fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
         clients,
         clients_by_use,
         client_uses: snap.client_uses,
+        placement: Default::default(),
     })
 }
 
@@ -220,11 +226,54 @@ fn check_map(map: &ClusterMap) -> Result<(), RestoreError> {
             )));
         }
         previous = node.id;
-        if node.since_epoch > map.epoch {
+        if node.since_epoch > map.epoch || node.up_since > map.epoch {
             return Err(invariant(format!(
-                "node {} changed at epoch {}, after the map's epoch {}",
-                node.id, node.since_epoch, map.epoch
+                "node {} changed at epoch {} (incarnation {}), after the map's epoch {}",
+                node.id, node.since_epoch, node.up_since, map.epoch
             )));
+        }
+    }
+    check_groups(map)
+}
+
+/// Group records: sorted by (replicas, index), each key once, within the
+/// group count and replica limit; acting sets non-empty, without repeats,
+/// of nodes in the map; intervals not after the map's epoch.
+fn check_groups(map: &ClusterMap) -> Result<(), RestoreError> {
+    let mut previous: Option<(u32, u32)> = None;
+    for g in &map.groups {
+        let key = (g.replicas, g.index);
+        let name = format!("group {}x{}", g.index, g.replicas);
+        if previous.is_some_and(|p| p >= key) {
+            return Err(invariant(format!(
+                "group records not sorted by (replicas, index): {name} after group {}x{}",
+                previous.unwrap_or_default().1,
+                previous.unwrap_or_default().0
+            )));
+        }
+        previous = Some(key);
+        if g.replicas == 0 || g.replicas > REPLICAS_MAX || g.index >= map.group_count {
+            return Err(invariant(format!(
+                "{name}: replicas outside 1..={REPLICAS_MAX} or index not below the group count {}",
+                map.group_count
+            )));
+        }
+        if g.interval > map.epoch {
+            return Err(invariant(format!(
+                "{name}: interval {} after the map's epoch {}",
+                g.interval, map.epoch
+            )));
+        }
+        if g.acting.is_empty() {
+            return Err(invariant(format!("{name}: empty acting set")));
+        }
+        for (i, id) in g.acting.iter().enumerate() {
+            if map.node(*id).is_none() || g.acting[..i].contains(id) {
+                return Err(invariant(format!(
+                    "{name}: acting set {:?} names node {id} twice or not in the map",
+                    g.acting
+                )));
+            }
         }
     }
     Ok(())

@@ -1,0 +1,664 @@
+//! The chunk server's side of replication: drives the group protocol core
+//! (`cairn_group::node::Node`, which holds every rule) with real inputs and
+//! carries out what it asks.
+//!
+//! ```text
+//!  RPC server ──Op::Group──► ┐                      ┌─► peers.rs: one TCP link per peer (Op::Peer frames)
+//!  RPC server ──Op::Peer───► │                      ├─► store (one tokio task per disk operation)
+//!  map watcher (volmgr) ───► ├─► driver task: Node ─┼─► journal.rs (appended before the disk op starts)
+//!  heartbeats (leases) ────► │    one owner,        ├─► volume manager: claims
+//!  disk completions ───────► ┘    one thread        └─► replies to waiting RPC requests
+//! ```
+//!
+//! One task owns the core, so the core needs no locks (crucible's habit:
+//! one owner, select then apply). It takes every input that is ready, then
+//! carries out the core's outputs in order: journal records are written
+//! (page cache) before any disk operation, message or reply that follows
+//! them.
+//!
+//! Maps reach the core only once this process has registered (a new
+//! incarnation) and only from the registration's epoch on: an older map
+//! would show this node's previous incarnation, whose in-memory state died
+//! with the old process.
+
+pub mod journal;
+mod peers;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use cairn_group::msg::{ClientRequest, Peer, PeerMsg, Refusal};
+use cairn_group::node::{Config as CoreConfig, DiskDone, DiskReq, Node, OpId, Output, Trace};
+use cairn_group::{ExtentId, GroupMap, NodeId};
+use cairn_proto::map::ClusterMap;
+use cairn_volmgr::client::VolmgrClient;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::store::{ExtentKey, IoBuf, Store};
+use journal::Journal;
+use peers::Peers;
+
+/// What a client request comes back with: data for a read, nothing for a
+/// write or flush, or the protocol's refusal.
+pub type ClientResult = Result<Option<Bytes>, Refusal>;
+
+/// Inputs queued for the driver before senders wait (client requests) or
+/// drop (peer messages, which the protocol resends).
+const INPUT_QUEUE: usize = 16_384;
+/// The core's timers run at this resolution.
+const TICK: Duration = Duration::from_millis(50);
+/// Largest single store read when copying a whole extent for a push.
+const EXTENT_READ_PIECE: u32 = 4 << 20;
+/// The map watcher's long poll.
+const MAP_POLL_WAIT: Duration = Duration::from_secs(30);
+/// Pause after a failed map fetch.
+const MAP_RETRY: Duration = Duration::from_millis(500);
+
+enum Input {
+    Client {
+        req: ClientRequest,
+        extent_bytes: u32,
+        reply: oneshot::Sender<ClientResult>,
+    },
+    Peer {
+        msg: Peer,
+        extent_bytes: u32,
+    },
+    Map(Box<(Arc<ClusterMap>, GroupMap)>),
+    Lease {
+        until: u64,
+        map_epoch: u64,
+    },
+    Disk {
+        id: OpId,
+        done: DiskDone,
+    },
+}
+
+/// A handle to the driver; cheap to clone.
+#[derive(Clone)]
+pub struct Replication {
+    tx: mpsc::Sender<Input>,
+    start: Instant,
+    /// Peer messages dropped because the driver's queue was full.
+    dropped: Arc<AtomicU64>,
+    /// Wakes the map watcher early (the core saw a newer epoch named).
+    need_map: Arc<Notify>,
+}
+
+/// What the driver needs besides the store.
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    pub core: CoreConfig,
+    /// The volume manager, for claims and maps; `None` in tests that feed
+    /// maps themselves.
+    pub volmgr: Option<Arc<VolmgrClient>>,
+}
+
+impl Replication {
+    /// Starts the driver with the journal's replayed state. It runs until
+    /// `stop` turns true.
+    pub fn start(
+        cfg: ReplicaConfig,
+        store: Store,
+        opened: journal::Opened,
+        stop: watch::Receiver<bool>,
+    ) -> (Replication, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let start = Instant::now();
+        let handle = Replication {
+            tx: tx.clone(),
+            start,
+            dropped: Arc::new(AtomicU64::new(0)),
+            need_map: Arc::new(Notify::new()),
+        };
+        let node = Node::new(cfg.node_id, cfg.core, opened.durable, 0);
+        let driver = Driver {
+            me: cfg.node_id,
+            node,
+            store,
+            journal: opened.journal,
+            rx,
+            tx,
+            start,
+            cluster: Arc::new(ClusterMap::default()),
+            extent_sizes: HashMap::new(),
+            pending: HashMap::new(),
+            peers: Peers::new(cfg.node_id),
+            volmgr: cfg.volmgr,
+            need_map: handle.need_map.clone(),
+            journal_failed: None,
+        };
+        let task = tokio::spawn(driver.run(stop));
+        (handle, task)
+    }
+
+    fn now_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.start).as_millis() as u64
+    }
+
+    /// Runs a client request through the group protocol. `None` if the
+    /// driver stopped.
+    pub async fn request(
+        &self,
+        req: ClientRequest,
+        extent_bytes: u32,
+    ) -> Option<oneshot::Receiver<ClientResult>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Client {
+                req,
+                extent_bytes,
+                reply,
+            })
+            .await
+            .ok()?;
+        Some(rx)
+    }
+
+    /// Hands over a message from a peer; dropped if the driver is swamped
+    /// (the sender resends).
+    pub fn peer(&self, msg: Peer, extent_bytes: u32) {
+        if self.tx.try_send(Input::Peer { msg, extent_bytes }).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The volume manager answered a heartbeat sent at `sent`, granting a
+    /// read lease of `lease_ms` from then.
+    pub async fn lease(&self, sent: Instant, lease_ms: u64, map_epoch: u64) {
+        if lease_ms == 0 {
+            return;
+        }
+        let until = self.now_at(sent) + lease_ms;
+        let _ = self.tx.send(Input::Lease { until, map_epoch }).await;
+    }
+
+    /// A new map for the core.
+    pub async fn map(&self, map: ClusterMap) {
+        let groups = cairn_proto::groupmap::group_map(&map);
+        let _ = self
+            .tx
+            .send(Input::Map(Box::new((Arc::new(map), groups))))
+            .await;
+    }
+
+    /// Follows the volume manager's map from `from_epoch` (this process's
+    /// registration) on, until `stop`.
+    pub async fn watch_map(
+        self,
+        volmgr: Arc<VolmgrClient>,
+        from_epoch: u64,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut have = from_epoch.saturating_sub(1);
+        let mut failing = false;
+        loop {
+            let fetched = tokio::select! {
+                r = volmgr.get_map(have, MAP_POLL_WAIT) => r,
+                _ = self.need_map.notified() => continue,
+                _ = stop.changed() => return,
+            };
+            match fetched {
+                Ok(map) => {
+                    if failing {
+                        info!("map updates from the volume manager resumed");
+                        failing = false;
+                    }
+                    if map.epoch > have {
+                        have = map.epoch;
+                        self.map(map).await;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!("cannot fetch the cluster map: {e}; retrying");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(MAP_RETRY) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Peer messages dropped so far because the driver was swamped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+struct Driver {
+    me: NodeId,
+    node: Node,
+    store: Store,
+    journal: Journal,
+    rx: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    start: Instant,
+    cluster: Arc<ClusterMap>,
+    /// Volume id → extent size, learned from requests and peer messages
+    /// (fixed at volume creation; ids are never reused).
+    extent_sizes: HashMap<u64, u32>,
+    /// Client requests waiting for the core's reply.
+    pending: HashMap<(u64, u64), oneshot::Sender<ClientResult>>,
+    peers: Peers,
+    volmgr: Option<Arc<VolmgrClient>>,
+    need_map: Arc<Notify>,
+    /// Set once a journal append failed: no disk operation may start after
+    /// that (it would not be covered by its record).
+    journal_failed: Option<String>,
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                input = self.rx.recv() => {
+                    let Some(input) = input else { break };
+                    self.input(input);
+                    // Take whatever else is ready, so outputs batch.
+                    for _ in 0..256 {
+                        match self.rx.try_recv() {
+                            Ok(input) => self.input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.now();
+                    self.node.on_tick(now);
+                    ticks += 1;
+                    if ticks.is_multiple_of(20) {
+                        self.housekeeping();
+                    }
+                }
+            }
+            self.outputs();
+        }
+        if let Err(e) = self.journal.write_pending() {
+            warn!(node = self.me, "{e}");
+        }
+        debug!(node = self.me, "replication driver stopped");
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        self.node.set_clock(now);
+        match input {
+            Input::Client {
+                req,
+                extent_bytes,
+                reply,
+            } => {
+                if let Some(ext) = request_extent(&req) {
+                    self.learn_size(ext.volume, extent_bytes);
+                }
+                // A retry of a request still pending replaces the earlier
+                // waiter (whose connection the client has given up on).
+                self.pending.insert((req.client, req.id), reply);
+                self.node.on_client(req);
+            }
+            Input::Peer { msg, extent_bytes } => {
+                if let PeerMsg::Forward { ext, .. } | PeerMsg::Push { ext, .. } = &msg.msg {
+                    self.learn_size(ext.volume, extent_bytes);
+                }
+                self.node.on_peer(msg);
+            }
+            Input::Map(m) => {
+                let (cluster, groups) = *m;
+                if groups.epoch > self.node.map().epoch || self.node.map().epoch == 0 {
+                    debug!(node = self.me, epoch = groups.epoch, "new cluster map");
+                    self.cluster = cluster;
+                    let cluster = self.cluster.clone();
+                    self.peers.retain(|id| cluster.node(id).is_some());
+                    self.node.on_map(groups);
+                }
+            }
+            Input::Lease { until, map_epoch } => self.node.on_lease(until, map_epoch),
+            Input::Disk { id, done } => self.node.on_disk(id, done),
+        }
+    }
+
+    fn learn_size(&mut self, volume: u64, extent_bytes: u32) {
+        if extent_bytes != 0 {
+            self.extent_sizes.insert(volume, extent_bytes);
+        }
+    }
+
+    /// Once a second: forget waiters whose connection went away, compact
+    /// the journal when it has grown.
+    fn housekeeping(&mut self) {
+        self.pending.retain(|_, tx| !tx.is_closed());
+        if self.journal.file_bytes() > journal::COMPACT_MIN_BYTES {
+            let entries: u64 = self
+                .node
+                .durables()
+                .map(|(_, g)| g.log.len() as u64 + 1)
+                .sum();
+            if self.journal.wants_compaction(entries) {
+                let before = self.journal.file_bytes();
+                match self.journal.compact(self.node.durables()) {
+                    Ok(()) => info!(
+                        node = self.me,
+                        before,
+                        after = self.journal.file_bytes(),
+                        "group journal rewritten"
+                    ),
+                    Err(e) => warn!(node = self.me, "{e}"),
+                }
+            }
+        }
+    }
+
+    /// Writes queued journal records; on failure, remembers it.
+    fn flush_journal(&mut self) {
+        if self.journal_failed.is_none() && self.journal.has_pending() {
+            if let Err(e) = self.journal.write_pending() {
+                warn!(
+                    node = self.me,
+                    "{e}; disk operations of replicated writes now fail"
+                );
+                self.journal_failed = Some(e);
+            }
+        }
+    }
+
+    fn outputs(&mut self) {
+        loop {
+            let outs = self.node.drain();
+            if outs.is_empty() {
+                break;
+            }
+            for out in outs {
+                match out {
+                    Output::Journal(r) => self.journal.append(&r),
+                    Output::Disk { id, req } => {
+                        self.flush_journal();
+                        if let Some(e) = &self.journal_failed {
+                            let done = DiskDone::Failed(format!("node {}: {e}", self.me));
+                            // Report through the queue: the core is not
+                            // re-entered while its outputs are carried out.
+                            let tx = self.tx.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(Input::Disk { id, done }).await;
+                            });
+                            continue;
+                        }
+                        self.start_disk(id, req);
+                    }
+                    Output::Peer { to, msg } => {
+                        self.flush_journal();
+                        self.send_peer(to, msg);
+                    }
+                    Output::Reply(r) => {
+                        self.flush_journal();
+                        if let Some(tx) = self.pending.remove(&(r.client, r.id)) {
+                            let _ = tx.send(r.result);
+                        }
+                    }
+                    Output::Claim(c) => self.claim(c),
+                    Output::NeedMap(epoch) => {
+                        debug!(node = self.me, epoch, "a newer map is named; fetching");
+                        self.need_map.notify_one();
+                    }
+                    Output::Trace(t) => trace(self.me, t),
+                }
+            }
+        }
+        self.flush_journal();
+    }
+
+    fn send_peer(&mut self, to: NodeId, msg: Peer) {
+        let Some(node) = self.cluster.node(to) else {
+            debug!(
+                node = self.me,
+                peer = to,
+                "no address for peer; message dropped"
+            );
+            return;
+        };
+        let extent_bytes = match &msg.msg {
+            PeerMsg::Forward { ext, .. } => self.extent_sizes.get(&ext.volume).copied(),
+            PeerMsg::Push { data: Some(d), .. } => Some(d.len() as u32),
+            _ => None,
+        }
+        .unwrap_or(0);
+        let (header, data) = cairn_proto::group::encode_peer(&msg, extent_bytes);
+        let addr = node.addr.clone();
+        self.peers.send(to, &addr, header, data);
+    }
+
+    fn claim(&self, c: cairn_group::authority::Claim) {
+        let Some(volmgr) = self.volmgr.clone() else {
+            return;
+        };
+        let need_map = self.need_map.clone();
+        let me = self.me;
+        tokio::spawn(async move {
+            match volmgr
+                .claim_replica(
+                    c.primary,
+                    c.key.replicas,
+                    c.key.index,
+                    c.interval,
+                    c.node,
+                    c.up_since,
+                )
+                .await
+            {
+                Ok(epoch) => {
+                    info!(node = me, group = %c.key, replica = c.node, epoch, "replica caught up and rejoined the acting set");
+                    need_map.notify_one();
+                }
+                // The core retries on its own timer, from the newest map.
+                Err(e) => {
+                    debug!(node = me, group = %c.key, replica = c.node, "claim not granted: {e}")
+                }
+            }
+        });
+    }
+
+    fn start_disk(&mut self, id: OpId, req: DiskReq) {
+        let size = disk_extent(&req).and_then(|e| self.extent_sizes.get(&e.volume).copied());
+        let store = self.store.clone();
+        let tx = self.tx.clone();
+        let me = self.me;
+        let journal = match req {
+            DiskReq::Flush => Some(self.journal.sync_handle()),
+            _ => None,
+        };
+        tokio::spawn(async move {
+            let done = match run_disk(&store, req, size, journal).await {
+                Ok(done) => done,
+                Err(e) => DiskDone::Failed(format!("node {me}: {e}")),
+            };
+            let _ = tx.send(Input::Disk { id, done }).await;
+        });
+    }
+}
+
+fn trace(me: NodeId, t: Trace) {
+    match t {
+        Trace::AckedWrite { .. } => {}
+        Trace::Activated {
+            key,
+            interval,
+            pushed,
+        } => info!(
+            node = me,
+            group = %key,
+            interval,
+            pushed,
+            "serving as primary"
+        ),
+        Trace::Claimed { key, node, pushed } => info!(
+            node = me,
+            group = %key,
+            replica = node,
+            pushed,
+            "replica brought up to date; claiming it into the acting set"
+        ),
+    }
+}
+
+fn request_extent(req: &ClientRequest) -> Option<ExtentId> {
+    match &req.op {
+        cairn_group::msg::ClientOp::Write { ext, .. }
+        | cairn_group::msg::ClientOp::Read { ext, .. } => Some(*ext),
+        cairn_group::msg::ClientOp::Flush => None,
+    }
+}
+
+fn disk_extent(req: &DiskReq) -> Option<ExtentId> {
+    match req {
+        DiskReq::Write { ext, .. }
+        | DiskReq::Read { ext, .. }
+        | DiskReq::ReadExtent { ext }
+        | DiskReq::PutExtent { ext, .. } => Some(*ext),
+        DiskReq::Flush => None,
+    }
+}
+
+fn key_of(e: ExtentId) -> ExtentKey {
+    ExtentKey {
+        volume_id: e.volume,
+        extent_index: e.index,
+        epoch: e.epoch,
+    }
+}
+
+/// Runs one disk operation of the core against the store.
+async fn run_disk(
+    store: &Store,
+    req: DiskReq,
+    size: Option<u32>,
+    journal: Option<Result<File, String>>,
+) -> Result<DiskDone, String> {
+    let need_size = |ext: ExtentId| {
+        size.ok_or_else(|| format!("{ext}: extent size unknown (no request named it)"))
+    };
+    match req {
+        DiskReq::Write { ext, op, fua } => {
+            let eb = need_size(ext)?;
+            match op {
+                cairn_group::msg::WriteOp::Data { offset, data } => store
+                    .write(key_of(ext), eb, offset, IoBuf::copy_from(&data), fua)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                cairn_group::msg::WriteOp::Zero { offset, len } => store
+                    .write_zeroes(key_of(ext), eb, offset, len as u32, fua, true)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            }
+            Ok(DiskDone::Ok)
+        }
+        DiskReq::Read { ext, offset, len } => {
+            let eb = need_size(ext)?;
+            let buf = store
+                .read(key_of(ext), eb, offset, len as u32)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(DiskDone::Data(Bytes::from_owner(buf)))
+        }
+        DiskReq::ReadExtent { ext } => {
+            let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? else {
+                return Ok(DiskDone::Extent(None));
+            };
+            let eb = stat.extent_bytes;
+            let mut out = BytesMut::with_capacity(eb as usize);
+            let mut at = 0u64;
+            while at < eb as u64 {
+                let len = EXTENT_READ_PIECE.min(eb - at as u32);
+                let buf = store
+                    .read(key_of(ext), eb, at, len)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                out.extend_from_slice(&buf);
+                at += len as u64;
+            }
+            Ok(DiskDone::Extent(Some(out.freeze())))
+        }
+        DiskReq::PutExtent {
+            ext,
+            data: Some(data),
+        } => {
+            put_extent(store, key_of(ext), &data).await?;
+            Ok(DiskDone::Ok)
+        }
+        DiskReq::PutExtent { ext, data: None } => {
+            if let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? {
+                store
+                    .trim(key_of(ext), stat.extent_bytes, 0, stat.extent_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(DiskDone::Ok)
+        }
+        DiskReq::Flush => {
+            let sync = async {
+                let handle = journal.unwrap_or_else(|| Err("no journal handle".into()))?;
+                tokio::task::spawn_blocking(move || Journal::sync(&handle))
+                    .await
+                    .map_err(|e| format!("journal sync task: {e}"))?
+            };
+            let (synced, flushed) = tokio::join!(sync, store.flush());
+            synced?;
+            flushed.map_err(|e| e.to_string())?;
+            Ok(DiskDone::Ok)
+        }
+    }
+}
+
+/// Replaces a whole extent with `data`, keeping it thin: runs of all-zero
+/// 4 KiB blocks are punched, the rest written.
+async fn put_extent(store: &Store, key: ExtentKey, data: &[u8]) -> Result<(), String> {
+    const BLOCK: usize = 4096;
+    let eb = data.len() as u32;
+    let zero_block = |i: usize| data[i * BLOCK..(i + 1) * BLOCK].iter().all(|&b| b == 0);
+    let blocks = data.len() / BLOCK;
+    let mut i = 0;
+    while i < blocks {
+        let zero = zero_block(i);
+        let mut j = i + 1;
+        while j < blocks && zero_block(j) == zero {
+            j += 1;
+        }
+        let (offset, len) = ((i * BLOCK) as u64, ((j - i) * BLOCK) as u32);
+        if zero {
+            store
+                .write_zeroes(key, eb, offset, len, false, true)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            store
+                .write(
+                    key,
+                    eb,
+                    offset,
+                    IoBuf::copy_from(&data[i * BLOCK..j * BLOCK]),
+                    false,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        i = j;
+    }
+    Ok(())
+}

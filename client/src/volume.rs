@@ -1,0 +1,266 @@
+//! [`Volume`]: reading and writing one volume. A call's byte range is split
+//! into pieces (one extent and at most one frame each), the pieces run
+//! concurrently, each to its group's primary (see [`Cluster::run`] for
+//! routing and retries), and a read is put back together in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use cairn_group::msg::{ClientOp, WriteOp};
+use cairn_group::{ExtentId, GroupKey};
+use cairn_proto::frame::FRAME_DATA_BYTES_MAX;
+use cairn_proto::map::VolumeInfo;
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use crate::cluster::Cluster;
+use crate::error::ClientError;
+use crate::split::{check_range, split, Piece};
+
+/// Pieces of one call in flight at once (a 1 TiB trim is 262,144 extents).
+const PIECES_IN_FLIGHT: usize = 64;
+
+/// An open volume. Clones share it (and its record of unflushed groups).
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Arc<Cluster>,
+    info: VolumeInfo,
+    dirty: Mutex<Dirty>,
+}
+
+/// Groups that acknowledged non-FUA writes since their last flush. Each
+/// entry carries the generation of its latest write, so a flush clears only
+/// what it covered: a write that completes while the flush runs stays dirty.
+#[derive(Default)]
+struct Dirty {
+    generation: u64,
+    groups: HashMap<GroupKey, u64>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("info", &self.inner.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a catalogue record is one this client can serve.
+fn check_info(info: &VolumeInfo) -> Result<(), String> {
+    let e = info.extent_size_bytes;
+    if !e.is_power_of_two() || !((64 << 10)..=(64 << 20)).contains(&e) {
+        return Err(format!(
+            "extent size {e} is not a power of two from 64 KiB to 64 MiB"
+        ));
+    }
+    if info.replicas == 0 {
+        return Err("replica count is 0".into());
+    }
+    if !info.size_bytes.is_multiple_of(512) {
+        return Err(format!("size {} is not whole sectors", info.size_bytes));
+    }
+    Ok(())
+}
+
+impl Volume {
+    pub(crate) fn new(cluster: Arc<Cluster>, info: VolumeInfo) -> Result<Volume, ClientError> {
+        check_info(&info).map_err(|reason| ClientError::InvalidArgument {
+            volume: info.name.clone(),
+            offset: 0,
+            len: info.size_bytes,
+            reason: format!("unusable volume record: {reason}"),
+        })?;
+        Ok(Volume {
+            inner: Arc::new(Inner {
+                cluster,
+                info,
+                dirty: Mutex::new(Dirty::default()),
+            }),
+        })
+    }
+
+    /// The catalogue record as of opening: size, extent size, replicas.
+    pub fn info(&self) -> &VolumeInfo {
+        &self.inner.info
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.inner.info.name
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.info.size_bytes
+    }
+
+    /// The Cluster the volume was opened on.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.inner.cluster
+    }
+
+    fn extent_bytes(&self) -> u64 {
+        self.inner.info.extent_size_bytes as u64
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        check_range(self.inner.info.size_bytes, offset, len).map_err(|reason| {
+            ClientError::InvalidArgument {
+                volume: self.inner.info.name.clone(),
+                offset,
+                len,
+                reason,
+            }
+        })
+    }
+
+    fn ext(&self, p: &Piece) -> ExtentId {
+        ExtentId {
+            volume: self.inner.info.id,
+            index: p.index,
+            epoch: self.inner.info.head_epoch,
+        }
+    }
+
+    /// Reads `len` bytes at `offset` (both multiples of 512).
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ClientError> {
+        self.check(offset, len)?;
+        let mut pieces = split(
+            offset,
+            len,
+            self.extent_bytes(),
+            FRAME_DATA_BYTES_MAX as u64,
+        )
+        .peekable();
+        let Some(first) = pieces.next() else {
+            return Ok(Bytes::new());
+        };
+        if pieces.peek().is_none() {
+            return self.read_piece(first).await;
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut parts = stream::iter(std::iter::once(first).chain(pieces))
+            .map(|p| self.read_piece(p))
+            .buffered(PIECES_IN_FLIGHT);
+        while let Some(part) = parts.try_next().await? {
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(&self, p: Piece) -> Result<Bytes, ClientError> {
+        let op = ClientOp::Read {
+            ext: self.ext(&p),
+            offset: p.offset,
+            len: p.len,
+        };
+        let (_, data) = self.inner.cluster.run(&self.inner.info, op, None).await?;
+        Ok(data)
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512). With `fua` it is
+    /// durable on every replica when this returns; otherwise after the next
+    /// [`flush`](Self::flush).
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        let pieces = split(
+            offset,
+            len,
+            self.extent_bytes(),
+            FRAME_DATA_BYTES_MAX as u64,
+        );
+        self.write_pieces(pieces, fua, |p| WriteOp::Data {
+            offset: p.offset,
+            data: data.slice(p.pos as usize..(p.pos + p.len) as usize),
+        })
+        .await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ClientError> {
+        self.check(offset, len)?;
+        // No data travels, so a piece may be a whole extent.
+        let pieces = split(offset, len, self.extent_bytes(), self.extent_bytes());
+        self.write_pieces(pieces, fua, |p| WriteOp::Zero {
+            offset: p.offset,
+            len: p.len,
+        })
+        .await
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros afterwards (on
+    /// the wire a zeroing; the store punches whole blocks).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_pieces(
+        &self,
+        pieces: impl Iterator<Item = Piece>,
+        fua: bool,
+        make: impl Fn(&Piece) -> WriteOp,
+    ) -> Result<(), ClientError> {
+        stream::iter(pieces)
+            .map(|p| {
+                let op = ClientOp::Write {
+                    ext: self.ext(&p),
+                    op: make(&p),
+                    fua,
+                };
+                async move {
+                    let (key, _) = self.inner.cluster.run(&self.inner.info, op, None).await?;
+                    if !fua {
+                        self.mark_dirty(key);
+                    }
+                    Ok::<(), ClientError>(())
+                }
+            })
+            .buffer_unordered(PIECES_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
+
+    fn mark_dirty(&self, key: GroupKey) {
+        let mut d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        d.generation += 1;
+        let g = d.generation;
+        d.groups.insert(key, g);
+    }
+
+    /// Groups with writes not yet flushed (for tools and tests).
+    pub fn unflushed_groups(&self) -> Vec<GroupKey> {
+        let d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<GroupKey> = d.groups.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Makes every write acknowledged before this call durable on every
+    /// replica: sends a group flush to the current primary of every group
+    /// that took non-FUA writes since its last successful flush.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let todo: Vec<(GroupKey, u64)> = {
+            let d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            d.groups.iter().map(|(k, g)| (*k, *g)).collect()
+        };
+        let results =
+            futures::future::join_all(todo.into_iter().map(|(key, generation)| async move {
+                self.inner
+                    .cluster
+                    .run(&self.inner.info, ClientOp::Flush, Some(key))
+                    .await?;
+                let mut d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                if d.groups.get(&key) == Some(&generation) {
+                    d.groups.remove(&key);
+                }
+                Ok::<(), ClientError>(())
+            }))
+            .await;
+        results.into_iter().collect()
+    }
+}

@@ -1,0 +1,190 @@
+//! A whole replicated cluster as real processes: one volume manager member
+//! and chunk servers on 127.0.0.2, .3, .4 ... (one host each), with a fast
+//! failure detector so failover tests take seconds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cairn_chunkserver::rpc::ChunkClient;
+use cairn_proto::map::ClusterMap;
+use cairn_volmgr::client::VolmgrClient;
+
+use crate::volmgr::VolmgrCluster;
+use crate::{ChunkServerOptions, ChunkServerProcess};
+
+/// Heartbeat period the test clusters use.
+pub const HEARTBEAT_MS: u64 = 200;
+/// Silence after which a chunk server is marked down.
+pub const DOWN_AFTER_MS: u64 = 1000;
+
+pub struct ReplicatedCluster {
+    pub volmgr: VolmgrCluster,
+    /// Index i holds node id i + 1.
+    pub servers: Vec<ChunkServerProcess>,
+}
+
+impl ReplicatedCluster {
+    /// Starts a volume manager and `nodes` chunk servers and waits until all
+    /// are registered and up.
+    pub async fn start(nodes: u64) -> anyhow::Result<Self> {
+        let volmgr = VolmgrCluster::start(
+            1,
+            &[
+                "--heartbeat-interval-ms",
+                &HEARTBEAT_MS.to_string(),
+                "--down-after-ms",
+                &DOWN_AFTER_MS.to_string(),
+            ],
+        )?;
+        let addrs = volmgr.addrs().join(",");
+        let mut servers = Vec::new();
+        for id in 1..=nodes {
+            servers.push(ChunkServerProcess::start(ChunkServerOptions {
+                cluster_id: volmgr.cluster_id.clone(),
+                node_id: id,
+                listen_ip: Ipv4Addr::new(127, 0, 0, 1 + id as u8),
+                extra_args: vec![
+                    "--volmgr".into(),
+                    addrs.clone(),
+                    "--host".into(),
+                    format!("h{id}"),
+                ],
+                ..ChunkServerOptions::default()
+            })?);
+        }
+        let c = ReplicatedCluster { volmgr, servers };
+        c.wait_map(
+            "every chunk server registered and up",
+            Duration::from_secs(30),
+            |m| m.nodes.len() == nodes as usize && m.nodes.iter().all(|n| n.up),
+        )
+        .await?;
+        Ok(c)
+    }
+
+    pub fn client(&self) -> VolmgrClient {
+        self.volmgr.client()
+    }
+
+    pub async fn map(&self) -> anyhow::Result<ClusterMap> {
+        Ok(self.client().get_map(0, Duration::ZERO).await?)
+    }
+
+    /// Waits until the map satisfies `ok`; returns that map.
+    pub async fn wait_map(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&ClusterMap) -> bool,
+    ) -> anyhow::Result<ClusterMap> {
+        let client = self.client();
+        let t0 = Instant::now();
+        let mut map = client.get_map(0, Duration::ZERO).await?;
+        while !ok(&map) {
+            if t0.elapsed() > timeout {
+                bail!("{what}: not reached within {timeout:?}; map epoch {}: nodes {:?}, degraded groups {}", map.epoch,
+                    map.nodes.iter().map(|n| (n.id, n.up)).collect::<Vec<_>>(),
+                    map.groups.iter().filter(|g| (g.acting.len() as u32) < g.replicas).count());
+            }
+            map = client
+                .get_map(map.epoch, Duration::from_millis(500))
+                .await?;
+        }
+        Ok(map)
+    }
+
+    /// Waits until every node is up and every group acts with all its
+    /// replicas (everything rejoined).
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<ClusterMap> {
+        self.wait_map("cluster healthy", timeout, |m| {
+            m.nodes.iter().all(|n| n.up)
+                && !m.groups.is_empty()
+                && m.groups
+                    .iter()
+                    .all(|g| g.acting.len() as u32 >= g.replicas.min(m.nodes.len() as u32))
+        })
+        .await
+    }
+
+    /// The node serving as primary of the group holding `extent` of
+    /// `volume` (the first acting replica).
+    pub fn primary_of(map: &ClusterMap, replicas: u32, volume: u64, extent: u64) -> Option<u64> {
+        let index = cairn_placement::group_of(volume, extent, map.group_count).ok()?;
+        let g =
+            cairn_proto::groupmap::group_record(map, cairn_group::GroupKey { replicas, index })?;
+        g.acting.first().copied()
+    }
+
+    /// Reads every stored extent of `volume` on every chunk server and
+    /// checks that all replicas of each extent hold the same bytes (an
+    /// extent a replica does not store counts as zeros, which is what it
+    /// reads as). Returns the number of extents compared.
+    pub async fn compare_replicas(&self, volume: u64, vol_replicas: u32) -> anyhow::Result<usize> {
+        let map = self.map().await?;
+        // extent (index, epoch) -> node -> crc
+        let mut seen: BTreeMap<(u64, u64), BTreeMap<u64, u32>> = BTreeMap::new();
+        let mut sizes: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let node = i as u64 + 1;
+            let c = ChunkClient::connect(s.addr())
+                .await
+                .with_context(|| format!("connecting to node {node}"))?;
+            let mut after = None;
+            loop {
+                let page = c.extent_list(Some(volume), after, 0).await?;
+                for e in &page.extents {
+                    let key = e.key.context("listed extent without key")?;
+                    let mut crc = crc32fast::Hasher::new();
+                    let mut at = 0u64;
+                    while at < e.extent_bytes as u64 {
+                        let len = (e.extent_bytes as u64 - at).min(4 << 20) as u32;
+                        let data =
+                            c.read(key, e.extent_bytes, at, len)
+                                .await
+                                .with_context(|| {
+                                    format!("reading extent {} on node {node}", key.extent_index)
+                                })?;
+                        crc.update(&data);
+                        at += len as u64;
+                    }
+                    seen.entry((key.extent_index, key.epoch))
+                        .or_default()
+                        .insert(node, crc.finalize());
+                    sizes.insert((key.extent_index, key.epoch), e.extent_bytes);
+                    after = Some(key);
+                }
+                if !page.more {
+                    break;
+                }
+            }
+        }
+        for ((index, epoch), by_node) in &seen {
+            let group = cairn_placement::group_of(volume, *index, map.group_count)?;
+            let holders: BTreeSet<u64> = cairn_proto::groupmap::group_record(
+                &map,
+                cairn_group::GroupKey {
+                    replicas: vol_replicas,
+                    index: group,
+                },
+            )
+            .map(|g| g.acting.iter().copied().collect())
+            .unwrap_or_default();
+            let zeros = {
+                let mut h = crc32fast::Hasher::new();
+                h.update(&vec![0u8; sizes[&(*index, *epoch)] as usize]);
+                h.finalize()
+            };
+            let crcs: BTreeMap<u64, u32> = holders
+                .iter()
+                .map(|n| (*n, by_node.get(n).copied().unwrap_or(zeros)))
+                .collect();
+            let distinct: BTreeSet<u32> = crcs.values().copied().collect();
+            if distinct.len() > 1 {
+                bail!("volume {volume} extent {index} epoch {epoch}: replicas differ: {crcs:?} (holders {holders:?})");
+            }
+        }
+        Ok(seen.len())
+    }
+}
