@@ -152,6 +152,26 @@ pub struct VolmgrRequest {
     /// Its incarnation (`NodeInfo::up_since`) at that time.
     #[prost(uint64, tag = "64")]
     pub claim_up_since: u64,
+    /// Further claims of the same primary, granted at the same epoch (see
+    /// `ClaimReplica`).
+    #[prost(message, repeated, tag = "65")]
+    pub more_claims: Vec<GroupClaim>,
+}
+
+/// One claim of a batch: the primary brought `node` (incarnation
+/// `up_since`) up to date in group `index`x`replicas` during `interval`.
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct GroupClaim {
+    #[prost(uint32, tag = "1")]
+    pub replicas: u32,
+    #[prost(uint32, tag = "2")]
+    pub index: u32,
+    #[prost(uint64, tag = "3")]
+    pub interval: u64,
+    #[prost(uint64, tag = "4")]
+    pub node: u64,
+    #[prost(uint64, tag = "5")]
+    pub up_since: u64,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -308,6 +308,7 @@ impl Api {
                             interval: req.group_interval,
                             node: req.claim_node,
                             up_since: req.claim_up_since,
+                            more: req.more_claims.clone(),
                         }),
                     )
                     .await;
@@ -316,6 +317,7 @@ impl Api {
                         primary = req.node_id,
                         group = format_args!("{}x{}", req.group_index, req.group_replicas),
                         node = req.claim_node,
+                        more = req.more_claims.len(),
                         epoch = r.map_epoch,
                         "claim granted"
                     );

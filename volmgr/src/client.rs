@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use cairn_proto::frame_io::{read_header, read_prefix, write_frame};
 use cairn_proto::map::{ClusterMap, VolumeInfo};
-use cairn_proto::volmgr::{ClusterStatus, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus};
+use cairn_proto::volmgr::{
+    ClusterStatus, GroupClaim, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
+};
 use prost::Message as _;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -414,6 +416,31 @@ impl VolmgrClient {
             group_interval: interval,
             claim_node: node,
             claim_up_since: up_since,
+            ..self.change(VolmgrOp::ClaimReplica)
+        };
+        Ok(self.call(req).await?.map_epoch)
+    }
+
+    /// Claims `claims` (at least one) for `primary` in one request, granted
+    /// at one epoch. Ok if any was granted or already acting (the rest are
+    /// skipped: claim them again from a newer map); refused, with the first
+    /// reason, if none was.
+    pub async fn claim_replicas(
+        &self,
+        primary: u64,
+        claims: &[GroupClaim],
+    ) -> Result<u64, ClientError> {
+        let Some((first, more)) = claims.split_first() else {
+            return Ok(0);
+        };
+        let req = VolmgrRequest {
+            node_id: primary,
+            group_replicas: first.replicas,
+            group_index: first.index,
+            group_interval: first.interval,
+            claim_node: first.node,
+            claim_up_since: first.up_since,
+            more_claims: more.to_vec(),
             ..self.change(VolmgrOp::ClaimReplica)
         };
         Ok(self.call(req).await?.map_epoch)

@@ -284,6 +284,7 @@ fn claim(primary: u64, g: &GroupRecord, interval: u64, node: u64, up_since: u64)
         interval,
         node,
         up_since,
+        more: vec![],
     })
 }
 
@@ -531,4 +532,68 @@ fn snapshots_with_broken_groups_are_refused() {
     );
     broken(&|m| m.groups[15].index = GROUPS, &["group count"]);
     broken(&|m| m.nodes[0].up_since = m.epoch + 1, &["incarnation"]);
+}
+
+/// A rejoined node is claimed into all its groups in one command: one
+/// epoch, however many groups; refused claims in the batch are skipped;
+/// only a batch with nothing granted is refused.
+#[test]
+fn a_batch_of_claims_is_granted_at_one_epoch() {
+    let mut s = nodes(3);
+    ok(&mut s, create("a", 3));
+    ok(&mut s, mark_down(&[2]));
+    ok(&mut s, mark_up(&[2]));
+    let up_since = s.map().node(2).unwrap().up_since;
+    let all = records(&s, 3);
+    // The claims node 1 may make: groups it leads.
+    let led: Vec<&GroupRecord> = all.iter().filter(|g| g.acting[0] == 1).collect();
+    assert!(led.len() > 3, "node 1 leads only {} groups", led.len());
+    let entry = |g: &GroupRecord, interval: u64| cairn_proto::volmgr::GroupClaim {
+        replicas: g.replicas,
+        index: g.index,
+        interval,
+        node: 2,
+        up_since,
+    };
+    let batch = |claims: Vec<cairn_proto::volmgr::GroupClaim>| {
+        let (first, more) = claims.split_first().unwrap();
+        Command::ClaimReplica(ClaimReplica {
+            primary: 1,
+            replicas: first.replicas,
+            index: first.index,
+            interval: first.interval,
+            node: first.node,
+            up_since: first.up_since,
+            more: more.to_vec(),
+        })
+    };
+    // All stale: refused, nothing changes.
+    let before = s.snapshot();
+    refused(
+        &mut s,
+        batch(led.iter().map(|g| entry(g, g.interval - 1)).collect()),
+        ErrorCode::FailedPrecondition,
+        &["chunk server 2", "interval"],
+    );
+    assert_eq!(s.snapshot(), before);
+    // One stale among good ones: the good ones join, at one epoch.
+    let epoch = s.map_epoch();
+    let mut claims: Vec<_> = led.iter().map(|g| entry(g, g.interval)).collect();
+    claims[0].interval -= 1;
+    let r = ok(&mut s, batch(claims));
+    assert_eq!(r.map_epoch, epoch + 1);
+    for (i, g) in led.iter().enumerate() {
+        let now = record(&s, 3, g.index);
+        assert_eq!(now.acting.contains(&2), i != 0, "group {}", g.index);
+        if i != 0 {
+            assert_eq!(now.interval, epoch + 1);
+        }
+    }
+    // Repeated: already acting everywhere but the stale one; Ok, no change.
+    let after = s.snapshot();
+    ok(
+        &mut s,
+        batch(led[1..].iter().map(|g| entry(g, g.interval)).collect()),
+    );
+    assert_eq!(s.snapshot(), after);
 }

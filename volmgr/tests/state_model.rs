@@ -129,6 +129,7 @@ fn command() -> impl Strategy<Value = Command> {
                     interval,
                     node,
                     up_since,
+                    more: vec![],
                 })
             }),
     ]

@@ -35,6 +35,7 @@ use cairn_group::msg::{ClientRequest, Peer, PeerMsg, Refusal};
 use cairn_group::node::{Config as CoreConfig, DiskDone, DiskReq, Node, OpId, Output, Trace};
 use cairn_group::{ExtentId, GroupMap, NodeId};
 use cairn_proto::map::ClusterMap;
+use cairn_proto::volmgr::GroupClaim;
 use cairn_volmgr::client::VolmgrClient;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
@@ -133,6 +134,8 @@ impl Replication {
             volmgr: cfg.volmgr,
             need_map: handle.need_map.clone(),
             journal_failed: None,
+            claims: Vec::new(),
+            claiming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let task = tokio::spawn(driver.run(stop));
         (handle, task)
@@ -255,6 +258,11 @@ struct Driver {
     /// Set once a journal append failed: no disk operation may start after
     /// that (it would not be covered by its record).
     journal_failed: Option<String>,
+    /// Claims waiting to go to the volume manager, sent as one batch (one
+    /// map epoch for all the groups a rejoined node joins).
+    claims: Vec<cairn_group::authority::Claim>,
+    /// A claim batch is on its way.
+    claiming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
@@ -381,6 +389,7 @@ impl Driver {
     }
 
     fn outputs(&mut self) {
+        let (mut activated, mut activated_pushed) = (0usize, 0usize);
         loop {
             let outs = self.node.drain();
             if outs.is_empty() {
@@ -413,16 +422,39 @@ impl Driver {
                             let _ = tx.send(r.result);
                         }
                     }
-                    Output::Claim(c) => self.claim(c),
+                    Output::Claim(c) => {
+                        if !self
+                            .claims
+                            .iter()
+                            .any(|q| q.key == c.key && q.node == c.node)
+                        {
+                            self.claims.push(c);
+                        }
+                    }
                     Output::NeedMap(epoch) => {
                         debug!(node = self.me, epoch, "a newer map is named; fetching");
                         self.need_map.notify_one();
                     }
-                    Output::Trace(t) => trace(self.me, t),
+                    Output::Trace(t) => {
+                        if let Trace::Activated { pushed, .. } = t {
+                            activated += 1;
+                            activated_pushed += pushed;
+                        }
+                        trace(self.me, t);
+                    }
                 }
             }
         }
         self.flush_journal();
+        self.send_claims();
+        if activated > 0 {
+            info!(
+                node = self.me,
+                groups = activated,
+                pushed = activated_pushed,
+                "serving as primary of more groups"
+            );
+        }
     }
 
     fn send_peer(&mut self, to: NodeId, msg: Peer) {
@@ -445,33 +477,46 @@ impl Driver {
         self.peers.send(to, &addr, header, data);
     }
 
-    fn claim(&self, c: cairn_group::authority::Claim) {
+    /// Sends the queued claims as one request, unless one is on its way
+    /// (then they go with the next). The core claims again on its own timer
+    /// whatever the outcome, until the map shows the replica acting.
+    fn send_claims(&mut self) {
+        if self.claims.is_empty() || self.claiming.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(volmgr) = self.volmgr.clone() else {
+            self.claims.clear();
             return;
         };
+        let claims = std::mem::take(&mut self.claims);
+        let batch: Vec<GroupClaim> = claims
+            .iter()
+            .map(|c| GroupClaim {
+                replicas: c.key.replicas,
+                index: c.key.index,
+                interval: c.interval,
+                node: c.node,
+                up_since: c.up_since,
+            })
+            .collect();
+        self.claiming.store(true, Ordering::Relaxed);
+        let claiming = self.claiming.clone();
         let need_map = self.need_map.clone();
         let me = self.me;
         tokio::spawn(async move {
-            match volmgr
-                .claim_replica(
-                    c.primary,
-                    c.key.replicas,
-                    c.key.index,
-                    c.interval,
-                    c.node,
-                    c.up_since,
-                )
-                .await
-            {
+            match volmgr.claim_replicas(me, &batch).await {
                 Ok(epoch) => {
-                    info!(node = me, group = %c.key, replica = c.node, epoch, "replica caught up and rejoined the acting set");
+                    info!(
+                        node = me,
+                        claims = batch.len(),
+                        epoch,
+                        "caught-up replicas claimed into their groups' acting sets"
+                    );
                     need_map.notify_one();
                 }
-                // The core retries on its own timer, from the newest map.
-                Err(e) => {
-                    debug!(node = me, group = %c.key, replica = c.node, "claim not granted: {e}")
-                }
+                Err(e) => debug!(node = me, claims = batch.len(), "claims not granted: {e}"),
             }
+            claiming.store(false, Ordering::Relaxed);
         });
     }
 
@@ -501,14 +546,14 @@ fn trace(me: NodeId, t: Trace) {
             key,
             interval,
             pushed,
-        } => info!(
+        } => debug!(
             node = me,
             group = %key,
             interval,
             pushed,
             "serving as primary"
         ),
-        Trace::Claimed { key, node, pushed } => info!(
+        Trace::Claimed { key, node, pushed } => debug!(
             node = me,
             group = %key,
             replica = node,

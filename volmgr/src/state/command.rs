@@ -234,6 +234,14 @@ pub struct CreateVolume {
 /// incarnation `up_since`, and `node` is in the group's placement. A claim
 /// already granted (an earlier copy was applied: `node` is acting) answers
 /// Ok and changes nothing, so a retry after a lost reply is harmless.
+///
+/// `more` carries further claims of the same primary, applied in order at
+/// the same epoch: a node rejoining after an outage is claimed into every
+/// group it belongs to (a thousand, with the default group count), and one
+/// epoch per group would make every chunk server and client fetch a
+/// thousand maps. Claims of the batch that are refused are skipped (their
+/// primary claims again from a newer map); the command is refused only if
+/// none was granted or already acting.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ClaimReplica {
     /// The claiming primary.
@@ -254,6 +262,9 @@ pub struct ClaimReplica {
     /// Its incarnation (`NodeInfo::up_since`) at that time.
     #[prost(uint64, tag = "6")]
     pub up_since: u64,
+    /// Further claims of the same primary.
+    #[prost(message, repeated, tag = "7")]
+    pub more: Vec<cairn_proto::volmgr::GroupClaim>,
 }
 
 /// Names a volume by id, by name, or by both (then they must agree, which

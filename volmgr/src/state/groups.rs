@@ -27,6 +27,7 @@ use cairn_proto::groupmap::{candidates, group_map_with, group_record};
 use cairn_proto::map::{ClusterMap, GroupRecord, NodeInfo};
 
 use super::{ClaimReplica, Outcome, State, StateError};
+use cairn_proto::volmgr::GroupClaim;
 
 /// Placement tables of the current map, by replica count. Derived data, not
 /// state: it is neither compared nor snapshotted, and a table is rebuilt
@@ -210,44 +211,85 @@ impl State {
         ))
     }
 
-    /// Applies a claim as compare and set (see [`ClaimReplica`]).
+    /// Applies a batch of claims as compare and set, at one epoch (see
+    /// [`ClaimReplica`]).
     pub(super) fn claim_replica(
         &mut self,
         c: &ClaimReplica,
         now_unix_ms: u64,
     ) -> Result<Outcome, StateError> {
-        let key = GroupKey {
+        let first = GroupClaim {
             replicas: c.replicas,
             index: c.index,
-        };
-        let claim = Claim {
-            key,
-            primary: c.primary,
             interval: c.interval,
             node: c.node,
             up_since: c.up_since,
         };
-        // Everything but the placement first: a stale claim costs no table.
         let mut view = self.group_view();
-        match authority::check_claim(&view, &claim) {
-            Err(ClaimRefused::NotPlaced) => {}
-            Err(ClaimRefused::AlreadyActing) => return Ok(Outcome::default()),
-            Err(why) => return Err(self.claim_refused(c, &view, why)),
-            Ok(()) => unreachable!("a view without placement places nobody"),
-        }
-        let table = self.placement.table(&self.map, c.replicas)?;
-        if let Some(g) = view.groups.get_mut(&key) {
-            g.placement = table.lookup(c.index).unwrap_or_default().to_vec();
-        }
         let epoch = self.next_epoch()?;
-        if let Err(why) = authority::claim_at(&mut view, &claim, epoch) {
-            return Err(self.claim_refused(c, &view, why));
+        let mut granted = 0usize;
+        let mut already = 0usize;
+        let mut refused: Option<StateError> = None;
+        for g in std::iter::once(&first).chain(&c.more) {
+            let key = GroupKey {
+                replicas: g.replicas,
+                index: g.index,
+            };
+            let claim = Claim {
+                key,
+                primary: c.primary,
+                interval: g.interval,
+                node: g.node,
+                up_since: g.up_since,
+            };
+            // Everything but the placement first: a stale claim costs no table.
+            match authority::check_claim(&view, &claim) {
+                Err(ClaimRefused::NotPlaced) => {}
+                Err(ClaimRefused::AlreadyActing) => {
+                    already += 1;
+                    continue;
+                }
+                Err(why) => {
+                    refused.get_or_insert_with(|| self.claim_refused(c.primary, g, &view, why));
+                    continue;
+                }
+                Ok(()) => {}
+            }
+            if view
+                .groups
+                .get(&key)
+                .is_some_and(|v| v.placement.is_empty())
+            {
+                let table = self.placement.table(&self.map, g.replicas)?;
+                if let Some(v) = view.groups.get_mut(&key) {
+                    v.placement = table.lookup(g.index).unwrap_or_default().to_vec();
+                }
+            }
+            match authority::claim_at(&mut view, &claim, epoch) {
+                Ok(()) => granted += 1,
+                Err(ClaimRefused::AlreadyActing) => already += 1,
+                Err(why) => {
+                    refused.get_or_insert_with(|| self.claim_refused(c.primary, g, &view, why));
+                }
+            }
         }
-        self.write_back(&view, epoch, now_unix_ms);
-        Ok(Outcome::default())
+        if granted > 0 {
+            self.write_back(&view, epoch, now_unix_ms);
+            return Ok(Outcome::default());
+        }
+        match refused {
+            Some(e) if already == 0 => Err(e),
+            _ => Ok(Outcome::default()),
+        }
     }
 
-    fn claim_refused(&self, c: &ClaimReplica, view: &GroupMap, why: ClaimRefused) -> StateError {
+    fn claim_refused(
+        &self,
+        primary: u64,
+        c: &GroupClaim,
+        view: &GroupMap,
+        why: ClaimRefused,
+    ) -> StateError {
         let key = GroupKey {
             replicas: c.replicas,
             index: c.index,
@@ -267,7 +309,7 @@ impl State {
             ClaimRefused::NotPrimary => format!(
                 "chunk server {} is not the group's primary (its first acting replica, if up); \
                  acting set {:?}",
-                c.primary,
+                primary,
                 group.map(|g| &g.acting[..]).unwrap_or_default()
             ),
             ClaimRefused::NodeChanged => {
@@ -289,7 +331,7 @@ impl State {
             ClaimRefused::AlreadyActing => "it is already acting".to_string(),
         };
         StateError::ClaimRefused {
-            primary: c.primary,
+            primary,
             replicas: c.replicas,
             index: c.index,
             node: c.node,
