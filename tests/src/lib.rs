@@ -284,6 +284,18 @@ impl ChunkServerProcess {
         Ok(())
     }
 
+    /// A disk replaced: kills the process, empties its data directory and
+    /// starts it again with `--init` under the same node id and address,
+    /// as an admin would after swapping a failed disk.
+    pub fn replace_disk(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        std::fs::remove_dir_all(&self.data_dir)
+            .with_context(|| format!("removing {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        self.launch(true)
+    }
+
     /// Freezes the process (SIGSTOP), as a long stall or a partition would.
     pub fn pause(&self) -> anyhow::Result<()> {
         self.signal(Signal::SIGSTOP)

@@ -299,3 +299,51 @@ fn writes_continue_degraded_and_wait_below_min_replicas() {
         assert!(data[half..].iter().all(|&b| b == 1));
     });
 }
+
+/// Issue 5, point 4: a chunk server whose disk was replaced (empty data
+/// directory, same node id) rejoins with an empty recent-write log and so
+/// gets a full copy of every extent of its groups.
+#[test]
+fn a_replaced_disk_gets_a_full_copy() {
+    runtime().block_on(async {
+        let mut c = ReplicatedCluster::start(3).await.unwrap();
+        let id = create(&c, "fullcopy", 16 * MIB, 2).await;
+        let cl = client(&c, Duration::from_secs(60)).await;
+        let vol = cl.open_volume("fullcopy").await.unwrap();
+        let blocks = 16 * MIB / BLOCK;
+        let mut data = Vec::with_capacity((16 * MIB) as usize);
+        for b in 0..blocks {
+            data.extend_from_slice(&pattern(b, 1));
+        }
+        vol.write(0, Bytes::from(data), false).await.unwrap();
+        vol.flush().await.unwrap();
+
+        c.servers[2].replace_disk().unwrap();
+        let t0 = Instant::now();
+        c.wait_map("node 3 registered anew", Duration::from_secs(30), |m| {
+            m.groups
+                .iter()
+                .any(|g| g.replicas == 3 && !g.acting.contains(&3))
+        })
+        .await
+        .unwrap();
+        c.wait_healthy(Duration::from_secs(60)).await.unwrap();
+        println!(
+            "full copy of 16 MiB done {:?} after the restart",
+            t0.elapsed()
+        );
+        let compared = c.compare_replicas(id, 3).await.unwrap();
+        assert_eq!(compared, 16, "every 1 MiB extent stored somewhere");
+        // Node 3 holds its own copy of all of them now.
+        let node3 = cairn_chunkserver::rpc::ChunkClient::connect(c.servers[2].addr())
+            .await
+            .unwrap();
+        let page = node3.extent_list(Some(id), None, 0).await.unwrap();
+        assert_eq!(page.extents.len(), 16);
+        let mut model = HashMap::new();
+        for b in 0..blocks {
+            model.insert(b, 1);
+        }
+        check_model(&vol, &Arc::new(Mutex::new(model)), blocks).await;
+    });
+}

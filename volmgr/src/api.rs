@@ -215,34 +215,24 @@ impl Api {
             .read(|s| {
                 let map = s.map();
                 let up = map.nodes.iter().filter(|n| n.up).count() as u32;
-                let degraded = map
-                    .groups
-                    .iter()
-                    .filter(|g| (g.acting.len() as u64) < u64::from(g.replicas))
-                    .count() as u32;
-                let out = map.nodes.iter().filter(|n| !n.in_).count() as u32;
-                (
-                    map.epoch,
-                    up,
-                    map.nodes.len() as u32 - up,
-                    out,
-                    map.nodes.iter().map(|n| n.capacity_bytes).sum::<u64>(),
-                    map.nodes.iter().map(|n| n.used_bytes).sum::<u64>(),
-                    s.volumes().count() as u64,
-                    degraded,
-                )
+                ClusterStatus {
+                    map_epoch: map.epoch,
+                    nodes_up: up,
+                    nodes_down: map.nodes.len() as u32 - up,
+                    nodes_out: map.nodes.iter().filter(|n| !n.in_).count() as u32,
+                    capacity_bytes: map.nodes.iter().map(|n| n.capacity_bytes).sum(),
+                    used_bytes: map.nodes.iter().map(|n| n.used_bytes).sum(),
+                    volumes: s.volumes().count() as u64,
+                    groups_degraded: map
+                        .groups
+                        .iter()
+                        .filter(|g| (g.acting.len() as u64) < u64::from(g.replicas))
+                        .count() as u32,
+                    ..Default::default()
+                }
             })
             .await;
-        let (
-            map_epoch,
-            nodes_up,
-            nodes_down,
-            nodes_out,
-            capacity_bytes,
-            used_bytes,
-            volumes,
-            groups_degraded,
-        ) = match summary {
+        let summary = match summary {
             Ok(x) => x,
             Err(r) => return r,
         };
@@ -260,14 +250,7 @@ impl Api {
                         addr: addr.clone(),
                     })
                     .collect(),
-                map_epoch,
-                nodes_up,
-                nodes_down,
-                nodes_out,
-                capacity_bytes,
-                used_bytes,
-                volumes,
-                groups_degraded,
+                ..summary
             }),
             ..Default::default()
         }

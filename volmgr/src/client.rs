@@ -409,16 +409,14 @@ impl VolmgrClient {
         node: u64,
         up_since: u64,
     ) -> Result<u64, ClientError> {
-        let req = VolmgrRequest {
-            node_id: primary,
-            group_replicas: replicas,
-            group_index: index,
-            group_interval: interval,
-            claim_node: node,
-            claim_up_since: up_since,
-            ..self.change(VolmgrOp::ClaimReplica)
+        let claim = GroupClaim {
+            replicas,
+            index,
+            interval,
+            node,
+            up_since,
         };
-        Ok(self.call(req).await?.map_epoch)
+        self.claim_replicas(primary, &[claim]).await
     }
 
     /// Claims `claims` (at least one) for `primary` in one request, granted
