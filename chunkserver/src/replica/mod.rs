@@ -55,8 +55,9 @@ const INPUT_QUEUE: usize = 16_384;
 const TICK: Duration = Duration::from_millis(50);
 /// Largest single store read when copying a whole extent for a push.
 const EXTENT_READ_PIECE: u32 = 4 << 20;
-/// The map watcher's long poll.
-const MAP_POLL_WAIT: Duration = Duration::from_secs(30);
+/// The map watcher's long poll; well inside the volume manager client's
+/// deadline (10 s, `registration.rs`), so a quiet map is not an error.
+const MAP_POLL_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a failed map fetch.
 const MAP_RETRY: Duration = Duration::from_millis(500);
 

@@ -4,12 +4,15 @@
 //!   against fio on the same file system (issue 3's acceptance benchmark).
 //! - [`election`]: how long the volume manager serves nothing after its
 //!   leader dies (issue 4).
+//! - [`replication`]: 3 replicas against 1 (write IOPS), the I/O pause when a
+//!   chunk server dies, and rejoin after an outage (issue 5).
 
 mod chunkserver;
 mod disk;
 mod election;
 mod fio;
 mod load;
+mod replication;
 mod report;
 mod store;
 
@@ -24,11 +27,15 @@ pub enum BenchCommand {
     /// Volume manager failover: kill -9 the leader of three members and time
     /// until a new one acknowledges a write.
     Election(election::ElectionBenchArgs),
+    /// Replication: 4 KiB write IOPS with 3 replicas against 1, the I/O pause
+    /// when a primary chunk server is killed, and rejoin after an outage.
+    Replication(replication::ReplicationBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Store(args) => store::run(args),
         BenchCommand::Election(args) => election::run(args),
+        BenchCommand::Replication(args) => replication::run(args),
     }
 }
