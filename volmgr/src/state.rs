@@ -115,8 +115,10 @@ pub const SECTOR_BYTES: u64 = 512;
 pub const VOLUME_SIZE_BYTES_MAX: u64 = 1 << 50;
 /// Smallest extent size: 64 KiB, the chunk server store's own minimum.
 pub const EXTENT_SIZE_BYTES_MIN: u32 = 64 << 10;
-/// Largest extent size: 64 MiB, the chunk server store's limit.
-pub const EXTENT_SIZE_BYTES_MAX: u32 = 64 << 20;
+/// Largest extent size: 8 MiB. The store takes up to 64 MiB, but a rejoining
+/// replica is sent whole extents in one chunk RPC frame, whose data is at
+/// most `cairn_proto::frame::FRAME_DATA_BYTES_MAX` (8 MiB).
+pub const EXTENT_SIZE_BYTES_MAX: u32 = cairn_proto::frame::FRAME_DATA_BYTES_MAX;
 /// The extent size the API uses when none is given: 4 MiB.
 pub const EXTENT_SIZE_BYTES_DEFAULT: u32 = 4 << 20;
 /// Most replicas a volume may have: what placement can place.

@@ -143,6 +143,7 @@ fn bad_extent_sizes_are_refused() {
         3 * 64 * 1024,
         32 * 1024,
         128 * MIB,
+        16 * MIB,
         1 << 30,
         MIB + 1,
     ] {
@@ -158,7 +159,7 @@ fn bad_extent_sizes_are_refused() {
         );
         assert!(matches!(e, StateError::InvalidExtentSize { .. }));
     }
-    for extent in [64 * 1024, MIB, 4 * MIB, 64 * MIB] {
+    for extent in [64 * 1024, MIB, 4 * MIB, 8 * MIB] {
         ok(&mut s, create(&format!("e{extent}"), GIB, extent, 1, 1));
     }
 }

@@ -61,7 +61,7 @@ pub enum StateError {
     /// An extent size outside the allowed powers of two.
     #[error(
         "volume {name:?}: extent size {extent_size_bytes} bytes is not a power of two \
-         from {min} to {max} bytes (64 KiB to 64 MiB)"
+         from {min} to {max} bytes (64 KiB to 8 MiB)"
     )]
     InvalidExtentSize {
         /// The volume.

@@ -115,11 +115,11 @@ pub fn volume_size(size_bytes: u64) -> Result<(), String> {
 }
 
 /// Extent sizes: a power of two from [`EXTENT_SIZE_BYTES_MIN`] (64 KiB) to
-/// [`EXTENT_SIZE_BYTES_MAX`] (64 MiB).
+/// [`EXTENT_SIZE_BYTES_MAX`] (8 MiB).
 ///
-/// Both ends are the chunk server store's own limits (`EXTENT_BYTES_MIN` and
-/// `EXTENT_BYTES_MAX` in `chunkserver/src/store/layout.rs`): another size
-/// could be created here and then never stored. Small extents suit
+/// The low end is the chunk server store's own limit (`EXTENT_BYTES_MIN` in
+/// `chunkserver/src/store/layout.rs`), the high end the largest extent a
+/// rejoin can copy in one frame (the store takes up to 64 MiB). Small extents suit
 /// databases' small random writes after a snapshot (copy-on-write copies
 /// less); large ones keep a petabyte volume's extent count down.
 pub fn extent_size(extent_size_bytes: u32) -> bool {
@@ -180,7 +180,8 @@ mod tests {
         assert!(volume_size(VOLUME_SIZE_BYTES_MAX + 512).is_err());
         assert!(volume_size(u64::MAX).is_err());
         assert!(volume_size(u64::MAX - 511).is_err());
-        assert!(extent_size(64 << 10) && extent_size(4 << 20) && extent_size(64 << 20));
+        assert!(extent_size(64 << 10) && extent_size(4 << 20) && extent_size(8 << 20));
+        assert!(!extent_size(16 << 20));
         assert!(!extent_size(0) && !extent_size(32 << 10) && !extent_size(128 << 20));
         assert!(!extent_size(3 << 20));
     }
