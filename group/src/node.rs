@@ -1297,22 +1297,12 @@ impl Node {
                     seq: Some(seq),
                     write: true,
                 }));
-                self.disk.insert(
-                    op_id,
-                    DiskCtx::Task {
-                        key,
-                        gen,
-                        task: tid,
-                    },
-                );
-                self.out.push(Output::Disk {
-                    id: op_id,
-                    req: DiskReq::Write {
-                        ext,
-                        op: op.clone(),
-                        fua,
-                    },
-                });
+                let req = DiskReq::Write {
+                    ext,
+                    op: op.clone(),
+                    fua,
+                };
+                self.task_disk(op_id, key, gen, tid, req);
                 for (n, up_since) in targets {
                     self.send(
                         n,
@@ -1337,34 +1327,28 @@ impl Node {
                     offset: *offset,
                     len: *len,
                 };
-                self.disk.insert(
-                    op_id,
-                    DiskCtx::Task {
-                        key,
-                        gen,
-                        task: tid,
-                    },
-                );
-                self.out.push(Output::Disk { id: op_id, req });
+                self.task_disk(op_id, key, gen, tid, req);
             }
             Task::Push { ext, started, .. } => {
                 *started = true;
                 let ext = *ext;
-                self.disk.insert(
-                    op_id,
-                    DiskCtx::Task {
-                        key,
-                        gen,
-                        task: tid,
-                    },
-                );
-                self.out.push(Output::Disk {
-                    id: op_id,
-                    req: DiskReq::ReadExtent { ext },
-                });
+                self.task_disk(op_id, key, gen, tid, DiskReq::ReadExtent { ext });
             }
             Task::Flush { .. } => {}
         }
+    }
+
+    /// Starts a primary task's local disk operation.
+    fn task_disk(&mut self, op_id: OpId, key: GroupKey, gen: u64, tid: u64, req: DiskReq) {
+        self.disk.insert(
+            op_id,
+            DiskCtx::Task {
+                key,
+                gen,
+                task: tid,
+            },
+        );
+        self.out.push(Output::Disk { id: op_id, req });
     }
 
     /// Finishes a task whose conditions are met.

@@ -69,6 +69,18 @@ impl ClusterMap {
             .ok()
             .map(|i| &self.nodes[i])
     }
+
+    /// Groups acting with fewer replicas than their volumes ask for.
+    pub fn degraded_groups(&self) -> usize {
+        self.groups.iter().filter(|g| g.degraded()).count()
+    }
+}
+
+impl GroupRecord {
+    /// Fewer acting replicas than the group's replica count.
+    pub fn degraded(&self) -> bool {
+        (self.acting.len() as u64) < u64::from(self.replicas)
+    }
 }
 
 /// One chunk server in the map.

@@ -86,7 +86,7 @@ impl ReplicatedCluster {
             if t0.elapsed() > timeout {
                 bail!("{what}: not reached within {timeout:?}; map epoch {}: nodes {:?}, degraded groups {}", map.epoch,
                     map.nodes.iter().map(|n| (n.id, n.up)).collect::<Vec<_>>(),
-                    map.groups.iter().filter(|g| (g.acting.len() as u32) < g.replicas).count());
+                    map.degraded_groups());
             }
             map = client
                 .get_map(map.epoch, Duration::from_millis(500))
@@ -96,14 +96,11 @@ impl ReplicatedCluster {
     }
 
     /// Waits until every node is up and every group acts with all its
-    /// replicas (everything rejoined).
+    /// replicas (everything rejoined; the test clusters have at least as
+    /// many nodes as replicas).
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<ClusterMap> {
         self.wait_map("cluster healthy", timeout, |m| {
-            m.nodes.iter().all(|n| n.up)
-                && !m.groups.is_empty()
-                && m.groups
-                    .iter()
-                    .all(|g| g.acting.len() as u32 >= g.replicas.min(m.nodes.len() as u32))
+            m.nodes.iter().all(|n| n.up) && !m.groups.is_empty() && m.degraded_groups() == 0
         })
         .await
     }

@@ -223,11 +223,7 @@ impl Api {
                     capacity_bytes: map.nodes.iter().map(|n| n.capacity_bytes).sum(),
                     used_bytes: map.nodes.iter().map(|n| n.used_bytes).sum(),
                     volumes: s.volumes().count() as u64,
-                    groups_degraded: map
-                        .groups
-                        .iter()
-                        .filter(|g| (g.acting.len() as u64) < u64::from(g.replicas))
-                        .count() as u32,
+                    groups_degraded: map.degraded_groups() as u32,
                     ..Default::default()
                 }
             })

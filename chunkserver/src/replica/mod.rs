@@ -677,17 +677,19 @@ async fn run_disk(
 async fn put_extent(store: &Store, key: ExtentKey, data: &[u8]) -> Result<(), String> {
     const BLOCK: usize = 4096;
     let eb = data.len() as u32;
-    let zero_block = |i: usize| data[i * BLOCK..(i + 1) * BLOCK].iter().all(|&b| b == 0);
-    let blocks = data.len() / BLOCK;
+    let zero: Vec<bool> = data
+        .chunks_exact(BLOCK)
+        .map(|b| b.iter().all(|&x| x == 0))
+        .collect();
+    let blocks = zero.len();
     let mut i = 0;
     while i < blocks {
-        let zero = zero_block(i);
         let mut j = i + 1;
-        while j < blocks && zero_block(j) == zero {
+        while j < blocks && zero[j] == zero[i] {
             j += 1;
         }
         let (offset, len) = ((i * BLOCK) as u64, ((j - i) * BLOCK) as u32);
-        if zero {
+        if zero[i] {
             store
                 .write_zeroes(key, eb, offset, len, false, true)
                 .await

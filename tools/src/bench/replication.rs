@@ -331,7 +331,7 @@ impl Bench {
                     secs(t0.elapsed()),
                     map.epoch,
                     map.nodes.iter().filter(|n| !n.up).map(|n| n.id).collect::<Vec<_>>(),
-                    not_full(&map)
+                    map.degraded_groups()
                 ));
             }
             if t0.elapsed() > WAIT_MAX {
@@ -340,7 +340,7 @@ impl Bench {
                      {} groups not full; daemon logs are in the temporary folder (--keep keeps it)",
                     map.epoch,
                     map.nodes.iter().map(|n| (n.id, n.up)).collect::<Vec<_>>(),
-                    not_full(&map)
+                    map.degraded_groups()
                 );
             }
             map = self
@@ -381,19 +381,11 @@ impl Bench {
     }
 }
 
-fn not_full(m: &ClusterMap) -> usize {
-    let nodes = m.nodes.len() as u32;
-    m.groups
-        .iter()
-        .filter(|g| (g.acting.len() as u32) < g.replicas.min(nodes))
-        .count()
-}
-
 fn healthy(m: &ClusterMap) -> bool {
     m.nodes.len() as u64 == NODES
         && m.nodes.iter().all(|n| n.up)
         && !m.groups.is_empty()
-        && not_full(m) == 0
+        && m.degraded_groups() == 0
 }
 
 /// Primary (first acting replica) counts per node over `replicas`-groups,
