@@ -55,6 +55,15 @@
 //! the same way. Because the log has one entry per extent, it always reaches
 //! back; pruning it would add a full-copy fallback.
 //!
+//! **Pushing ranges, not extents.** Besides the log, each replica journals
+//! its latest changes (`recent`, at most `RECENT_MAX` per group) with the
+//! byte ranges they touched. Where both the primary's list and R's reach
+//! back to `W`, a push carries only the ranges changed after `W` on either
+//! side, widened to 4 KiB blocks; elsewhere the whole extent. Outside those
+//! ranges the two copies are equal: both hold every write up to `W`, and
+//! nothing after `W` touched them on either side. So a failover under load
+//! pushes a few blocks per group, not a few whole extents.
+//!
 //! **Restarts.** A chunk server that starts registers as a new incarnation,
 //! which takes it out of every acting set where others remain; messages to
 //! its old incarnation are refused. It then rejoins by the procedure above.

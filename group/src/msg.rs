@@ -39,6 +39,90 @@ impl WriteOp {
     }
 }
 
+/// A push names at most this many ranges; more become the whole extent.
+pub const PART_RANGES_MAX: usize = 256;
+
+/// Which part of an extent a push (or a log entry) concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// All of it.
+    Whole,
+    /// These byte ranges `[start, end)`: sorted, disjoint, not touching.
+    Ranges(Vec<(u64, u64)>),
+}
+
+impl Part {
+    /// The part `[start, end)`.
+    pub fn range(start: u64, end: u64) -> Part {
+        Part::from_ranges(vec![(start, end)])
+    }
+
+    /// Both parts together.
+    pub fn union(&self, other: &Part) -> Part {
+        match (self, other) {
+            (Part::Ranges(a), Part::Ranges(b)) => {
+                Part::from_ranges(a.iter().chain(b.iter()).copied().collect())
+            }
+            _ => Part::Whole,
+        }
+    }
+
+    /// Normalises arbitrary ranges: sorted, merged where they overlap or
+    /// touch; too many become [`Part::Whole`]. Empty ranges are dropped.
+    pub fn from_ranges(mut v: Vec<(u64, u64)>) -> Part {
+        v.retain(|r| r.1 > r.0);
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        if out.len() > PART_RANGES_MAX {
+            return Part::Whole;
+        }
+        Part::Ranges(out)
+    }
+
+    /// Bytes the ranges cover (`None` for the whole extent).
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            Part::Whole => None,
+            Part::Ranges(v) => Some(v.iter().map(|(s, e)| e - s).sum()),
+        }
+    }
+
+    /// Checks ranges received from elsewhere: normalised, non-empty, inside
+    /// an extent of `extent_bytes`, multiples of `align`.
+    pub fn validate(&self, extent_bytes: u64, align: u64) -> Result<(), String> {
+        let Part::Ranges(v) = self else {
+            return Ok(());
+        };
+        if v.is_empty() || v.len() > PART_RANGES_MAX {
+            return Err(format!(
+                "{} ranges (1 to {PART_RANGES_MAX} allowed)",
+                v.len()
+            ));
+        }
+        let mut prev_end = None;
+        for &(s, e) in v {
+            if !s.is_multiple_of(align) || !e.is_multiple_of(align) || e <= s || e > extent_bytes {
+                return Err(format!(
+                    "range [{s}, {e}) is not {align}-byte aligned inside the {extent_bytes}-byte extent"
+                ));
+            }
+            if prev_end.is_some_and(|p| s <= p) {
+                return Err(format!(
+                    "range [{s}, {e}) is out of order or touches the one before"
+                ));
+            }
+            prev_end = Some(e);
+        }
+        Ok(())
+    }
+}
+
 /// A client request's operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientOp {
@@ -136,8 +220,9 @@ pub struct SyncState {
     /// was acknowledged anywhere is applied here (and every extent it does
     /// not list in `uncertain` equals the acting replicas' copy as of then).
     pub committed: Seq,
-    /// Extents it wrote after `committed`: maybe different from the others.
-    pub uncertain: Vec<ExtentId>,
+    /// Extents it wrote after `committed`, and which parts of them: maybe
+    /// different from the others.
+    pub uncertain: Vec<(ExtentId, Part)>,
 }
 
 /// Why a replica refused a primary's message.
@@ -189,7 +274,8 @@ pub enum PeerMsg {
         /// The write.
         seq: Seq,
     },
-    /// Primary → replica: replace your copy of an extent with this one.
+    /// Primary → replica: replace your copy of an extent (or of some ranges
+    /// of it) with this one.
     Push {
         /// Recipient's incarnation.
         to_up_since: Epoch,
@@ -199,7 +285,10 @@ pub enum PeerMsg {
         ext: ExtentId,
         /// The primary's last write sequence number for it, if it has one.
         seq: Option<Seq>,
-        /// The whole extent, or `None` if it does not exist (delete it).
+        /// Which part: the whole extent, or the ranges that may differ.
+        part: Part,
+        /// The whole extent, or `None` if it does not exist (delete it);
+        /// for ranges, their bytes one after another (always present).
         data: Option<Bytes>,
     },
     /// Replica → primary.
@@ -241,4 +330,36 @@ pub struct Peer {
     pub interval: Epoch,
     /// The message.
     pub msg: PeerMsg,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_merge_sort_and_give_up_past_the_cap() {
+        assert_eq!(
+            Part::from_ranges(vec![(8192, 12288), (0, 4096), (4096, 5120), (100, 100)]),
+            Part::Ranges(vec![(0, 5120), (8192, 12288)])
+        );
+        assert_eq!(
+            Part::range(0, 4096).union(&Part::range(2048, 8192)),
+            Part::Ranges(vec![(0, 8192)])
+        );
+        assert_eq!(Part::range(0, 512).union(&Part::Whole), Part::Whole);
+        assert_eq!(
+            Part::Ranges(vec![(0, 512), (1024, 2048)]).bytes(),
+            Some(1536)
+        );
+        let many: Vec<(u64, u64)> = (0..=PART_RANGES_MAX as u64)
+            .map(|i| (i * 1024, i * 1024 + 512))
+            .collect();
+        assert_eq!(Part::from_ranges(many), Part::Whole);
+        assert!(Part::Ranges(vec![(0, 512)]).validate(4096, 512).is_ok());
+        assert!(Part::Ranges(vec![(0, 512), (512, 1024)])
+            .validate(4096, 512)
+            .is_err());
+        assert!(Part::Ranges(vec![(0, 8192)]).validate(4096, 512).is_err());
+        assert!(Part::Ranges(vec![]).validate(4096, 512).is_err());
+    }
 }

@@ -1,7 +1,7 @@
 //! One chunk server's side of every group it belongs to: primary, replica or
 //! rejoining replica. See the crate documentation for the protocol.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -9,8 +9,8 @@ use crate::authority::Claim;
 use crate::locks::{Locks, WHOLE};
 use crate::map::{Epoch, ExtentId, GroupKey, GroupMap, NodeId, Seq};
 use crate::msg::{
-    ClientId, ClientOp, ClientReply, ClientRequest, Peer, PeerMsg, PeerRefusal, Refusal, SyncState,
-    WriteOp,
+    ClientId, ClientOp, ClientReply, ClientRequest, Part, Peer, PeerMsg, PeerRefusal, Refusal,
+    SyncState, WriteOp,
 };
 
 /// Identifies a disk operation between [`Output::Disk`] and
@@ -28,6 +28,9 @@ pub struct Config {
     pub sync_request_ms: u64,
     /// Resend an unanswered claim this often.
     pub claim_retry_ms: u64,
+    /// Changes remembered by range per group ([`RECENT_MAX`]; the
+    /// simulator uses small values to exercise forgetting).
+    pub recent_max: usize,
     /// A deliberately broken variant, to show the simulator catches it.
     pub bug: Option<Bug>,
 }
@@ -39,6 +42,7 @@ impl Default for Config {
             sync_timeout_ms: 3000,
             sync_request_ms: 500,
             claim_retry_ms: 1000,
+            recent_max: RECENT_MAX,
             bug: None,
         }
     }
@@ -53,6 +57,9 @@ pub enum Bug {
     NoFence,
     /// Peering marks replicas up to date without pushing anything.
     NoPeeringPush,
+    /// Where primary and replica both changed an extent, push only the
+    /// ranges the primary changed, not the replica's too.
+    PrimaryRangesOnly,
 }
 
 /// A disk operation for the driver to run on the node's store.
@@ -76,16 +83,23 @@ pub enum DiskReq {
         /// Bytes.
         len: u64,
     },
-    /// Read the whole extent; `None` if it is not stored.
+    /// Read the whole extent, or some ranges of it (their bytes one after
+    /// another); `None` if the extent is not stored (all zeros: the push
+    /// then deletes the whole extent, which leaves the same bytes).
     ReadExtent {
         /// The extent.
         ext: ExtentId,
+        /// Which part.
+        part: Part,
     },
-    /// Replace the whole extent, or delete it.
+    /// Replace the whole extent (or delete it), or some ranges of it.
     PutExtent {
         /// The extent.
         ext: ExtentId,
-        /// New content; `None` deletes.
+        /// Which part.
+        part: Part,
+        /// New content, as [`DiskReq::ReadExtent`] answers it; `None`
+        /// deletes the whole extent.
         data: Option<Bytes>,
     },
     /// Make every completed write durable.
@@ -121,6 +135,18 @@ pub enum JournalRecord {
         seq: Option<Seq>,
         /// A write (the entry only moves up) rather than a replacement.
         write: bool,
+        /// What changed: the write's range, or what the replacement
+        /// replaced. `Part::Ranges(vec![])` changes no content (a
+        /// compacted journal restating an entry).
+        part: Part,
+    },
+    /// Changes at or below `seq` are no longer remembered by range (a
+    /// compacted journal restating [`GroupDurable::recent_floor`]).
+    RecentFloor {
+        /// The group.
+        key: GroupKey,
+        /// The floor.
+        seq: Seq,
     },
     /// The committed watermark moved up.
     Committed {
@@ -131,6 +157,20 @@ pub enum JournalRecord {
     },
 }
 
+/// Changes remembered by range per group (see [`GroupDurable::recent`]).
+pub const RECENT_MAX: usize = 128;
+
+/// One remembered change: a write, or a replacement by a push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recent {
+    /// Its sequence number (for a push, the primary's entry for the extent).
+    pub seq: Seq,
+    /// The extent.
+    pub ext: ExtentId,
+    /// The bytes changed, `None` for the whole extent.
+    pub range: Option<(u64, u64)>,
+}
+
 /// What the journal holds for one group.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GroupDurable {
@@ -138,29 +178,83 @@ pub struct GroupDurable {
     pub log: BTreeMap<ExtentId, Seq>,
     /// The committed watermark.
     pub committed: Seq,
+    /// The latest changes (at most [`RECENT_MAX`]) with the ranges they
+    /// touched, so that peering pushes only the ranges that may differ
+    /// rather than whole extents. Complete above `recent_floor`: every
+    /// change with a greater sequence number is here.
+    pub recent: VecDeque<Recent>,
+    /// The greatest sequence number of a change forgotten from `recent`.
+    pub recent_floor: Seq,
 }
 
 impl GroupDurable {
-    fn uncertain(&self) -> Vec<ExtentId> {
+    /// The extents written after `committed`, each with the part that may
+    /// differ from the other replicas.
+    fn uncertain(&self) -> Vec<(ExtentId, Part)> {
         self.log
             .iter()
             .filter(|(_, &s)| s > self.committed)
-            .map(|(&e, _)| e)
+            .map(|(&e, _)| (e, self.changed_since(e, self.committed)))
             .collect()
     }
 
-    /// A write with `seq` was applied to `ext` (writes to one extent may
-    /// complete out of sequence order when their ranges do not overlap).
-    fn note_write(&mut self, ext: ExtentId, seq: Seq) {
-        let e = self.log.entry(ext).or_insert(seq);
-        *e = (*e).max(seq);
+    /// The part of `ext` changed by changes after `since`: the union of
+    /// their ranges when `recent` reaches back that far, else the whole
+    /// extent.
+    pub fn changed_since(&self, ext: ExtentId, since: Seq) -> Part {
+        if self.recent_floor > since {
+            return Part::Whole;
+        }
+        let mut ranges = Vec::new();
+        for r in self.recent.iter().filter(|r| r.ext == ext && r.seq > since) {
+            match r.range {
+                Some(range) => ranges.push(range),
+                None => return Part::Whole,
+            }
+        }
+        if ranges.is_empty() {
+            // The log names a change this list does not: be safe.
+            return Part::Whole;
+        }
+        Part::from_ranges(ranges)
     }
 
-    /// The extent was replaced by a copy whose last write is `seq`.
-    fn set_log(&mut self, ext: ExtentId, seq: Option<Seq>) {
+    /// Remembers a change, forgetting the oldest beyond `cap`.
+    fn remember(&mut self, seq: Seq, ext: ExtentId, part: &Part, cap: usize) {
+        match part {
+            Part::Whole => self.recent.push_back(Recent {
+                seq,
+                ext,
+                range: None,
+            }),
+            Part::Ranges(v) => self.recent.extend(v.iter().map(|&r| Recent {
+                seq,
+                ext,
+                range: Some(r),
+            })),
+        }
+        while self.recent.len() > cap {
+            let old = self.recent.pop_front().expect("longer than the cap");
+            self.recent_floor = self.recent_floor.max(old.seq);
+        }
+    }
+
+    /// A write with `seq` was applied to `part` of `ext` (writes to one
+    /// extent may complete out of sequence order when their ranges do not
+    /// overlap).
+    fn note_write(&mut self, ext: ExtentId, seq: Seq, part: &Part, cap: usize) {
+        let e = self.log.entry(ext).or_insert(seq);
+        *e = (*e).max(seq);
+        self.remember(seq, ext, part, cap);
+    }
+
+    /// `part` of the extent was replaced by a copy whose last write is
+    /// `seq`.
+    fn set_log(&mut self, ext: ExtentId, seq: Option<Seq>, part: &Part, cap: usize) {
         match seq {
             Some(s) => {
                 self.log.insert(ext, s);
+                self.remember(s, ext, part, cap);
             }
             None => {
                 self.log.remove(&ext);
@@ -170,10 +264,22 @@ impl GroupDurable {
 }
 
 /// A node's journal, replayed: what survives a restart.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Durable {
     /// Per group.
     pub groups: BTreeMap<GroupKey, GroupDurable>,
+    /// Changes remembered by range per group while replaying (any value is
+    /// safe: `recent` is complete above its floor whatever the cap).
+    pub recent_max: usize,
+}
+
+impl Default for Durable {
+    fn default() -> Self {
+        Durable {
+            groups: BTreeMap::new(),
+            recent_max: RECENT_MAX,
+        }
+    }
 }
 
 impl Durable {
@@ -185,12 +291,18 @@ impl Durable {
                 ext,
                 seq,
                 write,
+                part,
             } => {
+                let cap = self.recent_max;
                 let g = self.groups.entry(*key).or_default();
                 match (write, seq) {
-                    (true, Some(s)) => g.note_write(*ext, *s),
-                    _ => g.set_log(*ext, *seq),
+                    (true, Some(s)) => g.note_write(*ext, *s, part, cap),
+                    _ => g.set_log(*ext, *seq, part, cap),
                 }
+            }
+            JournalRecord::RecentFloor { key, seq } => {
+                let g = self.groups.entry(*key).or_default();
+                g.recent_floor = g.recent_floor.max(*seq);
             }
             JournalRecord::Committed { key, seq } => {
                 let g = self.groups.entry(*key).or_default();
@@ -314,16 +426,18 @@ enum ReplicaWork {
     Push {
         push_id: u64,
         seq: Option<Seq>,
+        part: Part,
         data: Option<Bytes>,
     },
 }
 
 /// What a replica acknowledges once its disk operation is done.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Applied {
     Write(Seq),
-    /// A push: its id, and the log entry it leaves once it is on disk.
-    Push(u64, Option<Seq>),
+    /// A push: its id, the log entry it leaves once it is on disk, and the
+    /// part it replaced.
+    Push(u64, Option<Seq>, Part),
 }
 
 /// A replica's view of one interval of a group.
@@ -394,6 +508,7 @@ enum Task {
     },
     Push {
         ext: ExtentId,
+        part: Part,
         lock: u64,
         started: bool,
         data: Option<Option<Bytes>>,
@@ -790,9 +905,9 @@ impl Node {
         let mut sets = Vec::new();
         for (n, r) in reports {
             let set = if bug == Some(Bug::NoPeeringPush) {
-                BTreeSet::new()
+                BTreeMap::new()
             } else {
-                push_set(&g.d, &r)
+                push_set(&g.d, &r, bug)
             };
             sets.push((n, set));
         }
@@ -803,7 +918,7 @@ impl Node {
     }
 
     /// Starts pushes of `set` to member `n` (now receiving writes).
-    fn begin_sync(&mut self, key: GroupKey, n: NodeId, set: BTreeSet<ExtentId>) {
+    fn begin_sync(&mut self, key: GroupKey, n: NodeId, set: BTreeMap<ExtentId, Part>) {
         let g = self.groups.get_mut(&key).expect("exists");
         let p = g.primary.as_mut().expect("primary");
         let Some(m) = p.members.get_mut(&n) else {
@@ -811,22 +926,25 @@ impl Node {
         };
         m.pushed = set.len();
         m.state = MemberState::Syncing {
-            pending: set.clone(),
+            pending: set.keys().copied().collect(),
         };
         if !p.active {
             p.pushed_at_peering += set.len();
         }
-        for ext in set {
-            // Join an unstarted push of the same extent, else start one.
+        for (ext, want) in set {
+            // Join an unstarted push of the same extent (pushing the union
+            // of both parts), else start one.
             let g = self.groups.get_mut(&key).expect("exists");
             let p = g.primary.as_mut().expect("primary");
             let joined = p.tasks.values_mut().any(|t| match t {
                 Task::Push {
                     ext: e,
                     started: false,
+                    part,
                     waiting,
                     ..
                 } if *e == ext => {
+                    *part = part.union(&want);
                     waiting.insert(n, 0);
                     true
                 }
@@ -835,7 +953,7 @@ impl Node {
             if joined {
                 continue;
             }
-            self.start_push(key, n, ext);
+            self.start_push(key, n, ext, want);
         }
         self.maybe_member_synced(key, n);
     }
@@ -1214,20 +1332,32 @@ impl Node {
             Waiting::Replica { from, work } => {
                 let id = self.id_next();
                 let ext = from.ext;
+                let cap = self.cfg.recent_max;
                 let g = self.groups.get_mut(&key).expect("exists");
                 let (record, req, applied) = match work {
                     ReplicaWork::Write { seq, op, fua } => {
-                        g.d.note_write(ext, seq);
+                        let (start, end) = op.range();
+                        let part = Part::range(start, end);
+                        g.d.note_write(ext, seq, &part, cap);
                         (
-                            Some(seq),
+                            Some((seq, part)),
                             DiskReq::Write { ext, op, fua },
                             Applied::Write(seq),
                         )
                     }
-                    ReplicaWork::Push { push_id, seq, data } => (
+                    ReplicaWork::Push {
+                        push_id,
+                        seq,
+                        part,
+                        data,
+                    } => (
                         None,
-                        DiskReq::PutExtent { ext, data },
-                        Applied::Push(push_id, seq),
+                        DiskReq::PutExtent {
+                            ext,
+                            part: part.clone(),
+                            data,
+                        },
+                        Applied::Push(push_id, seq, part),
                     ),
                 };
                 // A write is journaled before it starts: from then on the
@@ -1235,12 +1365,13 @@ impl Node {
                 // (it may end the uncertainty), so it is journaled only once
                 // it is on disk: a crash in between leaves the extent
                 // uncertain and it is pushed again.
-                if let Some(seq) = record {
+                if let Some((seq, part)) = record {
                     self.out.push(Output::Journal(JournalRecord::Log {
                         key,
                         ext,
                         seq: Some(seq),
                         write: true,
+                        part,
                     }));
                 }
                 self.disk.insert(
@@ -1290,12 +1421,15 @@ impl Node {
                 *sent_at = now;
                 let (seq, ext, op, fua) = (*seq, *ext, op.clone(), *fua);
                 waiting.extend(targets.iter().map(|(n, _)| *n));
-                g.d.note_write(ext, seq);
+                let (start, end) = op.range();
+                let part = Part::range(start, end);
+                g.d.note_write(ext, seq, &part, self.cfg.recent_max);
                 self.out.push(Output::Journal(JournalRecord::Log {
                     key,
                     ext,
                     seq: Some(seq),
                     write: true,
+                    part,
                 }));
                 let req = DiskReq::Write {
                     ext,
@@ -1329,10 +1463,12 @@ impl Node {
                 };
                 self.task_disk(op_id, key, gen, tid, req);
             }
-            Task::Push { ext, started, .. } => {
+            Task::Push {
+                ext, part, started, ..
+            } => {
                 *started = true;
-                let ext = *ext;
-                self.task_disk(op_id, key, gen, tid, DiskReq::ReadExtent { ext });
+                let (ext, part) = (*ext, part.clone());
+                self.task_disk(op_id, key, gen, tid, DiskReq::ReadExtent { ext, part });
             }
             Task::Flush { .. } => {}
         }
@@ -1444,7 +1580,7 @@ impl Node {
                         .map(|p| p.members.keys().copied().collect())
                         .unwrap_or_default();
                     for n in members {
-                        self.start_push(key, n, ext);
+                        self.start_push(key, n, ext, Part::Whole);
                     }
                 }
             }
@@ -1481,7 +1617,7 @@ impl Node {
 
     /// Queues a push of `ext` to member `n` behind every earlier operation
     /// on the extent.
-    fn start_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId) {
+    fn start_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId, part: Part) {
         let tid = self.id_next();
         let lock = self.id_next();
         let g = self.groups.get_mut(&key).expect("exists");
@@ -1493,6 +1629,7 @@ impl Node {
             tid,
             Task::Push {
                 ext,
+                part,
                 lock,
                 started: false,
                 data: None,
@@ -1520,14 +1657,15 @@ impl Node {
                 lock,
             } => {
                 let ok = !matches!(done, DiskDone::Failed(_));
-                if let (Applied::Push(_, seq), true) = (applied, ok) {
+                if let (Applied::Push(_, seq, part), true) = (&applied, ok) {
                     let g = self.groups.get_mut(&key).expect("exists");
-                    g.d.set_log(from.ext, seq);
+                    g.d.set_log(from.ext, *seq, part, self.cfg.recent_max);
                     self.out.push(Output::Journal(JournalRecord::Log {
                         key,
                         ext: from.ext,
-                        seq,
+                        seq: *seq,
                         write: false,
+                        part: part.clone(),
                     }));
                 }
                 self.release(key, from.ext, lock);
@@ -1545,11 +1683,11 @@ impl Node {
                         sess.applied.remove(&seq);
                         return;
                     }
-                    Applied::Push(push_id, _) if ok => {
+                    Applied::Push(push_id, ..) if ok => {
                         sess.pushes.insert(push_id, true);
                         PeerMsg::PushAck { push_id }
                     }
-                    Applied::Push(push_id, _) => {
+                    Applied::Push(push_id, ..) => {
                         sess.pushes.remove(&push_id);
                         return;
                     }
@@ -1619,6 +1757,7 @@ impl Node {
             }
             Task::Push {
                 ext,
+                part,
                 data,
                 seq,
                 waiting,
@@ -1633,11 +1772,17 @@ impl Node {
                         return;
                     }
                 };
+                if content.is_none() {
+                    // Nothing stored here: deleting the replica's copy
+                    // leaves the same bytes (zeros) as any ranges would.
+                    *part = Part::Whole;
+                }
                 *data = Some(content.clone());
                 *seq = g.d.log.get(ext).copied();
                 *sent_at = now;
                 let ext = *ext;
                 let seq = *seq;
+                let part = part.clone();
                 let mut sends = Vec::new();
                 for (n, pid) in waiting.iter_mut() {
                     let push_id = self.next_id;
@@ -1657,6 +1802,7 @@ impl Node {
                             push_id,
                             ext,
                             seq,
+                            part: part.clone(),
                             data: content.clone(),
                         },
                     );
@@ -1855,6 +2001,7 @@ impl Node {
                 push_id,
                 ext,
                 seq,
+                part,
                 data,
                 ..
             } => {
@@ -1877,7 +2024,12 @@ impl Node {
                     primary: from,
                     ext,
                 };
-                let work = ReplicaWork::Push { push_id, seq, data };
+                let work = ReplicaWork::Push {
+                    push_id,
+                    seq,
+                    part,
+                    data,
+                };
                 self.queue(
                     key,
                     ext,
@@ -1990,7 +2142,7 @@ impl Node {
             self.maybe_finish_peering(key);
             return;
         }
-        let set = push_set(&self.groups[&key].d, &r);
+        let set = push_set(&self.groups[&key].d, &r, self.cfg.bug);
         self.begin_sync(key, from, set);
     }
 
@@ -2180,6 +2332,7 @@ impl Node {
                     started: true,
                     data: Some(data),
                     ext,
+                    part,
                     seq,
                     waiting,
                     sent_at,
@@ -2194,6 +2347,7 @@ impl Node {
                                 push_id: *pid,
                                 ext: *ext,
                                 seq: *seq,
+                                part: part.clone(),
                                 data: data.clone(),
                             },
                         ));
@@ -2264,13 +2418,22 @@ impl Group {
 
 /// The extents to push to a replica with report `r`: every extent the
 /// primary wrote after the replica's committed watermark, and every extent
-/// the replica itself is unsure of.
-fn push_set(primary: &GroupDurable, r: &SyncState) -> BTreeSet<ExtentId> {
-    primary
+/// the replica itself is unsure of; of each, the ranges changed since that
+/// watermark on either side where both remember them, else all of it.
+fn push_set(primary: &GroupDurable, r: &SyncState, bug: Option<Bug>) -> BTreeMap<ExtentId, Part> {
+    let mut set: BTreeMap<ExtentId, Part> = primary
         .log
         .iter()
         .filter(|(_, &s)| s > r.committed)
-        .map(|(&e, _)| e)
-        .chain(r.uncertain.iter().copied())
-        .collect()
+        .map(|(&e, _)| (e, primary.changed_since(e, r.committed)))
+        .collect();
+    for (e, part) in &r.uncertain {
+        let joined = match set.get(e) {
+            Some(p) if bug == Some(Bug::PrimaryRangesOnly) => p.clone(),
+            Some(p) => p.union(part),
+            None => part.clone(),
+        };
+        set.insert(*e, joined);
+    }
+    set
 }

@@ -14,7 +14,8 @@
 
 use bytes::Bytes;
 use cairn_group::msg::{
-    ClientOp, ClientRequest, Peer, PeerMsg, PeerRefusal, Refusal, SyncState, WriteOp,
+    ClientOp, ClientRequest, Part, Peer, PeerMsg, PeerRefusal, Refusal, SyncState, WriteOp,
+    PART_RANGES_MAX,
 };
 use cairn_group::{ExtentId, GroupKey, Seq};
 
@@ -188,6 +189,51 @@ pub struct PeerHeader {
     pub stale_interval: bool,
     #[prost(uint64, tag = "19")]
     pub current_interval: u64,
+    /// Push: the ranges it replaces, as start, end pairs (none: the whole
+    /// extent; the frame's data is their bytes one after another).
+    /// SyncReport: the ranges of every uncertain extent, one after another,
+    /// `uncertain_ranges` pairs each.
+    #[prost(uint64, repeated, tag = "20")]
+    pub ranges: Vec<u64>,
+    /// SyncReport: per uncertain extent, how many pairs of `ranges` are its
+    /// (0: the whole extent; the list empty: every one whole).
+    #[prost(uint32, repeated, tag = "21")]
+    pub uncertain_ranges: Vec<u32>,
+}
+
+/// Appends a part's ranges as start, end pairs; answers how many pairs (0
+/// for the whole extent).
+fn put_part(part: &Part, out: &mut Vec<u64>) -> u32 {
+    match part {
+        Part::Whole => 0,
+        Part::Ranges(v) => {
+            for &(s, e) in v {
+                out.extend([s, e]);
+            }
+            v.len() as u32
+        }
+    }
+}
+
+/// Reads `pairs` start, end pairs of `flat` from `at` (0 pairs: the whole
+/// extent) and checks them: sorted, apart, sector-aligned, inside the
+/// largest extent.
+fn take_part(flat: &[u64], at: &mut usize, pairs: u32, ext: ExtentId) -> Result<Part, String> {
+    if pairs == 0 {
+        return Ok(Part::Whole);
+    }
+    let n = pairs as usize;
+    if n > PART_RANGES_MAX {
+        return Err(format!("{ext}: {n} ranges, more than {PART_RANGES_MAX}"));
+    }
+    let Some(slice) = flat.get(*at..*at + 2 * n) else {
+        return Err(format!("{ext}: {n} ranges named but fewer given"));
+    };
+    *at += 2 * n;
+    let part = Part::Ranges(slice.chunks_exact(2).map(|c| (c[0], c[1])).collect());
+    part.validate(64 << 20, 512)
+        .map_err(|e| format!("{ext}: {e}"))?;
+    Ok(part)
 }
 
 /// A [`Seq`] on the wire.
@@ -449,7 +495,12 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
         }
         PeerMsg::SyncReport(s) => {
             h.committed = Some(s.committed.into());
-            h.uncertain = s.uncertain.iter().map(|&e| e.into()).collect();
+            h.uncertain = s.uncertain.iter().map(|(e, _)| (*e).into()).collect();
+            h.uncertain_ranges = s
+                .uncertain
+                .iter()
+                .map(|(_, part)| put_part(part, &mut h.ranges))
+                .collect();
             PeerKind::SyncReport
         }
         PeerMsg::Forward {
@@ -489,6 +540,7 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
             push_id,
             ext,
             seq,
+            part,
             data: d,
         } => {
             h.up_since = *to_up_since;
@@ -496,6 +548,7 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
             h.extent = Some((*ext).into());
             h.extent_bytes = extent_bytes;
             h.seq = seq.map(Into::into);
+            put_part(part, &mut h.ranges);
             if let Some(d) = d {
                 h.has_data = true;
                 data = d.clone();
@@ -580,10 +633,29 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
         PeerKind::SyncQuery => PeerMsg::SyncQuery {
             to_up_since: h.up_since,
         },
-        PeerKind::SyncReport => PeerMsg::SyncReport(SyncState {
-            committed: need_committed()?,
-            uncertain: h.uncertain.iter().map(|&k| k.into()).collect(),
-        }),
+        PeerKind::SyncReport => {
+            if !h.uncertain_ranges.is_empty() && h.uncertain_ranges.len() != h.uncertain.len() {
+                return Err(format!(
+                    "{key}: report of {} uncertain extents with {} range counts",
+                    h.uncertain.len(),
+                    h.uncertain_ranges.len()
+                ));
+            }
+            let mut at = 0;
+            let mut uncertain = Vec::with_capacity(h.uncertain.len());
+            for (i, &k) in h.uncertain.iter().enumerate() {
+                let ext = ExtentId::from(k);
+                let pairs = h.uncertain_ranges.get(i).copied().unwrap_or(0);
+                uncertain.push((ext, take_part(&h.ranges, &mut at, pairs, ext)?));
+            }
+            if at != h.ranges.len() {
+                return Err(format!("{key}: report carries ranges no extent claims"));
+            }
+            PeerMsg::SyncReport(SyncState {
+                committed: need_committed()?,
+                uncertain,
+            })
+        }
         PeerKind::Forward => {
             let ext = need_ext()?;
             check_range(ext, h.extent_bytes, h.offset_bytes, h.length_bytes)?;
@@ -621,7 +693,24 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
         PeerKind::ForwardAck => PeerMsg::ForwardAck { seq: need_seq()? },
         PeerKind::Push => {
             let ext = need_ext()?;
-            let data = if h.has_data {
+            if !h.ranges.len().is_multiple_of(2) {
+                return Err(format!("{ext}: push with an odd count of range bounds"));
+            }
+            let mut at = 0;
+            let part = take_part(&h.ranges, &mut at, (h.ranges.len() / 2) as u32, ext)?;
+            let data = if let Some(want) = part.bytes() {
+                check_range(ext, h.extent_bytes, 0, h.extent_bytes as u64)?;
+                part.validate(h.extent_bytes as u64, 512)
+                    .map_err(|e| format!("{ext}: {e}"))?;
+                if !h.has_data || data.len() as u64 != want {
+                    return Err(format!(
+                        "{ext}: push of {want} bytes in ranges carries {}",
+                        data.len()
+                    ));
+                }
+                extent_bytes = h.extent_bytes;
+                Some(data)
+            } else if h.has_data {
                 if data.len() as u64 != h.extent_bytes as u64 {
                     return Err(format!(
                         "{ext}: pushed copy of {} bytes for an extent of {}",
@@ -643,6 +732,7 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
                 push_id: h.op_id,
                 ext,
                 seq: h.seq.map(Seq::from),
+                part,
                 data,
             }
         }
@@ -711,7 +801,18 @@ mod tests {
             PeerMsg::SyncQuery { to_up_since: 7 },
             PeerMsg::SyncReport(SyncState {
                 committed: seq,
-                uncertain: vec![EXT],
+                uncertain: vec![(EXT, Part::Whole)],
+            }),
+            PeerMsg::SyncReport(SyncState {
+                committed: seq,
+                uncertain: vec![
+                    (EXT, Part::Ranges(vec![(0, 4096), (8192, 9216)])),
+                    (ExtentId { index: 9, ..EXT }, Part::Whole),
+                    (
+                        ExtentId { index: 10, ..EXT },
+                        Part::Ranges(vec![(512, 1024)]),
+                    ),
+                ],
             }),
             PeerMsg::Forward {
                 to_up_since: 7,
@@ -741,13 +842,23 @@ mod tests {
                 push_id: 2,
                 ext: EXT,
                 seq: Some(seq),
+                part: Part::Whole,
                 data: Some(Bytes::from(vec![1; 1 << 20])),
+            },
+            PeerMsg::Push {
+                to_up_since: 7,
+                push_id: 4,
+                ext: EXT,
+                seq: Some(seq),
+                part: Part::Ranges(vec![(4096, 8192), (65536, 66048)]),
+                data: Some(Bytes::from(vec![1; 4096 + 512])),
             },
             PeerMsg::Push {
                 to_up_since: 7,
                 push_id: 3,
                 ext: EXT,
                 seq: None,
+                part: Part::Whole,
                 data: None,
             },
             PeerMsg::PushAck { push_id: 3 },
@@ -890,5 +1001,68 @@ mod tests {
             ..Default::default()
         };
         assert!(decode_peer(&forward_without_seq, Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn bad_ranges_in_pushes_and_reports_are_refused() {
+        let push = PeerHeader {
+            kind: PeerKind::Push as i32,
+            replicas: 3,
+            extent: Some(EXT.into()),
+            extent_bytes: 1 << 20,
+            has_data: true,
+            ranges: vec![4096, 8192],
+            ..Default::default()
+        };
+        assert!(decode_peer(&push, Bytes::from(vec![0; 4096])).is_ok());
+        let data_cases = [
+            // Odd count of bounds; out of order; overlapping; empty; not
+            // sector-aligned; beyond the extent.
+            (vec![4096, 8192, 9000], 4096),
+            (vec![8192, 12288, 0, 4096], 8192),
+            (vec![0, 8192, 4096, 12288], 16384),
+            (vec![4096, 4096], 0),
+            (vec![100, 4196], 4096),
+            (vec![(1 << 20) - 4096, (1 << 20) + 4096], 8192),
+        ];
+        for (ranges, len) in data_cases {
+            let h = PeerHeader {
+                ranges: ranges.clone(),
+                ..push.clone()
+            };
+            assert!(
+                decode_peer(&h, Bytes::from(vec![0; len])).is_err(),
+                "{ranges:?} accepted"
+            );
+        }
+        // The data must be exactly the ranges' bytes.
+        assert!(decode_peer(&push, Bytes::from(vec![0; 4095])).is_err());
+        assert!(decode_peer(&push, Bytes::from(vec![0; 1 << 20])).is_err());
+        let report = PeerHeader {
+            kind: PeerKind::SyncReport as i32,
+            replicas: 3,
+            committed: Some(WireSeq::default()),
+            uncertain: vec![EXT.into(), EXT.into()],
+            uncertain_ranges: vec![1, 0],
+            ranges: vec![0, 4096],
+            ..Default::default()
+        };
+        assert!(decode_peer(&report, Bytes::new()).is_ok());
+        for (counts, ranges) in [
+            (vec![1], vec![0, 4096]),
+            (vec![2, 0], vec![0, 4096]),
+            (vec![1, 0], vec![0, 4096, 8192, 12288]),
+            (vec![1, 0], vec![4096, 0]),
+        ] {
+            let h = PeerHeader {
+                uncertain_ranges: counts.clone(),
+                ranges: ranges.clone(),
+                ..report.clone()
+            };
+            assert!(
+                decode_peer(&h, Bytes::new()).is_err(),
+                "{counts:?} {ranges:?} accepted"
+            );
+        }
     }
 }

@@ -25,9 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use bytes::Bytes;
 use cairn_group::authority::{self, Claim};
-use cairn_group::msg::{ClientOp, ClientReply, ClientRequest, Peer, Refusal, WriteOp};
+use cairn_group::msg::{ClientOp, ClientReply, ClientRequest, Part, Peer, Refusal, WriteOp};
 use cairn_group::node::{
-    Bug, Config, DiskDone, DiskReq, Durable, JournalRecord, Node, Output, Trace,
+    Bug, Config, DiskDone, DiskReq, Durable, JournalRecord, Node, Output, Trace, RECENT_MAX,
 };
 use cairn_group::{Epoch, ExtentId, GroupKey, GroupMap, GroupView, NodeId, NodeView};
 use rand::{Rng, SeedableRng};
@@ -58,6 +58,9 @@ pub struct SimConfig {
     pub min_replicas: u32,
     /// A deliberately broken protocol variant.
     pub bug: Option<Bug>,
+    /// Changes each replica remembers by range per group (small values make
+    /// peering fall back to whole extents).
+    pub recent_max: usize,
     /// Print every event.
     pub verbose: bool,
 }
@@ -76,6 +79,7 @@ impl Default for SimConfig {
             queue_depth: 4,
             min_replicas: 1,
             bug: None,
+            recent_max: RECENT_MAX,
             verbose: false,
         }
     }
@@ -94,6 +98,7 @@ impl SimConfig {
             groups: [2, 4, 8][rng.gen_range(0..3)],
             queue_depth: rng.gen_range(1..=6),
             min_replicas: rng.gen_range(1..=replicas),
+            recent_max: [1, 3, 8, RECENT_MAX][rng.gen_range(0..4)],
             bug,
             ..SimConfig::default()
         }
@@ -121,6 +126,10 @@ pub struct Stats {
     pub abandoned: u64,
     /// Simulated milliseconds until healed.
     pub healed_at_ms: u64,
+    /// Pushes a replica started to apply: of whole extents, and of ranges.
+    pub whole_pushes: u64,
+    /// See `whole_pushes`.
+    pub range_pushes: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -326,6 +335,7 @@ impl World {
             sync_timeout_ms: 1500,
             sync_request_ms: 200,
             claim_retry_ms: 400,
+            recent_max: cfg.recent_max,
             bug: cfg.bug,
         };
         let mut nodes = BTreeMap::new();
@@ -695,6 +705,13 @@ impl World {
                 Output::Reply(r) => self.send(At::Node(id), At::Client, Msg::Reply(r)),
                 Output::Disk { id: op, req } => {
                     self.log(|| format!("{id}: disk {op} {}", brief_disk(&req)));
+                    match &req {
+                        DiskReq::PutExtent {
+                            part: Part::Whole, ..
+                        } => self.stats.whole_pushes += 1,
+                        DiskReq::PutExtent { .. } => self.stats.range_pushes += 1,
+                        _ => {}
+                    }
                     let n = self.nodes.get_mut(&id).expect("node");
                     let process = n.process;
                     n.disk.inflight.insert(op, req);
@@ -859,7 +876,10 @@ impl World {
         n.process += 1;
         n.frozen_until = 0;
         let process = n.process;
-        let mut durable = Durable::default();
+        let mut durable = Durable {
+            recent_max: self.core_cfg.recent_max,
+            ..Durable::default()
+        };
         for r in &n.journal {
             durable.apply(r);
         }
@@ -1229,10 +1249,25 @@ fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
             };
             DiskDone::Data(Bytes::from(data))
         }
-        DiskReq::ReadExtent { ext } => {
-            DiskDone::Extent(d.extents.get(ext).map(|e| Bytes::from(e.clone())))
-        }
-        DiskReq::PutExtent { ext, data } => {
+        DiskReq::ReadExtent {
+            ext,
+            part: Part::Whole,
+        } => DiskDone::Extent(d.extents.get(ext).map(|e| Bytes::from(e.clone()))),
+        DiskReq::ReadExtent {
+            ext,
+            part: Part::Ranges(ranges),
+        } => DiskDone::Extent(d.extents.get(ext).map(|x| {
+            let mut out = Vec::new();
+            for &(s, e) in ranges {
+                out.extend_from_slice(&x[s as usize..e as usize]);
+            }
+            Bytes::from(out)
+        })),
+        DiskReq::PutExtent {
+            ext,
+            part: Part::Whole,
+            data,
+        } => {
             match data {
                 Some(b) => {
                     d.extents.insert(*ext, b.to_vec());
@@ -1240,6 +1275,24 @@ fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
                 None => {
                     d.extents.remove(ext);
                 }
+            }
+            DiskDone::Ok
+        }
+        DiskReq::PutExtent {
+            ext,
+            part: Part::Ranges(ranges),
+            data,
+        } => {
+            let data = data.as_ref().expect("a ranges push carries data");
+            let e = d
+                .extents
+                .entry(*ext)
+                .or_insert_with(|| vec![0; extent_bytes as usize]);
+            let mut at = 0usize;
+            for &(s, end) in ranges {
+                let n = (end - s) as usize;
+                e[s as usize..end as usize].copy_from_slice(&data[at..at + n]);
+                at += n;
             }
             DiskDone::Ok
         }
@@ -1264,10 +1317,14 @@ fn brief_peer(p: &Peer) -> String {
     match &p.msg {
         Forward { seq, ext, .. } => format!("forward seq {seq} ext {}", ext.index),
         Push {
-            ext, push_id, data, ..
+            ext,
+            push_id,
+            part,
+            data,
+            ..
         } => {
             format!(
-                "push {push_id} ext {} {}",
+                "push {push_id} ext {} {part:?} {}",
                 ext.index,
                 if data.is_some() { "data" } else { "delete" }
             )
@@ -1281,9 +1338,9 @@ fn brief_disk(r: &DiskReq) -> String {
     match r {
         DiskReq::Write { ext, op, .. } => format!("write ext {} {:?}", ext.index, op.range()),
         DiskReq::Read { ext, offset, len } => format!("read ext {} {offset}+{len}", ext.index),
-        DiskReq::ReadExtent { ext } => format!("read extent {}", ext.index),
-        DiskReq::PutExtent { ext, data } => format!(
-            "put extent {} {}",
+        DiskReq::ReadExtent { ext, part } => format!("read extent {} {part:?}", ext.index),
+        DiskReq::PutExtent { ext, part, data } => format!(
+            "put extent {} {part:?} {}",
             ext.index,
             if data.is_some() { "data" } else { "delete" }
         ),

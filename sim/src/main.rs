@@ -1,7 +1,7 @@
 //! `cairn-sim`: runs simulator schedules.
 //!
 //! ```text
-//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push] [--verbose]
+//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only] [--verbose]
 //! ```
 //! Exits 1 and prints the seed if a schedule fails.
 
@@ -30,6 +30,7 @@ fn main() {
                     "ack-before-replicas" => Bug::AckBeforeReplicas,
                     "no-fence" => Bug::NoFence,
                     "no-peering-push" => Bug::NoPeeringPush,
+                    "primary-ranges-only" => Bug::PrimaryRangesOnly,
                     other => usage(&format!("unknown bug {other}")),
                 })
             }
@@ -67,6 +68,6 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("cairn-sim: {msg}");
     }
-    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push] [--verbose]");
+    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only] [--verbose]");
     std::process::exit(2);
 }

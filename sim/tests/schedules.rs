@@ -8,10 +8,14 @@ use cairn_sim::{run, SimConfig};
 
 /// Runs seeds `from..from + count` of the real protocol.
 fn pass(from: u64, count: u64) {
-    let mut acked = 0;
+    let (mut acked, mut whole, mut ranges) = (0, 0, 0);
     for seed in from..from + count {
         match run(seed, &SimConfig::for_seed(seed, None)) {
-            Ok(s) => acked += s.acked_writes,
+            Ok(s) => {
+                acked += s.acked_writes;
+                whole += s.whole_pushes;
+                ranges += s.range_pushes;
+            }
             Err(f) => panic!("{f}\nconfig: {:?}", SimConfig::for_seed(seed, None)),
         }
     }
@@ -19,6 +23,16 @@ fn pass(from: u64, count: u64) {
     assert!(
         acked > count * 10,
         "only {acked} writes acknowledged in {count} schedules"
+    );
+    // Both kinds of push are exercised (whole extents for rejoins that reach
+    // back further than the recent list, ranges for peering).
+    eprintln!(
+        "seeds {from}..{}: {acked} writes acknowledged, pushes: {whole} whole, {ranges} of ranges",
+        from + count
+    );
+    assert!(
+        whole > count / 10 && ranges > count / 10,
+        "pushes: {whole} whole, {ranges} of ranges in {count} schedules"
     );
 }
 
@@ -72,6 +86,11 @@ fn catches_replicas_without_fencing() {
 #[test]
 fn catches_peering_without_pushes() {
     caught(Bug::NoPeeringPush);
+}
+
+#[test]
+fn catches_pushing_only_the_primarys_ranges() {
+    caught(Bug::PrimaryRangesOnly);
 }
 
 #[test]

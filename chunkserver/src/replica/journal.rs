@@ -34,6 +34,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use cairn_group::msg::Part;
 use cairn_group::node::{Durable, GroupDurable, JournalRecord};
 use cairn_group::{ExtentId, GroupKey, Seq};
 use cairn_proto::chunk::ExtentKey;
@@ -41,8 +42,9 @@ use cairn_proto::group::WireSeq;
 use prost::Message;
 
 const MAGIC: &[u8; 8] = b"CRNJRNL1";
-/// Largest record payload accepted at replay; real ones are under 100 bytes.
-const RECORD_BYTES_MAX: u32 = 4096;
+/// Largest record payload accepted at replay; most are under 100 bytes, a
+/// push of the most ranges (`PART_RANGES_MAX`) about 2 KiB.
+const RECORD_BYTES_MAX: u32 = 16 << 10;
 /// The journal is not compacted below this size.
 pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
 /// File name inside the data directory.
@@ -51,7 +53,7 @@ pub const FILE_NAME: &str = "groups.journal";
 /// One journal record on disk.
 #[derive(Clone, PartialEq, ::prost::Message)]
 struct JournalEntry {
-    /// 1: log entry, 2: committed watermark.
+    /// 1: log entry, 2: committed watermark, 3: recent floor.
     #[prost(uint32, tag = "1")]
     kind: u32,
     #[prost(uint32, tag = "2")]
@@ -64,10 +66,18 @@ struct JournalEntry {
     seq: Option<WireSeq>,
     #[prost(bool, tag = "6")]
     write: bool,
+    /// Log: `ranges` names the part changed (false, as in records written
+    /// before ranges were journaled: the whole extent).
+    #[prost(bool, tag = "7")]
+    ranges_known: bool,
+    /// Log: start, end pairs.
+    #[prost(uint64, repeated, tag = "8")]
+    ranges: Vec<u64>,
 }
 
 const KIND_LOG: u32 = 1;
 const KIND_COMMITTED: u32 = 2;
+const KIND_FLOOR: u32 = 3;
 
 fn encode(r: &JournalRecord, out: &mut Vec<u8>) {
     let e = match r {
@@ -76,6 +86,7 @@ fn encode(r: &JournalRecord, out: &mut Vec<u8>) {
             ext,
             seq,
             write,
+            part,
         } => JournalEntry {
             kind: KIND_LOG,
             replicas: key.replicas,
@@ -83,14 +94,25 @@ fn encode(r: &JournalRecord, out: &mut Vec<u8>) {
             extent: Some((*ext).into()),
             seq: seq.map(Into::into),
             write: *write,
+            ranges_known: matches!(part, Part::Ranges(_)),
+            ranges: match part {
+                Part::Whole => Vec::new(),
+                Part::Ranges(v) => v.iter().flat_map(|&(s, e)| [s, e]).collect(),
+            },
         },
         JournalRecord::Committed { key, seq } => JournalEntry {
             kind: KIND_COMMITTED,
             replicas: key.replicas,
             index: key.index,
-            extent: None,
             seq: Some((*seq).into()),
-            write: false,
+            ..Default::default()
+        },
+        JournalRecord::RecentFloor { key, seq } => JournalEntry {
+            kind: KIND_FLOOR,
+            replicas: key.replicas,
+            index: key.index,
+            seq: Some((*seq).into()),
+            ..Default::default()
         },
     };
     let payload = e.encode_to_vec();
@@ -111,8 +133,20 @@ fn decode(payload: &[u8]) -> Option<JournalRecord> {
             ext: ExtentId::from(e.extent?),
             seq: e.seq.map(Seq::from),
             write: e.write,
+            part: if e.ranges_known {
+                if !e.ranges.len().is_multiple_of(2) {
+                    return None;
+                }
+                Part::Ranges(e.ranges.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+            } else {
+                Part::Whole
+            },
         }),
         KIND_COMMITTED => Some(JournalRecord::Committed {
+            key,
+            seq: Seq::from(e.seq?),
+        }),
+        KIND_FLOOR => Some(JournalRecord::RecentFloor {
             key,
             seq: Seq::from(e.seq?),
         }),
@@ -274,13 +308,46 @@ impl Journal {
         let mut buf = MAGIC.to_vec();
         let mut records = 0;
         for (key, g) in groups {
-            for (ext, seq) in &g.log {
+            // The recent changes first, as replacements, so that replaying
+            // them cannot raise a log entry; then every entry they touch
+            // and every other one restated exactly, changing nothing more.
+            if g.recent_floor > Seq::default() {
+                let r = JournalRecord::RecentFloor {
+                    key,
+                    seq: g.recent_floor,
+                };
+                encode(&r, &mut buf);
+                records += 1;
+            }
+            for r in &g.recent {
+                let part = match r.range {
+                    Some(range) => Part::Ranges(vec![range]),
+                    None => Part::Whole,
+                };
+                let record = JournalRecord::Log {
+                    key,
+                    ext: r.ext,
+                    seq: Some(r.seq),
+                    write: false,
+                    part,
+                };
+                encode(&record, &mut buf);
+                records += 1;
+            }
+            let exts: std::collections::BTreeSet<ExtentId> = g
+                .log
+                .keys()
+                .copied()
+                .chain(g.recent.iter().map(|r| r.ext))
+                .collect();
+            for ext in exts {
                 encode(
                     &JournalRecord::Log {
                         key,
-                        ext: *ext,
-                        seq: Some(*seq),
+                        ext,
+                        seq: g.log.get(&ext).copied(),
                         write: false,
+                        part: Part::Ranges(Vec::new()),
                     },
                     &mut buf,
                 );
@@ -355,6 +422,7 @@ mod tests {
             ext: ext(i),
             seq: Some(Seq { interval: 2, n }),
             write: true,
+            part: Part::range(n * 512, n * 512 + 4096),
         }
     }
 
@@ -399,11 +467,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap().journal;
         let mut state = Durable::default();
-        for n in 1..200 {
-            let r = log(n % 7, n);
-            j.append(&r);
-            state.apply(&r);
+        let mut records: Vec<JournalRecord> = (1..400).map(|n| log(n % 7, n)).collect();
+        // A push that lowers an entry, and one that deletes an extent the
+        // recent list still names: replay must not bring either back up.
+        records.push(JournalRecord::Log {
+            key: KEY,
+            ext: ext(1),
+            seq: Some(Seq { interval: 2, n: 3 }),
+            write: false,
+            part: Part::Ranges(vec![(0, 8192)]),
+        });
+        records.push(JournalRecord::Log {
+            key: KEY,
+            ext: ext(2),
+            seq: None,
+            write: false,
+            part: Part::Whole,
+        });
+        for r in &records {
+            j.append(r);
+            state.apply(r);
         }
+        let g = &state.groups[&KEY];
+        assert!(g.recent_floor > Seq::default(), "the test must forget some");
+        assert!(!g.log.contains_key(&ext(2)));
         j.write_pending().unwrap();
         let before = j.file_bytes();
         j.compact(state.groups.iter().map(|(k, g)| (*k, g)))

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use cairn_group::msg::{ClientRequest, Peer, PeerMsg, Refusal};
+use cairn_group::msg::{ClientRequest, Part, Peer, PeerMsg, Refusal};
 use cairn_group::node::{Config as CoreConfig, DiskDone, DiskReq, Node, OpId, Output, Trace};
 use cairn_group::{ExtentId, GroupMap, NodeId};
 use cairn_proto::map::ClusterMap;
@@ -79,6 +79,9 @@ enum Input {
     Disk {
         id: OpId,
         done: DiskDone,
+        /// The extent size of a volume, learned from the store (pushes of
+        /// ranges name it; a new primary may not have seen the volume yet).
+        size: Option<(u64, u32)>,
     },
 }
 
@@ -341,7 +344,12 @@ impl Driver {
                 }
             }
             Input::Lease { until, map_epoch } => self.node.on_lease(until, map_epoch),
-            Input::Disk { id, done } => self.node.on_disk(id, done),
+            Input::Disk { id, done, size } => {
+                if let Some((volume, eb)) = size {
+                    self.learn_size(volume, eb);
+                }
+                self.node.on_disk(id, done)
+            }
         }
     }
 
@@ -407,7 +415,13 @@ impl Driver {
                             // re-entered while its outputs are carried out.
                             let tx = self.tx.clone();
                             tokio::spawn(async move {
-                                let _ = tx.send(Input::Disk { id, done }).await;
+                                let _ = tx
+                                    .send(Input::Disk {
+                                        id,
+                                        done,
+                                        size: None,
+                                    })
+                                    .await;
                             });
                             continue;
                         }
@@ -469,7 +483,12 @@ impl Driver {
         };
         let extent_bytes = match &msg.msg {
             PeerMsg::Forward { ext, .. } => self.extent_sizes.get(&ext.volume).copied(),
-            PeerMsg::Push { data: Some(d), .. } => Some(d.len() as u32),
+            PeerMsg::Push {
+                part: Part::Whole,
+                data: Some(d),
+                ..
+            } => Some(d.len() as u32),
+            PeerMsg::Push { ext, .. } => self.extent_sizes.get(&ext.volume).copied(),
             _ => None,
         }
         .unwrap_or(0);
@@ -531,11 +550,14 @@ impl Driver {
             _ => None,
         };
         tokio::spawn(async move {
-            let done = match run_disk(&store, req, size, journal).await {
+            let volume = disk_extent(&req).map(|e| e.volume);
+            let mut learned = None;
+            let done = match run_disk(&store, req, size, journal, &mut learned).await {
                 Ok(done) => done,
                 Err(e) => DiskDone::Failed(format!("node {me}: {e}")),
             };
-            let _ = tx.send(Input::Disk { id, done }).await;
+            let size = volume.zip(learned);
+            let _ = tx.send(Input::Disk { id, done, size }).await;
         });
     }
 }
@@ -576,7 +598,7 @@ fn disk_extent(req: &DiskReq) -> Option<ExtentId> {
     match req {
         DiskReq::Write { ext, .. }
         | DiskReq::Read { ext, .. }
-        | DiskReq::ReadExtent { ext }
+        | DiskReq::ReadExtent { ext, .. }
         | DiskReq::PutExtent { ext, .. } => Some(*ext),
         DiskReq::Flush => None,
     }
@@ -596,6 +618,7 @@ async fn run_disk(
     req: DiskReq,
     size: Option<u32>,
     journal: Option<Result<File, String>>,
+    learned: &mut Option<u32>,
 ) -> Result<DiskDone, String> {
     let need_size = |ext: ExtentId| {
         size.ok_or_else(|| format!("{ext}: extent size unknown (no request named it)"))
@@ -623,11 +646,40 @@ async fn run_disk(
                 .map_err(|e| e.to_string())?;
             Ok(DiskDone::Data(Bytes::from_owner(buf)))
         }
-        DiskReq::ReadExtent { ext } => {
+        DiskReq::ReadExtent {
+            ext,
+            part: Part::Ranges(ranges),
+        } => {
+            let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+            let mut out = BytesMut::with_capacity(total as usize);
             let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? else {
                 return Ok(DiskDone::Extent(None));
             };
             let eb = stat.extent_bytes;
+            *learned = Some(eb);
+            for (start, end) in ranges {
+                let mut at = start;
+                while at < end {
+                    let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
+                    let buf = store
+                        .read(key_of(ext), eb, at, len)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    out.extend_from_slice(&buf);
+                    at += len as u64;
+                }
+            }
+            Ok(DiskDone::Extent(Some(out.freeze())))
+        }
+        DiskReq::ReadExtent {
+            ext,
+            part: Part::Whole,
+        } => {
+            let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? else {
+                return Ok(DiskDone::Extent(None));
+            };
+            let eb = stat.extent_bytes;
+            *learned = Some(eb);
             let mut out = BytesMut::with_capacity(eb as usize);
             let mut at = 0u64;
             while at < eb as u64 {
@@ -643,12 +695,37 @@ async fn run_disk(
         }
         DiskReq::PutExtent {
             ext,
+            part: Part::Whole,
             data: Some(data),
         } => {
-            put_extent(store, key_of(ext), &data).await?;
+            let eb = u32::try_from(data.len())
+                .map_err(|_| format!("{ext}: pushed copy of {} bytes", data.len()))?;
+            put_at(store, key_of(ext), eb, 0, &data).await?;
             Ok(DiskDone::Ok)
         }
-        DiskReq::PutExtent { ext, data: None } => {
+        DiskReq::PutExtent {
+            ext,
+            part: Part::Ranges(ranges),
+            data,
+        } => {
+            let eb = need_size(ext)?;
+            let data = data.ok_or_else(|| format!("{ext}: a push of ranges without data"))?;
+            let mut at = 0usize;
+            for (start, end) in ranges {
+                let n = (end - start) as usize;
+                let piece = data
+                    .get(at..at + n)
+                    .ok_or_else(|| format!("{ext}: pushed ranges longer than their data"))?;
+                put_at(store, key_of(ext), eb, start, piece).await?;
+                at += n;
+            }
+            Ok(DiskDone::Ok)
+        }
+        DiskReq::PutExtent {
+            ext,
+            part: Part::Whole,
+            data: None,
+        } => {
             if let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? {
                 store
                     .trim(key_of(ext), stat.extent_bytes, 0, stat.extent_bytes)
@@ -672,37 +749,38 @@ async fn run_disk(
     }
 }
 
-/// Replaces a whole extent with `data`, keeping it thin: runs of all-zero
-/// 4 KiB blocks are punched, the rest written.
-async fn put_extent(store: &Store, key: ExtentKey, data: &[u8]) -> Result<(), String> {
+/// Replaces `data.len()` bytes of an extent of `eb` bytes at `offset` (a
+/// whole extent, or a pushed range), keeping it thin: runs of all-zero
+/// 4 KiB pieces are zeroed with holes punched, the rest written.
+async fn put_at(
+    store: &Store,
+    key: ExtentKey,
+    eb: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), String> {
     const BLOCK: usize = 4096;
-    let eb = data.len() as u32;
     let zero: Vec<bool> = data
-        .chunks_exact(BLOCK)
+        .chunks(BLOCK)
         .map(|b| b.iter().all(|&x| x == 0))
         .collect();
-    let blocks = zero.len();
+    let pieces = zero.len();
     let mut i = 0;
-    while i < blocks {
+    while i < pieces {
         let mut j = i + 1;
-        while j < blocks && zero[j] == zero[i] {
+        while j < pieces && zero[j] == zero[i] {
             j += 1;
         }
-        let (offset, len) = ((i * BLOCK) as u64, ((j - i) * BLOCK) as u32);
+        let bytes = &data[i * BLOCK..(j * BLOCK).min(data.len())];
+        let at = offset + (i * BLOCK) as u64;
         if zero[i] {
             store
-                .write_zeroes(key, eb, offset, len, false, true)
+                .write_zeroes(key, eb, at, bytes.len() as u32, false, true)
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
             store
-                .write(
-                    key,
-                    eb,
-                    offset,
-                    IoBuf::copy_from(&data[i * BLOCK..j * BLOCK]),
-                    false,
-                )
+                .write(key, eb, at, IoBuf::copy_from(bytes), false)
                 .await
                 .map_err(|e| e.to_string())?;
         }
