@@ -404,11 +404,21 @@ impl Driver {
             if outs.is_empty() {
                 break;
             }
+            // Every record of the batch goes to the file in one write(2)
+            // before any of its disk operations starts. A record reaching
+            // the file before operations that came ahead of it only makes
+            // the journal more cautious (an extent uncertain a moment
+            // early), never less.
+            for out in &outs {
+                if let Output::Journal(r) = out {
+                    self.journal.append(r);
+                }
+            }
+            self.flush_journal();
             for out in outs {
                 match out {
-                    Output::Journal(r) => self.journal.append(&r),
+                    Output::Journal(_) => {}
                     Output::Disk { id, req } => {
-                        self.flush_journal();
                         if let Some(e) = &self.journal_failed {
                             let done = DiskDone::Failed(format!("node {}: {e}", self.me));
                             // Report through the queue: the core is not
@@ -427,12 +437,8 @@ impl Driver {
                         }
                         self.start_disk(id, req);
                     }
-                    Output::Peer { to, msg } => {
-                        self.flush_journal();
-                        self.send_peer(to, msg);
-                    }
+                    Output::Peer { to, msg } => self.send_peer(to, msg),
                     Output::Reply(r) => {
-                        self.flush_journal();
                         if let Some(tx) = self.pending.remove(&(r.client, r.id)) {
                             let _ = tx.send(r.result);
                         }

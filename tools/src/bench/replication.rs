@@ -17,7 +17,13 @@
 //!    gains from going first or last, and both allocate their extents in
 //!    their first run) and keeps the better run of each. Reported: writes
 //!    acknowledged per second, mean and p99 latency, and r3/r1 (goal >= 0.5:
-//!    three copies may cost at most half the write rate).
+//!    three copies may cost at most half the write rate). Also the share of
+//!    the machine's CPU busy during each run (from /proc/stat): here every
+//!    replica runs on the same cores, so at 100% busy r3/r1 is the ratio of
+//!    work per write (three disk writes and the messages between replicas
+//!    against one disk write), not what replicas on their own hosts would
+//!    see. Then one QD1 run of each, where the CPU is not saturated: r3/r1
+//!    there is what replication adds to a write's latency.
 //! 2. **Failover pause.** 8 writers on r3; after 3 s, kill -9 the chunk
 //!    server that is primary (first acting replica) of the most 3-replica
 //!    groups. Every group has a replica there (3 replicas on 3 servers), so
@@ -503,18 +509,41 @@ fn progress(line: impl AsRef<str>) {
 /// One IOPS run.
 #[derive(Clone, serde::Serialize)]
 struct IopsRun {
+    iodepth: usize,
     writes: u64,
     iops: f64,
     mean_ms: f64,
     p99_ms: f64,
+    /// Share of the machine's CPU time not idle during the run (all
+    /// processes: the client, the chunk servers, the kernel).
+    cpu_busy: f64,
     errors: usize,
 }
 
-async fn iops_run(vol: &Volume, seconds: u64, seed: u64) -> anyhow::Result<IopsRun> {
-    let load = Load::start(vol, QD, seed);
+/// (busy, total) jiffies of all CPUs so far, from /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait.
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
+async fn iops_run(vol: &Volume, seconds: u64, seed: u64, depth: usize) -> anyhow::Result<IopsRun> {
+    let load = Load::start(vol, depth, seed);
     let t0 = Instant::now();
+    let cpu0 = cpu_jiffies();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let t_end = Instant::now();
+    let cpu_busy = match (cpu0, cpu_jiffies()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
     let (ops, errors) = load.finish().await?;
     let mut lat: Vec<Duration> = ops
         .iter()
@@ -525,6 +554,8 @@ async fn iops_run(vol: &Volume, seconds: u64, seed: u64) -> anyhow::Result<IopsR
     let n = lat.len();
     let elapsed = secs(t_end - t0);
     let run = IopsRun {
+        iodepth: depth,
+        cpu_busy,
         writes: n as u64,
         iops: n as f64 / elapsed,
         mean_ms: if n == 0 {
@@ -550,6 +581,9 @@ struct IopsResult {
     r3: IopsRun,
     runs_r1: Vec<IopsRun>,
     runs_r3: Vec<IopsRun>,
+    /// One run of each at QD1.
+    qd1_r1: IopsRun,
+    qd1_r3: IopsRun,
 }
 
 #[derive(serde::Serialize)]
@@ -824,6 +858,7 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
     let (iops, failover, rejoin) = result?;
     let (r1, r3) = (&iops.r1, &iops.r3);
     let ratio = r3.iops / r1.iops.max(f64::MIN_POSITIVE);
+    let qd1_ratio = iops.qd1_r3.iops / iops.qd1_r1.iops.max(f64::MIN_POSITIVE);
     let pause_ok =
         failover.max_pause_ms.max(failover.max_inflight_write_ms) <= GOAL_PAUSE_S * 1000.0;
     if args.json {
@@ -839,6 +874,8 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
                     "ratio_r3_r1": ratio,
                     "goal_ratio": GOAL_RATIO,
                     "verdict": verdict(ratio >= GOAL_RATIO),
+                    "qd1_r1": iops.qd1_r1, "qd1_r3": iops.qd1_r3,
+                    "qd1_ratio_r3_r1": qd1_ratio,
                 },
                 "failover": failover,
                 "failover_goal_ms": GOAL_PAUSE_S * 1000.0,
@@ -853,10 +890,11 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
     }
     let row = |name: &str, r: &IopsRun| {
         println!(
-            "  {name:<12} {:>9.0} IOPS   mean {:>6.2} ms   p99 {:>6.2} ms{}",
+            "  {name:<12} {:>9.0} IOPS   mean {:>6.2} ms   p99 {:>6.2} ms   CPU {:>3.0}% busy{}",
             r.iops,
             r.mean_ms,
             r.p99_ms,
+            r.cpu_busy * 100.0,
             if r.errors > 0 {
                 format!("   ({} errors)", r.errors)
             } else {
@@ -879,6 +917,14 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
         "ratio 3/1",
         verdict(ratio >= GOAL_RATIO)
     );
+    println!(
+        "  (one machine: every replica's disk writes and messages share the same CPUs; at 100% \
+         busy the ratio is the work ratio)"
+    );
+    println!("4 KiB random writes, QD1 (latency: what a replica adds when CPU is spare):");
+    row("1 replica", &iops.qd1_r1);
+    row("3 replicas", &iops.qd1_r3);
+    println!("  {:<12} {qd1_ratio:>9.2}", "ratio 3/1");
     println!(
         "failover: kill -9 of chunk server {} (primary of {} groups), {WRITERS} writers:",
         failover.node, failover.primary_of_groups
@@ -975,13 +1021,14 @@ async fn phases(
         .into_iter()
         .enumerate()
     {
-        let r = iops_run(vol, seconds, i as u64).await?;
+        let r = iops_run(vol, seconds, i as u64, QD).await?;
         progress(format!(
-            "iops: {name} run {}: {:.0} IOPS, mean {:.2} ms, p99 {:.2} ms",
+            "iops: {name} run {}: {:.0} IOPS, mean {:.2} ms, p99 {:.2} ms, CPU {:.0}% busy",
             i / 2 + 1,
             r.iops,
             r.mean_ms,
-            r.p99_ms
+            r.p99_ms,
+            r.cpu_busy * 100.0
         ));
         if name == "r1" {
             runs1.push(r);
@@ -1003,6 +1050,20 @@ async fn phases(
         b1.iops,
         verdict(ratio >= GOAL_RATIO)
     ));
+    let mut qd1 = Vec::new();
+    for (i, (name, vol)) in [("r1", &r1), ("r3", &r3)].into_iter().enumerate() {
+        let r = iops_run(vol, seconds, 10 + i as u64, 1).await?;
+        progress(format!(
+            "iops: {name} QD1: {:.0} IOPS, mean {:.3} ms, p99 {:.3} ms, CPU {:.0}% busy",
+            r.iops,
+            r.mean_ms,
+            r.p99_ms,
+            r.cpu_busy * 100.0
+        ));
+        qd1.push(r);
+    }
+    let qd1_r3 = qd1.pop().expect("two runs");
+    let qd1_r1 = qd1.pop().expect("two runs");
     let f = failover(b, &r3, window).await?;
     let r = rejoin(b, &r3, outage, f.node).await?;
     Ok((
@@ -1011,6 +1072,8 @@ async fn phases(
             r3: b3,
             runs_r1: runs1,
             runs_r3: runs3,
+            qd1_r1,
+            qd1_r3,
         },
         f,
         r,
