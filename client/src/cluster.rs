@@ -129,7 +129,7 @@ pub struct Cluster {
     volmgr: Option<VolmgrClient>,
     /// One direct map fetch at a time.
     fetching: tokio::sync::Mutex<()>,
-    pool: Arc<Pool>,
+    pub(crate) pool: Arc<Pool>,
     /// The last primary seen per group, to warn once per failover.
     primaries: Mutex<HashMap<GroupKey, Option<NodeId>>>,
     watcher: Option<JoinHandle<()>>,
@@ -274,7 +274,7 @@ impl Cluster {
         self.ids.oldest_outstanding()
     }
 
-    fn snapshot(&self) -> Arc<MapSnap> {
+    pub(crate) fn snapshot(&self) -> Arc<MapSnap> {
         self.map.borrow().clone()
     }
 

@@ -9,6 +9,7 @@
 //!   group's primary, and retries across refusals, map changes and failover
 //!   with the piece's request id, so the primary applies it once.
 
+mod allocation;
 pub mod chunk;
 mod cluster;
 mod error;
@@ -18,6 +19,7 @@ mod retry;
 mod split;
 mod volume;
 
+pub use allocation::Allocation;
 pub use cluster::{ClientConfig, Cluster};
 pub use error::ClientError;
 pub use retry::IO_RETRIES;

@@ -232,6 +232,27 @@ impl Volume {
         d.groups.insert(key, g);
     }
 
+    /// Counts every group of the volume's replica count as written since its
+    /// last flush, so that the next [`flush`](Self::flush) reaches all of
+    /// them. For a front end taking over from a process that may have
+    /// acknowledged writes and never flushed them (a restarted target whose
+    /// clients reconnect and then flush).
+    pub fn mark_all_unflushed(&self) {
+        let group_count = self.inner.cluster.snapshot().map.group_count;
+        let mut d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        d.generation += 1;
+        let g = d.generation;
+        for index in 0..group_count {
+            d.groups.insert(
+                GroupKey {
+                    replicas: self.inner.info.replicas,
+                    index,
+                },
+                g,
+            );
+        }
+    }
+
     /// Groups with writes not yet flushed (for tools and tests).
     pub fn unflushed_groups(&self) -> Vec<GroupKey> {
         let d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,4 +1,18 @@
-//! cairn-target: the NBD and iSCSI front end over the volume client.
+//! cairn-target: the front end that exports Cairn volumes to hypervisors and
+//! tools. NBD now (issue 6); iSCSI joins it (issue 9) over the same
+//! [`exports`].
 //!
-//! Not built yet: see issues 6 and 9 and ARCHITECTURE.md. This crate exists so
-//! the workspace has the layout the design brief describes.
+//! - [`nbd`]: the protocol, over any byte stream, reaching volumes through
+//!   the `Catalog` and `Backend` traits ([`nbd::wire`] is the byte format,
+//!   [`nbd::handshake`] the option haggling, [`nbd::transmit`] the request
+//!   loop).
+//! - [`exports`]: those traits backed by the volume client library: one
+//!   shared `Volume` per export, export leases at the volume manager, block
+//!   status from the chunk servers' extent lists.
+//! - [`server`]: TCP and unix listeners, connection limits, shutdown.
+//! - [`config`]: flags and the TOML file.
+
+pub mod config;
+pub mod exports;
+pub mod nbd;
+pub mod server;

@@ -23,6 +23,7 @@
 pub mod cluster;
 pub mod mount;
 pub mod raw;
+pub mod target;
 pub mod volmgr;
 
 use std::fs::OpenOptions;

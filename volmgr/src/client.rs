@@ -268,14 +268,20 @@ impl VolmgrClient {
         self.call(req).await.map(|_| ())
     }
 
-    /// Renews front end `target`'s lease on exporting `volume`.
-    pub async fn register_export(&self, target: u64, volume: &str) -> Result<(), ClientError> {
+    /// Renews front end `target`'s lease on exporting `volume`. Answers how
+    /// often the leader wants it renewed (the lease lasts three of these).
+    pub async fn register_export(
+        &self,
+        target: u64,
+        volume: &str,
+    ) -> Result<Duration, ClientError> {
         let req = VolmgrRequest {
             node_id: target,
             volume_name: volume.into(),
             ..self.request(VolmgrOp::RegisterExport)
         };
-        self.call(req).await.map(|_| ())
+        let resp = self.call(req).await?;
+        Ok(Duration::from_millis(resp.heartbeat_interval_ms as u64))
     }
 
     pub async fn unregister_export(&self, target: u64, volume: &str) -> Result<(), ClientError> {
