@@ -24,9 +24,11 @@ async fn setup(name: &str, size: u64, target_args: &[&str]) -> (ReplicatedCluste
     (cluster, target)
 }
 
+/// The JSON document in a tool's stdout (fio prints lines before it).
 fn json(out: &std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(out)))
+    let text = stdout(out);
+    let start = text.find(['{', '[']).unwrap_or(0);
+    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,4 +144,182 @@ async fn qemu_io_patterns_at_unaligned_and_extent_crossing_offsets() {
         "qemu-io read: {text}"
     );
     assert_eq!(text.matches("read ").count(), writes.len() + 2, "{text}");
+}
+
+/// Writes a 256 MiB image of data runs and holes to `path`, deterministic.
+fn write_image(path: &std::path::Path, size: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut at = 0;
+    while at < size {
+        // A run of 4 KiB to 2 MiB of data, then a hole of up to 3 MiB.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let run = ((x % 512) + 1) * 4096;
+        let run = run.min(size - at);
+        let data: Vec<u8> = (0..run)
+            .map(|i| ((i.wrapping_mul(31) ^ x ^ (at >> 12)) & 0xff) as u8)
+            .collect();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&data).unwrap();
+        at += run + (x >> 20) % (3 * MIB) / 4096 * 4096;
+    }
+    f.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_img_convert_and_compare_a_256_mib_image() {
+    let size = 256 * MIB;
+    let (_cluster, target) = setup("vol", size, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_image(&src, size);
+    let uri = target.uri("vol");
+    let src_s = src.to_str().unwrap();
+    run_tool(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri],
+    )
+    .unwrap();
+    let cmp = run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]).unwrap();
+    assert!(stdout(&cmp).contains("Images are identical"), "{}", stdout(&cmp));
+
+    // A changed byte is seen (the comparison is real).
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 1048576 512", &uri]).unwrap();
+    let diff = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]).unwrap();
+    assert_eq!(diff.status.code(), Some(1), "{}", stdout(&diff));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nbdcopy_with_multi_conn_copies_in_and_out() {
+    let size = 64 * MIB;
+    let (_cluster, target) = setup("vol", size, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let back = dir.path().join("back.img");
+    write_image(&src, size);
+    let uri = target.uri("vol");
+    run_tool(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--threads=4",
+            "--flush",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    )
+    .unwrap();
+    run_tool(
+        "nbdcopy",
+        &["--connections=4", "--threads=4", &uri, back.to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
+        "copied out differs from what was copied in"
+    );
+    // nbdcopy opened several connections because the target advertised
+    // multi-conn.
+    let log = target.log();
+    assert!(
+        log.matches("transmission started").count() >= 8,
+        "expected 4 connections per copy:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
+    let (_cluster, target) = setup("vol", 64 * MIB, &[]).await;
+    let uri = target.uri("vol");
+    let out = run_tool(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k,64k",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--size=16M",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--group_reporting",
+            "--output-format=json",
+        ],
+    )
+    .unwrap();
+    let j = json(&out);
+    let job = &j["jobs"][0];
+    assert_eq!(job["error"], 0, "{job:#}");
+    // Every byte of each job's 16 MiB region was written, then read back and
+    // verified.
+    assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{job:#}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{job:#}");
+}
+
+/// A 1 TiB volume takes no space until written, and its allocation map is
+/// one hole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thin_terabyte_volume_uses_no_space_and_maps_as_one_hole() {
+    let cluster = ReplicatedCluster::start(3).await.expect("cluster");
+    let used = |c: &ReplicatedCluster| {
+        let addrs: Vec<_> = c.servers.iter().map(|s| s.addr()).collect();
+        async move {
+            let mut total = 0;
+            for a in addrs {
+                let c = cairn_chunkserver::rpc::ChunkClient::connect(a).await.unwrap();
+                total += c.node_stat().await.unwrap().used_bytes;
+            }
+            total
+        }
+    };
+    let before = used(&cluster).await;
+    cluster
+        .client()
+        .create_volume("big", 1 << 40, 4 * MIB as u32, 3, 2)
+        .await
+        .unwrap();
+    let target = TargetProcess::start(&cluster, &[]).expect("target");
+    let uri = target.uri("big");
+    let map = json(&run_tool("qemu-img", &["map", "--output=json", "-f", "raw", &uri]).unwrap());
+    let entries = map.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{map:#}");
+    assert_eq!(entries[0]["length"], 1u64 << 40, "{map:#}");
+    assert_eq!(entries[0]["data"], false, "{map:#}");
+    assert_eq!(entries[0]["zero"], true, "{map:#}");
+    let totals = stdout(&run_tool("nbdinfo", &["--map", "--totals", &uri]).unwrap());
+    assert!(totals.contains("100.0%") && totals.contains("hole,zero"), "{totals}");
+
+    // Written extents show as data, the rest stays a hole.
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 8G 4k", "-c", "flush", &uri],
+    )
+    .unwrap();
+    let map = json(&run_tool("qemu-img", &["map", "--output=json", "-f", "raw", &uri]).unwrap());
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    // At extent granularity: the 4 MiB extent holding 8 GiB.
+    assert_eq!(data, vec![(8 << 30, 4 * MIB)], "{map:#}");
+    let after = used(&cluster).await;
+    // Three replicas of one 4 MiB extent file (thin: one 4 KiB block of data
+    // plus its checksum slots), far below a MiB each.
+    assert!(
+        after - before < 3 * MIB,
+        "used bytes grew by {} for a 1 TiB volume with one block written",
+        after - before
+    );
 }

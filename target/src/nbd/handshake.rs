@@ -63,7 +63,12 @@ where
     io.write_all(&greeting).await?;
     io.flush().await?;
 
-    let client_flags = io.read_u32().await?;
+    let client_flags = match io.read_u32().await {
+        Ok(f) => f,
+        // A port probe (a health check, a test waiting for the listener).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Ended),
+        Err(e) => return Err(e.into()),
+    };
     let known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     if client_flags & !known != 0 {
         return Err(protocol(format!(

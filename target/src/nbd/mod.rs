@@ -5,6 +5,7 @@
 //! while `cairn-target` plugs in the cluster ([`crate::exports`]).
 
 pub mod handshake;
+pub mod memory;
 pub mod transmit;
 pub mod wire;
 
