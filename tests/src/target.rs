@@ -213,8 +213,7 @@ pub fn tool(program: &str, args: &[&str]) -> anyhow::Result<Output> {
 /// The Debian package that provides a client tool.
 pub fn package_of(program: &str) -> &'static str {
     match program {
-        "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
-        "nbdfuse" => "nbdfuse",
+        "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
         "qemu-io" | "qemu-img" | "qemu-nbd" => "qemu-utils",
         "fio" => "fio",
         "nbdkit" => "nbdkit",
@@ -225,4 +224,159 @@ pub fn package_of(program: &str) -> &'static str {
 /// stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A hand-driven NBD client over a plain TCP socket, for sending what real
+/// clients never would and reading the exact replies.
+pub struct RawNbd {
+    pub s: std::net::TcpStream,
+}
+
+/// One reply: simple (`kind` None) or one structured chunk.
+#[derive(Debug)]
+pub struct RawReply {
+    pub cookie: u64,
+    pub error: u32,
+    pub kind: Option<u16>,
+    pub flags: u16,
+    pub data: Vec<u8>,
+}
+
+impl RawNbd {
+    /// Connects and reads the greeting; sends client flags (fixed newstyle,
+    /// no zeroes).
+    pub fn connect(addr: SocketAddr) -> anyhow::Result<RawNbd> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g)?;
+        if &g[0..8] != b"NBDMAGIC" || &g[8..16] != b"IHAVEOPT" {
+            bail!("bad greeting {g:?}");
+        }
+        s.write_all(&3u32.to_be_bytes())?;
+        Ok(RawNbd { s })
+    }
+
+    pub fn send_option(&mut self, opt: u32, data: &[u8]) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"IHAVEOPT");
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b)?;
+        Ok(())
+    }
+
+    /// Reads option replies until the final one (ACK or an error):
+    /// `(reply type, data)` each.
+    pub fn option_replies(&mut self) -> anyhow::Result<Vec<(u32, Vec<u8>)>> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h)?;
+            if u64::from_be_bytes(h[0..8].try_into()?) != 0x0003_e889_0455_65a9 {
+                bail!("bad option reply magic");
+            }
+            let kind = u32::from_be_bytes(h[12..16].try_into()?);
+            let len = u32::from_be_bytes(h[16..20].try_into()?);
+            let mut d = vec![0u8; len as usize];
+            self.s.read_exact(&mut d)?;
+            out.push((kind, d));
+            if kind == 1 || kind & (1 << 31) != 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// STRUCTURED_REPLY (if asked) and GO to `name`; the export's size and
+    /// transmission flags.
+    pub fn go(&mut self, name: &str, structured: bool) -> anyhow::Result<(u64, u16)> {
+        if structured {
+            self.send_option(8, &[])?;
+            let r = self.option_replies()?;
+            if r.last().map(|x| x.0) != Some(1) {
+                bail!("STRUCTURED_REPLY refused: {r:?}");
+            }
+        }
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&3u16.to_be_bytes());
+        self.send_option(7, &d)?;
+        let replies = self.option_replies()?;
+        let Some((1, _)) = replies.last() else {
+            bail!("GO {name} refused: {replies:?}");
+        };
+        for (kind, d) in &replies {
+            if *kind == 3 && d.len() == 12 && d[0..2] == [0, 0] {
+                return Ok((
+                    u64::from_be_bytes(d[2..10].try_into()?),
+                    u16::from_be_bytes(d[10..12].try_into()?),
+                ));
+            }
+        }
+        bail!("GO {name}: no NBD_INFO_EXPORT in {replies:?}")
+    }
+
+    pub fn request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut b = Vec::with_capacity(28 + payload.len());
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b)?;
+        Ok(())
+    }
+
+    /// Reads one reply; a simple reply to a read carries `read_len` bytes
+    /// when it succeeds.
+    pub fn reply(&mut self, read_len: usize) -> anyhow::Result<RawReply> {
+        use std::io::Read;
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m)?;
+        match u32::from_be_bytes(m) {
+            0x6744_6698 => {
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h)?;
+                let error = u32::from_be_bytes(h[0..4].try_into()?);
+                let cookie = u64::from_be_bytes(h[4..12].try_into()?);
+                let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
+                self.s.read_exact(&mut data)?;
+                Ok(RawReply { cookie, error, kind: None, flags: 0, data })
+            }
+            0x668e_33ef => {
+                let mut h = [0u8; 16];
+                self.s.read_exact(&mut h)?;
+                let flags = u16::from_be_bytes(h[0..2].try_into()?);
+                let kind = u16::from_be_bytes(h[2..4].try_into()?);
+                let cookie = u64::from_be_bytes(h[4..12].try_into()?);
+                let len = u32::from_be_bytes(h[12..16].try_into()?);
+                let mut data = vec![0u8; len as usize];
+                self.s.read_exact(&mut data)?;
+                let error = if kind & (1 << 15) != 0 {
+                    u32::from_be_bytes(data[0..4].try_into()?)
+                } else {
+                    0
+                };
+                Ok(RawReply { cookie, error, kind: Some(kind), flags, data })
+            }
+            other => bail!("bad reply magic {other:#x}"),
+        }
+    }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use cairn_tests::cluster::ReplicatedCluster;
-use cairn_tests::target::{run_tool, stdout, tool, TargetProcess};
+use cairn_tests::target::{run_tool, stdout, tool, RawNbd, TargetProcess};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -322,4 +322,137 @@ async fn a_thin_terabyte_volume_uses_no_space_and_maps_as_one_hole() {
         "used bytes grew by {} for a 1 TiB volume with one block written",
         after - before
     );
+}
+
+/// Undoes, on drop, what the file system test set up: the ext4 mount, the
+/// loop device, the nbdfuse mount and process.
+struct FuseStack {
+    fs_mount: Option<std::path::PathBuf>,
+    loop_dev: Option<String>,
+    fuse_mount: std::path::PathBuf,
+    nbdfuse: std::process::Child,
+}
+
+impl Drop for FuseStack {
+    fn drop(&mut self) {
+        use std::process::Command;
+        if let Some(m) = self.fs_mount.take() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        if let Some(d) = self.loop_dev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(d).status();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.fuse_mount).status();
+        let _ = self.nbdfuse.kill();
+        let _ = self.nbdfuse.wait();
+    }
+}
+
+/// nbdfuse turns the export into a file, losetup into a block device; ext4
+/// on it is made, filled, unmounted and checked clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
+    let (_cluster, target) = setup("vol", 256 * MIB, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fuse_mount = dir.path().join("fuse");
+    let fs_mount = dir.path().join("fs");
+    std::fs::create_dir(&fuse_mount).unwrap();
+    std::fs::create_dir(&fs_mount).unwrap();
+    let pidfile = dir.path().join("nbdfuse.pid");
+    let nbdfuse = std::process::Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(fuse_mount.join("disk"))
+        .arg(target.uri("vol"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("starting nbdfuse (apt-get install nbdfuse)");
+    let mut stack = FuseStack {
+        fs_mount: None,
+        loop_dev: None,
+        fuse_mount: fuse_mount.clone(),
+        nbdfuse,
+    };
+    let t0 = std::time::Instant::now();
+    while !pidfile.exists() {
+        assert!(
+            stack.nbdfuse.try_wait().unwrap().is_none(),
+            "nbdfuse exited before mounting"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(30), "nbdfuse did not mount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let disk = fuse_mount.join("disk");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 256 * MIB);
+    let dev = stdout(
+        &run_tool("losetup", &["-f", "--show", disk.to_str().unwrap()]).unwrap(),
+    )
+    .trim()
+    .to_string();
+    stack.loop_dev = Some(dev.clone());
+    run_tool("mkfs.ext4", &["-q", "-F", &dev]).unwrap();
+    run_tool("mount", &[&dev, fs_mount.to_str().unwrap()]).unwrap();
+    stack.fs_mount = Some(fs_mount.clone());
+
+    // Files of assorted sizes, in a tree.
+    let mut expected = Vec::new();
+    for i in 0..24u64 {
+        let sub = fs_mount.join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&sub).unwrap();
+        let path = sub.join(format!("f{i}"));
+        let len = (i * 7919 * 37) % (3 * MIB) + 1;
+        let data: Vec<u8> = (0..len).map(|b| (b as u8) ^ (i as u8).wrapping_mul(29)).collect();
+        std::fs::write(&path, &data).unwrap();
+        expected.push((path, data));
+    }
+    run_tool("sync", &[]).unwrap();
+    run_tool("umount", &[fs_mount.to_str().unwrap()]).unwrap();
+    stack.fs_mount = None;
+    // Drop the page cache of the loop device so the check reads the volume.
+    run_tool("blockdev", &["--flushbufs", &dev]).unwrap();
+    let fsck = run_tool("fsck.ext4", &["-n", "-f", &dev]).unwrap();
+    assert!(fsck.status.success(), "{}", stdout(&fsck));
+
+    run_tool("mount", &["-o", "ro", &dev, fs_mount.to_str().unwrap()]).unwrap();
+    stack.fs_mount = Some(fs_mount.clone());
+    for (path, data) in &expected {
+        assert!(
+            &std::fs::read(path).unwrap() == data,
+            "{} differs after remount",
+            path.display()
+        );
+    }
+    drop(stack);
+}
+
+/// `--read-only`: the flag is advertised, and writes, trims and zeroing fail
+/// with EPERM while reads work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_target_refuses_writes_with_eperm() {
+    let (cluster, rw) = setup("vol", 16 * MIB, &[]).await;
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", &rw.uri("vol")]).unwrap();
+    let ro = TargetProcess::start(&cluster, &["--read-only", "--target-id", "2"]).unwrap();
+    let uri = ro.uri("vol");
+    let info = json(&run_tool("nbdinfo", &["--json", &uri]).unwrap());
+    assert_eq!(info["exports"][0]["is_read_only"], true, "{info:#}");
+    assert_eq!(info["exports"][0]["can_trim"], false, "{info:#}");
+    run_tool("qemu-io", &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri]).unwrap();
+    // Sent by hand: qemu would refuse to write to a read-only export
+    // before sending anything.
+    let mut raw = RawNbd::connect(ro.addr()).unwrap();
+    let (_, flags) = raw.go("vol", false).unwrap();
+    assert_ne!(flags & 2, 0, "NBD_FLAG_READ_ONLY");
+    raw.request(0, 1, 1, 0, 512, &[0x78; 512]).unwrap(); // WRITE
+    raw.request(0, 4, 2, 0, 512, &[]).unwrap(); // TRIM
+    raw.request(0, 6, 3, 0, 512, &[]).unwrap(); // WRITE_ZEROES
+    let mut errors: Vec<(u64, u32)> = (0..3)
+        .map(|_| {
+            let r = raw.reply(0).unwrap();
+            (r.cookie, r.error)
+        })
+        .collect();
+    errors.sort();
+    assert_eq!(errors, vec![(1, 1), (2, 1), (3, 1)], "EPERM for each");
+    // The data is untouched.
+    run_tool("qemu-io", &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri]).unwrap();
 }
