@@ -456,3 +456,160 @@ async fn a_read_only_target_refuses_writes_with_eperm() {
     // The data is untouched.
     run_tool("qemu-io", &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri]).unwrap();
 }
+
+/// A write and read-back over a fresh connection: the target still serves.
+fn bystander_round_trip(target: &TargetProcess, offset: u64, byte: u8) {
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    c.go("vol", true).unwrap();
+    c.request(0, 1, 1, offset, 4096, &[byte; 4096]).unwrap();
+    let r = c.reply(0).unwrap();
+    assert_eq!((r.cookie, r.error), (1, 0));
+    c.request(0, 0, 2, offset, 4096, &[]).unwrap();
+    let r = c.reply(4096).unwrap();
+    assert_eq!(r.kind, Some(1), "OFFSET_DATA");
+    assert_eq!(&r.data[8..], &[byte; 4096][..]);
+    c.request(0, 2, 3, 0, 0, &[]).unwrap(); // DISC
+}
+
+/// Reads until the server closes the connection (EOF or reset).
+fn closed_by_server(c: &mut RawNbd) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 4096];
+    loop {
+        match c.s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_the_proper_error_and_everyone_else_is_served() {
+    let (_cluster, target) = setup("vol", 16 * MIB, &[]).await;
+    bystander_round_trip(&target, 0, 1);
+
+    // Handshake: an unknown option, STARTTLS and an oversized option are
+    // answered and the haggling goes on; bad option magic closes.
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    c.send_option(99, b"whatever").unwrap();
+    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 1, "ERR_UNSUP");
+    c.send_option(5, &[]).unwrap();
+    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 2, "ERR_POLICY");
+    c.send_option(6, &vec![0u8; 2 << 20]).unwrap();
+    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 9, "ERR_TOO_BIG");
+    c.send_option(6, &[0, 0, 0, 200, b'v']).unwrap(); // name length past the data
+    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 3, "ERR_INVALID");
+    c.send_option(10, &[]).unwrap(); // SET_META before STRUCTURED_REPLY
+    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 3, "ERR_INVALID");
+    let (size, _) = c.go("vol", false).unwrap();
+    assert_eq!(size, 16 * MIB);
+    drop(c);
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    {
+        use std::io::Write;
+        c.s.write_all(b"IHAVEOPX\0\0\0\x07\0\0\0\0").unwrap();
+    }
+    assert!(closed_by_server(&mut c), "bad option magic must close");
+
+    // Transmission, simple replies: each bad request gets its error and the
+    // connection goes on.
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    c.go("vol", false).unwrap();
+    let cases: &[(u16, u16, u64, u32, usize, u32)] = &[
+        // (flags, command, offset, length, payload bytes, errno)
+        (0, 42, 0, 0, 0, EINVAL),                      // unknown command
+        (0, 0, 16 * MIB, 4096, 0, EINVAL),             // READ past the end
+        (0, 1, 16 * MIB - 512, 1024, 1024, ENOSPC),    // WRITE past the end
+        (0, 0, 100, 512, 0, EINVAL),                   // unaligned READ
+        (0, 1, 0, 1000, 1000, EINVAL),                 // unaligned WRITE
+        (0, 0, 0, (32 << 20) + 512, 0, EINVAL),        // READ over the payload limit
+        (0, 1, 0, (32 << 20) + 512, (32 << 20) + 512, EINVAL), // WRITE over it
+        (0x80, 0, 0, 512, 0, EINVAL),                  // unknown flag
+        (0, 7, 0, 512, 0, EINVAL),                     // BLOCK_STATUS, no context
+        (0, 3, 512, 0, 0, EINVAL),                     // FLUSH with an offset
+    ];
+    for (i, &(flags, cmd, offset, len, payload, errno)) in cases.iter().enumerate() {
+        c.request(flags, cmd, 100 + i as u64, offset, len, &vec![0xee; payload])
+            .unwrap();
+        let r = c.reply(0).unwrap();
+        assert_eq!(
+            (r.cookie, r.error),
+            (100 + i as u64, errno),
+            "case {i}: flags {flags:#x} command {cmd} offset {offset} length {len}"
+        );
+    }
+    // After all that, the same connection still works, and nothing was written.
+    c.request(0, 0, 7, 0, 4096, &[]).unwrap();
+    let r = c.reply(4096).unwrap();
+    assert_eq!((r.cookie, r.error), (7, 0));
+    assert_eq!(r.data, vec![1u8; 4096], "the refused writes changed data");
+    // Bad request magic closes the connection.
+    {
+        use std::io::Write;
+        c.s.write_all(&[0u8; 28]).unwrap();
+    }
+    assert!(closed_by_server(&mut c), "bad request magic must close");
+
+    // Structured replies carry errors as error chunks with a message.
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    c.go("vol", true).unwrap();
+    c.request(0, 0, 9, 16 * MIB, 512, &[]).unwrap();
+    let r = c.reply(0).unwrap();
+    assert_eq!((r.cookie, r.error, r.kind), (9, EINVAL, Some(32769)));
+    assert!(
+        String::from_utf8_lossy(&r.data[6..]).contains("beyond the export's end"),
+        "{r:?}"
+    );
+    drop(c);
+
+    // A client that vanishes inside a write's payload.
+    let mut c = RawNbd::connect(target.addr()).unwrap();
+    c.go("vol", false).unwrap();
+    c.request(0, 1, 1, 0, 1 << 20, &[0x55; 100 << 10]).unwrap();
+    drop(c);
+
+    // A client that stops reading its replies: 200 reads of 32 MiB asked,
+    // none read. The target holds at most its per-connection budget.
+    let mut hog = RawNbd::connect(target.addr()).unwrap();
+    hog.go("vol", false).unwrap();
+    for i in 0..200u64 {
+        hog.request(0, 0, i, 0, 16 << 20, &[]).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kib(target.pid().unwrap());
+    assert!(
+        rss < 256 << 10,
+        "target resident memory {rss} KiB with a client not reading 3.2 GiB of replies"
+    );
+
+    bystander_round_trip(&target, 8 * MIB, 2);
+    drop(hog);
+    bystander_round_trip(&target, 8 * MIB, 3);
+
+    // One log line per refusal, naming what was wrong.
+    let log = target.log();
+    for needle in [
+        "unknown command 42",
+        "bad request magic",
+        "bad option magic",
+        "client vanished inside a WRITE's payload",
+        "is not aligned to 512 bytes",
+    ] {
+        assert!(log.contains(needle), "no log line with {needle:?}:\n{log}");
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
