@@ -148,8 +148,13 @@ pub enum ConfigError {
     },
     #[error("config file {}: {message}", .path.display())]
     File { path: PathBuf, message: String },
-    #[error("missing required setting: pass {flag} or set {key} in the config file (--config FILE)")]
-    Missing { flag: &'static str, key: &'static str },
+    #[error(
+        "missing required setting: pass {flag} or set {key} in the config file (--config FILE)"
+    )]
+    Missing {
+        flag: &'static str,
+        key: &'static str,
+    },
     #[error("invalid {key} = {value}: {reason}")]
     Invalid {
         key: &'static str,
@@ -312,12 +317,21 @@ mod tests {
             "volmgr = \"127.0.0.1:1,127.0.0.1:2\"\ncluster_id = \"c\"\ntarget_id = 7\nlisten = [\"127.0.0.1:5000\"]\n",
         )
         .unwrap();
-        let c = Config::resolve(flags(&["--config", path.to_str().unwrap(), "--target-id", "9"])).unwrap();
+        let c = Config::resolve(flags(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--target-id",
+            "9",
+        ]))
+        .unwrap();
         assert_eq!(c.volmgr, vec!["127.0.0.1:1", "127.0.0.1:2"]);
         assert_eq!(c.target_id, 9);
         assert_eq!(c.listen, vec!["127.0.0.1:5000".parse().unwrap()]);
         assert_eq!(c.limits.buffer_bytes, CONNECTION_BUFFER_BYTES_DEFAULT);
-        assert_eq!(c.handshake_timeout, Duration::from_millis(HANDSHAKE_TIMEOUT_MS_DEFAULT));
+        assert_eq!(
+            c.handshake_timeout,
+            Duration::from_millis(HANDSHAKE_TIMEOUT_MS_DEFAULT)
+        );
     }
 
     #[test]

@@ -86,7 +86,9 @@ impl Registry {
         match self.volmgr.get_volume(name).await {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.status() == Some(VolmgrStatus::NotFound) => Ok(None),
-            Err(e) => Err(format!("looking up volume {name:?} at the volume manager: {e}")),
+            Err(e) => Err(format!(
+                "looking up volume {name:?} at the volume manager: {e}"
+            )),
         }
     }
 
@@ -98,7 +100,11 @@ impl Registry {
                 v.replicas,
                 if v.replicas == 1 { "" } else { "s" },
                 v.extent_size_bytes >> 10,
-                if self.cfg.read_only { ", read-only" } else { "" }
+                if self.cfg.read_only {
+                    ", read-only"
+                } else {
+                    ""
+                }
             ),
             size: v.size_bytes,
             read_only: self.cfg.read_only,
@@ -157,7 +163,10 @@ impl Catalog for Arc<Registry> {
             }
             // Deleted and re-created, or resized: connections opened from now
             // on use the new record; open ones keep theirs.
-            info!(volume = name, "volume record changed; new connections use the new one");
+            info!(
+                volume = name,
+                "volume record changed; new connections use the new one"
+            );
         }
         let volume = self
             .cluster

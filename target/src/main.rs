@@ -109,7 +109,9 @@ async fn serve(config: Config) -> Result<(), Fatal> {
                 Ok(c) => break c,
                 Err(e) => {
                     if !warned {
-                        warn!("cannot reach the cluster yet, retrying every {CONNECT_RETRY:?}: {e}");
+                        warn!(
+                            "cannot reach the cluster yet, retrying every {CONNECT_RETRY:?}: {e}"
+                        );
                         warned = true;
                     }
                     tokio::time::sleep(CONNECT_RETRY).await;
@@ -117,7 +119,10 @@ async fn serve(config: Config) -> Result<(), Fatal> {
             }
         }
     };
-    info!(epoch = cluster.map_epoch(), "connected to cluster {}", config.cluster_id);
+    info!(
+        epoch = cluster.map_epoch(),
+        "connected to cluster {}", config.cluster_id
+    );
     let registry = Registry::new(
         cluster,
         VolmgrClient::new(config.volmgr.clone(), config.cluster_id.clone()),
@@ -196,7 +201,10 @@ async fn bind(config: &Config) -> Result<Listeners, Fatal> {
                 })?;
             }
             let l = UnixListener::bind(p).map_err(|e| {
-                config_error(format!("cannot listen on unix socket {} (--unix): {e}", p.display()))
+                config_error(format!(
+                    "cannot listen on unix socket {} (--unix): {e}",
+                    p.display()
+                ))
             })?;
             Some((l, p.clone()))
         }

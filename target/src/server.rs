@@ -133,7 +133,10 @@ pub async fn run<C: Catalog + Clone>(
     }
     accept.shutdown().await;
     if !conns.is_empty() {
-        info!("stopping: waiting for {} NBD connection(s) to finish their requests", conns.len());
+        info!(
+            "stopping: waiting for {} NBD connection(s) to finish their requests",
+            conns.len()
+        );
     }
     while conns.join_next().await.is_some() {}
     if let Some(p) = unix_path {
@@ -163,26 +166,25 @@ async fn connection<C: Catalog>(
 ) {
     debug!("connected");
     let mut io = tokio::io::join(a.r, a.w);
-    let negotiated = match tokio::time::timeout(opts.handshake_timeout, negotiate(&mut io, &catalog))
-        .await
-    {
-        Err(_) => {
-            info!(
-                "closing: the handshake did not finish within {:?}",
-                opts.handshake_timeout
-            );
-            return;
-        }
-        Ok(Err(e)) => {
-            info!("closing: {e}");
-            return;
-        }
-        Ok(Ok(Outcome::Ended)) => {
-            debug!("client ended the handshake");
-            return;
-        }
-        Ok(Ok(Outcome::Go(n))) => n,
-    };
+    let negotiated =
+        match tokio::time::timeout(opts.handshake_timeout, negotiate(&mut io, &catalog)).await {
+            Err(_) => {
+                info!(
+                    "closing: the handshake did not finish within {:?}",
+                    opts.handshake_timeout
+                );
+                return;
+            }
+            Ok(Err(e)) => {
+                info!("closing: {e}");
+                return;
+            }
+            Ok(Ok(Outcome::Ended)) => {
+                debug!("client ended the handshake");
+                return;
+            }
+            Ok(Ok(Outcome::Go(n))) => n,
+        };
     let export = negotiated.export.info().name.clone();
     info!(
         export = %export,

@@ -358,7 +358,13 @@ impl RawNbd {
                 let cookie = u64::from_be_bytes(h[4..12].try_into()?);
                 let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
                 self.s.read_exact(&mut data)?;
-                Ok(RawReply { cookie, error, kind: None, flags: 0, data })
+                Ok(RawReply {
+                    cookie,
+                    error,
+                    kind: None,
+                    flags: 0,
+                    data,
+                })
             }
             0x668e_33ef => {
                 let mut h = [0u8; 16];
@@ -374,7 +380,13 @@ impl RawNbd {
                 } else {
                     0
                 };
-                Ok(RawReply { cookie, error, kind: Some(kind), flags, data })
+                Ok(RawReply {
+                    cookie,
+                    error,
+                    kind: Some(kind),
+                    flags,
+                    data,
+                })
             }
             other => bail!("bad reply magic {other:#x}"),
         }

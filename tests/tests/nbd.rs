@@ -184,12 +184,28 @@ async fn qemu_img_convert_and_compare_a_256_mib_image() {
         &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri],
     )
     .unwrap();
-    let cmp = run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]).unwrap();
-    assert!(stdout(&cmp).contains("Images are identical"), "{}", stdout(&cmp));
+    let cmp = run_tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    )
+    .unwrap();
+    assert!(
+        stdout(&cmp).contains("Images are identical"),
+        "{}",
+        stdout(&cmp)
+    );
 
     // A changed byte is seen (the comparison is real).
-    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 1048576 512", &uri]).unwrap();
-    let diff = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]).unwrap();
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 1048576 512", &uri],
+    )
+    .unwrap();
+    let diff = tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    )
+    .unwrap();
     assert_eq!(diff.status.code(), Some(1), "{}", stdout(&diff));
 }
 
@@ -215,7 +231,12 @@ async fn nbdcopy_with_multi_conn_copies_in_and_out() {
     .unwrap();
     run_tool(
         "nbdcopy",
-        &["--connections=4", "--threads=4", &uri, back.to_str().unwrap()],
+        &[
+            "--connections=4",
+            "--threads=4",
+            &uri,
+            back.to_str().unwrap(),
+        ],
     )
     .unwrap();
     assert!(
@@ -261,8 +282,14 @@ async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
     assert_eq!(job["error"], 0, "{job:#}");
     // Every byte of each job's 16 MiB region was written, then read back and
     // verified.
-    assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{job:#}");
-    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB, "{job:#}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
+        "{job:#}"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
+        "{job:#}"
+    );
 }
 
 /// A 1 TiB volume takes no space until written, and its allocation map is
@@ -275,7 +302,9 @@ async fn a_thin_terabyte_volume_uses_no_space_and_maps_as_one_hole() {
         async move {
             let mut total = 0;
             for a in addrs {
-                let c = cairn_chunkserver::rpc::ChunkClient::connect(a).await.unwrap();
+                let c = cairn_chunkserver::rpc::ChunkClient::connect(a)
+                    .await
+                    .unwrap();
                 total += c.node_stat().await.unwrap().used_bytes;
             }
             total
@@ -296,7 +325,10 @@ async fn a_thin_terabyte_volume_uses_no_space_and_maps_as_one_hole() {
     assert_eq!(entries[0]["data"], false, "{map:#}");
     assert_eq!(entries[0]["zero"], true, "{map:#}");
     let totals = stdout(&run_tool("nbdinfo", &["--map", "--totals", &uri]).unwrap());
-    assert!(totals.contains("100.0%") && totals.contains("hole,zero"), "{totals}");
+    assert!(
+        totals.contains("100.0%") && totals.contains("hole,zero"),
+        "{totals}"
+    );
 
     // Written extents show as data, the rest stays a hole.
     run_tool(
@@ -342,7 +374,10 @@ impl Drop for FuseStack {
         if let Some(d) = self.loop_dev.take() {
             let _ = Command::new("losetup").arg("-d").arg(d).status();
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.fuse_mount).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.fuse_mount)
+            .status();
         let _ = self.nbdfuse.kill();
         let _ = self.nbdfuse.wait();
     }
@@ -379,16 +414,17 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
             stack.nbdfuse.try_wait().unwrap().is_none(),
             "nbdfuse exited before mounting"
         );
-        assert!(t0.elapsed() < Duration::from_secs(30), "nbdfuse did not mount");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nbdfuse did not mount"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let disk = fuse_mount.join("disk");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 256 * MIB);
-    let dev = stdout(
-        &run_tool("losetup", &["-f", "--show", disk.to_str().unwrap()]).unwrap(),
-    )
-    .trim()
-    .to_string();
+    let dev = stdout(&run_tool("losetup", &["-f", "--show", disk.to_str().unwrap()]).unwrap())
+        .trim()
+        .to_string();
     stack.loop_dev = Some(dev.clone());
     run_tool("mkfs.ext4", &["-q", "-F", &dev]).unwrap();
     run_tool("mount", &[&dev, fs_mount.to_str().unwrap()]).unwrap();
@@ -401,7 +437,9 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
         std::fs::create_dir_all(&sub).unwrap();
         let path = sub.join(format!("f{i}"));
         let len = (i * 7919 * 37) % (3 * MIB) + 1;
-        let data: Vec<u8> = (0..len).map(|b| (b as u8) ^ (i as u8).wrapping_mul(29)).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|b| (b as u8) ^ (i as u8).wrapping_mul(29))
+            .collect();
         std::fs::write(&path, &data).unwrap();
         expected.push((path, data));
     }
@@ -430,13 +468,21 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_target_refuses_writes_with_eperm() {
     let (cluster, rw) = setup("vol", 16 * MIB, &[]).await;
-    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", &rw.uri("vol")]).unwrap();
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 7 0 64k", &rw.uri("vol")],
+    )
+    .unwrap();
     let ro = TargetProcess::start(&cluster, &["--read-only", "--target-id", "2"]).unwrap();
     let uri = ro.uri("vol");
     let info = json(&run_tool("nbdinfo", &["--json", &uri]).unwrap());
     assert_eq!(info["exports"][0]["is_read_only"], true, "{info:#}");
     assert_eq!(info["exports"][0]["can_trim"], false, "{info:#}");
-    run_tool("qemu-io", &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri]).unwrap();
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri],
+    )
+    .unwrap();
     // Sent by hand: qemu would refuse to write to a read-only export
     // before sending anything.
     let mut raw = RawNbd::connect(ro.addr()).unwrap();
@@ -454,7 +500,11 @@ async fn a_read_only_target_refuses_writes_with_eperm() {
     errors.sort();
     assert_eq!(errors, vec![(1, 1), (2, 1), (3, 1)], "EPERM for each");
     // The data is untouched.
-    run_tool("qemu-io", &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri]).unwrap();
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -P 7 0 64k", &uri],
+    )
+    .unwrap();
 }
 
 /// A write and read-back over a fresh connection: the target still serves.
@@ -500,13 +550,29 @@ async fn bad_input_gets_the_proper_error_and_everyone_else_is_served() {
     c.send_option(99, b"whatever").unwrap();
     assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 1, "ERR_UNSUP");
     c.send_option(5, &[]).unwrap();
-    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 2, "ERR_POLICY");
+    assert_eq!(
+        c.option_replies().unwrap()[0].0,
+        (1 << 31) + 2,
+        "ERR_POLICY"
+    );
     c.send_option(6, &vec![0u8; 2 << 20]).unwrap();
-    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 9, "ERR_TOO_BIG");
+    assert_eq!(
+        c.option_replies().unwrap()[0].0,
+        (1 << 31) + 9,
+        "ERR_TOO_BIG"
+    );
     c.send_option(6, &[0, 0, 0, 200, b'v']).unwrap(); // name length past the data
-    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 3, "ERR_INVALID");
+    assert_eq!(
+        c.option_replies().unwrap()[0].0,
+        (1 << 31) + 3,
+        "ERR_INVALID"
+    );
     c.send_option(10, &[]).unwrap(); // SET_META before STRUCTURED_REPLY
-    assert_eq!(c.option_replies().unwrap()[0].0, (1 << 31) + 3, "ERR_INVALID");
+    assert_eq!(
+        c.option_replies().unwrap()[0].0,
+        (1 << 31) + 3,
+        "ERR_INVALID"
+    );
     let (size, _) = c.go("vol", false).unwrap();
     assert_eq!(size, 16 * MIB);
     drop(c);
@@ -523,20 +589,27 @@ async fn bad_input_gets_the_proper_error_and_everyone_else_is_served() {
     c.go("vol", false).unwrap();
     let cases: &[(u16, u16, u64, u32, usize, u32)] = &[
         // (flags, command, offset, length, payload bytes, errno)
-        (0, 42, 0, 0, 0, EINVAL),                      // unknown command
-        (0, 0, 16 * MIB, 4096, 0, EINVAL),             // READ past the end
-        (0, 1, 16 * MIB - 512, 1024, 1024, ENOSPC),    // WRITE past the end
-        (0, 0, 100, 512, 0, EINVAL),                   // unaligned READ
-        (0, 1, 0, 1000, 1000, EINVAL),                 // unaligned WRITE
-        (0, 0, 0, (32 << 20) + 512, 0, EINVAL),        // READ over the payload limit
+        (0, 42, 0, 0, 0, EINVAL),                   // unknown command
+        (0, 0, 16 * MIB, 4096, 0, EINVAL),          // READ past the end
+        (0, 1, 16 * MIB - 512, 1024, 1024, ENOSPC), // WRITE past the end
+        (0, 0, 100, 512, 0, EINVAL),                // unaligned READ
+        (0, 1, 0, 1000, 1000, EINVAL),              // unaligned WRITE
+        (0, 0, 0, (32 << 20) + 512, 0, EINVAL),     // READ over the payload limit
         (0, 1, 0, (32 << 20) + 512, (32 << 20) + 512, EINVAL), // WRITE over it
-        (0x80, 0, 0, 512, 0, EINVAL),                  // unknown flag
-        (0, 7, 0, 512, 0, EINVAL),                     // BLOCK_STATUS, no context
-        (0, 3, 512, 0, 0, EINVAL),                     // FLUSH with an offset
+        (0x80, 0, 0, 512, 0, EINVAL),               // unknown flag
+        (0, 7, 0, 512, 0, EINVAL),                  // BLOCK_STATUS, no context
+        (0, 3, 512, 0, 0, EINVAL),                  // FLUSH with an offset
     ];
     for (i, &(flags, cmd, offset, len, payload, errno)) in cases.iter().enumerate() {
-        c.request(flags, cmd, 100 + i as u64, offset, len, &vec![0xee; payload])
-            .unwrap();
+        c.request(
+            flags,
+            cmd,
+            100 + i as u64,
+            offset,
+            len,
+            &vec![0xee; payload],
+        )
+        .unwrap();
         let r = c.reply(0).unwrap();
         assert_eq!(
             (r.cookie, r.error),
@@ -634,7 +707,11 @@ async fn kill_9_of_the_target_under_qemu_loses_nothing_and_clients_reconnect() {
     let mut args: Vec<String> = vec!["--image-opts".into()];
     for i in 0..WRITES {
         args.push("-c".into());
-        args.push(format!("write -P {} {} 64k", pattern(i), (i % 1000) * 65536));
+        args.push(format!(
+            "write -P {} {} 64k",
+            pattern(i),
+            (i % 1000) * 65536
+        ));
         args.push("-c".into());
         args.push("sleep 5".into());
         if i % 50 == 49 {
@@ -695,5 +772,8 @@ async fn kill_9_of_the_target_under_qemu_loses_nothing_and_clients_reconnect() {
     let out = run_tool("qemu-io", &a).unwrap();
     let text = stdout(&out);
     assert!(!text.contains("Pattern verification failed"), "{text}");
-    assert_eq!(text.matches("read 65536/65536 bytes").count(), WRITES as usize);
+    assert_eq!(
+        text.matches("read 65536/65536 bytes").count(),
+        WRITES as usize
+    );
 }

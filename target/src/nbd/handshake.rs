@@ -219,8 +219,11 @@ impl<C: Catalog> Haggle<'_, C> {
                         reply(io, option_reply(opt, REP_ACK, &[])).await?;
                     }
                     Err(e) => {
-                        reply(io, fail(REP_ERR_POLICY, &format!("cannot list exports: {e}")))
-                            .await?
+                        reply(
+                            io,
+                            fail(REP_ERR_POLICY, &format!("cannot list exports: {e}")),
+                        )
+                        .await?
                     }
                 }
                 Ok(Step::Continue)
@@ -253,8 +256,11 @@ impl<C: Catalog> Haggle<'_, C> {
                             return Ok(Step::Continue);
                         }
                         Err(e) => {
-                            reply(io, fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)))
-                                .await?;
+                            reply(
+                                io,
+                                fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)),
+                            )
+                            .await?;
                             return Ok(Step::Continue);
                         }
                     }
@@ -266,8 +272,11 @@ impl<C: Catalog> Haggle<'_, C> {
                             return Ok(Step::Continue);
                         }
                         Err(e) => {
-                            reply(io, fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)))
-                                .await?;
+                            reply(
+                                io,
+                                fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)),
+                            )
+                            .await?;
                             return Ok(Step::Continue);
                         }
                     }
@@ -326,8 +335,11 @@ impl<C: Catalog> Haggle<'_, C> {
                         return Ok(Step::Continue);
                     }
                     Err(e) => {
-                        reply(io, fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.export)))
-                            .await?;
+                        reply(
+                            io,
+                            fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.export)),
+                        )
+                        .await?;
                         return Ok(Step::Continue);
                     }
                 };
@@ -375,10 +387,16 @@ impl<C: Catalog> Haggle<'_, C> {
         ))
         .await?;
         // Sent whether asked or not: the constraints are not the defaults.
-        io.write_all(&info_block_size(opt, BLOCK_MIN, BLOCK_PREFERRED, PAYLOAD_MAX))
-            .await?;
+        io.write_all(&info_block_size(
+            opt,
+            BLOCK_MIN,
+            BLOCK_PREFERRED,
+            PAYLOAD_MAX,
+        ))
+        .await?;
         if requests.contains(&INFO_NAME) {
-            io.write_all(&info_string(opt, INFO_NAME, &info.name)).await?;
+            io.write_all(&info_string(opt, INFO_NAME, &info.name))
+                .await?;
         }
         if requests.contains(&INFO_DESCRIPTION) {
             io.write_all(&info_string(opt, INFO_DESCRIPTION, &info.description))

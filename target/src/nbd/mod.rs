@@ -81,8 +81,12 @@ pub trait Backend: Send + Sync + 'static {
         fua: bool,
         no_hole: bool,
     ) -> impl Future<Output = Result<(), IoError>> + Send;
-    fn trim(&self, offset: u64, len: u32, fua: bool)
-        -> impl Future<Output = Result<(), IoError>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), IoError>> + Send;
     /// Makes every write completed before the call durable.
     fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
     /// Allocation of the range from `offset` on: at least one run; runs may
@@ -98,10 +102,8 @@ pub trait Backend: Send + Sync + 'static {
 pub trait Catalog: Send + Sync + 'static {
     type Export: Backend;
     /// The export called `name` ("" is the default export), or None.
-    fn lookup(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<ExportInfo>, String>> + Send;
+    fn lookup(&self, name: &str)
+        -> impl Future<Output = Result<Option<ExportInfo>, String>> + Send;
     /// Every export, for `NBD_OPT_LIST`.
     fn list(&self) -> impl Future<Output = Result<Vec<ExportInfo>, String>> + Send;
     /// Opens `name` for a connection entering transmission.
@@ -110,3 +112,6 @@ pub trait Catalog: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Option<Arc<Self::Export>>, String>> + Send;
 }
+
+#[cfg(test)]
+mod tests;

@@ -108,14 +108,16 @@ where
         counters,
     });
     let slots = Arc::new(Semaphore::new(limits.requests_max.max(1)));
-    let bytes = Arc::new(Semaphore::new(
-        limits.buffer_bytes.max(PAYLOAD_MAX) as usize,
-    ));
+    let bytes = Arc::new(Semaphore::new(limits.buffer_bytes.max(PAYLOAD_MAX) as usize));
     let (tx, rx) = mpsc::channel::<Out>(limits.requests_max.max(1));
     let writer_dead = Arc::new(Notify::new());
     let writer_task = tokio::spawn(
-        write_replies(BufWriter::with_capacity(64 << 10, writer), rx, writer_dead.clone())
-            .in_current_span(),
+        write_replies(
+            BufWriter::with_capacity(64 << 10, writer),
+            rx,
+            writer_dead.clone(),
+        )
+        .in_current_span(),
     );
 
     let end = loop {
@@ -313,7 +315,10 @@ impl<B: Backend> Conn<B> {
             };
             return Err((
                 errno,
-                format!("{name}: length {} is over the {PAYLOAD_MAX}-byte maximum payload", req.len),
+                format!(
+                    "{name}: length {} is over the {PAYLOAD_MAX}-byte maximum payload",
+                    req.len
+                ),
             ));
         }
         let end = req.offset.checked_add(req.len as u64);
@@ -386,7 +391,13 @@ impl<B: Backend> Conn<B> {
         }
     }
 
-    fn spawn(self: &Arc<Self>, req: Request, data: Option<Bytes>, permit: Permit, tx: mpsc::Sender<Out>) {
+    fn spawn(
+        self: &Arc<Self>,
+        req: Request,
+        data: Option<Bytes>,
+        permit: Permit,
+        tx: mpsc::Sender<Out>,
+    ) {
         let conn = self.clone();
         tokio::spawn(
             async move {
@@ -429,10 +440,7 @@ impl<B: Backend> Conn<B> {
                 .map(|()| Reply::Done),
             // Not advertised; some clients send it anyway. Nothing to warm.
             CMD_CACHE => Ok(Reply::Done),
-            CMD_BLOCK_STATUS => e
-                .block_status(req.offset, req.len)
-                .await
-                .map(Reply::Status),
+            CMD_BLOCK_STATUS => e.block_status(req.offset, req.len).await.map(Reply::Status),
             _ => Err(IoError {
                 errno: EINVAL,
                 message: format!("unknown command {}", req.kind),
@@ -482,7 +490,10 @@ impl<B: Backend> Conn<B> {
                     warn!("{why}");
                     return (self.error_reply(req, EIO, why), None);
                 }
-                (block_status_chunk(req.cookie, META_BASE_ALLOCATION_ID, &d), None)
+                (
+                    block_status_chunk(req.cookie, META_BASE_ALLOCATION_ID, &d),
+                    None,
+                )
             }
             Err(err) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -545,7 +545,10 @@ mod tests {
         ));
         let mut not_utf8 = info_data("ab", &[]);
         not_utf8[4] = 0xff;
-        assert!(matches!(parse_info(&not_utf8), Err(OptionError::Invalid(_))));
+        assert!(matches!(
+            parse_info(&not_utf8),
+            Err(OptionError::Invalid(_))
+        ));
     }
 
     #[test]
