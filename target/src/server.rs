@@ -17,6 +17,9 @@ use crate::nbd::handshake::{negotiate, Outcome};
 use crate::nbd::transmit::{serve, Counters, End, Limits};
 use crate::nbd::{Backend, Catalog};
 
+/// Read buffer per connection (the write side has its own, in transmit).
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
 /// How connections are served.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -194,6 +197,8 @@ async fn connection<C: Catalog>(
     );
     let (r, w) = io.into_inner();
     let counters = Arc::new(Counters::default());
+    // Buffered: a pipelining client's headers arrive many to a segment.
+    let r = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, r);
     let end = serve(r, w, negotiated, opts.limits, shutdown, counters.clone()).await;
     let c = &counters;
     let line = format!(

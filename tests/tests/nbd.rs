@@ -521,6 +521,30 @@ fn bystander_round_trip(target: &TargetProcess, offset: u64, byte: u8) {
     c.request(0, 2, 3, 0, 0, &[]).unwrap(); // DISC
 }
 
+/// Multi-conn: what one connection wrote (acknowledged, not flushed) the
+/// next reads, and a FLUSH on a third connection succeeds for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_one_export_see_each_others_writes() {
+    let (_cluster, target) = setup("vol", 16 * MIB, &[]).await;
+    let mut a = RawNbd::connect(target.addr()).unwrap();
+    let mut b = RawNbd::connect(target.addr()).unwrap();
+    let mut f = RawNbd::connect(target.addr()).unwrap();
+    a.go("vol", false).unwrap();
+    b.go("vol", false).unwrap();
+    f.go("vol", false).unwrap();
+    for i in 0..32u64 {
+        let byte = i as u8 + 1;
+        a.request(0, 1, i, i * 300 * 1024, 8192, &[byte; 8192]).unwrap();
+        assert_eq!(a.reply(0).unwrap().error, 0);
+        b.request(0, 0, i, i * 300 * 1024, 8192, &[]).unwrap();
+        let r = b.reply(8192).unwrap();
+        assert_eq!(r.error, 0);
+        assert!(r.data.iter().all(|&x| x == byte), "write {i} not visible on b");
+    }
+    f.request(0, 3, 99, 0, 0, &[]).unwrap();
+    assert_eq!(f.reply(0).unwrap().error, 0);
+}
+
 /// Reads until the server closes the connection (EOF or reset).
 fn closed_by_server(c: &mut RawNbd) -> bool {
     use std::io::Read;
