@@ -96,10 +96,14 @@ impl Registry {
         ExportInfo {
             name: v.name.clone(),
             description: format!(
-                "Cairn volume, {} replica{}, {} KiB extents{}",
+                "Cairn volume, {} replica{}, {} extents{}",
                 v.replicas,
                 if v.replicas == 1 { "" } else { "s" },
-                v.extent_size_bytes >> 10,
+                if v.extent_size_bytes >= 1 << 20 {
+                    format!("{} MiB", v.extent_size_bytes >> 20)
+                } else {
+                    format!("{} KiB", v.extent_size_bytes >> 10)
+                },
                 if self.cfg.read_only {
                     ", read-only"
                 } else {

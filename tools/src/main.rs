@@ -10,6 +10,7 @@ mod output;
 mod placement;
 #[cfg(test)]
 mod test_server;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,9 @@ enum Command {
     /// Check where data would be placed: balance, movement, failure domains.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
+    /// Create and list volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Chunk(cmd) => chunk::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Placement(cmd) => placement::run(cmd),
+        Command::Volume(cmd) => volume::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
