@@ -3,8 +3,10 @@
 //! concurrently, each to its group's primary (see [`Cluster::run`] for
 //! routing and retries), and a read is put back together in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cairn_group::msg::{ClientOp, WriteOp};
@@ -30,6 +32,8 @@ struct Inner {
     cluster: Arc<Cluster>,
     info: VolumeInfo,
     dirty: Mutex<Dirty>,
+    /// See [`Volume::flush_stores_on_next_flush`].
+    flush_stores: AtomicBool,
 }
 
 /// Groups that acknowledged non-FUA writes since their last flush. Each
@@ -79,6 +83,7 @@ impl Volume {
                 cluster,
                 info,
                 dirty: Mutex::new(Dirty::default()),
+                flush_stores: AtomicBool::new(false),
             }),
         })
     }
@@ -232,24 +237,73 @@ impl Volume {
         d.groups.insert(key, g);
     }
 
-    /// Counts every group of the volume's replica count as written since its
-    /// last flush, so that the next [`flush`](Self::flush) reaches all of
-    /// them. For a front end taking over from a process that may have
-    /// acknowledged writes and never flushed them (a restarted target whose
-    /// clients reconnect and then flush).
-    pub fn mark_all_unflushed(&self) {
-        let group_count = self.inner.cluster.snapshot().map.group_count;
-        let mut d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        d.generation += 1;
-        let g = d.generation;
-        for index in 0..group_count {
-            d.groups.insert(
-                GroupKey {
-                    replicas: self.inner.info.replicas,
-                    index,
-                },
-                g,
-            );
+    /// Makes the next successful [`flush`](Self::flush) also flush the
+    /// whole store of every chunk server that is up, once. For a front end
+    /// taking over from a process that may have acknowledged writes and
+    /// never flushed them (a restarted target whose clients reconnect and
+    /// then flush): this Volume does not know which groups those writes
+    /// went to, but every one of them is on every acting replica's store.
+    pub fn flush_stores_on_next_flush(&self) {
+        self.inner.flush_stores.store(true, Ordering::SeqCst);
+    }
+
+    /// Flushes the store of every chunk server that is up in the map,
+    /// retrying (with a fresh map) until the I/O timeout: a server marked
+    /// down in the meantime is no longer needed, its groups' other replicas
+    /// hold what it held.
+    async fn flush_stores(&self) -> Result<(), ClientError> {
+        let cluster = &self.inner.cluster;
+        let t0 = tokio::time::Instant::now();
+        let timeout = cluster.config().io_timeout;
+        let mut done: HashSet<(u64, String)> = HashSet::new();
+        loop {
+            let snap = cluster.snapshot();
+            let todo: Vec<(u64, String)> = snap
+                .map
+                .nodes
+                .iter()
+                .filter(|n| n.up)
+                .map(|n| (n.id, n.addr.clone()))
+                .filter(|k| !done.contains(k))
+                .collect();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let attempt = cluster.config().attempt_timeout;
+            let results =
+                futures::future::join_all(todo.into_iter().map(|(id, addr)| async move {
+                    let r = async {
+                        let conn = cluster.pool.get(&addr).await?;
+                        tokio::time::timeout(attempt, conn.flush())
+                            .await
+                            .map_err(|_| format!("no answer within {attempt:?}"))?
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    ((id, addr), r)
+                }))
+                .await;
+            let mut last = String::new();
+            for (k, r) in results {
+                match r {
+                    Ok(()) => {
+                        done.insert(k);
+                    }
+                    Err(e) => last = format!("chunk server {} ({}): {e}", k.0, k.1),
+                }
+            }
+            if !last.is_empty() {
+                if t0.elapsed() >= timeout {
+                    return Err(ClientError::TimedOut {
+                        volume: self.inner.info.name.clone(),
+                        op: "flush of every chunk server's store".into(),
+                        group: None,
+                        waited: t0.elapsed(),
+                        last,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 
@@ -265,6 +319,7 @@ impl Volume {
     /// replica: sends a group flush to the current primary of every group
     /// that took non-FUA writes since its last successful flush.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        let stores = self.inner.flush_stores.load(Ordering::SeqCst);
         let todo: Vec<(GroupKey, u64)> = {
             let d = self.inner.dirty.lock().unwrap_or_else(|p| p.into_inner());
             d.groups.iter().map(|(k, g)| (*k, *g)).collect()
@@ -282,6 +337,11 @@ impl Volume {
                 Ok::<(), ClientError>(())
             }))
             .await;
-        results.into_iter().collect()
+        results.into_iter().collect::<Result<(), ClientError>>()?;
+        if stores {
+            self.flush_stores().await?;
+            self.inner.flush_stores.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }

@@ -53,6 +53,9 @@ struct State {
     /// Apply this many more writes, then close the connection unanswered.
     drop_after_apply: usize,
     flushes: Vec<GroupKey>,
+    /// Direct (whole-store) flushes, and how many more to fail.
+    store_flushes: usize,
+    fail_store_flushes: usize,
 }
 
 #[derive(Clone)]
@@ -139,6 +142,14 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
     let mut s = state.lock().unwrap();
     if let Some(st) = s.answer_status {
         return status(st, "told to answer this");
+    }
+    if req.op == Op::Flush as i32 {
+        if s.fail_store_flushes > 0 {
+            s.fail_store_flushes -= 1;
+            return status(Status::IoError, "store flush failed");
+        }
+        s.store_flushes += 1;
+        return Some((ChunkResponse::default(), Bytes::new()));
     }
     if req.op != Op::Group as i32 {
         return status(Status::UnknownOp, "fake primary serves only Group");
@@ -659,4 +670,24 @@ async fn large_io_is_split_at_the_frame_limit() {
     same(&vol.read(4 << 20, 20 << 20).await.unwrap(), &data);
     // 4..12, 12..20, 20..24 MiB in one extent: three pieces each way.
     assert_eq!(fake.log().iter().filter(|s| s.kind == "write").count(), 3);
+}
+
+/// A front end taking over a volume (a restarted target) asks for its next
+/// flush to reach every chunk server's whole store: once, retried on
+/// failure, and not again after it succeeded.
+#[tokio::test]
+async fn a_takeover_flush_reaches_every_store_once() {
+    let fake = Fake::start().await;
+    let (_cluster, vol) = one_node(&fake, Duration::from_secs(10));
+    vol.flush().await.unwrap();
+    assert_eq!(fake.with(|s| s.store_flushes), 0, "not asked for");
+    vol.flush_stores_on_next_flush();
+    fake.with(|s| s.fail_store_flushes = 2);
+    vol.flush().await.unwrap();
+    assert_eq!(
+        fake.with(|s| (s.store_flushes, s.fail_store_flushes)),
+        (1, 0)
+    );
+    vol.flush().await.unwrap();
+    assert_eq!(fake.with(|s| s.store_flushes), 1, "only the first flush");
 }

@@ -178,7 +178,7 @@ impl Catalog for Arc<Registry> {
             .map_err(|e| format!("opening volume {name:?}: {e}"))?;
         // Writes acknowledged by an earlier process (a target restarted under
         // its clients) may be unflushed; the first FLUSH must reach them.
-        volume.mark_all_unflushed();
+        volume.flush_stores_on_next_flush();
         let export = Arc::new_cyclic(|me: &Weak<Export>| Export {
             info: self.export_info(&info),
             volume,

@@ -54,32 +54,13 @@ pub async fn run<C: Catalog + Clone>(
     let mut conns = JoinSet::new();
     let mut accept = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Accepted>(64);
-    for l in listeners.tcp {
-        let tx = conn_tx.clone();
-        let mut stop = shutdown.clone();
-        accept.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stopped(&mut stop) => return,
-                    r = l.accept() => match r {
-                        Ok((s, peer)) => {
-                            let _ = s.set_nodelay(true);
-                            let (r, w) = s.into_split();
-                            if tx.send(Accepted { peer: peer.to_string(), r: Box::new(r), w: Box::new(w) }).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            warn!("accepting an NBD connection: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            }
-        });
-    }
     let unix_path = listeners.unix.as_ref().map(|(_, p)| p.clone());
-    if let Some((l, path)) = listeners.unix {
+    let all = listeners
+        .tcp
+        .into_iter()
+        .map(Listener::Tcp)
+        .chain(listeners.unix.map(|(l, p)| Listener::Unix(l, p)));
+    for l in all {
         let tx = conn_tx.clone();
         let mut stop = shutdown.clone();
         accept.spawn(async move {
@@ -87,15 +68,13 @@ pub async fn run<C: Catalog + Clone>(
                 tokio::select! {
                     _ = stopped(&mut stop) => return,
                     r = l.accept() => match r {
-                        Ok((s, _)) => {
-                            let (r, w) = s.into_split();
-                            let peer = format!("unix:{}", path.display());
-                            if tx.send(Accepted { peer, r: Box::new(r), w: Box::new(w) }).await.is_err() {
+                        Ok(a) => {
+                            if tx.send(a).await.is_err() {
                                 return;
                             }
                         }
                         Err(e) => {
-                            warn!("accepting an NBD connection on {}: {e}", path.display());
+                            warn!("accepting an NBD connection on {}: {e}", l.name());
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
@@ -150,6 +129,47 @@ pub async fn run<C: Catalog + Clone>(
 /// Resolves once `rx` says stop (or its sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                Ok(Accepted {
+                    peer: peer.to_string(),
+                    r: Box::new(r),
+                    w: Box::new(w),
+                })
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                let (r, w) = s.into_split();
+                Ok(Accepted {
+                    peer: format!("unix:{}", path.display()),
+                    r: Box::new(r),
+                    w: Box::new(w),
+                })
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => p.display().to_string(),
+        }
+    }
 }
 
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;

@@ -248,38 +248,19 @@ impl<C: Catalog> Haggle<'_, C> {
                         return Ok(Step::Continue);
                     }
                 };
-                let (info, export) = if opt == OPT_GO {
-                    match self.catalog.open(&req.name).await {
-                        Ok(Some(e)) => (e.info().clone(), Some(e)),
-                        Ok(None) => {
-                            reply(io, unknown(opt, &req.name)).await?;
-                            return Ok(Step::Continue);
-                        }
-                        Err(e) => {
-                            reply(
-                                io,
-                                fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)),
-                            )
-                            .await?;
-                            return Ok(Step::Continue);
-                        }
-                    }
+                let found = if opt == OPT_GO {
+                    self.catalog
+                        .open(&req.name)
+                        .await
+                        .map(|o| o.map(|e| (e.info().clone(), Some(e))))
                 } else {
-                    match self.catalog.lookup(&req.name).await {
-                        Ok(Some(i)) => (i, None),
-                        Ok(None) => {
-                            reply(io, unknown(opt, &req.name)).await?;
-                            return Ok(Step::Continue);
-                        }
-                        Err(e) => {
-                            reply(
-                                io,
-                                fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.name)),
-                            )
-                            .await?;
-                            return Ok(Step::Continue);
-                        }
-                    }
+                    self.catalog
+                        .lookup(&req.name)
+                        .await
+                        .map(|o| o.map(|i| (i, None)))
+                };
+                let Some((info, export)) = found_or_reply(io, opt, &req.name, found).await? else {
+                    return Ok(Step::Continue);
                 };
                 self.send_info(io, opt, &info, &req.requests).await?;
                 let Some(export) = export else {
@@ -328,20 +309,9 @@ impl<C: Catalog> Haggle<'_, C> {
                         return Ok(Step::Continue);
                     }
                 };
-                let info = match self.catalog.lookup(&req.export).await {
-                    Ok(Some(i)) => i,
-                    Ok(None) => {
-                        reply(io, unknown(opt, &req.export)).await?;
-                        return Ok(Step::Continue);
-                    }
-                    Err(e) => {
-                        reply(
-                            io,
-                            fail(REP_ERR_POLICY, &format!("export {:?}: {e}", req.export)),
-                        )
-                        .await?;
-                        return Ok(Step::Continue);
-                    }
+                let found = self.catalog.lookup(&req.export).await;
+                let Some(info) = found_or_reply(io, opt, &req.export, found).await? else {
+                    return Ok(Step::Continue);
                 };
                 let selected = if set {
                     req.queries.iter().any(|q| meta_matches(q, true))
@@ -403,6 +373,31 @@ impl<C: Catalog> Haggle<'_, C> {
                 .await?;
         }
         reply(io, option_reply(opt, REP_ACK, &[])).await
+    }
+}
+
+/// What a catalogue lookup found; when it found nothing (or failed), the
+/// option's error reply is sent and None answered.
+async fn found_or_reply<S: AsyncWrite + Unpin, T>(
+    io: &mut S,
+    opt: u32,
+    name: &str,
+    found: Result<Option<T>, String>,
+) -> std::io::Result<Option<T>> {
+    match found {
+        Ok(Some(t)) => Ok(Some(t)),
+        Ok(None) => {
+            reply(io, unknown(opt, name)).await?;
+            Ok(None)
+        }
+        Err(e) => {
+            reply(
+                io,
+                option_error(opt, REP_ERR_POLICY, &format!("export {name:?}: {e}")),
+            )
+            .await?;
+            Ok(None)
+        }
     }
 }
 
