@@ -272,6 +272,8 @@ async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify state files in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
             "--output-format=json",
         ],
