@@ -536,12 +536,16 @@ async fn connections_to_one_export_see_each_others_writes() {
     f.go("vol", false).unwrap();
     for i in 0..32u64 {
         let byte = i as u8 + 1;
-        a.request(0, 1, i, i * 300 * 1024, 8192, &[byte; 8192]).unwrap();
+        a.request(0, 1, i, i * 300 * 1024, 8192, &[byte; 8192])
+            .unwrap();
         assert_eq!(a.reply(0).unwrap().error, 0);
         b.request(0, 0, i, i * 300 * 1024, 8192, &[]).unwrap();
         let r = b.reply(8192).unwrap();
         assert_eq!(r.error, 0);
-        assert!(r.data.iter().all(|&x| x == byte), "write {i} not visible on b");
+        assert!(
+            r.data.iter().all(|&x| x == byte),
+            "write {i} not visible on b"
+        );
     }
     f.request(0, 3, 99, 0, 0, &[]).unwrap();
     assert_eq!(f.reply(0).unwrap().error, 0);

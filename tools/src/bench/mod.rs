@@ -6,12 +6,16 @@
 //!   leader dies (issue 4).
 //! - [`replication`]: 3 replicas against 1 (write IOPS), the I/O pause when a
 //!   chunk server dies, and rejoin after an outage (issue 5).
+//! - [`nbd`]: the NBD front end `cairn-target` (1 and 3 replicas) against
+//!   nbdkit's file plugin, through fio's nbd engine, and its resident memory
+//!   per idle connection (issue 8).
 
 mod chunkserver;
 mod disk;
 mod election;
 mod fio;
 mod load;
+mod nbd;
 mod replication;
 mod report;
 mod store;
@@ -30,6 +34,10 @@ pub enum BenchCommand {
     /// Replication: 4 KiB write IOPS with 3 replicas against 1, the I/O pause
     /// when a primary chunk server is killed, and rejoin after an outage.
     Replication(replication::ReplicationBenchArgs),
+    /// The NBD front end against nbdkit: fio's nbd engine, 4 KiB random and
+    /// 1 MiB sequential I/O with 1 and 3 replicas, and cairn-target's resident
+    /// memory with 1 and 64 idle connections.
+    Nbd(nbd::NbdBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -37,5 +45,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Store(args) => store::run(args),
         BenchCommand::Election(args) => election::run(args),
         BenchCommand::Replication(args) => replication::run(args),
+        BenchCommand::Nbd(args) => nbd::run(args),
     }
 }

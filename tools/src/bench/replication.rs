@@ -73,7 +73,7 @@ use tokio::task::JoinHandle;
 
 use super::chunkserver::free_loopback_addr;
 
-const CLUSTER_ID: &str = "bench";
+pub(super) const CLUSTER_ID: &str = "bench";
 const BLOCK: u64 = 4096;
 const VOLUME_BYTES: u64 = 1 << 30;
 const EXTENT_BYTES: u64 = 4 << 20;
@@ -85,7 +85,7 @@ const STEADY: Duration = Duration::from_secs(3);
 const GOAL_RATIO: f64 = 0.5;
 const GOAL_PAUSE_S: f64 = 5.0;
 /// Limit for anything waited on (start-up, healthy again).
-const WAIT_MAX: Duration = Duration::from_secs(600);
+pub(super) const WAIT_MAX: Duration = Duration::from_secs(600);
 const LOG_TAIL_BYTES: u64 = 4096;
 
 #[derive(Args)]
@@ -114,21 +114,21 @@ pub struct ReplicationBenchArgs {
 }
 
 /// One daemon process we start, kill and start again at the same address.
-struct Daemon {
-    what: String,
-    bin: PathBuf,
-    args: Vec<String>,
+pub(super) struct Daemon {
+    pub(super) what: String,
+    pub(super) bin: PathBuf,
+    pub(super) args: Vec<String>,
     /// Given only at the first start (a chunk server's `--init`).
-    first_args: Vec<String>,
-    addr: SocketAddr,
-    log: PathBuf,
-    started: bool,
-    child: Option<Child>,
+    pub(super) first_args: Vec<String>,
+    pub(super) addr: SocketAddr,
+    pub(super) log: PathBuf,
+    pub(super) started: bool,
+    pub(super) child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts the process and waits until it accepts connections.
-    fn start(&mut self) -> anyhow::Result<()> {
+    pub(super) fn start(&mut self) -> anyhow::Result<()> {
         let mut last = None;
         // A restart must keep the address; if the port is briefly taken,
         // try again.
@@ -201,7 +201,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then SIGKILL after 10 s.
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         let Some(mut c) = self.child.take() else {
             return;
         };
@@ -218,7 +218,7 @@ impl Daemon {
         let _ = c.wait();
     }
 
-    fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         let read = || -> std::io::Result<String> {
             let mut f = std::fs::File::open(&self.log)?;
             let len = f.metadata()?.len();
@@ -237,15 +237,15 @@ impl Drop for Daemon {
     }
 }
 
-struct Bench {
-    volmgr: Daemon,
+pub(super) struct Bench {
+    pub(super) volmgr: Daemon,
     /// Index i is node i + 1.
-    servers: Vec<Daemon>,
-    client: VolmgrClient,
+    pub(super) servers: Vec<Daemon>,
+    pub(super) client: VolmgrClient,
 }
 
 impl Bench {
-    fn start(bin_dir: &Path, dir: &Path) -> anyhow::Result<Bench> {
+    pub(super) fn start(bin_dir: &Path, dir: &Path) -> anyhow::Result<Bench> {
         let find = |name: &str| -> anyhow::Result<PathBuf> {
             let bin = bin_dir.join(name);
             if !bin.is_file() {
@@ -321,7 +321,7 @@ impl Bench {
     }
 
     /// Waits until the map satisfies `ok`; returns that map.
-    async fn wait_map(
+    pub(super) async fn wait_map(
         &self,
         what: &str,
         ok: impl Fn(&ClusterMap) -> bool,
@@ -359,7 +359,10 @@ impl Bench {
 
     /// Waits until every node is up, every group full, and `node` (if
     /// given) up as an incarnation newer than `before`.
-    async fn wait_healthy(&self, node: Option<(u64, u64)>) -> anyhow::Result<ClusterMap> {
+    pub(super) async fn wait_healthy(
+        &self,
+        node: Option<(u64, u64)>,
+    ) -> anyhow::Result<ClusterMap> {
         self.wait_map("cluster healthy", |m| {
             healthy(m)
                 && node.is_none_or(|(id, before)| m.node(id).is_some_and(|n| n.up_since > before))
@@ -379,7 +382,7 @@ impl Bench {
         &mut self.servers[node as usize - 1]
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         for s in &mut self.servers {
             s.stop();
         }
@@ -483,15 +486,15 @@ impl Load {
     }
 }
 
-fn secs(d: Duration) -> f64 {
+pub(super) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn verdict(pass: bool) -> &'static str {
+pub(super) fn verdict(pass: bool) -> &'static str {
     if pass {
         "PASS"
     } else {
@@ -500,7 +503,7 @@ fn verdict(pass: bool) -> &'static str {
 }
 
 /// A progress line on stderr, with the seconds since the bench started.
-fn progress(line: impl AsRef<str>) {
+pub(super) fn progress(line: impl AsRef<str>) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed();
     eprintln!("[bench {:>6.1} s] {}", t.as_secs_f64(), line.as_ref());
@@ -521,7 +524,7 @@ struct IopsRun {
 }
 
 /// (busy, total) jiffies of all CPUs so far, from /proc/stat.
-fn cpu_jiffies() -> Option<(u64, u64)> {
+pub(super) fn cpu_jiffies() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?.strip_prefix("cpu ")?;
     let v: Vec<u64> = line
