@@ -62,7 +62,7 @@ impl Volume {
         let map = &snap.map;
 
         // The acting replicas of every group the range touches.
-        let mut acting_of: Vec<Vec<u64>> = Vec::with_capacity(count as usize);
+        let mut group_of: Vec<u32> = Vec::with_capacity(count as usize);
         let mut by_group: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for index in first..end {
             let g = cairn_placement::group_of(info.id, index, map.group_count).map_err(|e| {
@@ -71,7 +71,7 @@ impl Volume {
                     info.name, map.epoch
                 ))
             })?;
-            let acting = by_group.entry(g).or_insert_with(|| {
+            by_group.entry(g).or_insert_with(|| {
                 group_record(
                     map,
                     GroupKey {
@@ -82,7 +82,7 @@ impl Volume {
                 .map(|r| r.acting.clone())
                 .unwrap_or_default()
             });
-            acting_of.push(acting.clone());
+            group_of.push(g);
         }
         let nodes: BTreeSet<u64> = by_group.values().flatten().copied().collect();
 
@@ -109,7 +109,8 @@ impl Volume {
             .collect();
 
         let mut state = Vec::with_capacity(count as usize);
-        for (i, acting) in acting_of.iter().enumerate() {
+        for (i, g) in group_of.iter().enumerate() {
+            let acting = &by_group[g];
             let index = first + i as u64;
             let mut answered = false;
             let mut stored = false;

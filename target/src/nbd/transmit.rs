@@ -161,8 +161,8 @@ where
                 continue;
             }
             let permit = acquire(&slots, &bytes, req.len).await;
-            let mut data = BytesMut::zeroed(req.len as usize);
-            if let Err(e) = reader.read_exact(&mut data).await {
+            let mut data = BytesMut::with_capacity(req.len as usize);
+            if let Err(e) = read_payload(&mut reader, &mut data, req.len as usize).await {
                 info!(
                     "client vanished inside a WRITE's payload (offset {}, length {}): {e}",
                     req.offset, req.len
@@ -198,6 +198,22 @@ async fn read_header<R: AsyncRead + Unpin>(
     }
     r.read_exact(&mut header[n..]).await?;
     Ok(true)
+}
+
+/// Reads exactly `len` bytes into `buf`'s spare capacity (no zero-filling
+/// first: every byte of a write's payload is about to be overwritten).
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> std::io::Result<()> {
+    while buf.len() < len {
+        let want = len - buf.len();
+        if r.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {

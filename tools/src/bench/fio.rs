@@ -111,14 +111,15 @@ fn stderr_tail(stderr: &[u8]) -> String {
     text[cut..].to_string()
 }
 
-/// Reads `jobs[0].<direction>` of fio's JSON report. fio may print warnings
-/// before the JSON document, so parsing starts at the first `{`.
-fn parse_json(stdout: &str, direction: &str) -> anyhow::Result<Throughput> {
+/// `jobs[0].<direction>` of fio's JSON report, after checking the job
+/// reported no error. fio may print lines (warnings, "connected to NBD
+/// server") before the JSON document, so parsing starts at the first `{`.
+pub(super) fn job_stats(stdout: &str, direction: &str) -> anyhow::Result<serde_json::Value> {
     let start = stdout.find('{').context("no JSON object in fio's output")?;
-    let doc: serde_json::Value =
+    let mut doc: serde_json::Value =
         serde_json::from_str(&stdout[start..]).context("fio's output is not valid JSON")?;
     let job = doc
-        .pointer("/jobs/0")
+        .pointer_mut("/jobs/0")
         .context("fio's JSON has no jobs[0]")?;
     let error = job.get("error").and_then(|e| e.as_i64()).unwrap_or(0);
     if error != 0 {
@@ -127,9 +128,14 @@ fn parse_json(stdout: &str, direction: &str) -> anyhow::Result<Throughput> {
             std::io::Error::from_raw_os_error(error as i32)
         );
     }
-    let stats = job
-        .get(direction)
-        .with_context(|| format!("fio's JSON has no jobs[0].{direction}"))?;
+    job.get_mut(direction)
+        .map(serde_json::Value::take)
+        .with_context(|| format!("fio's JSON has no jobs[0].{direction}"))
+}
+
+/// Reads `jobs[0].<direction>` of fio's JSON report.
+fn parse_json(stdout: &str, direction: &str) -> anyhow::Result<Throughput> {
+    let stats = job_stats(stdout, direction)?;
     let number = |field: &str| {
         stats
             .get(field)

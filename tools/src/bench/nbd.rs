@@ -348,26 +348,9 @@ struct FioNumbers {
     mean_ms: f64,
 }
 
-/// Reads `jobs[0].<direction>` of fio's JSON report. fio prints a line
-/// ("connected to NBD server") before the document, so parsing starts at
-/// the first `{`.
+/// Reads `jobs[0].<direction>` of fio's JSON report, with latencies.
 fn parse_fio(stdout: &str, direction: &str) -> anyhow::Result<FioNumbers> {
-    let start = stdout.find('{').context("no JSON object in fio's output")?;
-    let doc: serde_json::Value =
-        serde_json::from_str(&stdout[start..]).context("fio's output is not valid JSON")?;
-    let job = doc
-        .pointer("/jobs/0")
-        .context("fio's JSON has no jobs[0]")?;
-    let error = job.get("error").and_then(|e| e.as_i64()).unwrap_or(0);
-    if error != 0 {
-        bail!(
-            "fio reports error {error} ({})",
-            std::io::Error::from_raw_os_error(error as i32)
-        );
-    }
-    let stats = job
-        .get(direction)
-        .with_context(|| format!("fio's JSON has no jobs[0].{direction}"))?;
+    let stats = super::fio::job_stats(stdout, direction)?;
     let number = |pointer: &str| {
         stats
             .pointer(pointer)
