@@ -577,6 +577,11 @@ pub struct Node {
     map: GroupMap,
     up_since: Option<Epoch>,
     lease_until: u64,
+    /// The last tick found no group with a timer that can fire, and no
+    /// input has arrived since: the next tick has nothing to do either
+    /// (what it acts on changes only through the `on_*` inputs). Keeps an
+    /// idle node from scanning every group 20 times a second.
+    settled: bool,
     groups: BTreeMap<GroupKey, Group>,
     next_id: u64,
     disk: HashMap<OpId, DiskCtx>,
@@ -600,6 +605,7 @@ impl Node {
             map: GroupMap::default(),
             up_since: None,
             lease_until: 0,
+            settled: false,
             groups,
             next_id: 1,
             disk: HashMap::new(),
@@ -661,6 +667,7 @@ impl Node {
     /// until `until`. `map_epoch` is the volume manager's current epoch; a
     /// node that has an older map asks for the newer one.
     pub fn on_lease(&mut self, until: u64, map_epoch: Epoch) {
+        self.settled = false;
         self.lease_until = self.lease_until.max(until);
         if map_epoch > self.map.epoch {
             self.out.push(Output::NeedMap(map_epoch));
@@ -677,6 +684,7 @@ impl Node {
 
     /// A newer map (older ones are ignored).
     pub fn on_map(&mut self, map: GroupMap) {
+        self.settled = false;
         if map.epoch <= self.map.epoch && self.map.epoch != 0 {
             return;
         }
@@ -1095,6 +1103,7 @@ impl Node {
 
     /// A client request (to this node as the group's primary).
     pub fn on_client(&mut self, req: ClientRequest) {
+        self.settled = false;
         let key = req.key;
         let reply = |r: Refusal| {
             Output::Reply(ClientReply {
@@ -1645,6 +1654,7 @@ impl Node {
 
     /// A disk operation ended.
     pub fn on_disk(&mut self, id: OpId, done: DiskDone) {
+        self.settled = false;
         let Some(ctx) = self.disk.remove(&id) else {
             return;
         };
@@ -1832,6 +1842,7 @@ impl Node {
 
     /// A message from another node.
     pub fn on_peer(&mut self, m: Peer) {
+        self.settled = false;
         let Some(my) = self.up_since else {
             return;
         };
@@ -2231,13 +2242,32 @@ impl Node {
 
     // -------------------------------------------------------------- ticks
 
+    /// True when the last tick found nothing that a later tick could act
+    /// on and no input arrived since: until the next input, ticks are
+    /// no-ops and the driver may tick slowly.
+    pub fn is_settled(&self) -> bool {
+        self.settled
+    }
+
     /// The clock moved to `now`: retransmit, time out, ask to rejoin.
     pub fn on_tick(&mut self, now: u64) {
         self.now = now;
+        if self.settled {
+            return;
+        }
         let Some(my) = self.up_since else {
             return;
         };
-        let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
+        // Only groups with a timer that can fire: an idle node (every group
+        // settled, nothing in flight) does no work per tick beyond this
+        // scan, which allocates nothing.
+        let keys: Vec<GroupKey> = self
+            .groups
+            .iter()
+            .filter(|(key, g)| g.needs_tick(self.me, self.map.groups.get(key)))
+            .map(|(key, _)| *key)
+            .collect();
+        self.settled = keys.is_empty();
         for key in keys {
             self.tick_primary(key);
             // Outside the acting set but placed here: ask to rejoin.
@@ -2403,6 +2433,23 @@ impl Node {
 }
 
 impl Group {
+    /// Whether [`Node::on_tick`] may have anything to do for this group: a
+    /// primary with tasks (resends) or with a member not simply synced and
+    /// acting (queries, drops, claims), or a placed member outside the acting
+    /// set (rejoin requests). A superset of what the tick acts on.
+    fn needs_tick(&self, me: NodeId, view: Option<&crate::map::GroupView>) -> bool {
+        if let Some(p) = &self.primary {
+            if !p.tasks.is_empty()
+                || p.members.values().any(|m| {
+                    matches!(m.state, MemberState::Querying) || !m.acting || m.claimed_at.is_some()
+                })
+            {
+                return true;
+            }
+        }
+        view.is_some_and(|gv| gv.placement.contains(&me) && !gv.acting.contains(&me))
+    }
+
     fn new(d: GroupDurable) -> Self {
         Group {
             d,
