@@ -40,16 +40,8 @@ pub const LOG_LEVEL_DEFAULT: &str = "info";
 /// Longest cluster id; it is written into every data directory's identity.
 pub const CLUSTER_ID_BYTES_MAX: usize = 128;
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Timestamp, level, target and message (colours only on a terminal).
-    #[default]
-    Text,
-    /// No timestamp and no colours: journald stamps every line itself.
-    Journal,
-}
+/// How log lines are written to stderr (shared by the daemons).
+pub use cairn_daemon::LogFormat;
 
 /// `--io-mode` values; the store's [`IoMode`] has no clap derive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -732,6 +724,33 @@ mod tests {
         let config = merge(Flags::default(), file, Some(path.to_path_buf())).expect("resolves");
         assert_eq!(config.store.ring_entries, RING_ENTRIES_DEFAULT);
         assert_eq!(config.free_bytes_min, FREE_BYTES_MIN_DEFAULT);
+    }
+
+    /// Every key FileSettings accepts (serde's own list) is a flag and is
+    /// documented in the example, and every flag but --config and --init is
+    /// a key: adding a setting without its paragraph in the example fails.
+    #[test]
+    fn the_example_documents_every_key() {
+        use cairn_daemon::config_check::{
+            assert_example_documents, fields_from_unknown_field_error, keys_from_flags,
+        };
+        let error = toml::from_str::<FileSettings>("no_such_key = 1")
+            .expect_err("unknown key")
+            .to_string();
+        let keys = fields_from_unknown_field_error(&error);
+        assert!(
+            keys.contains("data_dir") && keys.contains("weight"),
+            "{keys:?}"
+        );
+        assert_eq!(
+            keys,
+            keys_from_flags(&Flags::command(), &["config", "init"])
+        );
+        assert_example_documents(
+            "systemd/chunkserver.toml.example",
+            include_str!("../../systemd/chunkserver.toml.example"),
+            &keys,
+        );
     }
 
     #[test]

@@ -8,24 +8,19 @@
 //! not); 1 for a failure while running; 128 + the signal's number when a
 //! second signal cut the shutdown short.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cairn_chunkserver::config::{Config, LogFormat};
+use cairn_chunkserver::config::Config;
 use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
 use cairn_chunkserver::store::Store;
 use cairn_chunkserver::{registration, replica, rpc};
+use cairn_daemon::{notify, Fatal};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
-use tracing_subscriber::EnvFilter;
 
-/// The configuration or data directory is wrong; a restart will not fix it.
-const EXIT_CONFIG: u8 = 2;
-/// Something failed while running.
-const EXIT_RUNTIME: u8 = 1;
 /// The RPC tasks do little but wait on sockets and the store's engine thread.
 const WORKER_THREADS: usize = 2;
 /// After the store has shut down, how long dropping the runtime may wait for
@@ -35,43 +30,13 @@ const RUNTIME_SHUTDOWN_MAX: Duration = Duration::from_secs(5);
 /// the listener, LOCK, directory handles).
 const FDS_SPARE: u64 = 64;
 
-/// What ends the process with an error: a one-paragraph message and a status.
-struct Fatal {
-    code: u8,
-    message: String,
-}
-
-impl Fatal {
-    fn config(message: impl Into<String>) -> Self {
-        Fatal {
-            code: EXIT_CONFIG,
-            message: message.into(),
-        }
-    }
-
-    fn runtime(message: impl Into<String>) -> Self {
-        Fatal {
-            code: EXIT_RUNTIME,
-            message: message.into(),
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(fatal) => {
-            // Plain stderr rather than a log line: the message must reach the
-            // operator even when the log filter or format is what is wrong.
-            eprintln!("cairn-chunkserver: error: {}", fatal.message);
-            ExitCode::from(fatal.code)
-        }
-    }
+    cairn_daemon::exit("cairn-chunkserver", run())
 }
 
 fn run() -> Result<(), Fatal> {
     let config = Config::from_args().map_err(|e| Fatal::config(e.to_string()))?;
-    init_tracing(&config)?;
+    cairn_daemon::init_tracing(&config.log_level, config.log_format)?;
     raise_open_files_limit(&config);
 
     let data_dir = DataDir::open(&DataDirOptions {
@@ -213,10 +178,23 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
         replication,
         stop_rx,
     ));
+    // Serving: the store is open, the listener bound and its task running,
+    // registration (if any) started.
+    notify::ready(&format!(
+        "node {} serving on {local_addr}{}",
+        config.node_id,
+        if config.volmgr.is_empty() {
+            ", not registered (no volmgr)"
+        } else {
+            ""
+        }
+    ));
+    notify::spawn_watchdog(store_liveness(store.clone()));
     let ended_first = tokio::select! {
         joined = &mut serving => Some(serve_outcome(joined, false)),
         name = signals.next() => {
             info!("received {name}: stopping; requests in flight finish first");
+            notify::stopping();
             None
         }
     };
@@ -239,6 +217,28 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
     // what was acknowledged and marks the store clean for the next start.
     shutdown_store(&store, &mut signals).await?;
     served
+}
+
+type LivenessCheck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// The watchdog's liveness check: every store engine thread answers a usage
+/// query (a round trip through each engine's command queue and loop), which
+/// also shows the tokio runtime running the check schedules tasks. An engine
+/// stuck in its ring or a lock, or a runtime wedged, stops the pings. It
+/// does not look at the volume manager or the peers: a server cut off from
+/// them is alive, and restarting it would not help.
+fn store_liveness(store: Store) -> impl FnMut() -> LivenessCheck + Send + 'static {
+    move || {
+        let store = store.clone();
+        Box::pin(async move {
+            store
+                .usage()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("the store does not answer: {e}"))
+        })
+    }
 }
 
 /// What serve()'s end means: returning after a stop request is the only
@@ -311,31 +311,6 @@ impl Signals {
             _ = self.int.recv() => "SIGINT",
         }
     }
-}
-
-/// Logs go to stderr (the journal under systemd). RUST_LOG, when set, wins
-/// over --log-level, as it does for every tracing-based program.
-fn init_tracing(config: &Config) -> Result<(), Fatal> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.trim().is_empty() => EnvFilter::try_new(&value)
-            .map_err(|e| Fatal::config(format!("invalid RUST_LOG={value:?}: {e}")))?,
-        _ => EnvFilter::try_new(&config.log_level).map_err(|e| {
-            Fatal::config(format!(
-                "invalid log_level {:?} (--log-level / log_level): {e}",
-                config.log_level
-            ))
-        })?,
-    };
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    let installed = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Journal => builder.without_time().try_init(),
-    };
-    installed.map_err(|e| Fatal::runtime(format!("cannot install the logger: {e}")))
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: the store keeps two file

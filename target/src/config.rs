@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde::Deserialize;
 
 use crate::nbd::transmit::Limits;
@@ -22,16 +22,8 @@ pub const CONNECTION_BUFFER_BYTES_DEFAULT: u32 = 2 * PAYLOAD_MAX;
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const IO_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Timestamp, level, target and message.
-    #[default]
-    Text,
-    /// No timestamp and no colours: journald stamps every line itself.
-    Journal,
-}
+/// How log lines are written to stderr (shared by the daemons).
+pub use cairn_daemon::LogFormat;
 
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -332,6 +324,43 @@ mod tests {
             c.handshake_timeout,
             Duration::from_millis(HANDSHAKE_TIMEOUT_MS_DEFAULT)
         );
+    }
+
+    /// The annotated example loads with the real loader, documents every key
+    /// FileSettings accepts (serde's own list), and every flag but --config
+    /// is a key: adding a setting without its paragraph in the example fails.
+    #[test]
+    fn the_example_is_valid_and_documents_every_key() {
+        use cairn_daemon::config_check::{
+            assert_example_documents, fields_from_unknown_field_error, keys_from_flags,
+        };
+        use clap::CommandFactory;
+        let text = include_str!("../../systemd/target.toml.example");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("target.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::resolve(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .expect("the example resolves");
+        assert_eq!(c.volmgr.len(), 3);
+        assert_eq!(c.limits.buffer_bytes, CONNECTION_BUFFER_BYTES_DEFAULT);
+        assert_eq!(c.limits.requests_max, REQUESTS_IN_FLIGHT_MAX_DEFAULT);
+        assert_eq!(c.connections_max, CONNECTIONS_MAX_DEFAULT);
+        assert_eq!(c.io_timeout, Duration::from_millis(IO_TIMEOUT_MS_DEFAULT));
+        assert_eq!(c.log_format, LogFormat::Journal);
+
+        let error = toml::from_str::<FileSettings>("no_such_key = 1")
+            .expect_err("unknown key")
+            .to_string();
+        let keys = fields_from_unknown_field_error(&error);
+        assert!(
+            keys.contains("volmgr") && keys.contains("log_format"),
+            "{keys:?}"
+        );
+        assert_eq!(keys, keys_from_flags(&Flags::command(), &["config"]));
+        assert_example_documents("systemd/target.toml.example", text, &keys);
     }
 
     #[test]

@@ -7,13 +7,13 @@
 //! Exit status: 0 after a clean stop; 2 for a configuration error (including
 //! a listen address in use); 1 for a failure while running.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_client::{ClientConfig, Cluster};
-use cairn_target::config::{Config, LogFormat};
+use cairn_daemon::{notify, Fatal};
+use cairn_target::config::Config;
 use cairn_target::exports::{Registry, RegistryConfig};
 use cairn_target::server::{self, Listeners, ServeOptions, Stats};
 use cairn_volmgr::client::VolmgrClient;
@@ -21,45 +21,25 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
-const EXIT_CONFIG: u8 = 2;
-const EXIT_RUNTIME: u8 = 1;
 /// Pause between attempts to reach the volume manager at start.
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
-struct Fatal {
-    code: u8,
-    message: String,
-}
-
 fn config_error(message: impl Into<String>) -> Fatal {
-    Fatal {
-        code: EXIT_CONFIG,
-        message: message.into(),
-    }
+    Fatal::config(message)
 }
 
 fn runtime_error(message: impl Into<String>) -> Fatal {
-    Fatal {
-        code: EXIT_RUNTIME,
-        message: message.into(),
-    }
+    Fatal::runtime(message)
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("cairn-target: error: {}", f.message);
-            ExitCode::from(f.code)
-        }
-    }
+    cairn_daemon::exit("cairn-target", run())
 }
 
 fn run() -> Result<(), Fatal> {
     let config = Config::from_args().map_err(|e| config_error(e.to_string()))?;
-    init_tracing(&config)?;
+    cairn_daemon::init_tracing(&config.log_level, config.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("cairn-target")
         .enable_all()
@@ -94,6 +74,11 @@ async fn serve(config: Config) -> Result<(), Fatal> {
         io_timeout: config.io_timeout,
         ..ClientConfig::new(config.volmgr.clone(), config.cluster_id.clone())
     };
+    notify::status(&format!(
+        "waiting for the cluster {} at {}",
+        config.cluster_id,
+        config.volmgr.join(",")
+    ));
     let cluster = {
         let mut warned = false;
         loop {
@@ -102,6 +87,7 @@ async fn serve(config: Config) -> Result<(), Fatal> {
                 r = connect => r,
                 s = next_signal(&mut term, &mut int) => {
                     info!("{s} before the cluster was reached: stopping");
+                    notify::stopping();
                     return Ok(());
                 }
             };
@@ -139,9 +125,24 @@ async fn serve(config: Config) -> Result<(), Fatal> {
         handshake_timeout: config.handshake_timeout,
     };
     let mut serving = tokio::spawn(server::run(registry, listeners, opts, stop_rx, stats));
+    // Serving: the listeners are bound, the cluster is reached and the NBD
+    // server runs. Not before the cluster is reached: until then a client's
+    // handshake would wait, and units ordered after this one (a VM) would
+    // start against a target that cannot serve.
+    notify::ready(&format!(
+        "serving NBD for cluster {} on {}",
+        config.cluster_id,
+        describe_listeners(&config)
+    ));
+    // Liveness: the runtime schedules tasks (the check is a task on it).
+    // The cluster is not part of it: a target cut off from the volume
+    // manager or the chunk servers is alive, and restarting it would not
+    // help; its clients see I/O errors after --io-timeout-ms instead.
+    notify::spawn_watchdog(|| std::future::ready(Ok(())));
     tokio::select! {
         s = next_signal(&mut term, &mut int) => {
             info!("{s}: stopping; connections finish their requests in flight");
+            notify::stopping();
             let _ = stop_tx.send(true);
         }
         r = &mut serving => {
@@ -212,25 +213,10 @@ async fn bind(config: &Config) -> Result<Listeners, Fatal> {
     Ok(Listeners { tcp, unix })
 }
 
-fn init_tracing(config: &Config) -> Result<(), Fatal> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v)
-            .map_err(|e| config_error(format!("invalid RUST_LOG={v:?}: {e}")))?,
-        _ => EnvFilter::try_new(&config.log_level).map_err(|e| {
-            config_error(format!(
-                "invalid log_level {:?} (--log-level / log_level): {e}",
-                config.log_level
-            ))
-        })?,
-    };
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    let installed = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Journal => builder.without_time().try_init(),
-    };
-    installed.map_err(|e| runtime_error(format!("cannot install the logger: {e}")))
+fn describe_listeners(config: &Config) -> String {
+    let mut all: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+    if let Some(p) = &config.unix {
+        all.push(p.display().to_string());
+    }
+    all.join(", ")
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cairn_daemon::LogFormat;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -71,6 +72,9 @@ pub struct Flags {
     /// Log filter, as RUST_LOG [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log line format on stderr: text (with timestamps) or journal (without, for systemd) [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -88,6 +92,7 @@ struct FileSettings {
     down_after_ms: Option<u64>,
     out_after_s: Option<u64>,
     log_level: Option<String>,
+    log_format: Option<LogFormat>,
 }
 
 /// The resolved configuration.
@@ -106,6 +111,7 @@ pub struct Config {
     pub down_after: Duration,
     pub out_after: Duration,
     pub log_level: String,
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -215,6 +221,7 @@ impl Config {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
 }
@@ -301,6 +308,42 @@ mod tests {
         assert_eq!(c.initial_members.len(), 3);
         assert_eq!(c.advertise.to_string(), "127.0.0.3:7400");
         assert_eq!(c.down_after, Duration::from_secs(4));
+    }
+
+    /// The annotated example loads with the real loader, documents every key
+    /// FileSettings accepts (serde's own list), and every flag but --config
+    /// is a key: adding a setting without its paragraph in the example fails.
+    #[test]
+    fn the_example_is_valid_and_documents_every_key() {
+        use cairn_daemon::config_check::{
+            assert_example_documents, fields_from_unknown_field_error, keys_from_flags,
+        };
+        use clap::CommandFactory;
+        let text = include_str!("../../systemd/volmgr.toml.example");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volmgr.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::from_flags(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .expect("the example resolves");
+        assert_eq!(c.member_id, 1);
+        assert_eq!(c.initial_members.len(), 3);
+        assert_eq!(c.group_count, GROUP_COUNT_DEFAULT);
+        assert_eq!(c.down_after, Duration::from_millis(DOWN_AFTER_MS_DEFAULT));
+        assert_eq!(c.log_format, LogFormat::Journal);
+
+        let error = toml::from_str::<FileSettings>("no_such_key = 1")
+            .expect_err("unknown key")
+            .to_string();
+        let keys = fields_from_unknown_field_error(&error);
+        assert!(
+            keys.contains("data_dir") && keys.contains("log_format"),
+            "{keys:?}"
+        );
+        assert_eq!(keys, keys_from_flags(&Flags::command(), &["config"]));
+        assert_example_documents("systemd/volmgr.toml.example", text, &keys);
     }
 
     #[test]

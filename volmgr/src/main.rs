@@ -9,12 +9,12 @@
 //! directory is wrong (restarting will not help); 1 for a failure while
 //! running.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cairn_daemon::{notify, Fatal};
 use cairn_volmgr::api::{Api, SharedDetector, SharedUsage};
 use cairn_volmgr::config::Config;
 use cairn_volmgr::detector::{DetectorConfig, FailureDetector};
@@ -28,10 +28,7 @@ use raft::Storage;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
-const EXIT_CONFIG: u8 = 2;
-const EXIT_RUNTIME: u8 = 1;
 /// How often the leader's failure detector looks at the map.
 const DETECTOR_PERIOD: Duration = Duration::from_millis(250);
 /// Detector periods between usage updates proposed into the map.
@@ -39,25 +36,21 @@ const USAGE_EVERY: u32 = 20;
 /// A node's used bytes are proposed when they moved by more than this.
 const USAGE_CHANGE_MIN: u64 = 64 << 20;
 
-type Fatal = (u8, String);
+/// The watchdog fails when the raft loop has not ticked for this long (it
+/// ticks every 100 ms), or for half the watchdog interval if that is longer.
+const RAFT_STALL_MAX: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err((code, message)) => {
-            eprintln!("cairn-volmgr: error: {message}");
-            ExitCode::from(code)
-        }
-    }
+    cairn_daemon::exit("cairn-volmgr", run())
 }
 
 fn config_error(message: impl Into<String>) -> Fatal {
-    (EXIT_CONFIG, message.into())
+    Fatal::config(message)
 }
 
 fn run() -> Result<(), Fatal> {
     let config = Config::from_args().map_err(config_error)?;
-    init_tracing(&config)?;
+    cairn_daemon::init_tracing(&config.log_level, config.log_format)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         config_error(format!(
             "creating the data directory {}: {e}",
@@ -92,7 +85,7 @@ fn run() -> Result<(), Fatal> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| (EXIT_RUNTIME, format!("starting the runtime: {e}")))?;
+        .map_err(|e| Fatal::runtime(format!("starting the runtime: {e}")))?;
     runtime.block_on(serve(config, log))
 }
 
@@ -107,7 +100,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
         let advertise = config.advertise.to_string();
         move |tx| TcpTransport::new(id, advertise, cluster_id, rt, tx)
     })
-    .map_err(|e| (EXIT_RUNTIME, e))?;
+    .map_err(Fatal::runtime)?;
     let detector: SharedDetector = Arc::new(Mutex::new(None));
     let usage: SharedUsage = Arc::default();
     let led_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -146,21 +139,52 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
     ));
 
     let mut term = signal(SignalKind::terminate())
-        .map_err(|e| (EXIT_RUNTIME, format!("installing SIGTERM handler: {e}")))?;
+        .map_err(|e| Fatal::runtime(format!("installing SIGTERM handler: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| (EXIT_RUNTIME, format!("installing SIGINT handler: {e}")))?;
+        .map_err(|e| Fatal::runtime(format!("installing SIGINT handler: {e}")))?;
+    // Serving: the listener is bound and its task runs, the raft loop runs.
+    notify::ready(&format!("member {id} serving on {}", config.listen));
+    notify::spawn_watchdog(raft_liveness(node.clone()));
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
     }
+    notify::stopping();
     let _ = stop_tx.send(true);
     let _ = server.await;
     let _ = leader_duties.await;
     tokio::task::spawn_blocking(move || node.stop())
         .await
-        .map_err(|e| (EXIT_RUNTIME, format!("stopping the raft loop: {e}")))?;
+        .map_err(|e| Fatal::runtime(format!("stopping the raft loop: {e}")))?;
     info!("stopped");
     Ok(())
+}
+
+/// The watchdog's liveness check: the raft loop thread is alive and ticking.
+/// It ticks every 100 ms whether or not there is a leader or a quorum, so a
+/// member cut off from its peers stays healthy (restarting it would not
+/// help); one stuck (a raft log write or fsync that never returns) or gone
+/// is not. The listener and the API run on the tokio runtime, which runs
+/// this check: a wedged runtime sends no pings either.
+fn raft_liveness(
+    node: NodeHandle<State>,
+) -> impl FnMut() -> std::future::Ready<Result<(), String>> + Send + 'static {
+    let stall_max = notify::watchdog_interval()
+        .map(|i| (i / 2).max(RAFT_STALL_MAX))
+        .unwrap_or(RAFT_STALL_MAX);
+    let mut last = (node.ticks(), Instant::now());
+    move || {
+        let ticks = node.ticks();
+        if ticks != last.0 {
+            last = (ticks, Instant::now());
+        }
+        let stalled = last.1.elapsed();
+        std::future::ready(if stalled > stall_max {
+            Err(format!("the raft loop has not ticked for {stalled:?}"))
+        } else {
+            Ok(())
+        })
+    }
 }
 
 /// While this member leads: set the pool's group count once, and run the
@@ -261,7 +285,7 @@ fn bootstrap(log: &mut RaftLog, config: &Config) -> Result<(), Fatal> {
     snap.data = node::bootstrap_snapshot(&config.initial_members, &State::new()).into();
     log.apply_snapshot(snap)
         .and_then(|()| log.sync())
-        .map_err(|e| (EXIT_RUNTIME, format!("writing the bootstrap snapshot: {e}")))?;
+        .map_err(|e| Fatal::runtime(format!("writing the bootstrap snapshot: {e}")))?;
     info!(members = ?config.initial_members, "new cluster bootstrapped");
     Ok(())
 }
@@ -311,22 +335,4 @@ fn lock_data_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Fatal> 
             dir.display()
         ))
     })
-}
-
-fn init_tracing(config: &Config) -> Result<(), Fatal> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v)
-            .map_err(|e| config_error(format!("invalid RUST_LOG={v:?}: {e}")))?,
-        _ => EnvFilter::try_new(&config.log_level).map_err(|e| {
-            config_error(format!("invalid --log-level {:?}: {e}", config.log_level))
-        })?,
-    };
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init()
-        .map_err(|e| (EXIT_RUNTIME, format!("installing the logger: {e}")))?;
-    Ok(())
 }

@@ -24,7 +24,8 @@
 //! learns every address from the log.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
@@ -176,6 +177,7 @@ impl NodeStatus {
 pub struct NodeHandle<M: Machine> {
     tx: mpsc::Sender<Input<M>>,
     status: watch::Receiver<NodeStatus>,
+    ticks: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -184,6 +186,7 @@ impl<M: Machine> Clone for NodeHandle<M> {
         Self {
             tx: self.tx.clone(),
             status: self.status.clone(),
+            ticks: self.ticks.clone(),
             thread: None,
         }
     }
@@ -196,6 +199,13 @@ impl<M: Machine> NodeHandle<M> {
 
     pub fn status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
+    }
+
+    /// Raft ticks the loop has taken (one per 100 ms while it runs): a
+    /// liveness signal for the daemon's watchdog. It stops moving when the
+    /// loop thread is wedged (e.g. in a log write that never returns) or gone.
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
     }
 
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
@@ -256,6 +266,7 @@ pub fn start<L: LogStore, M: Machine, T: Transport>(
         ..NodeStatus::default()
     });
     let mut node = Node::new(id, log, machine, transport, rx, status_tx)?;
+    let ticks = node.ticks.clone();
     let thread = std::thread::Builder::new()
         .name(format!("raft-{id}"))
         .spawn(move || node.run())
@@ -263,6 +274,7 @@ pub fn start<L: LogStore, M: Machine, T: Transport>(
     Ok(NodeHandle {
         tx,
         status,
+        ticks,
         thread: Some(thread),
     })
 }
@@ -278,6 +290,8 @@ struct Node<L: LogStore, M: Machine, T: Transport> {
     transport: T,
     rx: mpsc::Receiver<Input<M>>,
     status: watch::Sender<NodeStatus>,
+    /// Counts raft ticks; see [`NodeHandle::ticks`].
+    ticks: Arc<AtomicU64>,
     applied: u64,
     compacted: u64,
     /// A membership change was applied: the next compaction cannot wait,
@@ -358,6 +372,7 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
             transport,
             rx,
             status,
+            ticks: Arc::default(),
             applied: snap_index,
             compacted: snap_index,
             compact_now: false,
@@ -391,6 +406,7 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
             }
             if Instant::now() >= next_tick {
                 self.raw.tick();
+                self.ticks.fetch_add(1, Ordering::Relaxed);
                 next_tick += TICK;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + TICK;
