@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod mount;
 pub mod raw;
 pub mod target;
+pub mod up;
 pub mod volmgr;
 
 use std::fs::OpenOptions;

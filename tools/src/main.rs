@@ -1,15 +1,23 @@
 //! `cairn`: the Cairn admin CLI.
 //!
-//! Subcommands live one module each: [`chunk`] talks to a single chunk server,
-//! [`bench`] measures the store against fio. `up`, `volume` and `snapshot`
-//! come later as further modules beside these.
+//! Subcommands live one module each: [`cluster`], [`node`], [`volume`] and
+//! [`export`] ask the volume manager (found as [`config`] describes), [`chunk`]
+//! talks to a single chunk server, [`bench`] measures the store against fio,
+//! [`placement`] checks placement. [`exit`] defines the exit statuses.
 
 mod bench;
 mod chunk;
+mod cluster;
+mod config;
+mod exit;
+mod export;
+mod node;
 mod output;
 mod placement;
+mod table;
 #[cfg(test)]
 mod test_server;
+mod up;
 mod volume;
 
 use std::process::ExitCode;
@@ -20,10 +28,29 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cairn",
     version,
-    about = "Cairn admin CLI: inspect chunk servers, run benchmarks",
-    long_about = "Cairn admin CLI.\n\n\
-        Every command prints a human-readable table, or JSON with --json. Errors go to \
-        stderr and exit with status 1 (2 for bad command-line arguments)."
+    about = "Cairn admin CLI: cluster health, nodes, volumes, exports, benchmarks",
+    long_about = "Cairn admin CLI: look after a Cairn cluster (health, chunk servers, \
+        volumes, exports), inspect single chunk servers, run benchmarks.\n\n\
+        Every command prints a human-readable table, or JSON with --json. Sizes take \
+        binary units: 512M, 10G (= 10GiB = 10GB = 10 x 1024^3 bytes), 2T.\n\n\
+        Finding the cluster, first match wins: --volmgr ADDRS with --cluster-id ID \
+        (or $CAIRN_VOLMGR and $CAIRN_CLUSTER_ID); the file given by --config or \
+        $CAIRN_CONFIG; ./cairn-data/cairn.toml (written by `cairn up`, so commands \
+        run in the folder where `cairn up` runs need no flags); /etc/cairn/cairn.toml.",
+    after_long_help = concat!(
+        "Examples:\n  \
+        cairn cluster status\n  \
+        cairn node list\n  \
+        cairn volume create pacs-db --size 100G\n  \
+        cairn volume list --json\n  \
+        cairn volume resize pacs-db --size 200G\n  \
+        cairn export list\n\n",
+        "Exit status:\n  \
+        0  success (`cluster status` also exits 0 on a degraded cluster: it reports)\n  \
+        1  failure: cluster unreachable, or the server refused or failed\n  \
+        2  bad arguments or configuration (no config found, broken config, bad size)\n  \
+        3  not found: no such volume"
+    )
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,18 +59,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a whole cluster on this machine (volume manager, three chunk servers, NBD
+    /// target) under one folder, supervised; Ctrl-C stops it.
+    Up(up::UpArgs),
+    /// Cluster health in one screen.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// List the chunk servers.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Create, list, inspect, grow and delete volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// List the volumes targets export now.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Inspect one chunk server directly over the chunk RPC.
     #[command(subcommand)]
     Chunk(chunk::ChunkCommand),
-    /// Measure Cairn against a reference (fio).
+    /// Measure Cairn against a reference (fio, nbdkit) or a goal.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Check where data would be placed: balance, movement, failure domains.
     #[command(subcommand)]
     Placement(placement::PlacementCommand),
-    /// Create and list volumes.
-    #[command(subcommand)]
-    Volume(volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +91,11 @@ fn main() -> ExitCode {
         Command::Chunk(cmd) => chunk::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Placement(cmd) => placement::run(cmd),
+        Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Node(cmd) => node::run(cmd),
         Command::Volume(cmd) => volume::run(cmd),
+        Command::Export(cmd) => export::run(cmd),
+        Command::Up(args) => up::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,7 +104,8 @@ fn main() -> ExitCode {
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // (`cairn up` reports set-up problems as `exit::usage` errors.)
+            ExitCode::from(exit::code_for(&e))
         }
     }
 }

@@ -1,38 +1,33 @@
-//! `cairn volume`: create and list volumes at the volume manager. (Issue 7
-//! brings the rest: info, resize, delete, and finding the cluster without
-//! flags.)
+//! `cairn volume`: create, list, inspect, grow and delete volumes at the
+//! volume manager. The cluster is found as `config.rs` describes.
 
-use clap::{Args, Subcommand};
+use anyhow::Context as _;
+use clap::Subcommand;
 use serde_json::json;
 
+use cairn_proto::map::VolumeInfo;
+use cairn_proto::volmgr::VolmgrStatus;
 use cairn_volmgr::client::VolmgrClient;
 
+use crate::config::{block_on, ClusterArgs};
+use crate::exit;
 use crate::output::bytes_human;
+use crate::table::{ago, now_unix_ms, utc, Align, Table};
 
-#[derive(Args)]
-pub struct ClusterArgs {
-    /// Volume manager members, ADDR,ADDR,...
-    #[arg(long, value_name = "ADDRS", env = "CAIRN_VOLMGR")]
-    volmgr: String,
-    /// The cluster's id.
-    #[arg(long, value_name = "ID", env = "CAIRN_CLUSTER_ID")]
-    cluster_id: String,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-}
+const SIZE_HELP: &str = "Size with a binary unit: K, M, G, T, P (KiB, MiB, ...; 10G, 10GiB and 10GB are all 10 GiB), or bytes";
 
 #[derive(Subcommand)]
 pub enum VolumeCommand {
     /// Create a thin volume (it takes no space until written).
-    #[command(
-        after_help = "Example:\n  cairn volume create pacs-db --size 100G --replicas 3 \\\n      --volmgr 127.0.0.2:7400 --cluster-id pacs-1"
-    )]
+    #[command(after_help = "Examples:\n  \
+        cairn volume create pacs-db --size 100G\n  \
+        cairn volume create scratch --size 512M --replicas 2 --min-replicas 1\n  \
+        cairn volume create pacs-db --size 2T --volmgr 10.0.0.1:7400,10.0.0.2:7400 --cluster-id pacs-1\n\n\
+        Sizes use binary units: 1G is 1024^3 bytes.")]
     Create {
-        /// The volume's name (also its NBD export name).
+        /// The volume's name (also its NBD export name): letters, digits, `.`, `_`, `-`.
         name: String,
-        /// Size, with a unit: 512M, 10G, 2T (binary units).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, help = SIZE_HELP)]
         size: u64,
         /// Copies of every block.
         #[arg(long, default_value_t = 3)]
@@ -46,114 +41,359 @@ pub enum VolumeCommand {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
-    /// List volumes.
+    /// List volumes, with the targets exporting each.
+    #[command(after_help = "Examples:\n  cairn volume list\n  cairn volume list --json")]
     List {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Show everything about one volume (exit status 3 if there is none).
+    #[command(
+        after_help = "Examples:\n  cairn volume info pacs-db\n  cairn volume info pacs-db --json"
+    )]
+    Info {
+        name: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Grow a volume to a new size (volumes never shrink).
+    #[command(
+        after_help = "Examples:\n  cairn volume resize pacs-db --size 200G\n\n\
+        The new size must be at least the current one: shrinking is refused \
+        (exit status 2), the same size changes nothing. Clients see the new size \
+        when they reconnect."
+    )]
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size, help = SIZE_HELP)]
+        size: u64,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Delete a volume and all its data (needs --yes).
+    #[command(after_help = "Examples:\n  cairn volume delete scratch --yes\n  \
+        cairn volume delete scratch --yes --force\n\n\
+        Without --yes nothing is deleted (exit status 2): deleting destroys the data, \
+        so it must never be a typo away. While a target exports the volume, the \
+        volume manager refuses; --force deletes it anyway.")]
+    Delete {
+        name: String,
+        /// Really delete: the data is gone afterwards.
+        #[arg(long)]
+        yes: bool,
+        /// Delete even while a target exports the volume.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
 }
 
-/// `10G` -> 10 GiB. Units K, M, G, T, P (binary); a bare number is bytes.
+/// `10G` -> 10 GiB. Units K, M, G, T, P, binary, optionally followed by
+/// `iB` or `B` (`10GiB`, `10GB`); a bare number (or `512B`) is bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        Some('P') => (&t[..t.len() - 1], 50),
-        _ => (t, 0),
+    let bad = || format!("`{s}` is not a size (examples: 512M, 10G, 2TiB; binary units)");
+    let upper = s.trim().to_ascii_uppercase();
+    let (body, needs_unit) = match upper.strip_suffix("IB") {
+        Some(b) => (b, true),
+        None => (upper.strip_suffix('B').unwrap_or(&upper), false),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 512M, 10G, 2T)"))?;
+    let (num, shift) = match body.chars().last() {
+        Some('K') => (&body[..body.len() - 1], 10),
+        Some('M') => (&body[..body.len() - 1], 20),
+        Some('G') => (&body[..body.len() - 1], 30),
+        Some('T') => (&body[..body.len() - 1], 40),
+        Some('P') => (&body[..body.len() - 1], 50),
+        _ if needs_unit => return Err(bad()),
+        _ => (body, 0),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is too large"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        match cmd {
-            VolumeCommand::Create {
-                name,
-                size,
-                replicas,
-                min_replicas,
-                extent_size,
-                cluster,
-            } => {
-                let client = VolmgrClient::new(split(&cluster.volmgr), cluster.cluster_id);
-                let min = min_replicas.unwrap_or(replicas.saturating_sub(1).max(1));
-                let extent = u32::try_from(extent_size)
-                    .map_err(|_| anyhow::anyhow!("extent size {extent_size} is too large"))?;
-                let v = client
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            min_replicas,
+            extent_size,
+            cluster,
+        } => {
+            let (client, _) = cluster.connect()?;
+            let min = min_replicas.unwrap_or(replicas.saturating_sub(1).max(1));
+            let extent = u32::try_from(extent_size)
+                .map_err(|_| exit::usage(format!("extent size {extent_size} is too large")))?;
+            let v = block_on(async {
+                client
                     .create_volume(&name, size, extent, replicas, min)
                     .await
-                    .map_err(|e| anyhow::anyhow!("creating volume {name:?}: {e}"))?;
-                if cluster.json {
-                    println!("{}", volume_json(&v));
-                } else {
-                    println!(
-                        "created volume {} ({}, {} replicas, min {}), id {:#x}",
-                        v.name,
-                        bytes_human(v.size_bytes),
-                        v.replicas,
-                        v.min_replicas,
-                        v.id
-                    );
-                }
-            }
-            VolumeCommand::List { cluster } => {
-                let client = VolmgrClient::new(split(&cluster.volmgr), cluster.cluster_id);
-                let vols = client
-                    .list_volumes()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("listing volumes: {e}"))?;
-                if cluster.json {
-                    let v: Vec<_> = vols.iter().map(volume_json).collect();
-                    println!("{}", serde_json::Value::Array(v));
-                } else {
-                    println!(
-                        "{:<24} {:>10} {:>8} {:>5} {:>8}",
-                        "NAME", "SIZE", "REPLICAS", "MIN", "EXTENT"
-                    );
-                    for v in &vols {
-                        println!(
-                            "{:<24} {:>10} {:>8} {:>5} {:>8}",
-                            v.name,
-                            bytes_human(v.size_bytes),
-                            v.replicas,
-                            v.min_replicas,
-                            bytes_human(v.extent_size_bytes as u64)
-                        );
-                    }
-                }
+                    .with_context(|| format!("creating volume {name:?}"))
+            })?;
+            if cluster.json {
+                println!("{}", volume_json(&v, None));
+            } else {
+                println!(
+                    "created volume {} ({}, {} replicas, min {}), id {:#x}",
+                    v.name,
+                    bytes_human(v.size_bytes),
+                    v.replicas,
+                    v.min_replicas,
+                    v.id
+                );
             }
         }
-        Ok(())
-    })
+        VolumeCommand::List { cluster } => {
+            let (client, _) = cluster.connect()?;
+            let vols = block_on(list_with_exports(&client))?;
+            if cluster.json {
+                let v: Vec<_> = vols.iter().map(|(v, e)| volume_json(v, Some(e))).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                let mut t = Table::new(&[
+                    ("NAME", Align::Left),
+                    ("ID", Align::Right),
+                    ("SIZE", Align::Right),
+                    ("REPLICAS", Align::Right),
+                    ("MIN", Align::Right),
+                    ("EXTENT", Align::Right),
+                    ("EXPORTED BY", Align::Left),
+                ]);
+                for (v, exports) in &vols {
+                    t.row(vec![
+                        v.name.clone(),
+                        format!("{:#x}", v.id),
+                        bytes_human(v.size_bytes),
+                        v.replicas.to_string(),
+                        v.min_replicas.to_string(),
+                        bytes_human(u64::from(v.extent_size_bytes)),
+                        targets_human(exports),
+                    ]);
+                }
+                t.print()?;
+            }
+        }
+        VolumeCommand::Info { name, cluster } => {
+            let (client, _) = cluster.connect()?;
+            let (v, exports) = block_on(async {
+                let v = get_volume(&client, &name).await?;
+                let exports = client
+                    .volume_exports(&name)
+                    .await
+                    .with_context(|| format!("exports of volume {name:?}"))?;
+                Ok((v, exports))
+            })?;
+            if cluster.json {
+                println!("{}", volume_json(&v, Some(&exports)));
+            } else {
+                print!("{}", info_human(&v, &exports, now_unix_ms()));
+            }
+        }
+        VolumeCommand::Resize {
+            name,
+            size,
+            cluster,
+        } => {
+            let (client, _) = cluster.connect()?;
+            let (before, after) = block_on(async {
+                let before = get_volume(&client, &name).await?;
+                if size < before.size_bytes {
+                    return Err(exit::usage(format!(
+                        "volume {name:?} is {} ({} bytes); shrinking it to {} ({size} bytes) is not supported: volumes only grow",
+                        bytes_human(before.size_bytes),
+                        before.size_bytes,
+                        bytes_human(size),
+                    )));
+                }
+                if size == before.size_bytes {
+                    return Ok((before.clone(), before));
+                }
+                let after = client
+                    .grow_volume(&name, size)
+                    .await
+                    .with_context(|| format!("growing volume {name:?} to {}", bytes_human(size)))?;
+                Ok((before, after))
+            })?;
+            if cluster.json {
+                let mut j = volume_json(&after, None);
+                j["previous_size_bytes"] = json!(before.size_bytes);
+                println!("{j}");
+            } else if before.size_bytes == after.size_bytes {
+                println!(
+                    "volume {name} is already {}; nothing changed",
+                    bytes_human(after.size_bytes)
+                );
+            } else {
+                println!(
+                    "volume {name} grown from {} to {}",
+                    bytes_human(before.size_bytes),
+                    bytes_human(after.size_bytes)
+                );
+            }
+        }
+        VolumeCommand::Delete {
+            name,
+            yes,
+            force,
+            cluster,
+        } => {
+            if !yes {
+                return Err(exit::usage(format!(
+                    "not deleting volume {name:?}: deleting destroys its data; \
+                     run `cairn volume delete {name} --yes` if you mean it"
+                )));
+            }
+            let (client, _) = cluster.connect()?;
+            block_on(async {
+                client
+                    .delete_volume(&name, force)
+                    .await
+                    .with_context(|| format!("deleting volume {name:?}"))
+            })?;
+            if cluster.json {
+                println!("{}", json!({ "deleted": name, "forced": force }));
+            } else {
+                println!("deleted volume {name}");
+            }
+        }
+    }
+    Ok(())
 }
 
-fn split(addrs: &str) -> Vec<String> {
-    addrs
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+/// The volume `name`; not found (exit status 3) if there is none.
+async fn get_volume(client: &VolmgrClient, name: &str) -> anyhow::Result<VolumeInfo> {
+    let v = client
+        .get_volume(name)
+        .await
+        .with_context(|| format!("volume {name:?}"))?;
+    if v.name != name {
+        // An answer without the volume: treat it as absent.
+        return Err(exit::not_found(format!("no volume named {name:?}")));
+    }
+    Ok(v)
 }
 
-fn volume_json(v: &cairn_proto::map::VolumeInfo) -> serde_json::Value {
-    json!({
+/// Every volume with the ids of the targets exporting it now.
+pub async fn list_with_exports(
+    client: &VolmgrClient,
+) -> anyhow::Result<Vec<(VolumeInfo, Vec<u64>)>> {
+    let vols = client.list_volumes().await.context("listing volumes")?;
+    let mut out = Vec::with_capacity(vols.len());
+    for v in vols {
+        let exports = match client.volume_exports(&v.name).await {
+            Ok(e) => e,
+            // Deleted between the list and now: leave it out.
+            Err(e) if e.status() == Some(VolmgrStatus::NotFound) => continue,
+            Err(e) => return Err(e).with_context(|| format!("exports of volume {:?}", v.name)),
+        };
+        out.push((v, exports));
+    }
+    Ok(out)
+}
+
+/// `7, 9` or `-`.
+pub fn targets_human(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        "-".into()
+    } else {
+        ids.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn info_human(v: &VolumeInfo, exports: &[u64], now_ms: u64) -> String {
+    let extents = if v.extent_size_bytes == 0 {
+        0
+    } else {
+        v.size_bytes.div_ceil(u64::from(v.extent_size_bytes))
+    };
+    let parent = match &v.parent {
+        Some(p) => format!("snapshot {} of volume {:#x}", p.snapshot_id, p.volume_id),
+        None => "-".into(),
+    };
+    let exported = if exports.is_empty() {
+        "not exported".to_string()
+    } else {
+        format!("target(s) {}", targets_human(exports))
+    };
+    let mut out = String::new();
+    for (k, val) in [
+        ("name", v.name.clone()),
+        ("id", format!("{:#x} ({})", v.id, v.id)),
+        (
+            "size",
+            format!("{} ({} bytes)", bytes_human(v.size_bytes), v.size_bytes),
+        ),
+        (
+            "extent size",
+            format!(
+                "{} ({extents} extents)",
+                bytes_human(u64::from(v.extent_size_bytes))
+            ),
+        ),
+        ("replicas", v.replicas.to_string()),
+        (
+            "min replicas",
+            format!("{} (writes wait while fewer act)", v.min_replicas),
+        ),
+        (
+            "created",
+            format!(
+                "{} ({} ago)",
+                utc(v.created_unix_ms),
+                ago(v.created_unix_ms, now_ms)
+            ),
+        ),
+        ("head epoch", v.head_epoch.to_string()),
+        ("parent", parent),
+        ("snapshots", v.snapshots.len().to_string()),
+        ("exported by", exported),
+    ] {
+        out.push_str(&format!("{k:<13} {val}\n"));
+    }
+    for s in &v.snapshots {
+        out.push_str(&format!(
+            "  snapshot {} {:?}, epoch {}, created {}\n",
+            s.id,
+            s.name,
+            s.epoch,
+            utc(s.created_unix_ms)
+        ));
+    }
+    out
+}
+
+/// A volume as JSON: every field of `VolumeInfo`, plus `exported_by` (ids
+/// of the targets exporting it) when known.
+pub fn volume_json(v: &VolumeInfo, exports: Option<&[u64]>) -> serde_json::Value {
+    let mut j = json!({
         "name": v.name,
         "id": v.id,
         "size_bytes": v.size_bytes,
+        "extent_size_bytes": v.extent_size_bytes,
         "replicas": v.replicas,
         "min_replicas": v.min_replicas,
-        "extent_size_bytes": v.extent_size_bytes,
-    })
+        "created_unix_ms": v.created_unix_ms,
+        "head_epoch": v.head_epoch,
+        "parent": v.parent.map(|p| json!({"volume_id": p.volume_id, "snapshot_id": p.snapshot_id})),
+        "snapshots": v.snapshots.iter().map(|s| json!({
+            "id": s.id,
+            "name": s.name,
+            "epoch": s.epoch,
+            "created_unix_ms": s.created_unix_ms,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(e) = exports {
+        j["exported_by"] = json!(e);
+    }
+    j
 }
 
 #[cfg(test)]
@@ -164,8 +404,61 @@ mod tests {
     fn sizes_parse_with_binary_units() {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10GB"), Ok(10 << 30));
+        assert_eq!(parse_size("4kib"), Ok(4 << 10));
+        assert_eq!(parse_size(" 2T "), Ok(2 << 40));
+        assert_eq!(parse_size("1P"), Ok(1 << 50));
         assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("99999999P").is_err());
+        assert_eq!(parse_size("512B"), Ok(512));
+        for bad in [
+            "",
+            "ten",
+            "G",
+            "GiB",
+            "10iB",
+            "10X",
+            "-1G",
+            "1.5G",
+            "+5",
+            "10 G",
+            "99999999P",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_size("1.5G").unwrap_err().contains("binary units"));
+    }
+
+    #[test]
+    fn info_shows_every_field() {
+        let v = VolumeInfo {
+            id: 0x2a,
+            name: "pacs-db".into(),
+            size_bytes: 10 << 30,
+            extent_size_bytes: 4 << 20,
+            replicas: 3,
+            min_replicas: 2,
+            created_unix_ms: 1_796_492_412_000,
+            head_epoch: 1,
+            parent: None,
+            snapshots: vec![],
+        };
+        let text = info_human(&v, &[7, 9], 1_796_492_412_000 + 65_000);
+        for want in [
+            "pacs-db",
+            "0x2a (42)",
+            "10.0 GiB (10737418240 bytes)",
+            "4.0 MiB (2560 extents)",
+            "2026-12-05 17:40:12 UTC (1m05s ago)",
+            "target(s) 7, 9",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        let j = volume_json(&v, Some(&[7]));
+        assert_eq!(j["exported_by"], json!([7]));
+        assert_eq!(j["size_bytes"], json!(10u64 << 30));
+        assert_eq!(j["parent"], serde_json::Value::Null);
+        assert!(info_human(&v, &[], 0).contains("not exported"));
     }
 }

@@ -8,12 +8,14 @@
 //!   chunk server dies, and rejoin after an outage (issue 5).
 //! - [`nbd`]: the NBD front end `cairn-target` (1 and 3 replicas) against
 //!   nbdkit's file plugin, through fio's nbd engine, and its resident memory
-//!   per idle connection (issue 8).
+//!   per idle connection (issue 6).
+//! - [`idle`]: CPU and log lines of an idle `cairn up` cluster (issue 7).
 
 mod chunkserver;
 mod disk;
 mod election;
 mod fio;
+mod idle;
 mod load;
 mod nbd;
 mod replication;
@@ -38,6 +40,9 @@ pub enum BenchCommand {
     /// 1 MiB sequential I/O with 1 and 3 replicas, and cairn-target's resident
     /// memory with 1 and 64 idle connections.
     Nbd(nbd::NbdBenchArgs),
+    /// An idle `cairn up` cluster: CPU share of one core and log lines over 60 s
+    /// with no I/O (goal: under 1%, none).
+    Idle(idle::IdleBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -46,5 +51,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Election(args) => election::run(args),
         BenchCommand::Replication(args) => replication::run(args),
         BenchCommand::Nbd(args) => nbd::run(args),
+        BenchCommand::Idle(args) => idle::run(args),
     }
 }

@@ -321,7 +321,7 @@ fn stderr_tail(stderr: &[u8]) -> String {
 }
 
 /// Total CPU time (user + system) of a process so far, in seconds.
-fn proc_cpu_s(pid: u32) -> Option<f64> {
+pub(super) fn proc_cpu_s(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after it do not.
     let rest = &stat[stat.rfind(')')? + 1..];
