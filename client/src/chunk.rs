@@ -474,9 +474,13 @@ async fn write_frames(
     let written: io::Result<()> = async {
         while let Some(frame) = frames.recv().await {
             write_frame(&mut writer, &frame.header, &frame.data).await?;
-            // Requests queued together leave together.
+            // Requests queued together leave together; callers about to
+            // queue more get one turn first (fewer, larger sends).
             if frames.is_empty() {
-                writer.flush().await?;
+                tokio::task::yield_now().await;
+                if frames.is_empty() {
+                    writer.flush().await?;
+                }
             }
         }
         writer.shutdown().await

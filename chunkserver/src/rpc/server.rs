@@ -523,9 +523,14 @@ async fn write_replies(
             reply.data.as_deref().unwrap_or_default(),
         )
         .await?;
-        // Replies that completed together leave together.
+        // Replies that completed together leave together. Before sending,
+        // let tasks about to queue more replies run once: one send for
+        // several replies costs the kernel far less than one send each.
         if replies.is_empty() {
-            writer.flush().await?;
+            tokio::task::yield_now().await;
+            if replies.is_empty() {
+                writer.flush().await?;
+            }
         }
     }
     writer.flush().await?;
