@@ -21,7 +21,7 @@
 //!   up.lock      held while `cairn up` runs (one `cairn up` per folder)
 //!   volmgr/      the volume manager member's raft log
 //!   chunk1..3/   the chunk servers' data directories
-//!   logs/        one log file per process, appended to
+//!   logs/        one log file per process, appended to (moved to .1 past 64 MiB)
 //!   run/         the notify sockets
 //!   nbd.sock     the target's unix socket
 //! ```
@@ -346,6 +346,7 @@ impl Supervisor {
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let c = &mut self.children[i];
+        rotate_log(&c.spec.log);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -1014,6 +1015,19 @@ fn print_ready(out: &Out, data: &Path, args: &UpArgs, unix_socket: &Path) {
         data.display(),
         args.nbd
     ));
+}
+
+/// A child's log past this size is moved to `NAME.log.1` (replacing the
+/// one before) when the child (re)starts, so a long-running `cairn up`
+/// keeps at most about twice this per process.
+const LOG_ROTATE_BYTES: u64 = 64 << 20;
+
+fn rotate_log(path: &Path) {
+    if fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = fs::rename(path, old);
+    }
 }
 
 /// The last lines of a log file.

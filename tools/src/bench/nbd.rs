@@ -130,6 +130,10 @@ pub struct NbdBenchArgs {
     /// Extra parameter for nbdkit's file plugin, e.g. cache=none; repeat for several.
     #[arg(long, value_name = "KEY=VALUE")]
     pub nbdkit_arg: Vec<String>,
+    /// Extra flag for Cairn's chunk servers, e.g. --chunkserver-arg=--io-mode=buffered
+    /// (through the page cache, as nbdkit's default); repeat for several.
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub chunkserver_arg: Vec<String>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -281,6 +285,7 @@ struct Setup {
     fio_version: String,
     nbdkit_version: String,
     nbdkit_args: Vec<String>,
+    chunkserver_args: Vec<String>,
     run_dir: String,
     fs_type: String,
     cpus: usize,
@@ -680,6 +685,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
         fio_version,
         nbdkit_version,
         nbdkit_args: args.nbdkit_arg.clone(),
+        chunkserver_args: args.chunkserver_arg.clone(),
         run_dir: dir.path().display().to_string(),
         fs_type: fs.fs_type.clone(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -726,7 +732,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
     nbdkit.start()?;
 
     // (b) and (c): a cluster and cairn-target.
-    let mut bench = Bench::start(&bin_dir, dir.path())?;
+    let mut bench = Bench::start(&bin_dir, dir.path(), &args.chunkserver_arg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -905,7 +911,14 @@ fn print_table(r: &NbdReport) {
         },
         s.fio_version
     );
-    println!("  (b) cairn-target (127.0.0.10), volume of 1 replica");
+    println!(
+        "  (b) cairn-target (127.0.0.10), volume of 1 replica{}",
+        if s.chunkserver_args.is_empty() {
+            String::new()
+        } else {
+            format!("; chunk servers with {}", s.chunkserver_args.join(" "))
+        }
+    );
     println!("  (c) cairn-target, volume of 3 replicas (min 2); 3 chunk servers on this machine");
     println!();
     println!(

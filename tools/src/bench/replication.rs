@@ -245,7 +245,12 @@ pub(super) struct Bench {
 }
 
 impl Bench {
-    pub(super) fn start(bin_dir: &Path, dir: &Path) -> anyhow::Result<Bench> {
+    /// `chunk_args` go on every chunk server's command line.
+    pub(super) fn start(
+        bin_dir: &Path,
+        dir: &Path,
+        chunk_args: &[String],
+    ) -> anyhow::Result<Bench> {
         let find = |name: &str| -> anyhow::Result<PathBuf> {
             let bin = bin_dir.join(name);
             if !bin.is_file() {
@@ -303,7 +308,10 @@ impl Bench {
                     vm_addr.to_string(),
                     "--host".into(),
                     format!("h{id}"),
-                ],
+                ]
+                .into_iter()
+                .chain(chunk_args.iter().cloned())
+                .collect(),
                 first_args: vec!["--init".into()],
                 addr,
                 log: dir.join(format!("cs{id}.log")),
@@ -847,7 +855,7 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
         DOWN_AFTER_MS_DEFAULT,
         ClientConfig::default().attempt_timeout
     ));
-    let mut bench = Bench::start(&bin_dir, dir.path())?;
+    let mut bench = Bench::start(&bin_dir, dir.path(), &[])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
