@@ -580,3 +580,82 @@ async fn export_list_shows_open_exports_and_delete_respects_them() {
     drop(nbd);
     drop(target);
 }
+
+/// `cairn volmgr members / add-member / remove-member` change the raft group
+/// of real `cairn-volmgr` processes: a third member started with `--join`
+/// is added, then the first is removed, and the survivors serve.
+#[test]
+fn volume_manager_members_are_listed_added_and_removed() {
+    let mut vm = cairn_tests::volmgr::VolmgrCluster::start(2, &[]).unwrap();
+    let tmp = cairn_tests::temp_dir("cairn-cli-volmgr-").unwrap();
+    let flags = |addrs: &[String], id: &str| -> Vec<String> {
+        vec![
+            "--volmgr".into(),
+            addrs.join(","),
+            "--cluster-id".into(),
+            id.into(),
+            "--json".into(),
+        ]
+    };
+    let run = |args: &[&str], extra: &[String]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(extra.iter().map(String::as_str));
+        cairn_in(tmp.path(), &all, &[])
+    };
+    let ids = |v: &Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let cluster_id = vm.cluster_id.clone();
+    let f = flags(&vm.addrs(), &cluster_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let o = run(&["volmgr", "members"], &f);
+        if o.status.success() || Instant::now() > deadline {
+            break json(&o);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(ids(&listed), [1, 2]);
+    assert_eq!(
+        listed["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["leader"] == true)
+            .count(),
+        1
+    );
+
+    // A bad address is refused before anything changes.
+    let o = run(&["volmgr", "add-member", "3", "nowhere"], &f);
+    assert_code(&o, 2);
+
+    let addr = vm.start_joining(3).unwrap().to_string();
+    let added = json(&run(&["volmgr", "add-member", "3", &addr], &f));
+    assert_eq!(ids(&added), [1, 2, 3]);
+
+    let removed = json(&run(&["volmgr", "remove-member", "1"], &f));
+    assert_eq!(ids(&removed), [2, 3]);
+    vm.members.get_mut(&1).unwrap().stop().unwrap();
+
+    // Members 2 and 3 are the group now: asked through 3 alone, it answers
+    // (a leader of {2, 3} exists) and lists exactly them.
+    let f = flags(&[addr], &cluster_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(&["volmgr", "members"], &f);
+        if o.status.success() {
+            assert_eq!(ids(&json(&o)), [2, 3]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&o));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -18,6 +18,7 @@ mod table;
 #[cfg(test)]
 mod test_server;
 mod up;
+mod volmgr;
 mod volume;
 
 use std::process::ExitCode;
@@ -74,6 +75,9 @@ enum Command {
     /// List the volumes targets export now.
     #[command(subcommand)]
     Export(export::ExportCommand),
+    /// The volume manager's members: list, add, remove.
+    #[command(subcommand)]
+    Volmgr(volmgr::VolmgrCommand),
     /// Inspect one chunk server directly over the chunk RPC.
     #[command(subcommand)]
     Chunk(chunk::ChunkCommand),
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Command::Node(cmd) => node::run(cmd),
         Command::Volume(cmd) => volume::run(cmd),
         Command::Export(cmd) => export::run(cmd),
+        Command::Volmgr(cmd) => volmgr::run(cmd),
         Command::Up(args) => up::run(args),
     };
     match result {
