@@ -22,6 +22,16 @@ pub fn fields_from_unknown_field_error(error: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The keys a config struct with `deny_unknown_fields` accepts, read from
+/// serde's own "unknown field" error (see
+/// [`fields_from_unknown_field_error`]).
+pub fn accepted_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> BTreeSet<String> {
+    let error = toml::from_str::<T>("no_such_key = 1")
+        .expect_err("a key the config does not know must be refused")
+        .to_string();
+    fields_from_unknown_field_error(&error)
+}
+
 /// Keys an example sets or shows commented out: lines `key = value` or
 /// `# key = value` that parse as TOML (so prose in comments is not taken for
 /// a key).

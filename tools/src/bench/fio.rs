@@ -135,7 +135,12 @@ pub(super) fn job_stats(stdout: &str, direction: &str) -> anyhow::Result<serde_j
 
 /// Reads `jobs[0].<direction>` of fio's JSON report.
 fn parse_json(stdout: &str, direction: &str) -> anyhow::Result<Throughput> {
-    let stats = job_stats(stdout, direction)?;
+    throughput(&job_stats(stdout, direction)?, direction)
+}
+
+/// The throughput in one direction's statistics (from [`job_stats`]); an
+/// error if fio did no I/O that way.
+pub(super) fn throughput(stats: &serde_json::Value, direction: &str) -> anyhow::Result<Throughput> {
     let number = |field: &str| {
         stats
             .get(field)

@@ -356,25 +356,22 @@ struct FioNumbers {
 /// Reads `jobs[0].<direction>` of fio's JSON report, with latencies.
 fn parse_fio(stdout: &str, direction: &str) -> anyhow::Result<FioNumbers> {
     let stats = super::fio::job_stats(stdout, direction)?;
-    let number = |pointer: &str| {
+    let t = super::fio::throughput(&stats, direction)?;
+    let latency_ms = |pointer: &str| {
         stats
             .pointer(pointer)
             .and_then(|v| v.as_f64())
+            .map(|ns| ns / 1e6)
             .with_context(|| format!("fio's JSON has no numeric jobs[0].{direction}{pointer}"))
     };
-    let ios = number("/total_ios")? as u64;
-    let runtime_ms = number("/runtime")?;
-    if ios == 0 || runtime_ms <= 0.0 {
-        bail!("fio did no {direction} I/O ({ios} I/Os in {runtime_ms} ms)");
-    }
     Ok(FioNumbers {
-        ios,
-        bytes: number("/io_bytes")? as u64,
-        runtime_s: runtime_ms / 1000.0,
-        iops: number("/iops")?,
-        bytes_per_s: number("/bw_bytes")?,
-        p99_ms: number("/clat_ns/percentile/99.000000")? / 1e6,
-        mean_ms: number("/clat_ns/mean")? / 1e6,
+        ios: t.ops,
+        bytes: t.bytes,
+        runtime_s: t.elapsed_s,
+        iops: t.iops,
+        bytes_per_s: t.bytes_per_s,
+        p99_ms: latency_ms("/clat_ns/percentile/99.000000")?,
+        mean_ms: latency_ms("/clat_ns/mean")?,
     })
 }
 
