@@ -153,6 +153,10 @@ pub struct Flags {
     /// Placement weight at first registration, usually its capacity in TiB; later changes are the admin's [default: 1].
     #[arg(long, value_name = "N")]
     pub weight: Option<u32>,
+
+    /// Milliseconds between garbage collection passes, which delete the extent versions of deleted volumes and snapshots (with --volmgr only) [default: 60000].
+    #[arg(long, value_name = "MS")]
+    pub gc_interval_ms: Option<u64>,
 }
 
 /// The config file's contents. Same names as [`Flags`]; every key optional.
@@ -178,6 +182,7 @@ struct FileSettings {
     rack: Option<String>,
     room: Option<String>,
     weight: Option<u32>,
+    gc_interval_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -201,6 +206,8 @@ pub struct Config {
     pub rack: String,
     pub room: String,
     pub weight: u32,
+    /// Between garbage collection passes (see `collector.rs`).
+    pub gc_interval: std::time::Duration,
     /// The file the settings were read from, if any (for messages).
     pub config_file: Option<PathBuf>,
 }
@@ -561,6 +568,22 @@ fn merge(
     let rack = flags.rack.or(file.rack).unwrap_or_default();
     let room = flags.room.or(file.room).unwrap_or_default();
     let weight = flags.weight.or(file.weight).unwrap_or(1);
+    let gc_interval_ms = flags
+        .gc_interval_ms
+        .or(file.gc_interval_ms)
+        .unwrap_or(60_000);
+    if gc_interval_ms == 0 {
+        return Err(ConfigError::Invalid {
+            key: "gc_interval_ms",
+            value: "0".into(),
+            origin: if flags.gc_interval_ms.is_some() {
+                Origin::Flag("--gc-interval-ms")
+            } else {
+                Origin::File(file_path.clone().unwrap_or_default())
+            },
+            reason: "must be at least 1".into(),
+        });
+    }
 
     Ok(Config {
         data_dir,
@@ -585,6 +608,7 @@ fn merge(
         rack,
         room,
         weight,
+        gc_interval: std::time::Duration::from_millis(gc_interval_ms),
         config_file: file_path,
     })
 }

@@ -6,6 +6,7 @@
 //! - [`datadir`]: the data directory's identity (cluster id, node id) and lock.
 //! - [`config`]: TOML file and command-line flags.
 
+pub mod collector;
 pub mod config;
 pub mod datadir;
 pub mod registration;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use cairn_chunkserver::config::Config;
 use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
 use cairn_chunkserver::store::Store;
-use cairn_chunkserver::{registration, replica, rpc};
+use cairn_chunkserver::{collector, registration, replica, rpc};
 use cairn_daemon::{notify, Fatal};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -140,6 +140,12 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
         let volmgr = std::sync::Arc::new(cairn_volmgr::client::VolmgrClient::new(
             config.volmgr.clone(),
             config.cluster_id.clone(),
+        ));
+        tokio::spawn(collector::run(
+            store.clone(),
+            volmgr.clone(),
+            config.gc_interval,
+            stop_rx.clone(),
         ));
         let (replication, _driver) = replica::Replication::start(
             replica::ReplicaConfig {

@@ -60,12 +60,17 @@ impl Volume {
         let end = first + count;
         let snap = self.cluster().snapshot();
         let map = &snap.map;
+        let data_id = info.data_volume_id();
+        // Versions at other epochs (another clone's, a snapshot's newer
+        // than this volume's view) say nothing about this volume.
+        let view: BTreeSet<u64> = self.view().into_iter().collect();
+        let view = &view;
 
         // The acting replicas of every group the range touches.
         let mut group_of: Vec<u32> = Vec::with_capacity(count as usize);
         let mut by_group: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for index in first..end {
-            let g = cairn_placement::group_of(info.id, index, map.group_count).map_err(|e| {
+            let g = cairn_placement::group_of(data_id, index, map.group_count).map_err(|e| {
                 ClientError::Unavailable(format!(
                     "volume {}: cluster map epoch {} has an unusable group count: {e}",
                     info.name, map.epoch
@@ -87,7 +92,7 @@ impl Volume {
         let nodes: BTreeSet<u64> = by_group.values().flatten().copied().collect();
 
         let after = first.checked_sub(1).map(|prev| ExtentKey {
-            volume_id: info.id,
+            volume_id: data_id,
             extent_index: prev,
             epoch: u64::MAX,
         });
@@ -95,7 +100,7 @@ impl Volume {
             let addr = map.node(node).map(|n| n.addr.clone());
             let result = match addr {
                 None => Err(format!("node {node} is not in map epoch {}", map.epoch)),
-                Some(addr) => self.list_at(&addr, after, end).await,
+                Some(addr) => self.list_at(&addr, after, end, view).await,
             };
             if let Err(e) = &result {
                 debug!(volume = %info.name, node, "allocation query: {e}");
@@ -154,13 +159,18 @@ impl Volume {
         addr: &str,
         after: Option<ExtentKey>,
         end: u64,
+        view: &BTreeSet<u64>,
     ) -> Result<Listing, String> {
         let conn = self.cluster().pool.get(addr).await?;
-        let limit = (end - after.map_or(0, |a| a.extent_index + 1)) as u32 + 1;
+        // Each extent may have a version per epoch of the view (and of
+        // other clones of the same data); a short page only shortens
+        // `reach`.
+        let extents = end - after.map_or(0, |a| a.extent_index + 1);
+        let limit = (extents.saturating_mul(view.len() as u64) + 1).min(u32::MAX as u64 / 2) as u32;
         let attempt = self.cluster().config().attempt_timeout;
         let page = tokio::time::timeout(
             attempt,
-            conn.extent_list(Some(self.info().id), after, limit),
+            conn.extent_list(Some(self.info().data_volume_id()), after, limit),
         )
         .await
         .map_err(|_| format!("listing extents at {addr} timed out after {attempt:?}"))?
@@ -169,14 +179,15 @@ impl Volume {
         let mut last = None;
         for e in &page.extents {
             let Some(key) = e.key else { continue };
-            stored.insert(key.extent_index);
+            if view.contains(&key.epoch) {
+                stored.insert(key.extent_index);
+            }
             last = Some(key.extent_index);
         }
         let reach = match (page.more, last) {
             (false, _) => u64::MAX,
-            // Every version of `last` may not be listed yet, but its being
-            // stored at all is known.
-            (true, Some(last)) => last + 1,
+            // Versions of `last` at later epochs may not be listed yet.
+            (true, Some(last)) => last,
             (true, None) => 0,
         };
         Ok(Listing { stored, reach })

@@ -438,6 +438,27 @@ impl ChunkClient {
         }
     }
 
+    /// Which 4 KiB blocks one extent version holds itself (not read
+    /// through to older epochs), one bit per block; `Status::NotFound` if
+    /// the version is not stored.
+    pub async fn extent_held(&self, key: impl Into<ExtentKey>) -> Result<Vec<u64>, ChunkError> {
+        let request = ChunkRequest {
+            extent: Some(key.into()),
+            ..op_request(Op::ExtentHeld)
+        };
+        let (_, data) = self.call_ok(request, Bytes::new()).await?;
+        if data.len() % 8 != 0 {
+            return Err(self.protocol(format!(
+                "extent held bitmap of {} bytes is not whole 64-bit words",
+                data.len()
+            )));
+        }
+        Ok(data
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect())
+    }
+
     /// The node's identity, space and extent count.
     pub async fn node_stat(&self) -> Result<NodeStat, ChunkError> {
         let (response, _) = self.call_ok(op_request(Op::NodeStat), Bytes::new()).await?;

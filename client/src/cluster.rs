@@ -409,7 +409,9 @@ impl Cluster {
             let epoch = snap.epoch();
             let key = match key.or_else(|| {
                 let index = extent?;
-                let g = cairn_placement::group_of(vol.id, index, snap.map.group_count).ok()?;
+                let g =
+                    cairn_placement::group_of(vol.data_volume_id(), index, snap.map.group_count)
+                        .ok()?;
                 Some(GroupKey {
                     replicas: vol.replicas,
                     index: g,

@@ -12,16 +12,20 @@
 mod allocation;
 pub mod chunk;
 mod cluster;
+mod diff;
 mod error;
 mod ids;
 mod pool;
 mod retry;
+mod space;
 mod split;
 mod volume;
 
 pub use allocation::Allocation;
 pub use cluster::{ClientConfig, Cluster};
+pub use diff::{changed_ranges, Changed};
 pub use error::ClientError;
 pub use retry::IO_RETRIES;
+pub use space::{space, Space};
 pub use split::SECTOR_BYTES;
 pub use volume::Volume;

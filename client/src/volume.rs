@@ -4,7 +4,7 @@
 //! routing and retries), and a read is put back together in order.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,12 @@ pub struct Volume {
 struct Inner {
     cluster: Arc<Cluster>,
     info: VolumeInfo,
+    /// The epoch writes go to: `info.head_epoch` until a snapshot moves it
+    /// (see [`Volume::switch_head`]).
+    head: AtomicU64,
+    /// The frozen epochs beneath `head`, newest first (`info.chain` until
+    /// a snapshot); what block status looks at.
+    chain: Mutex<Vec<u64>>,
     dirty: Mutex<Dirty>,
     /// See [`Volume::flush_stores_on_next_flush`].
     flush_stores: AtomicBool,
@@ -81,6 +87,8 @@ impl Volume {
         Ok(Volume {
             inner: Arc::new(Inner {
                 cluster,
+                head: AtomicU64::new(info.head_epoch),
+                chain: Mutex::new(info.chain.clone()),
                 info,
                 dirty: Mutex::new(Dirty::default()),
                 flush_stores: AtomicBool::new(false),
@@ -89,8 +97,35 @@ impl Volume {
     }
 
     /// The catalogue record as of opening: size, extent size, replicas.
+    /// Its `head_epoch` and `chain` may be out of date: see
+    /// [`head_epoch`](Self::head_epoch) and [`view`](Self::view).
     pub fn info(&self) -> &VolumeInfo {
         &self.inner.info
+    }
+
+    /// The epoch writes go to now.
+    pub fn head_epoch(&self) -> u64 {
+        self.inner.head.load(Ordering::SeqCst)
+    }
+
+    /// Every epoch this volume reads: the head, then the frozen epochs
+    /// beneath it, newest first.
+    pub fn view(&self) -> Vec<u64> {
+        let chain = self.inner.chain.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(self.head_epoch())
+            .chain(chain.iter().copied())
+            .collect()
+    }
+
+    /// Moves writes to a new head epoch after a snapshot froze the old
+    /// one. The caller (a front end) must have drained every write to the
+    /// old head first and start none while this runs: a write that reached
+    /// the old epoch after the snapshot was taken would change the
+    /// snapshot.
+    pub fn switch_head(&self, head_epoch: u64, chain: Vec<u64>) {
+        let mut c = self.inner.chain.lock().unwrap_or_else(|p| p.into_inner());
+        *c = chain;
+        self.inner.head.store(head_epoch, Ordering::SeqCst);
     }
 
     /// The volume's name.
@@ -125,9 +160,9 @@ impl Volume {
 
     fn ext(&self, p: &Piece) -> ExtentId {
         ExtentId {
-            volume: self.inner.info.id,
+            volume: self.inner.info.data_volume_id(),
             index: p.index,
-            epoch: self.inner.info.head_epoch,
+            epoch: self.head_epoch(),
         }
     }
 

@@ -27,6 +27,12 @@ pub enum Op {
     /// forwarded write or pushed extent. Never answered: the group protocol
     /// acknowledges with messages of its own (see `crate::group`).
     Peer = 10,
+    /// Which 4 KiB blocks one extent version holds itself (written or
+    /// zeroed in that version, not read through to older epochs): the
+    /// reply's data is a bitmap, bit `i` of little-endian 64-bit word
+    /// `i / 64` for block `i`. `Status::NotFound` if the version is not
+    /// stored. For snapshot diffs.
+    ExtentHeld = 11,
 }
 
 /// Outcome of a request.

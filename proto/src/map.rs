@@ -172,6 +172,43 @@ pub struct VolumeInfo {
     /// Snapshots, oldest first (issue 8; empty until then).
     #[prost(message, repeated, tag = "10")]
     pub snapshots: ::prost::alloc::vec::Vec<SnapshotInfo>,
+    /// The volume id its extents are stored and placed under: chunk servers
+    /// key extent versions `(data_id, index, epoch)` and placement hashes
+    /// `(data_id, index)`. A volume's own id, except for a clone, which
+    /// shares its source's data id so that its reads fall through to the
+    /// source's frozen epochs on the same chunk servers. 0 in records from
+    /// before clones: read it through [`VolumeInfo::data_volume_id`].
+    #[prost(uint64, tag = "11")]
+    pub data_id: u64,
+    /// The frozen epochs beneath `head_epoch`, newest first: a read of a
+    /// block not written at the head falls through to these in order (and
+    /// reads zeros past the last). Epochs are unique cluster-wide, so no
+    /// two volumes sharing a data id confuse their versions. Empty for a
+    /// volume never snapshotted.
+    #[prost(uint64, repeated, tag = "12")]
+    pub chain: ::prost::alloc::vec::Vec<u64>,
+    /// The highest snapshot id this volume has given out (0: none); the
+    /// next snapshot gets the one above, also after snapshots are deleted,
+    /// so a clone's [`SnapshotRef`] never comes to name another snapshot.
+    #[prost(uint64, tag = "13")]
+    pub last_snapshot_id: u64,
+}
+
+impl VolumeInfo {
+    /// The volume id its extents live under: [`VolumeInfo::data_id`], or
+    /// the volume's own id in records from before clones (`data_id` 0).
+    pub fn data_volume_id(&self) -> u64 {
+        if self.data_id == 0 {
+            self.id
+        } else {
+            self.data_id
+        }
+    }
+
+    /// The snapshot named `name`, if the volume has one.
+    pub fn snapshot(&self, name: &str) -> Option<&SnapshotInfo> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
 }
 
 /// A snapshot of a volume: a clone's parent.
@@ -200,6 +237,15 @@ pub struct SnapshotInfo {
     /// Creation time (ms since the Unix epoch), as the proposer saw it.
     #[prost(uint64, tag = "4")]
     pub created_unix_ms: u64,
+    /// The frozen epochs beneath `epoch`, newest first: the volume's chain
+    /// when the snapshot was taken. The snapshot's content is `epoch` over
+    /// these, as a read of the volume then saw it.
+    #[prost(uint64, repeated, tag = "5")]
+    pub chain: ::prost::alloc::vec::Vec<u64>,
+    /// The volume's size when the snapshot was taken (a rollback to it or
+    /// a clone of it gets this size).
+    #[prost(uint64, tag = "6")]
+    pub size_bytes: u64,
 }
 
 #[cfg(test)]
@@ -258,20 +304,33 @@ mod tests {
             snapshots: vec![SnapshotInfo {
                 id: 1,
                 name: "s".into(),
-                epoch: 1,
+                epoch: 3,
                 created_unix_ms: 2,
+                chain: vec![2, 1],
+                size_bytes: 512,
             }],
+            data_id: 4,
+            chain: vec![3, 2],
+            last_snapshot_id: 6,
         };
         let bytes = vol.encode_to_vec();
         assert_eq!(
             bytes,
             [
                 0x08, 1, 0x12, 1, b'v', 0x18, 0x80, 0x04, 0x20, 0x80, 0x80, 0x40, 0x28, 3, 0x30, 2,
-                0x38, 8, 0x40, 1, 0x4a, 4, 0x08, 4, 0x10, 5, 0x52, 9, 0x08, 1, 0x12, 1, b's', 0x18,
-                1, 0x20, 2,
+                0x38, 8, 0x40, 1, 0x4a, 4, 0x08, 4, 0x10, 5, 0x52, 16, 0x08, 1, 0x12, 1, b's',
+                0x18, 3, 0x20, 2, 0x2a, 2, 2, 1, 0x30, 0x80, 0x04, 0x58, 4, 0x62, 2, 3, 2, 0x68, 6,
             ]
         );
         assert_eq!(VolumeInfo::decode(&bytes[..]).unwrap(), vol);
+        assert_eq!(vol.data_volume_id(), 4);
+        assert_eq!(vol.snapshot("s").map(|s| s.id), Some(1));
+        assert!(vol.snapshot("t").is_none());
+
+        // A record from before clones (no data id) is stored under its own id.
+        let old = VolumeInfo::decode(&[0x08, 9, 0x40, 1][..]).unwrap();
+        assert_eq!((old.data_id, old.data_volume_id()), (0, 9));
+        assert!(old.chain.is_empty() && old.last_snapshot_id == 0);
     }
 
     #[test]

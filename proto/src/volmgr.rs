@@ -9,7 +9,7 @@
 //! so a retry after a lost reply or a leader change never applies twice.
 //! Tags never change: these messages are a wire format between versions.
 
-use crate::map::{ClusterMap, VolumeInfo};
+use crate::map::{ClusterMap, SnapshotInfo, VolumeInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -42,6 +42,110 @@ pub enum VolmgrOp {
     /// (a new map epoch) or refused with `FailedPrecondition` and the reason;
     /// an already-granted claim answers Ok.
     ClaimReplica = 14,
+    /// Takes snapshot `snapshot_name` of `volume_name` (see
+    /// `VolumeInfo::chain`): the current head epoch is frozen as the
+    /// snapshot and a new head epoch opens. Answers the snapshot, the
+    /// volume after, and `pause_ms`. A change (`client_id`, `client_seq`).
+    ///
+    /// # Crash consistency while the volume is exported
+    ///
+    /// With no front end holding an export lease on the volume the leader
+    /// proposes the change at once (`pause_ms` 0). Otherwise the snapshot
+    /// must not cut a write in half, nor catch a later write without an
+    /// earlier one it depended on, so the front ends pause first. Everything
+    /// here lives in the leader's memory (not in raft), like the leases:
+    ///
+    /// 1. The leader registers a *pending snapshot* on the volume: a random
+    ///    nonzero id P and the set of lease holders at that moment (front
+    ///    ends that take a lease while it waits join the set). At most one
+    ///    per volume; a second `CreateSnapshot` meanwhile is answered `Busy`
+    ///    (clients retry). It wakes every `ExportWatch` on the volume, which
+    ///    answer `pending_snapshot` P.
+    /// 2. Each front end, on seeing P: stops starting writes, waits for the
+    ///    writes in flight to be acknowledged (reads may go on), and sends
+    ///    `SnapshotPaused { volume_name, node_id, pending_snapshot: P }`.
+    ///    Then it long-polls `ExportWatch` with `pending_snapshot` P until
+    ///    the answer shows another pending value (0: none).
+    /// 3. Once every holder in the set paused, the leader proposes the
+    ///    change through raft (no more holders join from then on); when it is
+    ///    applied (the record's head epoch moved), it clears the pending
+    ///    snapshot, which wakes the watchers, and answers Ok with the
+    ///    snapshot and `pause_ms`, how long the pending snapshot lasted
+    ///    (rounded up, so never 0).
+    /// 4. The front end, seeing the pending snapshot gone, reads the record
+    ///    again (`GetVolume`, a linearizable read) and resumes writing at
+    ///    its `head_epoch`. It must not write at the old head epoch again:
+    ///    that epoch now belongs to the snapshot.
+    /// 5. If not every holder paused within `pause_timeout_ms` (0: 5 s,
+    ///    at most 30 s), the leader clears the pending snapshot (waking the
+    ///    watchers: front ends resume at the unchanged head) and answers
+    ///    `FailedPrecondition` naming the front ends that did not pause;
+    ///    nothing was taken. A failure of the proposal (the leader lost
+    ///    its leadership, say) likewise clears it and answers the failure.
+    ///
+    /// A request the state machine would refuse (a taken or bad name, an
+    /// unknown volume) is refused before anyone pauses. A request retried
+    /// after its change was applied answers the recorded result without
+    /// pausing anyone. A leader elected less than a lease period ago does
+    /// not know every lease yet and answers `Retry`.
+    CreateSnapshot = 15,
+    /// Deletes snapshot `snapshot_name` of `volume_name` (the record; its
+    /// epochs stay as long as a volume's chain or another snapshot uses
+    /// them, e.g. a clone of it). A change.
+    DeleteSnapshot = 16,
+    /// Rolls `volume_name` back to snapshot `snapshot_name`: first the
+    /// current head is kept as a snapshot of its own (named `keep_as`, or
+    /// `before-rollback-<snapshot>-<n>`), exactly as `CreateSnapshot` would
+    /// take it, so a rollback can be undone; then the volume gets a new head
+    /// epoch over the snapshot's epochs and the snapshot's size. Refused
+    /// (`FailedPrecondition`) while a front end exports the volume, unless
+    /// `force`; then the front ends pause as for `CreateSnapshot` (the kept
+    /// head is crash-consistent), and afterwards they see a head epoch they
+    /// did not expect, which tells them the volume's content changed under
+    /// their clients. Answers the volume after and, in `snapshot`, the kept
+    /// one. A change.
+    RollbackVolume = 17,
+    /// Creates volume `new_volume_name` from snapshot `snapshot_name` of
+    /// `volume_name`: same extent size and replicas, the snapshot's size,
+    /// the source's data id, a new head epoch over the snapshot's epochs,
+    /// `parent` naming the snapshot. Constant time. Answers the new volume
+    /// and, in `snapshot`, the source snapshot. A change.
+    CloneVolume = 18,
+    /// For the garbage collector: per data id (`data_id`, 0 for all), the
+    /// epochs once given out that no live volume's head or chain and no
+    /// snapshot references any more, in `dead_epochs`. Their extent
+    /// versions may be deleted from the chunk servers; an epoch once dead
+    /// is never referenced again. A read.
+    DeadEpochs = 19,
+    /// The collector deleted every extent version of `epochs` under
+    /// `data_id`: the volume manager forgets them. Epochs it does not know
+    /// (already forgotten) are skipped; a still referenced epoch is refused
+    /// (`FailedPrecondition`) and nothing is forgotten. A change.
+    EpochsCollected = 20,
+    /// A front end's long poll on the volume it exports (`volume_name`,
+    /// `node_id` the front end): renews its export lease (also while it
+    /// waits), and answers the volume record and `pending_snapshot` (0:
+    /// none) as soon as the pending snapshot differs from
+    /// `pending_snapshot`, or none is pending and the record's head epoch
+    /// differs from `known_head_epoch`, or `wait_ms` (at most 30 s) passed.
+    /// (While the snapshot the front end names is still pending, a new head
+    /// is that snapshot's own change, and the answer waits for the pending
+    /// snapshot to end, which follows at once.) The record is read after
+    /// the pending snapshot: an answer without one shows the head to write
+    /// at. See `CreateSnapshot` for the protocol. Leader only
+    /// (`NotLeader`).
+    ExportWatch = 21,
+    /// Front end `node_id` paused its writes to `volume_name` for pending
+    /// snapshot `pending_snapshot` (see `CreateSnapshot`). Refused with
+    /// `FailedPrecondition` if that snapshot is no longer pending (it timed
+    /// out or finished): the front end resumes. Leader only.
+    SnapshotPaused = 22,
+    /// For chunk servers: the frozen epochs beneath `epoch` of `data_id`,
+    /// newest first, in `chain` (what a read of a version at `epoch` falls
+    /// through to). They never change once the epoch exists, so the answer
+    /// may be kept. `NotFound` if no live volume or snapshot of that data
+    /// id contains the epoch (its volume or snapshot was deleted). A read.
+    EpochChain = 23,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -50,9 +154,9 @@ pub enum VolmgrStatus {
     Ok = 0,
     /// The request is wrong; `message` says which field and why.
     InvalidArgument = 1,
-    /// The named volume (or node) does not exist.
+    /// The named volume (or snapshot, or node) does not exist.
     NotFound = 2,
-    /// A volume with that name exists.
+    /// A volume (or a snapshot of the volume) with that name exists.
     AlreadyExists = 3,
     /// Ask `leader_addr` (empty while no leader is known: retry shortly).
     NotLeader = 4,
@@ -134,7 +238,8 @@ pub struct VolmgrRequest {
     #[prost(string, tag = "41")]
     pub member_addr: String,
 
-    /// DeleteVolume: delete even while exported.
+    /// DeleteVolume: delete even while exported; RollbackVolume: roll back
+    /// even while exported (the front ends pause as for a snapshot).
     #[prost(bool, tag = "50")]
     pub force: bool,
 
@@ -156,6 +261,51 @@ pub struct VolmgrRequest {
     /// `ClaimReplica`).
     #[prost(message, repeated, tag = "65")]
     pub more_claims: Vec<GroupClaim>,
+
+    // Snapshots and clones (`volume_name` is the volume concerned)
+    /// CreateSnapshot, DeleteSnapshot, RollbackVolume, CloneVolume: the
+    /// snapshot, by name.
+    #[prost(string, tag = "70")]
+    pub snapshot_name: String,
+    /// CloneVolume: the new volume's name.
+    #[prost(string, tag = "71")]
+    pub new_volume_name: String,
+    /// RollbackVolume: the name to keep the current head under; empty:
+    /// `before-rollback-<snapshot>-<n>`.
+    #[prost(string, tag = "72")]
+    pub keep_as: String,
+    /// CreateSnapshot, RollbackVolume: longest wait for the front ends to
+    /// pause, ms; 0: 5 s. At most 30 s.
+    #[prost(uint32, tag = "73")]
+    pub pause_timeout_ms: u32,
+    /// DeadEpochs (0: every data id), EpochsCollected, EpochChain: the
+    /// data id.
+    #[prost(uint64, tag = "74")]
+    pub data_id: u64,
+    /// EpochsCollected: the epochs deleted.
+    #[prost(uint64, repeated, tag = "75")]
+    pub epochs: Vec<u64>,
+    /// ExportWatch: the head epoch the front end writes at.
+    #[prost(uint64, tag = "76")]
+    pub known_head_epoch: u64,
+    /// ExportWatch: the pending snapshot the front end knows of (0: none);
+    /// SnapshotPaused: the one it paused for.
+    #[prost(uint64, tag = "77")]
+    pub pending_snapshot: u64,
+    /// EpochChain: the epoch (with `data_id`).
+    #[prost(uint64, tag = "78")]
+    pub epoch: u64,
+}
+
+/// Epochs of one data id (see `VolmgrOp::DeadEpochs`).
+#[derive(Clone, PartialEq, Eq, ::prost::Message)]
+pub struct DataEpochs {
+    /// The data id (`VolumeInfo::data_volume_id`).
+    #[prost(uint64, tag = "1")]
+    pub data_id: u64,
+    /// Ascending.
+    #[prost(uint64, repeated, tag = "2")]
+    pub epochs: Vec<u64>,
 }
 
 /// One claim of a batch: the primary brought `node` (incarnation
@@ -213,6 +363,26 @@ pub struct VolmgrResponse {
     /// Heartbeat, RegisterNode, ClaimReplica: the leader's map epoch now.
     #[prost(uint64, tag = "18")]
     pub map_epoch: u64,
+    /// CreateSnapshot: the snapshot taken; RollbackVolume: the snapshot
+    /// the previous head was kept as; CloneVolume: the source snapshot;
+    /// DeleteSnapshot: the snapshot as it was.
+    #[prost(message, optional, tag = "19")]
+    pub snapshot: Option<SnapshotInfo>,
+    /// ExportWatch, SnapshotPaused: the volume's pending snapshot (0: none).
+    #[prost(uint64, tag = "20")]
+    pub pending_snapshot: u64,
+    /// CreateSnapshot, RollbackVolume: how long the front ends' writes were
+    /// paused (the pending snapshot lasted), ms, rounded up; 0 when none
+    /// exported it.
+    #[prost(uint64, tag = "21")]
+    pub pause_ms: u64,
+    /// DeadEpochs: per data id, ascending; data ids without dead epochs
+    /// are left out.
+    #[prost(message, repeated, tag = "22")]
+    pub dead_epochs: Vec<DataEpochs>,
+    /// EpochChain: the epochs beneath the one asked about, newest first.
+    #[prost(uint64, repeated, tag = "23")]
+    pub chain: Vec<u64>,
 }
 
 /// Cluster health in one message.

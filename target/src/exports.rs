@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_client::{ClientError, Cluster, Volume};
-use cairn_proto::map::VolumeInfo;
+use cairn_proto::map::{SnapshotInfo, VolumeInfo};
 use cairn_proto::volmgr::VolmgrStatus;
 use cairn_volmgr::client::VolmgrClient;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -82,21 +83,39 @@ impl Registry {
     }
 
     /// The catalogue record of `name`, None if there is no such volume.
-    async fn volume_info(&self, name: &str) -> Result<Option<VolumeInfo>, String> {
-        match self.volmgr.get_volume(name).await {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.status() == Some(VolmgrStatus::NotFound) => Ok(None),
-            Err(e) => Err(format!(
-                "looking up volume {name:?} at the volume manager: {e}"
-            )),
-        }
+    /// `VOL@SNAP` names snapshot SNAP of volume VOL: the record returned is
+    /// the snapshot's view (its epoch as head, its chain, its size), and
+    /// `true` says it is a snapshot.
+    async fn volume_info(&self, name: &str) -> Result<Option<(VolumeInfo, bool)>, String> {
+        let (volume, snapshot) = match name.split_once('@') {
+            Some((v, s)) => (v, Some(s)),
+            None => (name, None),
+        };
+        let v = match self.volmgr.get_volume(volume).await {
+            Ok(v) => v,
+            Err(e) if e.status() == Some(VolmgrStatus::NotFound) => return Ok(None),
+            Err(e) => {
+                return Err(format!(
+                    "looking up volume {volume:?} at the volume manager: {e}"
+                ))
+            }
+        };
+        let Some(snapshot) = snapshot else {
+            return Ok(Some((v, false)));
+        };
+        Ok(v.snapshots
+            .iter()
+            .find(|s| s.name == snapshot)
+            .map(|s| (snapshot_view(&v, s), true)))
     }
 
-    fn export_info(&self, v: &VolumeInfo) -> ExportInfo {
+    fn export_info(&self, v: &VolumeInfo, snapshot: bool) -> ExportInfo {
+        let read_only = self.cfg.read_only || snapshot;
         ExportInfo {
             name: v.name.clone(),
             description: format!(
-                "Cairn volume, {} replica{}, {} extents{}",
+                "Cairn {}, {} replica{}, {} extents{}",
+                if snapshot { "snapshot" } else { "volume" },
                 v.replicas,
                 if v.replicas == 1 { "" } else { "s" },
                 if v.extent_size_bytes >= 1 << 20 {
@@ -104,15 +123,24 @@ impl Registry {
                 } else {
                     format!("{} KiB", v.extent_size_bytes >> 10)
                 },
-                if self.cfg.read_only {
-                    ", read-only"
-                } else {
-                    ""
-                }
+                if read_only { ", read-only" } else { "" }
             ),
             size: v.size_bytes,
-            read_only: self.cfg.read_only,
+            read_only,
         }
+    }
+}
+
+/// A snapshot as a volume record of its own: named `VOL@SNAP`, reading its
+/// epoch and the chain beneath it, with the size the volume had.
+fn snapshot_view(v: &VolumeInfo, s: &SnapshotInfo) -> VolumeInfo {
+    VolumeInfo {
+        name: format!("{}@{}", v.name, s.name),
+        size_bytes: s.size_bytes,
+        head_epoch: s.epoch,
+        chain: s.chain.clone(),
+        snapshots: Vec::new(),
+        ..v.clone()
     }
 }
 
@@ -124,7 +152,7 @@ impl Catalog for Arc<Registry> {
             return Ok(None);
         };
         match self.volume_info(name).await {
-            Ok(v) => Ok(v.map(|v| self.export_info(&v))),
+            Ok(v) => Ok(v.map(|(v, snapshot)| self.export_info(&v, snapshot))),
             // The volume manager is unreachable, but the export is open here.
             Err(e) => match self.live_export(name) {
                 Some(x) => Ok(Some(x.info.clone())),
@@ -139,14 +167,21 @@ impl Catalog for Arc<Registry> {
             .list_volumes()
             .await
             .map_err(|e| format!("listing volumes at the volume manager: {e}"))?;
-        Ok(volumes.iter().map(|v| self.export_info(v)).collect())
+        let mut out = Vec::new();
+        for v in &volumes {
+            out.push(self.export_info(v, false));
+            for s in &v.snapshots {
+                out.push(self.export_info(&snapshot_view(v, s), true));
+            }
+        }
+        Ok(out)
     }
 
     async fn open(&self, name: &str) -> Result<Option<Arc<Export>>, String> {
         let Some(name) = self.resolve(name) else {
             return Ok(None);
         };
-        let info = match self.volume_info(name).await {
+        let (info, snapshot) = match self.volume_info(name).await {
             Ok(Some(v)) => v,
             Ok(None) => return Ok(None),
             Err(e) => {
@@ -161,7 +196,10 @@ impl Catalog for Arc<Registry> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(x) = live.get(name).and_then(Weak::upgrade) {
             let v = x.volume.info();
-            if v.id == info.id && v.size_bytes == info.size_bytes && v.head_epoch == info.head_epoch
+            if v.id == info.id
+                && v.size_bytes == info.size_bytes
+                && x.volume.head_epoch() == info.head_epoch
+                && !*x.revoked.borrow()
             {
                 return Ok(Some(x));
             }
@@ -180,14 +218,16 @@ impl Catalog for Arc<Registry> {
         // its clients) may be unflushed; the first FLUSH must reach them.
         volume.flush_stores_on_next_flush();
         let export = Arc::new_cyclic(|me: &Weak<Export>| Export {
-            info: self.export_info(&info),
+            info: self.export_info(&info, snapshot),
             volume,
-            lease: Some(tokio::spawn(renew_lease(
-                self.clone(),
-                name.to_string(),
-                me.clone(),
-            ))),
+            // A snapshot never changes and takes no writes: no lease, no
+            // watch. (Deleting a snapshot while it is exported is allowed.)
+            lease: (!snapshot)
+                .then(|| tokio::spawn(watch_export(self.clone(), name.to_string(), me.clone()))),
             registry: Arc::downgrade(self),
+            gate: tokio::sync::RwLock::new(()),
+            revoked: watch::channel(false).0,
+            snapshot,
         });
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(name.to_string(), Arc::downgrade(&export));
@@ -196,26 +236,68 @@ impl Catalog for Arc<Registry> {
     }
 }
 
-/// Renews the export lease while the export is open.
-async fn renew_lease(registry: Arc<Registry>, name: String, export: Weak<Export>) {
+/// How long a front end stays paused for a snapshot before it re-reads the
+/// volume record on its own (the volume manager's leader may have gone).
+const PAUSE_RECHECK: Duration = Duration::from_secs(10);
+
+/// While the export is open: keeps its lease at the volume manager (each
+/// long poll renews it) and follows its record. A snapshot of the volume
+/// pauses writes here (see [`Export::pause_for_snapshot`]); any other change
+/// of the head epoch (a forced rollback) revokes the export, which
+/// disconnects its clients: they reconnect to the new head.
+async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export>) {
     let mut every = LEASE_RENEW_DEFAULT;
     let mut failing = false;
-    loop {
-        if export.strong_count() == 0 {
-            return;
+    // Learn the renewal period (and take the lease) first.
+    match registry
+        .volmgr
+        .register_export(registry.cfg.target_id, &name)
+        .await
+    {
+        Ok(d) if !d.is_zero() => every = d,
+        Ok(_) => {}
+        Err(e) => {
+            warn!(volume = %name, "cannot take the export lease: {e}");
+            failing = true;
         }
-        match registry
+    }
+    // The pending snapshot this front end last paused for: the watch does
+    // not wake for it again while the leader finishes it.
+    let mut handled = 0u64;
+    loop {
+        let Some(x) = export.upgrade() else { return };
+        let known_head = x.volume.head_epoch();
+        drop(x);
+        let got = registry
             .volmgr
-            .register_export(registry.cfg.target_id, &name)
-            .await
-        {
-            Ok(d) => {
+            .export_watch(registry.cfg.target_id, &name, known_head, handled, every)
+            .await;
+        let Some(x) = export.upgrade() else { return };
+        match got {
+            Ok(w) => {
                 if failing {
                     info!(volume = %name, "export lease renewed again");
                 }
                 failing = false;
-                if !d.is_zero() {
-                    every = d;
+                if w.pending != 0 && w.pending != handled {
+                    handled = w.pending;
+                    x.pause_for_snapshot(&registry, w.pending).await;
+                    if *x.revoked.borrow() {
+                        return;
+                    }
+                } else {
+                    handled = w.pending;
+                    if let Some(v) = w.volume {
+                        if v.id != x.volume.info().id || v.head_epoch != x.volume.head_epoch() {
+                            x.revoke(&format!(
+                                "volume {name:?} changed under the export without a pause \
+                                 (head epoch {} -> {}: a rollback or a re-creation)",
+                                x.volume.head_epoch(),
+                                v.head_epoch
+                            ));
+                            return;
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -223,9 +305,10 @@ async fn renew_lease(registry: Arc<Registry>, name: String, export: Weak<Export>
                     warn!(volume = %name, "cannot renew the export lease: {e}");
                 }
                 failing = true;
+                drop(x);
+                tokio::time::sleep(every).await;
             }
         }
-        tokio::time::sleep(every).await;
     }
 }
 
@@ -235,12 +318,115 @@ pub struct Export {
     volume: Volume,
     lease: Option<JoinHandle<()>>,
     registry: Weak<Registry>,
+    /// Writes (and zeroings, trims) hold it shared; a snapshot takes it
+    /// exclusively, which waits for the writes in flight and holds back new
+    /// ones (tokio's lock is fair: once the snapshot waits, new writes
+    /// queue behind it).
+    gate: tokio::sync::RwLock<()>,
+    /// Turns true when the export's clients must go (a forced rollback).
+    revoked: watch::Sender<bool>,
+    /// A snapshot of a volume, exported read-only: no lease, no watch.
+    snapshot: bool,
+}
+
+impl Export {
+    /// A snapshot of the volume is being taken (`pending`): stops writes,
+    /// waits for those in flight, tells the volume manager, and waits until
+    /// the snapshot is committed or given up; then re-reads the record and
+    /// resumes at its head epoch. Writes never fail meanwhile, they wait.
+    async fn pause_for_snapshot(&self, registry: &Arc<Registry>, pending: u64) {
+        let name = &self.info.name;
+        let t0 = std::time::Instant::now();
+        let _closed = self.gate.write().await;
+        let drained = t0.elapsed();
+        let known_head = self.volume.head_epoch();
+        if let Err(e) = registry
+            .volmgr
+            .snapshot_paused(registry.cfg.target_id, name, pending)
+            .await
+        {
+            warn!(volume = %name, "could not report the pause for snapshot {pending}: {e}");
+        }
+        // Until the pending snapshot is gone (committed or given up).
+        let deadline = tokio::time::Instant::now() + PAUSE_RECHECK;
+        while tokio::time::Instant::now() < deadline {
+            match registry
+                .volmgr
+                .export_watch(
+                    registry.cfg.target_id,
+                    name,
+                    known_head,
+                    pending,
+                    deadline - tokio::time::Instant::now(),
+                )
+                .await
+            {
+                // Gone, or committed (the head moved; the leader clears the
+                // pending snapshot right after).
+                Ok(w)
+                    if w.pending != pending
+                        || w.volume
+                            .as_ref()
+                            .is_some_and(|v| v.head_epoch != known_head) =>
+                {
+                    break
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(volume = %name, "waiting for snapshot {pending}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        // A linearizable read decides where writes go: resuming at the old
+        // head after the snapshot committed would change the snapshot.
+        let mut delay = Duration::from_millis(20);
+        let v = loop {
+            match registry.volmgr.get_volume(name).await {
+                Ok(v) => break v,
+                Err(e) => {
+                    warn!(volume = %name, "writes wait: cannot read the volume record after snapshot {pending}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        if v.id != self.volume.info().id {
+            self.revoke(&format!("volume {name:?} was deleted and re-created"));
+        } else if v.head_epoch != known_head {
+            if v.chain.first() == Some(&known_head) {
+                self.volume.switch_head(v.head_epoch, v.chain.clone());
+                info!(
+                    volume = %name,
+                    head_epoch = v.head_epoch,
+                    drained_ms = drained.as_millis() as u64,
+                    paused_ms = t0.elapsed().as_millis() as u64,
+                    "snapshot taken; writes go to the new head"
+                );
+            } else {
+                self.revoke(&format!(
+                    "volume {name:?} was rolled back under the export (head epoch {known_head} -> {})",
+                    v.head_epoch
+                ));
+            }
+        } else {
+            info!(volume = %name, "snapshot {pending} was given up; writes resume");
+        }
+    }
+
+    fn revoke(&self, why: &str) {
+        warn!(volume = %self.info.name, "{why}; disconnecting its clients");
+        self.revoked.send_replace(true);
+    }
 }
 
 impl Drop for Export {
     fn drop(&mut self) {
         if let Some(l) = self.lease.take() {
             l.abort();
+        }
+        if self.snapshot {
+            return;
         }
         let Some(registry) = self.registry.upgrade() else {
             return;
@@ -278,6 +464,7 @@ impl Backend for Export {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let _open = self.gate.read().await;
         self.volume.write(offset, data, fua).await.map_err(io_error)
     }
 
@@ -288,6 +475,7 @@ impl Backend for Export {
         fua: bool,
         no_hole: bool,
     ) -> Result<(), IoError> {
+        let _open = self.gate.read().await;
         if !no_hole {
             return self
                 .volume
@@ -311,6 +499,7 @@ impl Backend for Export {
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         // The store punches whole blocks and zeroes the rest: a trimmed range
         // reads as zeros, which the protocol allows (it promises nothing).
+        let _open = self.gate.read().await;
         self.volume
             .write_zeroes(offset, len as u64, fua)
             .await
@@ -319,6 +508,11 @@ impl Backend for Export {
 
     async fn flush(&self) -> Result<(), IoError> {
         self.volume.flush().await.map_err(io_error)
+    }
+
+    async fn revoked(&self) {
+        let mut rx = self.revoked.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Extents, IoError> {

@@ -18,6 +18,8 @@ use crate::{ChunkServerOptions, ChunkServerProcess};
 pub const HEARTBEAT_MS: u64 = 200;
 /// Silence after which a chunk server is marked down.
 pub const DOWN_AFTER_MS: u64 = 1000;
+/// The chunk servers' garbage collection period in these tests.
+pub const GC_INTERVAL_MS: u64 = 1000;
 
 pub struct ReplicatedCluster {
     pub volmgr: VolmgrCluster,
@@ -50,6 +52,11 @@ impl ReplicatedCluster {
                     addrs.clone(),
                     "--host".into(),
                     format!("h{id}"),
+                    // Garbage collection every second: every process test
+                    // runs with it, so a collector that deleted data anyone
+                    // reads would fail them.
+                    "--gc-interval-ms".into(),
+                    GC_INTERVAL_MS.to_string(),
                 ],
                 ..ChunkServerOptions::default()
             })?);

@@ -22,6 +22,7 @@
 
 pub mod cluster;
 pub mod mount;
+pub mod nbdfuse;
 pub mod raw;
 pub mod target;
 pub mod up;

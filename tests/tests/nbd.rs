@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use cairn_tests::cluster::ReplicatedCluster;
+use cairn_tests::nbdfuse::FuseDisk;
 use cairn_tests::target::{run_tool, stdout, tool, RawNbd, TargetProcess};
 use serde_json::Value;
 
@@ -358,79 +359,17 @@ async fn a_thin_terabyte_volume_uses_no_space_and_maps_as_one_hole() {
     );
 }
 
-/// Undoes, on drop, what the file system test set up: the ext4 mount, the
-/// loop device, the nbdfuse mount and process.
-struct FuseStack {
-    fs_mount: Option<std::path::PathBuf>,
-    loop_dev: Option<String>,
-    fuse_mount: std::path::PathBuf,
-    nbdfuse: std::process::Child,
-}
-
-impl Drop for FuseStack {
-    fn drop(&mut self) {
-        use std::process::Command;
-        if let Some(m) = self.fs_mount.take() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        if let Some(d) = self.loop_dev.take() {
-            let _ = Command::new("losetup").arg("-d").arg(d).status();
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.fuse_mount)
-            .status();
-        let _ = self.nbdfuse.kill();
-        let _ = self.nbdfuse.wait();
-    }
-}
-
 /// nbdfuse turns the export into a file, losetup into a block device; ext4
 /// on it is made, filled, unmounted and checked clean.
 #[tokio::test(flavor = "multi_thread")]
 async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
     let (_cluster, target) = setup("vol", 256 * MIB, &[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let fuse_mount = dir.path().join("fuse");
     let fs_mount = dir.path().join("fs");
-    std::fs::create_dir(&fuse_mount).unwrap();
-    std::fs::create_dir(&fs_mount).unwrap();
-    let pidfile = dir.path().join("nbdfuse.pid");
-    let nbdfuse = std::process::Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(fuse_mount.join("disk"))
-        .arg(target.uri("vol"))
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("starting nbdfuse (apt-get install nbdfuse)");
-    let mut stack = FuseStack {
-        fs_mount: None,
-        loop_dev: None,
-        fuse_mount: fuse_mount.clone(),
-        nbdfuse,
-    };
-    let t0 = std::time::Instant::now();
-    while !pidfile.exists() {
-        assert!(
-            stack.nbdfuse.try_wait().unwrap().is_none(),
-            "nbdfuse exited before mounting"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "nbdfuse did not mount"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let disk = fuse_mount.join("disk");
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 256 * MIB);
-    let dev = stdout(&run_tool("losetup", &["-f", "--show", disk.to_str().unwrap()]).unwrap())
-        .trim()
-        .to_string();
-    stack.loop_dev = Some(dev.clone());
-    run_tool("mkfs.ext4", &["-q", "-F", &dev]).unwrap();
-    run_tool("mount", &[&dev, fs_mount.to_str().unwrap()]).unwrap();
-    stack.fs_mount = Some(fs_mount.clone());
+    let mut disk = FuseDisk::attach(dir.path(), &target.uri("vol"), false);
+    assert_eq!(disk.size(), 256 * MIB);
+    disk.mkfs_ext4();
+    disk.mount(&fs_mount, None);
 
     // Files of assorted sizes, in a tree.
     let mut expected = Vec::new();
@@ -445,16 +384,12 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
         std::fs::write(&path, &data).unwrap();
         expected.push((path, data));
     }
-    run_tool("sync", &[]).unwrap();
-    run_tool("umount", &[fs_mount.to_str().unwrap()]).unwrap();
-    stack.fs_mount = None;
-    // Drop the page cache of the loop device so the check reads the volume.
-    run_tool("blockdev", &["--flushbufs", &dev]).unwrap();
-    let fsck = run_tool("fsck.ext4", &["-n", "-f", &dev]).unwrap();
-    assert!(fsck.status.success(), "{}", stdout(&fsck));
+    disk.umount();
+    if let Err(out) = disk.fsck() {
+        panic!("fsck found problems:\n{out}");
+    }
 
-    run_tool("mount", &["-o", "ro", &dev, fs_mount.to_str().unwrap()]).unwrap();
-    stack.fs_mount = Some(fs_mount.clone());
+    disk.mount(&fs_mount, Some("ro"));
     for (path, data) in &expected {
         assert!(
             &std::fs::read(path).unwrap() == data,
@@ -462,7 +397,7 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
             path.display()
         );
     }
-    drop(stack);
+    disk.detach();
 }
 
 /// `--read-only`: the flag is advertised, and writes, trims and zeroing fail

@@ -1,7 +1,7 @@
 //! `cairn`: the Cairn admin CLI.
 //!
-//! Subcommands live one module each: [`cluster`], [`node`], [`volume`] and
-//! [`export`] ask the volume manager (found as [`config`] describes), [`chunk`]
+//! Subcommands live one module each: [`cluster`], [`node`], [`volume`],
+//! [`snapshot`] and [`export`] ask the volume manager (found as [`config`] describes), [`chunk`]
 //! talks to a single chunk server, [`bench`] measures the store against fio,
 //! [`placement`] checks placement. [`exit`] defines the exit statuses.
 
@@ -14,6 +14,7 @@ mod export;
 mod node;
 mod output;
 mod placement;
+mod snapshot;
 mod table;
 #[cfg(test)]
 mod test_server;
@@ -29,9 +30,10 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cairn",
     version,
-    about = "Cairn admin CLI: cluster health, nodes, volumes, exports, benchmarks",
+    about = "Cairn admin CLI: cluster health, nodes, volumes, snapshots, exports, benchmarks",
     long_about = "Cairn admin CLI: look after a Cairn cluster (health, chunk servers, \
-        volumes, exports), inspect single chunk servers, run benchmarks.\n\n\
+        volumes, snapshots and clones, exports), inspect single chunk servers, run \
+        benchmarks.\n\n\
         Every command prints a human-readable table, or JSON with --json. Sizes take \
         binary units: 512M, 10G (= 10GiB = 10GB = 10 x 1024^3 bytes), 2T.\n\n\
         Finding the cluster, first match wins: --volmgr ADDRS with --cluster-id ID \
@@ -45,12 +47,15 @@ use clap::{Parser, Subcommand};
         cairn volume create pacs-db --size 100G\n  \
         cairn volume list --json\n  \
         cairn volume resize pacs-db --size 200G\n  \
+        cairn snapshot create pacs-db nightly\n  \
+        cairn volume rollback pacs-db nightly\n  \
+        cairn volume clone pacs-db@nightly pacs-db-test\n  \
         cairn export list\n\n",
         "Exit status:\n  \
         0  success (`cluster status` also exits 0 on a degraded cluster: it reports)\n  \
         1  failure: cluster unreachable, or the server refused or failed\n  \
         2  bad arguments or configuration (no config found, broken config, bad size)\n  \
-        3  not found: no such volume"
+        3  not found: no such volume or snapshot"
     )
 )]
 struct Cli {
@@ -69,9 +74,12 @@ enum Command {
     /// List the chunk servers.
     #[command(subcommand)]
     Node(node::NodeCommand),
-    /// Create, list, inspect, grow and delete volumes.
+    /// Create, list, inspect, grow, delete, roll back and clone volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Take, list and delete snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// List the volumes targets export now.
     #[command(subcommand)]
     Export(export::ExportCommand),
@@ -98,6 +106,7 @@ fn main() -> ExitCode {
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Node(cmd) => node::run(cmd),
         Command::Volume(cmd) => volume::run(cmd),
+        Command::Snapshot(cmd) => snapshot::run(cmd),
         Command::Export(cmd) => export::run(cmd),
         Command::Volmgr(cmd) => volmgr::run(cmd),
         Command::Up(args) => up::run(args),

@@ -1,5 +1,7 @@
 //! `cairn volume`: create, list, inspect, grow and delete volumes at the
-//! volume manager. The cluster is found as `config.rs` describes.
+//! volume manager, roll them back to a snapshot and clone them from one
+//! (snapshots themselves are `cairn snapshot`, `snapshot.rs`). The cluster
+//! is found as `config.rs` describes.
 
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -12,6 +14,7 @@ use cairn_volmgr::client::VolmgrClient;
 use crate::config::{block_on, ClusterArgs};
 use crate::exit;
 use crate::output::bytes_human;
+use crate::snapshot::{pause_human, snapshot_json};
 use crate::table::{ago, now_unix_ms, utc, Align, Table};
 
 const SIZE_HELP: &str = "Size with a binary unit: K, M, G, T, P (KiB, MiB, ...; 10G, 10GiB and 10GB are all 10 GiB), or bytes";
@@ -87,6 +90,61 @@ pub enum VolumeCommand {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// Roll a volume back to one of its snapshots (what it holds now is kept as a snapshot).
+    #[command(after_help = "Examples:\n  \
+        cairn volume rollback pacs-db before-upgrade\n  \
+        cairn volume rollback pacs-db before-upgrade --keep-as broken-upgrade\n  \
+        cairn volume rollback pacs-db before-upgrade --force\n\n\
+        The volume's current content is first kept as a snapshot of its own (named \
+        --keep-as, or before-rollback-<SNAPSHOT>-<n>), so a rollback can always be undone \
+        by rolling back to that one. The volume takes the snapshot's size. While a target \
+        exports the volume the rollback is refused (its clients would see their disk \
+        change under them); with --force the targets pause their writes, the rollback \
+        happens, and they disconnect their clients.")]
+    Rollback {
+        /// The volume.
+        volume: String,
+        /// The snapshot to roll back to.
+        snapshot: String,
+        /// Roll back even while a target exports the volume (its clients are disconnected).
+        #[arg(long)]
+        force: bool,
+        /// Name for the snapshot the current content is kept as [default: before-rollback-<SNAPSHOT>-<n>].
+        #[arg(long, value_name = "NAME")]
+        keep_as: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Create a new volume from a snapshot of another (constant time; shares unchanged data).
+    #[command(after_help = "Examples:\n  \
+        cairn volume clone pacs-db@nightly pacs-db-test\n  \
+        cairn volume clone pacs-db@nightly pacs-db-test --json\n\n\
+        The clone has the snapshot's size and the source's extent size and replicas, \
+        and is exported under its own name like any volume. It starts with the \
+        snapshot's data, stored once for both: only blocks written to either afterwards \
+        take new space. The snapshot, and even the source volume, may be deleted while \
+        clones of it exist.")]
+    Clone {
+        /// The source, as VOLUME@SNAPSHOT.
+        #[arg(value_name = "VOLUME@SNAPSHOT", value_parser = parse_at)]
+        source: (String, String),
+        /// The new volume's name.
+        name: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+/// `pacs-db@nightly` -> (`pacs-db`, `nightly`).
+fn parse_at(s: &str) -> Result<(String, String), String> {
+    match s.split_once('@') {
+        Some((v, snap)) if !v.is_empty() && !snap.is_empty() && !snap.contains('@') => {
+            Ok((v.to_string(), snap.to_string()))
+        }
+        _ => Err(format!(
+            "`{s}` is not VOLUME@SNAPSHOT (e.g. pacs-db@nightly)"
+        )),
+    }
 }
 
 /// `10G` -> 10 GiB. Units K, M, G, T, P, binary, optionally followed by
@@ -179,19 +237,44 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             }
         }
         VolumeCommand::Info { name, cluster } => {
-            let (client, _) = cluster.connect()?;
-            let (v, exports) = block_on(async {
+            let (client, found) = cluster.connect()?;
+            let (v, exports, parent, space) = block_on(async {
                 let v = get_volume(&client, &name).await?;
                 let exports = client
                     .volume_exports(&name)
                     .await
                     .with_context(|| format!("exports of volume {name:?}"))?;
-                Ok((v, exports))
+                let parent = match v.parent {
+                    Some(p) => Some(parent_names(&client, p).await?),
+                    None => None,
+                };
+                let space = volume_space(&client, &found.config, &v).await;
+                Ok((v, exports, parent, space))
             })?;
             if cluster.json {
-                println!("{}", volume_json(&v, Some(&exports)));
+                let mut j = volume_json(&v, Some(&exports));
+                if let Some((volume, snapshot)) = &parent {
+                    j["parent"]["volume_name"] = json!(volume);
+                    j["parent"]["snapshot_name"] = json!(snapshot);
+                }
+                j["space"] = match &space {
+                    Ok(sp) => json!({
+                        "allocated_bytes": sp.allocated_bytes,
+                        "snapshot_only_bytes": sp
+                            .snapshot_only_bytes
+                            .iter()
+                            .map(|(n, b)| json!({"name": n, "bytes": b}))
+                            .collect::<Vec<_>>(),
+                    }),
+                    Err(e) => json!({ "error": e }),
+                };
+                println!("{j}");
             } else {
-                print!("{}", info_human(&v, &exports, now_unix_ms()));
+                print!(
+                    "{}",
+                    info_human(&v, &exports, parent.as_ref(), now_unix_ms())
+                );
+                print!("{}", space_human(&v, &space));
             }
         }
         VolumeCommand::Resize {
@@ -261,12 +344,95 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 println!("deleted volume {name}");
             }
         }
+        VolumeCommand::Rollback {
+            volume,
+            snapshot,
+            force,
+            keep_as,
+            cluster,
+        } => {
+            let (client, _) = cluster.connect()?;
+            let r = block_on(async {
+                client
+                    .rollback_volume(&volume, &snapshot, keep_as.as_deref().unwrap_or(""), force)
+                    .await
+                    .with_context(|| {
+                        format!("rolling volume {volume:?} back to snapshot {snapshot:?}")
+                    })
+            })?;
+            if cluster.json {
+                println!(
+                    "{}",
+                    json!({
+                        "volume": volume_json(&r.volume, None),
+                        "rolled_back_to": snapshot,
+                        "kept_as": snapshot_json(&r.snapshot),
+                        "pause_ms": r.pause_ms,
+                    })
+                );
+            } else {
+                println!(
+                    "rolled volume {volume} back to snapshot {snapshot} ({}); its previous \
+                     content is kept as snapshot {} (undo: cairn volume rollback {volume} {}); {}",
+                    bytes_human(r.volume.size_bytes),
+                    r.snapshot.name,
+                    r.snapshot.name,
+                    pause_human(r.pause_ms)
+                );
+            }
+        }
+        VolumeCommand::Clone {
+            source: (volume, snapshot),
+            name,
+            cluster,
+        } => {
+            let (client, _) = cluster.connect()?;
+            let r = block_on(async {
+                client
+                    .clone_volume(&volume, &snapshot, &name)
+                    .await
+                    .with_context(|| format!("cloning {volume}@{snapshot} as volume {name:?}"))
+            })?;
+            if cluster.json {
+                println!("{}", volume_json(&r.volume, None));
+            } else {
+                println!(
+                    "created volume {} ({}, {} replicas, min {}), id {:#x}, as a clone of {volume}@{snapshot}",
+                    r.volume.name,
+                    bytes_human(r.volume.size_bytes),
+                    r.volume.replicas,
+                    r.volume.min_replicas,
+                    r.volume.id
+                );
+            }
+        }
     }
     Ok(())
 }
 
+/// A clone's parent by name: (volume, snapshot), each `None` once deleted.
+type ParentNames = (Option<String>, Option<String>);
+
+/// The names behind a clone's parent reference (the volume may have been
+/// deleted, or only the snapshot).
+async fn parent_names(
+    client: &VolmgrClient,
+    parent: cairn_proto::map::SnapshotRef,
+) -> anyhow::Result<ParentNames> {
+    let volumes = client.list_volumes().await.context("listing volumes")?;
+    let Some(v) = volumes.iter().find(|v| v.id == parent.volume_id) else {
+        return Ok((None, None));
+    };
+    let snapshot = v
+        .snapshots
+        .iter()
+        .find(|s| s.id == parent.snapshot_id)
+        .map(|s| s.name.clone());
+    Ok((Some(v.name.clone()), snapshot))
+}
+
 /// The volume `name`; not found (exit status 3) if there is none.
-async fn get_volume(client: &VolmgrClient, name: &str) -> anyhow::Result<VolumeInfo> {
+pub async fn get_volume(client: &VolmgrClient, name: &str) -> anyhow::Result<VolumeInfo> {
     let v = client
         .get_volume(name)
         .await
@@ -308,15 +474,61 @@ pub fn targets_human(ids: &[u64]) -> String {
     }
 }
 
-fn info_human(v: &VolumeInfo, exports: &[u64], now_ms: u64) -> String {
+/// At most this many chain epochs are shown by `volume info` (all in JSON).
+const CHAIN_SHOWN_MAX: usize = 8;
+
+fn info_human(
+    v: &VolumeInfo,
+    exports: &[u64],
+    parent_names: Option<&ParentNames>,
+    now_ms: u64,
+) -> String {
     let extents = if v.extent_size_bytes == 0 {
         0
     } else {
         v.size_bytes.div_ceil(u64::from(v.extent_size_bytes))
     };
-    let parent = match &v.parent {
-        Some(p) => format!("snapshot {} of volume {:#x}", p.snapshot_id, p.volume_id),
-        None => "-".into(),
+    let parent = match (&v.parent, parent_names) {
+        (None, _) => "- (not a clone)".into(),
+        (Some(p), Some((Some(volume), Some(snapshot)))) => format!(
+            "snapshot {snapshot} (id {}) of volume {volume} ({:#x})",
+            p.snapshot_id, p.volume_id
+        ),
+        (Some(p), Some((Some(volume), None))) => format!(
+            "deleted snapshot {} of volume {volume} ({:#x})",
+            p.snapshot_id, p.volume_id
+        ),
+        (Some(p), Some((None, _))) => format!(
+            "snapshot {} of deleted volume {:#x}",
+            p.snapshot_id, p.volume_id
+        ),
+        (Some(p), None) => format!("snapshot {} of volume {:#x}", p.snapshot_id, p.volume_id),
+    };
+    let data = v.data_volume_id();
+    let data_id = if data == v.id {
+        format!("{data:#x} (its own)")
+    } else {
+        format!("{data:#x} (its source's: reads fall through to its snapshots' data)")
+    };
+    let chain = if v.chain.is_empty() {
+        "- (nothing frozen beneath the head)".to_string()
+    } else {
+        let shown: Vec<String> = v
+            .chain
+            .iter()
+            .take(CHAIN_SHOWN_MAX)
+            .map(u64::to_string)
+            .collect();
+        let more = if v.chain.len() > CHAIN_SHOWN_MAX {
+            ", ..."
+        } else {
+            ""
+        };
+        format!(
+            "{}{more} ({} frozen epoch(s) beneath the head, newest first)",
+            shown.join(", "),
+            v.chain.len()
+        )
     };
     let exported = if exports.is_empty() {
         "not exported".to_string()
@@ -351,7 +563,9 @@ fn info_human(v: &VolumeInfo, exports: &[u64], now_ms: u64) -> String {
                 ago(v.created_unix_ms, now_ms)
             ),
         ),
+        ("data id", data_id),
         ("head epoch", v.head_epoch.to_string()),
+        ("chain", chain),
         ("parent", parent),
         ("snapshots", v.snapshots.len().to_string()),
         ("exported by", exported),
@@ -360,11 +574,59 @@ fn info_human(v: &VolumeInfo, exports: &[u64], now_ms: u64) -> String {
     }
     for s in &v.snapshots {
         out.push_str(&format!(
-            "  snapshot {} {:?}, epoch {}, created {}\n",
+            "  snapshot {} {:?}, epoch {}, {}, created {}\n",
             s.id,
             s.name,
             s.epoch,
+            bytes_human(s.size_bytes),
             utc(s.created_unix_ms)
+        ));
+    }
+    out
+}
+
+/// What the volume's blocks take on the chunk servers (per replica), asked
+/// of one acting replica per group; an error (say, a chunk server down) is
+/// shown instead of failing the whole `volume info`.
+async fn volume_space(
+    client: &VolmgrClient,
+    config: &crate::config::ClusterConfig,
+    v: &VolumeInfo,
+) -> Result<cairn_client::Space, String> {
+    let family: Vec<VolumeInfo> = client
+        .list_volumes()
+        .await
+        .map_err(|e| format!("listing volumes: {e}"))?
+        .into_iter()
+        .filter(|o| o.data_volume_id() == v.data_volume_id())
+        .collect();
+    let cluster = cairn_client::Cluster::connect(cairn_client::ClientConfig::new(
+        config.volmgr.clone(),
+        config.cluster_id.clone(),
+    ))
+    .await
+    .map_err(|e| format!("connecting to the chunk servers: {e}"))?;
+    cairn_client::space(&cluster, v, &family)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The space lines of `volume info`.
+fn space_human(v: &VolumeInfo, space: &Result<cairn_client::Space, String>) -> String {
+    let sp = match space {
+        Ok(sp) => sp,
+        Err(e) => return format!("{:<13} unknown: {e}\n", "allocated"),
+    };
+    let mut out = format!(
+        "{:<13} {} of {} (blocks written at some epoch the volume reads; per replica)\n",
+        "allocated",
+        bytes_human(sp.allocated_bytes),
+        bytes_human(v.size_bytes)
+    );
+    for (name, bytes) in &sp.snapshot_only_bytes {
+        out.push_str(&format!(
+            "  snapshot {name:?} alone holds {} (overwritten since; no other view reads it)\n",
+            bytes_human(*bytes)
         ));
     }
     out
@@ -382,13 +644,11 @@ pub fn volume_json(v: &VolumeInfo, exports: Option<&[u64]>) -> serde_json::Value
         "min_replicas": v.min_replicas,
         "created_unix_ms": v.created_unix_ms,
         "head_epoch": v.head_epoch,
+        "data_id": v.data_volume_id(),
+        "chain": v.chain,
+        "last_snapshot_id": v.last_snapshot_id,
         "parent": v.parent.map(|p| json!({"volume_id": p.volume_id, "snapshot_id": p.snapshot_id})),
-        "snapshots": v.snapshots.iter().map(|s| json!({
-            "id": s.id,
-            "name": s.name,
-            "epoch": s.epoch,
-            "created_unix_ms": s.created_unix_ms,
-        })).collect::<Vec<_>>(),
+        "snapshots": v.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
     });
     if let Some(e) = exports {
         j["exported_by"] = json!(e);
@@ -441,10 +701,9 @@ mod tests {
             min_replicas: 2,
             created_unix_ms: 1_796_492_412_000,
             head_epoch: 1,
-            parent: None,
-            snapshots: vec![],
+            ..Default::default()
         };
-        let text = info_human(&v, &[7, 9], 1_796_492_412_000 + 65_000);
+        let text = info_human(&v, &[7, 9], None, 1_796_492_412_000 + 65_000);
         for want in [
             "pacs-db",
             "0x2a (42)",
@@ -452,6 +711,9 @@ mod tests {
             "4.0 MiB (2560 extents)",
             "2026-12-05 17:40:12 UTC (1m05s ago)",
             "target(s) 7, 9",
+            "0x2a (its own)",
+            "nothing frozen",
+            "not a clone",
         ] {
             assert!(text.contains(want), "{want}: {text}");
         }
@@ -459,6 +721,63 @@ mod tests {
         assert_eq!(j["exported_by"], json!([7]));
         assert_eq!(j["size_bytes"], json!(10u64 << 30));
         assert_eq!(j["parent"], serde_json::Value::Null);
-        assert!(info_human(&v, &[], 0).contains("not exported"));
+        assert_eq!(j["data_id"], json!(0x2a));
+        assert_eq!(j["chain"], json!([]));
+        assert!(info_human(&v, &[], None, 0).contains("not exported"));
+    }
+
+    #[test]
+    fn info_shows_clones_chains_and_snapshots() {
+        let v = VolumeInfo {
+            id: 5,
+            name: "copy".into(),
+            size_bytes: 1 << 30,
+            extent_size_bytes: 4 << 20,
+            head_epoch: 40,
+            data_id: 1,
+            chain: (20..31).rev().collect(),
+            parent: Some(cairn_proto::map::SnapshotRef {
+                volume_id: 1,
+                snapshot_id: 2,
+            }),
+            snapshots: vec![cairn_proto::map::SnapshotInfo {
+                id: 1,
+                name: "s".into(),
+                epoch: 30,
+                size_bytes: 1 << 30,
+                ..Default::default()
+            }],
+            last_snapshot_id: 1,
+            ..Default::default()
+        };
+        let names = (Some("pacs".to_string()), Some("gold".to_string()));
+        let text = info_human(&v, &[], Some(&names), 0);
+        for want in [
+            "0x1 (its source's",
+            "30, 29, 28, 27, 26, 25, 24, 23, ... (11 frozen epoch(s)",
+            "snapshot gold (id 2) of volume pacs (0x1)",
+            "snapshot 1 \"s\", epoch 30, 1.0 GiB",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        let gone = (None, None);
+        assert!(info_human(&v, &[], Some(&gone), 0).contains("snapshot 2 of deleted volume 0x1"));
+        let j = volume_json(&v, None);
+        assert_eq!(j["data_id"], json!(1));
+        assert_eq!(j["chain"][0], json!(30));
+        assert_eq!(j["parent"]["snapshot_id"], json!(2));
+        assert_eq!(j["snapshots"][0]["size_bytes"], json!(1u64 << 30));
+    }
+
+    #[test]
+    fn clone_sources_parse() {
+        assert_eq!(
+            parse_at("pacs-db@nightly"),
+            Ok(("pacs-db".to_string(), "nightly".to_string()))
+        );
+        for bad in ["pacs-db", "@x", "x@", "a@b@c", ""] {
+            assert!(parse_at(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_at("x").unwrap_err().contains("VOLUME@SNAPSHOT"));
     }
 }

@@ -9,7 +9,15 @@
 //! changes like any other: the state machine grants or refuses them. A long
 //! poll for a newer map waits on the node's applied index and answers when
 //! the epoch moves or the wait ends.
+//!
+//! Snapshots of exported volumes are crash-consistent: the leader has the
+//! front ends holding export leases pause their writes before it proposes
+//! the snapshot ([`Pauses`]; the protocol is written out on
+//! `VolmgrOp::CreateSnapshot`). Front ends learn of a pending snapshot, and
+//! of the new head epoch after it, through `ExportWatch`, a long poll that
+//! also renews their lease.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,20 +27,29 @@ use cairn_proto::volmgr::{
     ClusterStatus, MemberInfo, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
 };
 use prost::Message as _;
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::detector::FailureDetector;
 use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
-    ClaimReplica, Command, CreateVolume, DeleteVolume, ErrorCode, GrowVolume, Proposal,
-    RegisterNode, Response, State, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    ClaimReplica, CloneVolume, Command, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume,
+    EpochsCollected, ErrorCode, GrowVolume, Proposal, RegisterNode, Response, RollbackVolume,
+    State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
 pub const MAP_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Most volumes one `ListVolumes` answer holds.
 pub const LIST_LIMIT_MAX: u32 = 1000;
+/// Longest an `ExportWatch` long poll waits.
+pub const WATCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How long front ends get to pause for a snapshot when the request does
+/// not say (`pause_timeout_ms` 0).
+pub const PAUSE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// The longest pause a request may ask for.
+pub const PAUSE_TIMEOUT_MAX: Duration = Duration::from_secs(30);
 
 /// The leader's failure detector, replaced at every election (see `detector`).
 pub type SharedDetector = Arc<Mutex<Option<FailureDetector>>>;
@@ -56,6 +73,19 @@ impl Exports {
             .insert(target, now_ms);
     }
 
+    /// Renews a lease only if `target` still holds it: a long poll that
+    /// outlived its front end's interest (the export closed and dropped its
+    /// lease while the poll waited) must not take the lease again.
+    fn refresh(&mut self, volume: &str, target: u64, now_ms: u64) -> bool {
+        match self.leases.get_mut(volume).and_then(|t| t.get_mut(&target)) {
+            Some(at) => {
+                *at = now_ms;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn drop_lease(&mut self, volume: &str, target: u64) {
         if let Some(t) = self.leases.get_mut(volume) {
             t.remove(&target);
@@ -66,7 +96,7 @@ impl Exports {
     }
 
     /// Front ends whose lease on `volume` is younger than `valid_ms`.
-    fn holders(&self, volume: &str, now_ms: u64, valid_ms: u64) -> Vec<u64> {
+    pub fn holders(&self, volume: &str, now_ms: u64, valid_ms: u64) -> Vec<u64> {
         self.leases
             .get(volume)
             .map(|t| {
@@ -79,12 +109,171 @@ impl Exports {
     }
 }
 
+/// Pending crash-consistent snapshots, at most one per volume (by name),
+/// in the leader's memory like the export leases: see the protocol on
+/// `VolmgrOp::CreateSnapshot`. Every change bumps a counter that
+/// `ExportWatch` long polls and waiting snapshot requests wait on.
+pub struct Pauses {
+    pending: Mutex<BTreeMap<String, Pending>>,
+    changed: watch::Sender<u64>,
+}
+
+/// One pending snapshot: its id, the lease holders it waits for, and
+/// those that paused. Front ends that take a lease while it waits are
+/// waited for too; once `closed` (every holder paused, the change is being
+/// proposed) no more are added.
+struct Pending {
+    id: u64,
+    holders: BTreeSet<u64>,
+    paused: BTreeSet<u64>,
+    closed: bool,
+}
+
+impl Default for Pauses {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Pauses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pending>> {
+        self.pending.lock().expect("pauses lock")
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every change after this call.
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The pending snapshot on `volume`; 0: none.
+    pub fn current(&self, volume: &str) -> u64 {
+        self.lock().get(volume).map_or(0, |p| p.id)
+    }
+
+    /// Registers a pending snapshot on `volume` waiting for `holders`, and
+    /// answers its id; `None` if one is pending already.
+    fn begin(&self, volume: &str, holders: &[u64]) -> Option<u64> {
+        let id = {
+            let mut pending = self.lock();
+            if pending.contains_key(volume) {
+                return None;
+            }
+            let id = loop {
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
+            };
+            pending.insert(
+                volume.to_string(),
+                Pending {
+                    id,
+                    holders: holders.iter().copied().collect(),
+                    paused: BTreeSet::new(),
+                    closed: false,
+                },
+            );
+            id
+        };
+        self.bump();
+        Some(id)
+    }
+
+    /// Front end `node` holds a lease on `volume`: a pending snapshot that
+    /// still waits for front ends waits for it too.
+    fn join(&self, volume: &str, node: u64) {
+        if let Some(p) = self.lock().get_mut(volume) {
+            if !p.closed {
+                p.holders.insert(node);
+            }
+        }
+    }
+
+    /// Front end `node` gave up its lease on `volume` (its last client
+    /// left): a pending snapshot no longer waits for it, since it has no
+    /// writes to pause. (Were it to export the volume again, its new lease
+    /// joins the pending snapshot while that still waits.)
+    fn leave(&self, volume: &str, node: u64) {
+        let left = match self.lock().get_mut(volume) {
+            Some(p) if !p.closed && !p.paused.contains(&node) => p.holders.remove(&node),
+            _ => false,
+        };
+        if left {
+            self.bump();
+        }
+    }
+
+    /// Every holder of snapshot `id` of `volume` paused: the change is
+    /// proposed now, and no more holders are added.
+    fn close(&self, volume: &str, id: u64) {
+        if let Some(p) = self.lock().get_mut(volume).filter(|p| p.id == id) {
+            p.closed = true;
+        }
+    }
+
+    /// Front end `node` paused for snapshot `id` of `volume`; false if that
+    /// snapshot is not pending (any more).
+    fn paused(&self, volume: &str, node: u64, id: u64) -> bool {
+        let known = match self.lock().get_mut(volume) {
+            Some(p) if p.id == id => {
+                p.paused.insert(node);
+                true
+            }
+            _ => false,
+        };
+        if known {
+            self.bump();
+        }
+        known
+    }
+
+    /// The holders snapshot `id` of `volume` still waits for.
+    fn outstanding(&self, volume: &str, id: u64) -> Vec<u64> {
+        match self.lock().get(volume) {
+            Some(p) if p.id == id => p.holders.difference(&p.paused).copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends snapshot `id` of `volume` (if it is still the pending one).
+    fn end(&self, volume: &str, id: u64) {
+        let mut pending = self.lock();
+        if pending.get(volume).is_some_and(|p| p.id == id) {
+            pending.remove(volume);
+            drop(pending);
+            self.bump();
+        }
+    }
+}
+
+/// Ends a pending snapshot when dropped, whatever way its request ends.
+struct PendingGuard<'a> {
+    pauses: &'a Pauses,
+    volume: &'a str,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pauses.end(self.volume, self.id);
+    }
+}
+
 pub struct Api {
     pub node: NodeHandle<State>,
     pub cluster_id: String,
     pub detector: SharedDetector,
     pub usage: SharedUsage,
     pub exports: Mutex<Exports>,
+    /// Pending crash-consistent snapshots (leader only).
+    pub pauses: Pauses,
     /// When this member last became leader (its clock, ms); export leases
     /// from before are unknown to it.
     pub led_since_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -134,6 +323,14 @@ fn from_node_error(e: NodeError) -> VolmgrResponse {
     }
 }
 
+fn from_state_error(e: &StateError) -> VolmgrResponse {
+    from_state_response(Response {
+        code: e.code() as i32,
+        message: e.to_string(),
+        ..Default::default()
+    })
+}
+
 fn from_state_response(r: Response) -> VolmgrResponse {
     let status = match ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Malformed) {
         ErrorCode::Ok => VolmgrStatus::Ok,
@@ -149,6 +346,7 @@ fn from_state_response(r: Response) -> VolmgrResponse {
         status: status as i32,
         message: r.message,
         volume: r.volume,
+        snapshot: r.snapshot,
         map_epoch: r.map_epoch,
         ..Default::default()
     }
@@ -266,6 +464,11 @@ impl Api {
                 | VolmgrOp::GrowVolume
                 | VolmgrOp::DeleteVolume
                 | VolmgrOp::ClaimReplica
+                | VolmgrOp::CreateSnapshot
+                | VolmgrOp::DeleteSnapshot
+                | VolmgrOp::RollbackVolume
+                | VolmgrOp::CloneVolume
+                | VolmgrOp::EpochsCollected
         );
         if changes && (req.client_id == 0 || req.client_seq == 0) {
             return reply(
@@ -373,6 +576,7 @@ impl Api {
                         extent_size_bytes: extent,
                         replicas: req.replicas,
                         min_replicas: req.min_replicas,
+                        epoch_from_counter: true,
                     }),
                 )
                 .await
@@ -389,7 +593,7 @@ impl Api {
             }
             VolmgrOp::DeleteVolume => {
                 if !req.force {
-                    if let Some(refusal) = self.exported(&req.volume_name) {
+                    if let Some(refusal) = self.exported(&req.volume_name, "delete") {
                         return refusal;
                     }
                 }
@@ -455,14 +659,134 @@ impl Api {
                         "an export names its front end (node_id above 0) and its volume",
                     );
                 }
-                let mut exports = self.exports.lock().expect("exports lock");
                 if op == VolmgrOp::RegisterExport {
-                    exports.renew(&req.volume_name, req.node_id, self.now_ms());
+                    self.renew_lease(&req.volume_name, req.node_id);
                 } else {
-                    exports.drop_lease(&req.volume_name, req.node_id);
+                    self.exports
+                        .lock()
+                        .expect("exports lock")
+                        .drop_lease(&req.volume_name, req.node_id);
+                    self.pauses.leave(&req.volume_name, req.node_id);
                 }
                 VolmgrResponse {
                     heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    ..Default::default()
+                }
+            }
+            VolmgrOp::CreateSnapshot => {
+                let c = CreateSnapshot {
+                    volume: volume_key(),
+                    name: req.snapshot_name.clone(),
+                };
+                let check = c.clone();
+                self.paused_change(req, Command::CreateSnapshot(c), move |s| {
+                    s.check_create_snapshot(&check)
+                })
+                .await
+            }
+            VolmgrOp::RollbackVolume => {
+                if !req.force {
+                    if let Some(refusal) = self.exported(&req.volume_name, "roll back") {
+                        return refusal;
+                    }
+                }
+                let c = RollbackVolume {
+                    volume: volume_key(),
+                    snapshot: req.snapshot_name.clone(),
+                    keep_as: req.keep_as.clone(),
+                };
+                let check = c.clone();
+                self.paused_change(req, Command::RollbackVolume(c), move |s| {
+                    s.check_rollback(&check)
+                })
+                .await
+            }
+            VolmgrOp::DeleteSnapshot => {
+                self.propose(
+                    req,
+                    Command::DeleteSnapshot(DeleteSnapshot {
+                        volume: volume_key(),
+                        name: req.snapshot_name.clone(),
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::CloneVolume => {
+                self.propose(
+                    req,
+                    Command::CloneVolume(CloneVolume {
+                        volume: volume_key(),
+                        snapshot: req.snapshot_name.clone(),
+                        name: req.new_volume_name.clone(),
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::EpochsCollected => {
+                self.propose(
+                    req,
+                    Command::EpochsCollected(EpochsCollected {
+                        data_id: req.data_id,
+                        epochs: req.epochs.clone(),
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::DeadEpochs => {
+                let data_id = (req.data_id != 0).then_some(req.data_id);
+                match self.read(move |s| s.dead_epochs(data_id)).await {
+                    Ok(dead_epochs) => VolmgrResponse {
+                        dead_epochs,
+                        ..Default::default()
+                    },
+                    Err(r) => r,
+                }
+            }
+            VolmgrOp::EpochChain => {
+                let (data_id, epoch) = (req.data_id, req.epoch);
+                match self.read(move |s| s.chain_beneath(data_id, epoch)).await {
+                    Ok(Some(chain)) => VolmgrResponse {
+                        chain,
+                        ..Default::default()
+                    },
+                    Ok(None) => reply(
+                        VolmgrStatus::NotFound,
+                        format!(
+                            "no live volume or snapshot of data id {data_id} contains epoch {epoch}"
+                        ),
+                    ),
+                    Err(r) => r,
+                }
+            }
+            VolmgrOp::ExportWatch => self.export_watch(req).await,
+            VolmgrOp::SnapshotPaused => {
+                if let Some(redirect) = self.unless_leader() {
+                    return redirect;
+                }
+                if req.node_id == 0 || req.volume_name.is_empty() || req.pending_snapshot == 0 {
+                    return reply(
+                        VolmgrStatus::InvalidArgument,
+                        "SnapshotPaused names its front end (node_id above 0), the volume and \
+                         the pending snapshot (above 0)",
+                    );
+                }
+                if !self
+                    .pauses
+                    .paused(&req.volume_name, req.node_id, req.pending_snapshot)
+                {
+                    return reply(
+                        VolmgrStatus::FailedPrecondition,
+                        format!(
+                            "volume {:?}: snapshot {:#x} is not pending (it was taken or timed \
+                             out); resume writing at the volume's head epoch",
+                            req.volume_name, req.pending_snapshot
+                        ),
+                    );
+                }
+                self.renew_lease(&req.volume_name, req.node_id);
+                debug!(volume = %req.volume_name, front_end = req.node_id, pending = format_args!("{:#x}", req.pending_snapshot), "front end paused for a snapshot");
+                VolmgrResponse {
+                    pending_snapshot: req.pending_snapshot,
                     ..Default::default()
                 }
             }
@@ -508,8 +832,211 @@ impl Api {
         3 * self.heartbeat_interval.as_millis() as u64
     }
 
-    /// Why `volume` may not be deleted now, if it may not.
-    fn exported(&self, volume: &str) -> Option<VolmgrResponse> {
+    /// A change that must be crash-consistent for the volume's front ends
+    /// (a snapshot, a forced rollback): proposed at once when no front end
+    /// holds a lease on the volume, otherwise after every holder paused its
+    /// writes (the protocol on `VolmgrOp::CreateSnapshot`). `check` says,
+    /// without applying it, whether the state would refuse the change: no
+    /// one is paused for a change that would be refused.
+    async fn paused_change(
+        &self,
+        req: &VolmgrRequest,
+        command: Command,
+        check: impl FnOnce(&State) -> Result<(), StateError> + Send + 'static,
+    ) -> VolmgrResponse {
+        if let Some(redirect) = self.unless_leader() {
+            return redirect;
+        }
+        let volume = req.volume_name.as_str();
+        let holders = self.exports.lock().expect("exports lock").holders(
+            volume,
+            self.now_ms(),
+            self.lease_ms(),
+        );
+        if holders.is_empty() {
+            if let Some(retry) = self.leases_unknown() {
+                return retry;
+            }
+            return self.propose(req, command).await;
+        }
+        let (client_id, client_seq) = (req.client_id, req.client_seq);
+        let checked = self
+            .read(move |s| {
+                if s.is_recorded(client_id, client_seq) {
+                    return Ok(true);
+                }
+                check(s).map(|()| false)
+            })
+            .await;
+        match checked {
+            // A retry of a change already applied: its recorded answer.
+            Ok(Ok(true)) => return self.propose(req, command).await,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => return from_state_error(&e),
+            Err(r) => return r,
+        }
+        let Some(id) = self.pauses.begin(volume, &holders) else {
+            return reply(
+                VolmgrStatus::Busy,
+                format!("a snapshot of volume {volume:?} is being taken; retry"),
+            );
+        };
+        let mut changed = self.pauses.subscribe();
+        let guard = PendingGuard {
+            pauses: &self.pauses,
+            volume,
+            id,
+        };
+        let started = tokio::time::Instant::now();
+        let timeout = match req.pause_timeout_ms {
+            0 => PAUSE_TIMEOUT_DEFAULT,
+            ms => Duration::from_millis(u64::from(ms)).min(PAUSE_TIMEOUT_MAX),
+        };
+        debug!(
+            volume,
+            pending = format_args!("{id:#x}"),
+            ?holders,
+            "asking front ends to pause"
+        );
+        loop {
+            let waiting = self.pauses.outstanding(volume, id);
+            if waiting.is_empty() {
+                break;
+            }
+            if started.elapsed() >= timeout {
+                info!(
+                    volume,
+                    ?waiting,
+                    "front ends did not pause for a snapshot in time"
+                );
+                return reply(
+                    VolmgrStatus::FailedPrecondition,
+                    format!(
+                        "volume {volume:?}: front end(s) {waiting:?} did not pause their writes \
+                         within {} ms, so no crash-consistent snapshot could be taken and \
+                         nothing changed; retry, or check those targets",
+                        timeout.as_millis()
+                    ),
+                );
+            }
+            let _ = tokio::time::timeout_at(started + timeout, changed.changed()).await;
+        }
+        self.pauses.close(volume, id);
+        let mut r = self.propose(req, command).await;
+        // Applied (or failed): the watchers may go on, and see the new head.
+        drop(guard);
+        // Rounded up: 0 means nobody paused.
+        r.pause_ms = (started.elapsed().as_micros() as u64).div_ceil(1000).max(1);
+        info!(
+            volume,
+            pause_ms = r.pause_ms,
+            status = r.status,
+            "front ends paused for a snapshot"
+        );
+        r
+    }
+
+    /// `ExportWatch`: see `VolmgrOp::ExportWatch`.
+    async fn export_watch(&self, req: &VolmgrRequest) -> VolmgrResponse {
+        if let Some(redirect) = self.unless_leader() {
+            return redirect;
+        }
+        if req.node_id == 0 || req.volume_name.is_empty() {
+            return reply(
+                VolmgrStatus::InvalidArgument,
+                "an export watch names its front end (node_id above 0) and its volume",
+            );
+        }
+        let wait = Duration::from_millis(u64::from(req.wait_ms)).min(WATCH_WAIT_MAX);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut applied = self.node.status();
+        let mut pauses = self.pauses.subscribe();
+        let mut first = true;
+        loop {
+            // The pending snapshot first, then the record: a snapshot ends
+            // only after its change is applied, so a record read after
+            // seeing none pending shows the head the front end may write.
+            let pending = self.pauses.current(&req.volume_name);
+            let name = req.volume_name.clone();
+            let volume = match self.read(move |s| s.volume_by_name(&name).cloned()).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    return reply(
+                        VolmgrStatus::NotFound,
+                        format!("no volume named {:?}", req.volume_name),
+                    )
+                }
+                Err(r) => return r,
+            };
+            if first {
+                self.renew_lease(&req.volume_name, req.node_id);
+                first = false;
+            } else {
+                let held = self.exports.lock().expect("exports lock").refresh(
+                    &req.volume_name,
+                    req.node_id,
+                    self.now_ms(),
+                );
+                if held {
+                    self.pauses.join(&req.volume_name, req.node_id);
+                }
+            }
+            if self.pauses.current(&req.volume_name) != pending {
+                continue; // moved while reading: look again
+            }
+            let now = tokio::time::Instant::now();
+            // While the snapshot the front end waits out is still pending,
+            // a new head is that snapshot's own change: the pending ends
+            // right after it, and is what the front end waits for.
+            let head_moved = volume.head_epoch != req.known_head_epoch && pending == 0;
+            if head_moved || pending != req.pending_snapshot || now >= deadline {
+                return VolmgrResponse {
+                    volume: Some(volume),
+                    pending_snapshot: pending,
+                    heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    ..Default::default()
+                };
+            }
+            // Wake for a change, and at least once per heartbeat interval
+            // to renew the lease.
+            let wake = deadline.min(now + self.heartbeat_interval);
+            tokio::select! {
+                r = applied.changed() => {
+                    if r.is_err() {
+                        tokio::time::sleep_until(wake).await;
+                    }
+                }
+                _ = pauses.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Renews front end `node`'s export lease on `volume`; a snapshot of
+    /// the volume still waiting for its front ends waits for this one too.
+    fn renew_lease(&self, volume: &str, node: u64) {
+        self.exports
+            .lock()
+            .expect("exports lock")
+            .renew(volume, node, self.now_ms());
+        self.pauses.join(volume, node);
+    }
+
+    /// A leader elected less than a lease period ago has not seen every
+    /// export lease yet: `Retry` then.
+    fn leases_unknown(&self) -> Option<VolmgrResponse> {
+        let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
+        (self.now_ms() < led_since + self.lease_ms()).then(|| {
+            reply(
+                VolmgrStatus::Retry,
+                "the volume manager leader just changed and does not know every export yet; retry",
+            )
+        })
+    }
+
+    /// Why `volume` may not be changed by `action` ("delete", "roll
+    /// back") now, if it may not: a front end exports it.
+    fn exported(&self, volume: &str, action: &str) -> Option<VolmgrResponse> {
         let now = self.now_ms();
         let holders =
             self.exports
@@ -521,19 +1048,12 @@ impl Api {
                 VolmgrStatus::FailedPrecondition,
                 format!(
                     "volume {volume:?} is exported by front end(s) {holders:?}: disconnect its clients first, \
-                     or delete with --force"
+                     or {action} with --force"
                 ),
             ));
         }
         // A new leader has not seen every lease yet: wait one lease period.
-        let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
-        if now < led_since + self.lease_ms() {
-            return Some(reply(
-                VolmgrStatus::Retry,
-                "the volume manager leader just changed and does not know every export yet; retry",
-            ));
-        }
-        None
+        self.leases_unknown()
     }
 
     /// Tells the detector `node_id` is alive, and answers the read lease to

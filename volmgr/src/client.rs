@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_proto::frame_io::{read_header, read_prefix, write_frame};
-use cairn_proto::map::{ClusterMap, VolumeInfo};
+use cairn_proto::map::{ClusterMap, SnapshotInfo, VolumeInfo};
 use cairn_proto::volmgr::{
-    ClusterStatus, GroupClaim, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
+    ClusterStatus, DataEpochs, GroupClaim, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
 };
 use prost::Message as _;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -70,6 +70,38 @@ pub struct HeartbeatReply {
     pub map_epoch: u64,
     /// How often the leader wants heartbeats, ms.
     pub interval_ms: u32,
+}
+
+/// What a snapshot, rollback or clone answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotReply {
+    /// The volume after the change; for a clone, the new volume.
+    pub volume: VolumeInfo,
+    /// The snapshot taken; for a rollback the one the previous head was
+    /// kept as; for a clone the source snapshot.
+    pub snapshot: SnapshotInfo,
+    /// How long the front ends exporting the volume had their writes
+    /// paused, ms; 0 when none exported it (or for a clone).
+    pub pause_ms: u64,
+}
+
+impl SnapshotReply {
+    fn from(resp: VolmgrResponse) -> Self {
+        Self {
+            volume: resp.volume.unwrap_or_default(),
+            snapshot: resp.snapshot.unwrap_or_default(),
+            pause_ms: resp.pause_ms,
+        }
+    }
+}
+
+/// What an export watch answers (see `VolmgrOp::ExportWatch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportWatchReply {
+    /// The volume's record as the leader has it now.
+    pub volume: Option<VolumeInfo>,
+    /// The volume's pending snapshot; 0: none.
+    pub pending: u64,
 }
 
 pub struct VolmgrClient {
@@ -264,6 +296,165 @@ impl VolmgrClient {
             volume_name: name.into(),
             force,
             ..self.change(VolmgrOp::DeleteVolume)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    /// Takes snapshot `name` of `volume`. While front ends export the
+    /// volume they are asked to pause their writes first (see
+    /// `VolmgrOp::CreateSnapshot`), for at most `pause_timeout`
+    /// (`Duration::ZERO`: the server's 5 s); if one does not, the answer is
+    /// `FailedPrecondition` naming it and nothing was taken.
+    pub async fn create_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        pause_timeout: Duration,
+    ) -> Result<SnapshotReply, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            snapshot_name: name.into(),
+            pause_timeout_ms: pause_timeout.as_millis().min(u32::MAX as u128) as u32,
+            ..self.change(VolmgrOp::CreateSnapshot)
+        };
+        Ok(SnapshotReply::from(self.call(req).await?))
+    }
+
+    /// The snapshots of `volume`, oldest first.
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        Ok(self.get_volume(volume).await?.snapshots)
+    }
+
+    /// Deletes snapshot `name` of `volume`; answers it as it was. Clones of
+    /// it keep working.
+    pub async fn delete_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            snapshot_name: name.into(),
+            ..self.change(VolmgrOp::DeleteSnapshot)
+        };
+        Ok(self.call(req).await?.snapshot.unwrap_or_default())
+    }
+
+    /// Rolls `volume` back to snapshot `snapshot`, keeping the current head
+    /// as snapshot `keep_as` (empty: `before-rollback-<snapshot>-<n>`).
+    /// Refused while a front end exports the volume unless `force` (then
+    /// the front ends pause as for a snapshot, and drop their clients).
+    /// The reply's `snapshot` is the kept head.
+    pub async fn rollback_volume(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        keep_as: &str,
+        force: bool,
+    ) -> Result<SnapshotReply, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            snapshot_name: snapshot.into(),
+            keep_as: keep_as.into(),
+            force,
+            ..self.change(VolmgrOp::RollbackVolume)
+        };
+        Ok(SnapshotReply::from(self.call(req).await?))
+    }
+
+    /// Creates volume `new_name` from snapshot `snapshot` of `volume`. The
+    /// reply's `volume` is the clone, its `snapshot` the source snapshot.
+    pub async fn clone_volume(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        new_name: &str,
+    ) -> Result<SnapshotReply, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            snapshot_name: snapshot.into(),
+            new_volume_name: new_name.into(),
+            ..self.change(VolmgrOp::CloneVolume)
+        };
+        Ok(SnapshotReply::from(self.call(req).await?))
+    }
+
+    /// For the garbage collector: the dead epochs of `data_id` (`None`:
+    /// of every data id), per data id, ascending.
+    pub async fn dead_epochs(&self, data_id: Option<u64>) -> Result<Vec<DataEpochs>, ClientError> {
+        let req = VolmgrRequest {
+            data_id: data_id.unwrap_or(0),
+            ..self.request(VolmgrOp::DeadEpochs)
+        };
+        Ok(self.call(req).await?.dead_epochs)
+    }
+
+    /// The collector deleted every version of `epochs` under `data_id`:
+    /// the volume manager forgets them. Refused (`FailedPrecondition`) if
+    /// one is still referenced.
+    pub async fn epochs_collected(&self, data_id: u64, epochs: &[u64]) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            data_id,
+            epochs: epochs.to_vec(),
+            ..self.change(VolmgrOp::EpochsCollected)
+        };
+        self.call(req).await.map(|_| ())
+    }
+
+    /// The frozen epochs beneath `epoch` of `data_id`, newest first;
+    /// `NotFound` if no live volume or snapshot contains the epoch.
+    pub async fn epoch_chain(&self, data_id: u64, epoch: u64) -> Result<Vec<u64>, ClientError> {
+        let req = VolmgrRequest {
+            data_id,
+            epoch,
+            ..self.request(VolmgrOp::EpochChain)
+        };
+        Ok(self.call(req).await?.chain)
+    }
+
+    /// A front end's long poll on `volume`, which it exports as
+    /// `front_end`: renews the export lease, and answers as soon as the
+    /// volume's pending snapshot is not `pending` (0: none), or none is
+    /// pending and its head epoch is not `known_head_epoch`, or after
+    /// `wait` (at most 30 s; keep it below this client's deadline). See
+    /// `VolmgrOp::CreateSnapshot` for what to do with a pending snapshot.
+    pub async fn export_watch(
+        &self,
+        front_end: u64,
+        volume: &str,
+        known_head_epoch: u64,
+        pending: u64,
+        wait: Duration,
+    ) -> Result<ExportWatchReply, ClientError> {
+        let req = VolmgrRequest {
+            node_id: front_end,
+            volume_name: volume.into(),
+            known_head_epoch,
+            pending_snapshot: pending,
+            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            ..self.request(VolmgrOp::ExportWatch)
+        };
+        let resp = self.call(req).await?;
+        Ok(ExportWatchReply {
+            volume: resp.volume,
+            pending: resp.pending_snapshot,
+        })
+    }
+
+    /// Front end `front_end` paused its writes to `volume` for pending
+    /// snapshot `pending`. `FailedPrecondition` if that snapshot is no
+    /// longer pending: resume.
+    pub async fn snapshot_paused(
+        &self,
+        front_end: u64,
+        volume: &str,
+        pending: u64,
+    ) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            node_id: front_end,
+            volume_name: volume.into(),
+            pending_snapshot: pending,
+            ..self.request(VolmgrOp::SnapshotPaused)
         };
         self.call(req).await.map(|_| ())
     }

@@ -5,7 +5,8 @@
 //!
 //! - [`state`]: the replicated state machine: cluster map (chunk servers,
 //!   failure domains, up/down, in/out, incarnations, the groups' acting
-//!   sets, map epoch) and volume catalogue;
+//!   sets, map epoch) and volume catalogue (snapshots, rollback, clones
+//!   and the epochs behind them);
 //!   `apply` for raft's apply loop, snapshots, request deduplication.
 //! - [`detector`]: the failure detector the leader runs over chunk server
 //!   heartbeats; it proposes down, up and out.

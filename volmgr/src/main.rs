@@ -111,6 +111,7 @@ async fn serve(config: Config, log: RaftLog) -> Result<(), Fatal> {
         detector: detector.clone(),
         usage: usage.clone(),
         exports: Default::default(),
+        pauses: Default::default(),
         led_since_ms: led_since.clone(),
         heartbeat_interval: config.heartbeat_interval,
         down_after: config.down_after,

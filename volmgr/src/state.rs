@@ -27,12 +27,42 @@
 //!   changes nothing (marking a down node down) leaves it. Usage figures
 //!   ([`Command::NodeStats`]) are not covered. Chunk servers and targets
 //!   fence I/O by it, so it moves only for them.
-//! - **Catalogue version**: every create, grow and delete raises it by one.
+//! - **Catalogue version**: every create, grow and delete raises it by one,
+//!   and so does every snapshot create and delete, rollback and clone.
 //!   It does not touch the map epoch, with one exception: the first volume
 //!   with a replica count adds that count's group records to the map (see
 //!   below), so that create is also a map change. Later creates, grows and
 //!   deletes leave the epoch alone: they must not make every chunk server
 //!   reject in-flight writes tagged with the previous epoch.
+//!
+//! # Epochs, snapshots and clones
+//!
+//! A volume's extent versions are stored as `(data id, index, epoch)`
+//! ([`VolumeInfo::data_volume_id`]). Writes go to the volume's
+//! `head_epoch`; a read of a block the head does not hold falls through
+//! the volume's `chain`, the frozen epochs beneath the head, newest first.
+//! Epochs are unique cluster-wide: a counter (`next_epoch`, in the state
+//! and its snapshots) gives each new head its epoch, so volumes that share
+//! a data id (a clone and its source) never write the same version. The
+//! first volumes of an old cluster all have head epoch 1 (each under its
+//! own data id, so they do not collide).
+//!
+//! - **Snapshot** S of V ([`Command::CreateSnapshot`]): S freezes V's head
+//!   epoch and chain and records V's size; V's chain becomes the old head
+//!   over the old chain, and V gets a new head epoch. Constant time.
+//! - **Rollback** of V to S ([`Command::RollbackVolume`]): V's head is kept
+//!   as a snapshot first (so every rollback can be undone), then V gets a
+//!   new head epoch over S's epoch and chain, and S's size.
+//! - **Clone** of V at S ([`Command::CloneVolume`]): a new volume with V's
+//!   data id, a new head epoch over S's epoch and chain, parent (V, S).
+//! - **Deletes** of snapshots and volumes are allowed while clones use
+//!   their epochs: a clone's chain keeps referencing them.
+//! - **Garbage**: the state keeps, per data id, every epoch given out and
+//!   not yet reported collected. Those no live volume's head or chain and
+//!   no snapshot references are dead ([`State::dead_epochs`]): their
+//!   versions may be deleted, and nothing ever references them again
+//!   (references only spread from existing ones; new heads are new
+//!   epochs). [`Command::EpochsCollected`] forgets them once deleted.
 //!
 //! # Groups and acting sets
 //!
@@ -84,23 +114,26 @@
 //!
 //! # Deleted volumes
 //!
-//! Volume ids are never reused, so any stored extent whose volume id is below
-//! the next id and not in the catalogue is garbage: that is the future
-//! collector's ground truth. The state also keeps the last [`DELETED_MAX`]
-//! deletions (id, name, time, size) so the collector can start with them
-//! and `cairn` can show them; older records are dropped (oldest first), which
-//! loses only the convenience, never the garbage.
+//! Volume ids are never reused, so any stored extent whose data id is below
+//! the next volume id and is no live volume's data id (clones keep their
+//! source's data id alive after it is deleted) is garbage: that is the
+//! future collector's ground truth, together with the dead epochs. The
+//! state also keeps the last [`DELETED_MAX`] deletions (id, name, time,
+//! size) so the collector can start with them and `cairn` can show them;
+//! older records are dropped (oldest first), which loses only the
+//! convenience, never the garbage.
 
 mod command;
 mod error;
 mod groups;
 mod snapshot;
 pub mod validate;
+mod volume_snapshots;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_group::authority;
-use cairn_proto::map::{ClusterMap, NodeInfo, VolumeInfo};
+use cairn_proto::map::{ClusterMap, NodeInfo, SnapshotInfo, VolumeInfo};
 use prost::Message as _;
 
 pub use command::*;
@@ -137,6 +170,12 @@ pub const NODES_MAX: usize = 4096;
 pub const CLIENTS_MAX: usize = 10_000;
 /// Deletion records kept for the garbage collector, newest first.
 pub const DELETED_MAX: usize = 10_000;
+/// Snapshots one volume may have at a time.
+pub const SNAPSHOTS_PER_VOLUME_MAX: usize = 256;
+/// Frozen epochs beneath a volume's head (its chain). Every snapshot adds
+/// one, also after the snapshot is deleted: merging frozen epochs is later
+/// work. At one snapshot a day this lasts eleven years.
+pub const CHAIN_EPOCHS_MAX: usize = 4096;
 
 /// The replicated state of the volume manager. See the module docs.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +190,12 @@ pub struct State {
     next_volume_id: u64,
     /// Oldest first, at most [`DELETED_MAX`].
     deleted: VecDeque<DeletedVolume>,
+    /// The epoch the next head gets; above every epoch given out.
+    next_epoch: u64,
+    /// Per data id, the epochs given out and not yet reported collected
+    /// (no empty sets). Every epoch a volume or snapshot references is in
+    /// its data id's set.
+    epochs: BTreeMap<u64, BTreeSet<u64>>,
     clients: BTreeMap<u64, ClientRecord>,
     /// `ClientRecord::last_used` -> client id; the first entry is evicted.
     clients_by_use: BTreeMap<u64, u64>,
@@ -171,6 +216,7 @@ impl Default for State {
 struct Outcome {
     volume: Option<VolumeInfo>,
     node: Option<NodeInfo>,
+    snapshot: Option<SnapshotInfo>,
 }
 
 impl State {
@@ -184,6 +230,8 @@ impl State {
             names: BTreeMap::new(),
             next_volume_id: 1,
             deleted: VecDeque::new(),
+            next_epoch: 1,
+            epochs: BTreeMap::new(),
             clients: BTreeMap::new(),
             clients_by_use: BTreeMap::new(),
             client_uses: 0,
@@ -245,6 +293,17 @@ impl State {
         self.clients.len()
     }
 
+    /// True if `(client_id, client_seq)` is the session's last applied
+    /// request: proposing it again answers the recorded response and
+    /// changes nothing.
+    pub fn is_recorded(&self, client_id: u64, client_seq: u64) -> bool {
+        client_id != 0
+            && self
+                .clients
+                .get(&client_id)
+                .is_some_and(|r| r.last_seq == client_seq)
+    }
+
     /// Applies one committed proposal. Never fails: a refusal is a
     /// [`Response`] with an error code, and leaves the state unchanged.
     pub fn apply(&mut self, proposal: &Proposal) -> Response {
@@ -280,6 +339,7 @@ impl State {
             catalogue_version: self.catalogue_version,
             volume: outcome.volume,
             node: outcome.node,
+            snapshot: outcome.snapshot,
         };
         if client_id != 0 {
             self.record(client_id, proposal.client_seq, &response);
@@ -306,6 +366,7 @@ impl State {
             catalogue_version: self.catalogue_version,
             volume: None,
             node: None,
+            snapshot: None,
         }
     }
 
@@ -353,12 +414,17 @@ impl State {
             Command::GrowVolume(c) => self.grow_volume(c),
             Command::DeleteVolume(c) => self.delete_volume(c, now_unix_ms),
             Command::ClaimReplica(c) => self.claim_replica(c, now_unix_ms),
+            Command::CreateSnapshot(c) => self.create_snapshot(c, now_unix_ms),
+            Command::DeleteSnapshot(c) => self.delete_snapshot(c),
+            Command::RollbackVolume(c) => self.rollback_volume(c, now_unix_ms),
+            Command::CloneVolume(c) => self.clone_volume(c, now_unix_ms),
+            Command::EpochsCollected(c) => self.epochs_collected(c),
         }
     }
 
     // ---- the cluster map ----
 
-    fn next_epoch(&self) -> Result<u64, StateError> {
+    fn next_map_epoch(&self) -> Result<u64, StateError> {
         self.map.epoch.checked_add(1).ok_or(StateError::Exhausted {
             counter: "map epoch",
             value: self.map.epoch,
@@ -387,7 +453,7 @@ impl State {
                 })
             }
         }
-        self.map.epoch = self.next_epoch()?;
+        self.map.epoch = self.next_map_epoch()?;
         self.map.group_count = group_count;
         Ok(Outcome::default())
     }
@@ -402,7 +468,7 @@ impl State {
         validate::label("host", &c.host, false).map_err(invalid)?;
         validate::label("rack", &c.rack, true).map_err(invalid)?;
         validate::label("room", &c.room, true).map_err(invalid)?;
-        let epoch = self.next_epoch()?;
+        let epoch = self.next_map_epoch()?;
         match self.map.nodes.binary_search_by_key(&node_id, |n| n.id) {
             Ok(i) => {
                 let node = &mut self.map.nodes[i];
@@ -490,7 +556,7 @@ impl State {
         if changing.is_empty() {
             return Ok(Outcome::default());
         }
-        let epoch = self.next_epoch()?;
+        let epoch = self.next_map_epoch()?;
         match mark {
             // Acting sets change with up/down: through the authority, every
             // node at the same epoch, in id order.
@@ -523,7 +589,7 @@ impl State {
     fn set_weight(&mut self, c: &SetWeight, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let i = self.node_index(c.node_id)?;
         if self.map.nodes[i].weight != c.weight {
-            let epoch = self.next_epoch()?;
+            let epoch = self.next_map_epoch()?;
             let node = &mut self.map.nodes[i];
             node.weight = c.weight;
             node.since_epoch = epoch;
@@ -559,7 +625,7 @@ impl State {
                 groups,
             });
         }
-        let epoch = self.next_epoch()?;
+        let epoch = self.next_map_epoch()?;
         let node = self.map.nodes.remove(i);
         self.map.epoch = epoch;
         Ok(Outcome {
@@ -657,11 +723,16 @@ impl State {
             value: id,
         })?;
         let version = self.next_catalogue_version()?;
+        let head_epoch = if c.epoch_from_counter {
+            self.new_epoch()?
+        } else {
+            1
+        };
         // The first volume with this replica count brings its groups.
         let groups = if self.has_groups(c.replicas) {
             None
         } else {
-            let epoch = self.next_epoch()?;
+            let epoch = self.next_map_epoch()?;
             Some((epoch, self.new_records(c.replicas, epoch)?))
         };
 
@@ -673,13 +744,17 @@ impl State {
             replicas: c.replicas,
             min_replicas: c.min_replicas,
             created_unix_ms: now_unix_ms,
-            head_epoch: 1,
+            head_epoch,
             parent: None,
             snapshots: Vec::new(),
+            data_id: id,
+            chain: Vec::new(),
+            last_snapshot_id: 0,
         };
         self.volumes.insert(id, volume.clone());
         self.names.insert(name.clone(), id);
         self.next_volume_id = next_volume_id;
+        self.take_epoch(id, head_epoch);
         self.catalogue_version = version;
         if let Some((epoch, records)) = groups {
             self.insert_records(records);
@@ -736,21 +811,10 @@ impl State {
         })
     }
 
+    /// Clones of the volume keep working: their chains reference the
+    /// epochs they need, which stay until no volume or snapshot does.
     fn delete_volume(&mut self, c: &DeleteVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let id = self.resolve(c.volume.as_ref())?;
-        let clones: Vec<u64> = self
-            .volumes
-            .values()
-            .filter(|v| v.parent.is_some_and(|p| p.volume_id == id))
-            .map(|v| v.id)
-            .collect();
-        if !clones.is_empty() {
-            return Err(StateError::VolumeHasClones {
-                name: self.volumes[&id].name.clone(),
-                id,
-                clones,
-            });
-        }
         let version = self.next_catalogue_version()?;
         let Some(volume) = self.volumes.remove(&id) else {
             return Err(StateError::UnknownVolume {

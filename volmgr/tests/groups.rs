@@ -59,6 +59,7 @@ fn create(name: &str, replicas: u32) -> Command {
         extent_size_bytes: 4 << 20,
         replicas,
         min_replicas: 1,
+        epoch_from_counter: true,
     })
 }
 

@@ -38,6 +38,7 @@ fn create(name: &str, size_bytes: u64, extent_size_bytes: u32, replicas: u32, mi
         extent_size_bytes,
         replicas,
         min_replicas: min,
+        epoch_from_counter: true,
     })
 }
 
@@ -468,7 +469,7 @@ fn volume_ids_are_never_reused() {
     let b = r.volume.unwrap();
     assert_eq!(
         (b.id, b.head_epoch, b.created_unix_ms),
-        (2, 1, 1_700_000_000_000)
+        (2, 2, 1_700_000_000_000)
     );
     let r = ok(&mut s, delete(VolumeKey::name("vol-a")));
     assert_eq!(r.volume.unwrap().id, 1);

@@ -5,7 +5,9 @@
 //! return the recorded result; group records sorted, complete per replica
 //! count in use, acting sets non-empty and of nodes in the map, nodes that
 //! go down or restart stay acting only where they are the last replica,
-//! granted claims add the node at a new interval).
+//! granted claims add the node at a new interval; chains descend beneath
+//! their heads, heads are unique per data id, everything referenced is
+//! recorded as given out and never dead, and dead epochs stay dead).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -96,14 +98,16 @@ fn command() -> impl Strategy<Value = Command> {
             ],
             prop_oneof![1 => Just(0u32), 8 => 1u32..4, 1 => 4u32..6],
             prop_oneof![1 => Just(0u32), 8 => 1u32..3, 1 => 3u32..6],
+            proptest::bool::weighted(0.9),
         )
-            .prop_map(|(name, size_bytes, extent_size_bytes, replicas, min_replicas)| {
+            .prop_map(|(name, size_bytes, extent_size_bytes, replicas, min_replicas, epoch_from_counter)| {
                 Command::CreateVolume(CreateVolume {
                     name: name.into(),
                     size_bytes,
                     extent_size_bytes,
                     replicas,
                     min_replicas,
+                    epoch_from_counter,
                 })
             }),
         2 => (key(), size()).prop_map(|(key, size_bytes)| Command::GrowVolume(GrowVolume {
@@ -111,6 +115,32 @@ fn command() -> impl Strategy<Value = Command> {
             size_bytes
         })),
         2 => key().prop_map(|key| Command::DeleteVolume(DeleteVolume { volume: Some(key) })),
+        // Snapshots, rollbacks, clones, collection.
+        8 => (key(), snap_name()).prop_map(|(key, name)| Command::CreateSnapshot(CreateSnapshot {
+            volume: Some(key),
+            name: name.into(),
+        })),
+        1 => (key(), snap_name()).prop_map(|(key, name)| Command::DeleteSnapshot(DeleteSnapshot {
+            volume: Some(key),
+            name: name.into(),
+        })),
+        4 => (key(), snap_name(), prop_oneof![2 => Just(""), 1 => snap_name()]).prop_map(
+            |(key, snapshot, keep_as)| Command::RollbackVolume(RollbackVolume {
+                volume: Some(key),
+                snapshot: snapshot.into(),
+                keep_as: keep_as.into(),
+            })
+        ),
+        4 => (key(), snap_name(), name()).prop_map(|(key, snapshot, name)| {
+            Command::CloneVolume(CloneVolume {
+                volume: Some(key),
+                snapshot: snapshot.into(),
+                name: name.into(),
+            })
+        }),
+        // data id 0 is filled with dead epochs from the state ([`fill_collect`]).
+        2 => (prop_oneof![3 => Just(0u64), 1 => 1u64..8], proptest::collection::vec(1u64..30, 0..3))
+            .prop_map(|(data_id, epochs)| Command::EpochsCollected(EpochsCollected { data_id, epochs })),
         // Claims: 0 in `primary`, `interval` or `up_since` is filled from the
         // state when applied ([`fill_claim`]), so that many are granted.
         4 => (
@@ -133,6 +163,27 @@ fn command() -> impl Strategy<Value = Command> {
                 })
             }),
     ]
+}
+
+/// Snapshot names, from a small set so that they collide.
+fn snap_name() -> impl Strategy<Value = &'static str> {
+    prop_oneof![8 => Just("s1"), 4 => Just("s2"), 1 => Just("-bad")]
+}
+
+/// Fills a collection with data id 0 from `s`: the first data id with dead
+/// epochs and all of them (plus, if the proposal listed any, its own, which
+/// are mostly referenced or unknown).
+fn fill_collect(p: &Proposal, s: &State) -> Proposal {
+    let mut p = p.clone();
+    if let Some(Command::EpochsCollected(c)) = &mut p.command {
+        if c.data_id == 0 {
+            if let Some(d) = s.dead_epochs(None).first() {
+                c.data_id = d.data_id;
+                c.epochs.extend(&d.epochs);
+            }
+        }
+    }
+    p
 }
 
 /// Fills a claim's zero fields from `s`: the group's primary and interval,
@@ -287,6 +338,19 @@ fn check_step(
         assert_eq!(added.count(), after.map().group_count as usize);
     }
     check_groups_step(before, after, p);
+    // Dead epochs stay dead (or are forgotten, once collected).
+    let dead_after: BTreeSet<(u64, u64)> = dead(after);
+    let given_after: BTreeSet<(u64, u64)> = after
+        .epochs()
+        .flat_map(|(d, e)| e.iter().map(move |&e| (d, e)))
+        .collect();
+    for x in dead(before) {
+        assert!(
+            dead_after.contains(&x) || !given_after.contains(&x),
+            "dead epoch {x:?} came back by {:?}",
+            p.command
+        );
+    }
 
     // Ids: new ones were never seen before, and stay below the next id.
     let live_before: BTreeSet<u64> = before.volumes().map(|v| v.id).collect();
@@ -358,6 +422,74 @@ fn check_groups_step(before: &State, after: &State, p: &Proposal) {
     }
 }
 
+fn dead(s: &State) -> BTreeSet<(u64, u64)> {
+    s.dead_epochs(None)
+        .into_iter()
+        .flat_map(|d| d.epochs.into_iter().map(move |e| (d.data_id, e)))
+        .collect()
+}
+
+fn descending_below(top: u64, chain: &[u64]) -> bool {
+    std::iter::once(&top)
+        .chain(chain)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .all(|w| w[0] > w[1])
+}
+
+/// Snapshots and epochs: chains descend below their heads, heads are
+/// unique per data id, everything referenced is recorded as given out and
+/// below the next epoch, nothing referenced is dead.
+fn check_epochs(s: &State) {
+    let given: BTreeMap<u64, BTreeSet<u64>> = s.epochs().map(|(d, e)| (d, e.clone())).collect();
+    let mut heads: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for v in s.volumes() {
+        let d = v.data_volume_id();
+        assert!(v.head_epoch >= 1 && v.head_epoch < s.next_epoch());
+        assert!(descending_below(v.head_epoch, &v.chain), "{v:?}");
+        assert!(
+            heads.entry(d).or_default().insert(v.head_epoch),
+            "head epoch {} twice in data id {d}",
+            v.head_epoch
+        );
+        let mut names = BTreeSet::new();
+        for snap in &v.snapshots {
+            assert!(names.insert(&snap.name), "snapshot name twice: {v:?}");
+            assert!(snap.id >= 1 && snap.id <= v.last_snapshot_id);
+            assert!(descending_below(snap.epoch, &snap.chain), "{v:?}");
+        }
+        let refs = std::iter::once(v.head_epoch)
+            .chain(v.chain.iter().copied())
+            .chain(
+                v.snapshots
+                    .iter()
+                    .flat_map(|x| std::iter::once(x.epoch).chain(x.chain.iter().copied())),
+            );
+        for e in refs {
+            assert!(
+                given.get(&d).is_some_and(|g| g.contains(&e)),
+                "epoch {e} of data id {d} referenced but not given out"
+            );
+            assert!(
+                !dead(s).contains(&(d, e)),
+                "epoch {e} of {d} referenced but dead"
+            );
+        }
+    }
+    // A head is no other view's epoch.
+    for v in s.volumes() {
+        let d = v.data_volume_id();
+        for w in s.volumes().filter(|w| w.data_volume_id() == d) {
+            if w.id != v.id {
+                assert!(!w.chain.contains(&v.head_epoch));
+                assert!(w.snapshots.iter().all(|x| x.epoch != v.head_epoch));
+            }
+        }
+        assert!(v.snapshots.iter().all(|x| x.epoch != v.head_epoch));
+    }
+    assert!(given.values().flatten().all(|&e| e < s.next_epoch()));
+}
+
 fn check_state(s: &State) {
     let mut names = BTreeSet::new();
     for v in s.volumes() {
@@ -413,7 +545,7 @@ proptest! {
         let mut ever = BTreeSet::new();
         let mut last_seq = BTreeMap::new();
         for (i, p) in proposals.iter().enumerate() {
-            let p = &fill_claim(&sequence(p, &mut last_seq), &a);
+            let p = &fill_collect(&fill_claim(&sequence(p, &mut last_seq), &a), &a);
             if i == cut {
                 b = State::restore(&b.snapshot()).expect("own snapshot restores");
                 prop_assert_eq!(&a, &b);
@@ -424,6 +556,7 @@ proptest! {
             prop_assert_eq!(&ra, &rb);
             check_step(&before, &a, p, &ra, &mut recorded, &mut ever);
             check_state(&a);
+            check_epochs(&a);
             prop_assert!(a.map_epoch() >= before.map_epoch());
         }
         prop_assert_eq!(a.snapshot(), b.snapshot());

@@ -21,6 +21,7 @@
 //! would show this node's previous incarnation, whose in-memory state died
 //! with the old process.
 
+pub mod chains;
 pub mod journal;
 mod peers;
 
@@ -41,6 +42,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::store::{ExtentKey, IoBuf, Store};
+use chains::Chains;
 use journal::Journal;
 use peers::Peers;
 
@@ -139,6 +141,7 @@ impl Replication {
             extent_sizes: HashMap::new(),
             pending: HashMap::new(),
             peers: Peers::new(cfg.node_id),
+            chains: Arc::new(Chains::new(cfg.volmgr.clone())),
             volmgr: cfg.volmgr,
             need_map: handle.need_map.clone(),
             journal_failed: None,
@@ -262,6 +265,8 @@ struct Driver {
     pending: HashMap<(u64, u64), oneshot::Sender<ClientResult>>,
     peers: Peers,
     volmgr: Option<Arc<VolmgrClient>>,
+    /// The epochs beneath each extent version (for snapshots).
+    chains: Arc<Chains>,
     need_map: Arc<Notify>,
     /// Set once a journal append failed: no disk operation may start after
     /// that (it would not be covered by its record).
@@ -566,6 +571,7 @@ impl Driver {
     fn start_disk(&mut self, id: OpId, req: DiskReq) {
         let size = disk_extent(&req).and_then(|e| self.extent_sizes.get(&e.volume).copied());
         let store = self.store.clone();
+        let chains = self.chains.clone();
         let tx = self.tx.clone();
         let me = self.me;
         let journal = match req {
@@ -575,7 +581,7 @@ impl Driver {
         tokio::spawn(async move {
             let volume = disk_extent(&req).map(|e| e.volume);
             let mut learned = None;
-            let done = match run_disk(&store, req, size, journal, &mut learned).await {
+            let done = match run_disk(&store, &chains, req, size, journal, &mut learned).await {
                 Ok(done) => done,
                 Err(e) => DiskDone::Failed(format!("node {me}: {e}")),
             };
@@ -638,6 +644,7 @@ fn key_of(e: ExtentId) -> ExtentKey {
 /// Runs one disk operation of the core against the store.
 async fn run_disk(
     store: &Store,
+    chains: &Chains,
     req: DiskReq,
     size: Option<u32>,
     journal: Option<Result<File, String>>,
@@ -649,13 +656,21 @@ async fn run_disk(
     match req {
         DiskReq::Write { ext, op, fua } => {
             let eb = need_size(ext)?;
+            let below = chains.below(ext).await?;
             match op {
                 cairn_group::msg::WriteOp::Data { offset, data } => store
-                    .write(key_of(ext), eb, offset, IoBuf::copy_from(&data), fua)
+                    .write_at(
+                        key_of(ext),
+                        &below,
+                        eb,
+                        offset,
+                        IoBuf::copy_from(&data),
+                        fua,
+                    )
                     .await
                     .map_err(|e| e.to_string())?,
                 cairn_group::msg::WriteOp::Zero { offset, len } => store
-                    .write_zeroes(key_of(ext), eb, offset, len as u32, fua, true)
+                    .write_zeroes_at(key_of(ext), &below, eb, offset, len as u32, fua, true)
                     .await
                     .map_err(|e| e.to_string())?,
             }
@@ -663,8 +678,9 @@ async fn run_disk(
         }
         DiskReq::Read { ext, offset, len } => {
             let eb = need_size(ext)?;
+            let below = chains.below(ext).await?;
             let buf = store
-                .read(key_of(ext), eb, offset, len as u32)
+                .read_at(key_of(ext), &below, eb, offset, len as u32)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(DiskDone::Data(Bytes::from_owner(buf)))
@@ -680,12 +696,13 @@ async fn run_disk(
             };
             let eb = stat.extent_bytes;
             *learned = Some(eb);
+            let below = chains.below(ext).await?;
             for (start, end) in ranges {
                 let mut at = start;
                 while at < end {
                     let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
                     let buf = store
-                        .read(key_of(ext), eb, at, len)
+                        .read_at(key_of(ext), &below, eb, at, len)
                         .await
                         .map_err(|e| e.to_string())?;
                     out.extend_from_slice(&buf);
@@ -703,12 +720,13 @@ async fn run_disk(
             };
             let eb = stat.extent_bytes;
             *learned = Some(eb);
+            let below = chains.below(ext).await?;
             let mut out = BytesMut::with_capacity(eb as usize);
             let mut at = 0u64;
             while at < eb as u64 {
                 let len = EXTENT_READ_PIECE.min(eb - at as u32);
                 let buf = store
-                    .read(key_of(ext), eb, at, len)
+                    .read_at(key_of(ext), &below, eb, at, len)
                     .await
                     .map_err(|e| e.to_string())?;
                 out.extend_from_slice(&buf);
@@ -723,7 +741,8 @@ async fn run_disk(
         } => {
             let eb = u32::try_from(data.len())
                 .map_err(|_| format!("{ext}: pushed copy of {} bytes", data.len()))?;
-            put_at(store, key_of(ext), eb, 0, &data).await?;
+            let below = chains.below(ext).await?;
+            put_at(store, key_of(ext), &below, eb, 0, &data).await?;
             Ok(DiskDone::Ok)
         }
         DiskReq::PutExtent {
@@ -733,13 +752,14 @@ async fn run_disk(
         } => {
             let eb = need_size(ext)?;
             let data = data.ok_or_else(|| format!("{ext}: a push of ranges without data"))?;
+            let below = chains.below(ext).await?;
             let mut at = 0usize;
             for (start, end) in ranges {
                 let n = (end - start) as usize;
                 let piece = data
                     .get(at..at + n)
                     .ok_or_else(|| format!("{ext}: pushed ranges longer than their data"))?;
-                put_at(store, key_of(ext), eb, start, piece).await?;
+                put_at(store, key_of(ext), &below, eb, start, piece).await?;
                 at += n;
             }
             Ok(DiskDone::Ok)
@@ -749,12 +769,12 @@ async fn run_disk(
             part: Part::Whole,
             data: None,
         } => {
-            if let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? {
-                store
-                    .trim(key_of(ext), stat.extent_bytes, 0, stat.extent_bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+            // The primary stores no such version: neither may we (reads of
+            // it then fall through, on both, to the same older versions).
+            store
+                .delete_version(key_of(ext))
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(DiskDone::Ok)
         }
         DiskReq::Flush => {
@@ -774,10 +794,13 @@ async fn run_disk(
 
 /// Replaces `data.len()` bytes of an extent of `eb` bytes at `offset` (a
 /// whole extent, or a pushed range), keeping it thin: runs of all-zero
-/// 4 KiB pieces are zeroed with holes punched, the rest written.
+/// 4 KiB pieces are zeroed with holes punched, the rest written. The data
+/// was read through the primary's chain, so it is written as held by this
+/// version (zeros as held zeros when there is a chain beneath it).
 async fn put_at(
     store: &Store,
     key: ExtentKey,
+    below: &[u64],
     eb: u32,
     offset: u64,
     data: &[u8],
@@ -798,12 +821,12 @@ async fn put_at(
         let at = offset + (i * BLOCK) as u64;
         if zero[i] {
             store
-                .write_zeroes(key, eb, at, bytes.len() as u32, false, true)
+                .write_zeroes_at(key, below, eb, at, bytes.len() as u32, false, true)
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
             store
-                .write(key, eb, at, IoBuf::copy_from(bytes), false)
+                .write_at(key, below, eb, at, IoBuf::copy_from(bytes), false)
                 .await
                 .map_err(|e| e.to_string())?;
         }

@@ -48,6 +48,9 @@ pub(crate) enum Request {
         after: Option<ExtentKey>,
         limit: usize,
     },
+    ExtentHeld {
+        key: ExtentKey,
+    },
     ExtentStat {
         key: ExtentKey,
     },
@@ -216,6 +219,9 @@ pub(crate) fn parse(
             })
         }
         Op::ExtentStat => Ok(Request::ExtentStat {
+            key: extent_key(header, op)?,
+        }),
+        Op::ExtentHeld => Ok(Request::ExtentHeld {
             key: extent_key(header, op)?,
         }),
         Op::NodeStat => Ok(Request::NodeStat),

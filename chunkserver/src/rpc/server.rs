@@ -711,6 +711,17 @@ async fn execute(
                 ..Default::default()
             })
         }
+        Request::ExtentHeld { key } => {
+            let words = store
+                .held_blocks(key)
+                .await?
+                .ok_or(StoreError::NotFound(key))?;
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            Ok(Answer {
+                data: Some(Bytes::from(bytes)),
+                ..Default::default()
+            })
+        }
         Request::NodeStat => Ok(Answer {
             node: Some(node_stat(context).await?),
             ..Default::default()

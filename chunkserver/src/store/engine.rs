@@ -25,6 +25,20 @@
 //! Per extent, ops take block-range locks in arrival order (FIFO among
 //! overlapping ops), so a read never sees a half-applied write and a
 //! read-modify-write of a sector never races a neighbour's.
+//!
+//! Versions beneath (snapshots): a read, or a write covering part of a block
+//! its version does not hold, carries the chain of older epochs the caller
+//! passed. Blocks its own version does not hold (known from the slot table,
+//! or found when a block settles as not held) are looked for in the older
+//! versions one at a time (`Walk`), newest first: each is opened and loaded
+//! like any extent, a shared lock is taken on the needed block range, the
+//! blocks it may hold are read into a staging buffer and verified against
+//! *its* slots, the ones it holds are copied in, and the lock is released.
+//! The op keeps its own version's locks throughout, so a fill from beneath
+//! and the write it feeds are one step for every other writer of the block.
+//! Locks are always taken from a newer version to an older one along the
+//! snapshot tree, so waits cannot form a cycle. An op whose chain is empty
+//! never builds a `Walk`: the single-version path is unchanged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::CString;
@@ -45,6 +59,7 @@ use tracing::{debug, error, info, warn};
 use super::layout::{self, Header, BLOCK_BYTES, HEADER_BYTES};
 use super::recovery::{self, IndexEntry};
 use super::slots::{SlotTable, Verified, ENTRY_BYTES};
+use super::Below;
 use super::*;
 
 /// Commands taken from the channel per loop turn, so completions are never
@@ -312,7 +327,11 @@ impl OpenExtent {
 
 enum Payload {
     Data(IoBuf),
-    Zero { punch: bool },
+    Zero {
+        punch: bool,
+    },
+    /// `delete_version`: remove the version's file (a whole-extent op).
+    Delete,
 }
 
 enum Phase {
@@ -324,19 +343,55 @@ enum Phase {
     ReadyToWrite,
     /// Data and slots being written.
     Writing,
+    /// Walking the chain beneath the version (see `Walk`): finding, opening,
+    /// loading or locking the next older version.
+    Below,
+    /// A read of an older version's blocks is in flight.
+    BelowRead,
+}
+
+/// A read (or a write's fill of partial blocks) going through the older
+/// versions beneath its own, one at a time, newest first. The op keeps its
+/// own version's block locks throughout and takes a shared lock on each
+/// older version only while it reads that version's blocks.
+struct Walk {
+    /// Next entry of the op's `below` to consult.
+    level: usize,
+    /// Blocks (of the op's span, ascending) no version consulted so far holds.
+    need: Vec<u32>,
+    /// The older version this op waits for or holds a shared lock on, and
+    /// the block range locked (first needed block to last).
+    lock: Option<(ExtentKey, u32, u32)>,
+    /// First block and buffer of the older version's blocks being read.
+    stage: Option<(u32, IoBuf)>,
+    /// The op holds block locks on its own version (false: not stored).
+    top_locked: bool,
 }
 
 struct ReadOp {
     key: ExtentKey,
+    below: Below,
     extent_bytes: u32,
     offset: u64,
     len: u32,
     buf: Option<IoBuf>,
+    walk: Option<Box<Walk>>,
     reply: oneshot::Sender<Result<IoBuf>>,
+}
+
+/// `held_blocks`: settles the blocks not yet verified, then reports.
+struct HeldOp {
+    key: ExtentKey,
+    extent_bytes: u32,
+    /// First block and buffer of the unsettled blocks being read.
+    buf: Option<(u32, IoBuf)>,
+    reply: oneshot::Sender<Result<Option<Vec<u64>>>>,
 }
 
 struct WriteOp {
     key: ExtentKey,
+    below: Below,
+    walk: Option<Box<Walk>>,
     extent_bytes: u32,
     offset: u64,
     len: u32,
@@ -373,6 +428,7 @@ struct LoadOp {
 enum OpKind {
     Read(ReadOp),
     Write(WriteOp),
+    Held(HeldOp),
     Flush(FlushOp),
     Load(LoadOp),
 }
@@ -406,6 +462,13 @@ impl Op {
         }
     }
     fn block_range(&self) -> Option<(ExtentKey, u32, u32, bool)> {
+        if matches!(self.phase, Phase::Below | Phase::BelowRead) {
+            // Queued on (or holding) an older version's lock.
+            return self
+                .walk()
+                .and_then(|w| w.lock)
+                .map(|(k, a0, a1)| (k, a0, a1, false));
+        }
         match &self.kind {
             OpKind::Read(r) => Some((
                 r.key,
@@ -417,6 +480,15 @@ impl Op {
                 let (b0, b1) = blocks_of(w.offset, w.len);
                 Some((w.key, b0, b1, true))
             }
+            OpKind::Held(h) => Some((h.key, 0, layout::blocks_per_extent(h.extent_bytes), false)),
+            _ => None,
+        }
+    }
+
+    fn walk(&self) -> Option<&Walk> {
+        match &self.kind {
+            OpKind::Read(r) => r.walk.as_deref(),
+            OpKind::Write(w) => w.walk.as_deref(),
             _ => None,
         }
     }
@@ -529,6 +601,7 @@ impl Engine {
         match cmd {
             Command::Read {
                 key,
+                below,
                 extent_bytes,
                 offset,
                 len,
@@ -536,16 +609,19 @@ impl Engine {
             } => {
                 let idx = self.new_op(OpKind::Read(ReadOp {
                     key,
+                    below,
                     extent_bytes,
                     offset,
                     len,
                     buf: None,
+                    walk: None,
                     reply,
                 }));
                 self.make_ready(idx);
             }
             Command::Write {
                 key,
+                below,
                 extent_bytes,
                 offset,
                 data,
@@ -555,6 +631,7 @@ impl Engine {
                 let len = data.len() as u32;
                 self.new_write(
                     key,
+                    below,
                     extent_bytes,
                     offset,
                     len,
@@ -565,6 +642,7 @@ impl Engine {
             }
             Command::Zero {
                 key,
+                below,
                 extent_bytes,
                 offset,
                 len,
@@ -574,11 +652,37 @@ impl Engine {
             } => {
                 self.new_write(
                     key,
+                    below,
                     extent_bytes,
                     offset,
                     len,
                     Payload::Zero { punch },
                     fua,
+                    reply,
+                );
+            }
+            // Both go through the ready queue like reads and writes, so they
+            // see every op that arrived before them (a write arriving first
+            // creates the version only when it is advanced). The extent size
+            // is the stored one, taken when the op is advanced.
+            Command::Held { key, reply } => {
+                let idx = self.new_op(OpKind::Held(HeldOp {
+                    key,
+                    extent_bytes: 0,
+                    buf: None,
+                    reply,
+                }));
+                self.make_ready(idx);
+            }
+            Command::Delete { key, reply } => {
+                self.new_write(
+                    key,
+                    Below::default(),
+                    0,
+                    0,
+                    0,
+                    Payload::Delete,
+                    false,
                     reply,
                 );
             }
@@ -619,6 +723,7 @@ impl Engine {
     fn new_write(
         &mut self,
         key: ExtentKey,
+        below: Below,
         extent_bytes: u32,
         offset: u64,
         len: u32,
@@ -632,6 +737,8 @@ impl Engine {
         }
         let op = WriteOp {
             key,
+            below,
+            walk: None,
             extent_bytes,
             offset,
             len,
@@ -734,19 +841,27 @@ impl Engine {
         match op.phase {
             Phase::Resolve => {}
             Phase::ReadyToWrite => return self.submit_write(idx),
+            Phase::Below => return self.advance_walk(idx),
             _ => return true,
         }
-        let (key, b0, b1, exclusive) = op.block_range().expect("read or write op");
+        let (key, _, _, _) = op.block_range().expect("read, write or held op");
         let (extent_bytes, is_write) = match &op.kind {
             OpKind::Read(r) => (r.extent_bytes, false),
             OpKind::Write(w) => (w.extent_bytes, true),
+            OpKind::Held(h) => (h.extent_bytes, false),
             _ => unreachable!(),
         };
         // 1. The extent.
         let entry = match self.index.get(&key) {
             Some(e) => *e,
             None => {
-                match &self.op_mut(idx).kind {
+                match &mut self.op_mut(idx).kind {
+                    OpKind::Read(r) if !r.below.is_empty() => {
+                        // Not stored: every block comes from beneath.
+                        let (b0, b1) = blocks_of(r.offset, r.len);
+                        r.buf = Some(IoBuf::for_overwrite(((b1 - b0) as u64 * BLOCK) as usize));
+                        return self.start_walk(idx, (b0..b1).collect(), false);
+                    }
                     OpKind::Read(_) => {
                         let OpKind::Read(r) = self.take_op(idx).kind else {
                             unreachable!()
@@ -754,8 +869,20 @@ impl Engine {
                         let _ = r.reply.send(Ok(IoBuf::zeroed(r.len as usize)));
                         return true;
                     }
-                    OpKind::Write(w) if matches!(w.payload, Payload::Zero { .. }) => {
-                        // Never written: it reads as zeros already.
+                    OpKind::Held(_) => {
+                        let OpKind::Held(h) = self.take_op(idx).kind else {
+                            unreachable!()
+                        };
+                        let _ = h.reply.send(Ok(None));
+                        return true;
+                    }
+                    OpKind::Write(w)
+                        if matches!(w.payload, Payload::Delete)
+                            || (matches!(w.payload, Payload::Zero { .. })
+                                && w.below.is_empty()) =>
+                    {
+                        // Never written (or already gone): it reads as zeros
+                        // already. With a chain beneath, zeroing must hide it.
                         let OpKind::Write(w) = self.take_op(idx).kind else {
                             unreachable!()
                         };
@@ -772,14 +899,28 @@ impl Engine {
             }
         };
         if entry.extent_bytes != extent_bytes {
-            let e = StoreError::ExtentSizeMismatch {
-                key,
-                stored_bytes: entry.extent_bytes,
-                requested_bytes: extent_bytes,
-            };
-            self.finish_with_error(idx, e);
-            return true;
+            // Whole-version ops take the size the version is stored with.
+            match &mut self.op_mut(idx).kind {
+                OpKind::Held(h) => h.extent_bytes = entry.extent_bytes,
+                OpKind::Write(w) if matches!(w.payload, Payload::Delete) => {
+                    w.extent_bytes = entry.extent_bytes;
+                    w.len = entry.extent_bytes;
+                }
+                _ => {
+                    let e = StoreError::ExtentSizeMismatch {
+                        key,
+                        stored_bytes: entry.extent_bytes,
+                        requested_bytes: extent_bytes,
+                    };
+                    self.finish_with_error(idx, e);
+                    return true;
+                }
+            }
         }
+        let (_, b0, b1, exclusive) = self.ops[idx]
+            .as_ref()
+            .and_then(|op| op.block_range())
+            .expect("read, write or held op");
         if !self.open.contains_key(&key) {
             if let Err(e) = self.open_extent(key, entry) {
                 self.finish_with_error(idx, e);
@@ -824,13 +965,19 @@ impl Engine {
         // 3. I/O.
         let submitted = if is_write {
             self.start_write_reads(idx)
+        } else if matches!(self.op_mut(idx).kind, OpKind::Held(_)) {
+            self.start_held(idx)
         } else {
             self.start_read(idx)
         };
         if !submitted {
-            // No ring room: give the locks back and retry from the start.
-            let ext = self.open.get_mut(&key).expect("open");
-            ext.active.retain(|a| a.0 != idx);
+            // No ring room. An op that got no further gives its locks back
+            // and retries from the start; one walking the chain or waiting
+            // to write keeps them and resumes where it is.
+            if matches!(self.op_mut(idx).phase, Phase::Resolve) {
+                let ext = self.open.get_mut(&key).expect("open");
+                ext.active.retain(|a| a.0 != idx);
+            }
             return false;
         }
         true
@@ -838,11 +985,14 @@ impl Engine {
 
     fn is_whole_delete(&self, idx: usize) -> bool {
         match &self.ops[idx].as_ref().expect("live").kind {
-            OpKind::Write(w) => {
-                matches!(w.payload, Payload::Zero { punch: true })
-                    && w.offset == 0
-                    && w.len == w.extent_bytes
-            }
+            OpKind::Write(w) => match w.payload {
+                Payload::Delete => true,
+                // With a chain beneath, a zeroed extent must keep hiding it.
+                Payload::Zero { punch: true } => {
+                    w.offset == 0 && w.len == w.extent_bytes && w.below.is_empty()
+                }
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -852,10 +1002,20 @@ impl Engine {
             unreachable!()
         };
         let (key, offset, len) = (r.key, r.offset, r.len);
+        let chained = !r.below.is_empty();
         let (b0, b1) = blocks_of(offset, len);
         let ext = &self.open[&key];
         let table = ext.table.as_ref().expect("loaded");
         if !(b0..b1).any(|b| table.needs_read(b)) {
+            if chained {
+                // Holds none of them: every block comes from beneath.
+                let span = ((b1 - b0) as u64 * BLOCK) as usize;
+                let OpKind::Read(r) = &mut self.op_mut(idx).kind else {
+                    unreachable!()
+                };
+                r.buf = Some(IoBuf::for_overwrite(span));
+                return self.start_walk(idx, (b0..b1).collect(), true);
+            }
             let op = self.take_op(idx);
             self.release(idx, key);
             let OpKind::Read(r) = op.kind else {
@@ -912,7 +1072,7 @@ impl Engine {
         }
         need.extend((b0..b1).filter(|&b| table.needs_settle(b)));
         if need.is_empty() {
-            return self.submit_write(idx);
+            return self.after_write_reads(idx);
         }
         if !self.ring_room(1) {
             return false;
@@ -976,7 +1136,8 @@ impl Engine {
         let rel = (w.offset - b0 as u64 * BLOCK) as usize;
         let span = ((b1 - b0) as u64 * BLOCK) as usize;
         // Blocks being merged whose old content is nothing read as zeros.
-        if let Some(m) = w.merge.as_mut() {
+        // (With a chain beneath, the walk filled them: see `after_write_reads`.)
+        if let (Some(m), true) = (w.merge.as_mut(), w.below.is_empty()) {
             for b in [b0, b1 - 1] {
                 if !table.needs_read(b) {
                     let s = ((b - b0) as u64 * BLOCK) as usize;
@@ -1020,14 +1181,17 @@ impl Engine {
                     });
                 }
             }
+            Payload::Delete => unreachable!("deletes never write"),
         }
+        // FUA by RWF_DSYNC needs the file's own metadata durable already, and
+        // fallocate has no DSYNC flag; a fresh block may only lose its fresh
+        // mark through a flush (slots.rs): otherwise FUA becomes write + flush.
+        w.flush_after = w.fua
+            && (!ext.synced || punch_range.is_some() || (b0..b1).any(|b| table.fua_needs_flush(b)));
         w.old_slots = (b0..b1)
             .zip(&crcs)
             .map(|(b, &crc)| table.begin_write(b, crc))
             .collect();
-        // FUA by RWF_DSYNC needs the file's own metadata durable already, and
-        // fallocate has no DSYNC flag: otherwise FUA becomes write + flush.
-        w.flush_after = w.fua && (!ext.synced || punch_range.is_some());
         let dsync = if w.fua && !w.flush_after {
             libc::RWF_DSYNC
         } else {
@@ -1107,6 +1271,7 @@ impl Engine {
                     expect.push(BLOCK_BYTES);
                 }
             }
+            (Payload::Delete, _) => unreachable!("deletes never write"),
         }
         let n = sqes.len();
         for (i, s) in sqes.iter_mut().enumerate() {
@@ -1162,8 +1327,14 @@ impl Engine {
     }
 
     fn complete(&mut self, idx: usize) {
-        match &self.ops[idx].as_ref().expect("live").kind {
+        let op = self.ops[idx].as_ref().expect("live");
+        if matches!(op.phase, Phase::BelowRead) {
+            return self.complete_walk_read(idx);
+        }
+        match &op.kind {
+            OpKind::Read(r) if !r.below.is_empty() => self.complete_chained_read(idx),
             OpKind::Read(_) => self.complete_read(idx),
+            OpKind::Held(_) => self.complete_held(idx),
             OpKind::Write(_) => match self.ops[idx].as_ref().expect("live").phase {
                 Phase::Reading => self.complete_write_reads(idx),
                 _ => self.complete_write(idx),
@@ -1207,11 +1378,12 @@ impl Engine {
                 block.fill(0);
                 continue;
             }
-            match table.verify(b, block, self.zero_crc) {
+            match table.verify(b, block) {
                 Verified::Data => {}
-                Verified::Zeros => block.fill(0),
+                Verified::Unheld => block.fill(0),
                 Verified::Mismatch(detail) => {
                     error!(key = %r.key, block = b, path = %ext.path.display(), "checksum mismatch: {detail}");
+                    note_settled(ext, &mut self.dirty, r.key);
                     return Err(StoreError::Checksum {
                         key: r.key,
                         block_index: b,
@@ -1221,8 +1393,66 @@ impl Engine {
                 }
             }
         }
+        note_settled(ext, &mut self.dirty, r.key);
         buf.set_view((r.offset - b0 as u64 * BLOCK) as usize, r.len as usize);
         Ok(buf)
+    }
+
+    /// A read through a chain finished reading its own version: the blocks
+    /// it holds are verified in place, the others are looked for beneath.
+    fn complete_chained_read(&mut self, idx: usize) {
+        let error = self.op_mut(idx).error.take();
+        let OpKind::Read(r) = &mut self.ops[idx].as_mut().expect("live").kind else {
+            unreachable!()
+        };
+        let key = r.key;
+        let ext = self.open.get_mut(&key).expect("open while locked");
+        if let Some((errno, _)) = error {
+            let e = StoreError::from_errno(
+                format!(
+                    "reading {key} at offset {} ({})",
+                    r.offset,
+                    ext.path.display()
+                ),
+                errno,
+            );
+            self.finish_locked_with_error(idx, key, e);
+            return;
+        }
+        let (b0, b1) = blocks_of(r.offset, r.len);
+        let table = ext.table.as_mut().expect("loaded");
+        let buf = r.buf.as_mut().expect("read buffer");
+        let mut need = Vec::new();
+        let mut failed = None;
+        for b in b0..b1 {
+            if !table.needs_read(b) {
+                need.push(b);
+                continue;
+            }
+            let s = ((b - b0) as u64 * BLOCK) as usize;
+            match table.verify(b, &buf[s..s + BLOCK as usize]) {
+                Verified::Data => {}
+                Verified::Unheld => need.push(b),
+                Verified::Mismatch(detail) => {
+                    error!(%key, block = b, path = %ext.path.display(), "checksum mismatch: {detail}");
+                    failed = Some(StoreError::Checksum {
+                        key,
+                        block_index: b,
+                        path: ext.path.clone(),
+                        detail,
+                    });
+                    break;
+                }
+            }
+        }
+        note_settled(ext, &mut self.dirty, key);
+        if let Some(e) = failed {
+            self.finish_locked_with_error(idx, key, e);
+            return;
+        }
+        if !self.start_walk(idx, need, true) {
+            self.make_ready(idx);
+        }
     }
 
     fn complete_write_reads(&mut self, idx: usize) {
@@ -1255,13 +1485,14 @@ impl Engine {
             }
             let s = ((b - b0) as u64 * BLOCK) as usize;
             let block = &mut merge[s..s + BLOCK as usize];
-            match table.verify(b, block, self.zero_crc) {
+            match table.verify(b, block) {
                 Verified::Data => {}
-                Verified::Zeros => block.fill(0),
+                Verified::Unheld => block.fill(0),
                 // A block the write replaces whole may be torn: it is settled
                 // as torn and overwritten. One it merges into must be sound.
                 Verified::Mismatch(detail) if partial => {
                     error!(%key, block = b, path = %ext.path.display(), "checksum mismatch before a partial write: {detail}");
+                    note_settled(ext, &mut self.dirty, key);
                     let e = StoreError::Checksum {
                         key,
                         block_index: b,
@@ -1276,8 +1507,9 @@ impl Engine {
                 }
             }
         }
+        note_settled(ext, &mut self.dirty, key);
         self.op_mut(idx).phase = Phase::ReadyToWrite;
-        if !self.submit_write(idx) {
+        if !self.after_write_reads(idx) {
             // Keep the locks; submit when the ring has room.
             self.make_ready(idx);
         }
@@ -1327,6 +1559,368 @@ impl Engine {
         } else {
             let _ = w.reply.send(Ok(()));
         }
+    }
+
+    // ----- the chain beneath a version -----
+
+    /// A write's reads (if any) are done: with a chain beneath, the partial
+    /// blocks its own version does not hold are filled from the chain first
+    /// (under the write's block locks). Then the write is submitted. Returns
+    /// false if the ring has no room.
+    fn after_write_reads(&mut self, idx: usize) -> bool {
+        let OpKind::Write(w) = &mut self.ops[idx].as_mut().expect("live").kind else {
+            unreachable!()
+        };
+        if w.below.is_empty() {
+            return self.submit_write(idx);
+        }
+        let (b0, b1) = blocks_of(w.offset, w.len);
+        let (head_partial, tail_partial) = partial_ends(w.offset, w.len);
+        let table = self.open[&w.key].table.as_ref().expect("loaded");
+        let mut need = Vec::new();
+        if head_partial && !table.needs_read(b0) {
+            need.push(b0);
+        }
+        if tail_partial && b1 - 1 != b0 && !table.needs_read(b1 - 1) {
+            need.push(b1 - 1);
+        } else if tail_partial && b1 - 1 == b0 && !head_partial && !table.needs_read(b0) {
+            need.push(b0);
+        }
+        if need.is_empty() {
+            return self.submit_write(idx);
+        }
+        let span = ((b1 - b0) as u64 * BLOCK) as usize;
+        w.merge.get_or_insert_with(|| IoBuf::zeroed(span));
+        self.start_walk(idx, need, true)
+    }
+
+    /// Starts looking for blocks `need` in the versions beneath the op's own.
+    /// The op's buffer (a read's `buf`, a write's `merge`) spans its blocks.
+    /// Returns false if the ring has no room (the op resumes where it is).
+    fn start_walk(&mut self, idx: usize, need: Vec<u32>, top_locked: bool) -> bool {
+        let op = self.op_mut(idx);
+        op.phase = Phase::Below;
+        let walk = Some(Box::new(Walk {
+            level: 0,
+            need,
+            lock: None,
+            stage: None,
+            top_locked,
+        }));
+        match &mut op.kind {
+            OpKind::Read(r) => r.walk = walk,
+            OpKind::Write(w) => w.walk = walk,
+            _ => unreachable!("only reads and writes walk"),
+        }
+        self.advance_walk(idx)
+    }
+
+    /// Consults the next older version that may hold a needed block: finds
+    /// it, opens and loads it, takes a shared lock on the needed range and
+    /// reads the blocks it may hold. Versions not stored, or holding none of
+    /// the blocks, are passed over without I/O. Returns false if the ring has
+    /// no room.
+    fn advance_walk(&mut self, idx: usize) -> bool {
+        loop {
+            let op = self.ops[idx].as_mut().expect("live");
+            let (key, extent_bytes, below, walk) = match &mut op.kind {
+                OpKind::Read(r) => (r.key, r.extent_bytes, &r.below, r.walk.as_mut()),
+                OpKind::Write(w) => (w.key, w.extent_bytes, &w.below, w.walk.as_mut()),
+                _ => unreachable!("only reads and writes walk"),
+            };
+            let walk = walk.expect("walking");
+            if walk.need.is_empty() || walk.level >= below.len() {
+                return self.finish_walk(idx);
+            }
+            let lkey = ExtentKey {
+                epoch: below[walk.level],
+                ..key
+            };
+            let (w0, w1) = (walk.need[0], walk.need[walk.need.len() - 1] + 1);
+            let Some(entry) = self.index.get(&lkey).copied() else {
+                walk.level += 1;
+                walk.lock = None;
+                continue;
+            };
+            walk.lock = Some((lkey, w0, w1));
+            if entry.extent_bytes != extent_bytes {
+                let e = StoreError::ExtentSizeMismatch {
+                    key: lkey,
+                    stored_bytes: entry.extent_bytes,
+                    requested_bytes: extent_bytes,
+                };
+                self.finish_with_error(idx, e);
+                return true;
+            }
+            if !self.open.contains_key(&lkey) {
+                if let Err(e) = self.open_extent(lkey, entry) {
+                    self.finish_with_error(idx, e);
+                    return true;
+                }
+            }
+            self.touch(lkey);
+            let room = self.ring_room(1);
+            let ext = self.open.get_mut(&lkey).expect("opened above");
+            if ext.table.is_none() {
+                if !ext.load_waiters.contains(&idx) {
+                    ext.load_waiters.push(idx);
+                }
+                return true;
+            }
+            let queued_pos = ext.waiters.iter().position(|&w| w == idx);
+            if lock_conflict(ext, &self.ops, idx, w0, w1, false, false, queued_pos) {
+                if queued_pos.is_none() {
+                    ext.waiters.push_back(idx);
+                }
+                return true;
+            }
+            let table = ext.table.as_ref().expect("loaded");
+            let walk = self.ops[idx]
+                .as_mut()
+                .and_then(|op| match &mut op.kind {
+                    OpKind::Read(r) => r.walk.as_deref_mut(),
+                    OpKind::Write(w) => w.walk.as_deref_mut(),
+                    _ => None,
+                })
+                .expect("walking");
+            let mut held = walk.need.iter().copied().filter(|&b| table.needs_read(b));
+            let Some(s0) = held.next() else {
+                // This version holds none of them: on to the next, without
+                // its lock. Ops queued behind this one may go now.
+                walk.level += 1;
+                walk.lock = None;
+                if let Some(p) = queued_pos {
+                    ext.waiters.remove(p);
+                    let behind: Vec<usize> = ext.waiters.iter().copied().collect();
+                    self.make_all_ready(behind);
+                }
+                continue;
+            };
+            let s1 = held.next_back().unwrap_or(s0) + 1;
+            if !room {
+                return false;
+            }
+            if let Some(p) = queued_pos {
+                ext.waiters.remove(p);
+            }
+            ext.active.push((idx, w0, w1, false));
+            let span = (s1 - s0) as u64 * BLOCK;
+            let mut stage = IoBuf::for_overwrite(span as usize);
+            let sqe = opcode::Read::new(
+                types::Fd(ext.data_fd.as_raw_fd()),
+                stage.as_mut_ptr(),
+                span as u32,
+            )
+            .offset(layout::data_offset(ext.extent_bytes) + s0 as u64 * BLOCK)
+            .build();
+            // The buffer's heap address does not move when the IoBuf is stored.
+            walk.stage = Some((s0, stage));
+            let op = self.op_mut(idx);
+            op.phase = Phase::BelowRead;
+            op.expect[0] = span as u32;
+            self.push_chain(idx, &[sqe]);
+            return true;
+        }
+    }
+
+    /// An older version's blocks were read: the ones it holds are verified
+    /// and copied into the op's buffer; the rest are looked for further down.
+    fn complete_walk_read(&mut self, idx: usize) {
+        let error = self.op_mut(idx).error.take();
+        let mut op = self.ops[idx].take().expect("live");
+        let (b0, dest, walk) = match &mut op.kind {
+            OpKind::Read(r) => (
+                blocks_of(r.offset, r.len).0,
+                r.buf.as_mut().expect("read buffer"),
+                r.walk.as_mut().expect("walking"),
+            ),
+            OpKind::Write(w) => (
+                blocks_of(w.offset, w.len).0,
+                w.merge.as_mut().expect("merge buffer"),
+                w.walk.as_mut().expect("walking"),
+            ),
+            _ => unreachable!("only reads and writes walk"),
+        };
+        let (lkey, _, _) = walk.lock.expect("locked while reading");
+        let (s0, stage) = walk.stage.take().expect("stage while reading");
+        let s1 = s0 + (stage.len() as u64 / BLOCK) as u32;
+        let ext = self.open.get_mut(&lkey).expect("open while locked");
+        let mut failed = None;
+        if let Some((errno, _)) = error {
+            failed = Some(StoreError::from_errno(
+                format!(
+                    "reading {lkey} (beneath a newer version) at block {s0} ({})",
+                    ext.path.display()
+                ),
+                errno,
+            ));
+        } else {
+            let table = ext.table.as_mut().expect("loaded");
+            let mut still = Vec::with_capacity(walk.need.len());
+            for &b in &walk.need {
+                if b < s0 || b >= s1 || !table.needs_read(b) {
+                    still.push(b);
+                    continue;
+                }
+                let s = ((b - s0) as u64 * BLOCK) as usize;
+                let block = &stage[s..s + BLOCK as usize];
+                match table.verify(b, block) {
+                    Verified::Data => {
+                        let d = ((b - b0) as u64 * BLOCK) as usize;
+                        dest[d..d + BLOCK as usize].copy_from_slice(block);
+                    }
+                    Verified::Unheld => still.push(b),
+                    Verified::Mismatch(detail) => {
+                        error!(key = %lkey, block = b, path = %ext.path.display(), "checksum mismatch: {detail}");
+                        failed = Some(StoreError::Checksum {
+                            key: lkey,
+                            block_index: b,
+                            path: ext.path.clone(),
+                            detail,
+                        });
+                        break;
+                    }
+                }
+            }
+            walk.need = still;
+            walk.level += 1;
+        }
+        note_settled(ext, &mut self.dirty, lkey);
+        walk.lock = None;
+        op.phase = Phase::Below;
+        self.ops[idx] = Some(op);
+        self.release(idx, lkey);
+        if let Some(e) = failed {
+            self.finish_with_error(idx, e);
+            return;
+        }
+        if !self.advance_walk(idx) {
+            self.make_ready(idx);
+        }
+    }
+
+    /// The walk is over: blocks no version holds read as zeros. A read
+    /// replies; a write goes on to submit. Returns false if the ring has no
+    /// room for the write.
+    fn finish_walk(&mut self, idx: usize) -> bool {
+        let op = self.ops[idx].as_mut().expect("live");
+        match &mut op.kind {
+            OpKind::Read(r) => {
+                let walk = r.walk.take().expect("walking");
+                let (b0, _) = blocks_of(r.offset, r.len);
+                let buf = r.buf.as_mut().expect("read buffer");
+                for &b in &walk.need {
+                    let s = ((b - b0) as u64 * BLOCK) as usize;
+                    buf[s..s + BLOCK as usize].fill(0);
+                }
+                let OpKind::Read(mut r) = self.take_op(idx).kind else {
+                    unreachable!()
+                };
+                if walk.top_locked {
+                    self.release(idx, r.key);
+                }
+                let mut buf = r.buf.take().expect("read buffer");
+                buf.set_view((r.offset - b0 as u64 * BLOCK) as usize, r.len as usize);
+                let _ = r.reply.send(Ok(buf));
+                true
+            }
+            OpKind::Write(w) => {
+                let walk = w.walk.take().expect("walking");
+                let (b0, _) = blocks_of(w.offset, w.len);
+                let merge = w.merge.as_mut().expect("merge buffer");
+                for &b in &walk.need {
+                    let s = ((b - b0) as u64 * BLOCK) as usize;
+                    merge[s..s + BLOCK as usize].fill(0);
+                }
+                op.phase = Phase::ReadyToWrite;
+                self.submit_write(idx)
+            }
+            _ => unreachable!("only reads and writes walk"),
+        }
+    }
+
+    // ----- held blocks -----
+
+    /// `held_blocks`: reads the blocks not yet settled (after a crash), if any.
+    fn start_held(&mut self, idx: usize) -> bool {
+        let OpKind::Held(h) = &self.ops[idx].as_ref().expect("live").kind else {
+            unreachable!()
+        };
+        let key = h.key;
+        let ext = &self.open[&key];
+        let table = ext.table.as_ref().expect("loaded");
+        let mut unsettled = (0..table.blocks()).filter(|&b| table.needs_settle(b));
+        let Some(u0) = unsettled.next() else {
+            self.finish_held(idx);
+            return true;
+        };
+        let u1 = unsettled.next_back().unwrap_or(u0) + 1;
+        if !self.ring_room(1) {
+            return false;
+        }
+        let span = ((u1 - u0) as u64 * BLOCK) as usize;
+        let mut buf = IoBuf::for_overwrite(span);
+        let fd = ext.data_fd.as_raw_fd();
+        let file_off = layout::data_offset(ext.extent_bytes) + u0 as u64 * BLOCK;
+        let ptr = buf.as_mut_ptr();
+        let OpKind::Held(h) = &mut self.op_mut(idx).kind else {
+            unreachable!()
+        };
+        // The buffer's heap address does not move when the IoBuf is stored.
+        h.buf = Some((u0, buf));
+        self.submit_data_read(idx, fd, ptr, span as u32, file_off);
+        true
+    }
+
+    fn complete_held(&mut self, idx: usize) {
+        let error = self.op_mut(idx).error.take();
+        let OpKind::Held(h) = &mut self.ops[idx].as_mut().expect("live").kind else {
+            unreachable!()
+        };
+        let key = h.key;
+        let (u0, buf) = h.buf.take().expect("held buffer");
+        let ext = self.open.get_mut(&key).expect("open while locked");
+        if let Some((errno, _)) = error {
+            let e = StoreError::from_errno(
+                format!(
+                    "reading {key} to settle its blocks ({})",
+                    ext.path.display()
+                ),
+                errno,
+            );
+            self.finish_locked_with_error(idx, key, e);
+            return;
+        }
+        let table = ext.table.as_mut().expect("loaded");
+        let u1 = u0 + (buf.len() as u64 / BLOCK) as u32;
+        for b in u0..u1 {
+            if !table.needs_settle(b) {
+                continue;
+            }
+            let s = ((b - u0) as u64 * BLOCK) as usize;
+            if let Verified::Mismatch(detail) = table.verify(b, &buf[s..s + BLOCK as usize]) {
+                // Held (reads of it fail rather than fall through).
+                warn!(%key, block = b, path = %ext.path.display(), "checksum mismatch: {detail}");
+            }
+        }
+        note_settled(ext, &mut self.dirty, key);
+        self.finish_held(idx);
+    }
+
+    /// Replies with the held-block bitmap; every block is settled.
+    fn finish_held(&mut self, idx: usize) {
+        let OpKind::Held(h) = self.take_op(idx).kind else {
+            unreachable!()
+        };
+        let table = self.open[&h.key].table.as_ref().expect("loaded");
+        let mut words = vec![0u64; table.blocks().div_ceil(64) as usize];
+        for b in 0..table.blocks() {
+            if table.held(b) {
+                words[b as usize / 64] |= 1 << (b % 64);
+            }
+        }
+        self.release(idx, h.key);
+        let _ = h.reply.send(Ok(Some(words)));
     }
 
     // ----- extents: create, open, load, delete, evict -----
@@ -1675,6 +2269,14 @@ impl Engine {
             let ext = self.open.get_mut(&key).expect("dirty extents stay open");
             let table = ext.table.as_mut().expect("dirty extents are loaded");
             let blocks = table.capture_written_for_flush();
+            // Fresh blocks lost their fresh mark in the capture: store their
+            // entries again now, so the fsync makes that durable with the data.
+            for &b in &blocks {
+                if table.fresh_cleared(b) {
+                    let at = b as usize * ENTRY_BYTES;
+                    table.encode_range_into(b, b + 1, &mut ext.slot_map[at..at + ENTRY_BYTES]);
+                }
+            }
             ext.needs_fsync = false;
             ext.flushing += 1;
             captured.push((key, blocks));
@@ -1958,23 +2560,47 @@ impl Engine {
 
     // ----- finishing ops with errors -----
 
-    /// For ops that hold no lock.
+    /// For ops that hold no lock on their own version's blocks, or hold
+    /// them while walking the chain beneath it (released here).
     fn finish_with_error(&mut self, idx: usize, e: StoreError) {
         let op = self.take_op(idx);
+        let top = op.walk().filter(|w| w.top_locked).is_some();
         match op.kind {
             OpKind::Read(r) => {
+                if top {
+                    self.release(idx, r.key);
+                }
                 let _ = r.reply.send(Err(e));
             }
             OpKind::Write(w) => {
+                if top {
+                    self.release(idx, w.key);
+                }
                 let _ = w.reply.send(Err(e));
             }
-            _ => unreachable!("only reads and writes fail this way"),
+            OpKind::Held(h) => {
+                let _ = h.reply.send(Err(e));
+            }
+            _ => unreachable!("only reads, writes and held ops fail this way"),
         }
     }
 
     fn finish_locked_with_error(&mut self, idx: usize, key: ExtentKey, e: StoreError) {
         self.release(idx, key);
         self.finish_with_error(idx, e);
+    }
+}
+
+/// After verifying blocks of `ext` (version `key`): a settle that left a
+/// pending write (slots.rs, rule 4) makes the extent need a flush.
+fn note_settled(ext: &mut OpenExtent, dirty: &mut BTreeSet<ExtentKey>, key: ExtentKey) {
+    if ext
+        .table
+        .as_mut()
+        .is_some_and(|t| t.take_settled_unflushed())
+    {
+        ext.needs_fsync = true;
+        dirty.insert(key);
     }
 }
 
@@ -2075,6 +2701,8 @@ fn reject_shutting_down(cmd: Command) {
         Command::Write { reply, .. } | Command::Zero { reply, .. } | Command::Flush { reply } => {
             drop(reply.send(Err(StoreError::ShuttingDown)))
         }
+        Command::Held { reply, .. } => drop(reply.send(Err(StoreError::ShuttingDown))),
+        Command::Delete { reply, .. } => drop(reply.send(Err(StoreError::ShuttingDown))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
         // Reads of metadata can still be answered truthfully, but the engine
         // is going away: dropping the reply reports ShuttingDown.

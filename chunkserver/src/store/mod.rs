@@ -33,8 +33,20 @@ use layout::{extent_bytes_valid, SECTOR_BYTES};
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Which stored version of which extent: `(volume, extent index, epoch)`.
-/// Snapshots (a later issue) add versions with higher epochs; the store keeps
-/// each as its own file from the start, so they need no format change.
+/// Snapshots add versions with higher epochs, each its own file; a version
+/// is read through the older versions beneath it (its *chain*, which the
+/// caller passes with each request: see [`Store::read_at`]).
+///
+/// ## Copy-on-write versions
+///
+/// A version *holds* a 4 KiB block once the block was written or zeroed in
+/// it; other blocks come from the first version in the chain that holds
+/// them, else read as zeros. Held, held as zeros and not held are told apart
+/// by the block's checksum slots alone (see [`slots`]): no slots is not held;
+/// a zeroed block keeps the CRC32 of a zero block over a punched hole. All
+/// versions of an extent live in one engine, which reads older versions'
+/// files directly, taking shared block locks on them in chain order (newest
+/// first; chains follow the snapshot tree, so lock waits never form a cycle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExtentKey {
     pub volume_id: u64,
@@ -146,9 +158,14 @@ pub struct ExtentPage {
     pub more: bool,
 }
 
+/// Epochs beneath a version, newest first. Empty (no allocation) for a
+/// version read alone.
+pub(crate) type Below = Box<[u64]>;
+
 pub(crate) enum Command {
     Read {
         key: ExtentKey,
+        below: Below,
         extent_bytes: u32,
         offset: u64,
         len: u32,
@@ -156,6 +173,7 @@ pub(crate) enum Command {
     },
     Write {
         key: ExtentKey,
+        below: Below,
         extent_bytes: u32,
         offset: u64,
         data: IoBuf,
@@ -166,6 +184,7 @@ pub(crate) enum Command {
     /// gives whole blocks back to the file system.
     Zero {
         key: ExtentKey,
+        below: Below,
         extent_bytes: u32,
         offset: u64,
         len: u32,
@@ -185,6 +204,16 @@ pub(crate) enum Command {
     Stat {
         key: ExtentKey,
         reply: oneshot::Sender<Option<ExtentStat>>,
+    },
+    /// The version's held-block bitmap (None if not stored).
+    Held {
+        key: ExtentKey,
+        reply: oneshot::Sender<Result<Option<Vec<u64>>>>,
+    },
+    /// Removes one stored version.
+    Delete {
+        key: ExtentKey,
+        reply: oneshot::Sender<Result<()>>,
     },
     Usage {
         reply: oneshot::Sender<StoreUsage>,
@@ -291,6 +320,7 @@ impl Store {
 
     /// Reads `len` bytes at `offset` of an extent version. Never-written ranges
     /// read as zeros. A block failing its checksum is an error, never data.
+    /// The version read alone: [`Store::read_at`] with an empty chain.
     pub async fn read(
         &self,
         key: ExtentKey,
@@ -298,9 +328,28 @@ impl Store {
         offset: u64,
         len: u32,
     ) -> Result<IoBuf> {
+        self.read_at(key, &[], extent_bytes, offset, len).await
+    }
+
+    /// Reads through the chain: each 4 KiB block comes from `key`'s version
+    /// if that version holds it, else from the first version in `below`
+    /// (epochs of the same volume and index, newest first) that holds it,
+    /// else zeros. A block failing its checksum in the version it comes from
+    /// is an error, never data.
+    pub async fn read_at(
+        &self,
+        key: ExtentKey,
+        below: &[u64],
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<IoBuf> {
         check_range(&key, extent_bytes, offset, len as u64)?;
+        check_chain(&key, below)?;
+        let below = Below::from(below);
         self.call(&key, |reply| Command::Read {
             key,
+            below,
             extent_bytes,
             offset,
             len,
@@ -310,6 +359,7 @@ impl Store {
     }
 
     /// Writes `data` at `offset`. With `fua` the data is durable when this returns.
+    /// The version written alone: [`Store::write_at`] with an empty chain.
     pub async fn write(
         &self,
         key: ExtentKey,
@@ -318,9 +368,31 @@ impl Store {
         data: IoBuf,
         fua: bool,
     ) -> Result<()> {
+        self.write_at(key, &[], extent_bytes, offset, data, fua)
+            .await
+    }
+
+    /// Writes into `key`'s version only. A write covering part of a 4 KiB
+    /// block that the version does not hold yet first fills the rest of the
+    /// block from the chain (read-modify-write through the chain), under the
+    /// same block lock, so concurrent writers to neighbouring sectors stay
+    /// correct. Whole-block writes never read the chain. With `fua` the data
+    /// is durable when this returns.
+    pub async fn write_at(
+        &self,
+        key: ExtentKey,
+        below: &[u64],
+        extent_bytes: u32,
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+    ) -> Result<()> {
         check_range(&key, extent_bytes, offset, data.len() as u64)?;
+        check_chain(&key, below)?;
+        let below = Below::from(below);
         self.call(&key, |reply| Command::Write {
             key,
+            below,
             extent_bytes,
             offset,
             data,
@@ -332,7 +404,8 @@ impl Store {
 
     /// Makes the range read as zeros. `punch` gives whole blocks back to the
     /// file system (a zeroed whole extent is deleted); without it the blocks
-    /// stay allocated.
+    /// stay allocated. The version alone: [`Store::write_zeroes_at`] with an
+    /// empty chain.
     pub async fn write_zeroes(
         &self,
         key: ExtentKey,
@@ -342,9 +415,34 @@ impl Store {
         fua: bool,
         punch: bool,
     ) -> Result<()> {
+        self.write_zeroes_at(key, &[], extent_bytes, offset, len, fua, punch)
+            .await
+    }
+
+    /// Zeroes the range in `key`'s version. With `below` empty, as
+    /// [`Store::write_zeroes`]. With a chain, the zeroed blocks become *held
+    /// as zeros* in this version (their data punched or zeroed, their slots
+    /// the CRC32 of a zero block), so they hide the older versions; partial
+    /// blocks are filled from the chain like [`Store::write_at`]'s. A
+    /// whole-extent zeroing with a chain keeps the file (every block held as
+    /// zeros), and zeroing a version not stored yet creates it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_zeroes_at(
+        &self,
+        key: ExtentKey,
+        below: &[u64],
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        punch: bool,
+    ) -> Result<()> {
         check_range(&key, extent_bytes, offset, len as u64)?;
+        check_chain(&key, below)?;
+        let below = Below::from(below);
         self.call(&key, |reply| Command::Zero {
             key,
+            below,
             extent_bytes,
             offset,
             len,
@@ -353,6 +451,26 @@ impl Store {
             reply,
         })
         .await?
+    }
+
+    /// Which 4 KiB blocks this version holds (written or zeroed in it), one
+    /// bit per block (bit `i % 64` of word `i / 64`), or None when the version
+    /// is not stored. After a crash, blocks not yet verified are read and
+    /// settled first, so the answer agrees with what reads return (a block
+    /// whose checksum fails counts as held: reads of it fail, they do not
+    /// fall through).
+    pub async fn held_blocks(&self, key: ExtentKey) -> Result<Option<Vec<u64>>> {
+        self.call(&key, |reply| Command::Held { key, reply })
+            .await?
+    }
+
+    /// Removes one stored version (its file and index entry); a no-op if not
+    /// stored. Waits for the ops in flight on it; ops that arrive after it
+    /// find the version gone (reads through it fall through to the next
+    /// version of their chain).
+    pub async fn delete_version(&self, key: ExtentKey) -> Result<()> {
+        self.call(&key, |reply| Command::Delete { key, reply })
+            .await?
     }
 
     /// Discards the range: it reads as zeros and its space goes back to the
@@ -493,6 +611,16 @@ impl Drop for Inner {
             let _ = shared.send(Command::Shutdown { reply });
         }
     }
+}
+
+/// Checks a request's chain: a version cannot lie beneath itself.
+fn check_chain(key: &ExtentKey, below: &[u64]) -> Result<()> {
+    if below.contains(&key.epoch) {
+        return Err(StoreError::InvalidArgument(format!(
+            "{key}: the chain beneath it names its own epoch"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a request's range before it reaches the engine.

@@ -96,6 +96,11 @@ pub trait Backend: Send + Sync + 'static {
         offset: u64,
         len: u32,
     ) -> impl Future<Output = Result<Extents, IoError>> + Send;
+    /// Completes when the export's clients must be disconnected (its volume
+    /// was rolled back under it): they reconnect to what it is now.
+    fn revoked(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Where exports come from.

@@ -126,6 +126,10 @@ where
             biased;
             _ = crate::server::stopped(&mut shutdown) => break End::Shutdown,
             _ = writer_dead.notified() => break End::Dropped,
+            _ = conn.export.revoked() => {
+                info!("export revoked (its volume changed under it); closing the connection");
+                break End::Dropped;
+            }
             got = read_header(&mut reader, &mut header) => got,
         };
         match got {

@@ -10,6 +10,8 @@
 //!   nbdkit's file plugin, through fio's nbd engine, and its resident memory
 //!   per idle connection (issue 6).
 //! - [`idle`]: CPU and log lines of an idle `cairn up` cluster (issue 7).
+//! - [`snapshot`]: snapshot creation time by volume size, writes right after
+//!   a snapshot, rollback time (issue 8).
 
 mod chunkserver;
 mod disk;
@@ -20,6 +22,7 @@ mod load;
 mod nbd;
 mod replication;
 mod report;
+mod snapshot;
 mod store;
 
 use clap::Subcommand;
@@ -43,6 +46,10 @@ pub enum BenchCommand {
     /// An idle `cairn up` cluster: CPU share of one core and log lines over 60 s
     /// with no I/O (goal: under 1%, none).
     Idle(idle::IdleBenchArgs),
+    /// Snapshots: creation time of thin volumes of 1 GiB, 100 GiB and 10 TiB
+    /// (also exported under fio's writes), 4 KiB random writes right after a
+    /// snapshot against without, and rollback time by data written.
+    Snapshot(snapshot::SnapshotBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -52,5 +59,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Replication(args) => replication::run(args),
         BenchCommand::Nbd(args) => nbd::run(args),
         BenchCommand::Idle(args) => idle::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
     }
 }

@@ -519,12 +519,12 @@ pub(super) fn progress(line: impl AsRef<str>) {
 
 /// One IOPS run.
 #[derive(Clone, serde::Serialize)]
-struct IopsRun {
+pub(super) struct IopsRun {
     iodepth: usize,
     writes: u64,
-    iops: f64,
+    pub(super) iops: f64,
     mean_ms: f64,
-    p99_ms: f64,
+    pub(super) p99_ms: f64,
     /// Share of the machine's CPU time not idle during the run (all
     /// processes: the client, the chunk servers, the kernel).
     cpu_busy: f64,
@@ -545,7 +545,12 @@ pub(super) fn cpu_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-async fn iops_run(vol: &Volume, seconds: u64, seed: u64, depth: usize) -> anyhow::Result<IopsRun> {
+pub(super) async fn iops_run(
+    vol: &Volume,
+    seconds: u64,
+    seed: u64,
+    depth: usize,
+) -> anyhow::Result<IopsRun> {
     let load = Load::start(vol, depth, seed);
     let t0 = Instant::now();
     let cpu0 = cpu_jiffies();

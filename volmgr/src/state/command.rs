@@ -8,7 +8,7 @@
 //! that knows a command before any client proposes it** (upgrade all members,
 //! then use the new command).
 
-use cairn_proto::map::{NodeInfo, VolumeInfo};
+use cairn_proto::map::{NodeInfo, SnapshotInfo, VolumeInfo};
 
 /// One raft log entry: a command and who asked for it.
 ///
@@ -32,13 +32,12 @@ pub struct Proposal {
     /// this build does not know.
     #[prost(
         oneof = "Command",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27"
     )]
     pub command: Option<Command>,
 }
 
-/// A change to the replicated state. Tags 23 and up are free (snapshots,
-/// clones and rollback come with issue 8).
+/// A change to the replicated state. Tags 28 and up are free.
 #[derive(Clone, PartialEq, ::prost::Oneof)]
 pub enum Command {
     /// Sets the pool's group count; only once (at bootstrap). Map change.
@@ -88,6 +87,24 @@ pub enum Command {
     /// granted.
     #[prost(message, tag = "22")]
     ClaimReplica(ClaimReplica),
+    /// Freezes a volume's head epoch as a snapshot and opens a new head
+    /// epoch. Catalogue change.
+    #[prost(message, tag = "23")]
+    CreateSnapshot(CreateSnapshot),
+    /// Drops a snapshot's record. Catalogue change.
+    #[prost(message, tag = "24")]
+    DeleteSnapshot(DeleteSnapshot),
+    /// Keeps the head as a snapshot, then points the volume at another
+    /// snapshot. Catalogue change.
+    #[prost(message, tag = "25")]
+    RollbackVolume(RollbackVolume),
+    /// A new volume over a snapshot's epochs. Catalogue change.
+    #[prost(message, tag = "26")]
+    CloneVolume(CloneVolume),
+    /// Forgets dead epochs the garbage collector deleted. Neither a map nor
+    /// a catalogue change.
+    #[prost(message, tag = "27")]
+    EpochsCollected(EpochsCollected),
 }
 
 /// See [`Command::SetGroupCount`].
@@ -224,6 +241,90 @@ pub struct CreateVolume {
     /// 1 up to `replicas`.
     #[prost(uint32, tag = "5")]
     pub min_replicas: u32,
+    /// True in every entry this build proposes: the volume's head epoch is
+    /// the next cluster-wide epoch (see the state's docs, "Epochs"). False
+    /// in entries written before snapshots existed (issue 8), whose volumes
+    /// got head epoch 1: a newer build replaying such a log must rebuild
+    /// the catalogue those builds had (their data is stored at epoch 1).
+    #[prost(bool, tag = "6")]
+    pub epoch_from_counter: bool,
+}
+
+/// See [`Command::CreateSnapshot`]. Snapshot `S` of volume `V`:
+/// `S = { id: V.last_snapshot_id + 1, name, epoch: V.head_epoch, chain:
+/// V.chain, size_bytes: V.size_bytes }`; then `V.chain = [V.head_epoch] +
+/// V.chain` and `V.head_epoch` = the next cluster-wide epoch.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateSnapshot {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// Unique within the volume; the rules of volume names.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+/// See [`Command::DeleteSnapshot`]. The record goes; epochs it shared with
+/// the volume's chain, other snapshots or clones stay referenced by them
+/// (a clone of the snapshot keeps working).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteSnapshot {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// The snapshot's name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+/// See [`Command::RollbackVolume`]. First the head is kept as snapshot `K`
+/// exactly as [`CreateSnapshot`] would take it (named `keep_as`, or
+/// `before-rollback-<S>-<n>` with the lowest `n` from 1 that is free);
+/// then `V.head_epoch` = the next epoch, `V.chain = [S.epoch] + S.chain`,
+/// `V.size_bytes = S.size_bytes`. Whether a front end exports the volume
+/// is the API's business (it is not replicated state).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RollbackVolume {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// The snapshot to roll back to, by name.
+    #[prost(string, tag = "2")]
+    pub snapshot: String,
+    /// The name for the kept head; empty: chosen as above.
+    #[prost(string, tag = "3")]
+    pub keep_as: String,
+}
+
+/// See [`Command::CloneVolume`]. Clone `N` of snapshot `S` of `V`: a new
+/// volume id, `name`, `V`'s extent size, replicas and min replicas,
+/// `size_bytes = S.size_bytes`, `data_id = V.data_volume_id()`,
+/// `head_epoch` = the next epoch, `chain = [S.epoch] + S.chain`,
+/// `parent = (V.id, S.id)`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CloneVolume {
+    /// The source volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// The source snapshot, by name.
+    #[prost(string, tag = "2")]
+    pub snapshot: String,
+    /// The new volume's name; unique among volumes.
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+/// See [`Command::EpochsCollected`]: the collector deleted every extent
+/// version of `epochs` under `data_id`. Each must be dead (see
+/// `State::dead_epochs`); epochs not known (forgotten already) are skipped.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EpochsCollected {
+    /// The data id.
+    #[prost(uint64, tag = "1")]
+    pub data_id: u64,
+    /// The epochs deleted.
+    #[prost(uint64, repeated, tag = "2")]
+    pub epochs: Vec<u64>,
 }
 
 /// See [`Command::ClaimReplica`]: the claim of
@@ -338,16 +439,17 @@ pub enum ErrorCode {
     /// A field is out of range or malformed: name, size, extent size,
     /// replicas, labels, address, group count.
     InvalidArgument = 1,
-    /// A volume with that name exists.
+    /// A volume (or a snapshot of the volume) with that name exists.
     AlreadyExists = 2,
-    /// No such volume or node.
+    /// No such volume, snapshot or node.
     NotFound = 3,
     /// Valid on its own but not in the current state: shrinking, more
     /// replicas than failure domains, removing a node still in, up or
-    /// acting, changing the group count, deleting a clone's parent, a
-    /// refused claim.
+    /// acting, changing the group count, a refused claim, collecting an
+    /// epoch still referenced.
     FailedPrecondition = 4,
-    /// A named limit (volumes, nodes) is reached.
+    /// A named limit (volumes, nodes, snapshots per volume, chain length)
+    /// is reached.
     LimitReached = 5,
     /// A retry older than the session's last applied request.
     StaleRequest = 6,
@@ -374,12 +476,17 @@ pub struct Response {
     /// The catalogue version after applying.
     #[prost(uint64, tag = "4")]
     pub catalogue_version: u64,
-    /// Create, grow: the volume as it is now; delete: as it was.
+    /// Create, grow, snapshot create/delete, rollback, clone (the new
+    /// volume): the volume as it is now; delete: as it was.
     #[prost(message, optional, tag = "5")]
     pub volume: Option<VolumeInfo>,
     /// Register, set weight: the node as it is now; remove: as it was.
     #[prost(message, optional, tag = "6")]
     pub node: Option<NodeInfo>,
+    /// Create snapshot: the snapshot; delete snapshot: as it was; rollback:
+    /// the snapshot the head was kept as; clone: the source snapshot.
+    #[prost(message, optional, tag = "7")]
+    pub snapshot: Option<SnapshotInfo>,
 }
 
 impl Response {

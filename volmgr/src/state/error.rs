@@ -138,15 +138,68 @@ pub enum StateError {
         /// `VOLUMES_MAX`.
         max: usize,
     },
-    /// Deleting a volume that clones start from.
-    #[error("volume {name:?} (id {id}) is the parent of clones {clones:?}; delete those first")]
-    VolumeHasClones {
+    /// A snapshot name breaks the naming rules (those of volume names).
+    #[error("volume {volume:?}: invalid snapshot name {name:?}: {reason}")]
+    InvalidSnapshotName {
         /// The volume.
+        volume: String,
+        /// The name given.
         name: String,
-        /// Its id.
+        /// Which rule.
+        reason: String,
+    },
+    /// The volume has a snapshot with that name.
+    #[error("volume {volume:?} already has a snapshot named {name:?} (snapshot id {id})")]
+    DuplicateSnapshotName {
+        /// The volume.
+        volume: String,
+        /// The name given.
+        name: String,
+        /// The existing snapshot's id.
         id: u64,
-        /// The clones' ids.
-        clones: Vec<u64>,
+    },
+    /// The volume has no snapshot with that name.
+    #[error("volume {volume:?} has no snapshot named {name:?}")]
+    UnknownSnapshot {
+        /// The volume.
+        volume: String,
+        /// The name given.
+        name: String,
+    },
+    /// The volume has `SNAPSHOTS_PER_VOLUME_MAX` snapshots.
+    #[error(
+        "volume {volume:?} has {max} snapshots, the most a volume may have; delete some first"
+    )]
+    TooManySnapshots {
+        /// The volume.
+        volume: String,
+        /// `SNAPSHOTS_PER_VOLUME_MAX`.
+        max: usize,
+    },
+    /// The volume's chain has `CHAIN_EPOCHS_MAX` frozen epochs.
+    #[error(
+        "volume {volume:?} has {max} frozen epochs beneath its head, the most a volume may have \
+         (merging them is not supported yet; copying its data into a new volume starts a fresh \
+         chain)"
+    )]
+    ChainTooLong {
+        /// The volume.
+        volume: String,
+        /// `CHAIN_EPOCHS_MAX`.
+        max: usize,
+    },
+    /// A collected epoch that a volume or snapshot still references.
+    #[error(
+        "epoch {epoch} of data id {data_id} cannot be collected: {by} still references it \
+         (only dead epochs may be collected)"
+    )]
+    EpochReferenced {
+        /// The data id.
+        data_id: u64,
+        /// The epoch.
+        epoch: u64,
+        /// Who references it, in words.
+        by: String,
     },
     /// No node with this id is in the map.
     #[error("no chunk server with node id {node_id} in the map")]
@@ -272,7 +325,8 @@ pub enum StateError {
         /// The count asked for.
         requested: u32,
     },
-    /// A counter (map epoch, catalogue version, volume id) is at `u64::MAX`.
+    /// A counter (map epoch, catalogue version, volume id, epoch, snapshot
+    /// id) is at `u64::MAX`.
     #[error("the {counter} cannot advance past {value}")]
     Exhausted {
         /// Which counter.
@@ -295,13 +349,16 @@ impl StateError {
             | InvalidReplicas { .. }
             | InvalidMinReplicas { .. }
             | InvalidNode { .. }
+            | InvalidSnapshotName { .. }
             | NoNodes
             | InvalidGroupCount { .. } => ErrorCode::InvalidArgument,
-            DuplicateName { .. } => ErrorCode::AlreadyExists,
-            UnknownVolume { .. } | UnknownNode { .. } => ErrorCode::NotFound,
+            DuplicateName { .. } | DuplicateSnapshotName { .. } => ErrorCode::AlreadyExists,
+            UnknownVolume { .. } | UnknownNode { .. } | UnknownSnapshot { .. } => {
+                ErrorCode::NotFound
+            }
             NotEnoughFailureDomains { .. }
             | Shrink { .. }
-            | VolumeHasClones { .. }
+            | EpochReferenced { .. }
             | NodeInUse { .. }
             | NodeActing { .. }
             | ClaimRefused { .. }
@@ -309,9 +366,11 @@ impl StateError {
             | NodeAddrMismatch { .. }
             | GroupCountFixed { .. } => ErrorCode::FailedPrecondition,
             GroupCountUnset { .. } => ErrorCode::Unavailable,
-            TooManyVolumes { .. } | TooManyNodes { .. } | Exhausted { .. } => {
-                ErrorCode::LimitReached
-            }
+            TooManyVolumes { .. }
+            | TooManyNodes { .. }
+            | TooManySnapshots { .. }
+            | ChainTooLong { .. }
+            | Exhausted { .. } => ErrorCode::LimitReached,
         }
     }
 }

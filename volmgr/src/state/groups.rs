@@ -226,7 +226,7 @@ impl State {
             up_since: c.up_since,
         };
         let mut view = self.group_view();
-        let epoch = self.next_epoch()?;
+        let epoch = self.next_map_epoch()?;
         let mut granted = 0usize;
         let mut already = 0usize;
         let mut refused: Option<StateError> = None;

@@ -14,7 +14,9 @@
 //! incarnations included, is stored as its own prost message
 //! ([`ClusterMap`]), so new map fields ride along without a format change;
 //! a snapshot from before group records restores with none (records appear
-//! with the next volume of each replica count). Field tags never change (on-disk
+//! with the next volume of each replica count). A snapshot from before
+//! epochs were counted (no `next_epoch`) restores with every epoch its
+//! volumes reference as given out, and the next epoch above them all. Field tags never change (on-disk
 //! format); a change to the meaning of the payload takes a new version.
 //!
 //! Encoding is canonical: the same state always gives the same bytes
@@ -24,7 +26,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_proto::map::{ClusterMap, VolumeInfo};
+use cairn_proto::volmgr::DataEpochs;
 use prost::Message as _;
+
+use super::volume_snapshots::restore_epochs;
 
 use super::{
     validate, Response, RestoreError, State, CLIENTS_MAX, DELETED_MAX, NODES_MAX, REPLICAS_MAX,
@@ -67,6 +72,15 @@ struct StateSnapshot {
     clients: Vec<ClientRecord>,
     #[prost(uint64, tag = "7")]
     client_uses: u64,
+    /// The epoch the next head gets; 0 in snapshots from before epochs
+    /// were counted (issue 8), which restore as described in
+    /// `volume_snapshots::restore_epochs`.
+    #[prost(uint64, tag = "8")]
+    next_epoch: u64,
+    /// Epochs given out and not yet collected, by data id ascending, each
+    /// list ascending.
+    #[prost(message, repeated, tag = "9")]
+    epochs: Vec<DataEpochs>,
 }
 
 /// A deleted volume, kept for the garbage collector (see the module docs of
@@ -115,6 +129,15 @@ impl State {
             deleted: self.deleted.iter().cloned().collect(),
             clients: self.clients.values().cloned().collect(),
             client_uses: self.client_uses,
+            next_epoch: self.next_epoch,
+            epochs: self
+                .epochs
+                .iter()
+                .map(|(&data_id, e)| DataEpochs {
+                    data_id,
+                    epochs: e.iter().copied().collect(),
+                })
+                .collect(),
         }
         .encode_to_vec();
         SnapshotEnvelope {
@@ -170,6 +193,8 @@ fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
     let map = snap.map.unwrap_or_default();
     check_map(&map)?;
     let (volumes, names) = check_volumes(snap.volumes, snap.next_volume_id)?;
+    let (next_epoch, epochs) =
+        restore_epochs(&volumes, snap.next_volume_id, snap.next_epoch, snap.epochs)?;
 
     if snap.deleted.len() > DELETED_MAX {
         return Err(invariant(format!(
@@ -197,6 +222,8 @@ fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
         names,
         next_volume_id: snap.next_volume_id,
         deleted: VecDeque::from(snap.deleted),
+        next_epoch,
+        epochs,
         clients,
         clients_by_use,
         client_uses: snap.client_uses,

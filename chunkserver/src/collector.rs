@@ -1,0 +1,118 @@
+//! Garbage collection of extent versions nothing reads any more: the
+//! versions of deleted volumes, of deleted snapshots that no other view
+//! reads through, and of heads a rollback abandoned and no snapshot kept.
+//!
+//! Every pass lists the versions this node stores and asks the volume
+//! manager for the dead epochs of every data id: epochs it once gave out
+//! that no live volume's head or chain and no snapshot references any more.
+//! A dead epoch never becomes live again (epochs enter views only when they
+//! are created), so deleting its versions can never remove data a view
+//! reads. Each node collects its own store; a node that was down catches up
+//! on its next pass, and a version a late push brings back is deleted again
+//! on the next pass. (So the collector never tells the volume manager to
+//! forget an epoch: a node that is down now may still hold its versions.)
+//!
+//! Not collected yet: the blocks of a deleted snapshot whose epoch is still
+//! beneath a live view (hidden). Its blocks that the epoch above it
+//! overwrote are never read again, but freeing them safely needs the group
+//! protocol (it must not race a rejoin's push); see ARCHITECTURE.md.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_volmgr::client::VolmgrClient;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::store::{ExtentKey, Store};
+
+/// Versions listed per store call.
+const LIST_PAGE: usize = 4096;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassStats {
+    /// Versions stored here when the pass listed them.
+    pub versions: u64,
+    /// Versions deleted.
+    pub deleted: u64,
+    /// Their allocated bytes.
+    pub freed_bytes: u64,
+}
+
+/// Runs a pass every `interval` until `stop` turns true.
+pub async fn run(
+    store: Store,
+    volmgr: Arc<VolmgrClient>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let t0 = Instant::now();
+        match pass(&store, &volmgr).await {
+            Ok(s) if s.deleted > 0 => info!(
+                deleted = s.deleted,
+                freed_bytes = s.freed_bytes,
+                of = s.versions,
+                ms = t0.elapsed().as_millis() as u64,
+                "garbage collection deleted extent versions no view reads"
+            ),
+            Ok(s) => debug!(
+                versions = s.versions,
+                "garbage collection: nothing to delete"
+            ),
+            Err(e) => warn!("garbage collection pass failed (the next one retries): {e}"),
+        }
+    }
+}
+
+/// One pass: lists the store, asks the volume manager, deletes the dead.
+pub async fn pass(store: &Store, volmgr: &VolmgrClient) -> Result<PassStats, String> {
+    let mut stats = PassStats::default();
+    let mut stored: Vec<(ExtentKey, u64)> = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(None, after, LIST_PAGE)
+            .await
+            .map_err(|e| format!("listing the store: {e}"))?;
+        for e in &page.extents {
+            stored.push((e.key, e.allocated_bytes));
+            after = Some(e.key);
+        }
+        if !page.more {
+            break;
+        }
+    }
+    stats.versions = stored.len() as u64;
+    if stored.is_empty() {
+        return Ok(stats);
+    }
+    let dead: HashMap<u64, HashSet<u64>> = volmgr
+        .dead_epochs(None)
+        .await
+        .map_err(|e| format!("asking the volume manager for dead epochs: {e}"))?
+        .into_iter()
+        .map(|d| (d.data_id, d.epochs.into_iter().collect()))
+        .collect();
+    for (key, allocated) in stored {
+        if !dead
+            .get(&key.volume_id)
+            .is_some_and(|epochs| epochs.contains(&key.epoch))
+        {
+            continue;
+        }
+        store
+            .delete_version(key)
+            .await
+            .map_err(|e| format!("deleting {key}: {e}"))?;
+        stats.deleted += 1;
+        stats.freed_bytes += allocated;
+    }
+    Ok(stats)
+}

@@ -1,0 +1,491 @@
+//! Snapshots, rollback and clones with real clients against a real cluster
+//! (a volume manager, three chunk servers on 127.0.0.2-4, the target), all
+//! as processes: ext4 through nbdfuse and a loop device, fio's verify with
+//! snapshots taken under load, `VOL@SNAP` exported read-only.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_tests::cluster::ReplicatedCluster;
+use cairn_tests::nbdfuse::FuseDisk;
+use cairn_tests::target::{stdout, TargetProcess};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+async fn setup(name: &str, size: u64) -> (ReplicatedCluster, TargetProcess) {
+    let cluster = ReplicatedCluster::start(3).await.expect("cluster");
+    cluster
+        .client()
+        .create_volume(name, size, MIB as u32, 3, 2)
+        .await
+        .expect("create volume");
+    let target = TargetProcess::start(&cluster, &[]).expect("target");
+    (cluster, target)
+}
+
+/// `cairn ARGS` against this cluster (the cluster flags go after the
+/// subcommand, as an operator types them).
+fn cairn_command(cluster: &ReplicatedCluster, args: &[&str]) -> Vec<String> {
+    let mut all = vec![cairn_tests::bin_path("cairn")
+        .expect("cairn binary")
+        .display()
+        .to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend([
+        "--volmgr".into(),
+        cluster.volmgr.addrs().join(","),
+        "--cluster-id".into(),
+        cluster.volmgr.cluster_id.clone(),
+    ]);
+    all
+}
+
+fn cairn_output(cluster: &ReplicatedCluster, args: &[&str]) -> std::process::Output {
+    let all = cairn_command(cluster, args);
+    Command::new(&all[0])
+        .args(&all[1..])
+        .output()
+        .expect("running cairn")
+}
+
+fn cairn(cluster: &ReplicatedCluster, args: &[&str]) -> std::process::Output {
+    let out = cairn_output(cluster, args);
+    assert!(
+        out.status.success(),
+        "cairn {args:?}: {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Waits until no front end holds an export lease on `volume` (a closed
+/// export drops its lease as it closes).
+async fn wait_unexported(cluster: &ReplicatedCluster, volume: &str) {
+    let t0 = Instant::now();
+    loop {
+        let holders = cluster.client().volume_exports(volume).await.unwrap();
+        if holders.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "volume {volume} still exported by {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn write_files(root: &Path, tag: &str, count: u64) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        let sub = root.join(format!("{tag}{}", i % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        let path = sub.join(format!("{tag}-file{i}"));
+        let len = (i * 7919 * 37) % (2 * MIB) + 1;
+        let data: Vec<u8> = (0..len)
+            .map(|b| (b as u8) ^ (i as u8).wrapping_mul(29) ^ tag.as_bytes()[0])
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        out.push((path, data));
+    }
+    out
+}
+
+/// Every file is there with its bytes, under `mounted` instead of `was`.
+fn check_files(files: &[(std::path::PathBuf, Vec<u8>)], was: &Path, mounted: &Path) {
+    for (path, data) in files {
+        let here = mounted.join(path.strip_prefix(was).unwrap());
+        let got = std::fs::read(&here).unwrap_or_else(|e| panic!("{}: {e}", here.display()));
+        assert!(&got == data, "{} differs", here.display());
+    }
+}
+
+/// An admin's snapshot before an upgrade: ext4 with files, snapshot, the
+/// files deleted and others written, rollback: fsck clean and the files
+/// back; the rollback kept the head it replaced as a snapshot; a clone of the
+/// snapshot mounts with the same files and takes writes of its own; the
+/// snapshot itself is exported read-only as `VOL@SNAP`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_snapshot_rollback_and_clone() {
+    let (cluster, target) = setup("pacs", 256 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("fs");
+
+    let mut disk = FuseDisk::attach(&dir.path().join("a"), &target.uri("pacs"), false);
+    disk.mkfs_ext4();
+    disk.mount(&fs, None);
+    let before = write_files(&fs, "a", 12);
+    disk.umount();
+    disk.detach();
+    wait_unexported(&cluster, "pacs").await;
+
+    cairn(&cluster, &["snapshot", "create", "pacs", "before-upgrade"]);
+
+    // The upgrade goes wrong: files deleted, others written.
+    let mut disk = FuseDisk::attach(&dir.path().join("b"), &target.uri("pacs"), false);
+    disk.mount(&fs, None);
+    std::fs::remove_dir_all(fs.join("a0")).unwrap();
+    std::fs::remove_dir_all(fs.join("a1")).unwrap();
+    let after = write_files(&fs, "b", 6);
+    disk.umount();
+
+    // Refused while exported (nbdfuse still has it open).
+    let refused = cairn_output(&cluster, &["volume", "rollback", "pacs", "before-upgrade"]);
+    assert!(
+        !refused.status.success(),
+        "rollback of an exported volume without --force succeeded"
+    );
+    disk.detach();
+    wait_unexported(&cluster, "pacs").await;
+    cairn(&cluster, &["volume", "rollback", "pacs", "before-upgrade"]);
+
+    let mut disk = FuseDisk::attach(&dir.path().join("c"), &target.uri("pacs"), false);
+    if let Err(out) = disk.fsck() {
+        panic!("fsck after rollback:\n{out}");
+    }
+    disk.mount(&fs, Some("ro"));
+    check_files(&before, &fs, &fs);
+    assert!(
+        !fs.join("b0").exists(),
+        "files written after the snapshot survived the rollback"
+    );
+    disk.umount();
+    disk.detach();
+    wait_unexported(&cluster, "pacs").await;
+
+    // The rollback kept the head it replaced: undoing it brings the
+    // upgrade's files back.
+    let list: Value =
+        serde_json::from_slice(&cairn(&cluster, &["snapshot", "list", "pacs", "--json"]).stdout)
+            .unwrap();
+    let names: Vec<String> = list
+        .as_array()
+        .or_else(|| list["snapshots"].as_array())
+        .expect("snapshot list JSON")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"before-upgrade".to_string()), "{names:?}");
+    let kept = names
+        .iter()
+        .find(|n| n.as_str() != "before-upgrade")
+        .expect("the head replaced by the rollback kept as a snapshot")
+        .clone();
+    let mut disk = FuseDisk::attach(
+        &dir.path().join("d"),
+        &target.uri(&format!("pacs@{kept}")),
+        true,
+    );
+    disk.mount(&fs, Some("ro,noload"));
+    check_files(&after, &fs, &fs);
+    disk.umount();
+    disk.detach();
+
+    // A clone of the snapshot: same files, its own writes.
+    cairn(
+        &cluster,
+        &["volume", "clone", "pacs@before-upgrade", "pacs-test"],
+    );
+    let mut disk = FuseDisk::attach(&dir.path().join("e"), &target.uri("pacs-test"), false);
+    if let Err(out) = disk.fsck() {
+        panic!("fsck of the clone:\n{out}");
+    }
+    disk.mount(&fs, None);
+    check_files(&before, &fs, &fs);
+    std::fs::remove_dir_all(fs.join("a2")).unwrap();
+    let clone_only = write_files(&fs, "c", 4);
+    disk.umount();
+    disk.detach();
+
+    // The clone's writes reached neither the volume nor the snapshot.
+    for uri in [target.uri("pacs"), target.uri("pacs@before-upgrade")] {
+        let sub = dir.path().join(format!("f{}", uri.len()));
+        let mut disk = FuseDisk::attach(&sub, &uri, true);
+        disk.mount(&fs, Some("ro,noload"));
+        check_files(&before, &fs, &fs);
+        assert!(!fs.join(clone_only[0].0.strip_prefix(&fs).unwrap()).exists());
+        disk.umount();
+        disk.detach();
+    }
+}
+
+/// fio's arguments for one verify job on `uri`.
+fn fio_job(uri: &str, offset: u64, size: u64, seed: u64) -> Vec<String> {
+    vec![
+        "--name=snap".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=8".into(),
+        format!("--offset={offset}"),
+        format!("--size={size}"),
+        format!("--randseed={seed}"),
+        "--verify=crc32c".into(),
+        "--verify_fatal=1".into(),
+        "--output-format=json".into(),
+    ]
+}
+
+fn fio_ok(out: &std::process::Output, what: &str) {
+    let text = stdout(out);
+    let start = text.find('{').unwrap_or(0);
+    let j: Value = serde_json::from_str(&text[start..]).unwrap_or_else(|e| {
+        panic!(
+            "{what}: fio printed no JSON ({e}):\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let job = &j["jobs"][0];
+    assert_eq!(job["error"], 0, "{what}: {job:#}");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Snapshots taken every second under fio's writes: each is crash
+/// consistent. fio's trigger takes the snapshot (`cairn snapshot create`)
+/// one second into a run and saves which writes had completed; that run's
+/// verify, against the snapshot exported read-only, must find every one of
+/// them, however many later writes and snapshots followed. Meanwhile a
+/// second fio keeps writing to the other half of the volume, so every
+/// snapshot pauses writes in flight; its own verify checks the head.
+#[tokio::test(flavor = "multi_thread")]
+async fn fio_verify_holds_for_snapshots_taken_every_second_under_load() {
+    const HALF: u64 = 32 * MIB;
+    const ROUNDS: u64 = 5;
+    let (cluster, target) = setup("db", 2 * HALF).await;
+    let uri = target.uri("db");
+    let dir = tempfile::tempdir().unwrap();
+
+    let background = Command::new("fio")
+        .args(fio_job(&uri, HALF, HALF, 99))
+        .args([
+            "--time_based",
+            &format!("--runtime={}", ROUNDS * 3 + 5),
+            "--do_verify=1",
+            "--verify_state_save=0",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting fio");
+
+    for round in 0..ROUNDS {
+        let round_dir = dir.path().join(format!("round{round}"));
+        std::fs::create_dir(&round_dir).unwrap();
+        let out = Command::new("fio")
+            .args(fio_job(&uri, 0, HALF, round + 1))
+            .args([
+                "--time_based",
+                "--runtime=30",
+                "--do_verify=0",
+                "--verify_state_save=1",
+                "--trigger-timeout=1",
+                &format!(
+                    "--trigger={}",
+                    cairn_command(
+                        &cluster,
+                        &["snapshot", "create", "db", &format!("s{round}")]
+                    )
+                    .join(" ")
+                ),
+            ])
+            .current_dir(&round_dir)
+            .output()
+            .unwrap();
+        fio_ok(&out, &format!("round {round}'s writes"));
+        let info = cluster.client().get_volume("db").await.unwrap();
+        assert!(
+            info.snapshots.iter().any(|s| s.name == format!("s{round}")),
+            "fio's trigger did not take snapshot s{round}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bg = background.wait_with_output().unwrap();
+    fio_ok(&bg, "the background writer's verify of the head");
+
+    for round in 0..ROUNDS {
+        let out = Command::new("fio")
+            .args(fio_job(
+                &target.uri(&format!("db@s{round}")),
+                0,
+                HALF,
+                round + 1,
+            ))
+            .args(["--verify_only", "--verify_state_load=1"])
+            .current_dir(dir.path().join(format!("round{round}")))
+            .output()
+            .unwrap();
+        fio_ok(&out, &format!("verify of snapshot s{round}"));
+    }
+    // The control: round 0's verify against the head, which later rounds
+    // wrote over, must fail, or the verifies above prove nothing.
+    let control = Command::new("fio")
+        .args(fio_job(&uri, 0, HALF, 1))
+        .args(["--verify_only", "--verify_state_load=1"])
+        .current_dir(dir.path().join("round0"))
+        .output()
+        .unwrap();
+    assert!(
+        !control.status.success(),
+        "round 0's verify passed against the head too:\n{}",
+        stdout(&control)
+    );
+    // The snapshots' pauses were reported by the target.
+    let log = target.log();
+    assert!(
+        log.matches("snapshot taken; writes go to the new head")
+            .count()
+            >= ROUNDS as usize,
+        "{log}"
+    );
+}
+
+/// Bytes used on all chunk servers together.
+async fn used_bytes(cluster: &ReplicatedCluster) -> u64 {
+    let mut total = 0;
+    for s in &cluster.servers {
+        let c = cairn_chunkserver::rpc::ChunkClient::connect(s.addr())
+            .await
+            .unwrap();
+        total += c.node_stat().await.unwrap().used_bytes;
+    }
+    total
+}
+
+/// Waits until the chunk servers use at most `bytes` (their garbage
+/// collection runs every second here).
+async fn wait_used_at_most(cluster: &ReplicatedCluster, bytes: u64, what: &str) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let used = used_bytes(cluster).await;
+        if used <= bytes {
+            return used;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}: the chunk servers still use {used} bytes, expected at most {bytes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn qemu_io(uri: &str, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, uri])
+        .output()
+        .expect("running qemu-io (apt-get install qemu-utils)");
+    assert!(
+        out.status.success() && !stdout(&out).contains("error"),
+        "qemu-io {cmd}: {}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
+}
+
+/// What an incremental backup and an admin watching space need: `snapshot
+/// diff` names exactly the ranges written between two snapshots (and since
+/// the last one); `volume info` counts what the volume holds and what each
+/// snapshot alone holds; deleting a snapshot no view reads through, and
+/// then the volume, gives the space back on the chunk servers.
+#[tokio::test(flavor = "multi_thread")]
+async fn diff_space_and_garbage_collection() {
+    let (cluster, target) = setup("img", 64 * MIB).await;
+    let uri = target.uri("img");
+    let empty = used_bytes(&cluster).await;
+    qemu_io(&uri, "write -P 1 0 8M");
+    cairn(&cluster, &["snapshot", "create", "img", "s1"]);
+    qemu_io(&uri, "write -P 2 1M 2M");
+    qemu_io(&uri, "write -P 3 20M 4k");
+    cairn(&cluster, &["snapshot", "create", "img", "s2"]);
+
+    let diff = json_of(&cairn(
+        &cluster,
+        &["snapshot", "diff", "img", "s1", "s2", "--json"],
+    ));
+    let ranges: Vec<(u64, u64)> = diff["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ranges, vec![(MIB, 2 * MIB), (20 * MIB, 4096)], "{diff:#}");
+    let since = json_of(&cairn(
+        &cluster,
+        &["snapshot", "diff", "img", "s2", "--json"],
+    ));
+    assert_eq!(since["changed_bytes"], 0, "{since:#}");
+    let human = stdout(&cairn(&cluster, &["snapshot", "diff", "img", "s1", "s2"]));
+    assert!(
+        human.contains("2097152") && human.contains("20971520"),
+        "{human}"
+    );
+
+    let info = json_of(&cairn(&cluster, &["volume", "info", "img", "--json"]));
+    assert_eq!(info["space"]["allocated_bytes"], 8 * MIB + 4096, "{info:#}");
+    let only: Vec<(String, u64)> = info["space"]["snapshot_only_bytes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{info:#}"))
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().into(),
+                s["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        only,
+        vec![("s1".to_string(), 2 * MIB), ("s2".to_string(), 0)],
+        "s1 alone holds the 2 MiB s2 overwrote"
+    );
+
+    // Roll back to s1, then delete s2 and the kept head: nothing reads
+    // their epochs any more, and the collector frees their blocks (the
+    // 2 MiB and the 4 KiB, on three replicas).
+    let with_all = used_bytes(&cluster).await;
+    cairn(
+        &cluster,
+        &[
+            "volume",
+            "rollback",
+            "img",
+            "s1",
+            "--keep-as",
+            "k",
+            "--force",
+        ],
+    );
+    cairn(&cluster, &["snapshot", "delete", "img", "s2", "--yes"]);
+    cairn(&cluster, &["snapshot", "delete", "img", "k", "--yes"]);
+    let freed = wait_used_at_most(&cluster, with_all - 3 * 2 * MIB, "after deleting s2").await;
+    let read = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 1 0 8M", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        !stdout(&read).contains("Pattern verification failed"),
+        "s1's data after the collection: {}",
+        stdout(&read)
+    );
+    assert!(read.status.success());
+
+    // Deleting the volume gives everything back.
+    cairn(&cluster, &["volume", "delete", "img", "--yes", "--force"]);
+    let after =
+        wait_used_at_most(&cluster, empty + 3 * 64 * 1024, "after deleting the volume").await;
+    assert!(after < freed);
+}
