@@ -346,6 +346,28 @@ impl ChunkClient {
         Ok(data)
     }
 
+    /// Reads like [`read`](Self::read), through the versions at the epochs
+    /// `below` the key's (newest first) for blocks the version does not hold.
+    pub async fn read_through(
+        &self,
+        key: impl Into<ExtentKey>,
+        below: &[u64],
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ChunkError> {
+        let mut request = range_request(Op::Read, key.into(), extent_bytes, offset, len);
+        request.below = below.to_vec();
+        let (_, data) = self.call_ok(request, Bytes::new()).await?;
+        if data.len() != len as usize {
+            return Err(self.protocol(format!(
+                "read of {len} bytes answered with {} bytes",
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable when this returns.
     pub async fn write(
         &self,

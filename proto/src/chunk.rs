@@ -111,6 +111,11 @@ pub struct ChunkRequest {
     /// Op `Peer`.
     #[prost(message, optional, tag = "13")]
     pub peer: ::core::option::Option<crate::group::PeerHeader>,
+    /// Read: the epochs beneath `extent`'s, newest first: blocks the
+    /// version does not hold are read through them (diagnostics and replica
+    /// comparisons; volume clients read through `Group`).
+    #[prost(uint64, repeated, tag = "14")]
+    pub below: ::prost::alloc::vec::Vec<u64>,
 }
 
 #[derive(Clone, PartialEq, ::prost::Message)]

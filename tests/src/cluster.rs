@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use cairn_chunkserver::rpc::ChunkClient;
 use cairn_proto::map::ClusterMap;
+use cairn_proto::volmgr::VolmgrStatus;
 use cairn_volmgr::client::VolmgrClient;
 
 use crate::volmgr::VolmgrCluster;
@@ -124,12 +125,17 @@ impl ReplicatedCluster {
     /// Reads every stored extent of `volume` on every chunk server and
     /// checks that all replicas of each extent hold the same bytes (an
     /// extent a replica does not store counts as zeros, which is what it
-    /// reads as). Returns the number of extents compared.
+    /// reads as). Each version is read through the epochs beneath it (as
+    /// the volume manager names them), so versions compare as what a view
+    /// reads: a rejoin's push writes a version's blocks as held where the
+    /// primary reads some of them through. Returns the number of extents
+    /// compared.
     pub async fn compare_replicas(&self, volume: u64, vol_replicas: u32) -> anyhow::Result<usize> {
         let map = self.map().await?;
-        // extent (index, epoch) -> node -> crc
-        let mut seen: BTreeMap<(u64, u64), BTreeMap<u64, u32>> = BTreeMap::new();
-        let mut sizes: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+        let volmgr = self.client();
+        let mut clients: BTreeMap<u64, ChunkClient> = BTreeMap::new();
+        // Every version any node stores: (index, epoch) -> extent bytes.
+        let mut versions: BTreeMap<(u64, u64), u32> = BTreeMap::new();
         for (i, s) in self.servers.iter().enumerate() {
             let node = i as u64 + 1;
             let c = ChunkClient::connect(s.addr())
@@ -140,32 +146,22 @@ impl ReplicatedCluster {
                 let page = c.extent_list(Some(volume), after, 0).await?;
                 for e in &page.extents {
                     let key = e.key.context("listed extent without key")?;
-                    let mut crc = crc32fast::Hasher::new();
-                    let mut at = 0u64;
-                    while at < e.extent_bytes as u64 {
-                        let len = (e.extent_bytes as u64 - at).min(4 << 20) as u32;
-                        let data =
-                            c.read(key, e.extent_bytes, at, len)
-                                .await
-                                .with_context(|| {
-                                    format!("reading extent {} on node {node}", key.extent_index)
-                                })?;
-                        crc.update(&data);
-                        at += len as u64;
-                    }
-                    seen.entry((key.extent_index, key.epoch))
-                        .or_default()
-                        .insert(node, crc.finalize());
-                    sizes.insert((key.extent_index, key.epoch), e.extent_bytes);
+                    versions.insert((key.extent_index, key.epoch), e.extent_bytes);
                     after = Some(key);
                 }
                 if !page.more {
                     break;
                 }
             }
+            clients.insert(node, c);
         }
-        for ((index, epoch), by_node) in &seen {
-            let group = cairn_placement::group_of(volume, *index, map.group_count)?;
+        for (&(index, epoch), &extent_bytes) in &versions {
+            let below = match volmgr.epoch_chain(volume, epoch).await {
+                Ok(c) => c,
+                Err(e) if e.status() == Some(VolmgrStatus::NotFound) => Vec::new(),
+                Err(e) => bail!("the chain beneath epoch {epoch}: {e}"),
+            };
+            let group = cairn_placement::group_of(volume, index, map.group_count)?;
             let holders: BTreeSet<u64> = cairn_proto::groupmap::group_record(
                 &map,
                 cairn_group::GroupKey {
@@ -175,20 +171,36 @@ impl ReplicatedCluster {
             )
             .map(|g| g.acting.iter().copied().collect())
             .unwrap_or_default();
-            let zeros = {
-                let mut h = crc32fast::Hasher::new();
-                h.update(&vec![0u8; sizes[&(*index, *epoch)] as usize]);
-                h.finalize()
+            let key = cairn_proto::chunk::ExtentKey {
+                volume_id: volume,
+                extent_index: index,
+                epoch,
             };
-            let crcs: BTreeMap<u64, u32> = holders
-                .iter()
-                .map(|n| (*n, by_node.get(n).copied().unwrap_or(zeros)))
-                .collect();
+            let mut crcs: BTreeMap<u64, u32> = BTreeMap::new();
+            for node in &holders {
+                let c = clients
+                    .get(node)
+                    .with_context(|| format!("node {node} acts but is not among the servers"))?;
+                let mut crc = crc32fast::Hasher::new();
+                let mut at = 0u64;
+                while at < extent_bytes as u64 {
+                    let len = (extent_bytes as u64 - at).min(4 << 20) as u32;
+                    let data = c
+                        .read_through(key, &below, extent_bytes, at, len)
+                        .await
+                        .with_context(|| {
+                            format!("reading extent {index} epoch {epoch} on node {node}")
+                        })?;
+                    crc.update(&data);
+                    at += len as u64;
+                }
+                crcs.insert(*node, crc.finalize());
+            }
             let distinct: BTreeSet<u32> = crcs.values().copied().collect();
             if distinct.len() > 1 {
                 bail!("volume {volume} extent {index} epoch {epoch}: replicas differ: {crcs:?} (holders {holders:?})");
             }
         }
-        Ok(seen.len())
+        Ok(versions.len())
     }
 }

@@ -379,8 +379,13 @@ async fn wait_used_at_most(cluster: &ReplicatedCluster, bytes: u64, what: &str) 
 }
 
 fn qemu_io(uri: &str, cmd: &str) {
+    let mut args = vec!["-f", "raw", "-c", cmd, uri];
+    // Snapshots are exported read-only; qemu opens them only read-only.
+    if uri.contains('@') {
+        args.insert(0, "-r");
+    }
     let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", cmd, uri])
+        .args(&args)
         .output()
         .expect("running qemu-io (apt-get install qemu-utils)");
     assert!(
@@ -488,4 +493,91 @@ async fn diff_space_and_garbage_collection() {
     let after =
         wait_used_at_most(&cluster, empty + 3 * 64 * 1024, "after deleting the volume").await;
     assert!(after < freed);
+}
+
+/// `rollback --force` of an exported volume: the target pauses its writes
+/// (the replaced head is kept crash-consistent), then drops its clients'
+/// connections; a client that connects again reads the rolled-back disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_rollback_disconnects_clients_and_they_reconnect_to_the_snapshot() {
+    let (cluster, target) = setup("vm", 16 * MIB).await;
+    let uri = target.uri("vm");
+    qemu_io(&uri, "write -P 1 0 1M");
+    cairn(&cluster, &["snapshot", "create", "vm", "good"]);
+    qemu_io(&uri, "write -P 2 0 1M");
+
+    let mut client = cairn_tests::target::RawNbd::connect(target.addr()).unwrap();
+    client.go("vm", false).unwrap();
+    let refused = cairn_output(&cluster, &["volume", "rollback", "vm", "good"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+    cairn(&cluster, &["volume", "rollback", "vm", "good", "--force"]);
+
+    // The connection is closed by the target (a read of the socket sees
+    // its end within the timeout).
+    client
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    let got = std::io::Read::read(&mut client.s, &mut b);
+    assert!(
+        matches!(got, Ok(0))
+            || got.is_err()
+                && !matches!(
+                    got.as_ref().map_err(|e| e.kind()),
+                    Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                ),
+        "the target kept the connection to the rolled-back export open: {got:?}"
+    );
+    assert!(
+        target.log().contains("rolled back under the export"),
+        "{}",
+        target.log()
+    );
+    qemu_io(&uri, "read -P 1 0 1M");
+    // The kept head still has the writes made after the snapshot.
+    let info = cluster.client().get_volume("vm").await.unwrap();
+    let kept = info
+        .snapshots
+        .iter()
+        .find(|s| s.name != "good")
+        .expect("the replaced head kept");
+    qemu_io(&target.uri(&format!("vm@{}", kept.name)), "read -P 2 0 1M");
+}
+
+/// A replica down while a volume is snapshotted and written catches up
+/// with every version: after it rejoins, every version reads the same on
+/// every replica (through the epochs beneath it), and the head and both
+/// snapshots read what was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_rejoining_after_snapshots_holds_every_version() {
+    let (mut cluster, target) = setup("r", 16 * MIB).await;
+    let uri = target.uri("r");
+    qemu_io(&uri, "write -P 1 0 4M");
+    cairn(&cluster, &["snapshot", "create", "r", "s1"]);
+    cluster.servers[2].kill().unwrap();
+    cluster
+        .wait_map("node 3 marked down", Duration::from_secs(30), |m| {
+            m.nodes.iter().any(|n| n.id == 3 && !n.up)
+        })
+        .await
+        .unwrap();
+    qemu_io(&uri, "write -P 2 1M 1M");
+    qemu_io(&uri, "write -P 3 3M 4k");
+    cairn(&cluster, &["snapshot", "create", "r", "s2"]);
+    // A partial block: filled from the chain beneath the new head.
+    qemu_io(&uri, "write -P 4 0 512");
+    cluster.servers[2].restart().unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).await.unwrap();
+    let id = cluster.client().get_volume("r").await.unwrap().id;
+    let compared = cluster.compare_replicas(id, 3).await.unwrap();
+    assert!(compared >= 4, "{compared} versions compared");
+
+    qemu_io(&target.uri("r@s1"), "read -P 1 0 4M");
+    qemu_io(&target.uri("r@s2"), "read -P 1 0 1M");
+    qemu_io(&target.uri("r@s2"), "read -P 2 1M 1M");
+    qemu_io(&target.uri("r@s2"), "read -P 3 3M 4k");
+    qemu_io(&uri, "read -P 4 0 512");
+    qemu_io(&uri, "read -P 1 512 1047552");
+    qemu_io(&uri, "read -P 2 1M 1M");
 }

@@ -11,11 +11,17 @@ use cairn_proto::group::{GroupOp, GroupRequest, PeerHeader};
 use crate::store::layout::{extent_bytes_valid, SECTOR_BYTES};
 use crate::store::ExtentKey;
 
+/// Most epochs a direct read may read through (the volume manager allows
+/// chains of 4096).
+const BELOW_MAX: usize = 4096;
+
 /// A request that passed every check that does not need the store.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Request {
     Read {
         key: ExtentKey,
+        /// The epochs beneath `key`'s to read through (usually none).
+        below: Vec<u64>,
         extent_bytes: u32,
         offset: u64,
         len: u32,
@@ -163,8 +169,15 @@ pub(crate) fn parse(
                     "{key}: read of {len} bytes is over the {read_bytes_max}-byte frame limit; split it"
                 )));
             }
+            if header.below.len() > BELOW_MAX {
+                return Err(Rejection::invalid(format!(
+                    "{key}: a chain of {} epochs is over the {BELOW_MAX} allowed",
+                    header.below.len()
+                )));
+            }
             Ok(Request::Read {
                 key,
+                below: header.below.clone(),
                 extent_bytes,
                 offset,
                 len,
@@ -306,6 +319,7 @@ mod tests {
             parse(&request(Op::Read, 512, 4096), 0, 1 << 20),
             Ok(Request::Read {
                 key,
+                below: Vec::new(),
                 extent_bytes: EXTENT_BYTES,
                 offset: 512,
                 len: 4096

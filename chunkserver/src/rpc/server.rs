@@ -619,11 +619,14 @@ async fn execute(
     match request {
         Request::Read {
             key,
+            below,
             extent_bytes,
             offset,
             len,
         } => {
-            let data = store.read(key, extent_bytes, offset, len).await?;
+            let data = store
+                .read_at(key, &below, extent_bytes, offset, len)
+                .await?;
             if data.len() != len as usize {
                 return Err(Failure {
                     status: Status::IoError,
