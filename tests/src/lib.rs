@@ -20,6 +20,7 @@
 //! - [`raw`]: frame-level access to a socket, for tests that send what a
 //!   well-behaved client never would.
 
+pub mod cli;
 pub mod cluster;
 pub mod mount;
 pub mod nbdfuse;

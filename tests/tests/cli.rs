@@ -4,89 +4,18 @@
 //! and its exit statuses, and cross-checked with the volume manager client.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use cairn_proto::volmgr::VolmgrStatus;
+use cairn_tests::cli::{assert_code, cairn_in, json, stderr, stdout, text, Cli};
 use cairn_tests::cluster::ReplicatedCluster;
 use cairn_tests::target::{RawNbd, TargetProcess};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-/// Runs `cairn args` in `cwd` (an empty folder unless given, so no
-/// `./cairn-data/cairn.toml` is found by accident) with none of the
-/// discovery variables set except those in `env`.
-fn cairn_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let bin = cairn_tests::bin_path("cairn").expect("cairn binary");
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .current_dir(cwd)
-        .env_remove("CAIRN_VOLMGR")
-        .env_remove("CAIRN_CLUSTER_ID")
-        .env_remove("CAIRN_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("running cairn")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "{}", text(o));
-}
-
-fn json(o: &Output) -> Value {
-    assert_code(o, 0);
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
-}
-
-/// The CLI pointed at one cluster with flags.
-struct Cli {
-    flags: Vec<String>,
-    cwd: tempfile::TempDir,
-}
-
-impl Cli {
-    fn new(cluster: &ReplicatedCluster) -> Cli {
-        Cli {
-            flags: vec![
-                "--volmgr".into(),
-                cluster.volmgr.addrs().join(","),
-                "--cluster-id".into(),
-                cluster.volmgr.cluster_id.clone(),
-            ],
-            cwd: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(self.flags.iter().map(String::as_str));
-        cairn_in(self.cwd.path(), &all, &[])
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        json(&self.run(&all))
-    }
+fn cli(cluster: &ReplicatedCluster) -> Cli {
+    Cli::new(&cluster.volmgr.addrs(), &cluster.volmgr.cluster_id)
 }
 
 /// Writes a `cairn.toml` for `cluster` at `path` (folders created).
@@ -112,7 +41,7 @@ fn write_config(path: &Path, cluster_id: &str, volmgr: &[String], targets: &[Str
 #[tokio::test(flavor = "multi_thread")]
 async fn volumes_are_created_listed_grown_and_deleted() {
     let cluster = ReplicatedCluster::start(3).await.expect("cluster");
-    let cli = Cli::new(&cluster);
+    let cli = cli(&cluster);
     let client = cluster.client();
 
     // create: human and JSON.
@@ -424,7 +353,7 @@ async fn status_and_node_list_report_a_down_node() {
         .create_volume("vol", 16 * MIB, MIB as u32, 3, 2)
         .await
         .unwrap();
-    let cli = Cli::new(&cluster);
+    let cli = cli(&cluster);
 
     let j = wait_status(&cli, "healthy", |j| j["health"] == "HEALTHY");
     assert_eq!(j["nodes"]["up"], 3, "{j:#}");

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cairn_tests::cli::{assert_code, Cli};
 use cairn_tests::cluster::ReplicatedCluster;
 use cairn_tests::nbdfuse::FuseDisk;
 use cairn_tests::target::{stdout, TargetProcess};
@@ -25,40 +26,18 @@ async fn setup(name: &str, size: u64) -> (ReplicatedCluster, TargetProcess) {
     (cluster, target)
 }
 
-/// `cairn ARGS` against this cluster (the cluster flags go after the
-/// subcommand, as an operator types them).
-fn cairn_command(cluster: &ReplicatedCluster, args: &[&str]) -> Vec<String> {
-    let mut all = vec![cairn_tests::bin_path("cairn")
-        .expect("cairn binary")
-        .display()
-        .to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    all.extend([
-        "--volmgr".into(),
-        cluster.volmgr.addrs().join(","),
-        "--cluster-id".into(),
-        cluster.volmgr.cluster_id.clone(),
-    ]);
-    all
+fn cli(cluster: &ReplicatedCluster) -> Cli {
+    Cli::new(&cluster.volmgr.addrs(), &cluster.volmgr.cluster_id)
 }
 
 fn cairn_output(cluster: &ReplicatedCluster, args: &[&str]) -> std::process::Output {
-    let all = cairn_command(cluster, args);
-    Command::new(&all[0])
-        .args(&all[1..])
-        .output()
-        .expect("running cairn")
+    cli(cluster).run(args)
 }
 
+/// `cairn ARGS`, which must succeed.
 fn cairn(cluster: &ReplicatedCluster, args: &[&str]) -> std::process::Output {
     let out = cairn_output(cluster, args);
-    assert!(
-        out.status.success(),
-        "cairn {args:?}: {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_code(&out, 0);
     out
 }
 
@@ -291,11 +270,7 @@ async fn fio_verify_holds_for_snapshots_taken_every_second_under_load() {
                 "--trigger-timeout=1",
                 &format!(
                     "--trigger={}",
-                    cairn_command(
-                        &cluster,
-                        &["snapshot", "create", "db", &format!("s{round}")]
-                    )
-                    .join(" ")
+                    cli(&cluster).command_line(&["snapshot", "create", "db", &format!("s{round}")])
                 ),
             ])
             .current_dir(&round_dir)

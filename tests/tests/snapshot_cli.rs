@@ -7,100 +7,19 @@
 //! while the volume is exported, and a forced rollback or a snapshot waits
 //! for the target's pause.
 
-use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_tests::cli::{assert_code, stderr, stdout, text, Cli};
 use cairn_tests::volmgr::VolmgrCluster;
 use cairn_volmgr::client::VolmgrClient;
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// Export leases last three of these.
 const HEARTBEAT_MS: u64 = 200;
 /// The id the test's stand-in target exports under.
 const TARGET: u64 = 9;
-
-fn cairn_in(cwd: &Path, args: &[&str]) -> Output {
-    let bin = cairn_tests::bin_path("cairn").expect("cairn binary");
-    Command::new(bin)
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("CAIRN_VOLMGR")
-        .env_remove("CAIRN_CLUSTER_ID")
-        .env_remove("CAIRN_CONFIG")
-        .output()
-        .expect("running cairn")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "{}", text(o));
-}
-
-/// The CLI pointed at one cluster with flags.
-#[derive(Clone)]
-struct Cli {
-    flags: Vec<String>,
-    cwd: Arc<tempfile::TempDir>,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str]) -> Output {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(self.flags.iter().map(String::as_str));
-        cairn_in(self.cwd.path(), &all)
-    }
-
-    /// Runs and expects success and an output that contains every one of
-    /// `words`.
-    fn ok(&self, args: &[&str], words: &[&str]) -> String {
-        let o = self.run(args);
-        assert_code(&o, 0);
-        let out = stdout(&o);
-        for w in words {
-            assert!(out.contains(w), "{args:?}: lacks {w:?}\n{}", text(&o));
-        }
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let o = self.run(&all);
-        assert_code(&o, 0);
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&o)))
-    }
-
-    /// Runs in a blocking thread, so the test's stand-in target goes on.
-    async fn run_async(&self, args: &[&str]) -> Output {
-        let (cli, args): (Cli, Vec<String>) =
-            (self.clone(), args.iter().map(|s| s.to_string()).collect());
-        tokio::task::spawn_blocking(move || {
-            cli.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .await
-        .unwrap()
-    }
-}
 
 /// A stand-in target exporting `volume` until dropped: it renews its lease
 /// through the export watch and pauses for every pending snapshot, as
@@ -182,15 +101,7 @@ async fn snapshots_rollbacks_and_clones_from_the_cli() {
         .register_node(1, "127.0.0.2:7000", "h1", "", "", 1, 1 << 40)
         .await
         .unwrap();
-    let cli = Cli {
-        flags: vec![
-            "--volmgr".into(),
-            volmgr.addrs().join(","),
-            "--cluster-id".into(),
-            volmgr.cluster_id.clone(),
-        ],
-        cwd: Arc::new(tempfile::tempdir().unwrap()),
-    };
+    let cli = Cli::new(&volmgr.addrs(), &volmgr.cluster_id);
     let pacs = cli.json(&[
         "volume",
         "create",

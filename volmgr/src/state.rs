@@ -634,6 +634,23 @@ impl State {
         })
     }
 
+    /// The id a new volume `name` gets, and the counter after it; refused
+    /// when the catalogue is full or the ids ran out. Nothing changes yet.
+    pub(crate) fn new_volume_id(&self, name: &str) -> Result<(u64, u64), StateError> {
+        if self.volumes.len() >= VOLUMES_MAX {
+            return Err(StateError::TooManyVolumes {
+                name: name.to_string(),
+                max: VOLUMES_MAX,
+            });
+        }
+        let id = self.next_volume_id;
+        let next = id.checked_add(1).ok_or(StateError::Exhausted {
+            counter: "volume id",
+            value: id,
+        })?;
+        Ok((id, next))
+    }
+
     /// Distinct hosts, as placement counts them ((room, rack, host)), among
     /// the nodes that can take replicas: in, with weight above 0. Down nodes
     /// count: they keep their place in placement while in.
@@ -711,17 +728,7 @@ impl State {
         if self.map.group_count == 0 {
             return Err(StateError::GroupCountUnset { name: name.clone() });
         }
-        if self.volumes.len() >= VOLUMES_MAX {
-            return Err(StateError::TooManyVolumes {
-                name: name.clone(),
-                max: VOLUMES_MAX,
-            });
-        }
-        let id = self.next_volume_id;
-        let next_volume_id = id.checked_add(1).ok_or(StateError::Exhausted {
-            counter: "volume id",
-            value: id,
-        })?;
+        let (id, next_volume_id) = self.new_volume_id(name)?;
         let version = self.next_catalogue_version()?;
         let head_epoch = if c.epoch_from_counter {
             self.new_epoch()?

@@ -3,8 +3,9 @@
 //! map epoch, claims round-trip (granted, repeated, refused), and the
 //! cluster status counts degraded groups.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::Member;
+
 use std::time::{Duration, Instant};
 
 use cairn_proto::map::GroupRecord;
@@ -14,43 +15,16 @@ use cairn_volmgr::client::VolmgrClient;
 const CLUSTER: &str = "api-test";
 const DOWN_AFTER_MS: u32 = 10_000;
 
-/// One member, killed when dropped.
-struct Member {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start() -> Member {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_cairn-volmgr"))
-        .args(["--data-dir", &dir.path().join("m1").display().to_string()])
-        .args(["--cluster-id", CLUSTER, "--member-id", "1"])
-        .args(["--listen", &addr, "--initial-members", &format!("1={addr}")])
-        .args(["--group-count", "16", "--heartbeat-interval-ms", "1000"])
-        .args(["--down-after-ms", &DOWN_AFTER_MS.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Member {
-        child,
-        addr,
-        _dir: dir,
-    }
+    common::start(
+        CLUSTER,
+        &[
+            "--heartbeat-interval-ms",
+            "1000",
+            "--down-after-ms",
+            &DOWN_AFTER_MS.to_string(),
+        ],
+    )
 }
 
 fn group(groups: &[GroupRecord], replicas: u32, index: u32) -> GroupRecord {

@@ -6,8 +6,9 @@
 //! makes it fail naming that holder, a rollback is refused while exported
 //! unless forced, and the garbage queries see what deletes left.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::Member;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,44 +20,16 @@ const CLUSTER: &str = "snapshot-api-test";
 const HEARTBEAT_MS: u64 = 400;
 const WAIT: Duration = Duration::from_secs(5);
 
-/// One member, killed when dropped.
-struct Member {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start() -> Member {
-    let dir = tempfile::tempdir().unwrap();
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_cairn-volmgr"))
-        .args(["--data-dir", &dir.path().join("m1").display().to_string()])
-        .args(["--cluster-id", CLUSTER, "--member-id", "1"])
-        .args(["--listen", &addr, "--initial-members", &format!("1={addr}")])
-        .args(["--group-count", "16"])
-        .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
-        .args(["--down-after-ms", "10000"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Member {
-        child,
-        addr,
-        _dir: dir,
-    }
+    common::start(
+        CLUSTER,
+        &[
+            "--heartbeat-interval-ms",
+            &HEARTBEAT_MS.to_string(),
+            "--down-after-ms",
+            "10000",
+        ],
+    )
 }
 
 fn client(member: &Member) -> Arc<VolmgrClient> {

@@ -10,7 +10,7 @@ use cairn_proto::volmgr::DataEpochs;
 
 use super::{
     validate, CloneVolume, CreateSnapshot, DeleteSnapshot, EpochsCollected, Outcome, RestoreError,
-    RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX, VOLUMES_MAX,
+    RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX,
     VOLUME_NAME_BYTES_MAX,
 };
 
@@ -340,17 +340,7 @@ impl State {
                 id,
             });
         }
-        if self.volumes.len() >= VOLUMES_MAX {
-            return Err(StateError::TooManyVolumes {
-                name: name.clone(),
-                max: VOLUMES_MAX,
-            });
-        }
-        let id = self.next_volume_id;
-        let next_volume_id = id.checked_add(1).ok_or(StateError::Exhausted {
-            counter: "volume id",
-            value: id,
-        })?;
+        let (id, next_volume_id) = self.new_volume_id(name)?;
         let version = self.next_catalogue_version()?;
         let epoch = self.new_epoch()?;
         let volume = VolumeInfo {
