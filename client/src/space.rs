@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use cairn_proto::map::VolumeInfo;
+use cairn_proto::map::{SnapshotInfo, VolumeInfo};
 
 use crate::cluster::Cluster;
 use crate::diff::held_versions;
@@ -28,12 +28,6 @@ pub struct Space {
     pub snapshot_only_bytes: Vec<(String, u64)>,
 }
 
-fn view(epoch: u64, chain: &[u64]) -> Vec<u64> {
-    std::iter::once(epoch)
-        .chain(chain.iter().copied())
-        .collect()
-}
-
 /// Measures `info`'s space. `family` is every live volume stored under the
 /// same data id (`info` included): their views may read its snapshots.
 pub async fn space(
@@ -43,10 +37,8 @@ pub async fn space(
 ) -> Result<Space, ClientError> {
     let mut views: Vec<Vec<u64>> = Vec::new();
     for v in family {
-        views.push(view(v.head_epoch, &v.chain));
-        for s in &v.snapshots {
-            views.push(view(s.epoch, &s.chain));
-        }
+        views.push(v.view());
+        views.extend(v.snapshots.iter().map(SnapshotInfo::view));
     }
     let size = family
         .iter()
@@ -75,7 +67,7 @@ pub async fn space(
         out
     };
     let count = |words: &[u64]| words.iter().map(|w| w.count_ones() as u64).sum::<u64>() * BLOCK;
-    let head = view(info.head_epoch, &info.chain);
+    let head = info.view();
     let mut allocated_bytes = 0;
     let mut only: Vec<u64> = vec![0; info.snapshots.len()];
     for versions in by_index.values() {
@@ -85,7 +77,7 @@ pub async fn space(
                 continue;
             };
             let mut alone = mine.clone();
-            let own = view(s.epoch, &s.chain);
+            let own = s.view();
             for v in views.iter().filter(|v| **v != own) {
                 let Some(at) = v.iter().position(|&e| e == s.epoch) else {
                     continue;

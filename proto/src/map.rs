@@ -205,6 +205,14 @@ impl VolumeInfo {
         }
     }
 
+    /// What the volume reads now: its head epoch, then the frozen epochs
+    /// beneath it, newest first.
+    pub fn view(&self) -> Vec<u64> {
+        std::iter::once(self.head_epoch)
+            .chain(self.chain.iter().copied())
+            .collect()
+    }
+
     /// The snapshot named `name`, if the volume has one.
     pub fn snapshot(&self, name: &str) -> Option<&SnapshotInfo> {
         self.snapshots.iter().find(|s| s.name == name)
@@ -246,6 +254,16 @@ pub struct SnapshotInfo {
     /// a clone of it gets this size).
     #[prost(uint64, tag = "6")]
     pub size_bytes: u64,
+}
+
+impl SnapshotInfo {
+    /// What the snapshot reads: its epoch, then the epochs beneath it,
+    /// newest first.
+    pub fn view(&self) -> Vec<u64> {
+        std::iter::once(self.epoch)
+            .chain(self.chain.iter().copied())
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -182,22 +182,12 @@ fn diff(volume: &str, from: &str, to: Option<&str>, cluster: &ClusterArgs) -> an
             let s = v.snapshot(name).ok_or_else(|| {
                 exit::not_found(format!("volume {volume:?} has no snapshot {name:?}"))
             })?;
-            Ok((
-                std::iter::once(s.epoch)
-                    .chain(s.chain.iter().copied())
-                    .collect(),
-                s.size_bytes,
-            ))
+            Ok((s.view(), s.size_bytes))
         };
         let (a, a_size) = view_of(from)?;
         let (b, b_size) = match to {
             Some(name) => view_of(name)?,
-            None => (
-                std::iter::once(v.head_epoch)
-                    .chain(v.chain.iter().copied())
-                    .collect(),
-                v.size_bytes,
-            ),
+            None => (v.view(), v.size_bytes),
         };
         let size = a_size.max(b_size);
         let data = cairn_client::Cluster::connect(cairn_client::ClientConfig::new(

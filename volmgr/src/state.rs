@@ -634,6 +634,21 @@ impl State {
         })
     }
 
+    /// A new volume's name is valid and not taken.
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<(), StateError> {
+        validate::volume_name(name).map_err(|reason| StateError::InvalidName {
+            name: validate::shown(name),
+            reason,
+        })?;
+        if let Some(&id) = self.names.get(name) {
+            return Err(StateError::DuplicateName {
+                name: name.to_string(),
+                id,
+            });
+        }
+        Ok(())
+    }
+
     /// The id a new volume `name` gets, and the counter after it; refused
     /// when the catalogue is full or the ids ran out. Nothing changes yet.
     pub(crate) fn new_volume_id(&self, name: &str) -> Result<(u64, u64), StateError> {
@@ -680,16 +695,7 @@ impl State {
     /// then what depends on the cluster.
     fn create_volume(&mut self, c: &CreateVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let name = &c.name;
-        validate::volume_name(name).map_err(|reason| StateError::InvalidName {
-            name: validate::shown(name),
-            reason,
-        })?;
-        if let Some(&id) = self.names.get(name) {
-            return Err(StateError::DuplicateName {
-                name: name.clone(),
-                id,
-            });
-        }
+        self.check_new_name(name)?;
         validate::volume_size(c.size_bytes).map_err(|reason| StateError::InvalidSize {
             name: name.clone(),
             size_bytes: c.size_bytes,

@@ -120,13 +120,16 @@ where
         .in_current_span(),
     );
 
+    // Made once: the export's revocation is watched across requests.
+    let revoked = conn.export.revoked();
+    tokio::pin!(revoked);
     let end = loop {
         let mut header = [0u8; REQUEST_BYTES];
         let got = tokio::select! {
             biased;
             _ = crate::server::stopped(&mut shutdown) => break End::Shutdown,
             _ = writer_dead.notified() => break End::Dropped,
-            _ = conn.export.revoked() => {
+            _ = &mut revoked => {
                 info!("export revoked (its volume changed under it); closing the connection");
                 break End::Dropped;
             }

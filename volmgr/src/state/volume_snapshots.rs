@@ -330,16 +330,7 @@ impl State {
                     name: validate::shown(&c.snapshot),
                 })?;
         let name = &c.name;
-        validate::volume_name(name).map_err(|reason| StateError::InvalidName {
-            name: validate::shown(name),
-            reason,
-        })?;
-        if let Some(&id) = self.names.get(name) {
-            return Err(StateError::DuplicateName {
-                name: name.clone(),
-                id,
-            });
-        }
+        self.check_new_name(name)?;
         let (id, next_volume_id) = self.new_volume_id(name)?;
         let version = self.next_catalogue_version()?;
         let epoch = self.new_epoch()?;
