@@ -2665,17 +2665,36 @@ fn lock_conflict(
 /// under this extent is failing, and the node is better down than serving.
 fn map_slot_table(file: &fs::File, extent_bytes: u32, path: &Path) -> Result<MmapMut> {
     let len = layout::blocks_per_extent(extent_bytes) as usize * ENTRY_BYTES;
+    let ctx = |what: &str| format!("{what} the slot table of {}", path.display());
+    // No readahead on this file's page cache: a fault on the mapping (the
+    // first slot stored in a new extent) would otherwise read around it by
+    // the device's read_ahead_kb (8 MiB on common virtual disks), which for
+    // a sparse extent file means zero-filling the whole data region into
+    // the page cache: measured at 85% of the CPU of a chunk server creating
+    // a few hundred extent versions a second after a snapshot. The data is
+    // read with O_DIRECT, and those cached zeros would also have to be
+    // invalidated by every direct write over them. Advisory: a kernel that
+    // refuses it only costs speed.
+    // SAFETY: plain syscall on a valid fd; offset 0, length 0 = whole file.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if rc != 0 {
+        debug!(path = %path.display(), "posix_fadvise(RANDOM) failed: {}", io::Error::from_raw_os_error(rc));
+    }
     // SAFETY: the file is an extent file this engine owns (no other process
     // writes it, the data directory is locked); the mapping covers its slot
     // table, which the file's size (set at creation) always includes, and is
     // dropped with the open extent before the file is deleted.
-    unsafe {
+    let map = unsafe {
         MmapOptions::new()
             .offset(HEADER_BYTES)
             .len(len)
             .map_mut(file)
     }
-    .map_err(|e| StoreError::io(format!("mapping the slot table of {}", path.display()), e))
+    .map_err(|e| StoreError::io(ctx("mapping"), e))?;
+    if let Err(e) = map.advise(memmap2::Advice::Random) {
+        debug!(path = %path.display(), "madvise(RANDOM) on the slot table failed: {e}");
+    }
+    Ok(map)
 }
 
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
