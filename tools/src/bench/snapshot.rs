@@ -13,9 +13,8 @@
 //!    second, of the 1 GiB volume while `cairn-target` exports it and fio
 //!    writes 4 KiB blocks through NBD at QD32: each snapshot then pauses the
 //!    front end, which first waits for the writes it has in flight; the
-//!    volume manager reports how long the pause lasted. (Snapshots back to
-//!    back under load pause longer: the writes in flight are then first
-//!    writes to new extent versions, which create files.)
+//!    volume manager reports how long the pause lasted (one snapshot a
+//!    second keeps every write a first write to a new extent version).
 //! 2. **Writes right after a snapshot.** A 1 GiB 3-replica volume is written
 //!    whole, then 4 KiB random writes at QD32 run for `--seconds`: once
 //!    with no snapshot since the last run, once right after a snapshot (so
