@@ -169,6 +169,48 @@ async fn volumes_are_created_listed_grown_and_deleted() {
     let o = cli.run(&["volume", "create", "bad", "--size", "10X"]);
     assert_code(&o, 2);
     assert!(stderr(&o).contains("10X"), "{}", text(&o));
+    // With --json the error is JSON on stdout as well, same exit status:
+    // refused by the cluster, by our own checks, and by the parser.
+    for (args, code, kind, word) in [
+        (
+            &["volume", "info", "nosuch", "--json"][..],
+            3,
+            "not_found",
+            "nosuch",
+        ),
+        (
+            &["volume", "delete", "scratch", "--json"][..],
+            2,
+            "usage",
+            "--yes",
+        ),
+        (
+            &["volume", "create", "bad", "--size", "10X", "--json"][..],
+            2,
+            "usage",
+            "10X",
+        ),
+        (
+            &["volume", "frobnicate", "--json"][..],
+            2,
+            "usage",
+            "frobnicate",
+        ),
+    ] {
+        let o = cli.run(args);
+        assert_code(&o, code);
+        let j: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: error not JSON ({e}): {}", text(&o)));
+        assert_eq!(j["error"]["kind"], kind, "{args:?}: {j}");
+        assert_eq!(j["error"]["exit_code"], code, "{args:?}: {j}");
+        let message = j["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(word), "{args:?}: {j}");
+        assert!(
+            stderr(&o).contains(word),
+            "{args:?}: the human line too: {}",
+            text(&o)
+        );
+    }
     let o = cli.run(&["volume", "create", "bad", "--size", "1.5G"]);
     assert_code(&o, 2);
 

@@ -9,6 +9,11 @@
 //!
 //! The top-level `--help` (main.rs) repeats this table.
 //!
+//! With `--json` anywhere on the command line, an error is also printed on
+//! stdout as one JSON object, `{"error": {"kind", "exit_code", "message"}}`
+//! ([`json`]; `kind` is "failure", "usage" or "not_found"), so a script
+//! reading stdout always gets JSON; the human line still goes to stderr.
+//!
 //! Commands return `anyhow::Error`s; [`code_for`] looks through the error's
 //! chain for a [`Usage`] or [`NotFound`] marker, or a volume manager refusal
 //! whose status says which case it is. Anything else is a failure (1).
@@ -57,6 +62,26 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// An error for exit status 3.
 pub fn not_found(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(NotFound(msg.into()))
+}
+
+/// The word for an exit status in the JSON form of an error.
+pub fn kind(code: u8) -> &'static str {
+    match code {
+        USAGE => "usage",
+        NOT_FOUND => "not_found",
+        _ => "failure",
+    }
+}
+
+/// The JSON form of an error that exits with `code`.
+pub fn json(code: u8, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": {
+            "kind": kind(code),
+            "exit_code": code,
+            "message": message,
+        }
+    })
 }
 
 /// The exit status for `e`.

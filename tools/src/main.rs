@@ -34,7 +34,8 @@ use clap::{Parser, Subcommand};
     long_about = "Cairn admin CLI: look after a Cairn cluster (health, chunk servers, \
         volumes, snapshots and clones, exports), inspect single chunk servers, run \
         benchmarks.\n\n\
-        Every command prints a human-readable table, or JSON with --json. Sizes take \
+        Every command prints a human-readable table, or JSON with --json (errors \
+        too: {\"error\": {\"kind\", \"exit_code\", \"message\"}} on stdout). Sizes take \
         binary units: 512M, 10G (= 10GiB = 10GB = 10 x 1024^3 bytes), 2T.\n\n\
         Finding the cluster, first match wins: --volmgr ADDRS with --cluster-id ID \
         (or $CAIRN_VOLMGR and $CAIRN_CLUSTER_ID); the file given by --config or \
@@ -98,7 +99,28 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Every command takes --json; asked anywhere (before a `--`), errors
+    // are JSON on stdout too (exit.rs).
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if json && e.use_stderr() {
+                let message = e.kind().to_string();
+                let detail = e.render().to_string();
+                let first = detail
+                    .lines()
+                    .next()
+                    .unwrap_or(&message)
+                    .trim_start_matches("error: ");
+                println!("{}", exit::json(exit::USAGE, first));
+            }
+            e.exit();
+        }
+    };
     let result = match cli.command {
         Command::Chunk(cmd) => chunk::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
@@ -119,7 +141,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             // (`cairn up` reports set-up problems as `exit::usage` errors.)
-            ExitCode::from(exit::code_for(&e))
+            let code = exit::code_for(&e);
+            if json {
+                println!("{}", exit::json(code, &format!("{e:#}")));
+            }
+            ExitCode::from(code)
         }
     }
 }
