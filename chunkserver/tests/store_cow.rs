@@ -49,6 +49,13 @@ enum Io {
         epoch: u8,
         ext: u8,
     },
+    /// Copy-up of whole blocks into any live epoch's version.
+    Materialize {
+        epoch: u8,
+        ext: u8,
+        block: u32,
+        blocks: u32,
+    },
     Flush,
 }
 
@@ -108,7 +115,12 @@ fn io() -> impl Strategy<Value = Io> {
             .prop_map(|(head, ext, (sector, sectors), punch)| Io::Zero { head, ext, sector, sectors, punch }),
         5 => (any::<u8>(), ext.clone(), range())
             .prop_map(|(epoch, ext, (sector, sectors))| Io::Read { epoch, ext, sector, sectors }),
-        1 => (any::<u8>(), ext).prop_map(|(epoch, ext)| Io::Held { epoch, ext }),
+        1 => (any::<u8>(), ext.clone()).prop_map(|(epoch, ext)| Io::Held { epoch, ext }),
+        2 => (any::<u8>(), ext, prop_oneof![
+                3 => (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(5))),
+                1 => Just((0, BLOCKS)),
+            ])
+            .prop_map(|(epoch, ext, (block, blocks))| Io::Materialize { epoch, ext, block, blocks }),
         1 => Just(Io::Flush),
     ]
 }
@@ -258,6 +270,21 @@ impl Model {
         self.write(epoch, ext, offset, len, None);
     }
 
+    /// Blocks of the range `epoch`'s version does not hold are stored with
+    /// what it reads now; nothing changes without a chain.
+    fn materialize(&mut self, epoch: u64, ext: u8, block: u32, blocks: u32) {
+        if self.chains[&epoch].is_empty() {
+            return;
+        }
+        let filled: Vec<(u32, Vec<u8>)> = (block..block + blocks)
+            .map(|b| (b, self.read_block(epoch, ext, b)))
+            .collect();
+        let v = self.stored.entry((epoch, ext)).or_default();
+        for (b, data) in filled {
+            v.entry(b).or_insert(data);
+        }
+    }
+
     fn held(&self, epoch: u64, ext: u8) -> Option<Vec<u64>> {
         let v = self.stored.get(&(epoch, ext))?;
         let mut words = vec![0u64; (BLOCKS as usize).div_ceil(64)];
@@ -366,6 +393,17 @@ fn plan(model: &mut Model, io: &Io) -> Planned {
             planned.want_held = Some(model.held(e, ext));
             planned
         }
+        Io::Materialize {
+            epoch,
+            ext,
+            block,
+            blocks,
+        } => {
+            let e = readable[epoch as usize % readable.len()];
+            let planned = p(model, e, ext);
+            model.materialize(e, ext, block, blocks);
+            planned
+        }
         Io::Flush => p(model, model.heads[0], 0),
     }
 }
@@ -418,6 +456,16 @@ async fn run(store: &Store, p: &Planned) -> Result<Got, StoreError> {
             .await
             .map(Got::Data),
         Io::Held { .. } => store.held_blocks(k).await.map(Got::Held),
+        Io::Materialize { block, blocks, .. } => store
+            .materialize_at(
+                k,
+                below,
+                EXTENT_BYTES,
+                block as u64 * BLOCK as u64,
+                blocks * BLOCK as u32,
+            )
+            .await
+            .map(|_| Got::None),
         Io::Flush => store.flush().await.map(|_| Got::None),
     }
 }

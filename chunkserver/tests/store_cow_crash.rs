@@ -7,7 +7,8 @@
 //!
 //! - `kill_9_while_writing_new_versions`: random moments, many writers
 //!   whose sector ranges share blocks (read-modify-writes through the chain),
-//!   FUA writes and flushes; one new version per round over all earlier ones.
+//!   FUA writes and flushes, and copy-ups (`materialize_at`) beside them;
+//!   one new version per round over all earlier ones.
 //!   Rounds: `CAIRN_COW_CRASH_ROUNDS` (default 8); `CAIRN_COW_CRASH_SEED`
 //!   replays the timing.
 //! - `power_loss_of_first_writes_falls_through`: after a kill, the disk is
@@ -144,6 +145,29 @@ async fn child_random(store: Store, round: u64) {
                     .await
                     .unwrap();
                 say(&format!("ack {w} {n}"));
+            }
+        });
+    }
+    // Copy-ups beside the writers: they change no sector's content, so the
+    // same checks hold after the kill, with or without them.
+    {
+        let store = store.clone();
+        let below = below.clone();
+        tokio::spawn(async move {
+            let blocks = EB / BLOCK as u32;
+            for n in 0u64.. {
+                let first = (n * 7 % blocks as u64) as u32;
+                let count = (blocks - first).min(1 + (n % 5) as u32);
+                store
+                    .materialize_at(
+                        key(n % EXTENTS, epoch),
+                        &below,
+                        EB,
+                        first as u64 * BLOCK as u64,
+                        count * BLOCK as u32,
+                    )
+                    .await
+                    .unwrap();
             }
         });
     }

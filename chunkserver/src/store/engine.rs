@@ -332,6 +332,10 @@ enum Payload {
     },
     /// `delete_version`: remove the version's file (a whole-extent op).
     Delete,
+    /// `materialize_at`: blocks the version does not hold are filled from the
+    /// chain and stored; the blocks it holds are read and written back as
+    /// they are (every block of the span is one the write keeps).
+    Materialize,
 }
 
 enum Phase {
@@ -661,6 +665,25 @@ impl Engine {
                     reply,
                 );
             }
+            Command::Materialize {
+                key,
+                below,
+                extent_bytes,
+                offset,
+                len,
+                reply,
+            } => {
+                self.new_write(
+                    key,
+                    below,
+                    extent_bytes,
+                    offset,
+                    len,
+                    Payload::Materialize,
+                    false,
+                    reply,
+                );
+            }
             // Both go through the ready queue like reads and writes, so they
             // see every op that arrived before them (a write arriving first
             // creates the version only when it is advanced). The extent size
@@ -878,8 +901,10 @@ impl Engine {
                     }
                     OpKind::Write(w)
                         if matches!(w.payload, Payload::Delete)
-                            || (matches!(w.payload, Payload::Zero { .. })
-                                && w.below.is_empty()) =>
+                            || (matches!(
+                                w.payload,
+                                Payload::Zero { .. } | Payload::Materialize
+                            ) && w.below.is_empty()) =>
                     {
                         // Never written (or already gone): it reads as zeros
                         // already. With a chain beneath, zeroing must hide it.
@@ -1071,6 +1096,10 @@ impl Engine {
             need.push(b1 - 1);
         }
         need.extend((b0..b1).filter(|&b| table.needs_settle(b)));
+        if matches!(w.payload, Payload::Materialize) {
+            // Every held block is kept as it is: read it to write it back.
+            need.extend((b0..b1).filter(|&b| table.needs_read(b)));
+        }
         if need.is_empty() {
             return self.after_write_reads(idx);
         }
@@ -1181,6 +1210,13 @@ impl Engine {
                     });
                 }
             }
+            Payload::Materialize => {
+                let m = w
+                    .merge
+                    .as_ref()
+                    .expect("materialize fills its merge buffer");
+                crcs.extend(m.chunks(BLOCK as usize).map(crc32fast::hash));
+            }
             Payload::Delete => unreachable!("deletes never write"),
         }
         // FUA by RWF_DSYNC needs the file's own metadata durable already, and
@@ -1270,6 +1306,16 @@ impl Engine {
                     sqes.push(block_write(w.merge.as_mut().expect("merge"), b1 - 1, 1));
                     expect.push(BLOCK_BYTES);
                 }
+            }
+            (Payload::Materialize, _) => {
+                sqes.push(block_write(
+                    w.merge
+                        .as_mut()
+                        .expect("materialize fills its merge buffer"),
+                    b0,
+                    b1 - b0,
+                ));
+                expect.push(span as u32);
             }
             (Payload::Delete, _) => unreachable!("deletes never write"),
         }
@@ -1476,10 +1522,13 @@ impl Engine {
         }
         let (b0, b1) = blocks_of(offset, len);
         let (head_partial, tail_partial) = partial_ends(offset, len);
+        let keep_all = matches!(w.payload, Payload::Materialize);
         let table = ext.table.as_mut().expect("loaded");
         let merge = w.merge.as_mut().expect("merge buffer");
         for b in b0..b1 {
-            let partial = (b == b0 && head_partial) || (b == b1 - 1 && tail_partial);
+            // A block whose content the write keeps (in part, or, for a
+            // materialize, whole) must verify; one it replaces whole need not.
+            let partial = keep_all || (b == b0 && head_partial) || (b == b1 - 1 && tail_partial);
             if !(table.needs_settle(b) || (partial && table.needs_read(b))) {
                 continue;
             }
@@ -1577,6 +1626,27 @@ impl Engine {
         let (b0, b1) = blocks_of(w.offset, w.len);
         let (head_partial, tail_partial) = partial_ends(w.offset, w.len);
         let table = self.open[&w.key].table.as_ref().expect("loaded");
+        if matches!(w.payload, Payload::Materialize) {
+            let need: Vec<u32> = (b0..b1).filter(|&b| !table.needs_read(b)).collect();
+            if need.is_empty() {
+                // Holds every block already: nothing to copy up.
+                let key = w.key;
+                let OpKind::Write(w) = self.take_op(idx).kind else {
+                    unreachable!()
+                };
+                self.release(idx, key);
+                let _ = w.reply.send(Ok(()));
+                return true;
+            }
+            let span = ((b1 - b0) as u64 * BLOCK) as usize;
+            let merge = w.merge.get_or_insert_with(|| IoBuf::zeroed(span));
+            for &b in &need {
+                // The span read to keep held blocks may cover these too.
+                let s = ((b - b0) as u64 * BLOCK) as usize;
+                merge[s..s + BLOCK as usize].fill(0);
+            }
+            return self.start_walk(idx, need, true);
+        }
         let mut need = Vec::new();
         if head_partial && !table.needs_read(b0) {
             need.push(b0);
@@ -2717,9 +2787,10 @@ fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
 fn reject_shutting_down(cmd: Command) {
     match cmd {
         Command::Read { reply, .. } => drop(reply.send(Err(StoreError::ShuttingDown))),
-        Command::Write { reply, .. } | Command::Zero { reply, .. } | Command::Flush { reply } => {
-            drop(reply.send(Err(StoreError::ShuttingDown)))
-        }
+        Command::Write { reply, .. }
+        | Command::Zero { reply, .. }
+        | Command::Materialize { reply, .. }
+        | Command::Flush { reply } => drop(reply.send(Err(StoreError::ShuttingDown))),
         Command::Held { reply, .. } => drop(reply.send(Err(StoreError::ShuttingDown))),
         Command::Delete { reply, .. } => drop(reply.send(Err(StoreError::ShuttingDown))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),

@@ -192,6 +192,16 @@ pub(crate) enum Command {
         punch: bool,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Makes the version hold every block of the range with the content it
+    /// reads now (see [`Store::materialize_at`]).
+    Materialize {
+        key: ExtentKey,
+        below: Below,
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Flush {
         reply: oneshot::Sender<Result<()>>,
     },
@@ -448,6 +458,46 @@ impl Store {
             len,
             fua,
             punch,
+            reply,
+        })
+        .await?
+    }
+
+    /// Copies up: every block of the range (4 KiB-aligned) that `key`'s
+    /// version does not hold is filled from the chain `below`, as a read
+    /// would return it, and stored in the version as held; blocks it holds
+    /// are left as they are. What any read of the version returns does not
+    /// change, so this commutes with writes to the version (each block is
+    /// decided under the block locks, like a partial write's fill). It lets
+    /// an older version beneath be deleted once every version that reads
+    /// through it holds what it held. With an empty chain there is nothing
+    /// to copy and nothing is done.
+    pub async fn materialize_at(
+        &self,
+        key: ExtentKey,
+        below: &[u64],
+        extent_bytes: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<()> {
+        check_range(&key, extent_bytes, offset, len as u64)?;
+        check_chain(&key, below)?;
+        let block = layout::BLOCK_BYTES;
+        if !offset.is_multiple_of(block as u64) || !len.is_multiple_of(block) {
+            return Err(StoreError::InvalidArgument(format!(
+                "{key}: materialize takes whole 4 KiB blocks (offset {offset}, length {len})"
+            )));
+        }
+        if below.is_empty() {
+            return Ok(());
+        }
+        let below = Below::from(below);
+        self.call(&key, |reply| Command::Materialize {
+            key,
+            below,
+            extent_bytes,
+            offset,
+            len,
             reply,
         })
         .await?
