@@ -609,6 +609,13 @@ pub(crate) fn describe(vol: &VolumeInfo, op: &ClientOp) -> String {
                 WriteOp::Zero { offset, len } => {
                     format!("zeroing of {len} bytes {}{fua}", at(ext.index, *offset))
                 }
+                WriteOp::Materialize { offset, len } => {
+                    format!(
+                        "copy-up of {len} bytes {} into epoch {}",
+                        at(ext.index, *offset),
+                        ext.epoch
+                    )
+                }
             }
         }
         ClientOp::Read { ext, offset, len } => {

@@ -233,6 +233,31 @@ impl Volume {
         .await
     }
 
+    /// Copies up into this volume's head version (or the snapshot it views)
+    /// every 4 KiB block of the range that version does not hold, from the
+    /// versions beneath it, on every replica (`WriteOp::Materialize`).
+    /// Nothing this view reads changes; afterwards an older version beneath
+    /// it is no longer read through for those blocks. Durable after the
+    /// next [`flush`](Self::flush).
+    pub async fn materialize(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.check(offset, len)?;
+        let align = cairn_group::msg::MATERIALIZE_ALIGN;
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+            return Err(ClientError::InvalidArgument {
+                volume: self.inner.info.name.clone(),
+                offset,
+                len,
+                reason: format!("a copy-up takes whole {align}-byte blocks"),
+            });
+        }
+        let pieces = split(offset, len, self.extent_bytes(), self.extent_bytes());
+        self.write_pieces(pieces, false, |p| WriteOp::Materialize {
+            offset: p.offset,
+            len: p.len,
+        })
+        .await
+    }
+
     /// Discards `len` bytes at `offset`: they read as zeros afterwards (on
     /// the wire a zeroing; the store punches whole blocks).
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ClientError> {

@@ -167,6 +167,10 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
             op: WriteOp::Zero { .. },
             ..
         } => "zero",
+        ClientOp::Write {
+            op: WriteOp::Materialize { .. },
+            ..
+        } => "materialize",
         ClientOp::Read { .. } => "read",
         ClientOp::Flush => "flush",
     };
@@ -216,6 +220,8 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
                     WriteOp::Zero { offset, len } => {
                         e[offset as usize..(offset + len) as usize].fill(0)
                     }
+                    // No chain here: a copy-up changes nothing.
+                    WriteOp::Materialize { .. } => {}
                 }
             }
             if s.drop_after_apply > 0 {

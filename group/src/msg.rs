@@ -27,14 +27,30 @@ pub enum WriteOp {
         /// Bytes to zero.
         len: u64,
     },
+    /// Copy-up of whole 4 KiB blocks: each the version does not hold is
+    /// filled from the versions beneath it and stored, so that an older
+    /// version can go (`Store::materialize_at`). No read of the version
+    /// changes. Logged and forwarded like any write, so a replica that
+    /// missed it gets the range pushed.
+    Materialize {
+        /// Byte offset in the extent (a multiple of 4096).
+        offset: u64,
+        /// Bytes (a multiple of 4096).
+        len: u64,
+    },
 }
+
+/// Copy-ups are of whole blocks of this many bytes.
+pub const MATERIALIZE_ALIGN: u64 = 4096;
 
 impl WriteOp {
     /// The byte range written.
     pub fn range(&self) -> (u64, u64) {
         match self {
             WriteOp::Data { offset, data } => (*offset, offset + data.len() as u64),
-            WriteOp::Zero { offset, len } => (*offset, offset + len),
+            WriteOp::Zero { offset, len } | WriteOp::Materialize { offset, len } => {
+                (*offset, offset + len)
+            }
         }
     }
 }

@@ -34,6 +34,9 @@ pub enum GroupOp {
     Read = 3,
     /// Make every write the group acknowledged durable on every replica.
     Flush = 4,
+    /// Copy-up of `length_bytes` at `offset_bytes` (whole 4 KiB blocks):
+    /// `WriteOp::Materialize`.
+    Materialize = 5,
 }
 
 /// A volume client's request to a group's primary (chunk op `Group`).
@@ -199,6 +202,10 @@ pub struct PeerHeader {
     /// (0: the whole extent; the list empty: every one whole).
     #[prost(uint32, repeated, tag = "21")]
     pub uncertain_ranges: Vec<u32>,
+    /// Forward: the write is a copy-up (`WriteOp::Materialize`) of
+    /// `length_bytes` at `offset_bytes`, carrying no data.
+    #[prost(bool, tag = "22")]
+    pub materialize: bool,
 }
 
 /// Appends a part's ranges as start, end pairs; answers how many pairs (0
@@ -315,6 +322,11 @@ pub fn encode_request(req: &ClientRequest, extent_bytes: u32) -> (GroupRequest, 
                     h.offset_bytes = *offset;
                     h.length_bytes = *len;
                 }
+                WriteOp::Materialize { offset, len } => {
+                    h.op = GroupOp::Materialize as i32;
+                    h.offset_bytes = *offset;
+                    h.length_bytes = *len;
+                }
             }
         }
         ClientOp::Read { ext, offset, len } => {
@@ -345,12 +357,15 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
     }
     let op = match GroupOp::try_from(h.op) {
         Ok(GroupOp::Flush) => ClientOp::Flush,
-        Ok(kind @ (GroupOp::Write | GroupOp::Zero | GroupOp::Read)) => {
+        Ok(kind @ (GroupOp::Write | GroupOp::Zero | GroupOp::Read | GroupOp::Materialize)) => {
             let ext: ExtentId = h
                 .extent
                 .ok_or_else(|| format!("{key}: {kind:?} without an extent"))?
                 .into();
             check_range(ext, h.extent_bytes, h.offset_bytes, h.length_bytes)?;
+            if kind == GroupOp::Materialize {
+                check_blocks(ext, h.offset_bytes, h.length_bytes)?;
+            }
             match kind {
                 GroupOp::Write => {
                     if data.len() as u64 != h.length_bytes {
@@ -372,6 +387,14 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
                 GroupOp::Zero => ClientOp::Write {
                     ext,
                     op: WriteOp::Zero {
+                        offset: h.offset_bytes,
+                        len: h.length_bytes,
+                    },
+                    fua: h.fua,
+                },
+                GroupOp::Materialize => ClientOp::Write {
+                    ext,
+                    op: WriteOp::Materialize {
                         offset: h.offset_bytes,
                         len: h.length_bytes,
                     },
@@ -403,6 +426,17 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
 
 /// A byte range must be non-empty, sector-aligned and inside an extent of a
 /// valid size (a power of two, 64 KiB to 64 MiB).
+/// A copy-up's range is whole 4 KiB blocks.
+fn check_blocks(ext: ExtentId, offset: u64, len: u64) -> Result<(), String> {
+    let align = cairn_group::msg::MATERIALIZE_ALIGN;
+    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+        return Err(format!(
+            "{ext}: copy-up range {offset}+{len} is not whole {align}-byte blocks"
+        ));
+    }
+    Ok(())
+}
+
 fn check_range(ext: ExtentId, extent_bytes: u32, offset: u64, len: u64) -> Result<(), String> {
     if !extent_bytes.is_power_of_two() || !((64 << 10)..=(64 << 20)).contains(&extent_bytes) {
         return Err(format!(
@@ -525,6 +559,11 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
                 }
                 WriteOp::Zero { offset, len } => {
                     h.zero = true;
+                    h.offset_bytes = *offset;
+                    h.length_bytes = *len;
+                }
+                WriteOp::Materialize { offset, len } => {
+                    h.materialize = true;
                     h.offset_bytes = *offset;
                     h.length_bytes = *len;
                 }
@@ -660,11 +699,19 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
             let ext = need_ext()?;
             check_range(ext, h.extent_bytes, h.offset_bytes, h.length_bytes)?;
             extent_bytes = h.extent_bytes;
-            let op = if h.zero {
-                if !data.is_empty() {
-                    return Err(format!("{ext}: a forwarded zero carries data"));
-                }
+            if (h.zero || h.materialize) && !data.is_empty() {
+                return Err(format!("{ext}: a forwarded zero or copy-up carries data"));
+            }
+            let op = if h.zero && h.materialize {
+                return Err(format!("{ext}: a forward is a zero or a copy-up, not both"));
+            } else if h.zero {
                 WriteOp::Zero {
+                    offset: h.offset_bytes,
+                    len: h.length_bytes,
+                }
+            } else if h.materialize {
+                check_blocks(ext, h.offset_bytes, h.length_bytes)?;
+                WriteOp::Materialize {
                     offset: h.offset_bytes,
                     len: h.length_bytes,
                 }
@@ -836,6 +883,17 @@ mod tests {
                 },
                 fua: false,
             },
+            PeerMsg::Forward {
+                to_up_since: 7,
+                seq,
+                committed: Seq::default(),
+                ext: EXT,
+                op: WriteOp::Materialize {
+                    offset: 4096,
+                    len: 65536,
+                },
+                fua: false,
+            },
             PeerMsg::ForwardAck { seq },
             PeerMsg::Push {
                 to_up_since: 7,
@@ -894,6 +952,14 @@ mod tests {
                 op: WriteOp::Zero {
                     offset: 512,
                     len: 512,
+                },
+                fua: false,
+            },
+            ClientOp::Write {
+                ext: EXT,
+                op: WriteOp::Materialize {
+                    offset: 8192,
+                    len: 4096,
                 },
                 fua: false,
             },
@@ -979,6 +1045,12 @@ mod tests {
                 op: GroupOp::Write as i32,
                 ..good.clone()
             },
+            // A copy-up of part of a block.
+            GroupRequest {
+                op: GroupOp::Materialize as i32,
+                offset_bytes: 512,
+                ..good.clone()
+            },
         ];
         for bad in cases {
             let e = decode_request(&bad, Bytes::new()).unwrap_err();
@@ -1001,6 +1073,47 @@ mod tests {
             ..Default::default()
         };
         assert!(decode_peer(&forward_without_seq, Bytes::new()).is_err());
+        let forward = PeerHeader {
+            seq: Some(WireSeq::default()),
+            zero: false,
+            ..forward_without_seq
+        };
+        assert!(decode_peer(&forward, Bytes::from(vec![0; 512])).is_ok());
+        // Zero and copy-up at once; a copy-up with data; of part of a block.
+        for (bad, data) in [
+            (
+                PeerHeader {
+                    zero: true,
+                    materialize: true,
+                    ..forward.clone()
+                },
+                Bytes::new(),
+            ),
+            (
+                PeerHeader {
+                    materialize: true,
+                    length_bytes: 4096,
+                    ..forward.clone()
+                },
+                Bytes::from(vec![0; 4096]),
+            ),
+            (
+                PeerHeader {
+                    materialize: true,
+                    ..forward.clone()
+                },
+                Bytes::new(),
+            ),
+        ] {
+            let e = decode_peer(&bad, data).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        let copy_up = PeerHeader {
+            materialize: true,
+            length_bytes: 4096,
+            ..forward
+        };
+        assert!(decode_peer(&copy_up, Bytes::new()).is_ok());
     }
 
     #[test]

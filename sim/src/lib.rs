@@ -987,6 +987,10 @@ impl World {
             let len = count * self.cfg.block;
             let op = if r >= 97 {
                 WriteOp::Zero { offset, len }
+            } else if r < 2 {
+                // A copy-up: through the protocol like any write, and no
+                // block changes (the simulated disk has nothing beneath).
+                WriteOp::Materialize { offset, len }
             } else {
                 let mut data = Vec::with_capacity(len as usize);
                 for b in 0..count {
@@ -1000,7 +1004,8 @@ impl World {
                 }
             };
             // Every value the write may leave becomes possible at once.
-            for b in 0..count {
+            let changes = !matches!(op, WriteOp::Materialize { .. });
+            for b in (0..count).filter(|_| changes) {
                 let v = block_value(&op, first + b, self.cfg.block);
                 self.client
                     .model
@@ -1119,6 +1124,11 @@ impl World {
             Ok(data) => {
                 let p = self.client.pending.remove(&r.id).expect("pending");
                 match p.op {
+                    // A copy-up changes no block: the model stays.
+                    ClientOp::Write {
+                        op: WriteOp::Materialize { .. },
+                        ..
+                    } => self.stats.acked_writes += 1,
                     ClientOp::Write { ext, op, .. } => {
                         self.stats.acked_writes += 1;
                         let (s, t) = op.range();
@@ -1214,6 +1224,7 @@ fn block_value(op: &WriteOp, b: u64, block: u64) -> Vec<u8> {
             data[at..at + block as usize].to_vec()
         }
         WriteOp::Zero { .. } => vec![0; block as usize],
+        WriteOp::Materialize { .. } => unreachable!("a copy-up leaves every block as it was"),
     }
 }
 
@@ -1239,6 +1250,8 @@ fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
                 WriteOp::Zero { offset, len } => {
                     e[*offset as usize..(*offset + *len) as usize].fill(0)
                 }
+                // The simulated disk has no versions beneath: nothing to copy.
+                WriteOp::Materialize { .. } => {}
             }
             DiskDone::Ok
         }

@@ -556,3 +556,100 @@ async fn a_replica_rejoining_after_snapshots_holds_every_version() {
     qemu_io(&uri, "read -P 1 512 1047552");
     qemu_io(&uri, "read -P 2 1M 1M");
 }
+
+/// A copy-up (`Volume::materialize`, the group's `WriteOp::Materialize`)
+/// runs on every acting replica, and one that was down during it gets the
+/// copied blocks pushed when it rejoins (the copy-up is in the group log):
+/// afterwards the head version holds, on all three replicas, every block
+/// the snapshot beneath it held, and nothing reads differently. This is
+/// what lets a hidden epoch be deleted after its blocks are copied up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_up_reaches_every_replica_and_a_rejoining_one() {
+    use cairn_chunkserver::rpc::ChunkClient;
+    use cairn_client::{ClientConfig, Cluster};
+
+    let mut cluster = ReplicatedCluster::start(3).await.expect("cluster");
+    let volmgr = cluster.client();
+    volmgr
+        .create_volume("m", 8 * MIB, MIB as u32, 3, 2)
+        .await
+        .unwrap();
+    let data = Cluster::connect(ClientConfig {
+        volmgr: cluster.volmgr.addrs(),
+        cluster_id: cluster.volmgr.cluster_id.clone(),
+        ..ClientConfig::default()
+    })
+    .await
+    .unwrap();
+    let vol = data.open_volume("m").await.unwrap();
+    vol.write(0, bytes::Bytes::from(vec![1u8; 4 << 20]), false)
+        .await
+        .unwrap();
+    vol.flush().await.unwrap();
+    volmgr
+        .create_snapshot("m", "s", Duration::ZERO)
+        .await
+        .unwrap();
+    let info = volmgr.get_volume("m").await.unwrap();
+    let head = data.volume(info.clone()).unwrap();
+    // The head holds one block of its own before node 3 goes.
+    head.write(MIB, bytes::Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    head.flush().await.unwrap();
+    cluster.servers[2].kill().unwrap();
+    cluster
+        .wait_map("node 3 marked down", Duration::from_secs(30), |m| {
+            m.nodes.iter().any(|n| n.id == 3 && !n.up)
+        })
+        .await
+        .unwrap();
+    head.materialize(0, 4 << 20).await.unwrap();
+    head.flush().await.unwrap();
+    let err = head.materialize(512, 4096).await.unwrap_err();
+    assert!(err.to_string().contains("whole 4096-byte blocks"), "{err}");
+    cluster.servers[2].restart().unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).await.unwrap();
+
+    let full = vec![u64::MAX; (MIB / 4096 / 64) as usize];
+    for (i, s) in cluster.servers.iter().enumerate() {
+        let c = ChunkClient::connect(s.addr()).await.unwrap();
+        for index in 0..4u64 {
+            let key = cairn_proto::chunk::ExtentKey {
+                volume_id: info.data_volume_id(),
+                extent_index: index,
+                epoch: info.head_epoch,
+            };
+            let held = c.extent_held(key).await.unwrap_or_else(|e| {
+                panic!("node {}: extent {index} at the head epoch: {e}", i + 1)
+            });
+            assert_eq!(
+                held,
+                full,
+                "node {}: extent {index} at the head epoch holds every block",
+                i + 1
+            );
+        }
+    }
+    let compared = cluster.compare_replicas(info.id, 3).await.unwrap();
+    assert!(compared >= 8, "{compared} versions compared");
+    let got = head.read(0, 4 << 20).await.unwrap();
+    for (at, b) in got.iter().enumerate() {
+        let want = if (MIB as usize..MIB as usize + 4096).contains(&at) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(*b, want, "byte {at} of the head");
+    }
+    let s = info.snapshot("s").unwrap();
+    let snap = data
+        .volume(cairn_proto::map::VolumeInfo {
+            head_epoch: s.epoch,
+            chain: s.chain.clone(),
+            snapshots: Vec::new(),
+            ..info.clone()
+        })
+        .unwrap();
+    assert!(snap.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 1));
+}

@@ -673,6 +673,10 @@ async fn run_disk(
                     .write_zeroes_at(key_of(ext), &below, eb, offset, len as u32, fua, true)
                     .await
                     .map_err(|e| e.to_string())?,
+                cairn_group::msg::WriteOp::Materialize { offset, len } => store
+                    .materialize_at(key_of(ext), &below, eb, offset, len as u32)
+                    .await
+                    .map_err(|e| e.to_string())?,
             }
             Ok(DiskDone::Ok)
         }
