@@ -2,7 +2,8 @@
 //! machine decides heads, chains and dead epochs; a real store holds the
 //! data, read through each view's chain as the chunk servers do; random
 //! writes, zeroings, snapshots, snapshot deletions, rollbacks, clones,
-//! volume deletions and garbage collection passes run against a model where
+//! volume deletions, folds of hidden epochs (copy-up, then `FoldEpoch`) and
+//! garbage collection passes run against a model where
 //! every volume and snapshot is a plain byte array. Every view must read
 //! exactly its model after every step, and garbage collection must never
 //! delete a version a live view reads (every view is read after it).
@@ -50,6 +51,10 @@ enum Op {
     DeleteVolume {
         vol: usize,
     },
+    /// Folds the first foldable hidden epoch as the chunk servers' driver
+    /// does: copies up what each of its versions holds into its child,
+    /// then `FoldEpoch`.
+    Fold,
     Collect,
     Reopen,
 }
@@ -74,6 +79,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (v.clone(), 0..4usize).prop_map(|(vol, snap)| Op::Clone { vol, snap }),
         1 => v.prop_map(|vol| Op::DeleteVolume { vol }),
         1 => Just(Op::Collect),
+        2 => Just(Op::Fold),
         1 => Just(Op::Reopen),
     ]
 }
@@ -219,6 +225,59 @@ impl World {
         }
     }
 
+    async fn fold(&mut self) {
+        let Some(f) = self.state.foldable(None).first().copied() else {
+            return;
+        };
+        let below = self
+            .state
+            .chain_beneath(f.data_id, f.child)
+            .expect("the child is live");
+        for index in 0..EXTENTS {
+            let key = |epoch| ExtentKey {
+                volume_id: f.data_id,
+                extent_index: index,
+                epoch,
+            };
+            let Some(held) = self.store.held_blocks(key(f.epoch)).await.unwrap() else {
+                continue;
+            };
+            let blocks = EXTENT / 4096;
+            let mut b = 0;
+            while b < blocks {
+                let on = |b: u32| held[b as usize / 64] >> (b % 64) & 1 == 1;
+                if !on(b) {
+                    b += 1;
+                    continue;
+                }
+                let start = b;
+                while b < blocks && on(b) {
+                    b += 1;
+                }
+                self.store
+                    .materialize_at(
+                        key(f.child),
+                        &below,
+                        EXTENT,
+                        start as u64 * 4096,
+                        (b - start) * 4096,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let r = self.apply(Command::FoldEpoch(FoldEpoch {
+            data_id: f.data_id,
+            epoch: f.epoch,
+            child: f.child,
+        }));
+        assert!(r.is_ok(), "{}", r.message);
+        assert!(
+            self.state.chain_beneath(f.data_id, f.child).unwrap().len() < below.len(),
+            "folded out of the child's chain"
+        );
+    }
+
     async fn step(&mut self, op: Op) {
         match op {
             Op::Write { vol, at, len, byte } => {
@@ -312,6 +371,7 @@ impl World {
                 self.snapshots.retain(|(v, _), _| *v != name);
             }
             Op::Collect => self.collect().await,
+            Op::Fold => self.fold().await,
             Op::Reopen => {
                 self.store.shutdown().await.unwrap();
                 self.store = Store::open(&self.root, options()).unwrap();

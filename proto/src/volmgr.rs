@@ -142,10 +142,27 @@ pub enum VolmgrOp {
     SnapshotPaused = 22,
     /// For chunk servers: the frozen epochs beneath `epoch` of `data_id`,
     /// newest first, in `chain` (what a read of a version at `epoch` falls
-    /// through to). They never change once the epoch exists, so the answer
-    /// may be kept. `NotFound` if no live volume or snapshot of that data
+    /// through to). Once the epoch exists they only ever lose folded
+    /// epochs (`FoldEpoch`), whose blocks were copied up into the epoch
+    /// above first; a kept answer therefore stays right (a folded epoch's
+    /// versions hold nothing a read through them needs, and once collected
+    /// they read through), so it may be kept. `NotFound` if no live volume or snapshot of that data
     /// id contains the epoch (its volume or snapshot was deleted). A read.
     EpochChain = 23,
+    /// For the chunk servers' collector: per data id (`data_id`, 0 for
+    /// all), the *hidden* epochs (in a live chain, but no view's top: a
+    /// deleted snapshot something still reads through) that have exactly
+    /// one epoch directly above them in every chain containing them, in
+    /// `foldable`. Copying up the blocks such an epoch holds into its child
+    /// and then folding it (`FoldEpoch`) frees what the child overwrote.
+    /// A read.
+    Foldable = 24,
+    /// Folds hidden epoch `epoch` of `data_id` into `fold_child`: drops it
+    /// from every chain, so it becomes dead and its versions are collected.
+    /// The caller has copied up every block it holds into the child
+    /// (`WriteOp::Materialize`) and flushed. Refused (`FailedPrecondition`)
+    /// unless the epoch is still foldable into that child. A change.
+    FoldEpoch = 25,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -292,9 +309,26 @@ pub struct VolmgrRequest {
     /// SnapshotPaused: the one it paused for.
     #[prost(uint64, tag = "77")]
     pub pending_snapshot: u64,
-    /// EpochChain: the epoch (with `data_id`).
+    /// EpochChain, FoldEpoch: the epoch (with `data_id`).
     #[prost(uint64, tag = "78")]
     pub epoch: u64,
+    /// FoldEpoch: the epoch directly above `epoch` in every chain.
+    #[prost(uint64, tag = "79")]
+    pub fold_child: u64,
+}
+
+/// A hidden epoch and the one epoch directly above it in every chain that
+/// contains it (see `VolmgrOp::Foldable`).
+#[derive(Clone, Copy, PartialEq, Eq, ::prost::Message)]
+pub struct Foldable {
+    #[prost(uint64, tag = "1")]
+    pub data_id: u64,
+    /// The hidden epoch.
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    /// The epoch directly above it.
+    #[prost(uint64, tag = "3")]
+    pub child: u64,
 }
 
 /// Epochs of one data id (see `VolmgrOp::DeadEpochs`).
@@ -383,6 +417,9 @@ pub struct VolmgrResponse {
     /// EpochChain: the epochs beneath the one asked about, newest first.
     #[prost(uint64, repeated, tag = "23")]
     pub chain: Vec<u64>,
+    /// Foldable: by data id, then epoch.
+    #[prost(message, repeated, tag = "24")]
+    pub foldable: Vec<Foldable>,
 }
 
 /// Cluster health in one message.

@@ -35,8 +35,8 @@ use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
     ClaimReplica, CloneVolume, Command, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume,
-    EpochsCollected, ErrorCode, GrowVolume, Proposal, RegisterNode, Response, RollbackVolume,
-    State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    EpochsCollected, ErrorCode, FoldEpoch, GrowVolume, Proposal, RegisterNode, Response,
+    RollbackVolume, State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
@@ -469,6 +469,7 @@ impl Api {
                 | VolmgrOp::RollbackVolume
                 | VolmgrOp::CloneVolume
                 | VolmgrOp::EpochsCollected
+                | VolmgrOp::FoldEpoch
         );
         if changes && (req.client_id == 0 || req.client_seq == 0) {
             return reply(
@@ -731,6 +732,27 @@ impl Api {
                     }),
                 )
                 .await
+            }
+            VolmgrOp::FoldEpoch => {
+                self.propose(
+                    req,
+                    Command::FoldEpoch(FoldEpoch {
+                        data_id: req.data_id,
+                        epoch: req.epoch,
+                        child: req.fold_child,
+                    }),
+                )
+                .await
+            }
+            VolmgrOp::Foldable => {
+                let data_id = (req.data_id != 0).then_some(req.data_id);
+                match self.read(move |s| s.foldable(data_id)).await {
+                    Ok(foldable) => VolmgrResponse {
+                        foldable,
+                        ..Default::default()
+                    },
+                    Err(r) => r,
+                }
             }
             VolmgrOp::DeadEpochs => {
                 let data_id = (req.data_id != 0).then_some(req.data_id);

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use cairn_proto::frame_io::{read_header, read_prefix, write_frame};
 use cairn_proto::map::{ClusterMap, SnapshotInfo, VolumeInfo};
 use cairn_proto::volmgr::{
-    ClusterStatus, DataEpochs, GroupClaim, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
+    ClusterStatus, DataEpochs, Foldable, GroupClaim, VolmgrOp, VolmgrRequest, VolmgrResponse,
+    VolmgrStatus,
 };
 use prost::Message as _;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -387,6 +388,34 @@ impl VolmgrClient {
             ..self.request(VolmgrOp::DeadEpochs)
         };
         Ok(self.call(req).await?.dead_epochs)
+    }
+
+    /// For the collector: hidden epochs with one child, which a copy-up and
+    /// a [`fold_epoch`](Self::fold_epoch) free (`None`: of every data id).
+    pub async fn foldable(&self, data_id: Option<u64>) -> Result<Vec<Foldable>, ClientError> {
+        let req = VolmgrRequest {
+            data_id: data_id.unwrap_or(0),
+            ..self.request(VolmgrOp::Foldable)
+        };
+        Ok(self.call(req).await?.foldable)
+    }
+
+    /// Drops hidden epoch `epoch` of `data_id` from every chain, once every
+    /// block it holds was copied up into `child` and flushed. Refused
+    /// (`FailedPrecondition`) unless it is still foldable into `child`.
+    pub async fn fold_epoch(
+        &self,
+        data_id: u64,
+        epoch: u64,
+        child: u64,
+    ) -> Result<(), ClientError> {
+        let req = VolmgrRequest {
+            data_id,
+            epoch,
+            fold_child: child,
+            ..self.change(VolmgrOp::FoldEpoch)
+        };
+        self.call(req).await.map(|_| ())
     }
 
     /// The collector deleted every version of `epochs` under `data_id`:

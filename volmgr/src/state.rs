@@ -419,6 +419,7 @@ impl State {
             Command::RollbackVolume(c) => self.rollback_volume(c, now_unix_ms),
             Command::CloneVolume(c) => self.clone_volume(c, now_unix_ms),
             Command::EpochsCollected(c) => self.epochs_collected(c),
+            Command::FoldEpoch(c) => self.fold_epoch(c),
         }
     }
 

@@ -694,3 +694,81 @@ fn snapshots_with_broken_epochs_are_refused() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+fn fold(data_id: u64, epoch: u64, child: u64) -> Command {
+    Command::FoldEpoch(FoldEpoch {
+        data_id,
+        epoch,
+        child,
+    })
+}
+
+/// A deleted snapshot that views still read through is *hidden*; with one
+/// epoch directly above it in every chain it is foldable, and folding it
+/// drops it from every chain, after which it is dead. Two children, a
+/// view's top, a wrong child or a second fold are refused and change
+/// nothing.
+#[test]
+fn hidden_epochs_with_one_child_fold_out_of_every_chain() {
+    let mut s = cluster();
+    let d = vol(&s, "pacs").data_volume_id();
+    ok(&mut s, snap("pacs", "a"));
+    ok(&mut s, snap("pacs", "b"));
+    let v = vol(&s, "pacs");
+    let (ea, eb) = (
+        v.snapshot("a").unwrap().epoch,
+        v.snapshot("b").unwrap().epoch,
+    );
+    assert_eq!(v.chain, vec![eb, ea]);
+    assert!(s.foldable(None).is_empty(), "every epoch is a view's top");
+    refused(
+        &mut s,
+        fold(d, ea, eb),
+        ErrorCode::FailedPrecondition,
+        &["cannot be folded"],
+    );
+
+    ok(&mut s, clone_of("pacs", "b", "test"));
+    ok(&mut s, delete_snap("pacs", "a"));
+    let one = |epoch, child| cairn_proto::volmgr::Foldable {
+        data_id: d,
+        epoch,
+        child,
+    };
+    assert_eq!(s.foldable(None), vec![one(ea, eb)]);
+    assert_eq!(s.foldable(Some(d)), vec![one(ea, eb)]);
+    assert!(s.foldable(Some(d + 100)).is_empty());
+
+    // b deleted too: read through by the head of pacs and by the clone,
+    // each with its own epoch above it, so only a folds.
+    ok(&mut s, delete_snap("pacs", "b"));
+    assert_eq!(s.foldable(None), vec![one(ea, eb)]);
+    let head = vol(&s, "pacs").head_epoch;
+    refused(
+        &mut s,
+        fold(d, eb, head),
+        ErrorCode::FailedPrecondition,
+        &["cannot be folded"],
+    );
+    refused(
+        &mut s,
+        fold(d, ea, head),
+        ErrorCode::FailedPrecondition,
+        &[&ea.to_string()],
+    );
+
+    ok(&mut s, fold(d, ea, eb));
+    assert_eq!(vol(&s, "pacs").chain, vec![eb]);
+    assert_eq!(vol(&s, "test").chain, vec![eb]);
+    assert_eq!(s.chain_beneath(d, eb), Some(vec![]));
+    assert!(s.chain_beneath(d, ea).is_none());
+    let dead = s.dead_epochs(Some(d));
+    assert!(dead.iter().any(|x| x.epochs.contains(&ea)), "{dead:?}");
+    assert!(s.foldable(None).is_empty());
+    refused(
+        &mut s,
+        fold(d, ea, eb),
+        ErrorCode::FailedPrecondition,
+        &["cannot be folded"],
+    );
+}

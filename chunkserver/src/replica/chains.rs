@@ -3,9 +3,10 @@
 //! A snapshot freezes a volume's head epoch and opens a new one; a block
 //! the new version does not hold is read from the frozen versions beneath
 //! it (the store's `read_at`/`write_at` take that chain). The chain beneath
-//! an epoch never changes once the epoch exists (a snapshot's ancestors are
-//! fixed; deleting a snapshot only removes its name), so a chunk server
-//! asks the volume manager once per epoch and keeps the answer. Requests
+//! an epoch only ever loses *folded* epochs (a deleted snapshot's, once its
+//! blocks were copied up into the epoch above it; see `VolmgrOp::FoldEpoch`),
+//! and a chain that still lists one reads the same, so a chunk server asks
+//! the volume manager once per epoch and keeps the answer. Requests
 //! and the group protocol therefore carry only `(volume, index, epoch)`,
 //! as before snapshots existed; replicas and pushes resolve the chain the
 //! same way.

@@ -188,6 +188,21 @@ pub enum StateError {
         /// `CHAIN_EPOCHS_MAX`.
         max: usize,
     },
+    /// A fold of an epoch that is not (or no longer) hidden with exactly
+    /// that one child.
+    #[error(
+        "epoch {epoch} of data id {data_id} cannot be folded into {child}: it is not a hidden \
+         epoch with {child} directly above it in every chain (a view's top, gone, or read \
+         through by another child)"
+    )]
+    EpochNotFoldable {
+        /// The data id.
+        data_id: u64,
+        /// The epoch.
+        epoch: u64,
+        /// The child named.
+        child: u64,
+    },
     /// A collected epoch that a volume or snapshot still references.
     #[error(
         "epoch {epoch} of data id {data_id} cannot be collected: {by} still references it \
@@ -359,6 +374,7 @@ impl StateError {
             NotEnoughFailureDomains { .. }
             | Shrink { .. }
             | EpochReferenced { .. }
+            | EpochNotFoldable { .. }
             | NodeInUse { .. }
             | NodeActing { .. }
             | ClaimRefused { .. }

@@ -6,11 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_proto::map::{SnapshotInfo, SnapshotRef, VolumeInfo};
-use cairn_proto::volmgr::DataEpochs;
+use cairn_proto::volmgr::{DataEpochs, Foldable};
 
 use super::{
-    validate, CloneVolume, CreateSnapshot, DeleteSnapshot, EpochsCollected, Outcome, RestoreError,
-    RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX,
+    validate, CloneVolume, CreateSnapshot, DeleteSnapshot, EpochsCollected, FoldEpoch, Outcome,
+    RestoreError, RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX,
     VOLUME_NAME_BYTES_MAX,
 };
 
@@ -83,6 +83,51 @@ impl State {
                 })
             })
             .collect()
+    }
+
+    /// Hidden epochs (in a live chain, no view's top) of `data_id` (`None`:
+    /// of every data id) with exactly one epoch directly above them in
+    /// every chain that contains them: by data id, then epoch.
+    pub fn foldable(&self, data_id: Option<u64>) -> Vec<Foldable> {
+        // data id -> hidden epoch -> the epochs directly above it.
+        let mut above: BTreeMap<u64, BTreeMap<u64, BTreeSet<u64>>> = BTreeMap::new();
+        let mut tops: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        for v in self.volumes.values() {
+            let d = v.data_volume_id();
+            if data_id.is_some_and(|w| w != d) {
+                continue;
+            }
+            let views = std::iter::once((v.head_epoch, &v.chain))
+                .chain(v.snapshots.iter().map(|s| (s.epoch, &s.chain)));
+            for (top, chain) in views {
+                tops.entry(d).or_default().insert(top);
+                let mut child = top;
+                for &e in chain.iter() {
+                    above
+                        .entry(d)
+                        .or_default()
+                        .entry(e)
+                        .or_default()
+                        .insert(child);
+                    child = e;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (d, epochs) in above {
+            for (e, children) in epochs {
+                if tops[&d].contains(&e) || children.len() != 1 {
+                    continue;
+                }
+                let child = *children.first().expect("one");
+                out.push(Foldable {
+                    data_id: d,
+                    epoch: e,
+                    child,
+                });
+            }
+        }
+        out
     }
 
     /// The frozen epochs beneath `epoch` of `data_id`, newest first, from
@@ -364,6 +409,36 @@ impl State {
             snapshot: Some(snapshot),
             ..Outcome::default()
         })
+    }
+
+    /// See [`FoldEpoch`]: drops a hidden epoch with one child from every
+    /// chain (volume heads' and snapshots'); it is then dead.
+    pub(super) fn fold_epoch(&mut self, c: &FoldEpoch) -> Result<Outcome, StateError> {
+        let wanted = Foldable {
+            data_id: c.data_id,
+            epoch: c.epoch,
+            child: c.child,
+        };
+        if !self.foldable(Some(c.data_id)).contains(&wanted) {
+            return Err(StateError::EpochNotFoldable {
+                data_id: c.data_id,
+                epoch: c.epoch,
+                child: c.child,
+            });
+        }
+        let version = self.next_catalogue_version()?;
+        self.catalogue_version = version;
+        for v in self
+            .volumes
+            .values_mut()
+            .filter(|v| v.data_volume_id() == c.data_id)
+        {
+            v.chain.retain(|&e| e != c.epoch);
+            for s in &mut v.snapshots {
+                s.chain.retain(|&e| e != c.epoch);
+            }
+        }
+        Ok(Outcome::default())
     }
 
     pub(super) fn epochs_collected(&mut self, c: &EpochsCollected) -> Result<Outcome, StateError> {
