@@ -12,15 +12,20 @@
 //! on the next pass. (So the collector never tells the volume manager to
 //! forget an epoch: a node that is down now may still hold its versions.)
 //!
-//! Not collected yet: the blocks of a deleted snapshot whose epoch is still
-//! beneath a live view (hidden). Its blocks that the epoch above it
-//! overwrote are never read again, but freeing them safely needs the group
-//! protocol (it must not race a rejoin's push); see ARCHITECTURE.md.
+//! A deleted snapshot whose epoch is still beneath a live view (hidden) is
+//! not dead. When it has one epoch directly above it in every chain, one
+//! node (the up chunk server with the lowest id) *folds* it on its passes:
+//! copies up what it holds into that child through the group protocol and
+//! has the volume manager drop it from every chain (`cairn_client::fold`).
+//! It is then dead, and every collector deletes its versions: what the
+//! child overwrote is freed. A hidden epoch with several children (read
+//! through by a volume and a clone with their own epochs above it) stays.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn_client::{ClientConfig, Cluster};
 use cairn_volmgr::client::VolmgrClient;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -41,13 +46,25 @@ pub struct PassStats {
     pub freed_bytes: u64,
 }
 
+/// Hidden epochs folded per pass at most (each copies up what its versions
+/// hold, so a pass stays bounded).
+const FOLDS_PER_PASS: usize = 4;
+
+/// Who this node is, and how to reach the volumes, for folding.
+pub struct Folding {
+    pub node_id: u64,
+    pub client: ClientConfig,
+}
+
 /// Runs a pass every `interval` until `stop` turns true.
 pub async fn run(
     store: Store,
     volmgr: Arc<VolmgrClient>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
+    folding: Folding,
 ) {
+    let mut cluster: Option<Arc<Cluster>> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -68,7 +85,60 @@ pub async fn run(
             ),
             Err(e) => warn!("garbage collection pass failed (the next one retries): {e}"),
         }
+        if let Err(e) = fold_pass(&folding, &mut cluster, &volmgr).await {
+            warn!("folding hidden epochs failed (the next pass retries): {e}");
+        }
     }
+}
+
+/// On the up chunk server with the lowest id only: folds up to
+/// [`FOLDS_PER_PASS`] foldable hidden epochs.
+async fn fold_pass(
+    folding: &Folding,
+    cluster: &mut Option<Arc<Cluster>>,
+    volmgr: &VolmgrClient,
+) -> Result<(), String> {
+    let map = volmgr
+        .get_map(0, Duration::ZERO)
+        .await
+        .map_err(|e| format!("reading the cluster map: {e}"))?;
+    let first = map.nodes.iter().filter(|n| n.up).map(|n| n.id).min();
+    if first != Some(folding.node_id) {
+        return Ok(());
+    }
+    let folds = volmgr
+        .foldable(None)
+        .await
+        .map_err(|e| format!("asking for foldable epochs: {e}"))?;
+    if folds.is_empty() {
+        return Ok(());
+    }
+    let c = match cluster {
+        Some(c) => c.clone(),
+        None => {
+            let c = Cluster::connect(folding.client.clone())
+                .await
+                .map_err(|e| format!("connecting the volume client: {e}"))?;
+            *cluster = Some(c.clone());
+            c
+        }
+    };
+    for f in folds.into_iter().take(FOLDS_PER_PASS) {
+        let t0 = Instant::now();
+        let done = cairn_client::fold(&c, volmgr, f)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(
+            data_id = f.data_id,
+            epoch = f.epoch,
+            child = f.child,
+            versions = done.versions,
+            copied_bytes = done.copied_bytes,
+            ms = t0.elapsed().as_millis() as u64,
+            "folded a hidden epoch into the one above it; its versions are collected next"
+        );
+    }
+    Ok(())
 }
 
 /// One pass: lists the store, asks the volume manager, deletes the dead.

@@ -146,6 +146,14 @@ async fn serve_until_signal(config: &Config, data_dir: &DataDir) -> Result<(), F
             volmgr.clone(),
             config.gc_interval,
             stop_rx.clone(),
+            collector::Folding {
+                node_id: config.node_id,
+                client: cairn_client::ClientConfig {
+                    volmgr: config.volmgr.clone(),
+                    cluster_id: config.cluster_id.clone(),
+                    ..cairn_client::ClientConfig::default()
+                },
+            },
         ));
         let (replication, _driver) = replica::Replication::start(
             replica::ReplicaConfig {

@@ -757,6 +757,10 @@ fn hidden_epochs_with_one_child_fold_out_of_every_chain() {
         &[&ea.to_string()],
     );
 
+    // Through raft as bytes: the command decodes (a oneof tag list that
+    // forgot it made every fold "a command this build does not know").
+    let p = prop(fold(d, ea, eb));
+    assert_eq!(Proposal::decode(&p.encode_to_vec()[..]).unwrap(), p);
     ok(&mut s, fold(d, ea, eb));
     assert_eq!(vol(&s, "pacs").chain, vec![eb]);
     assert_eq!(vol(&s, "test").chain, vec![eb]);

@@ -32,7 +32,7 @@ pub struct Proposal {
     /// this build does not know.
     #[prost(
         oneof = "Command",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28"
     )]
     pub command: Option<Command>,
 }
