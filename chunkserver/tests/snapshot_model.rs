@@ -242,35 +242,20 @@ impl World {
             let Some(held) = self.store.held_blocks(key(f.epoch)).await.unwrap() else {
                 continue;
             };
-            let blocks = EXTENT / 4096;
-            let mut b = 0;
-            while b < blocks {
-                let on = |b: u32| held[b as usize / 64] >> (b % 64) & 1 == 1;
-                if !on(b) {
-                    b += 1;
-                    continue;
-                }
-                let start = b;
-                while b < blocks && on(b) {
-                    b += 1;
-                }
+            for (start, count) in cairn_client::held_runs(&held, EXTENT as u64 / 4096) {
                 self.store
                     .materialize_at(
                         key(f.child),
                         &below,
                         EXTENT,
-                        start as u64 * 4096,
-                        (b - start) * 4096,
+                        start * 4096,
+                        count as u32 * 4096,
                     )
                     .await
                     .unwrap();
             }
         }
-        let r = self.apply(Command::FoldEpoch(FoldEpoch {
-            data_id: f.data_id,
-            epoch: f.epoch,
-            child: f.child,
-        }));
+        let r = self.apply(Command::FoldEpoch(f));
         assert!(r.is_ok(), "{}", r.message);
         assert!(
             self.state.chain_beneath(f.data_id, f.child).unwrap().len() < below.len(),

@@ -33,6 +33,30 @@ pub struct Folded {
     pub copied_bytes: u64,
 }
 
+/// The runs of set bits in a held-block bitmap (bit `i % 64` of word
+/// `i / 64` for block `i`) among the first `blocks`: `(first block, count)`.
+pub fn held_runs(bitmap: &[u64], blocks: u64) -> Vec<(u64, u64)> {
+    let on = |b: u64| {
+        bitmap
+            .get(b as usize / 64)
+            .is_some_and(|w| w >> (b % 64) & 1 == 1)
+    };
+    let mut runs = Vec::new();
+    let mut b = 0;
+    while b < blocks {
+        if !on(b) {
+            b += 1;
+            continue;
+        }
+        let start = b;
+        while b < blocks && on(b) {
+            b += 1;
+        }
+        runs.push((start, b - start));
+    }
+    runs
+}
+
 /// Folds `f` (from `VolmgrClient::foldable`).
 pub async fn fold(
     cluster: &Arc<Cluster>,
@@ -86,24 +110,9 @@ pub async fn fold(
         copied_bytes: 0,
     };
     for ((index, _), bitmap) in held {
-        let blocks = eb / BLOCK;
-        let on = |b: u64| {
-            bitmap
-                .get(b as usize / 64)
-                .is_some_and(|w| w >> (b % 64) & 1 == 1)
-        };
-        let mut b = 0;
         let mut any = false;
-        while b < blocks {
-            if !on(b) {
-                b += 1;
-                continue;
-            }
-            let start = b;
-            while b < blocks && on(b) {
-                b += 1;
-            }
-            let (at, len) = (index * eb + start * BLOCK, (b - start) * BLOCK);
+        for (start, count) in held_runs(&bitmap, eb / BLOCK) {
+            let (at, len) = (index * eb + start * BLOCK, count * BLOCK);
             if at >= size {
                 break;
             }

@@ -26,7 +26,7 @@ pub use allocation::Allocation;
 pub use cluster::{ClientConfig, Cluster};
 pub use diff::{changed_ranges, Changed};
 pub use error::ClientError;
-pub use fold::{fold, Folded};
+pub use fold::{fold, held_runs, Folded};
 pub use retry::IO_RETRIES;
 pub use space::{space, Space};
 pub use split::SECTOR_BYTES;

@@ -353,6 +353,17 @@ async fn wait_used_at_most(cluster: &ReplicatedCluster, bytes: u64, what: &str) 
     }
 }
 
+/// kill -9 of chunk server 3, and the map marking it down.
+async fn kill_node_3(cluster: &mut ReplicatedCluster) {
+    cluster.servers[2].kill().unwrap();
+    cluster
+        .wait_map("node 3 marked down", Duration::from_secs(30), |m| {
+            m.nodes.iter().any(|n| n.id == 3 && !n.up)
+        })
+        .await
+        .unwrap();
+}
+
 fn qemu_io(uri: &str, cmd: &str) {
     let mut args = vec!["-f", "raw", "-c", cmd, uri];
     // Snapshots are exported read-only; qemu opens them only read-only.
@@ -530,13 +541,7 @@ async fn a_replica_rejoining_after_snapshots_holds_every_version() {
     let uri = target.uri("r");
     qemu_io(&uri, "write -P 1 0 4M");
     cairn(&cluster, &["snapshot", "create", "r", "s1"]);
-    cluster.servers[2].kill().unwrap();
-    cluster
-        .wait_map("node 3 marked down", Duration::from_secs(30), |m| {
-            m.nodes.iter().any(|n| n.id == 3 && !n.up)
-        })
-        .await
-        .unwrap();
+    kill_node_3(&mut cluster).await;
     qemu_io(&uri, "write -P 2 1M 1M");
     qemu_io(&uri, "write -P 3 3M 4k");
     cairn(&cluster, &["snapshot", "create", "r", "s2"]);
@@ -597,13 +602,7 @@ async fn a_copy_up_reaches_every_replica_and_a_rejoining_one() {
         .await
         .unwrap();
     head.flush().await.unwrap();
-    cluster.servers[2].kill().unwrap();
-    cluster
-        .wait_map("node 3 marked down", Duration::from_secs(30), |m| {
-            m.nodes.iter().any(|n| n.id == 3 && !n.up)
-        })
-        .await
-        .unwrap();
+    kill_node_3(&mut cluster).await;
     head.materialize(0, 4 << 20).await.unwrap();
     head.flush().await.unwrap();
     let err = head.materialize(512, 4096).await.unwrap_err();

@@ -35,8 +35,8 @@ use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
     ClaimReplica, CloneVolume, Command, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume,
-    EpochsCollected, ErrorCode, FoldEpoch, GrowVolume, Proposal, RegisterNode, Response,
-    RollbackVolume, State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    EpochsCollected, ErrorCode, GrowVolume, Proposal, RegisterNode, Response, RollbackVolume,
+    State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
@@ -736,7 +736,7 @@ impl Api {
             VolmgrOp::FoldEpoch => {
                 self.propose(
                     req,
-                    Command::FoldEpoch(FoldEpoch {
+                    Command::FoldEpoch(cairn_proto::volmgr::Foldable {
                         data_id: req.data_id,
                         epoch: req.epoch,
                         child: req.fold_child,

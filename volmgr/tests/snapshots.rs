@@ -696,7 +696,7 @@ fn snapshots_with_broken_epochs_are_refused() {
 }
 
 fn fold(data_id: u64, epoch: u64, child: u64) -> Command {
-    Command::FoldEpoch(FoldEpoch {
+    Command::FoldEpoch(cairn_proto::volmgr::Foldable {
         data_id,
         epoch,
         child,

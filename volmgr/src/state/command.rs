@@ -105,24 +105,13 @@ pub enum Command {
     /// a catalogue change.
     #[prost(message, tag = "27")]
     EpochsCollected(EpochsCollected),
-    /// Drops a hidden epoch from every chain once its blocks were copied
-    /// up into its one child (see [`FoldEpoch`]). Catalogue change.
+    /// Drops hidden epoch `epoch` of `data_id` from every chain once its
+    /// blocks were copied up into `child`, the one epoch directly above it
+    /// in every chain containing it (`State::foldable`); it is then dead.
+    /// Refused (`EpochNotFoldable`) unless still so, so a stale request
+    /// changes nothing. Catalogue change.
     #[prost(message, tag = "28")]
-    FoldEpoch(FoldEpoch),
-}
-
-/// See [`Command::FoldEpoch`]: `epoch` of `data_id` is hidden (in a live
-/// chain, no view's top) and `child` is directly above it in every chain
-/// containing it; every chain loses `epoch`. Refused
-/// (`EpochNotFoldable`) otherwise, so a stale request changes nothing.
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct FoldEpoch {
-    #[prost(uint64, tag = "1")]
-    pub data_id: u64,
-    #[prost(uint64, tag = "2")]
-    pub epoch: u64,
-    #[prost(uint64, tag = "3")]
-    pub child: u64,
+    FoldEpoch(cairn_proto::volmgr::Foldable),
 }
 
 /// See [`Command::SetGroupCount`].

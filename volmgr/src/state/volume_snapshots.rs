@@ -9,8 +9,8 @@ use cairn_proto::map::{SnapshotInfo, SnapshotRef, VolumeInfo};
 use cairn_proto::volmgr::{DataEpochs, Foldable};
 
 use super::{
-    validate, CloneVolume, CreateSnapshot, DeleteSnapshot, EpochsCollected, FoldEpoch, Outcome,
-    RestoreError, RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX,
+    validate, CloneVolume, CreateSnapshot, DeleteSnapshot, EpochsCollected, Outcome, RestoreError,
+    RollbackVolume, State, StateError, CHAIN_EPOCHS_MAX, SNAPSHOTS_PER_VOLUME_MAX,
     VOLUME_NAME_BYTES_MAX,
 };
 
@@ -411,15 +411,10 @@ impl State {
         })
     }
 
-    /// See [`FoldEpoch`]: drops a hidden epoch with one child from every
-    /// chain (volume heads' and snapshots'); it is then dead.
-    pub(super) fn fold_epoch(&mut self, c: &FoldEpoch) -> Result<Outcome, StateError> {
-        let wanted = Foldable {
-            data_id: c.data_id,
-            epoch: c.epoch,
-            child: c.child,
-        };
-        if !self.foldable(Some(c.data_id)).contains(&wanted) {
+    /// See [`Command::FoldEpoch`]: drops a hidden epoch with one child from
+    /// every chain (volume heads' and snapshots'); it is then dead.
+    pub(super) fn fold_epoch(&mut self, c: &Foldable) -> Result<Outcome, StateError> {
+        if !self.foldable(Some(c.data_id)).contains(c) {
             return Err(StateError::EpochNotFoldable {
                 data_id: c.data_id,
                 epoch: c.epoch,
