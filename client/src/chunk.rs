@@ -335,15 +335,7 @@ impl ChunkClient {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ChunkError> {
-        let request = range_request(Op::Read, key.into(), extent_bytes, offset, len);
-        let (_, data) = self.call_ok(request, Bytes::new()).await?;
-        if data.len() != len as usize {
-            return Err(self.protocol(format!(
-                "read of {len} bytes answered with {} bytes",
-                data.len()
-            )));
-        }
-        Ok(data)
+        self.read_through(key, &[], extent_bytes, offset, len).await
     }
 
     /// Reads like [`read`](Self::read), through the versions at the epochs

@@ -73,13 +73,15 @@ impl Chains {
         let Some(source) = &self.source else {
             return Ok(Arc::from(Vec::new()));
         };
-        let cell = self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((ext.volume, ext.epoch))
-            .or_default()
-            .clone();
+        let cell = {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            let cell = known.entry((ext.volume, ext.epoch)).or_default();
+            // Every operation but the first few at an epoch: answered here.
+            if let Some(chain) = cell.get() {
+                return Ok(chain.clone());
+            }
+            cell.clone()
+        };
         match cell.get_or_try_init(|| source(ext)).await {
             Ok(chain) => Ok(chain.clone()),
             // An epoch the catalogue no longer knows belongs to a deleted

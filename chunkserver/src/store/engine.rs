@@ -315,6 +315,11 @@ struct OpenExtent {
 }
 
 impl OpenExtent {
+    /// Where block `b`'s data starts in the file.
+    fn block_offset(&self, b: u32) -> u64 {
+        layout::data_offset(self.extent_bytes) + b as u64 * BLOCK
+    }
+
     fn pinned(&self) -> bool {
         self.table.is_none()
             || !self.active.is_empty()
@@ -1055,7 +1060,7 @@ impl Engine {
         let span = ((b1 - b0) as u64 * BLOCK) as usize;
         let mut buf = IoBuf::for_overwrite(span);
         let fd = ext.data_fd.as_raw_fd();
-        let file_off = layout::data_offset(ext.extent_bytes) + b0 as u64 * BLOCK;
+        let file_off = ext.block_offset(b0);
         let ptr = buf.as_mut_ptr();
         let OpKind::Read(r) = &mut self.op_mut(idx).kind else {
             unreachable!()
@@ -1110,7 +1115,7 @@ impl Engine {
         let r1 = *need.iter().max().expect("non-empty") + 1;
         let mut merge = IoBuf::zeroed(((b1 - b0) as u64 * BLOCK) as usize);
         let span = (r1 - r0) as u64 * BLOCK;
-        let file_off = layout::data_offset(ext.extent_bytes) + r0 as u64 * BLOCK;
+        let file_off = ext.block_offset(r0);
         // SAFETY: r0 >= b0 and the span ends at r1 <= b1, inside `merge`.
         let ptr = unsafe { merge.as_mut_ptr().add(((r0 - b0) as u64 * BLOCK) as usize) };
         let fd = ext.data_fd.as_raw_fd();
@@ -1781,7 +1786,7 @@ impl Engine {
                 stage.as_mut_ptr(),
                 span as u32,
             )
-            .offset(layout::data_offset(ext.extent_bytes) + s0 as u64 * BLOCK)
+            .offset(ext.block_offset(s0))
             .build();
             // The buffer's heap address does not move when the IoBuf is stored.
             walk.stage = Some((s0, stage));
@@ -1931,7 +1936,7 @@ impl Engine {
         let span = ((u1 - u0) as u64 * BLOCK) as usize;
         let mut buf = IoBuf::for_overwrite(span);
         let fd = ext.data_fd.as_raw_fd();
-        let file_off = layout::data_offset(ext.extent_bytes) + u0 as u64 * BLOCK;
+        let file_off = ext.block_offset(u0);
         let ptr = buf.as_mut_ptr();
         let OpKind::Held(h) = &mut self.op_mut(idx).kind else {
             unreachable!()

@@ -25,7 +25,57 @@ mod report;
 mod snapshot;
 mod store;
 
-use clap::Subcommand;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use replication::progress;
+
+/// Where a benchmark that starts Cairn's daemons finds them and keeps its
+/// data (`replication`, `nbd`, `snapshot`).
+#[derive(Args)]
+pub struct RunDirArgs {
+    /// Folder to make the temporary data folder in (use a real disk, not tmpfs).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Keep the temporary folder (data and daemon logs) afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Folder holding the Cairn daemons (cairn-volmgr, cairn-chunkserver,
+    /// cairn-target) [default: this cairn binary's].
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl RunDirArgs {
+    /// `--bin-dir`, or the folder of the running cairn binary.
+    pub fn bin_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.bin_dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(std::env::current_exe()?
+                .parent()
+                .context("the running cairn binary has no folder")?
+                .to_path_buf()),
+        }
+    }
+
+    /// A fresh `cairn-bench-<what>-...` folder inside `--dir`.
+    pub fn tempdir(&self, what: &str) -> anyhow::Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&format!("cairn-bench-{what}-"))
+            .tempdir_in(&self.dir)
+            .with_context(|| format!("creating a temporary folder in {}", self.dir.display()))
+    }
+
+    /// Removes the folder, or with `--keep` keeps it and says where.
+    pub fn finish(&self, dir: tempfile::TempDir) {
+        if self.keep {
+            let kept = dir.keep();
+            progress(format!("kept {}", kept.display()));
+        }
+    }
+}
 
 #[derive(Subcommand)]
 pub enum BenchCommand {

@@ -112,15 +112,8 @@ pub struct NbdBenchArgs {
     /// Smoke run: 3 s runs on 256 MiB.
     #[arg(long)]
     pub quick: bool,
-    /// Folder to make the temporary data folder in (use a real disk, not tmpfs).
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// Keep the temporary folder (data and daemon logs) afterwards.
-    #[arg(long)]
-    pub keep: bool,
-    /// Folder holding cairn-volmgr, cairn-chunkserver and cairn-target [default: this cairn binary's].
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub run_dir: super::RunDirArgs,
     /// The fio binary (3.x, built with the nbd engine).
     #[arg(long, default_value = "fio")]
     pub fio_bin: PathBuf,
@@ -638,13 +631,7 @@ fn pid_of(d: &Daemon) -> anyhow::Result<u32> {
 pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 10 });
     let size_bytes = args.size_mib.unwrap_or(if args.quick { 256 } else { 1024 }) << 20;
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()?
-            .parent()
-            .context("the running cairn binary has no folder")?
-            .to_path_buf(),
-    };
+    let bin_dir = args.run_dir.bin_dir()?;
     let target_bin = bin_dir.join("cairn-target");
     if !target_bin.is_file() {
         bail!(
@@ -659,10 +646,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
         "--version",
         "install nbdkit or pass --nbdkit-bin",
     )?;
-    let dir = tempfile::Builder::new()
-        .prefix("cairn-bench-nbd-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a temporary folder in {}", args.dir.display()))?;
+    let dir = args.run_dir.tempdir("nbd")?;
     let fs = fs_info(dir.path())?;
     // nbdkit's file, one copy in r1, three in r3, and room for logs.
     let needed = 5 * size_bytes + (256 << 20);
@@ -671,7 +655,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
             "the benchmark needs about {} free in {} but only {} is available; pass a smaller \
              --size-mib or another --dir",
             bytes_human(needed),
-            args.dir.display(),
+            args.run_dir.dir.display(),
             bytes_human(fs.available_bytes)
         );
     }
@@ -788,10 +772,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
     target.stop();
     bench.stop();
     nbdkit.stop();
-    if args.keep {
-        let kept = dir.keep();
-        progress(format!("kept {}", kept.display()));
-    }
+    args.run_dir.finish(dir);
     let (prefill, phases, memory) = result?;
     let report = NbdReport {
         setup,

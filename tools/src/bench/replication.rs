@@ -99,15 +99,8 @@ pub struct ReplicationBenchArgs {
     /// Smoke run: 3 s IOPS runs, a 10 s pause window, a 5 s outage.
     #[arg(long)]
     pub quick: bool,
-    /// Folder to make the temporary data folder in (use a real disk, not tmpfs).
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// Keep the temporary folder (data and daemon logs) afterwards.
-    #[arg(long)]
-    pub keep: bool,
-    /// Folder holding cairn-volmgr and cairn-chunkserver [default: this cairn binary's].
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub run_dir: super::RunDirArgs,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -841,17 +834,8 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
                 .unwrap_or(if args.quick { 5 } else { 30 }),
         );
     let window = Duration::from_secs(if args.quick { 10 } else { 30 });
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()?
-            .parent()
-            .context("the running cairn binary has no folder")?
-            .to_path_buf(),
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("cairn-bench-replication-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a temporary folder in {}", args.dir.display()))?;
+    let bin_dir = args.run_dir.bin_dir()?;
+    let dir = args.run_dir.tempdir("replication")?;
     progress(format!(
         "data and logs in {}; volume manager defaults: heartbeat {} ms, down after {} ms; \
          client attempt timeout {:?}",
@@ -867,10 +851,7 @@ pub fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
     let result = rt.block_on(phases(&mut bench, seconds, window, outage));
     drop(rt);
     bench.stop();
-    if args.keep {
-        let kept = dir.keep();
-        progress(format!("kept {}", kept.display()));
-    }
+    args.run_dir.finish(dir);
     let (iops, failover, rejoin) = result?;
     let (r1, r3) = (&iops.r1, &iops.r3);
     let ratio = r3.iops / r1.iops.max(f64::MIN_POSITIVE);

@@ -57,15 +57,8 @@ pub struct SnapshotBenchArgs {
     /// Smoke run: fewer snapshots, shorter runs, less data before rollbacks.
     #[arg(long)]
     pub quick: bool,
-    /// Folder to make the temporary data folder in (use a real disk, not tmpfs).
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// Keep the temporary folder (data and daemon logs) afterwards.
-    #[arg(long)]
-    pub keep: bool,
-    /// Folder holding cairn-volmgr, cairn-chunkserver and cairn-target [default: this cairn binary's].
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub run_dir: super::RunDirArgs,
     /// fio, for writes through NBD while snapshots are taken.
     #[arg(long, default_value = "fio")]
     pub fio_bin: PathBuf,
@@ -191,17 +184,8 @@ fn fio_writer(fio: &PathBuf, uri: &str, size: u64, log: &std::path::Path) -> any
 pub fn run(args: SnapshotBenchArgs) -> anyhow::Result<()> {
     let count = args.count.unwrap_or(if args.quick { 10 } else { 50 });
     let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 10 });
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()?
-            .parent()
-            .context("the running cairn binary has no folder")?
-            .to_path_buf(),
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("cairn-bench-snapshot-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a temporary folder in {}", args.dir.display()))?;
+    let bin_dir = args.run_dir.bin_dir()?;
+    let dir = args.run_dir.tempdir("snapshot")?;
     progress(format!("data and logs in {}", dir.path().display()));
     let mut bench = Bench::start(&bin_dir, dir.path(), &[])?;
     let target_addr = free_loopback_addr(std::net::Ipv4Addr::new(127, 0, 0, 10))?;
@@ -237,10 +221,7 @@ pub fn run(args: SnapshotBenchArgs) -> anyhow::Result<()> {
     drop(rt);
     target.stop();
     bench.stop();
-    if args.keep {
-        let kept = dir.keep();
-        progress(format!("kept {}", kept.display()));
-    }
+    args.run_dir.finish(dir);
     let report = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
