@@ -37,6 +37,8 @@ pub struct RegistryConfig {
     pub read_only: bool,
     /// The volume served under the empty name, if any.
     pub default_export: Option<String>,
+    /// The cluster's id, part of every export's [`ExportInfo::uid`].
+    pub cluster_id: String,
 }
 
 /// The exports of one target process.
@@ -127,6 +129,11 @@ impl Registry {
             ),
             size: v.size_bytes,
             read_only,
+            uid: if snapshot {
+                format!("{}/vol-{}@epoch-{}", self.cfg.cluster_id, v.id, v.head_epoch)
+            } else {
+                format!("{}/vol-{}", self.cfg.cluster_id, v.id)
+            },
         }
     }
 }

@@ -12,7 +12,9 @@
 //! - [`server`]: TCP and unix listeners, connection limits, shutdown.
 //! - [`config`]: flags and the TOML file.
 
+pub mod backend;
 pub mod config;
 pub mod exports;
+pub mod iscsi;
 pub mod nbd;
 pub mod server;

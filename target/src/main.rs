@@ -116,6 +116,7 @@ async fn serve(config: Config) -> Result<(), Fatal> {
             target_id: config.target_id,
             read_only: config.read_only,
             default_export: config.default_export.clone(),
+            cluster_id: config.cluster_id.clone(),
         },
     );
     let stats = Arc::new(Stats::default());

@@ -29,6 +29,7 @@ impl MemExport {
                 description: format!("memory export of {size} bytes"),
                 size,
                 read_only,
+                uid: format!("memory/{name}"),
             },
             blocks: Mutex::new(BTreeMap::new()),
             fail_at: Mutex::new(None),

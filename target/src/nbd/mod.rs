@@ -1,18 +1,14 @@
 //! The NBD server: [`wire`] (bytes, no I/O), [`handshake`] (fixed newstyle
 //! option haggling) and [`transmit`] (the request loop). Both protocol halves
-//! run over any byte stream and reach volumes only through the [`Catalog`]
-//! and [`Backend`] traits, so the fuzzers and unit tests drive them in memory
-//! while `cairn-target` plugs in the cluster ([`crate::exports`]).
+//! run over any byte stream and reach volumes only through the
+//! [`crate::backend`] traits, so the fuzzers and unit tests drive them in
+//! memory ([`memory`]) while `cairn-target` plugs in the cluster
+//! ([`crate::exports`]).
 
 pub mod handshake;
 pub mod memory;
 pub mod transmit;
 pub mod wire;
-
-use std::future::Future;
-use std::sync::Arc;
-
-use bytes::Bytes;
 
 /// Size constraints every export advertises (`NBD_INFO_BLOCK_SIZE`). The
 /// volume client addresses 512-byte sectors; 4 KiB is the store's checksum
@@ -23,99 +19,22 @@ pub const BLOCK_PREFERRED: u32 = 4096;
 /// must be able to use).
 pub const PAYLOAD_MAX: u32 = 32 << 20;
 
-/// What a client learns about an export before using it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportInfo {
-    /// The canonical name (the default export's real name).
-    pub name: String,
-    /// One line for humans (`nbdinfo --list`).
-    pub description: String,
-    pub size: u64,
-    pub read_only: bool,
-}
+pub use crate::backend::{Backend, Catalog, ExportInfo, Extents, IoError};
 
-impl ExportInfo {
-    /// The transmission flags: exactly the features this export serves.
-    /// `structured`: structured replies were negotiated (needed for DF).
-    pub fn transmission_flags(&self, structured: bool) -> u16 {
-        use wire::*;
-        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
-        if self.read_only {
-            f |= FLAG_READ_ONLY;
-        } else {
-            f |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
-        }
-        if structured {
-            f |= FLAG_SEND_DF;
-        }
-        f
+/// The transmission flags: exactly the features `info` serves.
+/// `structured`: structured replies were negotiated (needed for DF).
+pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
+    use wire::*;
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
+    if info.read_only {
+        f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     }
-}
-
-/// An I/O failure, as the client will see it: an NBD error number and a
-/// message for the log and for structured error chunks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IoError {
-    pub errno: u32,
-    pub message: String,
-}
-
-/// `(length, base:allocation flags)` runs starting at the queried offset.
-pub type Extents = Vec<(u64, u32)>;
-
-/// One export's data, shared by every connection to it.
-pub trait Backend: Send + Sync + 'static {
-    fn info(&self) -> &ExportInfo;
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, IoError>> + Send;
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), IoError>> + Send;
-    /// Makes the range read as zeros; with `no_hole` it stays allocated.
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-        no_hole: bool,
-    ) -> impl Future<Output = Result<(), IoError>> + Send;
-    fn trim(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), IoError>> + Send;
-    /// Makes every write completed before the call durable.
-    fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
-    /// Allocation of the range from `offset` on: at least one run; runs may
-    /// stop short of `len`, and the last may reach past it.
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u32,
-    ) -> impl Future<Output = Result<Extents, IoError>> + Send;
-    /// Completes when the export's clients must be disconnected (its volume
-    /// was rolled back under it): they reconnect to what it is now.
-    fn revoked(&self) -> impl Future<Output = ()> + Send {
-        std::future::pending()
+    if structured {
+        f |= FLAG_SEND_DF;
     }
-}
-
-/// Where exports come from.
-pub trait Catalog: Send + Sync + 'static {
-    type Export: Backend;
-    /// The export called `name` ("" is the default export), or None.
-    fn lookup(&self, name: &str)
-        -> impl Future<Output = Result<Option<ExportInfo>, String>> + Send;
-    /// Every export, for `NBD_OPT_LIST`.
-    fn list(&self) -> impl Future<Output = Result<Vec<ExportInfo>, String>> + Send;
-    /// Opens `name` for a connection entering transmission.
-    fn open(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<Arc<Self::Export>>, String>> + Send;
+    f
 }
 
 #[cfg(test)]

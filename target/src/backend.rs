@@ -1,0 +1,90 @@
+//! What the front ends (NBD, iSCSI) serve: exports reached only through the
+//! [`Catalog`] and [`Backend`] traits, so the protocols' unit tests and
+//! fuzzers drive them in memory (`nbd::memory`) while `cairn-target` plugs in
+//! the cluster ([`crate::exports`]).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// What a client learns about an export before using it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The canonical name (the default export's real name).
+    pub name: String,
+    /// One line for humans (`nbdinfo --list`).
+    pub description: String,
+    pub size: u64,
+    pub read_only: bool,
+    /// What is exported, unique among every cluster and stable for its
+    /// life (cluster id, volume id, snapshot epoch): the source of the
+    /// identifiers an initiator keys multipath on (SCSI serial, NAA id).
+    pub uid: String,
+}
+
+/// An I/O failure, as the client will see it: an NBD error number and a
+/// message for the log and for structured error chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoError {
+    pub errno: u32,
+    pub message: String,
+}
+
+/// `(length, base:allocation flags)` runs starting at the queried offset.
+pub type Extents = Vec<(u64, u32)>;
+
+/// One export's data, shared by every connection to it.
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> &ExportInfo;
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, IoError>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// Makes the range read as zeros; with `no_hole` it stays allocated.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    ) -> impl Future<Output = Result<(), IoError>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// Makes every write completed before the call durable.
+    fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// Allocation of the range from `offset` on: at least one run; runs may
+    /// stop short of `len`, and the last may reach past it.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Extents, IoError>> + Send;
+    /// Completes when the export's clients must be disconnected (its volume
+    /// was rolled back under it): they reconnect to what it is now.
+    fn revoked(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+}
+
+/// Where exports come from.
+pub trait Catalog: Send + Sync + 'static {
+    type Export: Backend;
+    /// The export called `name` ("" is the default export), or None.
+    fn lookup(&self, name: &str)
+        -> impl Future<Output = Result<Option<ExportInfo>, String>> + Send;
+    /// Every export, for `NBD_OPT_LIST`.
+    fn list(&self) -> impl Future<Output = Result<Vec<ExportInfo>, String>> + Send;
+    /// Opens `name` for a connection entering transmission.
+    fn open(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Arc<Self::Export>>, String>> + Send;
+}

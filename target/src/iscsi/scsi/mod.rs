@@ -1,0 +1,1 @@
+//! SCSI commands on a LUN (placeholder; being written).
