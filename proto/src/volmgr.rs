@@ -132,7 +132,9 @@ pub enum VolmgrOp {
     /// is that snapshot's own change, and the answer waits for the pending
     /// snapshot to end, which follows at once.) The record is read after
     /// the pending snapshot: an answer without one shows the head to write
-    /// at. See `CreateSnapshot` for the protocol. Leader only
+    /// at. See `CreateSnapshot` for the protocol. Every answer also carries
+    /// the volume's `pr_generation` (see `PrSet`): a front end seeing it
+    /// differ from the one it holds reloads the state (`PrGet`). Leader only
     /// (`NotLeader`).
     ExportWatch = 21,
     /// Front end `node_id` paused its writes to `volume_name` for pending
@@ -163,7 +165,33 @@ pub enum VolmgrOp {
     /// (`WriteOp::Materialize`) and flushed. Refused (`FailedPrecondition`)
     /// unless the epoch is still foldable into that child. A change.
     FoldEpoch = 25,
+    /// The SCSI persistent reservation (PR) state of `volume_name`: what
+    /// the iSCSI front ends keep here so that registrations and the
+    /// reservation survive their restarts and are shared by every front end
+    /// exporting the volume (SPC-4). The bytes are the front end's own
+    /// encoding; the volume manager only stores them, with a generation.
+    /// Answers `pr_generation` and `pr_state` (0 and empty while none was
+    /// ever stored). `NotFound` for an unknown volume. A read.
+    PrGet = 26,
+    /// Compare and set of the PR state of `volume_name`: stores `pr_state`
+    /// (at most [`PR_STATE_BYTES_MAX`], else `InvalidArgument`) only if the
+    /// stored generation is `pr_expect_generation` (0: none stored yet); the
+    /// generation becomes one more, answered in `pr_generation`. Otherwise
+    /// refused with `FailedPrecondition` and `pr_generation_mismatch`,
+    /// `pr_generation` being the stored generation: read the state again
+    /// (`PrGet`), redo the change on it, and set again. The state is kept
+    /// across snapshots, rollbacks and grows of the volume, dropped with the
+    /// volume (a volume created again under its name starts at 0); a clone
+    /// starts without (it is a new logical unit). Neither a map nor a
+    /// catalogue change: chunk servers never see it. Front ends notice
+    /// another's change by the generation their `ExportWatch` answers.
+    /// A change.
+    PrSet = 27,
 }
+
+/// Largest SCSI persistent reservation state one volume may store (see
+/// `VolmgrOp::PrSet`): 64 KiB.
+pub const PR_STATE_BYTES_MAX: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -315,6 +343,12 @@ pub struct VolmgrRequest {
     /// FoldEpoch: the epoch directly above `epoch` in every chain.
     #[prost(uint64, tag = "79")]
     pub fold_child: u64,
+    /// PrSet: the PR generation the front end read (0: none stored yet).
+    #[prost(uint64, tag = "80")]
+    pub pr_expect_generation: u64,
+    /// PrSet: the new PR state, opaque, at most [`PR_STATE_BYTES_MAX`].
+    #[prost(bytes = "vec", tag = "81")]
+    pub pr_state: Vec<u8>,
 }
 
 /// A hidden epoch and the one epoch directly above it in every chain that
@@ -420,6 +454,19 @@ pub struct VolmgrResponse {
     /// Foldable: by data id, then epoch.
     #[prost(message, repeated, tag = "24")]
     pub foldable: Vec<Foldable>,
+    /// PrGet: the volume's PR generation (0: no state ever stored); PrSet:
+    /// the new generation, or with `pr_generation_mismatch` the stored one;
+    /// ExportWatch: the volume's generation when it answered, so a front
+    /// end notices within one renewal that another changed the state.
+    #[prost(uint64, tag = "25")]
+    pub pr_generation: u64,
+    /// PrGet: the stored PR state (empty: none).
+    #[prost(bytes = "vec", tag = "26")]
+    pub pr_state: Vec<u8>,
+    /// PrSet: refused (`FailedPrecondition`) because the stored generation,
+    /// in `pr_generation`, is not the expected one.
+    #[prost(bool, tag = "27")]
+    pub pr_generation_mismatch: bool,
 }
 
 /// Cluster health in one message.

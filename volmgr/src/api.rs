@@ -15,7 +15,9 @@
 //! the snapshot ([`Pauses`]; the protocol is written out on
 //! `VolmgrOp::CreateSnapshot`). Front ends learn of a pending snapshot, and
 //! of the new head epoch after it, through `ExportWatch`, a long poll that
-//! also renews their lease.
+//! also renews their lease. Its answers carry the volume's SCSI persistent
+//! reservation generation, which `PrSet` (a change, compare and set) moves
+//! and `PrGet` (a read) answers with the state itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_proto::map::ClusterMap;
 use cairn_proto::volmgr::{
     ClusterStatus, MemberInfo, VolmgrOp, VolmgrRequest, VolmgrResponse, VolmgrStatus,
+    PR_STATE_BYTES_MAX,
 };
 use prost::Message as _;
 use tokio::sync::watch;
@@ -35,8 +38,8 @@ use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
     ClaimReplica, CloneVolume, Command, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume,
-    EpochsCollected, ErrorCode, GrowVolume, Proposal, RegisterNode, Response, RollbackVolume,
-    State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    EpochsCollected, ErrorCode, GrowVolume, PrSet, Proposal, RegisterNode, Response,
+    RollbackVolume, State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
@@ -348,6 +351,8 @@ fn from_state_response(r: Response) -> VolmgrResponse {
         volume: r.volume,
         snapshot: r.snapshot,
         map_epoch: r.map_epoch,
+        pr_generation: r.pr_generation,
+        pr_generation_mismatch: r.pr_generation_mismatch,
         ..Default::default()
     }
 }
@@ -470,6 +475,7 @@ impl Api {
                 | VolmgrOp::CloneVolume
                 | VolmgrOp::EpochsCollected
                 | VolmgrOp::FoldEpoch
+                | VolmgrOp::PrSet
         );
         if changes && (req.client_id == 0 || req.client_seq == 0) {
             return reply(
@@ -780,6 +786,48 @@ impl Api {
                     Err(r) => r,
                 }
             }
+            VolmgrOp::PrGet => {
+                let name = req.volume_name.clone();
+                let got = self
+                    .read(move |s| {
+                        let v = s.volume_by_name(&name)?;
+                        let (generation, state) = s.pr_state(v.id);
+                        Some((generation, state.to_vec()))
+                    })
+                    .await;
+                match got {
+                    Ok(Some((pr_generation, pr_state))) => VolmgrResponse {
+                        pr_generation,
+                        pr_state,
+                        ..Default::default()
+                    },
+                    Ok(None) => reply(
+                        VolmgrStatus::NotFound,
+                        format!("no volume named {:?}", req.volume_name),
+                    ),
+                    Err(r) => r,
+                }
+            }
+            VolmgrOp::PrSet => {
+                // The state refuses it too; refused here it never reaches
+                // the raft log.
+                if req.pr_state.len() > PR_STATE_BYTES_MAX {
+                    return from_state_error(&StateError::PrStateTooLarge {
+                        volume: crate::state::validate::shown(&req.volume_name),
+                        bytes: req.pr_state.len(),
+                        max: PR_STATE_BYTES_MAX,
+                    });
+                }
+                self.propose(
+                    req,
+                    Command::PrSet(PrSet {
+                        volume: volume_key(),
+                        expect_generation: req.pr_expect_generation,
+                        state: req.pr_state.clone(),
+                    }),
+                )
+                .await
+            }
             VolmgrOp::ExportWatch => self.export_watch(req).await,
             VolmgrOp::SnapshotPaused => {
                 if let Some(redirect) = self.unless_leader() {
@@ -980,8 +1028,12 @@ impl Api {
             // seeing none pending shows the head the front end may write.
             let pending = self.pauses.current(&req.volume_name);
             let name = req.volume_name.clone();
-            let volume = match self.read(move |s| s.volume_by_name(&name).cloned()).await {
-                Ok(Some(v)) => v,
+            let read = self.read(move |s| {
+                let v = s.volume_by_name(&name)?;
+                Some((v.clone(), s.pr_generation(v.id)))
+            });
+            let (volume, pr_generation) = match read.await {
+                Ok(Some(x)) => x,
                 Ok(None) => {
                     return reply(
                         VolmgrStatus::NotFound,
@@ -1016,6 +1068,7 @@ impl Api {
                     volume: Some(volume),
                     pending_snapshot: pending,
                     heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                    pr_generation,
                     ..Default::default()
                 };
             }

@@ -50,13 +50,36 @@ pub enum ClientError {
         members: String,
         last: String,
     },
+    /// [`VolmgrClient::pr_set`] refused (`FailedPrecondition`): the
+    /// volume's persistent reservation generation is `current`, not
+    /// `expected`; another front end changed the state since it was read.
+    /// Read it again ([`VolmgrClient::pr_get`]), redo the change on it, set
+    /// again. `message` is the server's, naming the volume and both.
+    #[error("{message} (FailedPrecondition)")]
+    PrGenerationMismatch {
+        volume: String,
+        expected: u64,
+        current: u64,
+        message: String,
+    },
 }
 
 impl ClientError {
     pub fn status(&self) -> Option<VolmgrStatus> {
         match self {
             ClientError::Refused { status, .. } => Some(*status),
+            ClientError::PrGenerationMismatch { .. } => Some(VolmgrStatus::FailedPrecondition),
             ClientError::Unavailable { .. } => None,
+        }
+    }
+
+    /// For a [`pr_set`](VolmgrClient::pr_set) refused because the stored
+    /// generation is not the expected one: the stored generation. `None`
+    /// for every other error.
+    pub fn pr_generation_mismatch(&self) -> Option<u64> {
+        match self {
+            ClientError::PrGenerationMismatch { current, .. } => Some(*current),
+            _ => None,
         }
     }
 }
@@ -103,6 +126,11 @@ pub struct ExportWatchReply {
     pub volume: Option<VolumeInfo>,
     /// The volume's pending snapshot; 0: none.
     pub pending: u64,
+    /// The volume's persistent reservation generation (see
+    /// [`VolmgrClient::pr_set`]); one other than the front end holds means
+    /// another front end changed the state: reload it
+    /// ([`VolmgrClient::pr_get`]).
+    pub pr_generation: u64,
 }
 
 pub struct VolmgrClient {
@@ -174,7 +202,22 @@ impl VolmgrClient {
     }
 
     /// Sends `req` to the leader, retrying until it answers or the deadline.
-    pub async fn call(&self, mut req: VolmgrRequest) -> Result<VolmgrResponse, ClientError> {
+    /// Any status but `Ok` is an error.
+    pub async fn call(&self, req: VolmgrRequest) -> Result<VolmgrResponse, ClientError> {
+        let resp = self.send(req).await?;
+        match VolmgrStatus::try_from(resp.status).unwrap_or(VolmgrStatus::Internal) {
+            VolmgrStatus::Ok => Ok(resp),
+            status => Err(ClientError::Refused {
+                status,
+                message: resp.message,
+            }),
+        }
+    }
+
+    /// [`call`](Self::call), answering a refusal (any status but the
+    /// redirects and retries it follows) as the reply it was, for callers
+    /// that read more of it than the status and message.
+    async fn send(&self, mut req: VolmgrRequest) -> Result<VolmgrResponse, ClientError> {
         let start = Instant::now();
         let mut last = String::from("nothing tried");
         let mut conn = self.conn.lock().await;
@@ -221,7 +264,6 @@ impl VolmgrClient {
             };
             let status = VolmgrStatus::try_from(resp.status).unwrap_or(VolmgrStatus::Internal);
             match status {
-                VolmgrStatus::Ok => return Ok(resp),
                 VolmgrStatus::NotLeader => {
                     last = format!("{addr}: {}", resp.message);
                     conn.stream = None;
@@ -244,12 +286,7 @@ impl VolmgrClient {
                     last = format!("{addr}: {}", resp.message);
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                _ => {
-                    return Err(ClientError::Refused {
-                        status,
-                        message: resp.message,
-                    })
-                }
+                _ => return Ok(resp),
             }
         }
         Err(ClientError::Unavailable {
@@ -467,7 +504,63 @@ impl VolmgrClient {
         Ok(ExportWatchReply {
             volume: resp.volume,
             pending: resp.pending_snapshot,
+            pr_generation: resp.pr_generation,
         })
+    }
+
+    /// The SCSI persistent reservation state the front ends keep for
+    /// `volume` (see `VolmgrOp::PrGet`): its generation and its bytes,
+    /// `(0, [])` while none was ever stored. A linearizable read. Refused
+    /// (`NotFound`) for an unknown volume.
+    pub async fn pr_get(&self, volume: &str) -> Result<(u64, Vec<u8>), ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            ..self.request(VolmgrOp::PrGet)
+        };
+        let resp = self.call(req).await?;
+        Ok((resp.pr_generation, resp.pr_state))
+    }
+
+    /// Stores `state` as `volume`'s persistent reservation state if its
+    /// generation is still `expect_generation` (what [`pr_get`](Self::pr_get)
+    /// answered; 0 while none was stored), and answers the new generation,
+    /// `expect_generation + 1`. Exactly once, like every change: a retry
+    /// after a lost reply answers the same generation.
+    ///
+    /// Refused with [`ClientError::PrGenerationMismatch`] (status
+    /// `FailedPrecondition`; [`ClientError::pr_generation_mismatch`] gives
+    /// the stored generation) when another front end changed the state
+    /// since: read it again and redo the change. `InvalidArgument` above
+    /// `cairn_proto::volmgr::PR_STATE_BYTES_MAX` (64 KiB), `NotFound` for
+    /// an unknown volume. Nothing changes when refused.
+    pub async fn pr_set(
+        &self,
+        volume: &str,
+        expect_generation: u64,
+        state: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            volume_name: volume.into(),
+            pr_expect_generation: expect_generation,
+            pr_state: state,
+            ..self.change(VolmgrOp::PrSet)
+        };
+        let resp = self.send(req).await?;
+        match VolmgrStatus::try_from(resp.status).unwrap_or(VolmgrStatus::Internal) {
+            VolmgrStatus::Ok => Ok(resp.pr_generation),
+            VolmgrStatus::FailedPrecondition if resp.pr_generation_mismatch => {
+                Err(ClientError::PrGenerationMismatch {
+                    volume: volume.into(),
+                    expected: expect_generation,
+                    current: resp.pr_generation,
+                    message: resp.message,
+                })
+            }
+            status => Err(ClientError::Refused {
+                status,
+                message: resp.message,
+            }),
+        }
     }
 
     /// Front end `front_end` paused its writes to `volume` for pending

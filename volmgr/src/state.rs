@@ -122,10 +122,24 @@
 //! size) so the collector can start with them and `cairn` can show them;
 //! older records are dropped (oldest first), which loses only the
 //! convenience, never the garbage.
+//!
+//! # Persistent reservations
+//!
+//! The iSCSI front ends keep each volume's SCSI persistent reservation state
+//! here ([`Command::PrSet`], `VolmgrOp::PrGet`): opaque bytes (their own
+//! encoding, at most `cairn_proto::volmgr::PR_STATE_BYTES_MAX`) and a
+//! generation, set by compare and set on the generation. The table is keyed
+//! by volume id, outside the map and the catalogue (neither the map epoch
+//! nor the catalogue version moves, and `VolumeInfo` does not grow: it goes
+//! to every chunk server). It is in every snapshot, goes with its volume's
+//! deletion (a volume created again under the name starts at generation 0),
+//! stays through snapshots, rollbacks and grows, and is not inherited by
+//! clones (each is a logical unit of its own).
 
 mod command;
 mod error;
 mod groups;
+mod reservations;
 mod snapshot;
 pub mod validate;
 mod volume_snapshots;
@@ -138,6 +152,7 @@ use prost::Message as _;
 
 pub use command::*;
 pub use error::{RestoreError, StateError};
+pub use reservations::{PrEntry, PR_STATES_BYTES_MAX};
 pub use snapshot::{ClientRecord, DeletedVolume, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC};
 
 use crate::node::Machine;
@@ -201,6 +216,12 @@ pub struct State {
     clients_by_use: BTreeMap<u64, u64>,
     /// Counts recorded responses; stamps `last_used`.
     client_uses: u64,
+    /// Persistent reservation states by live volume id (see the module
+    /// docs); only volumes whose state was ever set.
+    pr: BTreeMap<u64, PrEntry>,
+    /// Bytes of all `pr` states together (derived, at most
+    /// [`PR_STATES_BYTES_MAX`]).
+    pr_bytes: usize,
     /// Placement tables of the current map (derived, not state).
     placement: groups::PlacementCache,
 }
@@ -217,6 +238,8 @@ struct Outcome {
     volume: Option<VolumeInfo>,
     node: Option<NodeInfo>,
     snapshot: Option<SnapshotInfo>,
+    /// PrSet: the new generation.
+    pr_generation: u64,
 }
 
 impl State {
@@ -235,6 +258,8 @@ impl State {
             clients: BTreeMap::new(),
             clients_by_use: BTreeMap::new(),
             client_uses: 0,
+            pr: BTreeMap::new(),
+            pr_bytes: 0,
             placement: Default::default(),
         }
     }
@@ -340,6 +365,8 @@ impl State {
             volume: outcome.volume,
             node: outcome.node,
             snapshot: outcome.snapshot,
+            pr_generation: outcome.pr_generation,
+            pr_generation_mismatch: false,
         };
         if client_id != 0 {
             self.record(client_id, proposal.client_seq, &response);
@@ -367,6 +394,11 @@ impl State {
             volume: None,
             node: None,
             snapshot: None,
+            pr_generation: match e {
+                StateError::PrGenerationMismatch { current, .. } => *current,
+                _ => 0,
+            },
+            pr_generation_mismatch: matches!(e, StateError::PrGenerationMismatch { .. }),
         }
     }
 
@@ -420,6 +452,7 @@ impl State {
             Command::CloneVolume(c) => self.clone_volume(c, now_unix_ms),
             Command::EpochsCollected(c) => self.epochs_collected(c),
             Command::FoldEpoch(c) => self.fold_epoch(c),
+            Command::PrSet(c) => self.pr_set(c),
         }
     }
 
@@ -826,7 +859,8 @@ impl State {
     }
 
     /// Clones of the volume keep working: their chains reference the
-    /// epochs they need, which stay until no volume or snapshot does.
+    /// epochs they need, which stay until no volume or snapshot does. Its
+    /// persistent reservation state goes with it.
     fn delete_volume(&mut self, c: &DeleteVolume, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let id = self.resolve(c.volume.as_ref())?;
         let version = self.next_catalogue_version()?;
@@ -836,6 +870,7 @@ impl State {
             });
         };
         self.names.remove(&volume.name);
+        self.pr_forget(id);
         if self.deleted.len() >= DELETED_MAX {
             self.deleted.pop_front();
         }

@@ -7,7 +7,8 @@
 //! go down or restart stay acting only where they are the last replica,
 //! granted claims add the node at a new interval; chains descend beneath
 //! their heads, heads are unique per data id, everything referenced is
-//! recorded as given out and never dead, and dead epochs stay dead).
+//! recorded as given out and never dead, and dead epochs stay dead;
+//! persistent reservation states belong to live volumes only).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -141,6 +142,14 @@ fn command() -> impl Strategy<Value = Command> {
         // data id 0 is filled with dead epochs from the state ([`fill_collect`]).
         2 => (prop_oneof![3 => Just(0u64), 1 => 1u64..8], proptest::collection::vec(1u64..30, 0..3))
             .prop_map(|(data_id, epochs)| Command::EpochsCollected(EpochsCollected { data_id, epochs })),
+        // Persistent reservation sets: an expected generation of 1000 is
+        // filled from the state ([`fill_pr`]), so that most apply.
+        3 => (key(), prop_oneof![3 => Just(1000u64), 1 => 0u64..3], proptest::collection::vec(any::<u8>(), 0..4))
+            .prop_map(|(key, expect_generation, state)| Command::PrSet(PrSet {
+                volume: Some(key),
+                expect_generation,
+                state,
+            })),
         // Claims: 0 in `primary`, `interval` or `up_since` is filled from the
         // state when applied ([`fill_claim`]), so that many are granted.
         4 => (
@@ -181,6 +190,23 @@ fn fill_collect(p: &Proposal, s: &State) -> Proposal {
                 c.data_id = d.data_id;
                 c.epochs.extend(&d.epochs);
             }
+        }
+    }
+    p
+}
+
+/// Fills a persistent reservation set's expected generation 1000 with the
+/// volume's stored generation (0 for an unknown volume).
+fn fill_pr(p: &Proposal, s: &State) -> Proposal {
+    let mut p = p.clone();
+    if let Some(Command::PrSet(c)) = &mut p.command {
+        if c.expect_generation == 1000 {
+            let key = c.volume.clone().unwrap_or_default();
+            let id = match key.id {
+                0 => s.volume_by_name(&key.name).map_or(0, |v| v.id),
+                id => id,
+            };
+            c.expect_generation = s.pr_generation(id);
         }
     }
     p
@@ -491,6 +517,11 @@ fn check_epochs(s: &State) {
 }
 
 fn check_state(s: &State) {
+    for e in s.pr_entries() {
+        assert!(s.volume(e.volume_id).is_some(), "state of a gone volume");
+        assert!(e.generation > 0);
+        assert_eq!(s.pr_state(e.volume_id), (e.generation, &e.state[..]));
+    }
     let mut names = BTreeSet::new();
     for v in s.volumes() {
         assert!(names.insert(v.name.clone()), "name {:?} twice", v.name);
@@ -545,7 +576,7 @@ proptest! {
         let mut ever = BTreeSet::new();
         let mut last_seq = BTreeMap::new();
         for (i, p) in proposals.iter().enumerate() {
-            let p = &fill_collect(&fill_claim(&sequence(p, &mut last_seq), &a), &a);
+            let p = &fill_pr(&fill_collect(&fill_claim(&sequence(p, &mut last_seq), &a), &a), &a);
             if i == cut {
                 b = State::restore(&b.snapshot()).expect("own snapshot restores");
                 prop_assert_eq!(&a, &b);

@@ -32,12 +32,13 @@ pub struct Proposal {
     /// this build does not know.
     #[prost(
         oneof = "Command",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
     )]
     pub command: Option<Command>,
 }
 
-/// A change to the replicated state. Tags 28 and up are free.
+/// A change to the replicated state. Tags 30 and up are free (a new one
+/// goes into [`Proposal::command`]'s tag list too, or it never decodes).
 #[derive(Clone, PartialEq, ::prost::Oneof)]
 pub enum Command {
     /// Sets the pool's group count; only once (at bootstrap). Map change.
@@ -112,6 +113,29 @@ pub enum Command {
     /// changes nothing. Catalogue change.
     #[prost(message, tag = "28")]
     FoldEpoch(cairn_proto::volmgr::Foldable),
+    /// Stores a volume's SCSI persistent reservation state, compare and set
+    /// on its generation (see [`PrSet`]). Neither a map nor a catalogue
+    /// change.
+    #[prost(message, tag = "29")]
+    PrSet(PrSet),
+}
+
+/// See [`Command::PrSet`]: if the volume's persistent reservation
+/// generation is `expect_generation` (0 while none was stored), its state
+/// becomes `state` and its generation one more. Refused
+/// (`PrGenerationMismatch`) otherwise, and (`PrStateTooLarge`) above
+/// `cairn_proto::volmgr::PR_STATE_BYTES_MAX` bytes; either changes nothing.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PrSet {
+    /// Which volume.
+    #[prost(message, optional, tag = "1")]
+    pub volume: Option<VolumeKey>,
+    /// The generation the front end read.
+    #[prost(uint64, tag = "2")]
+    pub expect_generation: u64,
+    /// The new state: the front end's own encoding, opaque here.
+    #[prost(bytes = "vec", tag = "3")]
+    pub state: Vec<u8>,
 }
 
 /// See [`Command::SetGroupCount`].
@@ -453,7 +477,7 @@ pub enum ErrorCode {
     /// Valid on its own but not in the current state: shrinking, more
     /// replicas than failure domains, removing a node still in, up or
     /// acting, changing the group count, a refused claim, collecting an
-    /// epoch still referenced.
+    /// epoch still referenced, a stale persistent reservation generation.
     FailedPrecondition = 4,
     /// A named limit (volumes, nodes, snapshots per volume, chain length)
     /// is reached.
@@ -494,6 +518,14 @@ pub struct Response {
     /// the snapshot the head was kept as; clone: the source snapshot.
     #[prost(message, optional, tag = "7")]
     pub snapshot: Option<SnapshotInfo>,
+    /// PrSet: the volume's persistent reservation generation after
+    /// applying; refused with `PrGenerationMismatch`: the stored one.
+    #[prost(uint64, tag = "8")]
+    pub pr_generation: u64,
+    /// Refused with `PrGenerationMismatch` (whose code, FailedPrecondition,
+    /// other refusals share).
+    #[prost(bool, tag = "9")]
+    pub pr_generation_mismatch: bool,
 }
 
 impl Response {

@@ -203,6 +203,50 @@ pub enum StateError {
         /// The child named.
         child: u64,
     },
+    /// A persistent reservation state over
+    /// `cairn_proto::volmgr::PR_STATE_BYTES_MAX`.
+    #[error(
+        "volume {volume:?}: a persistent reservation state of {bytes} bytes is over the limit \
+         of {max} bytes"
+    )]
+    PrStateTooLarge {
+        /// The volume.
+        volume: String,
+        /// The state's size.
+        bytes: usize,
+        /// `PR_STATE_BYTES_MAX`.
+        max: usize,
+    },
+    /// A compare and set of a volume's persistent reservation state with a
+    /// generation that is not the stored one: another front end changed it
+    /// since the caller read it.
+    #[error(
+        "volume {volume:?}: persistent reservation generation mismatch: expected generation \
+         {expected}, but the stored generation is {current} (another front end changed the \
+         state; read it again and retry)"
+    )]
+    PrGenerationMismatch {
+        /// The volume.
+        volume: String,
+        /// The generation the request expected.
+        expected: u64,
+        /// The stored generation.
+        current: u64,
+    },
+    /// The persistent reservation states of all volumes together would
+    /// exceed `PR_STATES_BYTES_MAX` (they are part of every raft snapshot).
+    #[error(
+        "volume {volume:?}: cannot store a persistent reservation state of {bytes} bytes: the \
+         states of all volumes together would exceed {max} bytes"
+    )]
+    PrStatesFull {
+        /// The volume.
+        volume: String,
+        /// The state's size.
+        bytes: usize,
+        /// `PR_STATES_BYTES_MAX`.
+        max: usize,
+    },
     /// A collected epoch that a volume or snapshot still references.
     #[error(
         "epoch {epoch} of data id {data_id} cannot be collected: {by} still references it \
@@ -365,6 +409,7 @@ impl StateError {
             | InvalidMinReplicas { .. }
             | InvalidNode { .. }
             | InvalidSnapshotName { .. }
+            | PrStateTooLarge { .. }
             | NoNodes
             | InvalidGroupCount { .. } => ErrorCode::InvalidArgument,
             DuplicateName { .. } | DuplicateSnapshotName { .. } => ErrorCode::AlreadyExists,
@@ -375,6 +420,7 @@ impl StateError {
             | Shrink { .. }
             | EpochReferenced { .. }
             | EpochNotFoldable { .. }
+            | PrGenerationMismatch { .. }
             | NodeInUse { .. }
             | NodeActing { .. }
             | ClaimRefused { .. }
@@ -386,6 +432,7 @@ impl StateError {
             | TooManyNodes { .. }
             | TooManySnapshots { .. }
             | ChainTooLong { .. }
+            | PrStatesFull { .. }
             | Exhausted { .. } => ErrorCode::LimitReached,
         }
     }

@@ -16,8 +16,11 @@
 //! a snapshot from before group records restores with none (records appear
 //! with the next volume of each replica count). A snapshot from before
 //! epochs were counted (no `next_epoch`) restores with every epoch its
-//! volumes reference as given out, and the next epoch above them all. Field tags never change (on-disk
-//! format); a change to the meaning of the payload takes a new version.
+//! volumes reference as given out, and the next epoch above them all. A
+//! snapshot from before persistent reservations restores with none (no
+//! volume had any: `PrSet` needs every member to know it). Field tags
+//! never change (on-disk format); a change to the meaning of the payload
+//! takes a new version.
 //!
 //! Encoding is canonical: the same state always gives the same bytes
 //! (ordered maps, fields in tag order), so members' snapshots can be
@@ -29,6 +32,7 @@ use cairn_proto::map::{ClusterMap, VolumeInfo};
 use cairn_proto::volmgr::DataEpochs;
 use prost::Message as _;
 
+use super::reservations::{restore_pr, PrEntry};
 use super::volume_snapshots::restore_epochs;
 
 use super::{
@@ -81,6 +85,9 @@ struct StateSnapshot {
     /// list ascending.
     #[prost(message, repeated, tag = "9")]
     epochs: Vec<DataEpochs>,
+    /// Persistent reservation states, by volume id ascending.
+    #[prost(message, repeated, tag = "10")]
+    pr: Vec<PrEntry>,
 }
 
 /// A deleted volume, kept for the garbage collector (see the module docs of
@@ -138,6 +145,7 @@ impl State {
                     epochs: e.iter().copied().collect(),
                 })
                 .collect(),
+            pr: self.pr.values().cloned().collect(),
         }
         .encode_to_vec();
         SnapshotEnvelope {
@@ -214,6 +222,7 @@ fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
         }
     }
 
+    let (pr, pr_bytes) = restore_pr(snap.pr, &volumes)?;
     let (clients, clients_by_use) = check_clients(snap.clients, snap.client_uses)?;
     Ok(State {
         map,
@@ -227,6 +236,8 @@ fn from_snapshot(snap: StateSnapshot) -> Result<State, RestoreError> {
         clients,
         clients_by_use,
         client_uses: snap.client_uses,
+        pr,
+        pr_bytes,
         placement: Default::default(),
     })
 }
