@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI smoke fuzzing of the NBD server (cairn-target): builds every fuzz target,
 # replays the whole committed corpus of each, then fuzzes `handshake` and
-# `requests` for FUZZ_SECONDS each (default 30, so about a minute of fuzzing
-# after the build). Exits non-zero on any crash, oracle failure, timeout or
+# `requests` for FUZZ_SECONDS each (default 30) and `iscsi` for twice that, so
+# about two minutes of fuzzing after the build. Exits non-zero on any crash, oracle failure, timeout or
 # out-of-memory; the failing input is left in target/fuzz/artifacts/<target>/.
 #
 # Runs cargo +nightly (CAIRN_FUZZ_TOOLCHAIN to pick another; see below for
@@ -21,7 +21,7 @@ crate_dir="$(dirname "$fuzz_dir")"                          # <repo>/target (the
 repo_dir="$(dirname "$crate_dir")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_dir/build/fuzz}"
 seconds="${FUZZ_SECONDS:-30}"
-read -r -a fuzzed <<<"${FUZZ_TARGETS:-handshake requests}"
+read -r -a fuzzed <<<"${FUZZ_TARGETS:-handshake requests iscsi}"
 
 # cargo fuzz needs a nightly compiler. On a machine whose one toolchain is
 # stable and where none can be downloaded, the stable compiler is told to
@@ -59,11 +59,14 @@ for t in $(cargo fuzz list); do
 done
 
 for t in "${fuzzed[@]}"; do
-    echo "== $t: fuzz for ${seconds}s"
+    # iSCSI (login and full feature phase in one target) gets a minute.
+    secs="$seconds"
+    if [ "$t" = iscsi ]; then secs=$((seconds * 2)); fi
+    echo "== $t: fuzz for ${secs}s"
     mkdir -p "$scratch/$t"
     # New inputs go to the first directory; the committed corpus is read only.
     if ! cargo fuzz run "$t" "$scratch/$t" "$fuzz_dir/corpus/$t" -- \
-        -max_total_time="$seconds" "${flags[@]}"; then
+        -max_total_time="$secs" "${flags[@]}"; then
         failed+=("$t")
     fi
 done

@@ -77,6 +77,8 @@ pub trait Backend: Send + Sync + 'static {
 /// Where exports come from.
 pub trait Catalog: Send + Sync + 'static {
     type Export: Backend;
+    /// Where an export's SCSI persistent reservations live (iSCSI).
+    type Reservations: crate::iscsi::scsi::pr::PrStore;
     /// The export called `name` ("" is the default export), or None.
     fn lookup(&self, name: &str)
         -> impl Future<Output = Result<Option<ExportInfo>, String>> + Send;
@@ -87,4 +89,6 @@ pub trait Catalog: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<Arc<Self::Export>>, String>> + Send;
+    /// The persistent reservation store of `export` (opened as `name`).
+    fn reservations(&self, name: &str, export: &Arc<Self::Export>) -> Self::Reservations;
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::iscsi::{valid_iqn, Auth, Chap, IscsiConfig, Secret, TargetDef, AUTO_PREFIX_DEFAULT};
 use crate::nbd::transmit::Limits;
 use crate::nbd::PAYLOAD_MAX;
 
@@ -85,6 +86,46 @@ pub struct Flags {
     #[arg(long, value_name = "MS")]
     pub io_timeout_ms: Option<u64>,
 
+    /// TCP address to serve iSCSI on (3260 is iSCSI's port); repeat for several [default: none, no iSCSI].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub iscsi_listen: Vec<SocketAddr>,
+
+    /// Every volume is also the iSCSI target PREFIX:VOLUME (lower case) with the volume as LUN 0 [default: iqn.2026-12.io.cairn].
+    #[arg(long, value_name = "PREFIX")]
+    pub iscsi_iqn_prefix: Option<String>,
+
+    /// Serve those automatic per-volume targets; false leaves only the [[iscsi_target]] tables of the config file [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub iscsi_auto_targets: Option<bool>,
+
+    /// Initiator IQNs allowed to log in to the automatic targets, as IQN,IQN,... [default: any].
+    #[arg(long, value_name = "IQNS")]
+    pub iscsi_initiators: Option<String>,
+
+    /// CHAP user initiators must log in to the automatic targets as (with --iscsi-chap-secret-file) [default: no CHAP].
+    #[arg(long, value_name = "NAME")]
+    pub iscsi_chap_user: Option<String>,
+
+    /// File holding that CHAP secret (its first line, 12 to 255 bytes; the file must not be readable by others).
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_chap_secret_file: Option<PathBuf>,
+
+    /// Mutual CHAP: the name the automatic targets answer an initiator's challenge as [default: none].
+    #[arg(long, value_name = "NAME")]
+    pub iscsi_mutual_chap_user: Option<String>,
+
+    /// File holding the mutual CHAP secret (as --iscsi-chap-secret-file).
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_mutual_chap_secret_file: Option<PathBuf>,
+
+    /// CHAP user for discovery sessions (SendTargets) [default: discovery is open].
+    #[arg(long, value_name = "NAME")]
+    pub iscsi_discovery_chap_user: Option<String>,
+
+    /// File holding the discovery CHAP secret.
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_discovery_chap_secret_file: Option<PathBuf>,
+
     /// Log filter (tracing EnvFilter syntax); RUST_LOG, if set, takes precedence [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -111,6 +152,32 @@ struct FileSettings {
     io_timeout_ms: Option<u64>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    iscsi_listen: Option<Vec<SocketAddr>>,
+    iscsi_iqn_prefix: Option<String>,
+    iscsi_auto_targets: Option<bool>,
+    iscsi_initiators: Option<String>,
+    iscsi_chap_user: Option<String>,
+    iscsi_chap_secret_file: Option<PathBuf>,
+    iscsi_mutual_chap_user: Option<String>,
+    iscsi_mutual_chap_secret_file: Option<PathBuf>,
+    iscsi_discovery_chap_user: Option<String>,
+    iscsi_discovery_chap_secret_file: Option<PathBuf>,
+    /// Targets the admin defines (file only: `[[iscsi_target]]` tables).
+    iscsi_target: Option<Vec<TargetSettings>>,
+}
+
+/// One `[[iscsi_target]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSettings {
+    iqn: String,
+    luns: Vec<String>,
+    #[serde(default)]
+    initiators: Vec<String>,
+    chap_user: Option<String>,
+    chap_secret_file: Option<PathBuf>,
+    mutual_chap_user: Option<String>,
+    mutual_chap_secret_file: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -129,6 +196,9 @@ pub struct Config {
     pub io_timeout: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Where to serve iSCSI (empty: not at all).
+    pub iscsi_listen: Vec<SocketAddr>,
+    pub iscsi: IscsiConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +245,12 @@ impl Config {
         let file = match &flags.config {
             Some(p) => read_file(p)?,
             None => FileSettings::default(),
+        };
+        let iscsi = iscsi_config(&flags_iscsi(&flags), &file)?;
+        let iscsi_listen = if flags.iscsi_listen.is_empty() {
+            file.iscsi_listen.clone().unwrap_or_default()
+        } else {
+            flags.iscsi_listen.clone()
         };
         let volmgr = flags.volmgr.or(file.volmgr).ok_or(ConfigError::Missing {
             flag: "--volmgr ADDRS",
@@ -288,8 +364,222 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            iscsi_listen,
+            iscsi,
         })
     }
+}
+
+/// The iSCSI flags, cloned out of `Flags` before its other fields move.
+struct IscsiFlags {
+    prefix: Option<String>,
+    auto: Option<bool>,
+    initiators: Option<String>,
+    chap: (Option<String>, Option<PathBuf>),
+    mutual: (Option<String>, Option<PathBuf>),
+    discovery: (Option<String>, Option<PathBuf>),
+}
+
+fn flags_iscsi(f: &Flags) -> IscsiFlags {
+    IscsiFlags {
+        prefix: f.iscsi_iqn_prefix.clone(),
+        auto: f.iscsi_auto_targets,
+        initiators: f.iscsi_initiators.clone(),
+        chap: (f.iscsi_chap_user.clone(), f.iscsi_chap_secret_file.clone()),
+        mutual: (
+            f.iscsi_mutual_chap_user.clone(),
+            f.iscsi_mutual_chap_secret_file.clone(),
+        ),
+        discovery: (
+            f.iscsi_discovery_chap_user.clone(),
+            f.iscsi_discovery_chap_secret_file.clone(),
+        ),
+    }
+}
+
+/// Reads a CHAP secret from its file: the first line, which must be 12 to
+/// 255 bytes; the file must not be readable by everyone. The secret itself
+/// never appears in an error.
+fn read_secret(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let invalid = |reason: String| ConfigError::Invalid {
+        key,
+        value: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(invalid(
+            "the secret file is readable by every user; chmod o-r it".into(),
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    Secret::new(text.lines().next().unwrap_or("").to_string()).map_err(invalid)
+}
+
+/// A user and a secret file make a [`Chap`]; one without the other is an
+/// error naming both keys.
+fn chap(
+    user: Option<String>,
+    file: Option<PathBuf>,
+    user_key: &'static str,
+    file_key: &'static str,
+) -> Result<Option<Chap>, ConfigError> {
+    match (user, file) {
+        (None, None) => Ok(None),
+        (Some(user), Some(file)) => Ok(Some(Chap {
+            user,
+            secret: read_secret(file_key, &file)?,
+        })),
+        (Some(_), None) => Err(ConfigError::Invalid {
+            key: user_key,
+            value: "set".into(),
+            reason: format!("needs {file_key} too"),
+        }),
+        (None, Some(_)) => Err(ConfigError::Invalid {
+            key: file_key,
+            value: "set".into(),
+            reason: format!("needs {user_key} too"),
+        }),
+    }
+}
+
+fn auth(
+    one_way: Option<Chap>,
+    mutual: Option<Chap>,
+    key: &'static str,
+) -> Result<Option<Auth>, ConfigError> {
+    match (one_way, mutual) {
+        (None, None) => Ok(None),
+        (Some(chap), mutual) => Ok(Some(Auth { chap, mutual })),
+        (None, Some(_)) => Err(ConfigError::Invalid {
+            key,
+            value: "set".into(),
+            reason: "mutual CHAP needs one-way CHAP as well".into(),
+        }),
+    }
+}
+
+fn iqn_list(key: &'static str, v: &str) -> Result<Vec<String>, ConfigError> {
+    v.split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.starts_with("iqn.") || s.starts_with("eui.") || s.starts_with("naa.") {
+                Ok(s)
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    value: s.clone(),
+                    reason: "an initiator name starts with iqn., eui. or naa.".into(),
+                })
+            }
+        })
+        .collect()
+}
+
+fn iscsi_config(f: &IscsiFlags, file: &FileSettings) -> Result<IscsiConfig, ConfigError> {
+    let prefix = f
+        .prefix
+        .clone()
+        .or(file.iscsi_iqn_prefix.clone())
+        .unwrap_or_else(|| AUTO_PREFIX_DEFAULT.to_string());
+    if !valid_iqn(&prefix) {
+        return Err(ConfigError::Invalid {
+            key: "iscsi_iqn_prefix",
+            value: prefix,
+            reason: "an IQN is iqn.YYYY-MM.reversed.domain, in lower case letters, digits, '-', '.' and ':'".into(),
+        });
+    }
+    let auto = f.auto.or(file.iscsi_auto_targets).unwrap_or(true);
+    let initiators = match f.initiators.clone().or(file.iscsi_initiators.clone()) {
+        Some(v) => iqn_list("iscsi_initiators", &v)?,
+        None => Vec::new(),
+    };
+    let pick =
+        |flag: &(Option<String>, Option<PathBuf>), u: &Option<String>, p: &Option<PathBuf>| {
+            (flag.0.clone().or(u.clone()), flag.1.clone().or(p.clone()))
+        };
+    let (u, p) = pick(&f.chap, &file.iscsi_chap_user, &file.iscsi_chap_secret_file);
+    let one_way = chap(u, p, "iscsi_chap_user", "iscsi_chap_secret_file")?;
+    let (u, p) = pick(
+        &f.mutual,
+        &file.iscsi_mutual_chap_user,
+        &file.iscsi_mutual_chap_secret_file,
+    );
+    let mutual = chap(
+        u,
+        p,
+        "iscsi_mutual_chap_user",
+        "iscsi_mutual_chap_secret_file",
+    )?;
+    let auto_auth = auth(one_way, mutual, "iscsi_mutual_chap_user")?;
+    let (u, p) = pick(
+        &f.discovery,
+        &file.iscsi_discovery_chap_user,
+        &file.iscsi_discovery_chap_secret_file,
+    );
+    let discovery_auth = auth(
+        chap(
+            u,
+            p,
+            "iscsi_discovery_chap_user",
+            "iscsi_discovery_chap_secret_file",
+        )?,
+        None,
+        "iscsi_discovery_chap_user",
+    )?;
+    let mut targets: Vec<TargetDef> = Vec::new();
+    for t in file.iscsi_target.iter().flatten() {
+        let iqn = t.iqn.to_ascii_lowercase();
+        if !valid_iqn(&iqn) {
+            return Err(ConfigError::Invalid {
+                key: "iscsi_target.iqn",
+                value: t.iqn.clone(),
+                reason: "an IQN is iqn.YYYY-MM.reversed.domain[:name], in letters, digits, '-', '.' and ':'".into(),
+            });
+        }
+        if t.luns.is_empty() || t.luns.len() > 256 {
+            return Err(ConfigError::Invalid {
+                key: "iscsi_target.luns",
+                value: format!("{} LUNs for {iqn}", t.luns.len()),
+                reason: "a target has 1 to 256 LUNs (volume names, LUN 0 first)".into(),
+            });
+        }
+        if targets.iter().any(|x| x.iqn == iqn) {
+            return Err(ConfigError::Invalid {
+                key: "iscsi_target.iqn",
+                value: iqn,
+                reason: "defined twice".into(),
+            });
+        }
+        let one_way = chap(
+            t.chap_user.clone(),
+            t.chap_secret_file.clone(),
+            "iscsi_target.chap_user",
+            "iscsi_target.chap_secret_file",
+        )?;
+        let mutual = chap(
+            t.mutual_chap_user.clone(),
+            t.mutual_chap_secret_file.clone(),
+            "iscsi_target.mutual_chap_user",
+            "iscsi_target.mutual_chap_secret_file",
+        )?;
+        targets.push(TargetDef {
+            iqn,
+            luns: t.luns.clone(),
+            initiators: iqn_list("iscsi_target.initiators", &t.initiators.join(","))?,
+            auth: auth(one_way, mutual, "iscsi_target.mutual_chap_user")?,
+        });
+    }
+    Ok(IscsiConfig {
+        auto_prefix: auto.then_some(prefix),
+        auto_auth,
+        auto_initiators: initiators,
+        targets,
+        discovery_auth,
+    })
 }
 
 #[cfg(test)]
@@ -356,7 +646,10 @@ mod tests {
             keys.contains("volmgr") && keys.contains("log_format"),
             "{keys:?}"
         );
-        assert_eq!(keys, keys_from_flags(&Flags::command(), &["config"]));
+        let mut from_flags = keys_from_flags(&Flags::command(), &["config"]);
+        // The one file-only key: tables have no flag.
+        from_flags.insert("iscsi_target".to_string());
+        assert_eq!(keys, from_flags);
         assert_example_documents("systemd/target.toml.example", text, &keys);
     }
 

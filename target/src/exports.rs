@@ -5,6 +5,7 @@
 //! lease is what refuses `volume delete` of a volume in use).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::iscsi::scsi::pr::{MemPrStore, PrState, PrStore, SaveError};
 use crate::nbd::wire::{EINVAL, EIO, STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Backend, Catalog, ExportInfo, Extents, IoError};
 
@@ -45,15 +47,26 @@ pub struct RegistryConfig {
 pub struct Registry {
     cluster: Arc<Cluster>,
     volmgr: VolmgrClient,
+    /// Persistent reservation reads and changes, on a connection of their
+    /// own: `volmgr` carries the exports' long polls, one at a time.
+    reservations: Arc<VolmgrClient>,
     cfg: RegistryConfig,
     live: Mutex<HashMap<String, Weak<Export>>>,
 }
 
 impl Registry {
-    pub fn new(cluster: Arc<Cluster>, volmgr: VolmgrClient, cfg: RegistryConfig) -> Arc<Registry> {
+    /// `volmgr` and `reservations` are two clients of the same volume
+    /// manager (see the fields).
+    pub fn new(
+        cluster: Arc<Cluster>,
+        volmgr: VolmgrClient,
+        reservations: VolmgrClient,
+        cfg: RegistryConfig,
+    ) -> Arc<Registry> {
         Arc::new(Registry {
             cluster,
             volmgr,
+            reservations: Arc::new(reservations),
             cfg,
             live: Mutex::new(HashMap::new()),
         })
@@ -130,7 +143,10 @@ impl Registry {
             size: v.size_bytes,
             read_only,
             uid: if snapshot {
-                format!("{}/vol-{}@epoch-{}", self.cfg.cluster_id, v.id, v.head_epoch)
+                format!(
+                    "{}/vol-{}@epoch-{}",
+                    self.cfg.cluster_id, v.id, v.head_epoch
+                )
             } else {
                 format!("{}/vol-{}", self.cfg.cluster_id, v.id)
             },
@@ -153,6 +169,20 @@ fn snapshot_view(v: &VolumeInfo, s: &SnapshotInfo) -> VolumeInfo {
 
 impl Catalog for Arc<Registry> {
     type Export = Export;
+    type Reservations = Reservations;
+
+    fn reservations(&self, name: &str, export: &Arc<Export>) -> Reservations {
+        if export.snapshot {
+            // A snapshot view is a logical unit of its own, read-only and
+            // without a record to keep reservations in.
+            return Reservations::Memory(MemPrStore::default());
+        }
+        Reservations::Volume {
+            volmgr: self.reservations.clone(),
+            volume: name.to_string(),
+            latest: export.pr_generation.clone(),
+        }
+    }
 
     async fn lookup(&self, name: &str) -> Result<Option<ExportInfo>, String> {
         let Some(name) = self.resolve(name) else {
@@ -235,6 +265,7 @@ impl Catalog for Arc<Registry> {
             gate: tokio::sync::RwLock::new(()),
             revoked: watch::channel(false).0,
             snapshot,
+            pr_generation: Arc::new(AtomicU64::new(0)),
         });
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(name.to_string(), Arc::downgrade(&export));
@@ -286,6 +317,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     info!(volume = %name, "export lease renewed again");
                 }
                 failing = false;
+                x.pr_generation.fetch_max(w.pr_generation, Ordering::AcqRel);
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
                     x.pause_for_snapshot(&registry, w.pending).await;
@@ -334,6 +366,9 @@ pub struct Export {
     revoked: watch::Sender<bool>,
     /// A snapshot of a volume, exported read-only: no lease, no watch.
     snapshot: bool,
+    /// The newest persistent reservation generation the volume manager
+    /// reported (every lease renewal carries it).
+    pr_generation: Arc<AtomicU64>,
 }
 
 impl Export {
@@ -552,5 +587,77 @@ impl Backend for Export {
             runs.push((size - covered, STATE_HOLE | STATE_ZERO));
         }
         Ok(runs)
+    }
+}
+
+/// Where an export's SCSI persistent reservations live: a volume's in the
+/// volume manager (compare-and-set on a generation, so every target of the
+/// volume shares them and they survive restarts); a snapshot view's in
+/// memory.
+pub enum Reservations {
+    Volume {
+        volmgr: Arc<VolmgrClient>,
+        volume: String,
+        /// The newest generation the export's lease renewals reported: a
+        /// state loaded at an older one is stale (another target changed
+        /// it), noticed within one renewal period.
+        latest: Arc<AtomicU64>,
+    },
+    Memory(MemPrStore),
+}
+
+impl PrStore for Reservations {
+    async fn load(&self) -> Result<Option<PrState>, String> {
+        match self {
+            Reservations::Memory(m) => m.load().await,
+            Reservations::Volume {
+                volmgr,
+                volume,
+                latest,
+            } => {
+                let (generation, bytes) = volmgr.pr_get(volume).await.map_err(|e| {
+                    format!("reading the persistent reservations of volume {volume:?}: {e}")
+                })?;
+                latest.fetch_max(generation, Ordering::AcqRel);
+                if generation == 0 {
+                    return Ok(None);
+                }
+                let mut state = PrState::from_bytes(&bytes)
+                    .map_err(|e| format!("persistent reservations of volume {volume:?}: {e}"))?;
+                // The store's generation counts the changes.
+                state.version = generation;
+                Ok(Some(state))
+            }
+        }
+    }
+
+    async fn save(&self, state: &PrState) -> Result<(), SaveError> {
+        match self {
+            Reservations::Memory(m) => m.save(state).await,
+            Reservations::Volume {
+                volmgr,
+                volume,
+                latest,
+            } => {
+                let expect = state.version.wrapping_sub(1);
+                match volmgr.pr_set(volume, expect, state.to_bytes()).await {
+                    Ok(generation) => {
+                        latest.fetch_max(generation, Ordering::AcqRel);
+                        Ok(())
+                    }
+                    Err(e) if e.pr_generation_mismatch().is_some() => Err(SaveError::Stale),
+                    Err(e) => Err(SaveError::Failed(format!(
+                        "saving the persistent reservations of volume {volume:?}: {e}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn stale(&self, version: u64) -> bool {
+        match self {
+            Reservations::Memory(_) => false,
+            Reservations::Volume { latest, .. } => latest.load(Ordering::Acquire) > version,
+        }
     }
 }

@@ -15,6 +15,7 @@ use cairn_client::{ClientConfig, Cluster};
 use cairn_daemon::{notify, Fatal};
 use cairn_target::config::Config;
 use cairn_target::exports::{Registry, RegistryConfig};
+use cairn_target::iscsi::{self, serve::IscsiOptions, serve::IscsiStats, Portal};
 use cairn_target::server::{self, Listeners, ServeOptions, Stats};
 use cairn_volmgr::client::VolmgrClient;
 use tokio::net::{TcpListener, UnixListener};
@@ -69,6 +70,12 @@ async fn serve(config: Config) -> Result<(), Fatal> {
     if let Some((_, p)) = &listeners.unix {
         info!("serving NBD on unix socket {}", p.display());
     }
+    let iscsi_listeners = bind_iscsi(&config).await?;
+    for l in &iscsi_listeners {
+        if let Ok(a) = l.local_addr() {
+            info!("serving iSCSI on {a} (iscsi://{a}/TARGET-IQN/LUN)");
+        }
+    }
 
     let client_cfg = ClientConfig {
         io_timeout: config.io_timeout,
@@ -112,6 +119,7 @@ async fn serve(config: Config) -> Result<(), Fatal> {
     let registry = Registry::new(
         cluster,
         VolmgrClient::new(config.volmgr.clone(), config.cluster_id.clone()),
+        VolmgrClient::new(config.volmgr.clone(), config.cluster_id.clone()),
         RegistryConfig {
             target_id: config.target_id,
             read_only: config.read_only,
@@ -124,6 +132,21 @@ async fn serve(config: Config) -> Result<(), Fatal> {
         connections_max: config.connections_max,
         limits: config.limits,
         handshake_timeout: config.handshake_timeout,
+    };
+    let iscsi = if iscsi_listeners.is_empty() {
+        None
+    } else {
+        let portal = Portal::new(registry.clone(), config.iscsi.clone());
+        Some(tokio::spawn(iscsi::serve::run(
+            portal,
+            iscsi_listeners,
+            IscsiOptions {
+                connections_max: config.connections_max,
+                login_timeout: config.handshake_timeout,
+            },
+            stop_rx.clone(),
+            Arc::new(IscsiStats::default()),
+        )))
     };
     let mut serving = tokio::spawn(server::run(registry, listeners, opts, stop_rx, stats));
     // Serving: the listeners are bound, the cluster is reached and the NBD
@@ -151,7 +174,12 @@ async fn serve(config: Config) -> Result<(), Fatal> {
         }
     }
     tokio::select! {
-        _ = &mut serving => Ok(()),
+        _ = async {
+            let _ = (&mut serving).await;
+            if let Some(i) = iscsi {
+                let _ = i.await;
+            }
+        } => Ok(()),
         s = next_signal(&mut term, &mut int) => {
             Err(runtime_error(format!("{s} again: stopping without waiting for requests in flight")))
         }
@@ -214,8 +242,27 @@ async fn bind(config: &Config) -> Result<Listeners, Fatal> {
     Ok(Listeners { tcp, unix })
 }
 
+async fn bind_iscsi(config: &Config) -> Result<Vec<TcpListener>, Fatal> {
+    let mut all = Vec::new();
+    for a in &config.iscsi_listen {
+        let l = TcpListener::bind(a).await.map_err(|e| {
+            config_error(format!(
+                "cannot listen on {a} (--iscsi-listen): {e}{}",
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    "; another iSCSI target (tgtd, LIO, another cairn-target?) is using it"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        all.push(l);
+    }
+    Ok(all)
+}
+
 fn describe_listeners(config: &Config) -> String {
     let mut all: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+    all.extend(config.iscsi_listen.iter().map(|a| format!("iscsi {a}")));
     if let Some(p) = &config.unix {
         all.push(p.display().to_string());
     }

@@ -232,7 +232,10 @@ pub fn free_chunk_port() -> anyhow::Result<u16> {
 pub fn free_up_args() -> anyhow::Result<Vec<String>> {
     let vm = crate::free_loopback_addr(Ipv4Addr::LOCALHOST)?;
     let nbd = crate::free_loopback_addr(Ipv4Addr::LOCALHOST)?;
+    let iscsi = crate::free_loopback_addr(Ipv4Addr::LOCALHOST)?;
     Ok(vec![
+        "--iscsi".into(),
+        iscsi.to_string(),
         "--volmgr-listen".into(),
         vm.to_string(),
         "--chunk-port".into(),

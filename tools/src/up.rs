@@ -86,6 +86,10 @@ pub struct UpArgs {
     /// Address the NBD target listens on.
     #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR:PORT")]
     nbd: SocketAddr,
+    /// Address the iSCSI target listens on [default: 127.0.0.1:3260, or the
+    /// next free port up to 3269].
+    #[arg(long, value_name = "ADDR:PORT")]
+    iscsi: Option<SocketAddr>,
     /// Address of the volume manager. Fixed when the cluster is created:
     /// later runs use the one recorded in DIR/up.toml.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -198,12 +202,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let data = prepare_folder(&args.data, args.min_free)?;
     let _lock = lock_folder(&data)?;
     let state = load_or_create_state(&data, &args)?;
+    let iscsi = iscsi_address(args.iscsi)?;
     check_addresses(&state, args.nbd)?;
     let binaries = Binaries::find()?;
 
     let volmgr_addr = state.volmgr_listen.to_string();
     let unix_socket = short_path(&data.join("nbd.sock"));
-    let specs = child_specs(&data, &state, &args, &binaries, &unix_socket);
+    let specs = child_specs(&data, &state, &args, &binaries, &unix_socket, iscsi);
     ClusterConfig {
         cluster_id: state.cluster_id.clone(),
         volmgr: vec![volmgr_addr.clone()],
@@ -317,7 +322,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     }
-    print_ready(&sup.out, &data, &args, &unix_socket);
+    print_ready(&sup.out, &data, &args, &unix_socket, iscsi);
 
     sup.supervise(&mut rx).await;
     sup.stop_cleanly(&mut rx).await
@@ -785,6 +790,42 @@ fn chunk_addr(state: &UpState, node: u8) -> SocketAddr {
     ))
 }
 
+/// The iSCSI portal: the one asked for, which must be free, or iSCSI's port
+/// 3260 on loopback, or the next free port after it (another iSCSI target,
+/// such as tgtd or LIO, often holds 3260).
+fn iscsi_address(asked: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = asked {
+        return match TcpListener::bind(a) {
+            Ok(_) => Ok(a),
+            Err(e) => Err(setup_error(format!(
+                "cannot listen on {a} for the iSCSI target (--iscsi): {e}"
+            ))),
+        };
+    }
+    for port in ISCSI_PORTS {
+        let a = SocketAddr::from(([127, 0, 0, 1], port));
+        if TcpListener::bind(a).is_ok() {
+            return Ok(a);
+        }
+    }
+    Err(setup_error(format!(
+        "ports {}-{} on 127.0.0.1 are all in use; pass --iscsi ADDR:PORT",
+        ISCSI_PORTS.start(),
+        ISCSI_PORTS.end()
+    )))
+}
+
+/// Ports `cairn up` tries for iSCSI, 3260 (iSCSI's own) first.
+const ISCSI_PORTS: std::ops::RangeInclusive<u16> = 3260..=3269;
+
+/// The iSCSI URL of LUN 0 of `volume`'s automatic target.
+fn iscsi_url(portal: SocketAddr, volume: &str) -> String {
+    format!(
+        "iscsi://{portal}/iqn.2026-12.io.cairn:{}/0",
+        volume.to_ascii_lowercase()
+    )
+}
+
 /// Every address must be free before anything starts: a clear message beats
 /// a child failing to bind.
 fn check_addresses(state: &UpState, nbd: SocketAddr) -> anyhow::Result<()> {
@@ -868,6 +909,7 @@ fn child_specs(
     args: &UpArgs,
     bins: &Binaries,
     unix_socket: &Path,
+    iscsi: SocketAddr,
 ) -> Vec<Spec> {
     let s = |p: &Path| p.display().to_string();
     let vm = state.volmgr_listen.to_string();
@@ -928,6 +970,8 @@ fn child_specs(
             s(unix_socket),
             "--default-export".into(),
             args.volume.clone(),
+            "--iscsi-listen".into(),
+            iscsi.to_string(),
         ],
         log: data.join("logs/target.log"),
         addr: args.nbd.to_string(),
@@ -989,8 +1033,9 @@ async fn ensure_volume(
     Ok(Some(v))
 }
 
-fn print_ready(out: &Out, data: &Path, args: &UpArgs, unix_socket: &Path) {
+fn print_ready(out: &Out, data: &Path, args: &UpArgs, unix_socket: &Path, iscsi: SocketAddr) {
     let uri = format!("nbd://{}/{}", args.nbd, args.volume);
+    let iscsi_uri = iscsi_url(iscsi, &args.volume);
     let unix_uri = format!(
         "nbd+unix:///{}?socket={}",
         args.volume,
@@ -1000,14 +1045,15 @@ fn print_ready(out: &Out, data: &Path, args: &UpArgs, unix_socket: &Path) {
         out.event(
             "ready",
             "cluster ready",
-            json!({ "nbd": uri, "nbd_unix": unix_uri, "data": data }),
+            json!({ "nbd": uri, "nbd_unix": unix_uri, "iscsi": iscsi_uri, "data": data }),
         );
         return;
     }
     say(&format!(
-        "cairn up: ready. 1 volume manager, 3 chunk servers (127.0.0.2-4), NBD target.\n\
-         \n  NBD:  {uri}\n        {unix_uri}\n  Data: {}\n\nTry, in another terminal:\n  \
+        "cairn up: ready. 1 volume manager, 3 chunk servers (127.0.0.2-4), NBD and iSCSI target.\n\
+         \n  NBD:   {uri}\n         {unix_uri}\n  iSCSI: {iscsi_uri}\n  Data:  {}\n\nTry, in another terminal:\n  \
          nbdinfo {uri}\n  \
+         iscsi-inq {iscsi_uri}\n  \
          qemu-io -f raw -c 'write -P 0xab 0 1M' {uri}\n  \
          cairn cluster status\n  \
          cairn volume create scratch --size 20G    # exported at once as nbd://{}/scratch\n\n\

@@ -190,7 +190,7 @@ impl<C: Catalog> Haggle<'_, C> {
                     io,
                     export_name_reply(
                         info.size,
-                        super::transmission_flags(&info, self.structured),
+                        super::transmission_flags(info, self.structured),
                         no_zeroes,
                     ),
                 )
@@ -353,7 +353,7 @@ impl<C: Catalog> Haggle<'_, C> {
         io.write_all(&info_export(
             opt,
             info.size,
-            super::transmission_flags(&info, self.structured),
+            super::transmission_flags(info, self.structured),
         ))
         .await?;
         // Sent whether asked or not: the constraints are not the defaults.

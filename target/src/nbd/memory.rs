@@ -164,6 +164,11 @@ impl MemCatalog {
 
 impl Catalog for MemCatalog {
     type Export = MemExport;
+    type Reservations = crate::iscsi::scsi::pr::MemPrStore;
+
+    fn reservations(&self, _name: &str, _export: &Arc<MemExport>) -> Self::Reservations {
+        Default::default()
+    }
 
     async fn lookup(&self, name: &str) -> Result<Option<ExportInfo>, String> {
         Ok(self.find(name).map(|e| e.info.clone()))

@@ -340,6 +340,10 @@ struct GatedCatalog(Arc<Gated>);
 
 impl Catalog for GatedCatalog {
     type Export = Gated;
+    type Reservations = crate::iscsi::scsi::pr::MemPrStore;
+    fn reservations(&self, _: &str, _: &Arc<Gated>) -> Self::Reservations {
+        Default::default()
+    }
     async fn lookup(&self, _: &str) -> Result<Option<ExportInfo>, String> {
         Ok(Some(self.0.info().clone()))
     }

@@ -1,0 +1,316 @@
+//! Persistent reservations through `Lun::execute`, with two nexuses.
+
+use super::*;
+
+async fn prout(l: &Lun<MemExport>, n: &Nexus, sa: u8, kind: u8, key: u64, sa_key: u64) -> Reply {
+    let mut p = [0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    run(l, n, &[0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0], &p).await
+}
+
+async fn prin(l: &Lun<MemExport>, n: &Nexus, sa: u8, alloc: u16) -> Reply {
+    let a = alloc.to_be_bytes();
+    run(l, n, &[0x5e, sa, 0, 0, 0, 0, 0, a[0], a[1], 0], &[]).await
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+async fn keys(l: &Lun<MemExport>, n: &Nexus) -> (u32, Vec<u64>) {
+    let r = prin(l, n, 0, 4096).await;
+    good(&r);
+    assert!(r.data_in.len() >= 8, "{r:?}");
+    let d = &r.data_in;
+    let keys = (0..u32_at(d, 4) as usize / 8)
+        .map(|i| u64_at(d, 8 + 8 * i))
+        .collect();
+    (u32_at(d, 0), keys)
+}
+
+async fn can_read(l: &Lun<MemExport>, n: &Nexus) -> bool {
+    match run(l, n, &rw10(0x28, 1, 1, 0), &[]).await.status {
+        GOOD => true,
+        RESERVATION_CONFLICT => false,
+        s => panic!("status {s:#x}"),
+    }
+}
+
+async fn can_write(l: &Lun<MemExport>, n: &Nexus) -> bool {
+    match run(l, n, &rw10(0x2a, 1, 1, 0), &[5; 512]).await.status {
+        GOOD => true,
+        RESERVATION_CONFLICT => false,
+        s => panic!("status {s:#x}"),
+    }
+}
+
+#[tokio::test]
+async fn register_reregister_and_unregister() {
+    let (_e, l) = unit(MIB);
+    let a = nexus("a");
+    good(&prout(&l, &a, pr::REGISTER_AND_IGNORE_EXISTING_KEY, 0, 0, 0xabc).await);
+    assert_eq!(keys(&l, &a).await, (1, vec![0xabc]));
+    // Registered: REGISTER must give the current key.
+    assert_eq!(
+        prout(&l, &a, pr::REGISTER, 0, 0, 0xabd).await.status,
+        RESERVATION_CONFLICT
+    );
+    good(&prout(&l, &a, pr::REGISTER, 0, 0xabc, 0xdef).await);
+    assert_eq!(keys(&l, &a).await, (2, vec![0xdef]));
+    good(&prout(&l, &a, pr::REGISTER, 0, 0xdef, 0).await);
+    assert_eq!(keys(&l, &a).await, (3, vec![]));
+    // Unregistered with a key: conflict; with key 0 and SARK 0: no-op.
+    assert_eq!(
+        prout(&l, &a, pr::REGISTER, 0, 5, 6).await.status,
+        RESERVATION_CONFLICT
+    );
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0).await);
+    assert_eq!(keys(&l, &a).await.0, 3);
+    // RESERVE without registering.
+    assert_eq!(
+        prout(&l, &a, pr::RESERVE, 1, 0, 0).await.status,
+        RESERVATION_CONFLICT
+    );
+    // Parameter list length other than 24; SPEC_I_PT; unknown actions.
+    let r = run(&l, &a, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 20, 0], &[0; 20]).await;
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x1a, 0));
+    let mut p = [0u8; 24];
+    p[15] = 1;
+    p[20] = 0x08;
+    let r = run(&l, &a, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p).await;
+    assert_eq!(sense_of(&r), (ILLEGAL, 0x26, 0));
+    assert_eq!(
+        sense_of(&prout(&l, &a, 7, 0, 0, 1).await),
+        (ILLEGAL, 0x24, 0)
+    );
+    for sa in 4..0x20 {
+        assert_eq!(sense_of(&prin(&l, &a, sa, 100).await), (ILLEGAL, 0x24, 0));
+    }
+}
+
+#[tokio::test]
+async fn each_reservation_type_grants_the_access_spc4_lists() {
+    // (type, registered reads, registered writes, others read, others write)
+    let table = [
+        (pr::EXCLUSIVE_ACCESS, false, false, false, false),
+        (pr::WRITE_EXCLUSIVE, true, false, true, false),
+        (
+            pr::EXCLUSIVE_ACCESS_REGISTRANTS_ONLY,
+            true,
+            true,
+            false,
+            false,
+        ),
+        (
+            pr::WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+            true,
+            true,
+            true,
+            false,
+        ),
+        (
+            pr::EXCLUSIVE_ACCESS_ALL_REGISTRANTS,
+            true,
+            true,
+            false,
+            false,
+        ),
+        (pr::WRITE_EXCLUSIVE_ALL_REGISTRANTS, true, true, true, false),
+    ];
+    for (kind, rr, rw, ur, uw) in table {
+        let (_e, l) = unit(MIB);
+        let (a, b) = (nexus("a"), nexus("b"));
+        good(&prout(&l, &a, pr::REGISTER, 0, 0, 1).await);
+        good(&prout(&l, &b, pr::REGISTER, 0, 0, 2).await);
+        good(&prout(&l, &a, pr::RESERVE, kind, 1, 0).await);
+        // Reserving again with the same type is fine, another is not.
+        good(&prout(&l, &a, pr::RESERVE, kind, 1, 0).await);
+        let other = if kind == 1 { 3 } else { 1 };
+        assert_eq!(
+            prout(&l, &a, pr::RESERVE, other, 1, 0).await.status,
+            RESERVATION_CONFLICT
+        );
+        let rr_ = prin(&l, &b, 1, 100).await.data_in;
+        assert_eq!(u32_at(&rr_, 4), 16);
+        let all = kind >= 7;
+        assert_eq!(u64_at(&rr_, 8), if all { 0 } else { 1 });
+        assert_eq!(rr_[21], kind);
+        assert!(can_read(&l, &a).await && can_write(&l, &a).await);
+        assert_eq!(
+            (can_read(&l, &b).await, can_write(&l, &b).await),
+            (rr, rw),
+            "type {kind}"
+        );
+        good(&prout(&l, &b, pr::REGISTER, 0, 2, 0).await);
+        assert_eq!(
+            (can_read(&l, &b).await, can_write(&l, &b).await),
+            (ur, uw),
+            "type {kind}"
+        );
+        // Always allowed: INQUIRY, TEST UNIT READY, READ CAPACITY, PR IN.
+        good(&run(&l, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await);
+        good(&run(&l, &b, &[0; 6], &[]).await);
+        good(&run(&l, &b, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+        // RESERVE (6) conflicts with a persistent reservation.
+        let r6 = run(&l, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await;
+        assert_eq!(r6.status, RESERVATION_CONFLICT);
+        // RELEASE with the wrong type; then the right one.
+        let r = prout(&l, &a, pr::RELEASE, other, 1, 0).await;
+        assert_eq!(sense_of(&r), (ILLEGAL, 0x26, 0x04));
+        good(&prout(&l, &a, pr::RELEASE, kind, 1, 0).await);
+        assert_eq!(u32_at(&prin(&l, &a, 1, 100).await.data_in, 4), 0);
+        assert!(can_write(&l, &b).await);
+    }
+}
+
+#[tokio::test]
+async fn the_holder_unregistering_releases_all_but_all_registrants_types() {
+    for kind in [1u8, 3, 5, 6, 7, 8] {
+        let (_e, l) = unit(MIB);
+        let (a, b) = (nexus("a"), nexus("b"));
+        good(&prout(&l, &a, pr::REGISTER, 0, 0, 1).await);
+        good(&prout(&l, &b, pr::REGISTER, 0, 0, 2).await);
+        good(&prout(&l, &a, pr::RESERVE, kind, 1, 0).await);
+        good(&prout(&l, &a, pr::REGISTER, 0, 1, 0).await);
+        let reserved = u32_at(&prin(&l, &a, 1, 100).await.data_in, 4) != 0;
+        assert_eq!(reserved, kind >= 7, "type {kind}");
+        // Registrants only: the others learn the reservation went.
+        let ua = run(&l, &b, &[0; 6], &[]).await;
+        if kind == 5 || kind == 6 {
+            assert_eq!(sense_of(&ua), (sense::KEY_UNIT_ATTENTION, 0x2a, 0x04));
+        } else {
+            good(&ua);
+        }
+        if kind >= 7 {
+            good(&prout(&l, &b, pr::RELEASE, kind, 2, 0).await);
+        }
+        good(&prout(&l, &b, pr::REGISTER, 0, 2, 0).await);
+        assert_eq!(keys(&l, &a).await.1, Vec::<u64>::new());
+    }
+}
+
+#[tokio::test]
+async fn preempt_and_clear() {
+    let (_e, l) = unit(MIB);
+    let (a, b) = (nexus("a"), nexus("b"));
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0x1a).await);
+    good(&prout(&l, &b, pr::REGISTER, 0, 0, 0x2b).await);
+    let (generation, _) = keys(&l, &a).await;
+    // No reservation: PREEMPT removes the other registration.
+    good(&prout(&l, &b, pr::PREEMPT, pr::EXCLUSIVE_ACCESS, 0x2b, 0x1a).await);
+    assert_eq!(keys(&l, &b).await, (generation + 1, vec![0x2b]));
+    let ua = run(&l, &a, &[0; 6], &[]).await;
+    assert_eq!(sense_of(&ua), (sense::KEY_UNIT_ATTENTION, 0x2a, 0x05));
+    good(&run(&l, &a, &[0; 6], &[]).await);
+    good(&run(&l, &b, &[0; 6], &[]).await);
+    // A key nobody has: conflict; key 0 without a reservation: invalid.
+    assert_eq!(
+        prout(&l, &b, pr::PREEMPT, 3, 0x2b, 0x99).await.status,
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(
+        sense_of(&prout(&l, &b, pr::PREEMPT, 3, 0x2b, 0).await),
+        (ILLEGAL, 0x26, 0)
+    );
+    // Preempting the holder takes its reservation, with the new type.
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0x1a).await);
+    good(&prout(&l, &a, pr::RESERVE, pr::EXCLUSIVE_ACCESS, 0x1a, 0).await);
+    assert!(!can_read(&l, &b).await);
+    good(
+        &prout(
+            &l,
+            &b,
+            pr::PREEMPT_AND_ABORT,
+            pr::WRITE_EXCLUSIVE,
+            0x2b,
+            0x1a,
+        )
+        .await,
+    );
+    let rr = prin(&l, &b, 1, 100).await.data_in;
+    assert_eq!((u64_at(&rr, 8), rr[21]), (0x2b, pr::WRITE_EXCLUSIVE));
+    assert_eq!(sense_of(&run(&l, &a, &[0; 6], &[]).await).2, 0x05);
+    assert!(can_read(&l, &a).await && !can_write(&l, &a).await);
+    assert!(can_write(&l, &b).await);
+    // CLEAR: everything goes, the others are told.
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0x1a).await);
+    let (generation, _) = keys(&l, &a).await;
+    good(&prout(&l, &b, pr::CLEAR, 0, 0x2b, 0).await);
+    assert_eq!(keys(&l, &b).await, (generation + 1, vec![]));
+    assert_eq!(
+        sense_of(&run(&l, &a, &[0; 6], &[]).await),
+        (sense::KEY_UNIT_ATTENTION, 0x2a, 0x03)
+    );
+    assert!(can_write(&l, &a).await);
+}
+
+#[tokio::test]
+async fn persistent_reserve_in_reports() {
+    let (_e, l) = unit(MIB);
+    let (a, b) = (nexus("a"), nexus("b"));
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0x77).await);
+    good(&prout(&l, &b, pr::REGISTER, 0, 0, 0x88).await);
+    good(&prout(&l, &a, pr::RESERVE, pr::WRITE_EXCLUSIVE, 0x77, 0).await);
+    // READ KEYS cut to 8 bytes keeps the full ADDITIONAL LENGTH.
+    let short = prin(&l, &a, 0, 8).await.data_in;
+    assert_eq!(&short[..], &[0, 0, 0, 2, 0, 0, 0, 16]);
+    let caps = prin(&l, &a, 2, 100).await.data_in;
+    assert_eq!(&caps[..], &[0, 8, 0x15, 0x90, 0xea, 0x01, 0, 0]);
+    let full = prin(&l, &a, 3, 4096).await.data_in;
+    assert_eq!(u32_at(&full, 0), 2);
+    let body = u32_at(&full, 4) as usize;
+    assert_eq!(full.len(), 8 + body);
+    let first = &full[8..];
+    assert_eq!(u64_at(first, 0), 0x77);
+    assert_eq!((first[12], first[13]), (0x01, pr::WRITE_EXCLUSIVE));
+    assert_eq!(&first[18..20], &[0, 1]);
+    let tid_len = u32_at(first, 20) as usize;
+    let tid = &first[24..24 + tid_len];
+    assert_eq!(tid[0], 0x45);
+    assert_eq!(tid_len % 4, 0);
+    assert!(tid[4..].starts_with(a.initiator.as_bytes()));
+    let second = &full[8 + 24 + tid_len..];
+    assert_eq!((u64_at(second, 0), second[12]), (0x88, 0));
+}
+
+#[tokio::test]
+async fn state_is_saved_and_loaded_through_the_store() {
+    let e = MemExport::new("vol", MIB, false);
+    let store = pr::MemPrStore::default();
+    let mut seeded = PrState::default();
+    seeded.registrations.push(pr::Registration {
+        initiator: nexus("a").initiator,
+        target_port: nexus("a").target_port,
+        all_target_ports: false,
+        key: 0x42,
+        relative_port: 1,
+    });
+    seeded.generation = 9;
+    store.save(&seeded).await.unwrap();
+    let l = Lun::with_store(e, 0, store);
+    let r = prin_any(&l, &nexus("b")).await;
+    assert_eq!(
+        &r[..16],
+        &[0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0x42]
+    );
+}
+
+async fn prin_any<S: PrStore>(l: &Lun<MemExport, S>, n: &Nexus) -> Vec<u8> {
+    let c = [0x5e, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    l.execute(Request {
+        cdb: &c,
+        data_out: Bytes::new(),
+        expected_len: 256,
+        read: true,
+        write: false,
+        nexus: n,
+    })
+    .await
+    .data_in
+    .to_vec()
+}
