@@ -41,32 +41,28 @@ pub struct RegistryConfig {
     pub default_export: Option<String>,
     /// The cluster's id, part of every export's [`ExportInfo::uid`].
     pub cluster_id: String,
+    /// The volume manager's members (each export's watch connects its own
+    /// client).
+    pub volmgr: Vec<String>,
 }
 
 /// The exports of one target process.
 pub struct Registry {
     cluster: Arc<Cluster>,
-    volmgr: VolmgrClient,
-    /// Persistent reservation reads and changes, on a connection of their
-    /// own: `volmgr` carries the exports' long polls, one at a time.
-    reservations: Arc<VolmgrClient>,
+    /// Short requests: catalogue lookups, persistent reservations, lease
+    /// releases. An export's long polls use a client of their own
+    /// ([`watch_export`]): a client answers one request at a time, and a
+    /// lookup must not wait behind a poll.
+    volmgr: Arc<VolmgrClient>,
     cfg: RegistryConfig,
     live: Mutex<HashMap<String, Weak<Export>>>,
 }
 
 impl Registry {
-    /// `volmgr` and `reservations` are two clients of the same volume
-    /// manager (see the fields).
-    pub fn new(
-        cluster: Arc<Cluster>,
-        volmgr: VolmgrClient,
-        reservations: VolmgrClient,
-        cfg: RegistryConfig,
-    ) -> Arc<Registry> {
+    pub fn new(cluster: Arc<Cluster>, volmgr: VolmgrClient, cfg: RegistryConfig) -> Arc<Registry> {
         Arc::new(Registry {
             cluster,
-            volmgr,
-            reservations: Arc::new(reservations),
+            volmgr: Arc::new(volmgr),
             cfg,
             live: Mutex::new(HashMap::new()),
         })
@@ -178,7 +174,7 @@ impl Catalog for Arc<Registry> {
             return Reservations::Memory(MemPrStore::default());
         }
         Reservations::Volume {
-            volmgr: self.reservations.clone(),
+            volmgr: self.volmgr.clone(),
             volume: name.to_string(),
             latest: export.pr_generation.clone(),
         }
@@ -286,12 +282,11 @@ const PAUSE_RECHECK: Duration = Duration::from_secs(10);
 async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export>) {
     let mut every = LEASE_RENEW_DEFAULT;
     let mut failing = false;
+    // Its own client: its long polls must not hold up other exports' polls
+    // (leases would lapse) nor lookups.
+    let watcher = VolmgrClient::new(registry.cfg.volmgr.clone(), registry.cfg.cluster_id.clone());
     // Learn the renewal period (and take the lease) first.
-    match registry
-        .volmgr
-        .register_export(registry.cfg.target_id, &name)
-        .await
-    {
+    match watcher.register_export(registry.cfg.target_id, &name).await {
         Ok(d) if !d.is_zero() => every = d,
         Ok(_) => {}
         Err(e) => {
@@ -306,8 +301,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
         let Some(x) = export.upgrade() else { return };
         let known_head = x.volume.head_epoch();
         drop(x);
-        let got = registry
-            .volmgr
+        let got = watcher
             .export_watch(registry.cfg.target_id, &name, known_head, handled, every)
             .await;
         let Some(x) = export.upgrade() else { return };
@@ -320,7 +314,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 x.pr_generation.fetch_max(w.pr_generation, Ordering::AcqRel);
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
-                    x.pause_for_snapshot(&registry, w.pending).await;
+                    x.pause_for_snapshot(&registry, &watcher, w.pending).await;
                     if *x.revoked.borrow() {
                         return;
                     }
@@ -376,14 +370,18 @@ impl Export {
     /// waits for those in flight, tells the volume manager, and waits until
     /// the snapshot is committed or given up; then re-reads the record and
     /// resumes at its head epoch. Writes never fail meanwhile, they wait.
-    async fn pause_for_snapshot(&self, registry: &Arc<Registry>, pending: u64) {
+    async fn pause_for_snapshot(
+        &self,
+        registry: &Arc<Registry>,
+        watcher: &VolmgrClient,
+        pending: u64,
+    ) {
         let name = &self.info.name;
         let t0 = std::time::Instant::now();
         let _closed = self.gate.write().await;
         let drained = t0.elapsed();
         let known_head = self.volume.head_epoch();
-        if let Err(e) = registry
-            .volmgr
+        if let Err(e) = watcher
             .snapshot_paused(registry.cfg.target_id, name, pending)
             .await
         {
@@ -392,8 +390,7 @@ impl Export {
         // Until the pending snapshot is gone (committed or given up).
         let deadline = tokio::time::Instant::now() + PAUSE_RECHECK;
         while tokio::time::Instant::now() < deadline {
-            match registry
-                .volmgr
+            match watcher
                 .export_watch(
                     registry.cfg.target_id,
                     name,

@@ -119,12 +119,12 @@ async fn serve(config: Config) -> Result<(), Fatal> {
     let registry = Registry::new(
         cluster,
         VolmgrClient::new(config.volmgr.clone(), config.cluster_id.clone()),
-        VolmgrClient::new(config.volmgr.clone(), config.cluster_id.clone()),
         RegistryConfig {
             target_id: config.target_id,
             read_only: config.read_only,
             default_export: config.default_export.clone(),
             cluster_id: config.cluster_id.clone(),
+            volmgr: config.volmgr.clone(),
         },
     );
     let stats = Arc::new(Stats::default());

@@ -123,21 +123,46 @@ async fn chap_admits_the_right_secret_only_and_keeps_it_out_of_logs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inquiry_and_read_capacity_describe_a_thin_volume() {
-    let (_cluster, _target, portal) = setup(&[("vol", 64 * MIB)], &[]).await;
+    let (_cluster, mut target, portal) = setup(&[("vol", 64 * MIB)], &[]).await;
     let lun = format!("iscsi://{portal}/{PREFIX}:vol/0");
     let std_inq = stdout(&run_tool("iscsi-inq", &[&lun]).unwrap());
     assert!(std_inq.contains("CAIRN"), "{std_inq}");
-    // Unit serial number and device identification VPD pages.
-    let serial = stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "0x80", &lun]).unwrap());
-    let ids = stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "0x83", &lun]).unwrap());
-    assert!(ids.contains("NAA"), "{ids}");
-    // Stable: the same answers from a second login.
+    assert!(
+        std_inq.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{std_inq}"
+    );
+    // Unit serial number (0x80) and device identification (0x83) VPD pages
+    // (iscsi-inq takes the page code in decimal).
+    let serial = stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "128", &lun]).unwrap());
+    assert!(serial.contains("Unit Serial Number:["), "{serial}");
+    let ids = stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "131", &lun]).unwrap());
+    assert!(ids.contains("Designator Type:(3) NAA"), "{ids}");
+    assert!(ids.contains(&format!("Designator:[{PREFIX}:vol]")), "{ids}");
+    // Stable: the same answers from a new login, and from a restarted
+    // target (initiators key multipath on these).
     assert_eq!(
         serial,
-        stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "0x80", &lun]).unwrap())
+        stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "128", &lun]).unwrap())
+    );
+    target.stop().unwrap();
+    target.restart().unwrap();
+    assert_eq!(
+        ids,
+        stdout(&run_tool("iscsi-inq", &["-e", "1", "-c", "131", &lun]).unwrap())
     );
     let cap = stdout(&run_tool("iscsi-readcapacity16", &[&lun]).unwrap());
-    assert!(cap.contains(&format!("{}", 64 * MIB / 512 - 1)), "{cap}");
-    assert!(cap.contains("Logical Block Length:512"), "{cap}");
-    assert!(cap.contains("LBPME:1"), "{cap}");
+    assert!(
+        cap.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            64 * MIB / 512 - 1
+        )),
+        "{cap}"
+    );
+    assert!(cap.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{cap}");
+    assert!(
+        cap.contains("LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:3"),
+        "{cap}"
+    );
+    assert!(cap.contains("LBPME:1 LBPRZ:1"), "{cap}");
+    assert!(cap.contains(&format!("Total size:{}", 64 * MIB)), "{cap}");
 }

@@ -429,7 +429,7 @@ async fn chap_one_way_and_mutual() {
 }
 
 #[tokio::test]
-async fn out_of_window_commands_are_ignored_and_bad_datasn_drops_the_connection() {
+async fn out_of_window_commands_are_ignored_and_a_bad_datasn_aborts_its_command() {
     let mut i = Initiator::connect(portal(auto()));
     assert_eq!(i.login(Some(IQN)).await, 0);
     // TEST UNIT READY with a CmdSN beyond MaxCmdSN: no answer.
@@ -450,7 +450,8 @@ async fn out_of_window_commands_are_ignored_and_bad_datasn_drops_the_connection(
     let (status, _, _) = i.scsi(&[0u8; 6], 0, None).await;
     assert_eq!(status, 0, "the right CmdSN works again");
 
-    // A write whose Data-Out carries DataSN 5: the connection drops.
+    // A write whose Data-Out carries DataSN 5: the PDU is rejected, the
+    // command fails with ABORTED COMMAND, the connection goes on.
     let itt = i.next_itt();
     let mut p = Pdu::new(OP_SCSI_CMD);
     p.bhs[1] = FINAL | 0x20;
@@ -468,7 +469,19 @@ async fn out_of_window_commands_are_ignored_and_bad_datasn_drops_the_connection(
         .set_u32(40, 0);
     o.data = Bytes::from(vec![0u8; 16384]);
     i.send(&o).await;
-    assert!(i.recv().await.is_none(), "the connection should close");
+    let r = i.recv().await.unwrap();
+    assert_eq!((r.opcode(), r.u8(2)), (OP_REJECT, REJECT_PROTOCOL));
+    // The rejected header comes back (its length field as it was sent).
+    assert_eq!(
+        &r.data[8..BHS_LEN],
+        &o.bhs[8..],
+        "the rejected header comes back"
+    );
+    let r = i.recv().await.unwrap();
+    assert_eq!((r.opcode(), r.itt(), r.u8(3)), (OP_SCSI_RESP, itt, 0x02));
+    assert_eq!(r.data[2 + 2] & 0x0f, 0x0b, "ABORTED COMMAND");
+    let (status, _, _) = i.scsi(&[0u8; 6], 0, None).await;
+    assert_eq!(status, 0, "the connection still serves");
 }
 
 #[tokio::test]

@@ -114,10 +114,10 @@ struct Shared<C: Catalog> {
     out: mpsc::UnboundedSender<Out>,
     numbers: Numbers,
     tasks: Mutex<HashMap<u32, Arc<Task>>>,
-    /// Set by a command task that found a protocol error (bad DataSN or
-    /// offset): the connection must drop.
-    fatal: watch::Sender<Option<String>>,
     next_ttt: AtomicU32,
+    /// Set by TARGET COLD RESET: the connection closes once its response
+    /// is out.
+    closing: Notify,
     buffers: Semaphore,
     counters: Arc<Counters>,
 }
@@ -134,17 +134,6 @@ impl<C: Catalog> Shared<C> {
 
     fn lun_numbers(&self) -> Vec<u64> {
         self.luns.iter().map(|(n, _)| *n).collect()
-    }
-
-    fn fail(&self, why: String) {
-        self.fatal.send_if_modified(|f| {
-            if f.is_none() {
-                *f = Some(why);
-                true
-            } else {
-                false
-            }
-        });
     }
 }
 
@@ -186,7 +175,6 @@ where
         data: est.params.data_digest,
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let (fatal_tx, mut fatal_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
         params: est.params.clone(),
         luns,
@@ -201,8 +189,8 @@ where
             outstanding: AtomicU32::new(0),
         },
         tasks: Mutex::new(HashMap::new()),
-        fatal: fatal_tx,
         next_ttt: AtomicU32::new(1),
+        closing: Notify::new(),
         buffers: Semaphore::new((2 * WRITE_MAX) as usize),
         counters,
     });
@@ -215,9 +203,8 @@ where
         let pdu = tokio::select! {
             p = read_pdu(&mut r, digests, est.params.recv_data_max) => p,
             _ = crate::server::stopped(&mut shutdown) => break End::Shutdown,
-            _ = fatal_rx.changed() => {
-                let why = fatal_rx.borrow().clone().unwrap_or_default();
-                break End::Dropped(why);
+            _ = shared.closing.notified() => {
+                break End::Dropped("TARGET COLD RESET".into());
             }
             _ = tokio::time::sleep_until(last_heard + idle) => {
                 if pinged {
@@ -463,17 +450,26 @@ struct Burst {
     data_sn: u32,
 }
 
+/// A Data-Out that broke the rules of its command's data: the PDU is
+/// rejected and the command aborted with `sense`; the connection goes on
+/// (dropping it would make the initiator reconnect and retry for nothing).
+struct DataError {
+    why: String,
+    sense: scsi::sense::Sense,
+    bhs: Box<[u8; BHS_LEN]>,
+}
+
 /// Gathers a write's data (section 4.3.4 and 11.7): immediate data, then
 /// unsolicited Data-Out up to FirstBurstLength (InitialR2T=No), then R2T
 /// bursts of at most MaxBurstLength, MaxOutstandingR2T at a time. DataSN
-/// and offsets must follow each other; anything else is a protocol error
-/// that drops the connection (ErrorRecoveryLevel 0).
+/// and offsets must follow each other.
 async fn gather<C: Catalog>(
     shared: &Shared<C>,
     task: &Task,
     cmd: &Pdu,
     rx: &mut mpsc::UnboundedReceiver<Pdu>,
-) -> Result<Option<Bytes>, String> {
+) -> Result<Option<Bytes>, DataError> {
+    use scsi::sense::{DATA_PHASE_ERROR, NOT_ENOUGH_UNSOLICITED_DATA, UNEXPECTED_UNSOLICITED_DATA};
     let edtl = cmd.u32(20);
     let p = &shared.params;
     let immediate = cmd.data.len() as u32;
@@ -525,31 +521,48 @@ async fn gather<C: Catalog>(
         let data_sn = d.u32(36);
         let ttt = d.u32(20);
         let last = d.final_bit();
+        let fail = |why: String, sense| DataError {
+            why,
+            sense,
+            bhs: Box::new(d.bhs),
+        };
         let (expect_offset, expect_sn, room) = if ttt == NO_TAG {
             if !unsol_open {
-                return Err(format!(
-                    "unsolicited Data-Out for task {:#x} after its first burst",
-                    cmd.itt()
+                return Err(fail(
+                    format!(
+                        "unsolicited Data-Out for task {:#x} after its first burst",
+                        cmd.itt()
+                    ),
+                    UNEXPECTED_UNSOLICITED_DATA,
                 ));
             }
             (unsol_next, unsol_sn, unsolicited_end - unsol_next)
         } else {
             let Some(b) = bursts.iter().find(|b| b.ttt == ttt) else {
-                return Err(format!(
-                    "Data-Out with unknown target transfer tag {ttt:#x}"
+                return Err(fail(
+                    format!("Data-Out with unknown target transfer tag {ttt:#x}"),
+                    DATA_PHASE_ERROR,
                 ));
             };
             (b.offset + b.got, b.data_sn, b.len - b.got)
         };
         if data_sn != expect_sn {
-            return Err(format!(
-                "Data-Out DataSN {data_sn}, expected {expect_sn} (task {:#x})",
-                cmd.itt()
+            return Err(fail(
+                format!(
+                    "Data-Out DataSN {data_sn}, expected {expect_sn} (task {:#x})",
+                    cmd.itt()
+                ),
+                DATA_PHASE_ERROR,
             ));
         }
         if offset != expect_offset || len > room {
-            return Err(format!(
-                "Data-Out at offset {offset} length {len}, expected offset {expect_offset} with {room} bytes left in the burst"
+            return Err(fail(
+                format!(
+                    "Data-Out at offset {offset} length {len}, expected offset {expect_offset} \
+                     with {room} bytes left in the burst (task {:#x})",
+                    cmd.itt()
+                ),
+                DATA_PHASE_ERROR,
             ));
         }
         buf[offset as usize..(offset + len) as usize].copy_from_slice(&d.data);
@@ -559,7 +572,11 @@ async fn gather<C: Catalog>(
             unsol_sn += 1;
             if last {
                 if unsol_next != unsolicited_end {
-                    return Err("the unsolicited burst ended short of FirstBurstLength".into());
+                    return Err(DataError {
+                        why: "the unsolicited burst ended short of FirstBurstLength".into(),
+                        sense: NOT_ENOUGH_UNSOLICITED_DATA,
+                        bhs: Box::new(d.bhs),
+                    });
                 }
                 unsol_open = false;
             }
@@ -570,7 +587,11 @@ async fn gather<C: Catalog>(
             b.data_sn += 1;
             if last {
                 if b.got != b.len {
-                    return Err("a solicited burst ended before its R2T's length".into());
+                    return Err(DataError {
+                        why: "a solicited burst ended before its R2T's length".into(),
+                        sense: DATA_PHASE_ERROR,
+                        bhs: Box::new(d.bhs),
+                    });
                 }
                 bursts.remove(i);
             }
@@ -614,9 +635,15 @@ async fn run_command<C: Catalog>(
                         finish(shared);
                         return;
                     }
-                    Err(why) => {
-                        shared.fail(why);
-                        finish(shared);
+                    Err(e) => {
+                        warn!("{}: command aborted", e.why);
+                        reject(shared, &e.bhs, REJECT_PROTOCOL);
+                        let reply = Reply::check_condition(e.sense);
+                        if !task.aborted.load(Ordering::Acquire) {
+                            respond(shared, &cmd, reply, read, write);
+                        } else {
+                            finish(shared);
+                        }
                         return;
                     }
                 }
@@ -836,8 +863,10 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
                 }
                 _ => 2,
             },
-            // TARGET WARM RESET: every task of this session, every LUN.
-            6 => {
+            // TARGET WARM RESET: every task of this session, every LUN;
+            // TARGET COLD RESET also ends the connection (section
+            // 11.5.1; the initiator logs in again).
+            6 | 7 => {
                 let tasks: Vec<Arc<Task>> = lock(&shared.tasks).values().cloned().collect();
                 for t in &tasks {
                     abort(t).await;
@@ -855,6 +884,9 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
         p.bhs[2] = response;
         p.set_u32(16, pdu.itt());
         shared.send(p, Stat::Advance);
+        if function == 7 {
+            shared.closing.notify_one();
+        }
     });
 }
 

@@ -26,13 +26,17 @@ pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
 pub const READ_DEFECT_DATA_10: u8 = 0x37;
 pub const WRITE_SAME_10: u8 = 0x41;
 pub const UNMAP: u8 = 0x42;
+pub const SANITIZE: u8 = 0x48;
 pub const MODE_SELECT_10: u8 = 0x55;
 pub const MODE_SENSE_10: u8 = 0x5a;
 pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
 pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+pub const EXTENDED_COPY: u8 = 0x83;
+pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
 pub const READ_16: u8 = 0x88;
 pub const COMPARE_AND_WRITE: u8 = 0x89;
 pub const WRITE_16: u8 = 0x8a;
+pub const ORWRITE_16: u8 = 0x8b;
 pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
 pub const VERIFY_16: u8 = 0x8f;
 pub const PRE_FETCH_16: u8 = 0x90;
@@ -53,6 +57,15 @@ pub const SA_GET_LBA_STATUS: u16 = 0x12;
 /// MAINTENANCE IN service actions.
 pub const SA_REPORT_TARGET_PORT_GROUPS: u16 = 0x0a;
 pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0c;
+/// SANITIZE service actions.
+pub const SA_OVERWRITE: u16 = 0x01;
+pub const SA_BLOCK_ERASE: u16 = 0x02;
+pub const SA_CRYPTOGRAPHIC_ERASE: u16 = 0x03;
+pub const SA_EXIT_FAILURE_MODE: u16 = 0x1f;
+/// EXTENDED COPY (LID1) and RECEIVE COPY RESULTS service actions.
+pub const SA_EXTENDED_COPY_LID1: u16 = 0x00;
+pub const SA_COPY_STATUS: u16 = 0x00;
+pub const SA_OPERATING_PARAMETERS: u16 = 0x03;
 
 /// One supported command: its operation code, service action (for the
 /// opcodes that have them) and CDB usage data (SPC-4 6.35.3: byte 0 is
@@ -132,6 +145,10 @@ pub static COMMANDS: &[Command] = &[
         &[0x41, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
     ),
     c(UNMAP, None, &[0x42, 0x01, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04]),
+    c(SANITIZE, Some(SA_OVERWRITE), SANITIZE_USAGE),
+    c(SANITIZE, Some(SA_BLOCK_ERASE), SANITIZE_USAGE),
+    c(SANITIZE, Some(SA_CRYPTOGRAPHIC_ERASE), SANITIZE_USAGE),
+    c(SANITIZE, Some(SA_EXIT_FAILURE_MODE), SANITIZE_USAGE),
     c(
         MODE_SELECT_10,
         None,
@@ -153,6 +170,23 @@ pub static COMMANDS: &[Command] = &[
     c(PERSISTENT_RESERVE_OUT, Some(4), PR_OUT_USAGE),
     c(PERSISTENT_RESERVE_OUT, Some(5), PR_OUT_USAGE),
     c(PERSISTENT_RESERVE_OUT, Some(6), PR_OUT_USAGE),
+    c(
+        EXTENDED_COPY,
+        Some(SA_EXTENDED_COPY_LID1),
+        &[
+            0x83, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+    ),
+    c(
+        RECEIVE_COPY_RESULTS,
+        Some(SA_COPY_STATUS),
+        RECEIVE_COPY_RESULTS_USAGE,
+    ),
+    c(
+        RECEIVE_COPY_RESULTS,
+        Some(SA_OPERATING_PARAMETERS),
+        RECEIVE_COPY_RESULTS_USAGE,
+    ),
     c(READ_16, None, RW16_USAGE_READ),
     c(
         COMPARE_AND_WRITE,
@@ -162,6 +196,14 @@ pub static COMMANDS: &[Command] = &[
         ],
     ),
     c(WRITE_16, None, RW16_USAGE_WRITE),
+    c(
+        ORWRITE_16,
+        None,
+        &[
+            0x8b, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
     c(
         WRITE_AND_VERIFY_16,
         None,
@@ -269,6 +311,10 @@ pub static COMMANDS: &[Command] = &[
     ),
 ];
 
+const SANITIZE_USAGE: &[u8] = &[0x48, 0xbf, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04];
+const RECEIVE_COPY_RESULTS_USAGE: &[u8] = &[
+    0x84, 0x1f, 0xff, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+];
 const PR_IN_USAGE: &[u8] = &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04];
 const PR_OUT_USAGE: &[u8] = &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04];
 const RW16_USAGE_READ: &[u8] = &[
@@ -391,7 +437,7 @@ pub fn data_out_len(cdb: &[u8]) -> Option<u32> {
     let op = c.opcode();
     let n = match op {
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12
-        | WRITE_AND_VERIFY_16 => blocks_bytes(lba_and_len(&c).1),
+        | WRITE_AND_VERIFY_16 | ORWRITE_16 => blocks_bytes(lba_and_len(&c).1),
         VERIFY_10 | VERIFY_12 | VERIFY_16 => match (c.u8(1) >> 1) & 0x03 {
             0b01 => blocks_bytes(lba_and_len(&c).1),
             0b11 => BLOCK as u32,
@@ -401,7 +447,8 @@ pub fn data_out_len(cdb: &[u8]) -> Option<u32> {
         WRITE_SAME_16 if c.u8(1) & 0x01 != 0 => 0,
         WRITE_SAME_10 | WRITE_SAME_16 => BLOCK as u32,
         COMPARE_AND_WRITE => blocks_bytes(2 * c.u8(13) as u64),
-        UNMAP | MODE_SELECT_10 => c.u16(7) as u32,
+        UNMAP | MODE_SELECT_10 | SANITIZE => c.u16(7) as u32,
+        EXTENDED_COPY => c.u32(10),
         MODE_SELECT_6 => c.u8(4) as u32,
         PERSISTENT_RESERVE_OUT => c.u32(5),
         _ if lookup(op, c.service_action()).is_some() => 0,

@@ -9,7 +9,11 @@
 //! - `info`: INQUIRY and VPD pages, MODE SENSE/SELECT, READ CAPACITY,
 //!   REPORT LUNS, REPORT SUPPORTED OPERATION CODES;
 //! - `block`: reads, writes, verify, WRITE SAME, UNMAP, COMPARE AND
-//!   WRITE, GET LBA STATUS;
+//!   WRITE, ORWRITE, GET LBA STATUS;
+//! - `sanitize`: SANITIZE, run in the background, and the state of the
+//!   medium it leaves (in progress, failed);
+//! - `copy`: EXTENDED COPY (LID1) within the logical unit and RECEIVE
+//!   COPY RESULTS;
 //! - [`pr`]: persistent reservations as a pure state machine with a
 //!   storage seam ([`pr::PrStore`]).
 //!
@@ -18,8 +22,10 @@
 
 mod block;
 mod cdb;
+mod copy;
 mod info;
 pub mod pr;
+mod sanitize;
 pub mod sense;
 #[cfg(test)]
 mod tests;
@@ -153,7 +159,28 @@ impl Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fail {
     Check(Sense, Option<u64>),
+    /// CHECK CONDITION with a SENSE KEY SPECIFIC field.
+    Sks(Sense, [u8; 3]),
     Conflict,
+}
+
+impl Fail {
+    /// INVALID FIELD IN CDB pointing at `byte` (and `bit`) of the CDB.
+    fn cdb_field(byte: u16, bit: Option<u8>) -> Fail {
+        Fail::Sks(
+            sense::INVALID_FIELD_IN_CDB,
+            sense::field_pointer(true, byte, bit),
+        )
+    }
+
+    /// INVALID FIELD IN PARAMETER LIST pointing at `byte` of the list.
+    fn list_field(byte: usize) -> Fail {
+        let byte = u16::try_from(byte).unwrap_or(u16::MAX);
+        Fail::Sks(
+            sense::INVALID_FIELD_IN_PARAMETER_LIST,
+            sense::field_pointer(false, byte, None),
+        )
+    }
 }
 
 impl From<Sense> for Fail {
@@ -175,6 +202,12 @@ impl From<Fail> for Reply {
     fn from(f: Fail) -> Reply {
         match f {
             Fail::Check(s, info) => Reply::check_with_info(s, info),
+            Fail::Sks(s, sks) => Reply {
+                status: CHECK_CONDITION,
+                sense: Some(s.fixed_sks(None, Some(sks))),
+                data_in: Bytes::new(),
+                data_out_wanted: 0,
+            },
             Fail::Conflict => Reply::reservation_conflict(),
         }
     }
@@ -237,10 +270,16 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     pr: tokio::sync::Mutex<Option<PrState>>,
     store: S,
     local: Mutex<Local>,
-    /// COMPARE AND WRITE holds it exclusively, every other write shared:
-    /// the compare and the write are atomic against writes through this
-    /// logical unit (not against other targets of the same volume).
-    io: tokio::sync::RwLock<()>,
+    /// COMPARE AND WRITE and ORWRITE hold it exclusively, every other
+    /// write shared: the read and the write are atomic against writes
+    /// through this logical unit (not against other targets of the same
+    /// volume). A SANITIZE holds it exclusively while it runs.
+    io: Arc<tokio::sync::RwLock<()>>,
+    /// What a SANITIZE did to the medium: shared by every logical unit
+    /// over the same export object, so it outlives sessions.
+    medium: Arc<sanitize::Medium>,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
+    copies: Mutex<copy::Held>,
 }
 
 impl<B: Backend> Lun<B> {
@@ -257,13 +296,15 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     pub fn with_store(backend: Arc<B>, lun_id: u64, store: S) -> Self {
         let ids = Ids::of(&backend.info().uid);
         Lun {
-            backend,
             lun_id,
             ids,
             pr: tokio::sync::Mutex::new(None),
             store,
             local: Mutex::new(Local::default()),
-            io: tokio::sync::RwLock::new(()),
+            io: Arc::new(tokio::sync::RwLock::new(())),
+            medium: sanitize::Medium::of(&backend),
+            copies: Mutex::new(copy::Held::default()),
+            backend,
         }
     }
 
@@ -381,6 +422,17 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             return Err(ua.into());
         }
         let c = Cdb::parse(req.cdb)?;
+        // While a SANITIZE runs, only what describes the logical unit
+        // works (SBC-4 4.11.2); after one failed, the medium is refused.
+        if let Some(fail) = self.medium.refuses(op, c.service_action()) {
+            if op == cdb::REQUEST_SENSE {
+                if let Fail::Sks(s, sks) = fail {
+                    let d = s.fixed_sks(None, Some(sks));
+                    return Ok(Reply::allocated(d, c.u8(4) as usize));
+                }
+            }
+            return Err(fail);
+        }
         let sa = c.service_action();
         if cdb::lookup(op, sa).is_none() {
             return Err(if cdb::has_service_actions(op) {
@@ -430,6 +482,10 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             cdb::WRITE_SAME_10 | cdb::WRITE_SAME_16 => self.write_same(&c, req).await,
             cdb::UNMAP => self.unmap(&c, &req.data_out).await,
             cdb::COMPARE_AND_WRITE => self.compare_and_write(&c, req).await,
+            cdb::ORWRITE_16 => self.orwrite(&c, req).await,
+            cdb::SANITIZE => self.sanitize(&c, req).await,
+            cdb::EXTENDED_COPY => self.extended_copy(&c, req).await,
+            cdb::RECEIVE_COPY_RESULTS => self.receive_copy_results(&c, req.nexus),
             _ => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
         }
     }
@@ -479,6 +535,9 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             | cdb::WRITE_SAME_16
             | cdb::UNMAP
             | cdb::COMPARE_AND_WRITE
+            | cdb::ORWRITE_16
+            | cdb::SANITIZE
+            | cdb::EXTENDED_COPY
             | cdb::SYNCHRONIZE_CACHE_10
             | cdb::SYNCHRONIZE_CACHE_16
             | cdb::MODE_SELECT_6

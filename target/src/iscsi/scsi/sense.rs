@@ -21,6 +21,8 @@ pub const KEY_HARDWARE_ERROR: u8 = 0x04;
 pub const KEY_ILLEGAL_REQUEST: u8 = 0x05;
 pub const KEY_UNIT_ATTENTION: u8 = 0x06;
 pub const KEY_DATA_PROTECT: u8 = 0x07;
+pub const KEY_COPY_ABORTED: u8 = 0x0a;
+pub const KEY_ABORTED_COMMAND: u8 = 0x0b;
 pub const KEY_MISCOMPARE: u8 = 0x0e;
 
 const fn s(key: u8, asc: u8, ascq: u8) -> Sense {
@@ -50,11 +52,32 @@ pub const WRITE_ERROR: Sense = s(KEY_MEDIUM_ERROR, 0x0c, 0x00);
 pub const INTERNAL_TARGET_FAILURE: Sense = s(KEY_HARDWARE_ERROR, 0x44, 0x00);
 /// The export is going away (ESHUTDOWN): initiators retry, then fail over.
 pub const LOGICAL_UNIT_NOT_READY: Sense = s(KEY_NOT_READY, 0x04, 0x00);
+/// A command's Data-Out did not follow the rules (DataSN, offsets, burst
+/// lengths): the command is aborted (RFC 7143 11.4.7.2 lists these).
+pub const DATA_PHASE_ERROR: Sense = s(KEY_ABORTED_COMMAND, 0x4b, 0x00);
+pub const UNEXPECTED_UNSOLICITED_DATA: Sense = s(KEY_ABORTED_COMMAND, 0x0c, 0x0c);
+pub const NOT_ENOUGH_UNSOLICITED_DATA: Sense = s(KEY_ABORTED_COMMAND, 0x0c, 0x0d);
 pub const POWER_ON_RESET: Sense = s(KEY_UNIT_ATTENTION, 0x29, 0x00);
 pub const RESERVATIONS_PREEMPTED: Sense = s(KEY_UNIT_ATTENTION, 0x2a, 0x03);
 pub const RESERVATIONS_RELEASED: Sense = s(KEY_UNIT_ATTENTION, 0x2a, 0x04);
 pub const REGISTRATIONS_PREEMPTED: Sense = s(KEY_UNIT_ATTENTION, 0x2a, 0x05);
 pub const CAPACITY_DATA_HAS_CHANGED: Sense = s(KEY_UNIT_ATTENTION, 0x2a, 0x09);
+/// Commands while a SANITIZE runs (with its progress).
+pub const SANITIZE_IN_PROGRESS: Sense = s(KEY_NOT_READY, 0x04, 0x1b);
+/// Media access after a SANITIZE failed, until a new one succeeds.
+pub const SANITIZE_COMMAND_FAILED: Sense = s(KEY_MEDIUM_ERROR, 0x31, 0x03);
+/// EXTENDED COPY parameter list checks (SPC-4 6.4).
+pub const TOO_MANY_TARGET_DESCRIPTORS: Sense = s(KEY_ILLEGAL_REQUEST, 0x26, 0x06);
+pub const UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE: Sense = s(KEY_ILLEGAL_REQUEST, 0x26, 0x07);
+pub const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = s(KEY_ILLEGAL_REQUEST, 0x26, 0x08);
+pub const UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE: Sense = s(KEY_ILLEGAL_REQUEST, 0x26, 0x09);
+pub const INLINE_DATA_LENGTH_EXCEEDED: Sense = s(KEY_ILLEGAL_REQUEST, 0x26, 0x0b);
+/// An EXTENDED COPY with a held list identifier already running.
+pub const OPERATION_IN_PROGRESS: Sense = s(KEY_ILLEGAL_REQUEST, 0x00, 0x16);
+/// EXTENDED COPY failures while processing segments.
+pub const COPY_ABORTED: Sense = s(KEY_COPY_ABORTED, 0x00, 0x00);
+pub const UNREACHABLE_COPY_TARGET: Sense = s(KEY_COPY_ABORTED, 0x08, 0x04);
+pub const COPY_TARGET_DEVICE_NOT_REACHABLE: Sense = s(KEY_COPY_ABORTED, 0x0d, 0x02);
 
 /// Length of the fixed-format sense data this target builds.
 pub const FIXED_LEN: usize = 18;
@@ -64,6 +87,12 @@ impl Sense {
     /// `information` fills the INFORMATION field (and sets VALID); values
     /// that do not fit its four bytes are left out rather than truncated.
     pub fn fixed(self, information: Option<u64>) -> Vec<u8> {
+        self.fixed_sks(information, None)
+    }
+
+    /// Fixed-format sense data with a SENSE KEY SPECIFIC field (its SKSV
+    /// bit set by [`field_pointer`] or [`progress`]).
+    pub fn fixed_sks(self, information: Option<u64>, sks: Option<[u8; 3]>) -> Vec<u8> {
         let mut b = vec![0u8; FIXED_LEN];
         b[0] = 0x70;
         b[2] = self.key & 0x0f;
@@ -74,6 +103,9 @@ impl Sense {
         b[7] = (FIXED_LEN - 8) as u8;
         b[12] = self.asc;
         b[13] = self.ascq;
+        if let Some(sks) = sks {
+            b[15..18].copy_from_slice(&sks);
+        }
         b
     }
 
@@ -103,4 +135,21 @@ impl Sense {
             _ => INTERNAL_TARGET_FAILURE,
         }
     }
+}
+
+/// A field pointer (SPC-4 4.5.2.4.2): the byte (and bit) of the CDB
+/// (`in_cdb`) or of the parameter list that is wrong.
+pub fn field_pointer(in_cdb: bool, byte: u16, bit: Option<u8>) -> [u8; 3] {
+    let mut b0 = 0x80 | if in_cdb { 0x40 } else { 0 };
+    if let Some(bit) = bit {
+        b0 |= 0x08 | (bit & 0x07);
+    }
+    let [hi, lo] = byte.to_be_bytes();
+    [b0, hi, lo]
+}
+
+/// A progress indication (SPC-4 4.5.2.4.4): `done` of 65536.
+pub fn progress(done: u16) -> [u8; 3] {
+    let [hi, lo] = done.to_be_bytes();
+    [0x80, hi, lo]
 }
