@@ -107,6 +107,26 @@ fn up_serves_restarts_what_dies_and_carries_on_after_a_restart() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
     assert_eq!(v["exports"][0]["export-size"], 10u64 << 30);
     qemu_io(&uri, "write -P 0xa5 1M 3M").unwrap();
+    // And over iSCSI, at the URL the ready event gives.
+    let ready = up
+        .output
+        .iter()
+        .find(|l| is_event(l, "ready", ""))
+        .cloned()
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let iscsi = ready["iscsi"]
+        .as_str()
+        .expect("an iscsi URL in the ready event");
+    assert!(
+        iscsi.ends_with("/iqn.2026-12.io.cairn:default/0"),
+        "{ready}"
+    );
+    let cap = stdout(&run_tool("iscsi-readcapacity16", &[iscsi]).unwrap());
+    assert!(
+        cap.contains(&format!("Total size:{}", 10u64 << 30)),
+        "{cap}"
+    );
 
     // The CLI finds the cluster from ./cairn-data/cairn.toml, and a new
     // volume is exported at once under its name.
