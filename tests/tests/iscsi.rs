@@ -502,3 +502,49 @@ async fn qemu_img_converts_and_compares_through_iscsi_and_nbd_agrees() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+/// An initiator ACL: a listed initiator logs in and discovers the target;
+/// any other is refused at login and discovers nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_initiator_acl_admits_listed_initiators_only() {
+    let allowed = "iqn.2026-12.test:allowed";
+    let (_cluster, target, portal) = setup(
+        &[("vol", 16 * MIB)],
+        &[
+            "--iscsi-initiators",
+            &format!("{allowed},iqn.2026-12.test:other"),
+        ],
+    )
+    .await;
+    let lun = format!("iscsi://{portal}/{PREFIX}:vol/0");
+    let inq = stdout(&run_tool("iscsi-inq", &["-i", allowed, &lun]).unwrap());
+    assert!(inq.contains("CAIRN"), "{inq}");
+    let refused = tool("iscsi-inq", &["-i", "iqn.2026-12.test:stranger", &lun]).unwrap();
+    assert!(
+        !refused.status.success(),
+        "a stranger logged in: {}",
+        stdout(&refused)
+    );
+    let seen =
+        stdout(&run_tool("iscsi-ls", &["-i", allowed, &format!("iscsi://{portal}")]).unwrap());
+    assert!(seen.contains(&format!("{PREFIX}:vol")), "{seen}");
+    let unseen = tool(
+        "iscsi-ls",
+        &[
+            "-i",
+            "iqn.2026-12.test:stranger",
+            &format!("iscsi://{portal}"),
+        ],
+    )
+    .unwrap();
+    assert!(
+        !stdout(&unseen).contains(&format!("{PREFIX}:vol")),
+        "{}",
+        stdout(&unseen)
+    );
+    assert!(
+        target.log().contains("is not in the ACL"),
+        "{}",
+        target.log()
+    );
+}
