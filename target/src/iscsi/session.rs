@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::login::Established;
@@ -74,6 +74,8 @@ enum Stat {
 struct Out {
     pdu: Pdu,
     stat: Stat,
+    /// Buffer room a read's data holds until it is on the wire.
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 /// Command numbering shared by the read loop and the writer.
@@ -118,13 +120,27 @@ struct Shared<C: Catalog> {
     /// Set by TARGET COLD RESET: the connection closes once its response
     /// is out.
     closing: Notify,
-    buffers: Semaphore,
+    /// Payload bytes a connection holds at once (write data gathered, read
+    /// data not yet sent): a client that stops reading stalls only itself.
+    buffers: Arc<Semaphore>,
     counters: Arc<Counters>,
 }
 
 impl<C: Catalog> Shared<C> {
     fn send(&self, pdu: Pdu, stat: Stat) {
-        let _ = self.out.send(Out { pdu, stat });
+        let _ = self.out.send(Out {
+            pdu,
+            stat,
+            _room: None,
+        });
+    }
+
+    fn send_holding(&self, pdu: Pdu, stat: Stat, room: Option<OwnedSemaphorePermit>) {
+        let _ = self.out.send(Out {
+            pdu,
+            stat,
+            _room: room,
+        });
     }
 
     fn lun(&self, field: u64) -> Option<&Arc<Lun<C::Export, C::Reservations>>> {
@@ -191,7 +207,7 @@ where
         tasks: Mutex::new(HashMap::new()),
         next_ttt: AtomicU32::new(1),
         closing: Notify::new(),
-        buffers: Semaphore::new((2 * WRITE_MAX) as usize),
+        buffers: Arc::new(Semaphore::new((2 * WRITE_MAX) as usize)),
         counters,
     });
     let writer = tokio::spawn(writer(w, out_rx, digests, est.stat_sn, shared.clone()));
@@ -614,6 +630,20 @@ async fn run_command<C: Catalog>(
     let mut cdb = [0u8; 16];
     cdb.copy_from_slice(&cmd.bhs[32..48]);
 
+    // A read's data counts against the connection's buffer room until it is
+    // on the wire (its permit rides with the last PDU to the writer).
+    let room = if read && edtl > 0 {
+        Some(
+            shared
+                .buffers
+                .clone()
+                .acquire_many_owned(edtl.min(WRITE_MAX))
+                .await
+                .expect("the buffer semaphore is never closed"),
+        )
+    } else {
+        None
+    };
     let reply = if write && edtl > WRITE_MAX {
         // Refused before any data is solicited; unsolicited data that
         // still arrives finds no channel and is dropped.
@@ -640,7 +670,7 @@ async fn run_command<C: Catalog>(
                         reject(shared, &e.bhs, REJECT_PROTOCOL);
                         let reply = Reply::check_condition(e.sense);
                         if !task.aborted.load(Ordering::Acquire) {
-                            respond(shared, &cmd, reply, read, write);
+                            respond(shared, &cmd, reply, read, write, room);
                         } else {
                             finish(shared);
                         }
@@ -699,7 +729,7 @@ async fn run_command<C: Catalog>(
         finish(shared);
         return;
     }
-    respond(shared, &cmd, reply, read, write);
+    respond(shared, &cmd, reply, read, write, room);
 }
 
 /// One command answered: the window reopens by one.
@@ -708,7 +738,14 @@ fn finish<C: Catalog>(shared: &Shared<C>) {
 }
 
 /// Sends a command's Data-In and status with residuals (section 11.4.5).
-fn respond<C: Catalog>(shared: &Shared<C>, cmd: &Pdu, reply: Reply, read: bool, write: bool) {
+fn respond<C: Catalog>(
+    shared: &Shared<C>,
+    cmd: &Pdu,
+    reply: Reply,
+    read: bool,
+    write: bool,
+    mut room: Option<OwnedSemaphorePermit>,
+) {
     let edtl = cmd.u32(20);
     let produced = reply.data_in.len() as u32;
     // Residual: for reads what the command produced against what the
@@ -778,14 +815,12 @@ fn respond<C: Catalog>(shared: &Shared<C>, cmd: &Pdu, reply: Reply, read: bool, 
         if last && collapse {
             finish(shared);
         }
-        shared.send(
-            p,
-            if last && collapse {
-                Stat::Advance
-            } else {
-                Stat::None
-            },
-        );
+        let stat = if last && collapse {
+            Stat::Advance
+        } else {
+            Stat::None
+        };
+        shared.send_holding(p, stat, if last { room.take() } else { None });
         data_sn += 1;
         at += n;
     }
@@ -806,7 +841,7 @@ fn respond<C: Catalog>(shared: &Shared<C>, cmd: &Pdu, reply: Reply, read: bool, 
         p.data = Bytes::from(d);
     }
     finish(shared);
-    shared.send(p, Stat::Advance);
+    shared.send_holding(p, Stat::Advance, room);
 }
 
 /// Task management (section 11.5). Functions answered once the tasks
