@@ -257,21 +257,70 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
 }
 
 /// Parses one PDU from the front of `buf` (for the fuzzer and tests):
-/// `Ok(None)` when more bytes are needed.
+/// `Ok(None)` when more bytes are needed. Same checks as [`read_pdu`].
 pub fn parse(
     buf: &[u8],
     digests: Digests,
     max_data: u32,
 ) -> Result<Option<(Pdu, usize)>, PduError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(PduError::Io)?;
-    let mut cursor = std::io::Cursor::new(buf);
-    match rt.block_on(read_pdu(&mut cursor, digests, max_data)) {
-        Ok(p) => Ok(Some((p, cursor.position() as usize))),
-        Err(PduError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(e),
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let part = buf.get(at..at + n)?;
+        at += n;
+        Some(part)
+    };
+    let Some(h) = take(BHS_LEN) else {
+        return Ok(None);
+    };
+    let mut bhs = [0u8; BHS_LEN];
+    bhs.copy_from_slice(h);
+    let Some(ahs) = take(bhs[4] as usize * 4) else {
+        return Ok(None);
+    };
+    let ahs = ahs.to_vec();
+    if digests.header {
+        let Some(d) = take(4) else { return Ok(None) };
+        let got = get_digest([d[0], d[1], d[2], d[3]]);
+        let want = crc32c(&[&bhs, &ahs]);
+        if got != want {
+            return Err(PduError::HeaderDigest {
+                got,
+                want,
+                bhs: Box::new(bhs),
+            });
+        }
     }
+    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
+    let max = max_data.min(DATA_SEGMENT_MAX);
+    if len > max {
+        return Err(PduError::TooLong { len, max });
+    }
+    let Some(padded) = take(len as usize + padding(len as usize)) else {
+        return Ok(None);
+    };
+    let padded = padded.to_vec();
+    let got = if digests.data && len > 0 {
+        let Some(d) = take(4) else { return Ok(None) };
+        Some(get_digest([d[0], d[1], d[2], d[3]]))
+    } else {
+        None
+    };
+    let pdu = Pdu {
+        bhs,
+        ahs: Bytes::from(ahs),
+        data: Bytes::copy_from_slice(&padded[..len as usize]),
+    };
+    if let Some(got) = got {
+        let want = crc32c(&[&padded]);
+        if got != want {
+            return Err(PduError::DataDigest {
+                got,
+                want,
+                pdu: Box::new(pdu),
+            });
+        }
+    }
+    Ok(Some((pdu, at)))
 }
 
 /// Appends `pdu` to `out` as it goes on the wire: the header with its data
