@@ -1,6 +1,6 @@
 //! The block commands (SBC-3): READ, WRITE, WRITE AND VERIFY, VERIFY,
-//! PRE-FETCH, SYNCHRONIZE CACHE, WRITE SAME, UNMAP, COMPARE AND WRITE and
-//! GET LBA STATUS, over the backend in calls of at most 32 MiB.
+//! PRE-FETCH, SYNCHRONIZE CACHE, WRITE SAME, UNMAP, COMPARE AND WRITE,
+//! ORWRITE and GET LBA STATUS, over the backend in calls of at most 32 MiB.
 
 use bytes::{Bytes, BytesMut};
 
@@ -12,8 +12,10 @@ use super::{Fail, Lun, Reply, Request, Res, BLOCK, CHUNK, MAX_TRANSFER_BLOCKS};
 use crate::backend::{Backend, IoError};
 use crate::nbd::wire::STATE_HOLE;
 
-/// How much GET LBA STATUS asks the backend about per command.
+/// How much GET LBA STATUS asks the backend about per call...
 const STATUS_WINDOW: u64 = 1 << 30;
+/// ... and in how many calls at most per command.
+const STATUS_WINDOWS: u64 = 64;
 /// GET LBA STATUS descriptors returned at most.
 const MAX_STATUS_DESCRIPTORS: usize = 64;
 /// The pattern buffer WRITE SAME writes from.
@@ -45,7 +47,7 @@ fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
 impl<B: Backend, S: PrStore> Lun<B, S> {
     /// LBA OUT OF RANGE unless `len` blocks from `lba` are within the
     /// capacity and `lba` names a block (even when `len` is 0).
-    fn check_range(&self, lba: u64, len: u64) -> Res<()> {
+    pub(super) fn check_range(&self, lba: u64, len: u64) -> Res<()> {
         let blocks = self.blocks();
         match lba.checked_add(len) {
             Some(end) if lba < blocks && end <= blocks => Ok(()),
@@ -53,14 +55,14 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         }
     }
 
-    fn check_writable(&self) -> Res<()> {
+    pub(super) fn check_writable(&self) -> Res<()> {
         if self.read_only() {
             return Err(sense::WRITE_PROTECTED.into());
         }
         Ok(())
     }
 
-    fn io_failed(&self, what: &str, offset: u64, e: &IoError, s: Sense) -> Fail {
+    pub(super) fn io_failed(&self, what: &str, offset: u64, e: &IoError, s: Sense) -> Fail {
         tracing::warn!(
             lun = self.lun_id,
             export = %self.backend.info().name,
@@ -73,7 +75,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     }
 
     /// Reads `len` bytes from `offset`.
-    async fn read_bytes(&self, offset: u64, len: u64) -> Res<Bytes> {
+    pub(super) async fn read_bytes(&self, offset: u64, len: u64) -> Res<Bytes> {
         if len <= CHUNK {
             return self
                 .backend
@@ -93,7 +95,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         Ok(out.freeze())
     }
 
-    async fn write_bytes(&self, offset: u64, data: &Bytes, fua: bool) -> Res<()> {
+    pub(super) async fn write_bytes(&self, offset: u64, data: &Bytes, fua: bool) -> Res<()> {
         for (at, n) in chunks(offset, data.len() as u64) {
             let from = (at - offset) as usize;
             let piece = data.slice(from..from + n as usize);
@@ -389,6 +391,35 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         Ok(Reply::good())
     }
 
+    /// ORWRITE (16): each block becomes the OR of itself and the Data-Out,
+    /// read and written under the logical unit's I/O lock held
+    /// exclusively (atomic against writes through it, like COMPARE AND
+    /// WRITE). FUA is honoured; ORPROTECT must be zero.
+    pub(super) async fn orwrite(&self, c: &Cdb<'_>, req: &Request<'_>) -> Res {
+        no_protection(c)?;
+        let fua = c.u8(1) & 0x08 != 0;
+        let (lba, len) = lba_and_len(c);
+        self.check_range(lba, len)?;
+        if len > MAX_TRANSFER_BLOCKS {
+            return Err(sense::INVALID_FIELD_IN_CDB.into());
+        }
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(Reply::good());
+        }
+        let need = (len * BLOCK) as usize;
+        let data = req
+            .data_out
+            .get(..need)
+            .ok_or(sense::INVALID_FIELD_IN_INFORMATION_UNIT)?;
+        let _exclusive = self.io.write().await;
+        let medium = self.read_bytes(lba * BLOCK, need as u64).await?;
+        let ored: Vec<u8> = medium.iter().zip(data).map(|(a, b)| a | b).collect();
+        self.write_bytes(lba * BLOCK, &Bytes::from(ored), fua)
+            .await?;
+        Ok(Reply::good())
+    }
+
     /// GET LBA STATUS: mapped and deallocated extents from the backend's
     /// block status, from the starting LBA on.
     pub(super) async fn get_lba_status(&self, c: &Cdb<'_>) -> Res {
@@ -399,34 +430,45 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             return Err(sense::LBA_OUT_OF_RANGE.into());
         }
         let start = lba * BLOCK;
-        let end = (blocks * BLOCK).min(start + STATUS_WINDOW);
-        let runs = self
-            .backend
-            .block_status(start, (end - start) as u32)
-            .await
-            .map_err(|e| self.io_failed("block status", start, &e, Sense::for_read(&e)))?;
         let room = (alloc.saturating_sub(8) / 16).clamp(1, MAX_STATUS_DESCRIPTORS);
         // (first block, blocks, deallocated)
         let mut descriptors: Vec<(u64, u64, bool)> = Vec::new();
-        let mut at = start;
-        for (len, flags) in runs {
-            if at >= end {
+        // Window after window while the descriptors have room (a large
+        // deallocated volume is then one descriptor).
+        let last_byte = (blocks * BLOCK).min(start.saturating_add(STATUS_WINDOW * STATUS_WINDOWS));
+        let mut window = start;
+        'windows: while window < last_byte {
+            let end = last_byte.min(window + STATUS_WINDOW);
+            let runs = self
+                .backend
+                .block_status(window, (end - window) as u32)
+                .await
+                .map_err(|e| self.io_failed("block status", window, &e, Sense::for_read(&e)))?;
+            let mut at = window;
+            for (len, flags) in runs {
+                if at >= end {
+                    break;
+                }
+                let stop = at.saturating_add(len).min(end);
+                let hole = flags & STATE_HOLE != 0;
+                let (first, last) = (at / BLOCK, stop.div_ceil(BLOCK));
+                at = stop;
+                let from = descriptors.last().map_or(first, |d| d.0 + d.1);
+                if last <= from {
+                    continue;
+                }
+                let full = descriptors.len() == room;
+                match descriptors.last_mut() {
+                    Some(d) if d.2 == hole => d.1 = last - d.0,
+                    _ if full => break 'windows,
+                    _ => descriptors.push((from, last - from, hole)),
+                }
+            }
+            // Runs may stop short of the window: go on from where they did.
+            if at <= window {
                 break;
             }
-            let stop = at.saturating_add(len).min(end);
-            let hole = flags & STATE_HOLE != 0;
-            let (first, last) = (at / BLOCK, stop.div_ceil(BLOCK));
-            at = stop;
-            let from = descriptors.last().map_or(first, |d| d.0 + d.1);
-            if last <= from {
-                continue;
-            }
-            let full = descriptors.len() == room;
-            match descriptors.last_mut() {
-                Some(d) if d.2 == hole => d.1 = last - d.0,
-                _ if full => break,
-                _ => descriptors.push((from, last - from, hole)),
-            }
+            window = at;
         }
         if descriptors.is_empty() {
             descriptors.push((lba, 1, false));

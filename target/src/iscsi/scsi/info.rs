@@ -35,7 +35,8 @@ fn revision() -> [u8; 4] {
 }
 
 /// Standard INQUIRY data (SPC-4 6.4.2), 96 bytes: direct access block
-/// device, SPC-4, HiSup, implicit ALUA (TPGS 01b), command queuing, and
+/// device, SPC-4, HiSup, implicit ALUA (TPGS 01b), third-party copy
+/// (EXTENDED COPY), command queuing, and
 /// version descriptors SAM-5, iSCSI, SPC-4, SBC-3.
 pub fn standard_inquiry() -> Vec<u8> {
     let mut d = vec![0u8; 96];
@@ -43,7 +44,7 @@ pub fn standard_inquiry() -> Vec<u8> {
     d[2] = 0x06;
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x10; // TPGS: implicit asymmetric access
+    d[5] = 0x10 | 0x08; // TPGS: implicit asymmetric access; 3PC
     d[7] = 0x02; // CMDQUE
     d[8..16].copy_from_slice(VENDOR);
     d[16..32].copy_from_slice(PRODUCT);
@@ -100,6 +101,9 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             0xb1 => {
                 let mut b = [0u8; 60];
                 b[1] = 0x01; // MEDIUM ROTATION RATE: non-rotating
+                             // WABEREQ, WACEREQ 01b: after a BLOCK or CRYPTOGRAPHIC
+                             // ERASE SANITIZE, reads succeed (zeros: deallocated).
+                b[3] = 0x50;
                 vpd(page, &b)
             }
             0xb2 => {
@@ -352,11 +356,14 @@ pub fn report_supported_opcodes(c: &Cdb<'_>) -> Res {
         return Ok(Reply::allocated(d, alloc));
     }
     let with_sa = cdb::has_service_actions(op);
+    // Refusals point at REPORTING OPTIONS (byte 2): initiators, libiscsi
+    // among them, take an INVALID FIELD IN CDB without a field pointer
+    // (or pointing at the service action) for "not implemented".
     let found = match options {
         1 if !with_sa => cdb::lookup(op, 0),
         2 if with_sa => cdb::lookup(op, sa),
         3 => cdb::lookup(op, if with_sa { sa } else { 0 }),
-        _ => return Err(sense::INVALID_FIELD_IN_CDB.into()),
+        _ => return Err(Fail::cdb_field(2, Some(2))),
     };
     let ctdp = if rctd { 0x80 } else { 0 };
     let d = match found {

@@ -12,8 +12,10 @@ use super::*;
 use crate::backend::{ExportInfo, Extents, IoError};
 use crate::nbd::memory::MemExport;
 
+mod copy_tests;
 mod info_tests;
 mod pr_tests;
+mod sanitize_tests;
 
 pub(super) const MIB: u64 = 1 << 20;
 
@@ -219,7 +221,7 @@ async fn unknown_truncated_and_empty_cdbs_are_refused() {
     let (_e, l) = unit(MIB);
     let n = nexus("a");
     let opcode = (ILLEGAL, 0x20, 0);
-    for op in [0x02u8, 0x04, 0x83, 0x84, 0x9c, 0xc0, 0xff, 0x7f, 0x8b, 0x9d] {
+    for op in [0x02u8, 0x04, 0x85, 0x86, 0x9c, 0xc0, 0xff, 0x7f, 0x8c, 0x9d] {
         assert_eq!(sense_of(&run(&l, &n, &[op], &[]).await), opcode, "{op:#x}");
     }
     // An unsupported service action of a supported opcode.
@@ -720,6 +722,8 @@ fn random_cdbs_never_panic() {
         cases: 3000,
         ..ProptestConfig::default()
     });
+    // Every supported opcode (SANITIZE, ORWRITE, EXTENDED COPY and
+    // RECEIVE COPY RESULTS among them), then any byte.
     let supported: Vec<u8> = cdb::COMMANDS.iter().map(|c| c.opcode).collect();
     let strategy = (
         prop_oneof![prop::sample::select(supported), any::<u8>()],

@@ -14,7 +14,7 @@ async fn inquiry_standard_and_vpd_pages() {
     good(&r);
     let d = &r.data_in;
     assert_eq!(d.len(), 96);
-    assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x10, 0x00, 0x02]);
+    assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x18, 0x00, 0x02]);
     assert_eq!(&d[8..32], b"CAIRN   Cairn volume    ");
     assert_eq!(&d[32..36], b"0.1 ");
     assert_eq!(
