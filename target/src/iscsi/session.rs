@@ -307,7 +307,20 @@ where
                 if !pdu.immediate() && !check_cmd_sn(&shared, pdu.cmd_sn()) {
                     continue;
                 }
-                // Answer once every command in flight has answered.
+                // Answer once every command in flight has answered; one
+                // still waiting for data cannot get it now (this loop reads
+                // it) and ends unanswered.
+                let gathering: Vec<Arc<Task>> = lock(&shared.tasks)
+                    .values()
+                    .filter(|t| t.gathering.load(Ordering::Acquire))
+                    .cloned()
+                    .collect();
+                for t in gathering {
+                    t.aborted.store(true, Ordering::Release);
+                    if let Some(tx) = &t.data {
+                        let _ = tx.send(Pdu::new(OP_DATA_OUT));
+                    }
+                }
                 wait_all(&shared).await;
                 let mut p = Pdu::new(OP_LOGOUT_RESP);
                 p.bhs[1] = FINAL;
