@@ -56,8 +56,11 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     }
 
     pub(super) fn check_writable(&self) -> Res<()> {
-        if self.read_only() {
+        if self.backend.info().read_only {
             return Err(sense::WRITE_PROTECTED.into());
+        }
+        if self.local().swp {
+            return Err(sense::SOFTWARE_WRITE_PROTECTED.into());
         }
         Ok(())
     }

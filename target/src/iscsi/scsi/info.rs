@@ -181,13 +181,16 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             p
         };
         let control = if changeable {
+            // Only SWP (software write protect) can be changed.
             let mut p = vec![0u8; 12];
             p[0] = 0x0a;
             p[1] = 0x0a;
+            p[4] = SWP;
             p
         } else {
             // GLTSD; unrestricted reordering; no busy timeout limit.
-            vec![0x0a, 0x0a, 0x02, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0]
+            let swp = if self.local().swp { SWP } else { 0 };
+            vec![0x0a, 0x0a, 0x02, 0x10, swp, 0, 0, 0, 0xff, 0xff, 0, 0]
         };
         let exceptions = {
             let mut p = vec![0u8; 12];
@@ -251,9 +254,11 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         Ok(Reply::allocated(d, alloc))
     }
 
-    /// MODE SELECT (6) and (10): nothing is changeable, so a parameter
-    /// list is taken only if it repeats the current values.
-    pub(super) fn mode_select(&self, c: &Cdb<'_>, data: &[u8]) -> Res {
+    /// MODE SELECT (6) and (10): only the Control page's SWP bit is
+    /// changeable, so a parameter list is taken only if it repeats the
+    /// current values but for that bit. Changing it gives every other
+    /// nexus MODE PARAMETERS CHANGED.
+    pub(super) fn mode_select(&self, c: &Cdb<'_>, data: &[u8], by: &Nexus) -> Res {
         let ten = c.opcode() == cdb::MODE_SELECT_10;
         let len = if ten {
             c.u16(7) as usize
@@ -291,6 +296,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         }
         let mut rest = &list[header + bdl..];
         let current = self.mode_pages(0x3f, 0, 0).map_err(Fail::from)?;
+        let mut swp = None;
         while !rest.is_empty() {
             if rest.len() < 2 || rest[0] & 0x40 != 0 {
                 return Err(sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
@@ -299,15 +305,44 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
                 .get(..2 + rest[1] as usize)
                 .ok_or(sense::PARAMETER_LIST_LENGTH_ERROR)?;
             let code = page[0] & 0x3f;
-            let same = find_page(&current, code).is_some_and(|p| p.get(1..) == page.get(1..));
+            let masked = |p: &[u8]| -> Vec<u8> {
+                let mut v = p.get(1..).unwrap_or_default().to_vec();
+                if code == 0x0a && v.len() > 3 {
+                    v[3] &= !SWP;
+                }
+                v
+            };
+            let same = find_page(&current, code).is_some_and(|p| masked(p) == masked(page));
             if !same {
                 return Err(sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
             }
+            if code == 0x0a {
+                swp = page.get(4).map(|b| b & SWP != 0);
+            }
             rest = &rest[page.len()..];
+        }
+        if let Some(on) = swp {
+            let changed = {
+                let mut l = self.local();
+                std::mem::replace(&mut l.swp, on) != on
+            };
+            if changed {
+                tracing::info!(
+                    lun = self.lun_id,
+                    export = %self.backend.info().name,
+                    initiator = %by.initiator,
+                    "software write protect {}",
+                    if on { "set" } else { "cleared" }
+                );
+                self.raise_others(by, sense::MODE_PARAMETERS_CHANGED);
+            }
         }
         Ok(Reply::good())
     }
 }
+
+/// The Control mode page's software write protect bit (byte 4).
+const SWP: u8 = 0x08;
 
 /// The page `code` among concatenated mode pages.
 fn find_page(pages: &[u8], code: u8) -> Option<&[u8]> {

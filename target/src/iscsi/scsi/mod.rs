@@ -246,6 +246,10 @@ struct Local {
     /// Unit attentions per (initiator port, target port), oldest first.
     /// Every nexus that sent a command has an entry, so a reset reaches it.
     attentions: HashMap<(String, String), VecDeque<Sense>>,
+    /// Software write protect (the Control mode page's SWP bit), set and
+    /// cleared with MODE SELECT; not saved (SPC-4 allows current values
+    /// only), so it ends with this process.
+    swp: bool,
 }
 
 /// Nexuses remembered for unit attentions at most (a reset reaches the
@@ -320,8 +324,20 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         self.backend.info().size / BLOCK
     }
 
+    /// Writes are refused: a read-only export, or SWP set.
     fn read_only(&self) -> bool {
-        self.backend.info().read_only
+        self.backend.info().read_only || self.local().swp
+    }
+
+    /// Establishes `sense` for every nexus the unit knows but `by`.
+    fn raise_others(&self, by: &Nexus, s: Sense) {
+        let mut l = self.local();
+        let k = key_of(by);
+        for (n, q) in l.attentions.iter_mut() {
+            if *n != k {
+                push_attention(q, s);
+            }
+        }
     }
 
     fn local(&self) -> std::sync::MutexGuard<'_, Local> {
@@ -448,7 +464,9 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             cdb::REQUEST_SENSE => self.request_sense(&c, req.nexus),
             cdb::INQUIRY => self.inquiry(&c, req.nexus),
             cdb::MODE_SENSE_6 | cdb::MODE_SENSE_10 => self.mode_sense(&c),
-            cdb::MODE_SELECT_6 | cdb::MODE_SELECT_10 => self.mode_select(&c, &req.data_out),
+            cdb::MODE_SELECT_6 | cdb::MODE_SELECT_10 => {
+                self.mode_select(&c, &req.data_out, req.nexus)
+            }
             cdb::RESERVE_6 => self.reserve6(req.nexus).await,
             cdb::RELEASE_6 => self.release6(req.nexus).await,
             cdb::READ_CAPACITY_10 => Ok(self.read_capacity_10()),

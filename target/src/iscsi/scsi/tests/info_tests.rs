@@ -305,3 +305,49 @@ async fn data_out_lengths() {
     assert_eq!(f(&[0xc5; 16]), None);
     assert_eq!(f(&[]), None);
 }
+
+#[tokio::test]
+async fn software_write_protect_is_set_and_cleared_with_mode_select() {
+    let (_e, l) = unit(MIB);
+    let (a, b) = (nexus("a"), nexus("b"));
+    // Both nexuses known, unit attentions cleared.
+    for n in [&a, &b] {
+        run(&l, n, &[0; 6], &[]).await;
+        run(&l, n, &[0; 6], &[]).await;
+    }
+    // SWP is the one changeable bit of the Control page.
+    let ch = run(&l, &a, &[0x1a, 0x08, 0x4a, 0, 255, 0], &[])
+        .await
+        .data_in;
+    assert_eq!(ch[4 + 4], 0x08, "{ch:02x?}");
+    let ctl = run(&l, &a, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[])
+        .await
+        .data_in;
+    let mut sel = vec![0, 0, 0, 0];
+    sel.extend_from_slice(&ctl[4..]);
+    sel[4 + 4] |= 0x08;
+    good(&run(&l, &a, &[0x15, 0x10, 0, 0, sel.len() as u8, 0], &sel).await);
+    // Writes refused with LOGICAL UNIT SOFTWARE WRITE PROTECTED; reads work;
+    // MODE SENSE shows WP and SWP.
+    let w = run(&l, &a, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[7u8; 512]).await;
+    assert_eq!(sense_of(&w), (0x07, 0x27, 0x02));
+    good(&run(&l, &a, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await);
+    let ms = run(&l, &a, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[])
+        .await
+        .data_in;
+    assert_eq!((ms[2] & 0x80, ms[4 + 4] & 0x08), (0x80, 0x08));
+    // The other nexus hears MODE PARAMETERS CHANGED once.
+    assert_eq!(
+        sense_of(&run(&l, &b, &[0; 6], &[]).await),
+        (0x06, 0x2a, 0x01)
+    );
+    good(&run(&l, &b, &[0; 6], &[]).await);
+    // Cleared: writes work again.
+    sel[4 + 4] &= !0x08;
+    good(&run(&l, &b, &[0x15, 0x10, 0, 0, sel.len() as u8, 0], &sel).await);
+    assert_eq!(
+        sense_of(&run(&l, &a, &[0; 6], &[]).await),
+        (0x06, 0x2a, 0x01)
+    );
+    good(&run(&l, &a, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[7u8; 512]).await);
+}
