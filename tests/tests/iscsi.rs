@@ -557,3 +557,127 @@ async fn the_initiator_acl_admits_listed_initiators_only() {
         target.log()
     );
 }
+
+/// Runs one SCSI command on a raw session: `cdb`, immediate data `out`
+/// (fits the first burst), `read` bytes expected back. Returns the status,
+/// the data and the sense bytes.
+fn scsi(
+    s: &mut std::net::TcpStream,
+    cmd_sn: &mut u32,
+    cdb: &[u8],
+    out: &[u8],
+    read: u32,
+) -> (u8, Vec<u8>, Vec<u8>) {
+    use std::io::Write;
+    let itt = *cmd_sn + 100;
+    let flags = 0x80 | if read > 0 { 0x40 } else { 0 } | if out.is_empty() { 0 } else { 0x20 };
+    let edtl = if out.is_empty() {
+        read
+    } else {
+        out.len() as u32
+    };
+    s.write_all(&pdu(0x01, flags, out, |b| {
+        b[16..20].copy_from_slice(&itt.to_be_bytes());
+        b[20..24].copy_from_slice(&edtl.to_be_bytes());
+        b[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+        b[32..32 + cdb.len()].copy_from_slice(cdb);
+    }))
+    .unwrap();
+    *cmd_sn += 1;
+    let mut data = Vec::new();
+    loop {
+        let (h, d) = read_pdu(s).unwrap();
+        match h[0] & 0x3f {
+            0x25 => {
+                data.extend_from_slice(&d);
+                if h[1] & 0x01 != 0 {
+                    return (h[3], data, Vec::new());
+                }
+            }
+            0x21 => return (h[3], data, d.get(2..).unwrap_or_default().to_vec()),
+            op => panic!("unexpected opcode {op:#x}"),
+        }
+    }
+}
+
+/// A PERSISTENT RESERVE OUT: service action `sa`, type `ty`, keys.
+fn prout(s: &mut std::net::TcpStream, sn: &mut u32, sa: u8, ty: u8, key: u64, sa_key: u64) -> u8 {
+    let mut params = vec![0u8; 24];
+    params[..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    let cdb = [0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    scsi(s, sn, &cdb, &params, 0).0
+}
+
+/// The registered keys (PERSISTENT RESERVE IN, READ KEYS).
+fn read_keys(s: &mut std::net::TcpStream, sn: &mut u32) -> Vec<u64> {
+    let (status, d, _) = scsi(s, sn, &[0x5e, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[], 256);
+    assert_eq!(status, 0);
+    let len = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
+    d[8..8 + len]
+        .chunks(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect()
+}
+
+/// Logs in and clears the unit attention a new nexus may have.
+fn pr_session(portal: &str, iqn: &str, isid: u8) -> (std::net::TcpStream, u32) {
+    let mut s = raw_session(portal, iqn, isid);
+    let mut sn = 1;
+    while scsi(&mut s, &mut sn, &[0; 6], &[], 0).0 != 0 {}
+    (s, sn)
+}
+
+/// Persistent reservations live in the volume manager: they survive a
+/// restart of the target and are the same through a second target
+/// process, where a reservation taken through the first one holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn persistent_reservations_survive_a_restart_and_are_shared_by_targets() {
+    let (cluster, mut a, portal_a) = setup(&[("vol", 16 * MIB)], &[]).await;
+    let iqn = format!("{PREFIX}:vol");
+    let (mut s, mut sn) = pr_session(&portal_a, &iqn, 1);
+    assert_eq!(prout(&mut s, &mut sn, 0x00, 0, 0, 0xabc), 0, "REGISTER");
+    // RESERVE, type 1 (write exclusive).
+    assert_eq!(prout(&mut s, &mut sn, 0x01, 0x01, 0xabc, 0), 0, "RESERVE");
+    assert_eq!(read_keys(&mut s, &mut sn), vec![0xabc]);
+    drop(s);
+
+    a.stop().unwrap();
+    a.restart().unwrap();
+    let (mut s, mut sn) = pr_session(&portal_a, &iqn, 1);
+    assert_eq!(read_keys(&mut s, &mut sn), vec![0xabc], "after a restart");
+
+    // A second target process over the same volume.
+    let portal_b = free_loopback_addr(TARGET_IP).unwrap().to_string();
+    let _b =
+        TargetProcess::start(&cluster, &["--iscsi-listen", &portal_b, "--target-id", "2"]).unwrap();
+    let (mut t, mut tn) = pr_session(&portal_b, &iqn, 9);
+    assert_eq!(
+        read_keys(&mut t, &mut tn),
+        vec![0xabc],
+        "through another target"
+    );
+    // Another initiator port may not write under the write-exclusive
+    // reservation: RESERVATION CONFLICT.
+    let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert_eq!(scsi(&mut t, &mut tn, &write, &[1u8; 512], 0).0, 0x18);
+    // The holder writes, then releases and unregisters through target A;
+    // target B learns of it (within a lease renewal) and lets the write in.
+    assert_eq!(scsi(&mut s, &mut sn, &write, &[2u8; 512], 0).0, 0);
+    assert_eq!(prout(&mut s, &mut sn, 0x02, 0x01, 0xabc, 0), 0, "RELEASE");
+    assert_eq!(prout(&mut s, &mut sn, 0x00, 0, 0xabc, 0), 0, "unregister");
+    let t0 = std::time::Instant::now();
+    loop {
+        let status = scsi(&mut t, &mut tn, &write, &[1u8; 512], 0).0;
+        if status == 0 {
+            break;
+        }
+        assert_eq!(status, 0x18);
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "target B never saw the release"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(read_keys(&mut t, &mut tn).is_empty());
+}
