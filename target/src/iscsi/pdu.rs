@@ -202,58 +202,15 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     digests: Digests,
     max_data: u32,
 ) -> Result<Pdu, PduError> {
-    let mut bhs = [0u8; BHS_LEN];
-    r.read_exact(&mut bhs).await?;
-    let ahs_len = bhs[4] as usize * 4;
-    let mut ahs = vec![0u8; ahs_len];
-    r.read_exact(&mut ahs).await?;
-    if digests.header {
-        let mut d = [0u8; 4];
-        r.read_exact(&mut d).await?;
-        let got = get_digest(d);
-        let want = crc32c(&[&bhs, &ahs]);
-        if got != want {
-            return Err(PduError::HeaderDigest {
-                got,
-                want,
-                bhs: Box::new(bhs),
-            });
-        }
+    let mut buf = BytesMut::zeroed(BHS_LEN);
+    r.read_exact(&mut buf).await?;
+    let total = wire_len(&buf, digests, max_data)?;
+    buf.resize(total, 0);
+    r.read_exact(&mut buf[BHS_LEN..]).await?;
+    match decode(buf.freeze(), digests)? {
+        Some((pdu, _)) => Ok(pdu),
+        None => Err(PduError::Io(std::io::ErrorKind::UnexpectedEof.into())),
     }
-    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
-    if len > max_data.min(DATA_SEGMENT_MAX) {
-        return Err(PduError::TooLong {
-            len,
-            max: max_data.min(DATA_SEGMENT_MAX),
-        });
-    }
-    let padded = len as usize + padding(len as usize);
-    let mut data = BytesMut::zeroed(padded);
-    r.read_exact(&mut data).await?;
-    let got_digest = if digests.data && len > 0 {
-        let mut d = [0u8; 4];
-        r.read_exact(&mut d).await?;
-        Some(get_digest(d))
-    } else {
-        None
-    };
-    let want = got_digest.map(|_| crc32c(&[&data]));
-    data.truncate(len as usize);
-    let pdu = Pdu {
-        bhs,
-        ahs: Bytes::from(ahs),
-        data: data.freeze(),
-    };
-    if let (Some(got), Some(want)) = (got_digest, want) {
-        if got != want {
-            return Err(PduError::DataDigest {
-                got,
-                want,
-                pdu: Box::new(pdu),
-            });
-        }
-    }
-    Ok(pdu)
 }
 
 /// Parses one PDU from the front of `buf` (for the fuzzer and tests):
@@ -263,24 +220,42 @@ pub fn parse(
     digests: Digests,
     max_data: u32,
 ) -> Result<Option<(Pdu, usize)>, PduError> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let part = buf.get(at..at + n)?;
-        at += n;
-        Some(part)
-    };
-    let Some(h) = take(BHS_LEN) else {
+    if buf.len() < BHS_LEN {
         return Ok(None);
-    };
+    }
+    let total = wire_len(buf, digests, max_data)?;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    decode(Bytes::copy_from_slice(&buf[..total]), digests)
+}
+
+/// The whole PDU's length on the wire from its header (`bhs` holds at
+/// least the 48 bytes); refuses a data segment over `max_data`.
+fn wire_len(bhs: &[u8], digests: Digests, max_data: u32) -> Result<usize, PduError> {
+    let ahs = bhs[4] as usize * 4;
+    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
+    let max = max_data.min(DATA_SEGMENT_MAX);
+    if len > max {
+        return Err(PduError::TooLong { len, max });
+    }
+    let header_digest = if digests.header { 4 } else { 0 };
+    let data_digest = if digests.data && len > 0 { 4 } else { 0 };
+    let len = len as usize;
+    Ok(BHS_LEN + ahs + header_digest + len + padding(len) + data_digest)
+}
+
+/// Splits a whole PDU (exactly [`wire_len`] bytes) into its parts without
+/// copying, checking the digests.
+fn decode(buf: Bytes, digests: Digests) -> Result<Option<(Pdu, usize)>, PduError> {
     let mut bhs = [0u8; BHS_LEN];
-    bhs.copy_from_slice(h);
-    let Some(ahs) = take(bhs[4] as usize * 4) else {
-        return Ok(None);
-    };
-    let ahs = ahs.to_vec();
+    bhs.copy_from_slice(&buf[..BHS_LEN]);
+    let ahs_end = BHS_LEN + bhs[4] as usize * 4;
+    let ahs = buf.slice(BHS_LEN..ahs_end);
+    let digest_at = |at: usize| get_digest([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    let mut at = ahs_end;
     if digests.header {
-        let Some(d) = take(4) else { return Ok(None) };
-        let got = get_digest([d[0], d[1], d[2], d[3]]);
+        let got = digest_at(at);
         let want = crc32c(&[&bhs, &ahs]);
         if got != want {
             return Err(PduError::HeaderDigest {
@@ -289,28 +264,19 @@ pub fn parse(
                 bhs: Box::new(bhs),
             });
         }
+        at += 4;
     }
-    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]);
-    let max = max_data.min(DATA_SEGMENT_MAX);
-    if len > max {
-        return Err(PduError::TooLong { len, max });
-    }
-    let Some(padded) = take(len as usize + padding(len as usize)) else {
-        return Ok(None);
-    };
-    let padded = padded.to_vec();
-    let got = if digests.data && len > 0 {
-        let Some(d) = take(4) else { return Ok(None) };
-        Some(get_digest([d[0], d[1], d[2], d[3]]))
-    } else {
-        None
-    };
+    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+    let padded = buf.slice(at..at + len + padding(len));
+    at += padded.len();
     let pdu = Pdu {
         bhs,
-        ahs: Bytes::from(ahs),
-        data: Bytes::copy_from_slice(&padded[..len as usize]),
+        ahs,
+        data: padded.slice(..len),
     };
-    if let Some(got) = got {
+    if digests.data && len > 0 {
+        let got = digest_at(at);
+        at += 4;
         let want = crc32c(&[&padded]);
         if got != want {
             return Err(PduError::DataDigest {

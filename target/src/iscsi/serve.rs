@@ -66,13 +66,7 @@ pub async fn run<C: Catalog>(
     shutdown: watch::Receiver<bool>,
     stats: Arc<IscsiStats>,
 ) {
-    let shared = Arc::new(Shared {
-        portal,
-        units: Mutex::new(HashMap::new()),
-        sessions: Mutex::new(HashMap::new()),
-        next_tsih: AtomicU16::new(1),
-        opts,
-    });
+    let shared = Shared::new(portal, opts);
     let mut conns = JoinSet::new();
     let mut accept = JoinSet::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(TcpStream, String)>(64);
@@ -142,13 +136,7 @@ pub async fn serve_stream<C, R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(Shared {
-        portal,
-        units: Mutex::new(HashMap::new()),
-        sessions: Mutex::new(HashMap::new()),
-        next_tsih: AtomicU16::new(1),
-        opts,
-    });
+    let shared = Shared::new(portal, opts);
     serve_connection(&shared, r, w, "127.0.0.1:3260".into(), 1, shutdown).await;
 }
 
@@ -157,6 +145,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<C: Catalog> Shared<C> {
+    fn new(portal: Arc<Portal<C>>, opts: IscsiOptions) -> Arc<Self> {
+        Arc::new(Shared {
+            portal,
+            units: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_tsih: AtomicU16::new(1),
+            opts,
+        })
+    }
+
     /// The logical unit of `export`, shared while any session holds it.
     fn unit(&self, name: &str, export: Arc<C::Export>, lun: u64) -> Arc<Unit<C>> {
         let mut units = lock(&self.units);

@@ -310,17 +310,7 @@ where
                 // Answer once every command in flight has answered; one
                 // still waiting for data cannot get it now (this loop reads
                 // it) and ends unanswered.
-                let gathering: Vec<Arc<Task>> = lock(&shared.tasks)
-                    .values()
-                    .filter(|t| t.gathering.load(Ordering::Acquire))
-                    .cloned()
-                    .collect();
-                for t in gathering {
-                    t.aborted.store(true, Ordering::Release);
-                    if let Some(tx) = &t.data {
-                        let _ = tx.send(Pdu::new(OP_DATA_OUT));
-                    }
-                }
+                abort_tasks(&shared, |t| t.gathering.load(Ordering::Acquire));
                 wait_all(&shared).await;
                 let mut p = Pdu::new(OP_LOGOUT_RESP);
                 p.bhs[1] = FINAL;
@@ -348,16 +338,8 @@ where
     // Commands in flight finish and their answers go out, unless the
     // connection itself is broken; commands still waiting for data can no
     // longer get it and end unanswered.
-    let tasks: Vec<Arc<Task>> = lock(&shared.tasks).values().cloned().collect();
     let broken = matches!(end, End::Dropped(_) | End::Closed);
-    for t in tasks {
-        if broken || t.gathering.load(Ordering::Acquire) {
-            t.aborted.store(true, Ordering::Release);
-            if let Some(tx) = &t.data {
-                let _ = tx.send(Pdu::new(OP_DATA_OUT));
-            }
-        }
-    }
+    abort_tasks(&shared, |t| broken || t.gathering.load(Ordering::Acquire));
     wait_all(&shared).await;
     // The I_T nexus ends with the session: its RESERVE(6) reservation and
     // unit attentions go (persistent reservations stay).
@@ -371,6 +353,23 @@ where
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks the tasks `which` picks aborted and wakes those waiting for data
+/// (they end unanswered); executing ones finish and stay unanswered.
+fn abort_tasks<C: Catalog>(shared: &Shared<C>, which: impl Fn(&Task) -> bool) {
+    let tasks: Vec<Arc<Task>> = lock(&shared.tasks).values().cloned().collect();
+    for t in tasks.iter().filter(|t| which(t)) {
+        mark_aborted(t);
+    }
+}
+
+/// Marks `t` aborted; one waiting for data is woken to see it.
+fn mark_aborted(t: &Task) {
+    t.aborted.store(true, Ordering::Release);
+    if let Some(tx) = &t.data {
+        let _ = tx.send(Pdu::new(OP_DATA_OUT));
+    }
 }
 
 async fn wait_all<C: Catalog>(shared: &Shared<C>) {
@@ -693,6 +692,14 @@ async fn run_command<C: Catalog>(
             }
             None => cmd.data.clone(),
         };
+        let request = |data_out| scsi::Request {
+            cdb: &cdb,
+            data_out,
+            expected_len: edtl,
+            read,
+            write,
+            nexus: &shared.nexus,
+        };
         match shared.lun(cmd.lun_field()) {
             // REPORT LUNS answers for the whole target, from any LUN.
             Some(_) if cdb[0] == 0xa0 => scsi::report_luns(&cdb, &shared.lun_numbers()),
@@ -708,31 +715,13 @@ async fn run_command<C: Catalog>(
                 } else {
                     data_out
                 };
-                lun.execute(scsi::Request {
-                    cdb: &cdb,
-                    data_out,
-                    expected_len: edtl,
-                    read,
-                    write,
-                    nexus: &shared.nexus,
-                })
-                .await
+                lun.execute(request(data_out)).await
             }
             _ => {
                 if cdb[0] == 0xa0 {
                     scsi::report_luns(&cdb, &shared.lun_numbers())
                 } else {
-                    scsi::no_such_lun(
-                        scsi::Request {
-                            cdb: &cdb,
-                            data_out,
-                            expected_len: edtl,
-                            read,
-                            write,
-                            nexus: &shared.nexus,
-                        },
-                        &shared.lun_numbers(),
-                    )
+                    scsi::no_such_lun(request(data_out), &shared.lun_numbers())
                 }
             }
         }
@@ -940,11 +929,7 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
 
 /// Marks `t` aborted and waits until it has stopped.
 async fn abort(t: &Task) {
-    t.aborted.store(true, Ordering::Release);
-    if let Some(tx) = &t.data {
-        // Wakes a task waiting for data so it sees the flag.
-        let _ = tx.send(Pdu::new(OP_DATA_OUT));
-    }
+    mark_aborted(t);
     loop {
         let n = t.finished.notified();
         if t.done.load(Ordering::Acquire) {

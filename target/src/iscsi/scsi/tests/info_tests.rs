@@ -141,11 +141,12 @@ async fn mode_sense_and_select() {
             .len(),
         4
     );
-    // Changeable values: nothing.
+    // Changeable values: only the Control page's SWP bit.
     let ch = run(&l, &n, &[0x1a, 0x08, 0x4a, 0, 255, 0], &[])
         .await
         .data_in;
-    assert!(ch[6..].iter().all(|&b| b == 0));
+    assert_eq!(ch[8], 0x08);
+    assert!(ch[6..8].iter().chain(&ch[9..]).all(|&b| b == 0));
     // MODE SENSE (10) with a long LBA descriptor.
     let m10 = run(&l, &n, &[0x5a, 0x10, 0x08, 0, 0, 0, 0, 0, 255, 0], &[])
         .await
