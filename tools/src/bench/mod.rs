@@ -9,6 +9,8 @@
 //! - [`nbd`]: the NBD front end `cairn-target` (1 and 3 replicas) against
 //!   nbdkit's file plugin, through fio's nbd engine, and its resident memory
 //!   per idle connection (issue 6).
+//! - [`iscsi`]: the iSCSI front end `cairn-target` (1 and 3 replicas)
+//!   against tgt's `tgtd`, through the bench's own initiator (issue 9).
 //! - [`idle`]: CPU and log lines of an idle `cairn up` cluster (issue 7).
 //! - [`snapshot`]: snapshot creation time by volume size, writes right after
 //!   a snapshot, rollback time (issue 8).
@@ -18,6 +20,7 @@ mod disk;
 mod election;
 mod fio;
 mod idle;
+mod iscsi;
 mod load;
 mod nbd;
 mod replication;
@@ -93,6 +96,9 @@ pub enum BenchCommand {
     /// 1 MiB sequential I/O with 1 and 3 replicas, and cairn-target's resident
     /// memory with 1 and 64 idle connections.
     Nbd(nbd::NbdBenchArgs),
+    /// The iSCSI front end against tgt (tgtd, needs root): the bench's own
+    /// initiator, 4 KiB random and 1 MiB sequential I/O with 1 and 3 replicas.
+    Iscsi(iscsi::IscsiBenchArgs),
     /// An idle `cairn up` cluster: CPU share of one core and log lines over 60 s
     /// with no I/O (goal: under 1%, none).
     Idle(idle::IdleBenchArgs),
@@ -108,6 +114,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Election(args) => election::run(args),
         BenchCommand::Replication(args) => replication::run(args),
         BenchCommand::Nbd(args) => nbd::run(args),
+        BenchCommand::Iscsi(args) => iscsi::run(args),
         BenchCommand::Idle(args) => idle::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
     }

@@ -596,7 +596,7 @@ fn rss_series(pid: u32, addr: SocketAddr, export: &str) -> anyhow::Result<RssSer
 
 /// Waits until cairn-target's log says it reached the cluster (it listens
 /// before that).
-fn wait_target_connected(target: &mut Daemon) -> anyhow::Result<()> {
+pub(super) fn wait_target_connected(target: &mut Daemon) -> anyhow::Result<()> {
     let t0 = Instant::now();
     loop {
         let log = std::fs::read_to_string(&target.log).unwrap_or_default();
