@@ -60,7 +60,7 @@ use serde::Serialize;
 
 use super::chunkserver::free_loopback_addr;
 use super::disk::fs_info;
-use super::nbd::proc_cpu_s;
+use super::nbd::{cpu_of, pid_of, print_rows, proc_cpu_s, Row, RunResult};
 use super::replication::{cpu_jiffies, progress, secs, verdict, Bench, Daemon, CLUSTER_ID};
 use crate::output::bytes_human;
 use initiator::{Job, JobStats, Offer, Session};
@@ -178,33 +178,15 @@ struct Subject {
     sync_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct Run {
-    ios: u64,
-    bytes: u64,
-    runtime_s: f64,
-    iops: f64,
-    mib_per_s: f64,
-    p99_ms: f64,
-    mean_ms: f64,
-    machine_busy: f64,
-    /// CPU of tgtd or cairn-target, in cores.
-    front_cores: f64,
-    /// The three chunk servers together (Cairn only).
-    chunkserver_cores: Option<f64>,
-    /// tgt only, after a run that wrote: the untimed fsync of its file.
-    writeback_s: Option<f64>,
-}
-
 #[derive(Debug, Serialize)]
 struct PhaseResult {
     name: &'static str,
     write: bool,
     block_bytes: u32,
     iodepth: u32,
-    tgt: Run,
-    r1: Run,
-    r3: Run,
+    tgt: RunResult,
+    r1: RunResult,
+    r3: RunResult,
     ratio_r1: f64,
     ratio_r3: f64,
     goal_ratio_r1: Option<f64>,
@@ -379,10 +361,6 @@ fn tgt_version(tgtd: &Path) -> String {
         .unwrap_or_else(|| format!("tgt ({})", tgtd.display()))
 }
 
-fn cpu_of(pids: &[u32]) -> Option<f64> {
-    pids.iter().map(|p| proc_cpu_s(*p)).sum()
-}
-
 /// One connection, login, the job, logout.
 async fn job_on(
     s: &Subject,
@@ -419,7 +397,7 @@ fn run_one(
     size_bytes: u64,
     seconds: Option<u64>,
     seed: u16,
-) -> anyhow::Result<(Run, initiator::Negotiated)> {
+) -> anyhow::Result<(RunResult, initiator::Negotiated)> {
     let job = Job {
         write: p.write,
         random: p.random,
@@ -458,7 +436,7 @@ fn run_one(
         _ => f64::NAN,
     };
     Ok((
-        Run {
+        RunResult {
             ios: stats.ios,
             bytes: stats.bytes,
             runtime_s: secs(stats.elapsed),
@@ -521,7 +499,7 @@ fn phase(
     let r3 = runs.pop().expect("three runs");
     let r1 = runs.pop().expect("three runs");
     let tgt = runs.pop().expect("three runs");
-    let ratio = |r: &Run| r.iops / tgt.iops.max(f64::MIN_POSITIVE);
+    let ratio = |r: &RunResult| r.iops / tgt.iops.max(f64::MIN_POSITIVE);
     let (ratio_r1, ratio_r3) = (ratio(&r1), ratio(&r3));
     let goal = (p.name != PREFILL.name).then_some(GOAL);
     Ok(PhaseResult {
@@ -537,13 +515,6 @@ fn phase(
         r1,
         r3,
     })
-}
-
-fn pid_of(d: &Daemon) -> anyhow::Result<u32> {
-    d.child
-        .as_ref()
-        .map(|c| c.id())
-        .with_context(|| format!("{} is not running", d.what))
 }
 
 pub fn run(args: IscsiBenchArgs) -> anyhow::Result<()> {
@@ -792,59 +763,18 @@ fn print_table(r: &IscsiReport) {
         );
     }
     println!();
-    println!(
-        "{:<13} {:>3}  {:<15} {:>9} {:>8} {:>8} {:>8}  {:>6} {:>14}  {:>5} {:>11}",
-        "phase",
-        "qd",
-        "subject",
-        "IOPS",
-        "MiB/s",
-        "p99 ms",
-        "mean ms",
-        "vs (a)",
-        "goal",
-        "busy",
-        "cores"
+    print_rows(
+        "(a) tgt",
+        std::iter::once(&r.prefill).chain(&r.phases).map(|p| Row {
+            name: p.name,
+            iodepth: p.iodepth,
+            runs: [&p.tgt, &p.r1, &p.r3],
+            ratio_r1: p.ratio_r1,
+            ratio_r3: p.ratio_r3,
+            goal_ratio_r1: p.goal_ratio_r1,
+            verdict_r1: p.verdict_r1,
+        }),
     );
-    for p in std::iter::once(&r.prefill).chain(&r.phases) {
-        for (i, (label, run)) in [
-            ("(a) tgt", &p.tgt),
-            ("(b) 1 replica", &p.r1),
-            ("(c) 3 replicas", &p.r3),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (ratio, goal) = match i {
-                0 => (String::new(), String::new()),
-                1 => (
-                    format!("{:.2}x", p.ratio_r1),
-                    match (p.goal_ratio_r1, p.verdict_r1) {
-                        (Some(g), Some(v)) => format!(">= {g:.1}x {v}"),
-                        _ => String::new(),
-                    },
-                ),
-                _ => (format!("{:.2}x", p.ratio_r3), String::new()),
-            };
-            let cores = match run.chunkserver_cores {
-                Some(c) => format!("{:.2}+{c:.2}", run.front_cores),
-                None => format!("{:.2}", run.front_cores),
-            };
-            let (name, qd) = if i == 0 {
-                (p.name, p.iodepth.to_string())
-            } else {
-                ("", String::new())
-            };
-            println!(
-                "{name:<13} {qd:>3}  {label:<15} {:>9.0} {:>8.1} {:>8.3} {:>8.3}  {ratio:>6} {goal:>14}  {:>4.0}% {cores:>11}",
-                run.iops,
-                run.mib_per_s,
-                run.p99_ms,
-                run.mean_ms,
-                run.machine_busy * 100.0,
-            );
-        }
-    }
     println!();
     println!(
         "vs (a) = IOPS / tgt's IOPS (the MiB/s ratio too); p99 and mean: command latency, from \

@@ -210,26 +210,26 @@ struct Subject {
     sync_file: Option<PathBuf>,
 }
 
-/// One fio run.
+/// One timed run of one subject (a fio run, or a run of the iSCSI bench's initiator).
 #[derive(Debug, Clone, Serialize)]
-struct FioRun {
-    ios: u64,
-    bytes: u64,
-    runtime_s: f64,
-    iops: f64,
-    mib_per_s: f64,
-    p99_ms: f64,
-    mean_ms: f64,
+pub(super) struct RunResult {
+    pub(super) ios: u64,
+    pub(super) bytes: u64,
+    pub(super) runtime_s: f64,
+    pub(super) iops: f64,
+    pub(super) mib_per_s: f64,
+    pub(super) p99_ms: f64,
+    pub(super) mean_ms: f64,
     /// Share of the machine's CPU time not idle during the run (fio, the
     /// servers, the kernel, and anything else running).
-    machine_busy: f64,
-    /// CPU used by nbdkit or cairn-target, in cores (1.0 = one core busy).
-    front_cores: f64,
+    pub(super) machine_busy: f64,
+    /// CPU used by the reference server (nbdkit, tgtd) or cairn-target, in cores (1.0 = one core busy).
+    pub(super) front_cores: f64,
     /// CPU used by the three chunk servers together, in cores (Cairn only).
-    chunkserver_cores: Option<f64>,
-    /// nbdkit only, after a run that wrote: how long the fsync of its file
-    /// took after fio ended (untimed; the page cache's deferred writeback).
-    writeback_s: Option<f64>,
+    pub(super) chunkserver_cores: Option<f64>,
+    /// The reference only, after a run that wrote: how long the fsync of its file
+    /// took after the run ended (untimed; the page cache's deferred writeback).
+    pub(super) writeback_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -238,9 +238,9 @@ struct PhaseResult {
     rw: &'static str,
     block_bytes: u32,
     iodepth: u32,
-    nbdkit: FioRun,
-    r1: FioRun,
-    r3: FioRun,
+    nbdkit: RunResult,
+    r1: RunResult,
+    r3: RunResult,
     /// (b)/(a) and (c)/(a), in IOPS.
     ratio_r1: f64,
     ratio_r3: f64,
@@ -330,7 +330,7 @@ pub(super) fn proc_cpu_s(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / USER_HZ)
 }
 
-fn cpu_of(pids: &[u32]) -> Option<f64> {
+pub(super) fn cpu_of(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|p| proc_cpu_s(*p)).sum()
 }
 
@@ -376,7 +376,7 @@ fn fio_run(
     p: &Phase,
     size_bytes: u64,
     seconds: Option<u64>,
-) -> anyhow::Result<FioRun> {
+) -> anyhow::Result<RunResult> {
     let mut cmd = Command::new(fio);
     cmd.arg(format!("--name={}", s.key))
         .arg("--ioengine=nbd")
@@ -437,7 +437,7 @@ fn fio_run(
         (Some(a), Some(b)) => (b - a) / wall,
         _ => f64::NAN,
     };
-    Ok(FioRun {
+    Ok(RunResult {
         ios: n.ios,
         bytes: n.bytes,
         runtime_s: n.runtime_s,
@@ -486,7 +486,7 @@ fn phase(
     let r3 = runs.pop().expect("three runs");
     let r1 = runs.pop().expect("three runs");
     let nbdkit = runs.pop().expect("three runs");
-    let ratio = |r: &FioRun| r.iops / nbdkit.iops.max(f64::MIN_POSITIVE);
+    let ratio = |r: &RunResult| r.iops / nbdkit.iops.max(f64::MIN_POSITIVE);
     let (ratio_r1, ratio_r3) = (ratio(&r1), ratio(&r3));
     Ok(PhaseResult {
         name: p.name,
@@ -621,7 +621,7 @@ pub(super) fn wait_target_connected(target: &mut Daemon) -> anyhow::Result<()> {
     }
 }
 
-fn pid_of(d: &Daemon) -> anyhow::Result<u32> {
+pub(super) fn pid_of(d: &Daemon) -> anyhow::Result<u32> {
     d.child
         .as_ref()
         .map(|c| c.id())
@@ -899,60 +899,18 @@ fn print_table(r: &NbdReport) {
     );
     println!("  (c) cairn-target, volume of 3 replicas (min 2); 3 chunk servers on this machine");
     println!();
-    println!(
-        "{:<13} {:>3}  {:<15} {:>9} {:>8} {:>8} {:>8}  {:>6} {:>14}  {:>5} {:>11}",
-        "phase",
-        "qd",
-        "subject",
-        "IOPS",
-        "MiB/s",
-        "p99 ms",
-        "mean ms",
-        "vs (a)",
-        "goal",
-        "busy",
-        "cores"
+    print_rows(
+        "(a) nbdkit",
+        std::iter::once(&r.prefill).chain(&r.phases).map(|p| Row {
+            name: p.name,
+            iodepth: p.iodepth,
+            runs: [&p.nbdkit, &p.r1, &p.r3],
+            ratio_r1: p.ratio_r1,
+            ratio_r3: p.ratio_r3,
+            goal_ratio_r1: p.goal_ratio_r1,
+            verdict_r1: p.verdict_r1,
+        }),
     );
-    let rows = std::iter::once(&r.prefill).chain(&r.phases);
-    for p in rows {
-        for (i, (label, run)) in [
-            ("(a) nbdkit", &p.nbdkit),
-            ("(b) 1 replica", &p.r1),
-            ("(c) 3 replicas", &p.r3),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (ratio, goal) = match i {
-                0 => (String::new(), String::new()),
-                1 => (
-                    format!("{:.2}x", p.ratio_r1),
-                    match (p.goal_ratio_r1, p.verdict_r1) {
-                        (Some(g), Some(v)) => format!(">= {g:.1}x {v}"),
-                        _ => String::new(),
-                    },
-                ),
-                _ => (format!("{:.2}x", p.ratio_r3), String::new()),
-            };
-            let cores = match run.chunkserver_cores {
-                Some(c) => format!("{:.2}+{c:.2}", run.front_cores),
-                None => format!("{:.2}", run.front_cores),
-            };
-            let (name, qd) = if i == 0 {
-                (p.name, p.iodepth.to_string())
-            } else {
-                ("", String::new())
-            };
-            println!(
-                "{name:<13} {qd:>3}  {label:<15} {:>9.0} {:>8.1} {:>8.3} {:>8.3}  {ratio:>6} {goal:>14}  {:>4.0}% {cores:>11}",
-                run.iops,
-                run.mib_per_s,
-                run.p99_ms,
-                run.mean_ms,
-                run.machine_busy * 100.0,
-            );
-        }
-    }
     println!();
     println!(
         "vs (a) = IOPS / nbdkit's IOPS (the MiB/s ratio too); p99 and mean: fio's completion \
@@ -1014,6 +972,71 @@ fn print_table(r: &NbdReport) {
         bytes_human(m.cairn_target_peak_bytes),
         bytes_human(m.nbdkit_peak_bytes)
     );
+}
+
+/// One phase of a three-subject bench (the reference, Cairn with 1 and
+/// with 3 replicas), as [`print_rows`] shows it.
+pub(super) struct Row<'a> {
+    pub(super) name: &'static str,
+    pub(super) iodepth: u32,
+    /// (a) the reference, (b) 1 replica, (c) 3 replicas.
+    pub(super) runs: [&'a RunResult; 3],
+    pub(super) ratio_r1: f64,
+    pub(super) ratio_r3: f64,
+    pub(super) goal_ratio_r1: Option<f64>,
+    pub(super) verdict_r1: Option<&'static str>,
+}
+
+/// The table of a three-subject bench (`cairn bench nbd`, `cairn bench
+/// iscsi`): its header and three lines a phase; `reference` labels (a).
+pub(super) fn print_rows<'a>(reference: &str, rows: impl Iterator<Item = Row<'a>>) {
+    println!(
+        "{:<13} {:>3}  {:<15} {:>9} {:>8} {:>8} {:>8}  {:>6} {:>14}  {:>5} {:>11}",
+        "phase",
+        "qd",
+        "subject",
+        "IOPS",
+        "MiB/s",
+        "p99 ms",
+        "mean ms",
+        "vs (a)",
+        "goal",
+        "busy",
+        "cores"
+    );
+    for p in rows {
+        let labels = [reference, "(b) 1 replica", "(c) 3 replicas"];
+        for (i, (label, run)) in labels.into_iter().zip(p.runs).enumerate() {
+            let (ratio, goal) = match i {
+                0 => (String::new(), String::new()),
+                1 => (
+                    format!("{:.2}x", p.ratio_r1),
+                    match (p.goal_ratio_r1, p.verdict_r1) {
+                        (Some(g), Some(v)) => format!(">= {g:.1}x {v}"),
+                        _ => String::new(),
+                    },
+                ),
+                _ => (format!("{:.2}x", p.ratio_r3), String::new()),
+            };
+            let cores = match run.chunkserver_cores {
+                Some(c) => format!("{:.2}+{c:.2}", run.front_cores),
+                None => format!("{:.2}", run.front_cores),
+            };
+            let (name, qd) = if i == 0 {
+                (p.name, p.iodepth.to_string())
+            } else {
+                ("", String::new())
+            };
+            println!(
+                "{name:<13} {qd:>3}  {label:<15} {:>9.0} {:>8.1} {:>8.3} {:>8.3}  {ratio:>6} {goal:>14}  {:>4.0}% {cores:>11}",
+                run.iops,
+                run.mib_per_s,
+                run.p99_ms,
+                run.mean_ms,
+                run.machine_busy * 100.0,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
