@@ -6,7 +6,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use cairn_chunkserver::store::{ExtentKey, IoBuf, IoMode, Store, StoreError, StoreOptions};
+use bytes::Bytes;
+use cairn_chunkserver::store::{
+    ExtentKey, IoBuf, IoMode, Store, StoreError, StoreOptions, WriteData,
+};
 use proptest::prelude::*;
 
 const EXTENT_BYTES: u32 = 64 << 10;
@@ -105,6 +108,22 @@ fn options() -> StoreOptions {
     }
 }
 
+/// The three shapes a write's data reaches the store in, picked by `seed`:
+/// an owned aligned buffer; shared bytes over an aligned buffer (as the RPC
+/// server passes them on), which go to the kernel without a copy; and shared
+/// bytes starting off alignment, which the store must copy first.
+fn write_data(seed: u8, bytes: &[u8]) -> WriteData {
+    match seed % 3 {
+        0 => WriteData::Owned(IoBuf::copy_from(bytes)),
+        1 => WriteData::Shared(Bytes::from_owner(IoBuf::copy_from(bytes))),
+        _ => {
+            let mut shifted = vec![0xee; bytes.len() + 1];
+            shifted[1..].copy_from_slice(bytes);
+            WriteData::Shared(Bytes::from_owner(IoBuf::copy_from(&shifted)).slice(1..))
+        }
+    }
+}
+
 async fn run_step(store: &Store, step: Step) -> Result<Option<IoBuf>, StoreError> {
     match step {
         Step::Write {
@@ -114,7 +133,7 @@ async fn run_step(store: &Store, step: Step) -> Result<Option<IoBuf>, StoreError
             seed,
             fua,
         } => {
-            let data = IoBuf::copy_from(&pattern(seed, sector, sectors));
+            let data = write_data(seed, &pattern(seed, sector, sectors));
             store
                 .write(key(ext), EXTENT_BYTES, (sector * SECTOR) as u64, data, fua)
                 .await

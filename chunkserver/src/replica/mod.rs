@@ -664,7 +664,9 @@ async fn run_disk(
                         &below,
                         eb,
                         offset,
-                        IoBuf::copy_from(&data),
+                        // No copy: the RPC server read the data into an
+                        // aligned buffer, which the kernel reads from.
+                        data,
                         fua,
                     )
                     .await

@@ -115,6 +115,39 @@ impl IoBuf {
 
 /// Lets a filled buffer become [`bytes::Bytes`] without a copy
 /// (`Bytes::from_owner`), for replies and replication messages.
+/// The data of a write, which the store only reads: a buffer of its own, or
+/// shared bytes (say, the ones a replicated write also forwards to the other
+/// replicas). Shared bytes whose start is aligned (an [`IoBuf`] turned into
+/// `Bytes` with `Bytes::from_owner`, as the RPC server does) go to the kernel
+/// as they are; any other start is copied into an aligned block buffer first,
+/// as unaligned owned data is.
+pub enum WriteData {
+    Owned(IoBuf),
+    Shared(bytes::Bytes),
+}
+
+impl From<IoBuf> for WriteData {
+    fn from(buf: IoBuf) -> Self {
+        WriteData::Owned(buf)
+    }
+}
+
+impl From<bytes::Bytes> for WriteData {
+    fn from(bytes: bytes::Bytes) -> Self {
+        WriteData::Shared(bytes)
+    }
+}
+
+impl Deref for WriteData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            WriteData::Owned(buf) => buf,
+            WriteData::Shared(bytes) => bytes,
+        }
+    }
+}
+
 impl AsRef<[u8]> for IoBuf {
     fn as_ref(&self) -> &[u8] {
         self

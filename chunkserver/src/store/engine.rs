@@ -331,7 +331,9 @@ impl OpenExtent {
 }
 
 enum Payload {
-    Data(IoBuf),
+    /// Read by the kernel straight from its buffer when that is aligned for
+    /// O_DIRECT and covers whole blocks; otherwise merged into `merge`.
+    Data(WriteData),
     Zero {
         punch: bool,
     },
@@ -1259,11 +1261,13 @@ impl Engine {
         let data_off = layout::data_offset(ext.extent_bytes);
         let mut sqes: Vec<squeue::Entry> = Vec::with_capacity(CHAIN_SQES_MAX);
         let mut expect: Vec<u32> = Vec::new();
-        let block_write = |buf: &mut IoBuf, first: u32, count: u32| {
+        let block_write = |buf: &[u8], first: u32, count: u32| {
             let s = ((first - b0) as u64 * BLOCK) as usize;
             let n = (count as u64 * BLOCK) as u32;
-            // SAFETY: [s, s + n) lies inside `buf`, which spans blocks b0..b1.
-            let ptr = unsafe { buf.as_mut_ptr().add(s) };
+            // The kernel reads [s, s + n) of `buf`, which spans blocks b0..b1
+            // and lives in the op (its payload or merge buffer) until the
+            // write completes.
+            let ptr = buf[s..s + n as usize].as_ptr();
             opcode::Write::new(data_fd, ptr, n)
                 .offset(data_off + first as u64 * BLOCK)
                 .rw_flags(dsync)
@@ -1284,7 +1288,10 @@ impl Engine {
         }
         match (&mut w.payload, punch_range) {
             (Payload::Data(data), _) => {
-                let buf = w.merge.as_mut().unwrap_or(data);
+                let buf: &[u8] = match &w.merge {
+                    Some(merge) => merge,
+                    None => data,
+                };
                 sqes.push(block_write(buf, b0, b1 - b0));
                 expect.push(span as u32);
             }

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-pub use buf::IoBuf;
+pub use buf::{IoBuf, WriteData};
 pub use error::StoreError;
 use layout::{extent_bytes_valid, SECTOR_BYTES};
 
@@ -176,7 +176,7 @@ pub(crate) enum Command {
         below: Below,
         extent_bytes: u32,
         offset: u64,
-        data: IoBuf,
+        data: WriteData,
         fua: bool,
         reply: oneshot::Sender<Result<()>>,
     },
@@ -375,7 +375,7 @@ impl Store {
         key: ExtentKey,
         extent_bytes: u32,
         offset: u64,
-        data: IoBuf,
+        data: impl Into<WriteData>,
         fua: bool,
     ) -> Result<()> {
         self.write_at(key, &[], extent_bytes, offset, data, fua)
@@ -394,9 +394,10 @@ impl Store {
         below: &[u64],
         extent_bytes: u32,
         offset: u64,
-        data: IoBuf,
+        data: impl Into<WriteData>,
         fua: bool,
     ) -> Result<()> {
+        let data = data.into();
         check_range(&key, extent_bytes, offset, data.len() as u64)?;
         check_chain(&key, below)?;
         let below = Below::from(below);
