@@ -62,11 +62,12 @@ pub struct ChunkServer {
 impl ChunkServer {
     /// Starts `bin` on a free loopback port with a new data directory
     /// `data_dir` (`--init`), logging to `log_path`, and waits until it answers
-    /// a node stat.
+    /// a node stat. `store_engines` 0 is the chunk server's default.
     pub async fn start(
         bin: &Path,
         data_dir: &Path,
         io_mode: IoMode,
+        store_engines: u32,
         log_path: &Path,
     ) -> anyhow::Result<ChunkServer> {
         check_bin(bin)?;
@@ -83,6 +84,7 @@ impl ChunkServer {
             .arg(addr.to_string())
             .args(["--cluster-id", "cairn-bench", "--node-id", "1", "--init"])
             .args(["--io-mode", io_mode_flag(io_mode)])
+            .args(["--store-engines", &store_engines.to_string()])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

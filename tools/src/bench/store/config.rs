@@ -146,6 +146,10 @@ pub struct StoreBenchArgs {
     /// other core and avoids cross-thread wake-ups.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(super) rpc_threads: u32,
+    /// Engine threads of both stores (the chunk server's `store_engines`);
+    /// 0 is the store's default, one per CPU.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub(super) store_engines: u32,
 }
 
 /// The run's settings after defaults and --quick are applied.
@@ -162,6 +166,7 @@ pub struct Config {
     pub(super) connections: u32,
     pub(super) inprocess_threads: u32,
     pub(super) rpc_threads: u32,
+    pub(super) store_engines: u32,
     #[serde(skip)]
     pub(super) chunkserver_bin: PathBuf,
 }
@@ -198,6 +203,7 @@ impl Config {
             connections: args.connections.min(args.iodepth),
             inprocess_threads: args.inprocess_threads,
             rpc_threads: args.rpc_threads,
+            store_engines: args.store_engines,
             chunkserver_bin,
         })
     }
@@ -210,6 +216,9 @@ impl Config {
             format!("queue depth {}", self.iodepth),
             format!("{:?} I/O", self.io_mode).to_lowercase(),
         ];
+        if self.store_engines != 0 {
+            parts.push(format!("{} store engine(s)", self.store_engines));
+        }
         if self.inprocess() {
             parts.push(format!(
                 "in-process load on {} thread(s)",
@@ -296,6 +305,8 @@ mod tests {
             (c.io_mode, c.inprocess_threads, c.rpc_threads),
             (IoModeArg::Buffered, 1, 1)
         );
+        assert_eq!(c.store_engines, 0);
+        assert_eq!(config(&["--store-engines", "1"]).unwrap().store_engines, 1);
     }
 
     #[test]
@@ -308,6 +319,7 @@ mod tests {
         assert!(config(&["--mode", "sideways"]).is_err());
         assert!(config(&["--io-mode", "mmap"]).is_err());
         assert!(config(&["--rpc-threads", "0"]).is_err());
+        assert!(config(&["--store-engines", "65"]).is_err());
     }
 
     #[test]

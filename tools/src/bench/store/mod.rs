@@ -303,6 +303,7 @@ impl<'a> Bench<'a> {
             let root = self.run_dir.join("store-inproc");
             let options = StoreOptions {
                 io_mode: self.config.io_mode.into(),
+                engines: self.config.store_engines as usize,
                 ..StoreOptions::default()
             };
             let store = Store::open(&root, options)
@@ -340,6 +341,7 @@ impl<'a> Bench<'a> {
             bin,
             &self.run_dir.join("store-rpc"),
             self.config.io_mode.into(),
+            self.config.store_engines,
             &self.run_dir.join("chunkserver.log"),
         )
         .await?;
