@@ -34,6 +34,9 @@ struct Inner {
     /// The epoch writes go to: `info.head_epoch` until a snapshot moves it
     /// (see [`Volume::switch_head`]).
     head: AtomicU64,
+    /// The size in bytes: `info.size_bytes` until the volume grows under an
+    /// open handle (see [`Volume::grow`]).
+    size: AtomicU64,
     /// The frozen epochs beneath `head`, newest first (`info.chain` until
     /// a snapshot); what block status looks at.
     chain: Mutex<Vec<u64>>,
@@ -88,6 +91,7 @@ impl Volume {
             inner: Arc::new(Inner {
                 cluster,
                 head: AtomicU64::new(info.head_epoch),
+                size: AtomicU64::new(info.size_bytes),
                 chain: Mutex::new(info.chain.clone()),
                 info,
                 dirty: Mutex::new(Dirty::default()),
@@ -133,9 +137,20 @@ impl Volume {
         &self.inner.info.name
     }
 
-    /// The volume's size in bytes.
+    /// The volume's size in bytes, as of the last [`grow`](Self::grow)
+    /// (`info().size_bytes` is the size it was opened with).
     pub fn size(&self) -> u64 {
-        self.inner.info.size_bytes
+        self.inner.size.load(Ordering::SeqCst)
+    }
+
+    /// Takes a larger size the volume manager recorded (volumes only grow),
+    /// so requests up to it are accepted. Returns whether the size changed;
+    /// a smaller or unaligned size changes nothing.
+    pub fn grow(&self, size_bytes: u64) -> bool {
+        if !size_bytes.is_multiple_of(512) {
+            return false;
+        }
+        self.inner.size.fetch_max(size_bytes, Ordering::SeqCst) < size_bytes
     }
 
     /// The Cluster the volume was opened on.
@@ -148,13 +163,11 @@ impl Volume {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
-        check_range(self.inner.info.size_bytes, offset, len).map_err(|reason| {
-            ClientError::InvalidArgument {
-                volume: self.inner.info.name.clone(),
-                offset,
-                len,
-                reason,
-            }
+        check_range(self.size(), offset, len).map_err(|reason| ClientError::InvalidArgument {
+            volume: self.inner.info.name.clone(),
+            offset,
+            len,
+            reason,
         })
     }
 

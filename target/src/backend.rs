@@ -37,6 +37,11 @@ pub type Extents = Vec<(u64, u32)>;
 /// One export's data, shared by every connection to it.
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> &ExportInfo;
+    /// The size now: `info().size` (what NBD clients were told) until the
+    /// volume grows while open. iSCSI reports growth to its initiators.
+    fn size(&self) -> u64 {
+        self.info().size
+    }
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, IoError>> + Send;
     fn write(
         &self,

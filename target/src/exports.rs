@@ -321,6 +321,12 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 } else {
                     handled = w.pending;
                     if let Some(v) = w.volume {
+                        if v.id == x.volume.info().id && x.volume.grow(v.size_bytes) {
+                            // Open connections keep working; iSCSI initiators
+                            // hear CAPACITY DATA HAS CHANGED, NBD clients see
+                            // the new size when they reconnect.
+                            info!(volume = %name, size = v.size_bytes, "volume grew");
+                        }
                         if v.id != x.volume.info().id || v.head_epoch != x.volume.head_epoch() {
                             x.revoke(&format!(
                                 "volume {name:?} changed under the export without a pause \
@@ -498,6 +504,10 @@ impl Backend for Export {
         &self.info
     }
 
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.volume.read(offset, len as u64).await.map_err(io_error)
     }
@@ -555,7 +565,7 @@ impl Backend for Export {
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Extents, IoError> {
-        let size = self.info.size;
+        let size = self.volume.size();
         let eb = self.volume.info().extent_size_bytes as u64;
         let end = (offset + len as u64).min(size);
         let first = offset / eb;

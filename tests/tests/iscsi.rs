@@ -654,6 +654,58 @@ fn pr_session(portal: &str, iqn: &str, isid: u8) -> (std::net::TcpStream, u32) {
     (s, sn)
 }
 
+/// A volume grown while an initiator is logged in: the session hears
+/// CAPACITY DATA HAS CHANGED on its next command (within a lease renewal of
+/// the resize), READ CAPACITY shows the new size, and a write past the old
+/// end is accepted; a new NBD connection sees the new size too.
+#[tokio::test(flavor = "multi_thread")]
+async fn growing_a_volume_tells_logged_in_initiators() {
+    let (cluster, target, portal) = setup(&[("vol", 16 * MIB)], &[]).await;
+    let iqn = format!("{PREFIX}:vol");
+    let (mut s, mut sn) = pr_session(&portal, &iqn, 1);
+    let read_capacity16 = [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0];
+    let blocks = |d: &[u8]| u64::from_be_bytes(d[..8].try_into().unwrap()) + 1;
+    let (status, d, _) = scsi(&mut s, &mut sn, &read_capacity16, &[], 32);
+    assert_eq!((status, blocks(&d)), (0, 16 * MIB / 512));
+    // WRITE(16) of one block just past the old end.
+    let mut past_end = [0u8; 16];
+    past_end[0] = 0x8a;
+    past_end[2..10].copy_from_slice(&(16 * MIB / 512).to_be_bytes());
+    past_end[13] = 1;
+    let (status, _, sense) = scsi(&mut s, &mut sn, &past_end, &[5u8; 512], 0);
+    assert_eq!(status, 0x02, "a write past the end before the growth");
+    assert_eq!((sense[12], sense[13]), (0x21, 0x00), "LBA OUT OF RANGE");
+
+    cluster
+        .client()
+        .grow_volume("vol", 32 * MIB)
+        .await
+        .expect("grow");
+    let t0 = std::time::Instant::now();
+    let sense = loop {
+        let (status, _, sense) = scsi(&mut s, &mut sn, &[0; 6], &[], 0);
+        if status == 0x02 {
+            break sense;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "no unit attention after the growth:\n{}",
+            target.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (sense[2] & 0x0f, sense[12], sense[13]),
+        (0x06, 0x2a, 0x09),
+        "UNIT ATTENTION, CAPACITY DATA HAS CHANGED"
+    );
+    let (status, d, _) = scsi(&mut s, &mut sn, &read_capacity16, &[], 32);
+    assert_eq!((status, blocks(&d)), (0, 32 * MIB / 512));
+    assert_eq!(scsi(&mut s, &mut sn, &past_end, &[5u8; 512], 0).0, 0);
+    let out = stdout(&run_tool("nbdinfo", &["--size", &target.uri("vol")]).unwrap());
+    assert_eq!(out.trim(), (32 * MIB).to_string());
+}
+
 /// Persistent reservations live in the volume manager: they survive a
 /// restart of the target and are the same through a second target
 /// process, where a reservation taken through the first one holds.

@@ -250,6 +250,9 @@ struct Local {
     /// cleared with MODE SELECT; not saved (SPC-4 allows current values
     /// only), so it ends with this process.
     swp: bool,
+    /// The capacity last seen, bytes: when the volume grows, every nexus
+    /// gets CAPACITY DATA HAS CHANGED (SBC-3 4.6).
+    capacity: Option<u64>,
 }
 
 /// Nexuses remembered for unit attentions at most (a reset reaches the
@@ -321,7 +324,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
 
     /// Capacity in logical blocks.
     fn blocks(&self) -> u64 {
-        self.backend.info().size / BLOCK
+        self.backend.size() / BLOCK
     }
 
     /// Writes are refused: a read-only export, or SWP set.
@@ -404,7 +407,15 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         if !l.attentions.contains_key(&k) && l.attentions.len() >= MAX_NEXUSES {
             l.attentions.retain(|_, q| !q.is_empty());
         }
-        let q = l.attentions.entry(k).or_default();
+        l.attentions.entry(k.clone()).or_default();
+        let size = self.backend.size();
+        if l.capacity.is_some_and(|seen| seen != size) {
+            for q in l.attentions.values_mut() {
+                push_attention(q, sense::CAPACITY_DATA_HAS_CHANGED);
+            }
+        }
+        l.capacity = Some(size);
+        let q = l.attentions.get_mut(&k).expect("inserted above");
         if consume {
             q.pop_front()
         } else {

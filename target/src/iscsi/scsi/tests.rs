@@ -2,7 +2,7 @@
 //! for bad input, random CDBs, COMPARE AND WRITE atomicity, reservations
 //! (persistent and SPC-2) with two nexuses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -670,6 +670,72 @@ async fn unit_attention_after_reset_and_request_sense() {
     let rs = run(&l, &b, &[0x03, 0, 0, 0, 252, 0], &[]).await;
     assert_eq!(rs.data_in[2], 0);
     good(&run(&l, &b, &[0; 6], &[]).await);
+}
+
+/// A volume that grows while open: `size` is what it reports now.
+struct Growing {
+    inner: Arc<MemExport>,
+    size: AtomicU64,
+}
+
+impl Backend for Growing {
+    fn info(&self) -> &ExportInfo {
+        self.inner.info()
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u32, f: bool, h: bool) -> Result<(), IoError> {
+        self.inner.write_zeroes(o, l, f, h).await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        self.inner.flush().await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Extents, IoError> {
+        self.inner.block_status(offset, len).await
+    }
+}
+
+#[tokio::test]
+async fn growth_raises_capacity_data_has_changed_on_every_nexus() {
+    let g = Arc::new(Growing {
+        inner: MemExport::new("vol", 2 * MIB, false),
+        size: AtomicU64::new(MIB),
+    });
+    let l = Lun::new(g.clone(), 0);
+    let (a, b) = (nexus("a"), nexus("b"));
+    let capacity = |r: &Reply| u64::from_be_bytes(r.data_in[..8].try_into().unwrap()) + 1;
+    let read_capacity16 = [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0];
+    let r = run(&l, &a, &read_capacity16, &[]).await;
+    good(&r);
+    assert_eq!(capacity(&r), MIB / 512);
+    good(&run(&l, &b, &[0; 6], &[]).await);
+    let past_old_end = rw16(0x8a, MIB / 512, 1, 0);
+    assert_eq!(
+        sense_of(&run(&l, &a, &past_old_end, &[7; 512]).await),
+        (ILLEGAL, 0x21, 0)
+    );
+    g.size.store(2 * MIB, Ordering::SeqCst);
+    // Each nexus hears of it once, on its next command; then the new end holds.
+    for n in [&a, &b] {
+        let r = run(&l, n, &[0; 6], &[]).await;
+        assert_eq!(sense_of(&r), (sense::KEY_UNIT_ATTENTION, 0x2a, 0x09));
+        good(&run(&l, n, &[0; 6], &[]).await);
+    }
+    let r = run(&l, &b, &read_capacity16, &[]).await;
+    assert_eq!(capacity(&r), 2 * MIB / 512);
+    good(&run(&l, &a, &past_old_end, &[7; 512]).await);
+    // A nexus seen only after the growth gets nothing to clear.
+    good(&run(&l, &nexus("c"), &[0; 6], &[]).await);
 }
 
 #[tokio::test]
