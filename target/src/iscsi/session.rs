@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -210,6 +210,10 @@ where
         buffers: Arc::new(Semaphore::new((2 * WRITE_MAX) as usize)),
         counters,
     });
+    let task_set: Weak<dyn scsi::TaskSet> = Arc::downgrade(&shared) as Weak<dyn scsi::TaskSet>;
+    for (n, lun) in &shared.luns {
+        lun.attach(&shared.nexus, *n, task_set.clone());
+    }
     let writer = tokio::spawn(writer(w, out_rx, digests, est.stat_sn, shared.clone()));
     let mut text_pending: Option<TextReply> = None;
     let mut last_heard = tokio::time::Instant::now();
@@ -344,6 +348,7 @@ where
     // The I_T nexus ends with the session: its RESERVE(6) reservation and
     // unit attentions go (persistent reservations stay).
     for (_, lun) in &shared.luns {
+        lun.detach(&task_set);
         lun.nexus_lost(&shared.nexus);
     }
     drop(shared);
@@ -893,6 +898,9 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
                     }
                     if function == 5 {
                         if let Some(lun) = shared.lun(pdu.lun_field()) {
+                            // A reset reaches every nexus's tasks (SAM-5
+                            // 6.3.3), other sessions' included.
+                            lun.abort_other_nexuses(&shared.nexus).await;
                             lun.reset(&shared.nexus);
                         }
                     }
@@ -925,6 +933,27 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
             shared.closing.notify_one();
         }
     });
+}
+
+impl<C: Catalog> scsi::TaskSet for Shared<C> {
+    fn abort_lun_tasks(
+        &self,
+        lun: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let tasks: Vec<Arc<Task>> = lock(&self.tasks)
+                .values()
+                .filter(|t| t.lun == lun)
+                .cloned()
+                .collect();
+            if !tasks.is_empty() {
+                info!(lun, tasks = tasks.len(), "tasks aborted by another nexus");
+            }
+            for t in &tasks {
+                abort(t).await;
+            }
+        })
+    }
 }
 
 /// Marks `t` aborted and waits until it has stopped.

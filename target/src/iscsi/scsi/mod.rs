@@ -31,7 +31,9 @@ pub mod sense;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
@@ -265,6 +267,24 @@ fn key_of(n: &Nexus) -> (String, String) {
     (n.initiator.to_ascii_lowercase(), n.target_port.clone())
 }
 
+/// One session's tasks, as a logical unit reaches them: LOGICAL UNIT RESET
+/// and PREEMPT AND ABORT from one I_T nexus abort the tasks of others
+/// (SAM-5 5.6, SPC-4 5.12.11.2.5).
+pub trait TaskSet: Send + Sync {
+    /// Aborts every task of this session on its logical unit `lun` (the
+    /// session's number for it) and returns once they have all stopped:
+    /// nothing they would have written lands afterwards. They end without
+    /// status (TAS 0); the nexus has a unit attention for it.
+    fn abort_lun_tasks(&self, lun: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// A session attached to a logical unit.
+struct Attached {
+    nexus: (String, String),
+    lun: u64,
+    set: Weak<dyn TaskSet>,
+}
+
 /// A logical unit: one export, 512-byte logical blocks, thin provisioned.
 /// Shared by every session that reaches the export (reservations and unit
 /// attentions are per logical unit).
@@ -287,6 +307,8 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     medium: Arc<sanitize::Medium>,
     /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
     copies: Mutex<copy::Held>,
+    /// The sessions using this unit, for aborts across nexuses.
+    attached: Mutex<Vec<Attached>>,
 }
 
 impl<B: Backend> Lun<B> {
@@ -311,8 +333,49 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             io: Arc::new(tokio::sync::RwLock::new(())),
             medium: sanitize::Medium::of(&backend),
             copies: Mutex::new(copy::Held::default()),
+            attached: Mutex::new(Vec::new()),
             backend,
         }
+    }
+
+    /// Attaches a session's tasks (as its logical unit `lun`) so that other
+    /// nexuses' resets and PREEMPT AND ABORT reach them.
+    pub fn attach(&self, n: &Nexus, lun: u64, set: Weak<dyn TaskSet>) {
+        let mut a = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        a.retain(|x| x.set.strong_count() > 0);
+        a.push(Attached {
+            nexus: key_of(n),
+            lun,
+            set,
+        });
+    }
+
+    /// Detaches a session that ends.
+    pub fn detach(&self, set: &Weak<dyn TaskSet>) {
+        let mut a = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        a.retain(|x| x.set.strong_count() > 0 && !Weak::ptr_eq(&x.set, set));
+    }
+
+    /// Aborts the tasks of every attached nexus `pick` chooses and waits
+    /// for them to stop.
+    async fn abort_nexuses(&self, pick: impl Fn(&(String, String)) -> bool) {
+        let sets: Vec<(Arc<dyn TaskSet>, u64)> = {
+            let a = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+            a.iter()
+                .filter(|x| pick(&x.nexus))
+                .filter_map(|x| Some((x.set.upgrade()?, x.lun)))
+                .collect()
+        };
+        for (set, lun) in sets {
+            set.abort_lun_tasks(lun).await;
+        }
+    }
+
+    /// LOGICAL UNIT RESET's reach beyond the issuing nexus (whose own tasks
+    /// its session aborts): every other nexus's tasks on this unit.
+    pub async fn abort_other_nexuses(&self, by: &Nexus) {
+        let me = key_of(by);
+        self.abort_nexuses(|k| *k != me).await;
     }
 
     /// The bytes of Data-Out `cdb` calls for, so the session knows what to
@@ -679,8 +742,26 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             }
         };
         drop(g);
+        // PREEMPT AND ABORT: the preempted nexuses' tasks are aborted before
+        // the command completes, so none of their writes lands after it (a
+        // fenced node's included). The issuer's own tasks are left alone.
+        let preempted: Vec<(String, Option<String>)> = attentions
+            .iter()
+            .filter(|a| a.sense == sense::REGISTRATIONS_PREEMPTED)
+            .map(|a| (a.initiator.to_ascii_lowercase(), a.target_port.clone()))
+            .collect();
         for a in attentions {
             self.raise(&a.initiator, a.target_port.as_deref(), a.sense);
+        }
+        if c.service_action() as u8 == pr::PREEMPT_AND_ABORT && !preempted.is_empty() {
+            let me = key_of(req.nexus);
+            self.abort_nexuses(|k| {
+                *k != me
+                    && preempted
+                        .iter()
+                        .any(|(i, port)| *i == k.0 && port.as_ref().is_none_or(|p| *p == k.1))
+            })
+            .await;
         }
         Ok(Reply::good())
     }

@@ -314,3 +314,45 @@ async fn prin_any<S: PrStore>(l: &Lun<MemExport, S>, n: &Nexus) -> Vec<u8> {
     .data_in
     .to_vec()
 }
+
+/// A session's task set that records the aborts it is asked for.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<u64>>);
+
+impl TaskSet for Recorder {
+    fn abort_lun_tasks(&self, lun: u64) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.0.lock().unwrap().push(lun);
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test]
+async fn preempt_and_abort_aborts_the_preempted_nexus_tasks_only() {
+    let (_e, l) = unit(MIB);
+    let (a, b, c) = (nexus("a"), nexus("b"), nexus("c"));
+    let sets: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
+    for (n, set, lun) in [(&a, &sets[0], 0), (&b, &sets[1], 4), (&c, &sets[2], 0)] {
+        let weak = Arc::downgrade(set);
+        l.attach(n, lun, weak as Weak<dyn TaskSet>);
+    }
+    good(&prout(&l, &a, pr::REGISTER, 0, 0, 0xa).await);
+    good(&prout(&l, &b, pr::REGISTER, 0, 0, 0xb).await);
+    good(&prout(&l, &c, pr::REGISTER, 0, 0, 0xc).await);
+    good(&prout(&l, &b, pr::RESERVE, pr::WRITE_EXCLUSIVE, 0xb, 0).await);
+    // A plain PREEMPT aborts nothing.
+    good(&prout(&l, &a, pr::PREEMPT, pr::WRITE_EXCLUSIVE, 0xa, 0xc).await);
+    assert!(sets.iter().all(|s| s.0.lock().unwrap().is_empty()));
+    // PREEMPT AND ABORT of b's key: b's tasks, at b's number for the unit.
+    good(&prout(&l, &a, pr::PREEMPT_AND_ABORT, pr::WRITE_EXCLUSIVE, 0xa, 0xb).await);
+    assert_eq!(*sets[1].0.lock().unwrap(), vec![4]);
+    assert!(sets[0].0.lock().unwrap().is_empty());
+    assert!(sets[2].0.lock().unwrap().is_empty());
+    // A detached session is not reached; LOGICAL UNIT RESET's reach
+    // is every other nexus.
+    let weak: Weak<dyn TaskSet> = Arc::downgrade(&sets[1]) as Weak<dyn TaskSet>;
+    l.detach(&weak);
+    l.abort_other_nexuses(&a).await;
+    assert_eq!(*sets[1].0.lock().unwrap(), vec![4]);
+    assert_eq!(*sets[2].0.lock().unwrap(), vec![0]);
+    assert!(sets[0].0.lock().unwrap().is_empty());
+}
