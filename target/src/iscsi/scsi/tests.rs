@@ -547,17 +547,37 @@ async fn compare_and_write_writes_on_match_only() {
     good(&run(&l, &n, &caw, &[]).await);
 }
 
-/// A backend whose reads wait at a gate while it is armed.
+/// A backend whose reads wait at a gate while it is armed, and which
+/// reports `size` as its size when that is not 0 (a volume grown while open).
 struct Gated {
     inner: Arc<MemExport>,
     armed: AtomicBool,
     entered: tokio::sync::Notify,
     gate: tokio::sync::Semaphore,
+    size: AtomicU64,
+}
+
+impl Gated {
+    fn new(inner: Arc<MemExport>) -> Self {
+        Gated {
+            inner,
+            armed: AtomicBool::new(false),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+            size: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Backend for Gated {
     fn info(&self) -> &ExportInfo {
         self.inner.info()
+    }
+    fn size(&self) -> u64 {
+        match self.size.load(Ordering::SeqCst) {
+            0 => self.inner.info().size,
+            n => n,
+        }
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         if self.armed.load(Ordering::SeqCst) {
@@ -585,12 +605,7 @@ impl Backend for Gated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_write_is_atomic_against_concurrent_writes() {
-    let g = Arc::new(Gated {
-        inner: MemExport::new("vol", MIB, false),
-        armed: AtomicBool::new(false),
-        entered: tokio::sync::Notify::new(),
-        gate: tokio::sync::Semaphore::new(0),
-    });
+    let g = Arc::new(Gated::new(MemExport::new("vol", MIB, false)));
     let l = Arc::new(Lun::new(g.clone(), 0));
     let n = nexus("a");
     good(&run(&l, &n, &rw10(0x2a, 0, 1, 0), &[b'A'; 512]).await);
@@ -672,45 +687,10 @@ async fn unit_attention_after_reset_and_request_sense() {
     good(&run(&l, &b, &[0; 6], &[]).await);
 }
 
-/// A volume that grows while open: `size` is what it reports now.
-struct Growing {
-    inner: Arc<MemExport>,
-    size: AtomicU64,
-}
-
-impl Backend for Growing {
-    fn info(&self) -> &ExportInfo {
-        self.inner.info()
-    }
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::SeqCst)
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn write_zeroes(&self, o: u64, l: u32, f: bool, h: bool) -> Result<(), IoError> {
-        self.inner.write_zeroes(o, l, f, h).await
-    }
-    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        self.inner.trim(offset, len, fua).await
-    }
-    async fn flush(&self) -> Result<(), IoError> {
-        self.inner.flush().await
-    }
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Extents, IoError> {
-        self.inner.block_status(offset, len).await
-    }
-}
-
 #[tokio::test]
 async fn growth_raises_capacity_data_has_changed_on_every_nexus() {
-    let g = Arc::new(Growing {
-        inner: MemExport::new("vol", 2 * MIB, false),
-        size: AtomicU64::new(MIB),
-    });
+    let g = Arc::new(Gated::new(MemExport::new("vol", 2 * MIB, false)));
+    g.size.store(MIB, Ordering::SeqCst);
     let l = Lun::new(g.clone(), 0);
     let (a, b) = (nexus("a"), nexus("b"));
     let capacity = |r: &Reply| u64::from_be_bytes(r.data_in[..8].try_into().unwrap()) + 1;
