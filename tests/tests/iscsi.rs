@@ -706,77 +706,90 @@ async fn growing_a_volume_tells_logged_in_initiators() {
     assert_eq!(out.trim(), (32 * MIB).to_string());
 }
 
-/// LOGICAL UNIT RESET from one session aborts another session's task on
-/// the unit (SAM-5: a reset reaches every nexus): a write waiting for its
-/// data is gone once the reset is answered, and its data, sent late, is
-/// never written or answered.
+/// LOGICAL UNIT RESET and TARGET WARM RESET from one session abort another
+/// session's task on the unit (SAM-5: a reset reaches every nexus): a write
+/// waiting for its data is gone once the reset is answered, and its data,
+/// sent late, is never written or answered.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_lun_reset_aborts_other_sessions_tasks() {
+async fn resets_abort_other_sessions_tasks() {
     use std::io::Write;
     let (_cluster, _target, portal) = setup(&[("vol", 16 * MIB)], &[]).await;
     let iqn = format!("{PREFIX}:vol");
-    let (mut a, a_sn) = pr_session(&portal, &iqn, 1);
-    let (mut b, mut b_sn) = pr_session(&portal, &iqn, 2);
-    // B: WRITE(10) of one block with no immediate data; the target asks for
-    // it with an R2T, and B holds it back.
-    let write_itt = 0x777u32;
-    b.write_all(&pdu(0x01, 0x80 | 0x20, &[], |h| {
-        h[16..20].copy_from_slice(&write_itt.to_be_bytes());
-        h[20..24].copy_from_slice(&512u32.to_be_bytes());
-        h[24..28].copy_from_slice(&b_sn.to_be_bytes());
-        h[32..42].copy_from_slice(&[0x2a, 0, 0, 0, 0, 9, 0, 0, 1, 0]);
-    }))
-    .unwrap();
-    b_sn += 1;
-    let (r2t, _) = read_pdu(&mut b).unwrap();
-    assert_eq!(r2t[0] & 0x3f, 0x31, "an R2T for the write");
-    // A: LOGICAL UNIT RESET of LUN 0 (immediate).
-    a.write_all(&pdu(0x02 | 0x40, 0x80 | 5, &[], |h| {
-        h[16..20].copy_from_slice(&0x999u32.to_be_bytes());
-        h[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
-        h[24..28].copy_from_slice(&a_sn.to_be_bytes());
-    }))
-    .unwrap();
-    let (resp, _) = read_pdu(&mut a).unwrap();
-    assert_eq!((resp[0] & 0x3f, resp[2]), (0x22, 0), "function complete");
-    // B sends the data after all, then TEST UNIT READY: the write is never
-    // answered; the TUR is, with the reset's unit attention.
-    b.write_all(&pdu(0x05, 0x80, &[0xee; 512], |h| {
-        h[16..20].copy_from_slice(&write_itt.to_be_bytes());
-        h[20..24].copy_from_slice(&r2t[20..24]);
-    }))
-    .unwrap();
-    let tur_itt = 0x888u32;
-    b.write_all(&pdu(0x01, 0x80, &[], |h| {
-        h[16..20].copy_from_slice(&tur_itt.to_be_bytes());
-        h[24..28].copy_from_slice(&b_sn.to_be_bytes());
-    }))
-    .unwrap();
-    b_sn += 1;
-    loop {
-        let (h, d) = read_pdu(&mut b).unwrap();
-        let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        assert_ne!(itt, write_itt, "the aborted write was answered: {h:02x?}");
-        if h[0] & 0x3f == 0x21 && itt == tur_itt {
-            assert_eq!(h[3], 0x02, "CHECK CONDITION");
-            assert_eq!(
-                (d[2 + 2] & 0x0f, d[2 + 12]),
-                (0x06, 0x29),
-                "POWER ON, RESET"
+    // (task management function, the sessions' ISIDs, the block written)
+    for (function, isids, block) in [(5u8, (1, 2), 9u8), (6, (3, 4), 10)] {
+        let (mut a, a_sn) = pr_session(&portal, &iqn, isids.0);
+        let (mut b, mut b_sn) = pr_session(&portal, &iqn, isids.1);
+        // B: WRITE(10) of one block with no immediate data; the target asks
+        // for it with an R2T, and B holds it back.
+        let write_itt = 0x777u32;
+        b.write_all(&pdu(0x01, 0x80 | 0x20, &[], |h| {
+            h[16..20].copy_from_slice(&write_itt.to_be_bytes());
+            h[20..24].copy_from_slice(&512u32.to_be_bytes());
+            h[24..28].copy_from_slice(&b_sn.to_be_bytes());
+            h[32..42].copy_from_slice(&[0x2a, 0, 0, 0, 0, block, 0, 0, 1, 0]);
+        }))
+        .unwrap();
+        b_sn += 1;
+        let (r2t, _) = read_pdu(&mut b).unwrap();
+        assert_eq!(r2t[0] & 0x3f, 0x31, "an R2T for the write");
+        // A: the reset (immediate), LUN 0.
+        a.write_all(&pdu(0x02 | 0x40, 0x80 | function, &[], |h| {
+            h[16..20].copy_from_slice(&0x999u32.to_be_bytes());
+            h[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+            h[24..28].copy_from_slice(&a_sn.to_be_bytes());
+        }))
+        .unwrap();
+        let (resp, _) = read_pdu(&mut a).unwrap();
+        assert_eq!(
+            (resp[0] & 0x3f, resp[2]),
+            (0x22, 0),
+            "function {function} complete"
+        );
+        // B sends the data after all, then TEST UNIT READY: the write is
+        // never answered; the TUR is, with the reset's unit attention.
+        b.write_all(&pdu(0x05, 0x80, &[0xee; 512], |h| {
+            h[16..20].copy_from_slice(&write_itt.to_be_bytes());
+            h[20..24].copy_from_slice(&r2t[20..24]);
+        }))
+        .unwrap();
+        let tur_itt = 0x888u32;
+        b.write_all(&pdu(0x01, 0x80, &[], |h| {
+            h[16..20].copy_from_slice(&tur_itt.to_be_bytes());
+            h[24..28].copy_from_slice(&b_sn.to_be_bytes());
+        }))
+        .unwrap();
+        b_sn += 1;
+        loop {
+            let (h, d) = read_pdu(&mut b).unwrap();
+            let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            assert_ne!(
+                itt, write_itt,
+                "function {function}: the aborted write was answered: {h:02x?}"
             );
-            break;
+            if h[0] & 0x3f == 0x21 && itt == tur_itt {
+                assert_eq!(h[3], 0x02, "CHECK CONDITION");
+                assert_eq!(
+                    (d[2 + 2] & 0x0f, d[2 + 12]),
+                    (0x06, 0x29),
+                    "POWER ON, RESET"
+                );
+                break;
+            }
         }
+        // The block was never written: it still reads as zeros.
+        let (status, data, _) = scsi(
+            &mut b,
+            &mut b_sn,
+            &[0x28, 0, 0, 0, 0, block, 0, 0, 1, 0],
+            &[],
+            512,
+        );
+        assert_eq!(status, 0);
+        assert!(
+            data.iter().all(|&x| x == 0),
+            "function {function}: the aborted write landed"
+        );
     }
-    // Block 9 was never written: it still reads as zeros.
-    let (status, data, _) = scsi(
-        &mut b,
-        &mut b_sn,
-        &[0x28, 0, 0, 0, 0, 9, 0, 0, 1, 0],
-        &[],
-        512,
-    );
-    assert_eq!(status, 0);
-    assert!(data.iter().all(|&x| x == 0), "the aborted write landed");
 }
 
 /// Persistent reservations live in the volume manager: they survive a

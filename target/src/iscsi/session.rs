@@ -908,15 +908,20 @@ fn task_management<C: Catalog>(shared: &Arc<Shared<C>>, pdu: Pdu) {
                 }
                 _ => 2,
             },
-            // TARGET WARM RESET: every task of this session, every LUN;
-            // TARGET COLD RESET also ends the connection (section
-            // 11.5.1; the initiator logs in again).
+            // TARGET WARM RESET: every task on every LUN of the target,
+            // other sessions' too; TARGET COLD RESET also ends the
+            // connection (section 11.5.1; the initiator logs in again).
             6 | 7 => {
-                let tasks: Vec<Arc<Task>> = lock(&shared.tasks).values().cloned().collect();
+                let tasks: Vec<Arc<Task>> = lock(&shared.tasks)
+                    .values()
+                    .filter(|t| t.cmd_sn != pdu.cmd_sn())
+                    .cloned()
+                    .collect();
                 for t in &tasks {
                     abort(t).await;
                 }
                 for (_, lun) in &shared.luns {
+                    lun.abort_other_nexuses(&shared.nexus).await;
                     lun.reset(&shared.nexus);
                 }
                 0
