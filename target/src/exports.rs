@@ -230,14 +230,16 @@ impl Catalog for Arc<Registry> {
         if let Some(x) = live.get(name).and_then(Weak::upgrade) {
             let v = x.volume.info();
             if v.id == info.id
-                && v.size_bytes == info.size_bytes
+                && x.volume.size() == info.size_bytes
                 && x.volume.head_epoch() == info.head_epoch
                 && !*x.revoked.borrow()
             {
                 return Ok(Some(x));
             }
-            // Deleted and re-created, or resized: connections opened from now
-            // on use the new record; open ones keep theirs.
+            // Deleted and re-created, rolled back, or grown beyond what the
+            // lease watch has seen yet: connections opened from now on use
+            // the new record; open ones keep theirs. (A growth the watch saw
+            // keeps the export: new connections get its new size.)
             info!(
                 volume = name,
                 "volume record changed; new connections use the new one"

@@ -657,7 +657,8 @@ fn pr_session(portal: &str, iqn: &str, isid: u8) -> (std::net::TcpStream, u32) {
 /// A volume grown while an initiator is logged in: the session hears
 /// CAPACITY DATA HAS CHANGED on its next command (within a lease renewal of
 /// the resize), READ CAPACITY shows the new size, and a write past the old
-/// end is accepted; a new NBD connection sees the new size too.
+/// end is accepted; a new NBD connection sees the new size too, through the
+/// same export.
 #[tokio::test(flavor = "multi_thread")]
 async fn growing_a_volume_tells_logged_in_initiators() {
     let (cluster, target, portal) = setup(&[("vol", 16 * MIB)], &[]).await;
@@ -704,6 +705,9 @@ async fn growing_a_volume_tells_logged_in_initiators() {
     assert_eq!(scsi(&mut s, &mut sn, &past_end, &[5u8; 512], 0).0, 0);
     let out = stdout(&run_tool("nbdinfo", &["--size", &target.uri("vol")]).unwrap());
     assert_eq!(out.trim(), (32 * MIB).to_string());
+    // Through the same export (one LU for the volume), not a second one.
+    let log = target.log();
+    assert!(!log.contains("volume record changed"), "{log}");
 }
 
 /// LOGICAL UNIT RESET and TARGET WARM RESET from one session abort another

@@ -32,6 +32,9 @@ pub enum Outcome<E> {
 /// The state transmission needs.
 pub struct Negotiated<E> {
     pub export: Arc<E>,
+    /// The size the client was told; the connection's bound, even if the
+    /// volume grows while it is open (NBD cannot tell it).
+    pub size: u64,
     pub structured: bool,
     /// `base:allocation` was selected for this export.
     pub allocation: bool,
@@ -185,11 +188,12 @@ impl<C: Catalog> Haggle<'_, C> {
                     Err(e) => return Err(protocol(format!("EXPORT_NAME {name:?}: {e}"))),
                 };
                 let info = export.info();
+                let size = export.size();
                 let allocation = self.meta_export.as_deref() == Some(info.name.as_str());
                 reply(
                     io,
                     export_name_reply(
-                        info.size,
+                        size,
                         super::transmission_flags(info, self.structured),
                         no_zeroes,
                     ),
@@ -197,6 +201,7 @@ impl<C: Catalog> Haggle<'_, C> {
                 .await?;
                 Ok(Step::Done(Outcome::Go(Negotiated {
                     export,
+                    size,
                     structured: self.structured,
                     allocation,
                 })))
@@ -249,10 +254,16 @@ impl<C: Catalog> Haggle<'_, C> {
                     }
                 };
                 let found = if opt == OPT_GO {
-                    self.catalog
-                        .open(&req.name)
-                        .await
-                        .map(|o| o.map(|e| (e.info().clone(), Some(e))))
+                    self.catalog.open(&req.name).await.map(|o| {
+                        o.map(|e| {
+                            // The size now: an open export may have grown.
+                            let info = ExportInfo {
+                                size: e.size(),
+                                ..e.info().clone()
+                            };
+                            (info, Some(e))
+                        })
+                    })
                 } else {
                     self.catalog
                         .lookup(&req.name)
@@ -269,6 +280,7 @@ impl<C: Catalog> Haggle<'_, C> {
                 let allocation = self.meta_export.as_deref() == Some(info.name.as_str());
                 Ok(Step::Done(Outcome::Go(Negotiated {
                     export,
+                    size: info.size,
                     structured: self.structured,
                     allocation,
                 })))

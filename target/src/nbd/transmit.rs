@@ -81,6 +81,8 @@ struct Permit {
 
 struct Conn<B> {
     export: Arc<B>,
+    /// The size negotiated: requests beyond it are refused.
+    size: u64,
     structured: bool,
     allocation: bool,
     counters: Arc<Counters>,
@@ -103,6 +105,7 @@ where
 {
     let conn = Arc::new(Conn {
         export: negotiated.export,
+        size: negotiated.size,
         structured: negotiated.structured,
         allocation: negotiated.allocation,
         counters,
@@ -345,7 +348,7 @@ impl<B: Backend> Conn<B> {
             ));
         }
         let end = req.offset.checked_add(req.len as u64);
-        if end.is_none_or(|e| e > info.size) {
+        if end.is_none_or(|e| e > self.size) {
             // WRITE and WRITE_ZEROES past the end: ENOSPC, as the protocol asks.
             let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
                 ENOSPC
@@ -356,7 +359,7 @@ impl<B: Backend> Conn<B> {
                 errno,
                 format!(
                     "{name}: offset {} length {} is beyond the export's end ({} bytes)",
-                    req.offset, req.len, info.size
+                    req.offset, req.len, self.size
                 ),
             ));
         }
