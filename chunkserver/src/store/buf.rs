@@ -113,8 +113,6 @@ impl IoBuf {
     }
 }
 
-/// Lets a filled buffer become [`bytes::Bytes`] without a copy
-/// (`Bytes::from_owner`), for replies and replication messages.
 /// The data of a write, which the store only reads: a buffer of its own, or
 /// shared bytes (say, the ones a replicated write also forwards to the other
 /// replicas). Shared bytes whose start is aligned (an [`IoBuf`] turned into
@@ -148,6 +146,8 @@ impl Deref for WriteData {
     }
 }
 
+/// Lets a filled buffer become [`bytes::Bytes`] without a copy
+/// (`Bytes::from_owner`), for replies and replication messages.
 impl AsRef<[u8]> for IoBuf {
     fn as_ref(&self) -> &[u8] {
         self
