@@ -905,6 +905,7 @@ pub fn requests(data: &[u8]) {
     }
     let n = Negotiated {
         export,
+        size,
         structured,
         allocation,
     };
