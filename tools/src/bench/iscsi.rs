@@ -477,30 +477,10 @@ fn phase(
                 initial_r2t: n.initial_r2t,
             });
         }
-        progress(format!(
-            "{} QD{} {}: {:.0} IOPS, {:.1} MiB/s, p99 {:.3} ms, mean {:.3} ms; machine {:.0}% \
-             busy, server {:.2} cores{}{}",
-            p.name,
-            p.iodepth,
-            s.label,
-            r.iops,
-            r.mib_per_s,
-            r.p99_ms,
-            r.mean_ms,
-            r.machine_busy * 100.0,
-            r.front_cores,
-            r.chunkserver_cores
-                .map_or(String::new(), |c| format!(" + chunk servers {c:.2} cores")),
-            r.writeback_s
-                .map_or(String::new(), |w| format!("; fsync after it {w:.2} s"))
-        ));
+        progress(r.progress_line(p.name, p.iodepth, s.label));
         runs.push(r);
     }
-    let r3 = runs.pop().expect("three runs");
-    let r1 = runs.pop().expect("three runs");
-    let tgt = runs.pop().expect("three runs");
-    let ratio = |r: &RunResult| r.iops / tgt.iops.max(f64::MIN_POSITIVE);
-    let (ratio_r1, ratio_r3) = (ratio(&r1), ratio(&r3));
+    let (tgt, r1, r3, ratio_r1, ratio_r3) = RunResult::against_reference(runs);
     let goal = (p.name != PREFILL.name).then_some(GOAL);
     Ok(PhaseResult {
         name: p.name,

@@ -232,6 +232,39 @@ pub(super) struct RunResult {
     pub(super) writeback_s: Option<f64>,
 }
 
+impl RunResult {
+    /// The progress line both front-end benches print after a run.
+    pub(super) fn progress_line(&self, phase: &str, iodepth: u32, subject: &str) -> String {
+        format!(
+            "{phase} QD{iodepth} {subject}: {:.0} IOPS, {:.1} MiB/s, p99 {:.3} ms, mean {:.3} ms; \
+             machine {:.0}% busy, server {:.2} cores{}{}",
+            self.iops,
+            self.mib_per_s,
+            self.p99_ms,
+            self.mean_ms,
+            self.machine_busy * 100.0,
+            self.front_cores,
+            self.chunkserver_cores
+                .map_or(String::new(), |c| format!(" + chunk servers {c:.2} cores")),
+            self.writeback_s
+                .map_or(String::new(), |w| format!("; fsync after it {w:.2} s"))
+        )
+    }
+
+    /// The reference's, 1 replica's and 3 replicas' runs of a phase, in that
+    /// order, with the replicas' IOPS ratios to the reference.
+    pub(super) fn against_reference(
+        mut runs: Vec<RunResult>,
+    ) -> (RunResult, RunResult, RunResult, f64, f64) {
+        let r3 = runs.pop().expect("three runs");
+        let r1 = runs.pop().expect("three runs");
+        let reference = runs.pop().expect("three runs");
+        let ratio = |r: &RunResult| r.iops / reference.iops.max(f64::MIN_POSITIVE);
+        let (ratio_r1, ratio_r3) = (ratio(&r1), ratio(&r3));
+        (reference, r1, r3, ratio_r1, ratio_r3)
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct PhaseResult {
     name: &'static str,
@@ -464,30 +497,10 @@ fn phase(
     for s in subjects {
         let r = fio_run(fio, s, p, size_bytes, seconds)
             .with_context(|| format!("{} QD{} on {}", p.name, p.iodepth, s.label))?;
-        progress(format!(
-            "{} QD{} {}: {:.0} IOPS, {:.1} MiB/s, p99 {:.3} ms, mean {:.3} ms; machine {:.0}% \
-             busy, server {:.2} cores{}{}",
-            p.name,
-            p.iodepth,
-            s.label,
-            r.iops,
-            r.mib_per_s,
-            r.p99_ms,
-            r.mean_ms,
-            r.machine_busy * 100.0,
-            r.front_cores,
-            r.chunkserver_cores
-                .map_or(String::new(), |c| format!(" + chunk servers {c:.2} cores")),
-            r.writeback_s
-                .map_or(String::new(), |w| format!("; fsync after it {w:.2} s"))
-        ));
+        progress(r.progress_line(p.name, p.iodepth, s.label));
         runs.push(r);
     }
-    let r3 = runs.pop().expect("three runs");
-    let r1 = runs.pop().expect("three runs");
-    let nbdkit = runs.pop().expect("three runs");
-    let ratio = |r: &RunResult| r.iops / nbdkit.iops.max(f64::MIN_POSITIVE);
-    let (ratio_r1, ratio_r3) = (ratio(&r1), ratio(&r3));
+    let (nbdkit, r1, r3, ratio_r1, ratio_r3) = RunResult::against_reference(runs);
     Ok(PhaseResult {
         name: p.name,
         rw: p.rw,

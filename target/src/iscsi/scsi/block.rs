@@ -98,6 +98,17 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         Ok(out.freeze())
     }
 
+    /// The LBA and length of a read or write CDB, checked against the
+    /// capacity (LBA OUT OF RANGE) and the transfer limit (INVALID FIELD).
+    fn transfer(&self, c: &Cdb<'_>) -> Res<(u64, u64)> {
+        let (lba, len) = lba_and_len(c);
+        self.check_range(lba, len)?;
+        if len > MAX_TRANSFER_BLOCKS {
+            return Err(sense::INVALID_FIELD_IN_CDB.into());
+        }
+        Ok((lba, len))
+    }
+
     pub(super) async fn write_bytes(&self, offset: u64, data: &Bytes, fua: bool) -> Res<()> {
         for (at, n) in chunks(offset, data.len() as u64) {
             let from = (at - offset) as usize;
@@ -127,11 +138,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     /// comes from the replicas.
     pub(super) async fn read(&self, c: &Cdb<'_>) -> Res {
         no_protection(c)?;
-        let (lba, len) = lba_and_len(c);
-        self.check_range(lba, len)?;
-        if len > MAX_TRANSFER_BLOCKS {
-            return Err(sense::INVALID_FIELD_IN_CDB.into());
-        }
+        let (lba, len) = self.transfer(c)?;
         if len == 0 {
             return Ok(Reply::good());
         }
@@ -158,11 +165,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             return Err(sense::INVALID_FIELD_IN_CDB.into());
         }
         let fua = verify || (c.opcode() != cdb::WRITE_6 && c.u8(1) & 0x08 != 0);
-        let (lba, len) = lba_and_len(c);
-        self.check_range(lba, len)?;
-        if len > MAX_TRANSFER_BLOCKS {
-            return Err(sense::INVALID_FIELD_IN_CDB.into());
-        }
+        let (lba, len) = self.transfer(c)?;
         self.check_writable()?;
         if len == 0 {
             return Ok(Reply::good());
@@ -193,11 +196,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         if bytchk == 0b10 {
             return Err(sense::INVALID_FIELD_IN_CDB.into());
         }
-        let (lba, len) = lba_and_len(c);
-        self.check_range(lba, len)?;
-        if len > MAX_TRANSFER_BLOCKS {
-            return Err(sense::INVALID_FIELD_IN_CDB.into());
-        }
+        let (lba, len) = self.transfer(c)?;
         if len == 0 {
             return Ok(Reply::good());
         }
@@ -401,11 +400,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     pub(super) async fn orwrite(&self, c: &Cdb<'_>, req: &Request<'_>) -> Res {
         no_protection(c)?;
         let fua = c.u8(1) & 0x08 != 0;
-        let (lba, len) = lba_and_len(c);
-        self.check_range(lba, len)?;
-        if len > MAX_TRANSFER_BLOCKS {
-            return Err(sense::INVALID_FIELD_IN_CDB.into());
-        }
+        let (lba, len) = self.transfer(c)?;
         self.check_writable()?;
         if len == 0 {
             return Ok(Reply::good());
