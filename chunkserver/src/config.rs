@@ -59,6 +59,33 @@ impl From<IoModeFlag> for IoMode {
     }
 }
 
+/// How the chunk server uses threads (`--threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Threads {
+    /// One current-thread runtime; the store's engine is one of its tasks.
+    #[default]
+    Single,
+    /// A multi-thread runtime and engine threads of their own.
+    Multi,
+}
+
+/// `--threads` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ThreadsFlag {
+    Single,
+    Multi,
+}
+
+impl From<ThreadsFlag> for Threads {
+    fn from(flag: ThreadsFlag) -> Self {
+        match flag {
+            ThreadsFlag::Single => Threads::Single,
+            ThreadsFlag::Multi => Threads::Multi,
+        }
+    }
+}
+
 /// Command-line flags. Every setting is optional here so that the file can
 /// supply it; defaults are applied after merging, in [`Config::resolve`].
 /// The defaults named in the help are checked against the constants by a test.
@@ -106,9 +133,13 @@ pub struct Flags {
     #[arg(long, value_name = "N")]
     pub open_extents_max: Option<usize>,
 
-    /// Store engine threads, each with its own io_uring and its share of the extents; 0 means one per CPU, at most 8 [default: 0].
+    /// Store engines, each with its own io_uring and its share of the extents; 0 means one per CPU, at most 8, with --threads multi (threads of their own), and 1 with --threads single (tasks of the one thread) [default: 0].
     #[arg(long, value_name = "N")]
     pub store_engines: Option<usize>,
+
+    /// single: one thread runs the RPC connections, replication and the store's io_uring (its engine a task beside them), so a request is read, stored and answered without waking another thread; one chunk server per disk, as Vitastor runs one OSD thread per disk. multi: two runtime workers plus --store-engines engine threads, for one chunk server driving several fast disks. See ARCHITECTURE.md, "Thread per core" [default: single].
+    #[arg(long, value_name = "MODE")]
+    threads: Option<ThreadsFlag>,
 
     /// Requests one connection may have in flight before the server stops reading it [default: 256].
     #[arg(long, value_name = "N")]
@@ -171,6 +202,7 @@ struct FileSettings {
     ring_entries: Option<u32>,
     open_extents_max: Option<usize>,
     store_engines: Option<usize>,
+    threads: Option<Threads>,
     requests_in_flight_max: Option<usize>,
     connections_max: Option<usize>,
     free_bytes_min: Option<u64>,
@@ -194,6 +226,9 @@ pub struct Config {
     pub node_id: u64,
     pub init: bool,
     pub store: StoreOptions,
+    /// How the process uses threads; `Single` makes the store's engines
+    /// tasks of its one runtime thread ([`StoreOptions::inline`]).
+    pub threads: Threads,
     pub requests_in_flight_max: usize,
     pub connections_max: usize,
     pub free_bytes_min: u64,
@@ -499,6 +534,11 @@ fn merge(
             reason: format!("must be from 0 (one per CPU) to {ENGINES_MAX}"),
         });
     }
+    let threads = flags
+        .threads
+        .map(Threads::from)
+        .or(file.threads)
+        .unwrap_or_default();
     let requests_in_flight_max = at_least_one(
         "requests_in_flight_max",
         pick(
@@ -596,7 +636,9 @@ fn merge(
             ring_entries,
             open_extents_max,
             engines: store_engines,
+            inline: threads == Threads::Single,
         },
+        threads,
         requests_in_flight_max,
         connections_max,
         free_bytes_min,
@@ -701,6 +743,29 @@ mod tests {
         assert_eq!(config.log_level, LOG_LEVEL_DEFAULT);
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.init);
+        assert_eq!(config.threads, Threads::Single);
+        assert!(config.store.inline);
+    }
+
+    #[test]
+    fn threads_multi_from_flag_or_file() {
+        let config = Config::resolve(flags(&[
+            "--data-dir",
+            "/d",
+            "--cluster-id",
+            "c1",
+            "--node-id",
+            "3",
+            "--threads",
+            "multi",
+        ]))
+        .expect("resolves");
+        assert_eq!(config.threads, Threads::Multi);
+        assert!(!config.store.inline);
+        let file = parse_file(Path::new("/x/cs.toml"), "threads = \"multi\"\n").expect("parses");
+        let merged = merge(required(), file, None).expect("merges");
+        assert_eq!(merged.threads, Threads::Multi);
+        parse_file(Path::new("/x/cs.toml"), "threads = \"many\"\n").expect_err("bad variant");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cairn_chunkserver::config::Config;
+use cairn_chunkserver::config::{Config, Threads};
 use cairn_chunkserver::datadir::{DataDir, DataDirOptions};
 use cairn_chunkserver::store::Store;
 use cairn_chunkserver::{collector, registration, replica, rpc};
@@ -56,8 +56,17 @@ fn run() -> Result<(), Fatal> {
         );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
+    // --threads single: one thread runs the connections, the replication
+    // driver and the store's engine (an inline task); blocking calls still
+    // go to tokio's blocking pool.
+    let mut builder = if config.threads == Threads::Single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(WORKER_THREADS);
+        b
+    };
+    let runtime = builder
         .thread_name("cairn-chunkserver")
         .enable_all()
         .build()

@@ -302,6 +302,9 @@ fn options() -> StoreOptions {
         // A tiny cache: versions beneath are evicted and reloaded constantly.
         open_extents_max: 2,
         engines: 2,
+        // The engines as tasks of the test's current-thread runtime, as the
+        // chunk server runs them by default (the model tests cover both).
+        inline: true,
     }
 }
 

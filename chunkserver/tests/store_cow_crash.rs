@@ -51,6 +51,7 @@ fn options() -> StoreOptions {
         ring_entries: 256,
         open_extents_max: 64,
         engines: 2,
+        inline: false,
     }
 }
 

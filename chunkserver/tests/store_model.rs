@@ -105,6 +105,7 @@ fn options() -> StoreOptions {
         // Two engines, so requests are routed and flushes, listings and
         // the clean marker are combined across engines.
         engines: 2,
+        inline: false,
     }
 }
 
@@ -225,48 +226,74 @@ proptest! {
 
     #[test]
     fn store_matches_model(batches in prop::collection::vec(batch(), 1..40)) {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let root = dir.path().join("extents");
-        let rt = runtime();
-        rt.block_on(async {
-            let mut store = Store::open(&root, options()).unwrap();
-            let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
-            for b in batches {
-                match b {
-                    Batch::Concurrent(steps) => {
-                        let expected: Vec<_> = steps.iter().map(|s| apply_model(&mut model, s)).collect();
-                        let results = futures::future::join_all(steps.iter().cloned().map(|s| run_step(&store, s))).await;
-                        for ((step, want), got) in steps.iter().zip(expected).zip(results) {
-                            let got = got.unwrap_or_else(|e| panic!("{step:?} failed: {e}"));
-                            if let Some(want) = want {
-                                let got = got.expect("read returns data");
-                                let first = got.iter().zip(&want).position(|(a, b)| a != b);
-                                prop_assert!(first.is_none(), "{:?} returned wrong data from byte {:?}", step, first);
-                            }
+        check_model(batches, options())?;
+    }
+
+    /// The same with the engines as tasks of the test's current-thread
+    /// runtime (`StoreOptions::inline`, the chunk server's --single-thread).
+    #[test]
+    fn inline_store_matches_model(batches in prop::collection::vec(batch(), 1..40)) {
+        check_model(batches, StoreOptions { inline: true, ..options() })?;
+    }
+}
+
+fn check_model(batches: Vec<Batch>, options: StoreOptions) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let root = dir.path().join("extents");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut store = Store::open(&root, options.clone()).unwrap();
+        let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
+        for b in batches {
+            match b {
+                Batch::Concurrent(steps) => {
+                    let expected: Vec<_> =
+                        steps.iter().map(|s| apply_model(&mut model, s)).collect();
+                    let results = futures::future::join_all(
+                        steps.iter().cloned().map(|s| run_step(&store, s)),
+                    )
+                    .await;
+                    for ((step, want), got) in steps.iter().zip(expected).zip(results) {
+                        let got = got.unwrap_or_else(|e| panic!("{step:?} failed: {e}"));
+                        if let Some(want) = want {
+                            let got = got.expect("read returns data");
+                            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                            prop_assert!(
+                                first.is_none(),
+                                "{:?} returned wrong data from byte {:?}",
+                                step,
+                                first
+                            );
                         }
-                    }
-                    Batch::CleanRestart | Batch::UncleanRestart => {
-                        store.shutdown().await.unwrap();
-                        if matches!(b, Batch::UncleanRestart) {
-                            std::fs::remove_file(root.join(".clean")).unwrap();
-                        }
-                        store = Store::open(&root, options()).unwrap();
                     }
                 }
+                Batch::CleanRestart | Batch::UncleanRestart => {
+                    store.shutdown().await.unwrap();
+                    if matches!(b, Batch::UncleanRestart) {
+                        std::fs::remove_file(root.join(".clean")).unwrap();
+                    }
+                    store = Store::open(&root, options.clone()).unwrap();
+                }
             }
-            // Everything, once more, after a final restart without the marker.
-            store.shutdown().await.unwrap();
-            std::fs::remove_file(root.join(".clean")).unwrap();
-            let store = Store::open(&root, options()).unwrap();
-            for ext in 0..3u8 {
-                let got = store.read(key(ext), EXTENT_BYTES, 0, EXTENT_BYTES).await.unwrap();
-                let want = model.get(&ext).cloned().unwrap_or_else(|| vec![0; EXTENT_BYTES as usize]);
-                prop_assert!(got[..] == want[..], "extent {} differs after restart", ext);
-            }
-            store.shutdown().await.unwrap();
-            Ok(())
-        })?;
-    }
+        }
+        // Everything, once more, after a final restart without the marker.
+        store.shutdown().await.unwrap();
+        std::fs::remove_file(root.join(".clean")).unwrap();
+        let store = Store::open(&root, options.clone()).unwrap();
+        for ext in 0..3u8 {
+            let got = store
+                .read(key(ext), EXTENT_BYTES, 0, EXTENT_BYTES)
+                .await
+                .unwrap();
+            let want = model
+                .get(&ext)
+                .cloned()
+                .unwrap_or_else(|| vec![0; EXTENT_BYTES as usize]);
+            prop_assert!(got[..] == want[..], "extent {} differs after restart", ext);
+        }
+        store.shutdown().await.unwrap();
+        Ok(())
+    })
 }
 
 fn extent_file(root: &Path, k: ExtentKey) -> std::path::PathBuf {

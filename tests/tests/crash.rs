@@ -88,6 +88,18 @@ struct Journal {
 
 #[test]
 fn kill_9_during_writes_and_flushes_loses_nothing_flushed() {
+    crash_rounds(&[]);
+}
+
+/// The same with `--threads multi`: engine threads of their own beside a
+/// multi-thread runtime (the default, `single`, runs the store's engine as a
+/// task of the one thread).
+#[test]
+fn kill_9_multi_thread_chunk_server_loses_nothing_flushed() {
+    crash_rounds(&["--threads", "multi"]);
+}
+
+fn crash_rounds(extra_args: &[&str]) {
     let rounds: usize = std::env::var("CAIRN_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -96,7 +108,9 @@ fn kill_9_during_writes_and_flushes_loses_nothing_flushed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().gen());
-    eprintln!("crash test: {rounds} rounds, seed {seed} (CAIRN_CRASH_SEED={seed} to replay)");
+    eprintln!(
+        "crash test {extra_args:?}: {rounds} rounds, seed {seed} (CAIRN_CRASH_SEED={seed} to replay)"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -104,8 +118,11 @@ fn kill_9_during_writes_and_flushes_loses_nothing_flushed() {
         .build()
         .unwrap();
 
-    let mut server =
-        ChunkServerProcess::start(ChunkServerOptions::default()).expect("start chunk server");
+    let mut server = ChunkServerProcess::start(ChunkServerOptions {
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        ..ChunkServerOptions::default()
+    })
+    .expect("start chunk server");
     // Durable content of every sector (write id, 0 = never written).
     let total_sectors = EXTENTS * SECTORS_PER_EXTENT;
     let mut durable: Vec<u64> = vec![0; total_sectors as usize];

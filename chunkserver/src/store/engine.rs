@@ -54,6 +54,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use memmap2::{MmapMut, MmapOptions};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tracing::{debug, error, info, warn};
 
 use super::layout::{self, Header, BLOCK_BYTES, HEADER_BYTES};
@@ -75,10 +77,37 @@ const BLOCK: u64 = BLOCK_BYTES as u64;
 
 pub(crate) struct Shared {
     tx: mpsc::Sender<Command>,
-    eventfd: OwnedFd,
-    /// The engine is (about to be) blocked in the ring and needs an eventfd kick.
+    wake: Wake,
+    /// The engine is (about to be) asleep and needs a kick through `wake`.
     sleeping: AtomicBool,
     closed: AtomicBool,
+}
+
+/// An io_uring's fd, borrowed for polling: the ring owns and closes it.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// How a command wakes a sleeping engine.
+enum Wake {
+    /// An engine thread sleeps in `io_uring_enter`, with a read of this
+    /// eventfd in its ring; a write completes the read and so the wait.
+    EventFd(OwnedFd),
+    /// An engine task ([`StoreOptions::inline`]) sleeps awaiting this or its
+    /// ring's completions. Waking a task on the sender's own thread is a
+    /// queue push, not a system call.
+    Notify(tokio::sync::Notify),
+}
+
+/// What runs an engine: a thread of its own, or a task of the tokio runtime
+/// that opened the store ([`StoreOptions::inline`]).
+pub(crate) enum Runner {
+    Thread(JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 impl Shared {
@@ -88,14 +117,19 @@ impl Shared {
         }
         self.tx.send(cmd).map_err(|_| StoreError::ShuttingDown)?;
         if self.sleeping.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-            let n =
-                unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-            if n != 8 {
-                // The counter can only fail to take a write if it is saturated,
-                // which means the engine has wake-ups pending anyway.
-                debug!("eventfd write returned {n}");
+            match &self.wake {
+                Wake::EventFd(eventfd) => {
+                    let one: u64 = 1;
+                    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+                    let n =
+                        unsafe { libc::write(eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                    if n != 8 {
+                        // The counter can only fail to take a write if it is
+                        // saturated: the engine has wake-ups pending anyway.
+                        debug!("eventfd write returned {n}");
+                    }
+                }
+                Wake::Notify(notify) => notify.notify_one(),
             }
         }
         Ok(())
@@ -187,8 +221,11 @@ pub(crate) fn start(
     engine: usize,
     index: BTreeMap<ExtentKey, IndexEntry>,
     clean_stop: Arc<CleanStop>,
-) -> Result<(Arc<Shared>, JoinHandle<()>)> {
+) -> Result<(Arc<Shared>, Runner)> {
     let entries = options.ring_entries.max(8);
+    if options.inline {
+        return start_inline(root, options, index, clean_stop);
+    }
     // Only the engine thread submits (single issuer), so completion work can
     // wait until it asks for events (defer taskrun) instead of interrupting
     // it: fewer wake-ups and batched completions. The ring is created
@@ -217,50 +254,104 @@ pub(crate) fn start(
     }
     // SAFETY: efd is a freshly created, valid fd that nothing else owns.
     let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-    let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared {
-        tx,
-        eventfd,
-        sleeping: AtomicBool::new(false),
-        closed: AtomicBool::new(false),
-    });
-    let allocated_total = index.values().map(|e| e.allocated_bytes).sum();
     let name = format!("cairn-store-{engine}");
-    let engine = Engine {
-        clean_stop,
-        root: root.to_path_buf(),
+    let (shared, engine) = Engine::new(
+        root,
         options,
         ring,
-        rx,
-        shared: shared.clone(),
-        eventfd_buf: Box::new(0),
-        eventfd_armed: false,
+        Wake::EventFd(eventfd),
         index,
-        allocated_total,
-        open: HashMap::new(),
-        lru: BTreeMap::new(),
-        tick: 0,
-        ops: Vec::new(),
-        free_ops: Vec::new(),
-        live_ops: 0,
-        ready: BTreeSet::new(),
-        next_seq: 0,
-        dirty: BTreeSet::new(),
-        dirs_dirty: BTreeSet::new(),
-        flushes: VecDeque::new(),
-        auto_flush_running: false,
-        sqes_in_flight: 0,
-        zero_crc: crc32fast::hash(&[0u8; BLOCK_BYTES as usize]),
-        failed: None,
-        shutdown: None,
-        final_flush_started: false,
-        cqes: Vec::new(),
-    };
+        clean_stop,
+    );
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || engine.run())
         .map_err(|e| StoreError::io("starting the store engine thread", e))?;
-    Ok((shared, thread))
+    Ok((shared, Runner::Thread(thread)))
+}
+
+/// Starts an engine as a task of the current tokio runtime. Its ring has
+/// none of the single-issuer flags: a task of a multi-thread runtime may
+/// move between threads. (On a current-thread runtime it never does, and
+/// then a request, its disk I/O and its reply all stay on one thread.)
+fn start_inline(
+    root: &Path,
+    options: StoreOptions,
+    index: BTreeMap<ExtentKey, IndexEntry>,
+    clean_stop: Arc<CleanStop>,
+) -> Result<(Arc<Shared>, Runner)> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        StoreError::InvalidArgument(
+            "a store with inline engines must be opened inside a tokio runtime".into(),
+        )
+    })?;
+    let entries = options.ring_entries.max(8);
+    let ring = IoUring::new(entries).map_err(|e| {
+        StoreError::io(
+            format!("creating an io_uring of {} entries", options.ring_entries),
+            e,
+        )
+    })?;
+    let (shared, engine) = Engine::new(
+        root,
+        options,
+        ring,
+        Wake::Notify(tokio::sync::Notify::new()),
+        index,
+        clean_stop,
+    );
+    Ok((shared, Runner::Task(runtime.spawn(engine.run_inline()))))
+}
+
+impl Engine {
+    fn new(
+        root: &Path,
+        options: StoreOptions,
+        ring: IoUring,
+        wake: Wake,
+        index: BTreeMap<ExtentKey, IndexEntry>,
+        clean_stop: Arc<CleanStop>,
+    ) -> (Arc<Shared>, Engine) {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            tx,
+            wake,
+            sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let allocated_total = index.values().map(|e| e.allocated_bytes).sum();
+        let engine = Engine {
+            clean_stop,
+            root: root.to_path_buf(),
+            options,
+            ring,
+            rx,
+            shared: shared.clone(),
+            eventfd_buf: Box::new(0),
+            eventfd_armed: false,
+            index,
+            allocated_total,
+            open: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            live_ops: 0,
+            ready: BTreeSet::new(),
+            next_seq: 0,
+            dirty: BTreeSet::new(),
+            dirs_dirty: BTreeSet::new(),
+            flushes: VecDeque::new(),
+            auto_flush_running: false,
+            sqes_in_flight: 0,
+            zero_crc: crc32fast::hash(&[0u8; BLOCK_BYTES as usize]),
+            failed: None,
+            shutdown: None,
+            final_flush_started: false,
+            cqes: Vec::new(),
+        };
+        (shared, engine)
+    }
 }
 
 /// Fails early, with advice, where O_DIRECT is not supported (tmpfs, some FUSE).
@@ -566,22 +657,7 @@ impl Engine {
             }
         }
         loop {
-            self.take_commands();
-            while let Some((seq, idx)) = self.ready.pop_first() {
-                match self.ops[idx].as_mut() {
-                    Some(op) if op.seq == seq => op.in_ready = false,
-                    _ => continue, // finished since it was queued
-                }
-                if !self.advance(idx) {
-                    // Out of ring space: retry after completions free some.
-                    self.op_mut(idx).in_ready = true;
-                    self.ready.insert((seq, idx));
-                    break;
-                }
-            }
-            self.maintain();
-            if self.shutdown.is_some() && self.live_ops == 0 && self.final_flush_started {
-                self.finish_shutdown();
+            if self.turn() {
                 return;
             }
             if let Err(e) = self.submit_and_wait() {
@@ -591,6 +667,118 @@ impl Engine {
             }
             self.reap();
         }
+    }
+
+    /// The engine as a task ([`StoreOptions::inline`]): the same turns as
+    /// [`run`](Self::run), but it never blocks in the kernel. It submits,
+    /// and when nothing is left to do it awaits its ring's completions (the
+    /// ring's fd polls readable when a completion is queued) or a command.
+    /// While busy it yields after every turn, so the tasks that feed it
+    /// (connections on the same thread) run and their requests join the
+    /// next turn's submission.
+    async fn run_inline(mut self) {
+        let ring_fd = RingFd(self.ring.as_raw_fd());
+        // SAFETY: the ring owns this fd and keeps it open until the engine
+        // is dropped; `ring_fd` is a local of this function and `self` its
+        // parameter, so the registration is dropped first.
+        let ring_fd = match unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+        {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!("cannot poll the store's io_uring: {e}; stopping the store engine");
+                self.fail_everything(&format!("polling the io_uring failed: {e}"));
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        let Wake::Notify(notify) = &shared.wake else {
+            unreachable!("inline engines are woken by Notify");
+        };
+        loop {
+            if self.turn() {
+                return;
+            }
+            if let Err(e) = self.submit_pending() {
+                error!("io_uring submit failed: {e}; stopping the store engine");
+                self.fail_everything(&format!("io_uring submit failed: {e}"));
+                return;
+            }
+            let more_now = !self.ring.completion().is_empty()
+                || (!self.ready.is_empty() && self.ring_room(CHAIN_SQES_MAX));
+            if more_now {
+                tokio::task::yield_now().await;
+            } else {
+                self.shared.sleeping.store(true, Ordering::SeqCst);
+                // A command may have arrived before `sleeping` was set.
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        self.shared.sleeping.store(false, Ordering::SeqCst);
+                        self.apply_command(cmd);
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            ready = ring_fd.readable() => match ready {
+                                // Readiness is an edge: forget it only once
+                                // the queue it announced is drained.
+                                Ok(mut guard) => {
+                                    if self.ring.completion().is_empty() {
+                                        guard.clear_ready();
+                                    }
+                                }
+                                Err(e) => {
+                                    error!("polling the store's io_uring failed: {e}; stopping the store engine");
+                                    self.fail_everything(&format!("polling the io_uring failed: {e}"));
+                                    return;
+                                }
+                            },
+                            () = notify.notified() => {}
+                        }
+                        self.shared.sleeping.store(false, Ordering::SeqCst);
+                    }
+                }
+            }
+            self.reap();
+        }
+    }
+
+    /// Submits what the turn queued, without waiting for anything.
+    fn submit_pending(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Completions must be reaped first; the caller reaps next.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One turn's work before submitting: take commands, advance ready ops,
+    /// keep the invariants. True once the engine has stopped for good.
+    fn turn(&mut self) -> bool {
+        self.take_commands();
+        while let Some((seq, idx)) = self.ready.pop_first() {
+            match self.ops[idx].as_mut() {
+                Some(op) if op.seq == seq => op.in_ready = false,
+                _ => continue, // finished since it was queued
+            }
+            if !self.advance(idx) {
+                // Out of ring space: retry after completions free some.
+                self.op_mut(idx).in_ready = true;
+                self.ready.insert((seq, idx));
+                break;
+            }
+        }
+        self.maintain();
+        if self.shutdown.is_some() && self.live_ops == 0 && self.final_flush_started {
+            self.finish_shutdown();
+            return true;
+        }
+        false
     }
 
     // ----- commands -----
@@ -2539,8 +2727,11 @@ impl Engine {
         if self.eventfd_armed {
             return;
         }
+        let Wake::EventFd(eventfd) = &self.shared.wake else {
+            return;
+        };
         let ptr = (&mut *self.eventfd_buf as *mut u64).cast::<u8>();
-        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr, 8)
+        let sqe = opcode::Read::new(types::Fd(eventfd.as_raw_fd()), ptr, 8)
             .build()
             .user_data(EVENTFD_TOKEN);
         // SAFETY: eventfd_buf is boxed, owned by the engine and outlives the ring.

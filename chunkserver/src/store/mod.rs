@@ -22,7 +22,6 @@ pub mod slots;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
@@ -85,10 +84,16 @@ pub struct StoreOptions {
     /// table each). Bounds memory: about 28 KiB per open 4 MiB extent.
     pub open_extents_max: usize,
     /// Engine threads, each with its own io_uring; 0 means one per CPU, at
-    /// most [`ENGINES_AUTO_MAX`]. One thread cannot keep a fast disk busy:
+    /// most [`ENGINES_AUTO_MAX`] (one when `inline`). One thread cannot keep a fast disk busy:
     /// submitting a 4 KiB write costs the kernel about as much CPU time as the
     /// disk takes to do it.
     pub engines: usize,
+    /// Run the engines as tasks of the tokio runtime that opens the store
+    /// instead of threads of their own. On a current-thread runtime this is
+    /// thread per core: the callers (RPC connections), the engine and its
+    /// ring share one thread, so a request never waits for another thread
+    /// to wake. [`Store::open`] must then be called inside that runtime.
+    pub inline: bool,
 }
 
 /// The most engines `engines: 0` starts.
@@ -103,6 +108,7 @@ impl Default for StoreOptions {
             ring_entries: 1024,
             open_extents_max: 1024,
             engines: 0,
+            inline: false,
         }
     }
 }
@@ -111,6 +117,9 @@ impl StoreOptions {
     /// The number of engines these options start.
     pub fn engine_count(&self) -> usize {
         match self.engines {
+            // Inline engines share their runtime's threads; with a current-
+            // thread runtime a second one only splits the batches.
+            0 if self.inline => 1,
             0 => std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -241,7 +250,7 @@ pub struct Store {
 
 struct Inner {
     engines: Vec<Arc<engine::Shared>>,
-    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    runners: std::sync::Mutex<Vec<engine::Runner>>,
     root: PathBuf,
 }
 
@@ -263,12 +272,12 @@ impl Store {
         };
         let clean_stop = engine::CleanStop::new(root, n);
         let mut engines = Vec::with_capacity(n);
-        let mut threads = Vec::with_capacity(n);
+        let mut runners = Vec::with_capacity(n);
         for (i, share) in shares.into_iter().enumerate() {
             match engine::start(root, per_engine.clone(), i, share, clean_stop.clone()) {
-                Ok((shared, thread)) => {
+                Ok((shared, runner)) => {
                     engines.push(shared);
-                    threads.push(thread);
+                    runners.push(runner);
                 }
                 Err(e) => {
                     // Stop the engines already running; they took no commands.
@@ -276,8 +285,10 @@ impl Store {
                         let (reply, _) = oneshot::channel();
                         let _ = shared.send(Command::Shutdown { reply });
                     }
-                    for t in threads {
-                        let _ = t.join();
+                    for r in runners {
+                        if let engine::Runner::Thread(t) = r {
+                            let _ = t.join();
+                        }
                     }
                     return Err(e);
                 }
@@ -286,7 +297,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 engines,
-                threads: std::sync::Mutex::new(threads),
+                runners: std::sync::Mutex::new(runners),
                 root: root.to_path_buf(),
             }),
         })
@@ -593,9 +604,17 @@ impl Store {
             // A dropped reply means that engine had already stopped.
             keep_first_error(&mut result, rx.await);
         }
-        let threads = self.take_threads();
+        // The engines have replied; they exit right after.
+        let mut threads = Vec::new();
+        for runner in self.take_runners() {
+            match runner {
+                engine::Runner::Thread(t) => threads.push(t),
+                engine::Runner::Task(t) => {
+                    let _ = t.await;
+                }
+            }
+        }
         if !threads.is_empty() {
-            // The engines have replied; they exit right after.
             let _ = tokio::task::spawn_blocking(move || {
                 for t in threads {
                     let _ = t.join();
@@ -606,14 +625,18 @@ impl Store {
         result
     }
 
-    /// Blocking shutdown for callers outside an async runtime.
+    /// Blocking shutdown for callers outside an async runtime. Inline
+    /// engines need their runtime running on another thread meanwhile.
     pub fn shutdown_blocking(&self) -> Result<()> {
         let mut result = Ok(());
         for rx in self.send_shutdown() {
             keep_first_error(&mut result, rx.blocking_recv());
         }
-        for t in self.take_threads() {
-            let _ = t.join();
+        for runner in self.take_runners() {
+            // A task's reply came at its end; only threads need joining.
+            if let engine::Runner::Thread(t) = runner {
+                let _ = t.join();
+            }
         }
         result
     }
@@ -630,8 +653,8 @@ impl Store {
         pending
     }
 
-    fn take_threads(&self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut *self.inner.threads.lock().expect("store threads lock"))
+    fn take_runners(&self) -> Vec<engine::Runner> {
+        std::mem::take(&mut *self.inner.runners.lock().expect("store runners lock"))
     }
 }
 

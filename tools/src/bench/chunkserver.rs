@@ -62,12 +62,14 @@ pub struct ChunkServer {
 impl ChunkServer {
     /// Starts `bin` on a free loopback port with a new data directory
     /// `data_dir` (`--init`), logging to `log_path`, and waits until it answers
-    /// a node stat. `store_engines` 0 is the chunk server's default.
+    /// a node stat. `store_engines` 0 is the chunk server's default;
+    /// `threads` is its `--threads` (single or multi).
     pub async fn start(
         bin: &Path,
         data_dir: &Path,
         io_mode: IoMode,
         store_engines: u32,
+        threads: &str,
         log_path: &Path,
     ) -> anyhow::Result<ChunkServer> {
         check_bin(bin)?;
@@ -78,6 +80,7 @@ impl ChunkServer {
             .try_clone()
             .with_context(|| format!("duplicating {}", log_path.display()))?;
         let child = Command::new(bin)
+            .args(["--threads", threads])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")

@@ -124,9 +124,13 @@ pub struct NbdBenchArgs {
     #[arg(long, value_name = "KEY=VALUE")]
     pub nbdkit_arg: Vec<String>,
     /// Extra flag for Cairn's chunk servers, e.g. --chunkserver-arg=--io-mode=buffered
-    /// (through the page cache, as nbdkit's default); repeat for several.
+    /// (through the page cache, as nbdkit's default) or --chunkserver-arg=--threads=multi;
+    /// repeat for several.
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     pub chunkserver_arg: Vec<String>,
+    /// Extra flag for cairn-target, e.g. --target-arg=--log-level=debug; repeat for several.
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub target_arg: Vec<String>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -312,6 +316,7 @@ struct Setup {
     nbdkit_version: String,
     nbdkit_args: Vec<String>,
     chunkserver_args: Vec<String>,
+    target_args: Vec<String>,
     run_dir: String,
     fs_type: String,
     cpus: usize,
@@ -680,6 +685,7 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
         nbdkit_version,
         nbdkit_args: args.nbdkit_arg.clone(),
         chunkserver_args: args.chunkserver_arg.clone(),
+        target_args: args.target_arg.clone(),
         run_dir: dir.path().display().to_string(),
         fs_type: fs.fs_type.clone(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -761,7 +767,10 @@ pub fn run(args: NbdBenchArgs) -> anyhow::Result<()> {
             CLUSTER_ID.into(),
             "--listen".into(),
             target_addr.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(args.target_arg.iter().cloned())
+        .collect(),
         first_args: Vec::new(),
         addr: target_addr,
         log: dir.path().join("cairn-target.log"),
@@ -903,7 +912,12 @@ fn print_table(r: &NbdReport) {
         s.fio_version
     );
     println!(
-        "  (b) cairn-target (127.0.0.10), volume of 1 replica{}",
+        "  (b) cairn-target (127.0.0.10){}, volume of 1 replica{}",
+        if s.target_args.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", s.target_args.join(" "))
+        },
         if s.chunkserver_args.is_empty() {
             String::new()
         } else {

@@ -136,9 +136,10 @@ pub struct StoreBenchArgs {
     /// TCP connections to the chunk server; the queue depth is spread over them.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(super) connections: u32,
-    /// Threads driving the in-process store's load (1: a current-thread
-    /// runtime). Two measured faster for 1 MiB writes: each write allocates
-    /// and zeroes a fresh aligned buffer, which one thread cannot keep up with.
+    /// Threads driving the in-process store's load with --threads multi (1:
+    /// a current-thread runtime); with --threads single the load and the
+    /// engine share one. Two measured faster for 1 MiB writes with engine
+    /// threads: each write allocates and zeroes a fresh aligned buffer.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(super) inprocess_threads: u32,
     /// Threads driving the RPC clients (1: a current-thread runtime). One
@@ -150,6 +151,29 @@ pub struct StoreBenchArgs {
     /// 0 is the store's default, one per CPU.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub(super) store_engines: u32,
+    /// The chunk server's --threads, and the in-process store's match:
+    /// single runs its engine as a task of the load's runtime, on one thread
+    /// with the load (--inprocess-threads is then 1); multi gives it engine
+    /// threads of their own.
+    #[arg(long, value_enum, default_value_t = ThreadsArg::Single)]
+    pub(super) threads: ThreadsArg,
+}
+
+/// `--threads` values, as the chunk server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadsArg {
+    Single,
+    Multi,
+}
+
+impl ThreadsArg {
+    pub(super) fn flag(self) -> &'static str {
+        match self {
+            ThreadsArg::Single => "single",
+            ThreadsArg::Multi => "multi",
+        }
+    }
 }
 
 /// The run's settings after defaults and --quick are applied.
@@ -167,6 +191,7 @@ pub struct Config {
     pub(super) inprocess_threads: u32,
     pub(super) rpc_threads: u32,
     pub(super) store_engines: u32,
+    pub(super) threads: ThreadsArg,
     #[serde(skip)]
     pub(super) chunkserver_bin: PathBuf,
 }
@@ -201,9 +226,14 @@ impl Config {
             io_mode: args.io_mode,
             fio: !args.skip_fio,
             connections: args.connections.min(args.iodepth),
-            inprocess_threads: args.inprocess_threads,
+            inprocess_threads: if args.threads == ThreadsArg::Single {
+                1
+            } else {
+                args.inprocess_threads
+            },
             rpc_threads: args.rpc_threads,
             store_engines: args.store_engines,
+            threads: args.threads,
             chunkserver_bin,
         })
     }
@@ -219,6 +249,7 @@ impl Config {
         if self.store_engines != 0 {
             parts.push(format!("{} store engine(s)", self.store_engines));
         }
+        parts.push(format!("threads {}", self.threads.flag()));
         if self.inprocess() {
             parts.push(format!(
                 "in-process load on {} thread(s)",
@@ -307,6 +338,11 @@ mod tests {
         );
         assert_eq!(c.store_engines, 0);
         assert_eq!(config(&["--store-engines", "1"]).unwrap().store_engines, 1);
+        // One thread for load and engine unless the engines have threads.
+        let c = config(&[]).unwrap();
+        assert_eq!((c.threads, c.inprocess_threads), (ThreadsArg::Single, 1));
+        let c = config(&["--threads", "multi"]).unwrap();
+        assert_eq!((c.threads, c.inprocess_threads), (ThreadsArg::Multi, 2));
     }
 
     #[test]

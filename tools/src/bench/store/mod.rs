@@ -22,7 +22,7 @@ use super::report::{self, MemoryReport, Metric, PhaseReport, Report};
 
 mod config;
 
-use config::{Config, IoModeArg};
+use config::{Config, IoModeArg, ThreadsArg};
 pub use config::{StoreBenchArgs, LONG_ABOUT};
 
 /// Volume of the performance phases' working set.
@@ -304,9 +304,15 @@ impl<'a> Bench<'a> {
             let options = StoreOptions {
                 io_mode: self.config.io_mode.into(),
                 engines: self.config.store_engines as usize,
+                inline: self.config.threads == ThreadsArg::Single,
                 ..StoreOptions::default()
             };
-            let store = Store::open(&root, options)
+            // Inline engines become tasks of the runtime entered here: the
+            // load's own (one thread with --threads single).
+            let entered = runtime.enter();
+            let store = Store::open(&root, options);
+            drop(entered);
+            let store = store
                 .with_context(|| format!("opening the in-process store in {}", root.display()))?;
             let subject = Arc::new(Subject::in_process(store.clone(), runtime));
             self.inprocess = Some((store, subject));
@@ -342,6 +348,7 @@ impl<'a> Bench<'a> {
             &self.run_dir.join("store-rpc"),
             self.config.io_mode.into(),
             self.config.store_engines,
+            self.config.threads.flag(),
             &self.run_dir.join("chunkserver.log"),
         )
         .await?;
