@@ -752,7 +752,9 @@ async fn group_request(
     };
     let data = data.map(Bytes::from_owner).unwrap_or_default();
     let (req, extent_bytes) = decode_request(header, data).map_err(invalid)?;
-    let what = format!("{} request {} of client {:#x}", req.key, req.id, req.client);
+    // Named only if the reply times out: formatting it for every request
+    // showed in profiles.
+    let (key, id, client) = (req.key, req.id, req.client);
     let Some(rx) = replication.request(req, extent_bytes).await else {
         return Err(Failure {
             status: Status::ShuttingDown,
@@ -773,7 +775,9 @@ async fn group_request(
         // protocol (a stale copy): the client has moved on; Busy is safe.
         Ok(Err(_)) => Ok(refused(Refusal::Busy)),
         Err(_) => {
-            debug!("{what}: no outcome within {GROUP_REPLY_TIMEOUT:?}; answering Busy");
+            debug!(
+                "{key} request {id} of client {client:#x}: no outcome within {GROUP_REPLY_TIMEOUT:?}; answering Busy"
+            );
             Ok(refused(Refusal::Busy))
         }
     }
