@@ -2864,6 +2864,30 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// The kernel may still be reading from or writing into buffers the ops
+    /// own. An engine dropped with SQEs in flight (its ring failed, or an
+    /// inline engine's task was dropped with its runtime before the store
+    /// shut down) waits for their completions before the ops and their
+    /// buffers are freed; the fields drop after this.
+    fn drop(&mut self) {
+        while self.sqes_in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // A ring that cannot wait cannot complete anything either.
+                Err(_) => break,
+            }
+            let done = self
+                .ring
+                .completion()
+                .filter(|c| c.user_data() != EVENTFD_TOKEN)
+                .count();
+            self.sqes_in_flight = self.sqes_in_flight.saturating_sub(done);
+        }
+    }
+}
+
 /// After verifying blocks of `ext` (version `key`): a settle that left a
 /// pending write (slots.rs, rule 4) makes the extent need a flush.
 fn note_settled(ext: &mut OpenExtent, dirty: &mut BTreeSet<ExtentKey>, key: ExtentKey) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use cairn_chunkserver::store::{ExtentKey, IoBuf, Store};
+use cairn_chunkserver::store::{ExtentKey, IoBuf, Store, WriteData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Handle;
@@ -103,43 +103,23 @@ impl Subject {
         }
     }
 
-    /// Whether one buffer can be sent again and again (see [`Self::write`]).
-    fn reuses_payloads(&self) -> bool {
-        matches!(self.target, Target::Rpc(_))
-    }
-
-    /// Writes `len` bytes. The store API takes an aligned buffer by value, so
-    /// each in-process write allocates a fresh one and `fill`s it, as the RPC
-    /// server does for every write it receives. The RPC client sends `Bytes`,
-    /// so a worker passes one random-filled buffer as `reusable` and sends it
-    /// every time, as fio reuses its buffers: the benchmark's own client-side
-    /// cost then stays out of the server's numbers on a shared CPU.
-    async fn write(
-        &self,
-        task: usize,
-        r: Range,
-        reusable: Option<&Bytes>,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> anyhow::Result<()> {
+    /// Writes `data` (one random-filled aligned buffer per worker, written
+    /// again and again as fio reuses its buffers, so the benchmark's own
+    /// client-side cost stays out of the numbers on a shared CPU). In process
+    /// it reaches the store as shared bytes, written without a copy as a
+    /// replicated write's are; over RPC the client sends it as it is.
+    async fn write(&self, task: usize, r: Range, data: &Bytes) -> anyhow::Result<()> {
         match &self.target {
-            Target::InProcess(store) => {
-                let mut data = IoBuf::zeroed(r.len as usize);
-                fill(&mut data);
-                Ok(store
-                    .write(r.key, r.extent_bytes, r.offset, data, false)
-                    .await?)
-            }
-            Target::Rpc(pool) => {
-                let data = match reusable {
-                    Some(data) => data.clone(),
-                    None => {
-                        let mut data = vec![0; r.len as usize];
-                        fill(&mut data);
-                        Bytes::from(data)
-                    }
-                };
-                pool.write(task, r, data).await
-            }
+            Target::InProcess(store) => Ok(store
+                .write(
+                    r.key,
+                    r.extent_bytes,
+                    r.offset,
+                    WriteData::Shared(data.clone()),
+                    false,
+                )
+                .await?),
+            Target::Rpc(pool) => pool.write(task, r, data.clone()).await,
         }
     }
 
@@ -256,9 +236,6 @@ struct Shared {
     /// Set by a failing task so the others stop rather than run out the clock.
     stop: AtomicBool,
     deadline: Option<Instant>,
-    /// Marks written blocks so no two carry the same bytes (a store that
-    /// deduplicated or skipped zero blocks would otherwise look faster).
-    run_nonce: u64,
 }
 
 impl Shared {
@@ -284,14 +261,6 @@ impl Shared {
 
     fn keep_going(&self) -> bool {
         !self.stop.load(Ordering::Relaxed) && self.deadline.is_none_or(|d| Instant::now() < d)
-    }
-
-    fn stamp(&self, buf: &mut [u8], volume_offset: u64, seq: u64) {
-        for block in buf.chunks_mut(4096) {
-            block[..8].copy_from_slice(&self.run_nonce.to_le_bytes());
-            block[8..16].copy_from_slice(&volume_offset.to_le_bytes());
-            block[16..24].copy_from_slice(&seq.to_le_bytes());
-        }
     }
 }
 
@@ -335,7 +304,6 @@ pub async fn run(subject: Arc<Subject>, job: Job, seed: u64) -> anyhow::Result<T
         cursor: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         deadline: job.runtime.map(|r| start + r),
-        run_nonce: seed,
     });
     let mut tasks = JoinSet::new();
     for task in 0..job.iodepth as usize {
@@ -378,10 +346,10 @@ async fn worker(
     mut rng: StdRng,
 ) -> anyhow::Result<u64> {
     let job = &shared.job;
-    let reusable = (job.write && subject.reuses_payloads()).then(|| {
-        let mut data = vec![0; job.block_bytes as usize];
+    let payload = job.write.then(|| {
+        let mut data = IoBuf::zeroed(job.block_bytes as usize);
         rng.fill(&mut data[..]);
-        Bytes::from(data)
+        Bytes::from_owner(data)
     });
     let mut ops = 0u64;
     while shared.keep_going() {
@@ -399,10 +367,9 @@ async fn worker(
             offset: volume_offset % extent_bytes,
             len: job.block_bytes,
         };
-        if job.write {
-            let fill = |buf: &mut [u8]| shared.stamp(buf, volume_offset, ops);
+        if let Some(payload) = &payload {
             subject
-                .write(task, r, reusable.as_ref(), fill)
+                .write(task, r, payload)
                 .await
                 .with_context(|| format!("write of {r}"))?;
         } else {
@@ -442,7 +409,6 @@ mod tests {
             cursor: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             deadline: None,
-            run_nonce: 7,
         }
     }
 
@@ -478,19 +444,6 @@ mod tests {
             assert_eq!(o % 4096, 0);
             assert!(o < 10 * 4096);
         }
-    }
-
-    #[test]
-    fn buffers_are_stamped_per_block() {
-        let mut j = job(Offsets::Random {
-            span_bytes: 1 << 20,
-        });
-        j.block_bytes = 8192;
-        let mut buf = vec![0; 8192];
-        shared(j).stamp(&mut buf, 12288, 3);
-        assert_eq!(&buf[4096..4104], &7u64.to_le_bytes());
-        assert_eq!(&buf[4104..4112], &12288u64.to_le_bytes());
-        assert_eq!(&buf[4112..4120], &3u64.to_le_bytes());
     }
 
     #[test]
