@@ -229,10 +229,10 @@ pub(crate) fn start(
     index: BTreeMap<ExtentKey, IndexEntry>,
     clean_stop: Arc<CleanStop>,
 ) -> Result<(Arc<Shared>, Runner)> {
-    let entries = options.ring_entries.max(8);
     if options.inline {
         return start_inline(root, options, index, clean_stop);
     }
+    let entries = options.ring_entries.max(8);
     // Only the engine thread submits (single issuer), so completion work can
     // wait until it asks for events (defer taskrun) instead of interrupting
     // it: fewer wake-ups and batched completions. The ring is created
@@ -658,9 +658,7 @@ impl Engine {
     fn run(mut self) {
         if self.ring.params().is_setup_single_issuer() {
             if let Err(e) = self.ring.submitter().register_enable_rings() {
-                error!("enabling the store's io_uring failed: {e}; stopping the store engine");
-                self.fail_everything(&format!("enabling the io_uring failed: {e}"));
-                return;
+                return self.stop_on("enabling the io_uring", e);
             }
         }
         loop {
@@ -668,9 +666,7 @@ impl Engine {
                 return;
             }
             if let Err(e) = self.submit_and_wait() {
-                error!("io_uring wait failed: {e}; stopping the store engine");
-                self.fail_everything(&format!("io_uring wait failed: {e}"));
-                return;
+                return self.stop_on("io_uring wait", e);
             }
             self.reap();
         }
@@ -691,11 +687,7 @@ impl Engine {
         let ring_fd = match unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
         {
             Ok(fd) => fd,
-            Err(e) => {
-                error!("cannot poll the store's io_uring: {e}; stopping the store engine");
-                self.fail_everything(&format!("polling the io_uring failed: {e}"));
-                return;
-            }
+            Err(e) => return self.stop_on("registering the io_uring for polling", e),
         };
         let shared = self.shared.clone();
         let Wake::Notify(notify) = &shared.wake else {
@@ -706,9 +698,7 @@ impl Engine {
                 return;
             }
             if let Err(e) = self.submit_pending() {
-                error!("io_uring submit failed: {e}; stopping the store engine");
-                self.fail_everything(&format!("io_uring submit failed: {e}"));
-                return;
+                return self.stop_on("io_uring submit", e);
             }
             let more_now = !self.ring.completion().is_empty()
                 || (!self.ready.is_empty() && self.ring_room(CHAIN_SQES_MAX));
@@ -732,11 +722,7 @@ impl Engine {
                                         guard.clear_ready();
                                     }
                                 }
-                                Err(e) => {
-                                    error!("polling the store's io_uring failed: {e}; stopping the store engine");
-                                    self.fail_everything(&format!("polling the io_uring failed: {e}"));
-                                    return;
-                                }
+                                Err(e) => return self.stop_on("polling the io_uring", e),
                             },
                             () = notify.notified() => {}
                         }
@@ -2834,6 +2820,13 @@ impl Engine {
             reject_shutting_down(cmd);
         }
         let _ = reply.send(result);
+    }
+
+    /// The ring failed at `what`: one log line, then every op and later
+    /// command fails and the engine stops.
+    fn stop_on(&mut self, what: &str, e: impl std::fmt::Display) {
+        error!("{what} failed: {e}; stopping the store engine");
+        self.fail_everything(&format!("{what} failed: {e}"));
     }
 
     fn fail_everything(&mut self, why: &str) {
