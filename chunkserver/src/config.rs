@@ -59,8 +59,8 @@ impl From<IoModeFlag> for IoMode {
     }
 }
 
-/// How the chunk server uses threads (`--threads`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// How the chunk server uses threads (`--threads`, TOML `threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Threads {
     /// One current-thread runtime; the store's engine is one of its tasks.
@@ -70,18 +70,12 @@ pub enum Threads {
     Multi,
 }
 
-/// `--threads` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ThreadsFlag {
-    Single,
-    Multi,
-}
-
-impl From<ThreadsFlag> for Threads {
-    fn from(flag: ThreadsFlag) -> Self {
-        match flag {
-            ThreadsFlag::Single => Threads::Single,
-            ThreadsFlag::Multi => Threads::Multi,
+impl Threads {
+    /// The flag's value, as `--threads` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Threads::Single => "single",
+            Threads::Multi => "multi",
         }
     }
 }
@@ -139,7 +133,7 @@ pub struct Flags {
 
     /// single: one thread runs the RPC connections, replication and the store's io_uring (its engine a task beside them), so a request is read, stored and answered without waking another thread; one chunk server per disk, as Vitastor runs one OSD thread per disk. multi: two runtime workers plus --store-engines engine threads, for one chunk server driving several fast disks. See ARCHITECTURE.md, "Thread per core" [default: single].
     #[arg(long, value_name = "MODE")]
-    threads: Option<ThreadsFlag>,
+    threads: Option<Threads>,
 
     /// Requests one connection may have in flight before the server stops reading it [default: 256].
     #[arg(long, value_name = "N")]
@@ -534,11 +528,7 @@ fn merge(
             reason: format!("must be from 0 (one per CPU) to {ENGINES_MAX}"),
         });
     }
-    let threads = flags
-        .threads
-        .map(Threads::from)
-        .or(file.threads)
-        .unwrap_or_default();
+    let threads = flags.threads.or(file.threads).unwrap_or_default();
     let requests_in_flight_max = at_least_one(
         "requests_in_flight_max",
         pick(

@@ -700,35 +700,23 @@ impl Engine {
             if let Err(e) = self.submit_pending() {
                 return self.stop_on("io_uring submit", e);
             }
-            let more_now = !self.ring.completion().is_empty()
-                || (!self.ready.is_empty() && self.ring_room(CHAIN_SQES_MAX));
-            if more_now {
+            if !self.ring.completion().is_empty() || self.ready_can_advance() {
                 tokio::task::yield_now().await;
-            } else {
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                // A command may have arrived before `sleeping` was set.
-                match self.rx.try_recv() {
-                    Ok(cmd) => {
-                        self.shared.sleeping.store(false, Ordering::SeqCst);
-                        self.apply_command(cmd);
-                    }
-                    Err(_) => {
-                        tokio::select! {
-                            ready = ring_fd.readable() => match ready {
-                                // Readiness is an edge: forget it only once
-                                // the queue it announced is drained.
-                                Ok(mut guard) => {
-                                    if self.ring.completion().is_empty() {
-                                        guard.clear_ready();
-                                    }
-                                }
-                                Err(e) => return self.stop_on("polling the io_uring", e),
-                            },
-                            () = notify.notified() => {}
+            } else if !self.command_before_sleep() {
+                tokio::select! {
+                    ready = ring_fd.readable() => match ready {
+                        // Readiness is an edge: forget it only once the
+                        // queue it announced is drained.
+                        Ok(mut guard) => {
+                            if self.ring.completion().is_empty() {
+                                guard.clear_ready();
+                            }
                         }
-                        self.shared.sleeping.store(false, Ordering::SeqCst);
-                    }
+                        Err(e) => return self.stop_on("polling the io_uring", e),
+                    },
+                    () = notify.notified() => {}
                 }
+                self.shared.sleeping.store(false, Ordering::SeqCst);
             }
             self.reap();
         }
@@ -739,15 +727,7 @@ impl Engine {
         if self.ring.submission().is_empty() {
             return Ok(());
         }
-        loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // Completions must be reaped first; the caller reaps next.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
+        self.enter(0)
     }
 
     /// One turn's work before submitting: take commands, advance ready ops,
@@ -2742,30 +2722,46 @@ impl Engine {
 
     fn submit_and_wait(&mut self) -> io::Result<()> {
         self.arm_eventfd();
-        if !self.ready.is_empty() && self.ring_room(CHAIN_SQES_MAX) {
-            self.ring.submit()?;
-            return Ok(());
+        if self.ready_can_advance() {
+            return self.enter(0);
         }
-        self.shared.sleeping.store(true, Ordering::SeqCst);
-        // A command may have arrived before `sleeping` was set: do not sleep on it.
-        let wait = match self.rx.try_recv() {
-            Ok(cmd) => {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-                self.apply_command(cmd);
-                0
-            }
-            Err(_) => 1,
-        };
+        // Do not sleep on a command that arrived before `sleeping` was set.
+        let wait = if self.command_before_sleep() { 0 } else { 1 };
+        let result = self.enter(wait);
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Submits what is queued and waits for `wait` completions. EBUSY (the
+    /// completion queue is full) is not an error: the caller reaps next.
+    fn enter(&mut self, wait: usize) -> io::Result<()> {
         loop {
             match self.ring.submit_and_wait(wait) {
-                Ok(_) => break,
+                Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        self.shared.sleeping.store(false, Ordering::SeqCst);
-        Ok(())
+    }
+
+    /// Ops are waiting to advance and the ring has room for them.
+    fn ready_can_advance(&self) -> bool {
+        !self.ready.is_empty() && self.ring_room(CHAIN_SQES_MAX)
+    }
+
+    /// Marks the engine as going to sleep, then takes one command that may
+    /// have arrived before the mark: true if it did (and is awake again).
+    fn command_before_sleep(&mut self) -> bool {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        match self.rx.try_recv() {
+            Ok(cmd) => {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                self.apply_command(cmd);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     // ----- invariants after every turn -----

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use cairn_chunkserver::config::Threads;
 use cairn_chunkserver::rpc::ChunkClient;
 use cairn_chunkserver::store::IoMode;
 
@@ -63,13 +64,13 @@ impl ChunkServer {
     /// Starts `bin` on a free loopback port with a new data directory
     /// `data_dir` (`--init`), logging to `log_path`, and waits until it answers
     /// a node stat. `store_engines` 0 is the chunk server's default;
-    /// `threads` is its `--threads` (single or multi).
+    /// `threads` is its `--threads`.
     pub async fn start(
         bin: &Path,
         data_dir: &Path,
         io_mode: IoMode,
         store_engines: u32,
-        threads: &str,
+        threads: Threads,
         log_path: &Path,
     ) -> anyhow::Result<ChunkServer> {
         check_bin(bin)?;
@@ -80,7 +81,7 @@ impl ChunkServer {
             .try_clone()
             .with_context(|| format!("duplicating {}", log_path.display()))?;
         let child = Command::new(bin)
-            .args(["--threads", threads])
+            .args(["--threads", threads.name()])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")

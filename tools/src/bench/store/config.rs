@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
+use cairn_chunkserver::config::Threads;
 use cairn_chunkserver::store::layout::{data_offset, extent_bytes_valid, BLOCK_BYTES};
 use cairn_chunkserver::store::IoMode;
 use clap::ValueEnum;
@@ -138,8 +139,7 @@ pub struct StoreBenchArgs {
     pub(super) connections: u32,
     /// Threads driving the in-process store's load with --threads multi (1:
     /// a current-thread runtime); with --threads single the load and the
-    /// engine share one. Two measured faster for 1 MiB writes with engine
-    /// threads: each write allocates and zeroes a fresh aligned buffer.
+    /// engine share one.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(super) inprocess_threads: u32,
     /// Threads driving the RPC clients (1: a current-thread runtime). One
@@ -155,25 +155,8 @@ pub struct StoreBenchArgs {
     /// single runs its engine as a task of the load's runtime, on one thread
     /// with the load (--inprocess-threads is then 1); multi gives it engine
     /// threads of their own.
-    #[arg(long, value_enum, default_value_t = ThreadsArg::Single)]
-    pub(super) threads: ThreadsArg,
-}
-
-/// `--threads` values, as the chunk server's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ThreadsArg {
-    Single,
-    Multi,
-}
-
-impl ThreadsArg {
-    pub(super) fn flag(self) -> &'static str {
-        match self {
-            ThreadsArg::Single => "single",
-            ThreadsArg::Multi => "multi",
-        }
-    }
+    #[arg(long, value_enum, default_value_t = Threads::Single)]
+    pub(super) threads: Threads,
 }
 
 /// The run's settings after defaults and --quick are applied.
@@ -191,7 +174,7 @@ pub struct Config {
     pub(super) inprocess_threads: u32,
     pub(super) rpc_threads: u32,
     pub(super) store_engines: u32,
-    pub(super) threads: ThreadsArg,
+    pub(super) threads: Threads,
     #[serde(skip)]
     pub(super) chunkserver_bin: PathBuf,
 }
@@ -226,7 +209,7 @@ impl Config {
             io_mode: args.io_mode,
             fio: !args.skip_fio,
             connections: args.connections.min(args.iodepth),
-            inprocess_threads: if args.threads == ThreadsArg::Single {
+            inprocess_threads: if args.threads == Threads::Single {
                 1
             } else {
                 args.inprocess_threads
@@ -249,7 +232,7 @@ impl Config {
         if self.store_engines != 0 {
             parts.push(format!("{} store engine(s)", self.store_engines));
         }
-        parts.push(format!("threads {}", self.threads.flag()));
+        parts.push(format!("threads {}", self.threads.name()));
         if self.inprocess() {
             parts.push(format!(
                 "in-process load on {} thread(s)",
@@ -340,9 +323,9 @@ mod tests {
         assert_eq!(config(&["--store-engines", "1"]).unwrap().store_engines, 1);
         // One thread for load and engine unless the engines have threads.
         let c = config(&[]).unwrap();
-        assert_eq!((c.threads, c.inprocess_threads), (ThreadsArg::Single, 1));
+        assert_eq!((c.threads, c.inprocess_threads), (Threads::Single, 1));
         let c = config(&["--threads", "multi"]).unwrap();
-        assert_eq!((c.threads, c.inprocess_threads), (ThreadsArg::Multi, 2));
+        assert_eq!((c.threads, c.inprocess_threads), (Threads::Multi, 2));
     }
 
     #[test]

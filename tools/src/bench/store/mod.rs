@@ -22,7 +22,8 @@ use super::report::{self, MemoryReport, Metric, PhaseReport, Report};
 
 mod config;
 
-use config::{Config, IoModeArg, ThreadsArg};
+use cairn_chunkserver::config::Threads;
+use config::{Config, IoModeArg};
 pub use config::{StoreBenchArgs, LONG_ABOUT};
 
 /// Volume of the performance phases' working set.
@@ -304,7 +305,7 @@ impl<'a> Bench<'a> {
             let options = StoreOptions {
                 io_mode: self.config.io_mode.into(),
                 engines: self.config.store_engines as usize,
-                inline: self.config.threads == ThreadsArg::Single,
+                inline: self.config.threads == Threads::Single,
                 ..StoreOptions::default()
             };
             // Inline engines become tasks of the runtime entered here: the
@@ -348,7 +349,7 @@ impl<'a> Bench<'a> {
             &self.run_dir.join("store-rpc"),
             self.config.io_mode.into(),
             self.config.store_engines,
-            self.config.threads.flag(),
+            self.config.threads,
             &self.run_dir.join("chunkserver.log"),
         )
         .await?;
