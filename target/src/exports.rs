@@ -229,17 +229,19 @@ impl Catalog for Arc<Registry> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(x) = live.get(name).and_then(Weak::upgrade) {
             let v = x.volume.info();
-            if v.id == info.id
-                && x.volume.size() == info.size_bytes
-                && x.volume.head_epoch() == info.head_epoch
-                && !*x.revoked.borrow()
-            {
+            if v.id == info.id && x.volume.head_epoch() == info.head_epoch && !*x.revoked.borrow() {
+                // The same volume. If it grew and the lease watch has not
+                // heard yet, the export grows now (as the watch would): every
+                // connection to a volume shares one export, so a FLUSH on any
+                // of them covers writes acknowledged on all (multi-conn).
+                if x.volume.grow(info.size_bytes) {
+                    info!(volume = name, size = info.size_bytes, "volume grew");
+                }
                 return Ok(Some(x));
             }
-            // Deleted and re-created, rolled back, or grown beyond what the
-            // lease watch has seen yet: connections opened from now on use
-            // the new record; open ones keep theirs. (A growth the watch saw
-            // keeps the export: new connections get its new size.)
+            // Deleted and re-created, or rolled back: connections opened from
+            // now on use the new record; open ones keep theirs until the
+            // lease watch revokes them.
             info!(
                 volume = name,
                 "volume record changed; new connections use the new one"

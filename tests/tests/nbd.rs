@@ -486,6 +486,36 @@ async fn connections_to_one_export_see_each_others_writes() {
     assert_eq!(f.reply(0).unwrap().error, 0);
 }
 
+/// A volume grown while a connection is open: a connection opened right
+/// after, before the export's lease watch has heard of the growth, gets the
+/// new size from the same export (one record of unflushed writes, so a FLUSH
+/// on any connection covers writes acknowledged on all) and writes past the
+/// old end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_opened_right_after_a_growth_shares_the_export() {
+    let (cluster, target) = setup("vol", 16 * MIB, &[]).await;
+    let mut a = RawNbd::connect(target.addr()).unwrap();
+    assert_eq!(a.go("vol", false).unwrap().0, 16 * MIB);
+    cluster
+        .client()
+        .grow_volume("vol", 32 * MIB)
+        .await
+        .expect("grow");
+    let mut b = RawNbd::connect(target.addr()).unwrap();
+    assert_eq!(b.go("vol", false).unwrap().0, 32 * MIB, "the grown size");
+    b.request(0, 1, 1, 20 * MIB, 4096, &[9; 4096]).unwrap();
+    assert_eq!(b.reply(0).unwrap().error, 0, "a write past the old end");
+    a.request(0, 3, 2, 0, 0, &[]).unwrap(); // FLUSH on the first connection
+    assert_eq!(a.reply(0).unwrap().error, 0);
+    let log = target.log();
+    assert_eq!(
+        log.matches("export opened").count(),
+        1,
+        "one export for the volume:\n{log}"
+    );
+    assert!(log.contains("volume grew"), "{log}");
+}
+
 /// Reads until the server closes the connection (EOF or reset).
 fn closed_by_server(c: &mut RawNbd) -> bool {
     use std::io::Read;
