@@ -127,7 +127,9 @@ pub enum VolmgrOp {
     /// waits), and answers the volume record and `pending_snapshot` (0:
     /// none) as soon as the pending snapshot differs from
     /// `pending_snapshot`, or none is pending and the record's head epoch
-    /// differs from `known_head_epoch`, or `wait_ms` (at most 30 s) passed.
+    /// differs from `known_head_epoch`, or the volume's `pr_generation` is
+    /// newer than `known_pr_generation` (when set), or `wait_ms` (at most
+    /// 30 s) passed.
     /// (While the snapshot the front end names is still pending, a new head
     /// is that snapshot's own change, and the answer waits for the pending
     /// snapshot to end, which follows at once.) The record is read after
@@ -349,6 +351,10 @@ pub struct VolmgrRequest {
     /// PrSet: the new PR state, opaque, at most [`PR_STATE_BYTES_MAX`].
     #[prost(bytes = "vec", tag = "81")]
     pub pr_state: Vec<u8>,
+    /// ExportWatch: the PR generation the front end holds; when set, the
+    /// watch also answers as soon as the volume's is newer.
+    #[prost(uint64, optional, tag = "82")]
+    pub known_pr_generation: Option<u64>,
 }
 
 /// A hidden epoch and the one epoch directly above it in every chain that

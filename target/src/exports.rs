@@ -304,9 +304,20 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
     loop {
         let Some(x) = export.upgrade() else { return };
         let known_head = x.volume.head_epoch();
+        // Answered at once when a reservation changes through another
+        // front end: the persistent reservations reload before the next
+        // command, so a PREEMPT fences here within a round trip.
+        let known_pr = x.pr_generation.load(Ordering::Acquire);
         drop(x);
         let got = watcher
-            .export_watch(registry.cfg.target_id, &name, known_head, handled, every)
+            .export_watch_pr(
+                registry.cfg.target_id,
+                &name,
+                known_head,
+                known_pr,
+                handled,
+                every,
+            )
             .await;
         let Some(x) = export.upgrade() else { return };
         match got {

@@ -30,7 +30,13 @@ struct FakeTarget {
 }
 
 impl FakeTarget {
-    fn start(client: VolmgrClient, volume: &'static str) -> FakeTarget {
+    /// Takes the export lease (as a real target does first), so the volume
+    /// counts as exported once this returns, then watches in a task.
+    async fn start(client: VolmgrClient, volume: &'static str) -> FakeTarget {
+        client
+            .register_export(TARGET, volume)
+            .await
+            .expect("register export");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -228,7 +234,7 @@ async fn snapshots_rollbacks_and_clones_from_the_cli() {
     );
 
     // While a target exports the volume a rollback is refused...
-    let target = FakeTarget::start(volmgr.client(), "pacs");
+    let target = FakeTarget::start(volmgr.client(), "pacs").await;
     let o = cli
         .run_async(&["volume", "rollback", "pacs", "nightly"])
         .await;

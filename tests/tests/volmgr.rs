@@ -312,19 +312,27 @@ fn bad_registrations_other_clusters_and_a_corrupt_log_are_refused() {
         assert_eq!(err.status(), Some(VolmgrStatus::InvalidArgument), "{err}");
         assert!(err.to_string().contains("test-cluster"), "{err}");
     });
-    // Damage a record in the middle of member 3's log.
+    // Damage the checkpoint record of member 3's log (the first record,
+    // synced before the file was renamed into place, so damage there is
+    // always refused; damage in the middle of the file could fall in the
+    // last synced batch, which is indistinguishable from a torn write and
+    // truncated, see raftlog.rs).
     let m = cluster.members.get_mut(&3).unwrap();
     m.stop().unwrap();
     let raft = m.data_dir.join("raft");
+    // Only the newest generation counts.
     let wal = std::fs::read_dir(&raft)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .max()
         .expect("a log file");
     let mut bytes = std::fs::read(&wal).unwrap();
     assert!(bytes.len() > 400, "log of {} bytes", bytes.len());
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 8] {
+    // The file header is 32 bytes, a record header 24; the checkpoint's
+    // payload starts with its durable length.
+    let checkpoint_payload = 32 + 24;
+    for b in &mut bytes[checkpoint_payload..checkpoint_payload + 8] {
         *b ^= 0xff;
     }
     std::fs::write(&wal, &bytes).unwrap();

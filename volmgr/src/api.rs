@@ -1063,7 +1063,11 @@ impl Api {
             // a new head is that snapshot's own change: the pending ends
             // right after it, and is what the front end waits for.
             let head_moved = volume.head_epoch != req.known_head_epoch && pending == 0;
-            if head_moved || pending != req.pending_snapshot || now >= deadline {
+            // A reservation changed through another front end (a PREEMPT):
+            // answer at once rather than at the next renewal, so every front
+            // end fences the preempted initiators within a round trip.
+            let pr_moved = req.known_pr_generation.is_some_and(|g| pr_generation > g);
+            if head_moved || pr_moved || pending != req.pending_snapshot || now >= deadline {
                 return VolmgrResponse {
                     volume: Some(volume),
                     pending_snapshot: pending,

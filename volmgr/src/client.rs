@@ -492,10 +492,42 @@ impl VolmgrClient {
         pending: u64,
         wait: Duration,
     ) -> Result<ExportWatchReply, ClientError> {
+        self.watch(front_end, volume, known_head_epoch, None, pending, wait)
+            .await
+    }
+
+    /// [`export_watch`](Self::export_watch) that also answers as soon as
+    /// the volume's PR generation is newer than `known_pr_generation`: how a
+    /// front end hears of a reservation changed through another one (a
+    /// PREEMPT fencing an initiator) within a round trip, not a renewal.
+    pub async fn export_watch_pr(
+        &self,
+        front_end: u64,
+        volume: &str,
+        known_head_epoch: u64,
+        known_pr_generation: u64,
+        pending: u64,
+        wait: Duration,
+    ) -> Result<ExportWatchReply, ClientError> {
+        let known_pr = Some(known_pr_generation);
+        self.watch(front_end, volume, known_head_epoch, known_pr, pending, wait)
+            .await
+    }
+
+    async fn watch(
+        &self,
+        front_end: u64,
+        volume: &str,
+        known_head_epoch: u64,
+        known_pr_generation: Option<u64>,
+        pending: u64,
+        wait: Duration,
+    ) -> Result<ExportWatchReply, ClientError> {
         let req = VolmgrRequest {
             node_id: front_end,
             volume_name: volume.into(),
             known_head_epoch,
+            known_pr_generation,
             pending_snapshot: pending,
             wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
             ..self.request(VolmgrOp::ExportWatch)

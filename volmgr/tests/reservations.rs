@@ -420,6 +420,29 @@ fn pr_state_through_the_api() {
             .unwrap();
         assert_eq!(w.pr_generation, 2);
 
+        // Told the generation it holds, the watch answers as soon as another
+        // front end moves it, long before its wait ends (so a PREEMPT fences
+        // on every front end within a round trip); until then it waits.
+        let head = v.head_epoch;
+        let watcher = client(&[&member.addr]);
+        let watch = tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let w = watcher
+                .export_watch_pr(7, "v", head, 2, 0, Duration::from_secs(20))
+                .await
+                .unwrap();
+            (w.pr_generation, t0.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!watch.is_finished(), "answered while nothing changed");
+        assert_eq!(admin.pr_set("v", 2, b"key-c".to_vec()).await.unwrap(), 3);
+        let (generation, took) = watch.await.unwrap();
+        assert_eq!(generation, 3);
+        assert!(
+            took < Duration::from_secs(10),
+            "the watch answered the new generation only after {took:?}"
+        );
+
         // Snapshots and clones: the volume keeps its state, the clone
         // starts without.
         fe.unregister_export(7, "v").await.unwrap();
@@ -428,7 +451,7 @@ fn pr_state_through_the_api() {
             .await
             .unwrap();
         admin.clone_volume("v", "s", "w").await.unwrap();
-        assert_eq!(fe.pr_get("v").await.unwrap(), (2, b"key-b".to_vec()));
+        assert_eq!(fe.pr_get("v").await.unwrap(), (3, b"key-c".to_vec()));
         assert_eq!(fe.pr_get("w").await.unwrap(), (0, vec![]));
 
         // Deleted and created again: a new logical unit, generation 0.
