@@ -230,7 +230,7 @@ proptest! {
     }
 
     /// The same with the engines as tasks of the test's current-thread
-    /// runtime (`StoreOptions::inline`, the chunk server's --single-thread).
+    /// runtime (`StoreOptions::inline`, the chunk server's `--threads single`).
     #[test]
     fn inline_store_matches_model(batches in prop::collection::vec(batch(), 1..40)) {
         check_model(batches, StoreOptions { inline: true, ..options() })?;

@@ -890,6 +890,15 @@ fn measure(
     Ok((prefill, phases, memory))
 }
 
+/// `args` after `prefix` for the setup lines, or nothing when there are none.
+fn extra_args(prefix: &str, args: &[String]) -> String {
+    if args.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}{}", args.join(" "))
+    }
+}
+
 fn print_table(r: &NbdReport) {
     let s = &r.setup;
     println!(
@@ -904,25 +913,13 @@ fn print_table(r: &NbdReport) {
     println!(
         "  (a) {} file plugin, defaults{} (127.0.0.1); {}",
         s.nbdkit_version,
-        if s.nbdkit_args.is_empty() {
-            String::new()
-        } else {
-            format!(" + {}", s.nbdkit_args.join(" "))
-        },
+        extra_args(" + ", &s.nbdkit_args),
         s.fio_version
     );
     println!(
         "  (b) cairn-target (127.0.0.10){}, volume of 1 replica{}",
-        if s.target_args.is_empty() {
-            String::new()
-        } else {
-            format!(" with {}", s.target_args.join(" "))
-        },
-        if s.chunkserver_args.is_empty() {
-            String::new()
-        } else {
-            format!("; chunk servers with {}", s.chunkserver_args.join(" "))
-        }
+        extra_args(" with ", &s.target_args),
+        extra_args("; chunk servers with ", &s.chunkserver_args)
     );
     println!("  (c) cairn-target, volume of 3 replicas (min 2); 3 chunk servers on this machine");
     println!();
