@@ -2877,8 +2877,18 @@ impl Drop for Engine {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // A ring that cannot wait cannot complete anything either.
-                Err(_) => break,
+                Err(e) => {
+                    // The kernel may still use the buffers after the ring is
+                    // closed: leak them (and the eventfd read's) rather than
+                    // free memory it could write into.
+                    error!(
+                        in_flight = self.sqes_in_flight,
+                        "io_uring wait failed while stopping: {e}; leaking the I/O buffers"
+                    );
+                    std::mem::forget(std::mem::take(&mut self.ops));
+                    std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new(0)));
+                    return;
+                }
             }
             let done = self
                 .ring
