@@ -370,12 +370,15 @@ impl Cluster {
     ) -> Result<(GroupKey, Bytes), ClientError> {
         let start = Instant::now();
         let deadline = start + self.cfg.io_timeout;
-        let is_write = matches!(op, ClientOp::Write { .. });
+        let is_write = matches!(
+            op,
+            ClientOp::Write { .. } | ClientOp::CompareAndWrite { .. }
+        );
         let id = IdGuard::begin(&self.ids, is_write);
-        let extent = match &op {
-            ClientOp::Write { ext, .. } | ClientOp::Read { ext, .. } => Some(ext.index),
-            ClientOp::Flush => None,
-        };
+        let extent = op.extent().map(|e| e.index);
+        // An attempt went out before: a compare-and-write retried after it
+        // may find its own write (see below).
+        let mut sent_before = false;
         let mut refusal_backoff = Backoff::refusals();
         let mut unreachable_backoff = Backoff::unreachable();
         let mut io_refusals = 0u32;
@@ -486,6 +489,29 @@ impl Cluster {
                                 });
                             }
                         }
+                        if let ClientOp::CompareAndWrite { data: new, .. } = &op {
+                            if !data.is_empty() && data.len() != new.len() {
+                                return Err(ClientError::Protocol {
+                                    volume: vol.name.clone(),
+                                    op: describe(vol, &op),
+                                    group: key,
+                                    node: addr,
+                                    reason: format!(
+                                        "compare-and-write of {} bytes answered with {} bytes",
+                                        new.len(),
+                                        data.len()
+                                    ),
+                                });
+                            }
+                            // An earlier attempt wrote, but its answer was
+                            // lost and the retry reached a primary that had
+                            // not seen it (a failover): the range then holds
+                            // exactly our bytes. Its compare succeeded.
+                            if sent_before && data == *new {
+                                id.finish();
+                                return Ok((key, Bytes::new()));
+                            }
+                        }
                         id.finish();
                         return Ok((key, data));
                     }
@@ -516,6 +542,7 @@ impl Cluster {
                     }
                 },
             };
+            sent_before = true;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if !matches!(action, Action::Degraded { .. }) {
                 degraded = None;
@@ -620,6 +647,20 @@ pub(crate) fn describe(vol: &VolumeInfo, op: &ClientOp) -> String {
         }
         ClientOp::Read { ext, offset, len } => {
             format!("read of {len} bytes {}", at(ext.index, *offset))
+        }
+        ClientOp::CompareAndWrite {
+            ext,
+            offset,
+            data,
+            fua,
+            ..
+        } => {
+            let fua = if *fua { " (FUA)" } else { "" };
+            format!(
+                "compare-and-write of {} bytes {}{fua}",
+                data.len(),
+                at(ext.index, *offset)
+            )
         }
         ClientOp::Flush => "flush".to_string(),
     }

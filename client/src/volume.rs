@@ -234,6 +234,67 @@ impl Volume {
         .await
     }
 
+    /// COMPARE AND WRITE (SCSI; VMware's ATS locks): if the bytes at
+    /// `offset` equal `compare`, writes `data` (as long) there and returns
+    /// `None`; otherwise writes nothing and returns the position of the
+    /// first byte that differs, counted from `offset`.
+    ///
+    /// Inside one extent the group's primary reads, compares and writes
+    /// under one range lock, so no other write to the range, from this
+    /// client or any other, lands in between. A range that crosses an
+    /// extent boundary has two primaries: it is read, compared and written
+    /// by this client, atomic only against writers that serialize with the
+    /// caller (ARCHITECTURE.md, "COMPARE AND WRITE").
+    pub async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Option<u64>, ClientError> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        if compare.len() != data.len() {
+            return Err(ClientError::InvalidArgument {
+                volume: self.inner.info.name.clone(),
+                offset,
+                len,
+                reason: format!("compares {} bytes but writes {}", compare.len(), data.len()),
+            });
+        }
+        // Half a frame: the request carries both halves.
+        let mut pieces = split(
+            offset,
+            len,
+            self.extent_bytes(),
+            FRAME_DATA_BYTES_MAX as u64 / 2,
+        );
+        let (Some(p), None) = (pieces.next(), pieces.next()) else {
+            let found = self.read(offset, len).await?;
+            if let Some(at) = first_difference(&found, &compare) {
+                return Ok(Some(at));
+            }
+            self.write(offset, data, fua).await?;
+            return Ok(None);
+        };
+        let op = ClientOp::CompareAndWrite {
+            ext: self.ext(&p),
+            offset: p.offset,
+            compare: compare.clone(),
+            data,
+            fua,
+        };
+        let (key, found) = self.inner.cluster.run(&self.inner.info, op, None).await?;
+        if found.is_empty() {
+            if !fua {
+                self.mark_dirty(key);
+            }
+            return Ok(None);
+        }
+        // The primary answers the bytes it found only when they differ.
+        Ok(Some(first_difference(&found, &compare).unwrap_or(0)))
+    }
+
     /// Makes `len` bytes at `offset` read as zeros.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ClientError> {
         self.check(offset, len)?;
@@ -417,4 +478,9 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// The position of the first byte where `a` and `b` differ, if any.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.iter().zip(b).position(|(x, y)| x != y).map(|i| i as u64)
 }

@@ -172,6 +172,7 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
             ..
         } => "materialize",
         ClientOp::Read { .. } => "read",
+        ClientOp::CompareAndWrite { .. } => "compare-and-write",
         ClientOp::Flush => "flush",
     };
     s.log.push(Seen {
@@ -235,6 +236,31 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
                 Some(e) => Bytes::copy_from_slice(&e[o..o + l]),
                 None => Bytes::from(vec![0; l]),
             };
+        }
+        // Compared on every copy, as a primary that never saw an earlier
+        // one (after a failover) does.
+        ClientOp::CompareAndWrite {
+            ext,
+            offset,
+            compare,
+            data,
+            ..
+        } => {
+            let e = s
+                .extents
+                .entry((ext.volume, ext.index, ext.epoch))
+                .or_insert_with(|| vec![0; extent_bytes as usize]);
+            let range = offset as usize..offset as usize + data.len();
+            if e[range.clone()] == compare[..] {
+                e[range].copy_from_slice(&data);
+                *s.applications.entry(creq.id).or_default() += 1;
+            } else {
+                out = Bytes::copy_from_slice(&e[range]);
+            }
+            if s.drop_after_apply > 0 {
+                s.drop_after_apply -= 1;
+                return None;
+            }
         }
         ClientOp::Flush => s.flushes.push(creq.key),
     }
@@ -418,6 +444,55 @@ async fn dropped_connection_is_retried_with_the_same_id_and_applied_once() {
     assert_eq!(log[0].id, log[1].id);
     assert_eq!(fake.with(|s| s.applications[&log[0].id]), 1);
     same(&vol.read(0, 8192).await.unwrap(), &data);
+}
+
+/// A compare-and-write travels as one request with both halves; one that
+/// finds other bytes writes nothing and names the first difference; one
+/// whose answer was lost finds its own bytes on the retry (a primary that
+/// never saw the first copy compares again), which is its success.
+#[tokio::test]
+async fn compare_and_write_compares_at_the_primary_and_survives_a_lost_answer() {
+    let fake = Fake::start().await;
+    let (_cluster, vol) = one_node(&fake, Duration::from_secs(5));
+    let old = pattern(512, 1);
+    vol.write(4096, old.clone(), false).await.unwrap();
+    let new = pattern(512, 2);
+    let mut wrong = old.to_vec();
+    wrong[100] ^= 1;
+    let found = vol
+        .compare_and_write(4096, Bytes::from(wrong), new.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(found, Some(100));
+    same(&vol.read(4096, 512).await.unwrap(), &old);
+
+    fake.with(|s| s.drop_after_apply = 1);
+    let found = vol
+        .compare_and_write(4096, old.clone(), new.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(found, None, "the retry found its own write");
+    same(&vol.read(4096, 512).await.unwrap(), &new);
+    let log = fake.log();
+    let caws: Vec<_> = log
+        .iter()
+        .filter(|s| s.kind == "compare-and-write")
+        .collect();
+    assert_eq!(caws.len(), 3, "{log:?}");
+    assert_eq!(caws[1].id, caws[2].id, "a retry keeps its id");
+    assert_eq!(fake.with(|s| s.applications[&caws[1].id]), 1);
+
+    // Not a retry: the same found-equals-new answer is a miscompare.
+    let found = vol
+        .compare_and_write(4096, old.clone(), new.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(found, Some(0));
+    // Halves of different lengths never leave the client.
+    assert!(vol
+        .compare_and_write(0, pattern(512, 0), pattern(1024, 0), false)
+        .await
+        .is_err());
 }
 
 #[tokio::test]

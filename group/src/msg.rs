@@ -163,6 +163,35 @@ pub enum ClientOp {
     /// Make every write this group acknowledged before durable on every
     /// replica.
     Flush,
+    /// SCSI COMPARE AND WRITE (VMware's ATS locking): if the range holds
+    /// `compare`, write `data` there (a write like any other); if not,
+    /// write nothing and answer the bytes found. The primary reads and
+    /// compares under the range lock the write then keeps, so no other
+    /// write to the range, from any client, lands in between.
+    CompareAndWrite {
+        /// The extent.
+        ext: ExtentId,
+        /// Byte offset in the extent.
+        offset: u64,
+        /// What the range must hold.
+        compare: Bytes,
+        /// What it then holds (as long as `compare`).
+        data: Bytes,
+        /// Durable on every replica before the reply.
+        fua: bool,
+    },
+}
+
+impl ClientOp {
+    /// The extent a request concerns (none for a flush).
+    pub fn extent(&self) -> Option<ExtentId> {
+        match self {
+            ClientOp::Write { ext, .. }
+            | ClientOp::Read { ext, .. }
+            | ClientOp::CompareAndWrite { ext, .. } => Some(*ext),
+            ClientOp::Flush => None,
+        }
+    }
 }
 
 /// A request from a volume client to a group's primary.
@@ -225,7 +254,9 @@ pub struct ClientReply {
     pub client: ClientId,
     /// The request.
     pub id: u64,
-    /// Data for reads, nothing for writes and flushes, or why not.
+    /// Data for reads, nothing for writes and flushes, or why not. A
+    /// compare-and-write answers nothing when it wrote, and the bytes it
+    /// found when they differ from its `compare`.
     pub result: Result<Option<Bytes>, Refusal>,
 }
 

@@ -60,6 +60,8 @@ pub enum Bug {
     /// Where primary and replica both changed an extent, push only the
     /// ranges the primary changed, not the replica's too.
     PrimaryRangesOnly,
+    /// A compare-and-write writes even where the range holds other bytes.
+    WriteOnMiscompare,
 }
 
 /// A disk operation for the driver to run on the node's store.
@@ -498,6 +500,10 @@ enum Task {
         waiting: BTreeSet<NodeId>,
         sent_at: u64,
         replied: bool,
+        /// A compare-and-write before its compare: the bytes the range
+        /// must hold. Until then the task holds its lock but has not
+        /// started (nothing journaled, nothing forwarded).
+        compare: Option<Bytes>,
     },
     Read {
         client: (ClientId, u64),
@@ -564,6 +570,9 @@ struct Group {
 struct ClientWindow {
     low: u64,
     done: BTreeSet<u64>,
+    /// Compare-and-writes that found other bytes, with those bytes: a
+    /// duplicate gets the same answer and never writes later.
+    miscompared: BTreeMap<u64, Bytes>,
     abandoned: BTreeSet<u64>,
     inflight: BTreeSet<u64>,
 }
@@ -1146,6 +1155,7 @@ impl Node {
             w.low = req.oldest_outstanding;
             let low = w.low;
             w.done = w.done.split_off(&low);
+            w.miscompared = w.miscompared.split_off(&low);
             w.abandoned = w.abandoned.split_off(&low);
         }
         w.abandoned
@@ -1173,7 +1183,48 @@ impl Node {
                 if !w.inflight.insert(req.id) {
                     return;
                 }
-                self.new_write(key, Some((req.client, req.id)), ext, op, fua);
+                self.new_write(key, Some((req.client, req.id)), ext, op, fua, None);
+            }
+            ClientOp::CompareAndWrite {
+                ext,
+                offset,
+                compare,
+                data,
+                fua,
+            } => {
+                if acting < req.min_replicas {
+                    self.out.push(reply(Refusal::Degraded {
+                        acting,
+                        min: req.min_replicas,
+                    }));
+                    return;
+                }
+                let answered = if w.done.contains(&req.id) {
+                    Some(None)
+                } else {
+                    w.miscompared.get(&req.id).map(|f| Some(f.clone()))
+                };
+                if let Some(result) = answered {
+                    self.out.push(Output::Reply(ClientReply {
+                        client: req.client,
+                        id: req.id,
+                        result: Ok(result),
+                    }));
+                    return;
+                }
+                if compare.len() != data.len() {
+                    self.out.push(reply(Refusal::Io(format!(
+                        "{ext}: compare-and-write compares {} bytes but writes {}",
+                        compare.len(),
+                        data.len()
+                    ))));
+                    return;
+                }
+                if !w.inflight.insert(req.id) {
+                    return;
+                }
+                let op = WriteOp::Data { offset, data };
+                self.new_write(key, Some((req.client, req.id)), ext, op, fua, Some(compare));
             }
             ClientOp::Read { ext, offset, len } => {
                 if self.now >= self.lease_until {
@@ -1265,6 +1316,7 @@ impl Node {
         ext: ExtentId,
         op: WriteOp,
         fua: bool,
+        compare: Option<Bytes>,
     ) {
         let tid = self.id_next();
         let lock = self.id_next();
@@ -1293,6 +1345,7 @@ impl Node {
                 waiting: BTreeSet::new(),
                 sent_at: 0,
                 replied: false,
+                compare,
             },
         );
         self.queue(key, ext, range, lock, Waiting::Task { gen, task: tid });
@@ -1416,6 +1469,22 @@ impl Node {
             return;
         };
         match t {
+            Task::Write {
+                ext,
+                op,
+                compare: Some(_),
+                ..
+            } => {
+                // Read what is there first; the write starts once it
+                // matches (task_disk_done), under the lock held now.
+                let (offset, end) = op.range();
+                let req = DiskReq::Read {
+                    ext: *ext,
+                    offset,
+                    len: end - offset,
+                };
+                self.task_disk(op_id, key, gen, tid, req);
+            }
             Task::Write {
                 seq,
                 ext,
@@ -1624,6 +1693,54 @@ impl Node {
         }
     }
 
+    /// Ends a compare-and-write that did not write (it found other bytes,
+    /// or could not read): nothing was journaled or forwarded, so its
+    /// sequence number counts as done at once and the committed watermark
+    /// moves past it.
+    fn finish_unwritten(
+        &mut self,
+        key: GroupKey,
+        tid: u64,
+        result: Result<Option<Bytes>, Refusal>,
+    ) {
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut() else {
+            return;
+        };
+        let Some(Task::Write {
+            client,
+            seq,
+            ext,
+            lock,
+            ..
+        }) = p.tasks.remove(&tid)
+        else {
+            return;
+        };
+        p.by_seq.remove(&seq);
+        p.done_above.insert(seq.n);
+        while p.done_above.first() == Some(&(p.committed.n + 1)) {
+            p.done_above.pop_first();
+            p.committed.n += 1;
+        }
+        let committed = p.committed;
+        self.raise_committed(key, committed);
+        if let Some((c, id)) = client {
+            if let Some(w) = self.clients.get_mut(&c) {
+                w.inflight.remove(&id);
+                if let Ok(Some(found)) = &result {
+                    w.miscompared.insert(id, found.clone());
+                }
+            }
+            self.out.push(Output::Reply(ClientReply {
+                client: c,
+                id,
+                result,
+            }));
+        }
+        self.release(key, ext, lock);
+    }
+
     /// Queues a push of `ext` to member `n` behind every earlier operation
     /// on the extent.
     fn start_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId, part: Part) {
@@ -1737,6 +1854,26 @@ impl Node {
             return;
         };
         match t {
+            Task::Write {
+                compare: compare @ Some(_),
+                ..
+            } => {
+                let ignore = self.cfg.bug == Some(Bug::WriteOnMiscompare);
+                match done {
+                    DiskDone::Data(found) if ignore || Some(&found) == compare.as_ref() => {
+                        // It matches: from here on an ordinary write.
+                        *compare = None;
+                        self.start_task(key, gen, tid);
+                    }
+                    DiskDone::Data(found) => self.finish_unwritten(key, tid, Ok(Some(found))),
+                    DiskDone::Failed(e) => self.finish_unwritten(key, tid, Err(Refusal::Io(e))),
+                    other => self.finish_unwritten(
+                        key,
+                        tid,
+                        Err(Refusal::Io(format!("unexpected read result {other:?}"))),
+                    ),
+                }
+            }
             Task::Write {
                 local_done, failed, ..
             } => {

@@ -37,6 +37,11 @@ pub enum GroupOp {
     /// Copy-up of `length_bytes` at `offset_bytes` (whole 4 KiB blocks):
     /// `WriteOp::Materialize`.
     Materialize = 5,
+    /// Compare-and-write of `length_bytes` at `offset_bytes`: the frame's
+    /// data is the bytes to compare followed by the bytes to write, each
+    /// `length_bytes` long. The reply carries no data when it wrote, the
+    /// bytes found when they differ.
+    CompareAndWrite = 6,
 }
 
 /// A volume client's request to a group's primary (chunk op `Group`).
@@ -335,6 +340,25 @@ pub fn encode_request(req: &ClientRequest, extent_bytes: u32) -> (GroupRequest, 
             h.offset_bytes = *offset;
             h.length_bytes = *len;
         }
+        ClientOp::CompareAndWrite {
+            ext,
+            offset,
+            compare,
+            data: d,
+            fua,
+        } => {
+            h.op = GroupOp::CompareAndWrite as i32;
+            h.extent = Some((*ext).into());
+            h.offset_bytes = *offset;
+            h.length_bytes = d.len() as u64;
+            h.fua = *fua;
+            // Small (a SCSI compare-and-write is at most 255 blocks, ATS
+            // one): one copy to lay both halves out as one frame.
+            let mut both = bytes::BytesMut::with_capacity(compare.len() + d.len());
+            both.extend_from_slice(compare);
+            both.extend_from_slice(d);
+            data = both.freeze();
+        }
         ClientOp::Flush => h.op = GroupOp::Flush as i32,
     }
     (h, data)
@@ -351,13 +375,19 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
     if h.replicas == 0 {
         return Err("group request without a replica count".into());
     }
-    let is_write = h.op == GroupOp::Write as i32;
+    let is_write = h.op == GroupOp::Write as i32 || h.op == GroupOp::CompareAndWrite as i32;
     if !is_write && !data.is_empty() {
         return Err(format!("{key}: {} data bytes on a non-write", data.len()));
     }
     let op = match GroupOp::try_from(h.op) {
         Ok(GroupOp::Flush) => ClientOp::Flush,
-        Ok(kind @ (GroupOp::Write | GroupOp::Zero | GroupOp::Read | GroupOp::Materialize)) => {
+        Ok(
+            kind @ (GroupOp::Write
+            | GroupOp::Zero
+            | GroupOp::Read
+            | GroupOp::Materialize
+            | GroupOp::CompareAndWrite),
+        ) => {
             let ext: ExtentId = h
                 .extent
                 .ok_or_else(|| format!("{key}: {kind:?} without an extent"))?
@@ -381,6 +411,23 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
                             offset: h.offset_bytes,
                             data,
                         },
+                        fua: h.fua,
+                    }
+                }
+                GroupOp::CompareAndWrite => {
+                    if data.len() as u64 != 2 * h.length_bytes {
+                        return Err(format!(
+                            "{ext}: compare-and-write of {} bytes carries {} bytes of data, not twice that",
+                            h.length_bytes,
+                            data.len()
+                        ));
+                    }
+                    let half = h.length_bytes as usize;
+                    ClientOp::CompareAndWrite {
+                        ext,
+                        offset: h.offset_bytes,
+                        compare: data.slice(..half),
+                        data: data.slice(half..),
                         fua: h.fua,
                     }
                 }
@@ -968,6 +1015,13 @@ mod tests {
                 offset: 4096,
                 len: 4096,
             },
+            ClientOp::CompareAndWrite {
+                ext: EXT,
+                offset: 1024,
+                compare: Bytes::from(vec![1; 512]),
+                data: Bytes::from(vec![2; 512]),
+                fua: true,
+            },
             ClientOp::Flush,
         ] {
             let req = ClientRequest {
@@ -1057,6 +1111,17 @@ mod tests {
             assert!(!e.is_empty());
         }
         assert!(decode_request(&good, Bytes::from_static(b"x")).is_err());
+        // A compare-and-write carries both halves, each the range's length.
+        let caw = GroupRequest {
+            op: GroupOp::CompareAndWrite as i32,
+            length_bytes: 512,
+            ..good.clone()
+        };
+        assert!(decode_request(&caw, Bytes::from(vec![0; 1024])).is_ok());
+        for len in [0, 512, 1536] {
+            let e = decode_request(&caw, Bytes::from(vec![0; len])).unwrap_err();
+            assert!(e.contains("not twice"), "{len}: {e}");
+        }
         let peer = PeerHeader {
             kind: 42,
             ..Default::default()

@@ -126,6 +126,10 @@ pub struct Stats {
     pub abandoned: u64,
     /// Simulated milliseconds until healed.
     pub healed_at_ms: u64,
+    /// Compare-and-writes that wrote, and that found other bytes.
+    pub caw_written: u64,
+    /// See `caw_written`.
+    pub caw_miscompared: u64,
     /// Pushes a replica started to apply: of whole extents, and of ranges.
     pub whole_pushes: u64,
     /// See `whole_pushes`.
@@ -240,8 +244,11 @@ struct PendingOp {
     op: ClientOp,
     sent_at: u64,
     next_try: u64,
-    /// For reads: every value each block may show.
+    /// For reads: every value each block may show. For compare-and-writes:
+    /// every value each block may hold when it is sent.
     allowed: Vec<BTreeSet<Vec<u8>>>,
+    /// Times sent.
+    sent: u32,
 }
 
 struct Client {
@@ -969,22 +976,52 @@ impl World {
         };
         let key = self.key_of(ext);
         let r: u32 = self.rng.gen_range(0..100);
+        let mut caw_allowed = Vec::new();
         let op = if !(65..97).contains(&r) {
             // A write, unless it would overlap one in flight.
-            let busy = self.client.pending.values().any(|p| match &p.op {
-                ClientOp::Write { ext: e, op, .. } => {
-                    let (s, t) = op.range();
-                    e.index == ext
-                        && s < (first + count) * self.cfg.block
-                        && first * self.cfg.block < t
-                }
-                _ => false,
+            let busy = self.client.pending.values().any(|p| {
+                let (e, (s, t)) = match &p.op {
+                    ClientOp::Write { ext: e, op, .. } => (e, op.range()),
+                    ClientOp::CompareAndWrite {
+                        ext: e,
+                        offset,
+                        data,
+                        ..
+                    } => (e, (*offset, offset + data.len() as u64)),
+                    _ => return false,
+                };
+                e.index == ext && s < (first + count) * self.cfg.block && first * self.cfg.block < t
             });
             if busy {
                 return;
             }
             let offset = first * self.cfg.block;
             let len = count * self.cfg.block;
+            // A compare-and-write: of what the blocks hold now (most of the
+            // time) or of a value no block ever holds.
+            let caw = (2..12).contains(&r);
+            if caw {
+                caw_allowed = (first..first + count)
+                    .map(|b| self.client.model[&(ext, b)].iter().cloned().collect())
+                    .collect();
+            }
+            let compare: Vec<u8> = if !caw {
+                Vec::new()
+            } else if self.rng.gen_bool(0.8) {
+                (first..first + count)
+                    .flat_map(|b| {
+                        self.client.model[&(ext, b)]
+                            .last()
+                            .expect("a value")
+                            .clone()
+                    })
+                    .collect()
+            } else {
+                let mut v = id.to_le_bytes().to_vec();
+                v[7] = 0xff;
+                v.truncate(self.cfg.block as usize);
+                v.repeat(count as usize)
+            };
             let op = if r >= 97 {
                 WriteOp::Zero { offset, len }
             } else if r < 2 {
@@ -1024,10 +1061,20 @@ impl World {
                     }
                 }
             }
-            ClientOp::Write {
-                ext: extent,
-                op,
-                fua: self.rng.gen_bool(0.1),
+            let fua = self.rng.gen_bool(0.1);
+            match op {
+                WriteOp::Data { offset, data } if caw => ClientOp::CompareAndWrite {
+                    ext: extent,
+                    offset,
+                    compare: Bytes::from(compare),
+                    data,
+                    fua,
+                },
+                op => ClientOp::Write {
+                    ext: extent,
+                    op,
+                    fua,
+                },
             }
         } else if r < 95 {
             ClientOp::Read {
@@ -1042,6 +1089,7 @@ impl World {
             ClientOp::Read { .. } => (first..first + count)
                 .map(|b| self.client.model[&(ext, b)].iter().cloned().collect())
                 .collect(),
+            ClientOp::CompareAndWrite { .. } => caw_allowed,
             _ => Vec::new(),
         };
         self.client.pending.insert(
@@ -1053,6 +1101,7 @@ impl World {
                 sent_at: now,
                 next_try: now,
                 allowed,
+                sent: 0,
             },
         );
         self.client_send(id);
@@ -1069,6 +1118,13 @@ impl World {
                         format!("write ext {} {:?}", ext.index, op.range()),
                     ClientOp::Read { ext, offset, len } =>
                         format!("read ext {} {offset}+{len}", ext.index),
+                    ClientOp::CompareAndWrite {
+                        ext, offset, data, ..
+                    } => format!(
+                        "compare-and-write ext {} {offset}+{}",
+                        ext.index,
+                        data.len()
+                    ),
                     ClientOp::Flush => "flush".into(),
                 }
             )
@@ -1081,6 +1137,7 @@ impl World {
         let p = self.client.pending.get_mut(&id).expect("pending");
         p.next_try = now + CLIENT_TIMEOUT_MS;
         p.sent_at = now;
+        p.sent += 1;
         let Some(primary) = map.primary(p.key) else {
             p.next_try = now + 50;
             return;
@@ -1153,6 +1210,61 @@ impl World {
                                     ext.index, p.allowed[i]
                                 ));
                                 return;
+                            }
+                        }
+                    }
+                    ClientOp::CompareAndWrite {
+                        ext,
+                        offset,
+                        compare,
+                        data: new,
+                        ..
+                    } => {
+                        let block = self.cfg.block as usize;
+                        let first = offset / self.cfg.block;
+                        let found = data.unwrap_or_default();
+                        // As the real client: after a retry, finding its
+                        // own bytes means an earlier attempt wrote.
+                        let wrote = found.is_empty() || (p.sent > 1 && found == new);
+                        if wrote {
+                            // It wrote: the range held `compare`.
+                            for (i, c) in compare.chunks(block).enumerate() {
+                                if !p.allowed[i].contains(c) {
+                                    self.failure = Some(format!(
+                                        "compare-and-write of extent {} block {} wrote though the block held none of {:?}, not {c:?}",
+                                        ext.index, first + i as u64, p.allowed[i]
+                                    ));
+                                    return;
+                                }
+                            }
+                            self.stats.acked_writes += 1;
+                            self.stats.caw_written += 1;
+                            for (i, v) in new.chunks(block).enumerate() {
+                                self.client
+                                    .model
+                                    .insert((ext.index, first + i as u64), vec![v.to_vec()]);
+                            }
+                        } else {
+                            self.stats.caw_miscompared += 1;
+                            if found.len() != new.len() || found == compare {
+                                self.failure = Some(format!(
+                                    "compare-and-write of extent {} at {offset} answered a miscompare with {found:?} (compared {compare:?})",
+                                    ext.index
+                                ));
+                                return;
+                            }
+                            for (i, f) in found.chunks(block).enumerate() {
+                                // What it found, or its own write (a torn
+                                // earlier attempt, pushed by a new primary).
+                                if !p.allowed[i].contains(f)
+                                    && f != &new[i * block..(i + 1) * block]
+                                {
+                                    self.failure = Some(format!(
+                                        "compare-and-write of extent {} block {} found {f:?}, which no write left there (allowed {:?})",
+                                        ext.index, first + i as u64, p.allowed[i]
+                                    ));
+                                    return;
+                                }
                             }
                         }
                     }

@@ -1,7 +1,7 @@
 //! `cairn-sim`: runs simulator schedules.
 //!
 //! ```text
-//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only] [--verbose]
+//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--verbose]
 //! ```
 //! Exits 1 and prints the seed if a schedule fails.
 
@@ -31,6 +31,7 @@ fn main() {
                     "no-fence" => Bug::NoFence,
                     "no-peering-push" => Bug::NoPeeringPush,
                     "primary-ranges-only" => Bug::PrimaryRangesOnly,
+                    "write-on-miscompare" => Bug::WriteOnMiscompare,
                     other => usage(&format!("unknown bug {other}")),
                 })
             }
@@ -68,6 +69,6 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("cairn-sim: {msg}");
     }
-    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only] [--verbose]");
+    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--verbose]");
     std::process::exit(2);
 }

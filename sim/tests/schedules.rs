@@ -9,12 +9,15 @@ use cairn_sim::{run, SimConfig};
 /// Runs seeds `from..from + count` of the real protocol.
 fn pass(from: u64, count: u64) {
     let (mut acked, mut whole, mut ranges) = (0, 0, 0);
+    let (mut caw_written, mut caw_miscompared) = (0, 0);
     for seed in from..from + count {
         match run(seed, &SimConfig::for_seed(seed, None)) {
             Ok(s) => {
                 acked += s.acked_writes;
                 whole += s.whole_pushes;
                 ranges += s.range_pushes;
+                caw_written += s.caw_written;
+                caw_miscompared += s.caw_miscompared;
             }
             Err(f) => panic!("{f}\nconfig: {:?}", SimConfig::for_seed(seed, None)),
         }
@@ -27,8 +30,12 @@ fn pass(from: u64, count: u64) {
     // Both kinds of push are exercised (whole extents for rejoins that reach
     // back further than the recent list, ranges for peering).
     eprintln!(
-        "seeds {from}..{}: {acked} writes acknowledged, pushes: {whole} whole, {ranges} of ranges",
+        "seeds {from}..{}: {acked} writes acknowledged ({caw_written} compare-and-writes that wrote, {caw_miscompared} that found other bytes), pushes: {whole} whole, {ranges} of ranges",
         from + count
+    );
+    assert!(
+        caw_written > count && caw_miscompared > count / 10,
+        "compare-and-writes: {caw_written} wrote, {caw_miscompared} miscompared in {count} schedules"
     );
     assert!(
         whole > count / 10 && ranges > count / 10,
@@ -91,6 +98,11 @@ fn catches_peering_without_pushes() {
 #[test]
 fn catches_pushing_only_the_primarys_ranges() {
     caught(Bug::PrimaryRangesOnly);
+}
+
+#[test]
+fn catches_writing_after_a_miscompare() {
+    caught(Bug::WriteOnMiscompare);
 }
 
 #[test]

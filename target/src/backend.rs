@@ -49,6 +49,29 @@ pub trait Backend: Send + Sync + 'static {
         data: Bytes,
         fua: bool,
     ) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// COMPARE AND WRITE: if the range at `offset` holds `compare`, writes
+    /// `data` (as long) there and answers `None`; otherwise writes nothing
+    /// and answers where the first difference is, from `offset`. This
+    /// default reads, compares and writes: atomic only against writers that
+    /// serialize with the caller (the iSCSI layer holds its logical unit's
+    /// lock). A Cairn export compares at the extent's primary instead,
+    /// atomic against every writer of the volume.
+    fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<Option<u64>, IoError>> + Send {
+        async move {
+            let found = self.read(offset, compare.len() as u32).await?;
+            if let Some(at) = found.iter().zip(&compare[..]).position(|(a, b)| a != b) {
+                return Ok(Some(at as u64));
+            }
+            self.write(offset, data, fua).await?;
+            Ok(None)
+        }
+    }
     /// Makes the range read as zeros; with `no_hole` it stays allocated.
     fn write_zeroes(
         &self,

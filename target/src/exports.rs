@@ -532,6 +532,20 @@ impl Backend for Export {
         self.volume.write(offset, data, fua).await.map_err(io_error)
     }
 
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Option<u64>, IoError> {
+        let _open = self.gate.read().await;
+        self.volume
+            .compare_and_write(offset, compare, data, fua)
+            .await
+            .map_err(io_error)
+    }
+
     async fn write_zeroes(
         &self,
         offset: u64,

@@ -341,7 +341,7 @@ impl Driver {
                 extent_bytes,
                 reply,
             } => {
-                if let Some(ext) = request_extent(&req) {
+                if let Some(ext) = req.op.extent() {
                     self.learn_size(ext.volume, extent_bytes);
                 }
                 // A retry of a request still pending replaces the earlier
@@ -612,14 +612,6 @@ fn trace(me: NodeId, t: Trace) {
             pushed,
             "replica brought up to date; claiming it into the acting set"
         ),
-    }
-}
-
-fn request_extent(req: &ClientRequest) -> Option<ExtentId> {
-    match &req.op {
-        cairn_group::msg::ClientOp::Write { ext, .. }
-        | cairn_group::msg::ClientOp::Read { ext, .. } => Some(*ext),
-        cairn_group::msg::ClientOp::Flush => None,
     }
 }
 

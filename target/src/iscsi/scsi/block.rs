@@ -358,9 +358,13 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         Ok(Reply::good())
     }
 
-    /// COMPARE AND WRITE: the compare and the write hold the logical
-    /// unit's I/O lock exclusively, so no other write through it lands in
-    /// between. MISCOMPARE carries the offset of the first difference.
+    /// COMPARE AND WRITE: the backend compares and writes; a Cairn volume
+    /// does both at the extent's primary under one range lock, atomic
+    /// against writes through any target (VMware's ATS locks hold across
+    /// hosts attached through different targets). The logical unit's I/O
+    /// lock, held exclusively, keeps the backend's default (read, compare,
+    /// write) atomic against this target's own writes. MISCOMPARE carries
+    /// the offset of the first difference.
     pub(super) async fn compare_and_write(&self, c: &Cdb<'_>, req: &Request<'_>) -> Res {
         no_protection(c)?;
         let fua = c.u8(1) & 0x08 != 0;
@@ -381,15 +385,17 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         }
         self.check_writable()?;
         let _exclusive = self.io.write().await;
-        let medium = self.read_bytes(lba * BLOCK, half as u64).await?;
-        if let Some(offset) = first_difference(&medium, &req.data_out[..half]) {
-            return Err(Fail::Check(
-                sense::MISCOMPARE_DURING_VERIFY,
-                Some(offset as u64),
-            ));
-        }
+        let offset = lba * BLOCK;
+        let compare = req.data_out.slice(..half);
         let new = req.data_out.slice(half..2 * half);
-        self.write_bytes(lba * BLOCK, &new, fua).await?;
+        let found = self
+            .backend
+            .compare_and_write(offset, compare, new, fua)
+            .await
+            .map_err(|e| self.io_failed("compare and write", offset, &e, Sense::for_write(&e)))?;
+        if let Some(at) = found {
+            return Err(Fail::Check(sense::MISCOMPARE_DURING_VERIFY, Some(at)));
+        }
         Ok(Reply::good())
     }
 
