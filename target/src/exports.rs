@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_client::{ClientError, Cluster, Volume};
@@ -25,6 +25,26 @@ use crate::nbd::{Backend, Catalog, ExportInfo, Extents, IoError};
 
 /// Renewal period used until the volume manager has said its own.
 const LEASE_RENEW_DEFAULT: Duration = Duration::from_secs(1);
+
+/// How long a logical unit's command waits for a lapsed export lease to
+/// come back before it is refused (a new export takes its lease within a
+/// round trip of opening).
+const LEASE_GRACE: Duration = Duration::from_secs(1);
+
+/// Milliseconds on this process's monotonic clock, for export lease ends.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// How long an export lease counts here, from when the request that
+/// renewed it was sent. The volume manager counts three renewal periods
+/// from when it received it (its `lease_ms`) before it stops waiting for
+/// this front end to report a reservation change; half a period less leaves
+/// room for the two clocks' drift.
+fn lease_validity_ms(every: Duration) -> u64 {
+    (every * 5 / 2).as_millis() as u64
+}
 /// Explicit zeros written per request for WRITE_ZEROES with NO_HOLE.
 const ZERO_CHUNK: usize = 1 << 20;
 static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
@@ -176,7 +196,9 @@ impl Catalog for Arc<Registry> {
         Reservations::Volume {
             volmgr: self.volmgr.clone(),
             volume: name.to_string(),
+            front_end: self.cfg.target_id,
             latest: export.pr_generation.clone(),
+            lease_until: export.lease_until.clone(),
         }
     }
 
@@ -266,6 +288,7 @@ impl Catalog for Arc<Registry> {
             revoked: watch::channel(false).0,
             snapshot,
             pr_generation: Arc::new(AtomicU64::new(0)),
+            lease_until: Arc::new(AtomicU64::new(0)),
         });
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(name.to_string(), Arc::downgrade(&export));
@@ -290,9 +313,17 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
     // (leases would lapse) nor lookups.
     let watcher = VolmgrClient::new(registry.cfg.volmgr.clone(), registry.cfg.cluster_id.clone());
     // Learn the renewal period (and take the lease) first.
+    let sent = clock_ms();
     match watcher.register_export(registry.cfg.target_id, &name).await {
-        Ok(d) if !d.is_zero() => every = d,
-        Ok(_) => {}
+        Ok(d) => {
+            if !d.is_zero() {
+                every = d;
+            }
+            if let Some(x) = export.upgrade() {
+                x.lease_until
+                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+            }
+        }
         Err(e) => {
             warn!(volume = %name, "cannot take the export lease: {e}");
             failing = true;
@@ -309,6 +340,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
         // command, so a PREEMPT fences here within a round trip.
         let known_pr = x.pr_generation.load(Ordering::Acquire);
         drop(x);
+        let sent = clock_ms();
         let got = watcher
             .export_watch_pr(
                 registry.cfg.target_id,
@@ -326,7 +358,11 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     info!(volume = %name, "export lease renewed again");
                 }
                 failing = false;
+                // Generation first: a command that sees the lease held
+                // also sees every reservation change answered with it.
                 x.pr_generation.fetch_max(w.pr_generation, Ordering::AcqRel);
+                x.lease_until
+                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
                     x.pause_for_snapshot(&registry, &watcher, w.pending).await;
@@ -384,6 +420,9 @@ pub struct Export {
     /// The newest persistent reservation generation the volume manager
     /// reported (every lease renewal carries it).
     pr_generation: Arc<AtomicU64>,
+    /// When the export lease ends ([`clock_ms`]) unless renewed: 0 until
+    /// it is first taken.
+    lease_until: Arc<AtomicU64>,
 }
 
 impl Export {
@@ -634,10 +673,16 @@ pub enum Reservations {
     Volume {
         volmgr: Arc<VolmgrClient>,
         volume: String,
+        /// This target's id in export leases: the volume manager does not
+        /// wait for the front end that made a change to report it.
+        front_end: u64,
         /// The newest generation the export's lease renewals reported: a
         /// state loaded at an older one is stale (another target changed
-        /// it), noticed within one renewal period.
+        /// it). A change through another target is answered only once this
+        /// one reported holding it, or its lease lapsed.
         latest: Arc<AtomicU64>,
+        /// The export lease's end (see [`Export`]).
+        lease_until: Arc<AtomicU64>,
     },
     Memory(MemPrStore),
 }
@@ -650,6 +695,7 @@ impl PrStore for Reservations {
                 volmgr,
                 volume,
                 latest,
+                ..
             } => {
                 let (generation, bytes) = volmgr.pr_get(volume).await.map_err(|e| {
                     format!("reading the persistent reservations of volume {volume:?}: {e}")
@@ -673,10 +719,15 @@ impl PrStore for Reservations {
             Reservations::Volume {
                 volmgr,
                 volume,
+                front_end,
                 latest,
+                ..
             } => {
                 let expect = state.version.wrapping_sub(1);
-                match volmgr.pr_set(volume, expect, state.to_bytes()).await {
+                match volmgr
+                    .pr_set_as(*front_end, volume, expect, state.to_bytes())
+                    .await
+                {
                     Ok(generation) => {
                         latest.fetch_max(generation, Ordering::AcqRel);
                         Ok(())
@@ -694,6 +745,23 @@ impl PrStore for Reservations {
         match self {
             Reservations::Memory(_) => false,
             Reservations::Volume { latest, .. } => latest.load(Ordering::Acquire) > version,
+        }
+    }
+
+    async fn lapsed(&self) -> bool {
+        let Reservations::Volume { lease_until, .. } = self else {
+            return false;
+        };
+        let give_up = clock_ms() + LEASE_GRACE.as_millis() as u64;
+        loop {
+            let now = clock_ms();
+            if now < lease_until.load(Ordering::Acquire) {
+                return false;
+            }
+            if now >= give_up {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

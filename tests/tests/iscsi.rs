@@ -621,6 +621,19 @@ fn scsi(
                 }
             }
             0x21 => return (h[3], data, d.get(2..).unwrap_or_default().to_vec()),
+            // NOP-In: the target pings a connection idle for a while;
+            // answer a ping that asks for it (NOP-Out, immediate).
+            0x20 => {
+                if h[20..24] != [0xff; 4] {
+                    s.write_all(&pdu(0x40, 0x80, &[], |b| {
+                        b[8..16].copy_from_slice(&h[8..16]);
+                        b[16..20].copy_from_slice(&[0xff; 4]);
+                        b[20..24].copy_from_slice(&h[20..24]);
+                        b[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+                    }))
+                    .unwrap();
+                }
+            }
             op => panic!("unexpected opcode {op:#x}"),
         }
     }
@@ -829,25 +842,36 @@ async fn persistent_reservations_survive_a_restart_and_are_shared_by_targets() {
     // reservation: RESERVATION CONFLICT.
     let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
     assert_eq!(scsi(&mut t, &mut tn, &write, &[1u8; 512], 0).0, 0x18);
-    // The holder writes, then releases and unregisters through target A;
-    // target B learns of it (within a lease renewal) and lets the write in.
+    // The holder writes, then releases and unregisters through target A,
+    // whose answers wait until target B holds each change: B lets the
+    // write in at once.
     assert_eq!(scsi(&mut s, &mut sn, &write, &[2u8; 512], 0).0, 0);
     assert_eq!(prout(&mut s, &mut sn, 0x02, 0x01, 0xabc, 0), 0, "RELEASE");
     assert_eq!(prout(&mut s, &mut sn, 0x00, 0, 0xabc, 0), 0, "unregister");
-    let t0 = std::time::Instant::now();
-    loop {
-        let status = scsi(&mut t, &mut tn, &write, &[1u8; 512], 0).0;
-        if status == 0 {
-            break;
-        }
-        assert_eq!(status, 0x18);
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(10),
-            "target B never saw the release"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    assert_eq!(
+        scsi(&mut t, &mut tn, &write, &[1u8; 512], 0).0,
+        0,
+        "target B did not hold the release when target A answered it"
+    );
     assert!(read_keys(&mut t, &mut tn).is_empty());
+
+    // And the other way: a reservation taken through B holds through A as
+    // soon as B answers, with no wait for a renewal.
+    assert_eq!(
+        prout(&mut t, &mut tn, 0x00, 0, 0, 0xdef),
+        0,
+        "REGISTER via B"
+    );
+    assert_eq!(
+        prout(&mut t, &mut tn, 0x01, 0x01, 0xdef, 0),
+        0,
+        "RESERVE via B"
+    );
+    assert_eq!(
+        scsi(&mut s, &mut sn, &write, &[3u8; 512], 0).0,
+        0x18,
+        "target A let a write in under B's new reservation"
+    );
 }
 
 /// COMPARE AND WRITE is atomic across targets. Initiators logged in to two
@@ -908,4 +932,69 @@ async fn compare_and_write_is_atomic_across_targets() {
     );
     // The race was real: initiators lost to each other.
     assert!(lost > 0, "no initiator ever lost a compare");
+}
+
+/// A target cut off from the volume manager (here: it is stopped) may have
+/// missed a PREEMPT made through another target, which stops waiting for
+/// it once its export lease lapses: it then refuses reads and writes of a
+/// volume whose reservations are in use with NOT READY, TARGET PORT IN
+/// UNAVAILABLE STATE (multipath tries another path), while a volume
+/// without reservations keeps taking writes; once the volume manager is
+/// back, it serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_without_its_lease_fences_reserved_volumes_only() {
+    let (mut cluster, target, portal) = setup(&[("held", 16 * MIB), ("free", 16 * MIB)], &[]).await;
+    let (mut h, mut hn) = pr_session(&portal, &format!("{PREFIX}:held"), 1);
+    let (mut f, mut fnn) = pr_session(&portal, &format!("{PREFIX}:free"), 2);
+    assert_eq!(prout(&mut h, &mut hn, 0x00, 0, 0, 0x77), 0, "REGISTER");
+    assert_eq!(prout(&mut h, &mut hn, 0x01, 0x01, 0x77, 0), 0, "RESERVE");
+    let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert_eq!(scsi(&mut h, &mut hn, &write, &[1u8; 512], 0).0, 0);
+    // (The free volume's unit loads its empty reservations now: it cannot
+    // once the volume manager is gone.)
+    assert_eq!(scsi(&mut f, &mut fnn, &write, &[1u8; 512], 0).0, 0);
+
+    let member = cluster.volmgr.members.values_mut().next().unwrap();
+    member.stop().unwrap();
+    // The lease lapses within a few renewal periods; each refused command
+    // first waits a moment for it to come back.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (status, _, sense) = scsi(&mut h, &mut hn, &write, &[2u8; 512], 0);
+        if status == 2 {
+            assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (2, 0x04, 0x0c));
+            break;
+        }
+        assert_eq!(status, 0);
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the reserved volume was still served without a lease"
+        );
+    }
+    let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert_eq!(
+        scsi(&mut h, &mut hn, &read, &[], 512).0,
+        2,
+        "READ fenced too"
+    );
+    let t1 = std::time::Instant::now();
+    let (status, _, sense) = scsi(&mut f, &mut fnn, &write, &[3u8; 512], 0);
+    assert_eq!(
+        status,
+        0,
+        "free volume: {sense:x?} after {:?}",
+        t1.elapsed()
+    );
+    assert!(target.log().contains("no contact with the volume manager"));
+
+    member.restart().unwrap();
+    let t0 = std::time::Instant::now();
+    while scsi(&mut h, &mut hn, &write, &[4u8; 512], 0).0 != 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the reserved volume was not served again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(read_keys(&mut h, &mut hn), vec![0x77]);
 }

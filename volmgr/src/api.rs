@@ -31,7 +31,7 @@ use cairn_proto::volmgr::{
 };
 use prost::Message as _;
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::detector::FailureDetector;
 use crate::node::{NodeError, NodeHandle};
@@ -66,6 +66,11 @@ pub type SharedUsage = Arc<Mutex<std::collections::BTreeMap<u64, u64>>>;
 #[derive(Default)]
 pub struct Exports {
     leases: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>>,
+    /// The newest persistent reservation generation each front end's watch
+    /// said it holds, per volume.
+    pr_held: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>>,
+    /// Woken whenever a front end reports a generation.
+    pr_reported: Arc<tokio::sync::Notify>,
 }
 
 impl Exports {
@@ -90,12 +95,46 @@ impl Exports {
     }
 
     fn drop_lease(&mut self, volume: &str, target: u64) {
-        if let Some(t) = self.leases.get_mut(volume) {
-            t.remove(&target);
-            if t.is_empty() {
-                self.leases.remove(volume);
+        for map in [&mut self.leases, &mut self.pr_held] {
+            if let Some(t) = map.get_mut(volume) {
+                t.remove(&target);
+                if t.is_empty() {
+                    map.remove(volume);
+                }
             }
         }
+    }
+
+    /// Front end `target` holds generation `generation` of `volume`'s
+    /// persistent reservations (its LUs reload it before their next
+    /// command).
+    fn pr_report(&mut self, volume: &str, target: u64, generation: u64) {
+        let held = self
+            .pr_held
+            .entry(volume.to_string())
+            .or_default()
+            .entry(target)
+            .or_default();
+        *held = (*held).max(generation);
+        self.pr_reported.notify_waiters();
+    }
+
+    /// Front ends other than `except` with a lease on `volume` younger than
+    /// `valid_ms` that have not reported `generation` yet.
+    fn pr_behind(
+        &self,
+        volume: &str,
+        except: u64,
+        generation: u64,
+        now_ms: u64,
+        valid_ms: u64,
+    ) -> Vec<u64> {
+        let held = self.pr_held.get(volume);
+        self.holders(volume, now_ms, valid_ms)
+            .into_iter()
+            .filter(|t| *t != except)
+            .filter(|t| held.and_then(|h| h.get(t)).is_none_or(|g| *g < generation))
+            .collect()
     }
 
     /// Front ends whose lease on `volume` is younger than `valid_ms`.
@@ -818,15 +857,21 @@ impl Api {
                         max: PR_STATE_BYTES_MAX,
                     });
                 }
-                self.propose(
-                    req,
-                    Command::PrSet(PrSet {
-                        volume: volume_key(),
-                        expect_generation: req.pr_expect_generation,
-                        state: req.pr_state.clone(),
-                    }),
-                )
-                .await
+                let resp = self
+                    .propose(
+                        req,
+                        Command::PrSet(PrSet {
+                            volume: volume_key(),
+                            expect_generation: req.pr_expect_generation,
+                            state: req.pr_state.clone(),
+                        }),
+                    )
+                    .await;
+                if resp.status == VolmgrStatus::Ok as i32 {
+                    self.await_pr_reports(&req.volume_name, req.node_id, resp.pr_generation)
+                        .await;
+                }
+                resp
             }
             VolmgrOp::ExportWatch => self.export_watch(req).await,
             VolmgrOp::SnapshotPaused => {
@@ -1044,6 +1089,13 @@ impl Api {
             };
             if first {
                 self.renew_lease(&req.volume_name, req.node_id);
+                if let Some(g) = req.known_pr_generation {
+                    self.exports.lock().expect("exports lock").pr_report(
+                        &req.volume_name,
+                        req.node_id,
+                        g,
+                    );
+                }
                 first = false;
             } else {
                 let held = self.exports.lock().expect("exports lock").refresh(
@@ -1099,6 +1151,51 @@ impl Api {
             .expect("exports lock")
             .renew(volume, node, self.now_ms());
         self.pauses.join(volume, node);
+    }
+
+    /// Returns once every front end exporting `volume`, other than `from`
+    /// (the one that made the change), holds PR generation `generation`
+    /// (its export watch said so) or has lost its lease (a front end whose
+    /// lease lapsed stops serving reserved volumes: `target/src/exports.rs`).
+    /// So a PREEMPT fences the preempted initiators on every front end
+    /// before it completes. A leader elected less than a lease period ago
+    /// waits that out first: it does not know every lease yet. A front end
+    /// that keeps renewing without reporting (one older than the report)
+    /// is waited for one lease period, then named in a warning.
+    async fn await_pr_reports(&self, volume: &str, from: u64, generation: u64) {
+        let lease = self.lease_ms();
+        let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let start = self.now_ms();
+        let until =
+            (start + lease + self.heartbeat_interval.as_millis() as u64).max(led_since + lease);
+        loop {
+            let now = self.now_ms();
+            let (behind, reported) = {
+                let e = self.exports.lock().expect("exports lock");
+                (
+                    e.pr_behind(volume, from, generation, now, lease),
+                    e.pr_reported.clone(),
+                )
+            };
+            if behind.is_empty() && now >= led_since + lease {
+                return;
+            }
+            if now >= until {
+                warn!(
+                    volume,
+                    generation,
+                    front_ends = ?behind,
+                    "persistent reservation change answered before these front ends reported holding it"
+                );
+                return;
+            }
+            let notified = reported.notified();
+            let nap = Duration::from_millis((until - now).min(50));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
     }
 
     /// A leader elected less than a lease period ago has not seen every

@@ -565,13 +565,30 @@ impl VolmgrClient {
     /// since: read it again and redo the change. `InvalidArgument` above
     /// `cairn_proto::volmgr::PR_STATE_BYTES_MAX` (64 KiB), `NotFound` for
     /// an unknown volume. Nothing changes when refused.
+    ///
+    /// Answered once every front end exporting the volume holds the new
+    /// generation (or lost its export lease); see
+    /// [`pr_set_as`](Self::pr_set_as) for a front end's own change.
     pub async fn pr_set(
         &self,
         volume: &str,
         expect_generation: u64,
         state: Vec<u8>,
     ) -> Result<u64, ClientError> {
+        self.pr_set_as(0, volume, expect_generation, state).await
+    }
+
+    /// [`pr_set`](Self::pr_set) by front end `front_end` (its export lease
+    /// id), which is not waited for: it holds the new state already.
+    pub async fn pr_set_as(
+        &self,
+        front_end: u64,
+        volume: &str,
+        expect_generation: u64,
+        state: Vec<u8>,
+    ) -> Result<u64, ClientError> {
         let req = VolmgrRequest {
+            node_id: front_end,
             volume_name: volume.into(),
             pr_expect_generation: expect_generation,
             pr_state: state,

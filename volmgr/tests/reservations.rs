@@ -464,6 +464,69 @@ fn pr_state_through_the_api() {
     });
 }
 
+/// A change is answered only once every other front end exporting the
+/// volume holds it (its export watch reported the generation) or has lost
+/// its lease: a PREEMPT through one target fences the preempted initiators
+/// on all of them before it completes. The front end that made the change
+/// is not waited for.
+#[test]
+fn a_change_waits_for_other_front_ends_to_hold_it_or_lose_their_lease() {
+    let member = common::start(
+        CLUSTER,
+        &["--heartbeat-interval-ms", "400", "--down-after-ms", "10000"],
+    );
+    runtime().block_on(async {
+        let admin = client(&[&member.addr]);
+        admin
+            .register_node(1, "127.0.0.2:7000", "h1", "", "", 1, 1 << 40)
+            .await
+            .unwrap();
+        let v = admin.create_volume("v", GIB, 0, 1, 1).await.unwrap();
+        let head = v.head_epoch;
+        assert_eq!(admin.pr_set("v", 0, b"one".to_vec()).await.unwrap(), 1);
+
+        // Front ends 7 and 8 export the volume and hold generation 1.
+        let (a, b) = (client(&[&member.addr]), client(&[&member.addr]));
+        for (fe, c) in [(7, &a), (8, &b)] {
+            let w = c
+                .export_watch_pr(fe, "v", head, 1, 0, Duration::ZERO)
+                .await
+                .unwrap();
+            assert_eq!(w.pr_generation, 1);
+        }
+        // Front end 7 changes it: not answered while 8 has not reported.
+        let set = tokio::spawn(async move { a.pr_set_as(7, "v", 1, b"two".to_vec()).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !set.is_finished(),
+            "answered before front end 8 held the change"
+        );
+        // 8's watch hears of it at once and its next one reports it.
+        let w = b
+            .export_watch_pr(8, "v", head, 1, 0, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(w.pr_generation, 2);
+        let report = b
+            .export_watch_pr(8, "v", head, 2, 0, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert_eq!(report.pr_generation, 2);
+        assert_eq!(set.await.unwrap().unwrap(), 2);
+
+        // A front end that stops renewing (cut off, or gone) is waited for
+        // until its lease lapses, then no longer.
+        let c = client(&[&member.addr]);
+        let t0 = std::time::Instant::now();
+        assert_eq!(c.pr_set_as(7, "v", 2, b"three".to_vec()).await.unwrap(), 3);
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(300),
+            "answered after {took:?}, before front end 8's lease lapsed or it reported"
+        );
+    });
+}
+
 /// A member whose data directory outlives its process, so it can be killed
 /// and started again; its log goes to a file.
 struct Proc {

@@ -299,8 +299,9 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     local: Mutex<Local>,
     /// COMPARE AND WRITE and ORWRITE hold it exclusively, every other
     /// write shared: the read and the write are atomic against writes
-    /// through this logical unit (not against other targets of the same
-    /// volume). A SANITIZE holds it exclusively while it runs.
+    /// through this logical unit (a Cairn volume's COMPARE AND WRITE is
+    /// atomic against other targets too, at the chunk server). A SANITIZE
+    /// holds it exclusively while it runs.
     io: Arc<tokio::sync::RwLock<()>>,
     /// What a SANITIZE did to the medium: shared by every logical unit
     /// over the same export object, so it outlives sessions.
@@ -309,6 +310,9 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     copies: Mutex<copy::Held>,
     /// The sessions using this unit, for aborts across nexuses.
     attached: Mutex<Vec<Attached>>,
+    /// Refusing reservation-governed commands (the store lapsed): logs
+    /// the change once, not per command.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl<B: Backend> Lun<B> {
@@ -334,6 +338,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             medium: sanitize::Medium::of(&backend),
             copies: Mutex::new(copy::Held::default()),
             attached: Mutex::new(Vec::new()),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             backend,
         }
     }
@@ -499,6 +504,29 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
                 Fail::from(sense::LOGICAL_UNIT_NOT_READY)
             })?;
             *g = Some(loaded.unwrap_or_default());
+        }
+        // Cut off from the shared store, this front end may have missed a
+        // PREEMPT made elsewhere, which no longer waits for it: a volume
+        // whose reservations were ever used serves nothing that they
+        // govern until contact is back. (One never used keeps serving: a
+        // first REGISTER made elsewhere meanwhile is not seen here.)
+        let used = g
+            .as_ref()
+            .is_some_and(|s| s.version > 0 || !s.registrations.is_empty());
+        if used && self.store.lapsed().await {
+            if !self.fenced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    lun = self.lun_id,
+                    "no contact with the volume manager: refusing commands governed by persistent reservations until it is back"
+                );
+            }
+            return Err(sense::TARGET_PORT_UNAVAILABLE.into());
+        }
+        if self
+            .fenced
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(lun = self.lun_id, "volume manager reachable again: serving");
         }
         Ok(g)
     }

@@ -541,6 +541,14 @@ pub trait PrStore: Send + Sync + 'static {
     fn stale(&self, _version: u64) -> bool {
         false
     }
+    /// Whether this front end may have missed a change: a shared store's
+    /// front end that lost contact with it (its export lease lapsed) may
+    /// not know of a PREEMPT made through another, which the volume
+    /// manager stopped waiting for once the lease lapsed. May wait a
+    /// moment for the contact to come back.
+    fn lapsed(&self) -> impl Future<Output = bool> + Send {
+        async { false }
+    }
 }
 
 /// Keeps the state (in its wire form) in memory.

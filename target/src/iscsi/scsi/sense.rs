@@ -54,6 +54,9 @@ pub const WRITE_ERROR: Sense = s(KEY_MEDIUM_ERROR, 0x0c, 0x00);
 pub const INTERNAL_TARGET_FAILURE: Sense = s(KEY_HARDWARE_ERROR, 0x44, 0x00);
 /// The export is going away (ESHUTDOWN): initiators retry, then fail over.
 pub const LOGICAL_UNIT_NOT_READY: Sense = s(KEY_NOT_READY, 0x04, 0x00);
+/// LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE: a
+/// multipath initiator tries another path (another target).
+pub const TARGET_PORT_UNAVAILABLE: Sense = s(KEY_NOT_READY, 0x04, 0x0c);
 /// A command's Data-Out did not follow the rules (DataSN, offsets, burst
 /// lengths): the command is aborted (RFC 7143 11.4.7.2 lists these).
 pub const DATA_PHASE_ERROR: Sense = s(KEY_ABORTED_COMMAND, 0x4b, 0x00);

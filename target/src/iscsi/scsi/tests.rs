@@ -34,10 +34,15 @@ pub(super) fn unit(size: u64) -> (Arc<MemExport>, Lun<MemExport>) {
 }
 
 /// Runs `cdb` (zero padded to 16 bytes) with `data` as Data-Out.
-pub(super) async fn run<B: Backend>(l: &Lun<B>, n: &Nexus, cdb: &[u8], data: &[u8]) -> Reply {
+pub(super) async fn run<B: Backend, S: PrStore>(
+    l: &Lun<B, S>,
+    n: &Nexus,
+    cdb: &[u8],
+    data: &[u8],
+) -> Reply {
     let mut c = cdb.to_vec();
     c.resize(c.len().max(16), 0);
-    let wanted = Lun::<B>::data_out_len(&c).unwrap_or(0);
+    let wanted = Lun::<B, S>::data_out_len(&c).unwrap_or(0);
     l.execute(Request {
         cdb: &c,
         data_out: Bytes::copy_from_slice(data),

@@ -356,3 +356,57 @@ async fn preempt_and_abort_aborts_the_preempted_nexus_tasks_only() {
     assert_eq!(*sets[2].0.lock().unwrap(), vec![0]);
     assert!(sets[0].0.lock().unwrap().is_empty());
 }
+
+/// A shared store whose contact this test cuts and restores.
+#[derive(Default)]
+struct Cut {
+    inner: pr::MemPrStore,
+    lapsed: AtomicBool,
+}
+
+impl PrStore for Cut {
+    async fn load(&self) -> Result<Option<PrState>, String> {
+        self.inner.load().await
+    }
+    async fn save(&self, state: &PrState) -> Result<(), pr::SaveError> {
+        self.inner.save(state).await
+    }
+    async fn lapsed(&self) -> bool {
+        self.lapsed.load(Ordering::SeqCst)
+    }
+}
+
+/// Cut off from the shared store (its export lease lapsed), a unit whose
+/// reservations were ever used refuses what they govern, reads and writes
+/// and PR commands, with TARGET PORT IN UNAVAILABLE STATE (so multipath
+/// tries another target), and serves again once contact is back; commands
+/// no reservation governs keep working. A unit whose reservations were
+/// never used keeps serving.
+#[tokio::test]
+async fn a_unit_cut_off_from_its_reservations_refuses_what_they_govern() {
+    let unavailable = (sense::KEY_NOT_READY, 0x04, 0x0c);
+    let (n, m) = (nexus("a"), nexus("b"));
+    let never_used = Lun::with_store(MemExport::new("vol", MIB, false), 0, Cut::default());
+    never_used.store.lapsed.store(true, Ordering::SeqCst);
+    good(&run(&never_used, &n, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
+
+    let l = Lun::with_store(MemExport::new("vol", MIB, false), 0, Cut::default());
+    let mut p = [0u8; 24];
+    p[8..16].copy_from_slice(&0xabcu64.to_be_bytes());
+    good(&run(&l, &n, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p).await);
+    good(&run(&l, &m, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
+
+    l.store.lapsed.store(true, Ordering::SeqCst);
+    for (who, cdb, data) in [
+        (&m, rw10(0x2a, 1, 1, 0), vec![5; 512]),
+        (&n, rw10(0x28, 1, 1, 0), vec![]),
+        (&n, vec![0x5e, 0, 0, 0, 0, 0, 0, 1, 0, 0], vec![]),
+    ] {
+        assert_eq!(sense_of(&run(&l, who, &cdb, &data).await), unavailable);
+    }
+    good(&run(&l, &m, &[0; 6], &[]).await); // TEST UNIT READY
+    good(&run(&l, &m, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await); // READ CAPACITY
+
+    l.store.lapsed.store(false, Ordering::SeqCst);
+    good(&run(&l, &m, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
+}
