@@ -1212,6 +1212,13 @@ impl Node {
                     }));
                     return;
                 }
+                // The compare reads, so it needs the read lease as a read
+                // does: a deposed primary would compare stale bytes (it
+                // could not write, but could answer a false miscompare).
+                if self.now >= self.lease_until {
+                    self.out.push(reply(Refusal::Busy));
+                    return;
+                }
                 if compare.len() != data.len() {
                     self.out.push(reply(Refusal::Io(format!(
                         "{ext}: compare-and-write compares {} bytes but writes {}",

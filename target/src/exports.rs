@@ -365,7 +365,8 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
-                    x.pause_for_snapshot(&registry, &watcher, w.pending).await;
+                    x.pause_for_snapshot(&registry, &watcher, w.pending, every)
+                        .await;
                     if *x.revoked.borrow() {
                         return;
                     }
@@ -435,6 +436,7 @@ impl Export {
         registry: &Arc<Registry>,
         watcher: &VolmgrClient,
         pending: u64,
+        every: Duration,
     ) {
         let name = &self.info.name;
         let t0 = std::time::Instant::now();
@@ -450,16 +452,27 @@ impl Export {
         // Until the pending snapshot is gone (committed or given up).
         let deadline = tokio::time::Instant::now() + PAUSE_RECHECK;
         while tokio::time::Instant::now() < deadline {
-            match watcher
-                .export_watch(
+            // These polls renew the lease and carry reservation changes as
+            // the watch's own do (reads and PR commands go on meanwhile).
+            let sent = clock_ms();
+            let got = watcher
+                .export_watch_pr(
                     registry.cfg.target_id,
                     name,
                     known_head,
+                    self.pr_generation.load(Ordering::Acquire),
                     pending,
-                    deadline - tokio::time::Instant::now(),
+                    // At most a renewal period, so the lease stays held here.
+                    (deadline - tokio::time::Instant::now()).min(every),
                 )
-                .await
-            {
+                .await;
+            if let Ok(w) = &got {
+                self.pr_generation
+                    .fetch_max(w.pr_generation, Ordering::AcqRel);
+                self.lease_until
+                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+            }
+            match got {
                 // Gone, or committed (the head moved; the leader clears the
                 // pending snapshot right after).
                 Ok(w)

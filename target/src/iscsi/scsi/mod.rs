@@ -493,39 +493,49 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
 
     /// The persistent reservation state, loaded from the store on first
     /// use and again whenever the store knows of a newer one.
+    ///
+    /// Cut off from a shared store (its export lease lapsed), this front
+    /// end may have missed a PREEMPT made through another, which no longer
+    /// waits for it: a unit whose reservations were ever used then serves
+    /// nothing they govern until contact is back. (One never used keeps
+    /// serving: a first REGISTER made elsewhere meanwhile is not seen here.)
     async fn pr_state(&self) -> Res<tokio::sync::MutexGuard<'_, Option<PrState>>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut g = self.pr.lock().await;
-        if g.as_ref().is_some_and(|s| self.store.stale(s.version)) {
-            *g = None;
-        }
-        if g.is_none() {
-            let loaded = self.store.load().await.map_err(|e| {
-                tracing::warn!("persistent reservations: {e}");
-                Fail::from(sense::LOGICAL_UNIT_NOT_READY)
-            })?;
-            *g = Some(loaded.unwrap_or_default());
-        }
-        // Cut off from the shared store, this front end may have missed a
-        // PREEMPT made elsewhere, which no longer waits for it: a volume
-        // whose reservations were ever used serves nothing that they
-        // govern until contact is back. (One never used keeps serving: a
-        // first REGISTER made elsewhere meanwhile is not seen here.)
-        let used = g
-            .as_ref()
-            .is_some_and(|s| s.version > 0 || !s.registrations.is_empty());
-        if used && self.store.lapsed().await {
-            if !self.fenced.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(
-                    lun = self.lun_id,
-                    "no contact with the volume manager: refusing commands governed by persistent reservations until it is back"
-                );
+        loop {
+            if g.as_ref().is_some_and(|s| self.store.stale(s.version)) {
+                *g = None;
             }
-            return Err(sense::TARGET_PORT_UNAVAILABLE.into());
+            if g.is_none() {
+                let loaded = self.store.load().await.map_err(|e| {
+                    tracing::warn!("persistent reservations: {e}");
+                    Fail::from(sense::LOGICAL_UNIT_NOT_READY)
+                })?;
+                *g = Some(loaded.unwrap_or_default());
+            }
+            let used = g
+                .as_ref()
+                .is_some_and(|s| s.version > 0 || !s.registrations.is_empty());
+            if !used {
+                break;
+            }
+            if self.store.lapsed().await {
+                if !self.fenced.swap(true, Relaxed) {
+                    tracing::warn!(
+                        lun = self.lun_id,
+                        "no contact with the volume manager: refusing commands governed by \
+                         persistent reservations until it is back"
+                    );
+                }
+                return Err(sense::TARGET_PORT_UNAVAILABLE.into());
+            }
+            // The lease may have come back while it waited, with news of a
+            // newer state: load that one before deciding.
+            if !g.as_ref().is_some_and(|s| self.store.stale(s.version)) {
+                break;
+            }
         }
-        if self
-            .fenced
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.fenced.load(Relaxed) && self.fenced.swap(false, Relaxed) {
             tracing::info!(lun = self.lun_id, "volume manager reachable again: serving");
         }
         Ok(g)
