@@ -475,34 +475,28 @@ impl Cluster {
                 Err(AttemptError::Transport(reason)) => Action::Transport(reason),
                 Ok((resp, data)) => match Status::try_from(resp.status) {
                     Ok(Status::Ok) => {
-                        if let ClientOp::Read { len, .. } = &op {
-                            if data.len() as u64 != *len {
-                                return Err(ClientError::Protocol {
-                                    volume: vol.name.clone(),
-                                    op: describe(vol, &op),
-                                    group: key,
-                                    node: addr,
-                                    reason: format!(
-                                        "read of {len} bytes answered with {} bytes",
-                                        data.len()
-                                    ),
-                                });
+                        // A read answers its length; a compare-and-write
+                        // nothing, or the bytes it found.
+                        let want = match &op {
+                            ClientOp::Read { len, .. } => Some(*len),
+                            ClientOp::CompareAndWrite { data: new, .. } if !data.is_empty() => {
+                                Some(new.len() as u64)
                             }
+                            _ => None,
+                        };
+                        if let Some(want) = want.filter(|w| *w != data.len() as u64) {
+                            return Err(ClientError::Protocol {
+                                volume: vol.name.clone(),
+                                op: describe(vol, &op),
+                                group: key,
+                                node: addr,
+                                reason: format!(
+                                    "{want} bytes expected, answered with {}",
+                                    data.len()
+                                ),
+                            });
                         }
                         if let ClientOp::CompareAndWrite { data: new, .. } = &op {
-                            if !data.is_empty() && data.len() != new.len() {
-                                return Err(ClientError::Protocol {
-                                    volume: vol.name.clone(),
-                                    op: describe(vol, &op),
-                                    group: key,
-                                    node: addr,
-                                    reason: format!(
-                                        "compare-and-write of {} bytes answered with {} bytes",
-                                        new.len(),
-                                        data.len()
-                                    ),
-                                });
-                            }
                             // An earlier attempt wrote, but its answer was
                             // lost and the retry reached a primary that had
                             // not seen it (a failover): the range then holds

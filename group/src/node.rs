@@ -555,6 +555,21 @@ struct Primary {
     pushed_at_peering: usize,
 }
 
+impl Primary {
+    /// Write `seq` is finished (or, a compare-and-write that wrote nothing,
+    /// never will be): the committed watermark moves past every finished
+    /// one in a row. Returns the watermark.
+    fn seq_done(&mut self, seq: Seq) -> Seq {
+        self.by_seq.remove(&seq);
+        self.done_above.insert(seq.n);
+        while self.done_above.first() == Some(&(self.committed.n + 1)) {
+            self.done_above.pop_first();
+            self.committed.n += 1;
+        }
+        self.committed
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     d: GroupDurable,
@@ -1625,13 +1640,7 @@ impl Node {
                 else {
                     unreachable!()
                 };
-                p.by_seq.remove(&seq);
-                p.done_above.insert(seq.n);
-                while p.done_above.first() == Some(&(p.committed.n + 1)) {
-                    p.done_above.pop_first();
-                    p.committed.n += 1;
-                }
-                let committed = p.committed;
+                let committed = p.seq_done(seq);
                 self.raise_committed(key, committed);
                 if let Some((c, id)) = client {
                     if let Some(w) = self.clients.get_mut(&c) {
@@ -1724,13 +1733,7 @@ impl Node {
         else {
             return;
         };
-        p.by_seq.remove(&seq);
-        p.done_above.insert(seq.n);
-        while p.done_above.first() == Some(&(p.committed.n + 1)) {
-            p.done_above.pop_first();
-            p.committed.n += 1;
-        }
-        let committed = p.committed;
+        let committed = p.seq_done(seq);
         self.raise_committed(key, committed);
         if let Some((c, id)) = client {
             if let Some(w) = self.clients.get_mut(&c) {
