@@ -891,12 +891,16 @@ async fn compare_and_write_is_atomic_across_targets() {
     let _b =
         TargetProcess::start(&cluster, &["--iscsi-listen", &portal_b, "--target-id", "2"]).unwrap();
     let read = [0x28, 0, 0, 0, 0, LBA, 0, 0, 1, 0];
+    // All log in first, then all start together.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
     let threads: Vec<_> = (0..4u8)
         .map(|i| {
             let portal = if i % 2 == 0 { &portal_a } else { &portal_b }.clone();
             let iqn = iqn.clone();
+            let start = start.clone();
             std::thread::spawn(move || {
                 let (mut s, mut sn) = pr_session(&portal, &iqn, 20 + i);
+                start.wait();
                 let (mut done, mut lost) = (0, 0);
                 while done < PER_INITIATOR {
                     let (status, old, _) = scsi(&mut s, &mut sn, &read, &[], 512);

@@ -120,7 +120,9 @@ impl Exports {
     }
 
     /// Front ends other than `except` with a lease on `volume` younger than
-    /// `valid_ms` that have not reported `generation` yet.
+    /// `valid_ms` that have not reported `generation` yet: those that
+    /// report generations, and those that never reported one (front ends
+    /// older than the report).
     fn pr_behind(
         &self,
         volume: &str,
@@ -128,13 +130,13 @@ impl Exports {
         generation: u64,
         now_ms: u64,
         valid_ms: u64,
-    ) -> Vec<u64> {
+    ) -> (Vec<u64>, Vec<u64>) {
         let held = self.pr_held.get(volume);
         self.holders(volume, now_ms, valid_ms)
             .into_iter()
             .filter(|t| *t != except)
             .filter(|t| held.and_then(|h| h.get(t)).is_none_or(|g| *g < generation))
-            .collect()
+            .partition(|t| held.is_some_and(|h| h.contains_key(t)))
     }
 
     /// Front ends whose lease on `volume` is younger than `valid_ms`.
@@ -1160,23 +1162,29 @@ impl Api {
     /// So a PREEMPT fences the preempted initiators on every front end
     /// before it completes. A leader elected less than a lease period ago
     /// waits that out first: it does not know every lease yet. A front end
-    /// that keeps renewing without reporting (one older than the report)
-    /// is waited for one lease period, then named in a warning.
+    /// that renews without ever reporting (one older than the report) is
+    /// waited for one lease period; one that reports, while it renews, up
+    /// to `PAUSE_TIMEOUT_MAX` (it reports with its next renewal, so only a
+    /// stuck one takes that long); then they are named in a warning.
     async fn await_pr_reports(&self, volume: &str, from: u64, generation: u64) {
         let lease = self.lease_ms();
         let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
         let start = self.now_ms();
-        let until =
+        let silent_until =
             (start + lease + self.heartbeat_interval.as_millis() as u64).max(led_since + lease);
+        let until = silent_until.max(start + PAUSE_TIMEOUT_MAX.as_millis() as u64);
         loop {
             let now = self.now_ms();
-            let (behind, reported) = {
+            let ((mut behind, silent), reported) = {
                 let e = self.exports.lock().expect("exports lock");
                 (
                     e.pr_behind(volume, from, generation, now, lease),
                     e.pr_reported.clone(),
                 )
             };
+            if now < silent_until {
+                behind.extend(silent);
+            }
             if behind.is_empty() && now >= led_since + lease {
                 return;
             }

@@ -473,7 +473,13 @@ fn pr_state_through_the_api() {
 fn a_change_waits_for_other_front_ends_to_hold_it_or_lose_their_lease() {
     let member = common::start(
         CLUSTER,
-        &["--heartbeat-interval-ms", "400", "--down-after-ms", "10000"],
+        // Leases of three seconds: the checks below have room on a busy machine.
+        &[
+            "--heartbeat-interval-ms",
+            "1000",
+            "--down-after-ms",
+            "10000",
+        ],
     );
     runtime().block_on(async {
         let admin = client(&[&member.addr]);
