@@ -72,6 +72,12 @@ pub trait Backend: Send + Sync + 'static {
             Ok(None)
         }
     }
+    /// Whether [`compare_and_write`](Self::compare_and_write) of `len`
+    /// bytes at `offset` is atomic against every writer by itself, so the
+    /// caller need not hold writes back around it.
+    fn compare_and_write_is_atomic(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Makes the range read as zeros; with `no_hole` it stays allocated.
     fn write_zeroes(
         &self,

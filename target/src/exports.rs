@@ -598,6 +598,13 @@ impl Backend for Export {
             .map_err(io_error)
     }
 
+    /// Inside one extent the primary compares and writes under its range
+    /// lock (`Volume::compare_and_write`).
+    fn compare_and_write_is_atomic(&self, offset: u64, len: u64) -> bool {
+        let eb = self.volume.info().extent_size_bytes as u64;
+        len > 0 && offset / eb == (offset + len - 1) / eb
+    }
+
     async fn write_zeroes(
         &self,
         offset: u64,

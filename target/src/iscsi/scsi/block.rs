@@ -361,10 +361,12 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
     /// COMPARE AND WRITE: the backend compares and writes; a Cairn volume
     /// does both at the extent's primary under one range lock, atomic
     /// against writes through any target (VMware's ATS locks hold across
-    /// hosts attached through different targets). The logical unit's I/O
-    /// lock, held exclusively, keeps the backend's default (read, compare,
-    /// write) atomic against this target's own writes. MISCOMPARE carries
-    /// the offset of the first difference.
+    /// hosts attached through different targets), and other I/O goes on
+    /// meanwhile. Where the backend is not atomic by itself (its default
+    /// reads, compares and writes; a range across two extents), the
+    /// logical unit's I/O lock, held exclusively, makes it atomic against
+    /// this target's own writes. MISCOMPARE carries the offset of the
+    /// first difference.
     pub(super) async fn compare_and_write(&self, c: &Cdb<'_>, req: &Request<'_>) -> Res {
         no_protection(c)?;
         let fua = c.u8(1) & 0x08 != 0;
@@ -384,8 +386,20 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             return Err(sense::INVALID_FIELD_IN_INFORMATION_UNIT.into());
         }
         self.check_writable()?;
-        let _exclusive = self.io.write().await;
         let offset = lba * BLOCK;
+        let atomic = self
+            .backend
+            .compare_and_write_is_atomic(offset, half as u64);
+        let _shared = if atomic {
+            Some(self.io.read().await)
+        } else {
+            None
+        };
+        let _exclusive = if atomic {
+            None
+        } else {
+            Some(self.io.write().await)
+        };
         let compare = req.data_out.slice(..half);
         let new = req.data_out.slice(half..2 * half);
         let found = self

@@ -297,10 +297,11 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     pr: tokio::sync::Mutex<Option<PrState>>,
     store: S,
     local: Mutex<Local>,
-    /// COMPARE AND WRITE and ORWRITE hold it exclusively, every other
-    /// write shared: the read and the write are atomic against writes
-    /// through this logical unit (a Cairn volume's COMPARE AND WRITE is
-    /// atomic against other targets too, at the chunk server). A SANITIZE
+    /// ORWRITE, and COMPARE AND WRITE where the backend is not atomic by
+    /// itself, hold it exclusively, every other write shared: the read and
+    /// the write are atomic against writes through this logical unit (a
+    /// Cairn volume's COMPARE AND WRITE inside one extent is atomic against
+    /// every target, at the chunk server, and holds it shared). A SANITIZE
     /// holds it exclusively while it runs.
     io: Arc<tokio::sync::RwLock<()>>,
     /// What a SANITIZE did to the medium: shared by every logical unit
