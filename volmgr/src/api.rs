@@ -1165,7 +1165,7 @@ impl Api {
     /// that renews without ever reporting (one older than the report) is
     /// waited for one lease period; one that reports, while it renews, up
     /// to `PAUSE_TIMEOUT_MAX` (it reports with its next renewal, so only a
-    /// stuck one takes that long); then they are named in a warning.
+    /// stuck one takes that long), and is then named in a warning.
     async fn await_pr_reports(&self, volume: &str, from: u64, generation: u64) {
         let lease = self.lease_ms();
         let led_since = self.led_since_ms.load(std::sync::atomic::Ordering::SeqCst);
