@@ -65,7 +65,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u64>, IoError>> + Send {
         async move {
             let found = self.read(offset, compare.len() as u32).await?;
-            if let Some(at) = found.iter().zip(&compare[..]).position(|(a, b)| a != b) {
+            if let Some(at) = crate::iscsi::scsi::first_difference(&found, &compare) {
                 return Ok(Some(at as u64));
             }
             self.write(offset, data, fua).await?;

@@ -320,8 +320,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 every = d;
             }
             if let Some(x) = export.upgrade() {
-                x.lease_until
-                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+                x.renewed(sent, every, 0);
             }
         }
         Err(e) => {
@@ -358,11 +357,7 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     info!(volume = %name, "export lease renewed again");
                 }
                 failing = false;
-                // Generation first: a command that sees the lease held
-                // also sees every reservation change answered with it.
-                x.pr_generation.fetch_max(w.pr_generation, Ordering::AcqRel);
-                x.lease_until
-                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+                x.renewed(sent, every, w.pr_generation);
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
                     x.pause_for_snapshot(&registry, &watcher, w.pending, every)
@@ -427,6 +422,16 @@ pub struct Export {
 }
 
 impl Export {
+    /// A renewal sent at `sent` ([`clock_ms`]) was answered with PR
+    /// generation `pr_generation`. Generation first: a command that sees
+    /// the lease held also sees every reservation change answered with it.
+    fn renewed(&self, sent: u64, every: Duration, pr_generation: u64) {
+        self.pr_generation
+            .fetch_max(pr_generation, Ordering::AcqRel);
+        self.lease_until
+            .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+    }
+
     /// A snapshot of the volume is being taken (`pending`): stops writes,
     /// waits for those in flight, tells the volume manager, and waits until
     /// the snapshot is committed or given up; then re-reads the record and
@@ -467,10 +472,7 @@ impl Export {
                 )
                 .await;
             if let Ok(w) = &got {
-                self.pr_generation
-                    .fetch_max(w.pr_generation, Ordering::AcqRel);
-                self.lease_until
-                    .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+                self.renewed(sent, every, w.pr_generation);
             }
             match got {
                 // Gone, or committed (the head moved; the leader clears the

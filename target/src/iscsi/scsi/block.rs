@@ -31,7 +31,7 @@ fn no_protection(c: &Cdb<'_>) -> Res<()> {
 }
 
 /// The first offset where `a` and `b` differ.
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+pub(crate) fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 

@@ -21,6 +21,7 @@
 //! reservation conflict checks every command passes.
 
 mod block;
+pub(crate) use block::first_difference;
 mod cdb;
 mod copy;
 mod info;

@@ -2,7 +2,14 @@
 
 use super::*;
 
-async fn prout(l: &Lun<MemExport>, n: &Nexus, sa: u8, kind: u8, key: u64, sa_key: u64) -> Reply {
+async fn prout<S: PrStore>(
+    l: &Lun<MemExport, S>,
+    n: &Nexus,
+    sa: u8,
+    kind: u8,
+    key: u64,
+    sa_key: u64,
+) -> Reply {
     let mut p = [0u8; 24];
     p[..8].copy_from_slice(&key.to_be_bytes());
     p[8..16].copy_from_slice(&sa_key.to_be_bytes());
@@ -391,9 +398,7 @@ async fn a_unit_cut_off_from_its_reservations_refuses_what_they_govern() {
     good(&run(&never_used, &n, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
 
     let l = Lun::with_store(MemExport::new("vol", MIB, false), 0, Cut::default());
-    let mut p = [0u8; 24];
-    p[8..16].copy_from_slice(&0xabcu64.to_be_bytes());
-    good(&run(&l, &n, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p).await);
+    good(&prout(&l, &n, 0, 0, 0, 0xabc).await); // REGISTER
     good(&run(&l, &m, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
 
     l.store.lapsed.store(true, Ordering::SeqCst);
