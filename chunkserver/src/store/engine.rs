@@ -293,12 +293,23 @@ fn start_inline(
         )
     })?;
     let entries = options.ring_entries.max(8);
-    let ring = IoUring::new(entries).map_err(|e| {
-        StoreError::io(
-            format!("creating an io_uring of {} entries", options.ring_entries),
-            e,
-        )
-    })?;
+    // Cooperative task running: a completion does not interrupt the thread
+    // with an IPI to post its CQE; the kernel posts it at the thread's next
+    // system call (the flag tells the engine when to make one). The thread
+    // makes one at least every turn (epoll, submit), so nothing waits
+    // long, and the interrupts the disk's completions used to send to a
+    // busy engine thread are gone. Kernels before 5.19 get a plain ring.
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+        .map_err(|e| {
+            StoreError::io(
+                format!("creating an io_uring of {} entries", options.ring_entries),
+                e,
+            )
+        })?;
     let (shared, engine) = Engine::new(
         root,
         options,
@@ -700,6 +711,9 @@ impl Engine {
             if let Err(e) = self.submit_pending() {
                 return self.stop_on("io_uring submit", e);
             }
+            if let Err(e) = self.post_completions() {
+                return self.stop_on("io_uring enter", e);
+            }
             if !self.ring.completion().is_empty() || self.ready_can_advance() {
                 tokio::task::yield_now().await;
             } else if !self.command_before_sleep() {
@@ -719,6 +733,17 @@ impl Engine {
                 self.shared.sleeping.store(false, Ordering::SeqCst);
             }
             self.reap();
+        }
+    }
+
+    /// With cooperative task running, completions the kernel has not yet
+    /// posted to the queue wait for this thread's next system call; enter
+    /// the ring once (without waiting) when the kernel flags such work.
+    fn post_completions(&mut self) -> io::Result<()> {
+        if self.ring.submission().taskrun() {
+            self.enter(0)
+        } else {
+            Ok(())
         }
     }
 
