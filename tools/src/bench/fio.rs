@@ -135,7 +135,17 @@ pub(super) fn job_stats(stdout: &str, direction: &str) -> anyhow::Result<serde_j
 
 /// Reads `jobs[0].<direction>` of fio's JSON report.
 fn parse_json(stdout: &str, direction: &str) -> anyhow::Result<Throughput> {
-    throughput(&job_stats(stdout, direction)?, direction)
+    let t = throughput(&job_stats(stdout, direction)?, direction)?;
+    let cpu_s = job_cpu_percent(stdout).map(|pct| pct / 100.0 * t.elapsed_s);
+    Ok(t.with_cpu_s(cpu_s))
+}
+
+/// fio's `usr_cpu + sys_cpu` of jobs[0]: the job thread's CPU time in
+/// percent of its run time.
+fn job_cpu_percent(stdout: &str) -> Option<f64> {
+    let doc: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{')?..]).ok()?;
+    let job = doc.pointer("/jobs/0")?;
+    Some(job.get("usr_cpu")?.as_f64()? + job.get("sys_cpu")?.as_f64()?)
 }
 
 /// The throughput in one direction's statistics (from [`job_stats`]); an
@@ -159,6 +169,7 @@ pub(super) fn throughput(stats: &serde_json::Value, direction: &str) -> anyhow::
         elapsed_s: runtime_ms / 1000.0,
         iops: number("iops")?,
         bytes_per_s: number("bw_bytes")?,
+        cpu_us_per_op: None,
     })
 }
 
@@ -173,6 +184,8 @@ mod tests {
     {
       "jobname" : "ref",
       "error" : 0,
+      "usr_cpu" : 10.0,
+      "sys_cpu" : 30.0,
       "read" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "runtime" : 0, "total_ios" : 0 },
       "write" : { "io_bytes" : 409600, "bw_bytes" : 204800, "iops" : 50.5, "runtime" : 2000, "total_ios" : 100 }
     }
@@ -186,6 +199,11 @@ mod tests {
         assert_eq!(t.elapsed_s, 2.0);
         assert_eq!(t.iops, 50.5);
         assert_eq!(t.bytes_per_s, 204800.0);
+        // 40% of 2 s over 100 requests.
+        let cpu = t.cpu_us_per_op.unwrap();
+        assert!((cpu - 8000.0).abs() < 1e-6, "{cpu}");
+        let no_cpu = SAMPLE.replace("\"usr_cpu\"", "\"other\"");
+        assert_eq!(parse_json(&no_cpu, "write").unwrap().cpu_us_per_op, None);
     }
 
     #[test]

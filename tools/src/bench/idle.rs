@@ -20,7 +20,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use super::nbd::proc_cpu_s;
+use super::cpu::proc_cpu_s;
 
 const GOAL_CPU_PERCENT: f64 = 1.0;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);

@@ -59,8 +59,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::chunkserver::free_loopback_addr;
+use super::cpu::{cpu_of, proc_cpu_s};
 use super::disk::fs_info;
-use super::nbd::{cpu_of, pid_of, print_rows, proc_cpu_s, Row, RunResult};
+use super::nbd::{pid_of, print_rows, Row, RunResult};
 use super::replication::{cpu_jiffies, progress, secs, verdict, Bench, Daemon, CLUSTER_ID};
 use crate::output::bytes_human;
 use initiator::{Job, JobStats, Offer, Session};

@@ -38,6 +38,10 @@ pub struct Throughput {
     pub elapsed_s: f64,
     pub iops: f64,
     pub bytes_per_s: f64,
+    /// CPU time (user + system) the subject spent per request, where the
+    /// benchmark measures it (see [`Throughput::with_cpu_s`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_op: Option<f64>,
 }
 
 impl Throughput {
@@ -51,7 +55,15 @@ impl Throughput {
             elapsed_s,
             iops: ops as f64 / elapsed_s,
             bytes_per_s: bytes as f64 / elapsed_s,
+            cpu_us_per_op: None,
         }
+    }
+
+    /// Records that the subject spent `cpu_s` seconds of CPU on these
+    /// requests (None: not measured).
+    pub fn with_cpu_s(mut self, cpu_s: Option<f64>) -> Self {
+        self.cpu_us_per_op = cpu_s.map(|s| s.max(0.0) * 1e6 / self.ops.max(1) as f64);
+        self
     }
 }
 

@@ -16,6 +16,7 @@
 //!   a snapshot, rollback time (issue 8).
 
 mod chunkserver;
+mod cpu;
 mod disk;
 mod election;
 mod fio;

@@ -80,6 +80,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::chunkserver::{free_loopback_addr, proc_memory};
+use super::cpu::cpu_of;
 use super::disk::fs_info;
 use super::replication::{
     cpu_jiffies, progress, secs, verdict, Bench, Daemon, CLUSTER_ID, WAIT_MAX,
@@ -96,8 +97,6 @@ const IDLE_CONNECTIONS: usize = 64;
 const GOAL_RSS_PER_CONNECTION: u64 = 4 << 20;
 /// Pause before reading VmRSS after opening connections.
 const RSS_SETTLE: Duration = Duration::from_millis(500);
-/// Clock ticks per second in /proc/PID/stat (USER_HZ, 100 on Linux).
-const USER_HZ: f64 = 100.0;
 const STDERR_TAIL_BYTES: usize = 2000;
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -354,22 +353,6 @@ fn stderr_tail(stderr: &[u8]) -> String {
         .find(|&i| text.is_char_boundary(i))
         .unwrap_or(text.len());
     text[cut..].to_string()
-}
-
-/// Total CPU time (user + system) of a process so far, in seconds.
-pub(super) fn proc_cpu_s(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it do not.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
-}
-
-pub(super) fn cpu_of(pids: &[u32]) -> Option<f64> {
-    pids.iter().map(|p| proc_cpu_s(*p)).sum()
 }
 
 /// The fields of one direction of fio's JSON report that the table uses.
@@ -1095,11 +1078,5 @@ mod tests {
             .to_string()
             .contains("did no write"));
         assert!(parse_fio("{\"jobs\": [{\"error\": 5}]}", "read").is_err());
-    }
-
-    #[test]
-    fn own_cpu_time_is_readable() {
-        let pid = std::process::id();
-        assert!(proc_cpu_s(pid).is_some_and(|s| s >= 0.0));
     }
 }

@@ -223,11 +223,47 @@ pub fn print_table<C: Serialize>(
     }
     writeln!(out)?;
     writeln!(out, "ratio = store / fio (IOPS for 4k phases, bandwidth for 1m); goals are printed, never asserted")?;
+    print_cpu(out, r)?;
     for note in &r.notes {
         writeln!(out, "note: {note}")?;
     }
     if let Some(m) = &r.memory {
         print_memory(out, m)?;
+    }
+    Ok(())
+}
+
+/// CPU per request beside the throughput: on a machine with few cores it
+/// bounds IOPS, and unlike IOPS it hardly moves with the disk's mood.
+fn print_cpu<C: Serialize>(out: &mut impl Write, r: &Report<C>) -> io::Result<()> {
+    let cpu = |t: Option<&Throughput>| {
+        t.and_then(|t| t.cpu_us_per_op)
+            .map_or("-".to_string(), |us| format!("{us:.1}"))
+    };
+    let rows: Vec<String> = std::iter::once(&r.layout)
+        .chain(&r.phases)
+        .map(|p| {
+            format!(
+                "  {:<14} {:>8} {:>8} {:>8}",
+                p.name,
+                cpu(p.fio.as_ref()),
+                cpu(p.inprocess.as_ref().map(|s| &s.throughput)),
+                cpu(p.rpc.as_ref().map(|s| &s.throughput)),
+            )
+        })
+        .collect();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "CPU per request, µs (user + system): fio = its job thread; in-proc = the load and the store's engine, both; rpc = the chunk server process"
+    )?;
+    writeln!(
+        out,
+        "  {:<14} {:>8} {:>8} {:>8}",
+        "phase", "fio", "in-proc", "rpc"
+    )?;
+    for row in rows {
+        writeln!(out, "{row}")?;
     }
     Ok(())
 }
@@ -241,14 +277,18 @@ fn print_memory(out: &mut impl Write, m: &MemoryReport) -> io::Result<()> {
         "at start",
         bytes_human(m.rss_start_bytes)
     )?;
-    writeln!(
-        out,
-        "  {:<40} {:>10}  ({} per extent; {} extents/s created)",
-        format!("with {} extents allocated", count_human(m.extents)),
-        bytes_human(m.rss_with_extents_bytes),
-        bytes_human(m.rss_per_extent_bytes.max(0.0).round() as u64),
-        count_human(m.extents_per_s.round() as u64),
-    )?;
+    if m.extents == 0 {
+        writeln!(out, "  {:<40} {:>10}", "with extents allocated", "skipped")?;
+    } else {
+        writeln!(
+            out,
+            "  {:<40} {:>10}  ({} per extent; {} extents/s created)",
+            format!("with {} extents allocated", count_human(m.extents)),
+            bytes_human(m.rss_with_extents_bytes),
+            bytes_human(m.rss_per_extent_bytes.max(0.0).round() as u64),
+            count_human(m.extents_per_s.round() as u64),
+        )?;
+    }
     for (what, rss) in [
         ("under 4k random load", &m.under_4k_load),
         ("under 1m sequential load", &m.under_1m_load),
@@ -292,6 +332,7 @@ mod tests {
             elapsed_s: 1.0,
             iops,
             bytes_per_s,
+            cpu_us_per_op: None,
         }
     }
 

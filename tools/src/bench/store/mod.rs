@@ -15,6 +15,7 @@ use cairn_chunkserver::store::{Store, StoreOptions};
 use tokio::runtime::Handle;
 
 use super::chunkserver::{self, ChunkServer, RpcPool, RssMax, RssSampler};
+use super::cpu;
 use super::disk;
 use super::fio::Fio;
 use super::load::{self, Job, LoadRuntime, Offsets, Pattern, Subject, Throughput};
@@ -27,6 +28,12 @@ use config::{Config, IoModeArg};
 pub use config::{StoreBenchArgs, LONG_ABOUT};
 
 /// Volume of the performance phases' working set.
+/// The in-process subject's load runtime, and the name its threads get
+/// from [`LoadRuntime::start`].
+const INPROC_LOAD_NAME: &str = "inproc";
+const INPROC_LOAD_THREAD: &str = "load-inproc";
+/// The store's engine threads (`--threads multi`) are named cairn-store-N.
+const STORE_ENGINE_THREAD: &str = "cairn-store";
 const PERF_VOLUME_ID: u64 = 1;
 /// Volume of the memory phase's extents, kept apart from the working set.
 const MEMORY_VOLUME_ID: u64 = 2;
@@ -118,7 +125,7 @@ pub fn run(args: StoreBenchArgs) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     let inprocess_runtime = config
         .inprocess()
-        .then(|| LoadRuntime::start("inproc", config.inprocess_threads as usize))
+        .then(|| LoadRuntime::start(INPROC_LOAD_NAME, config.inprocess_threads as usize))
         .transpose()?;
     let rpc_runtime = config
         .rpc()
@@ -488,6 +495,20 @@ impl<'a> Bench<'a> {
         }
     }
 
+    /// CPU time so far of what serves a subject's requests. In process: the
+    /// load runtime's threads and the store's engine threads (one thread
+    /// with --threads single), as fio's figure counts its job, which both
+    /// makes and serves requests. Over RPC: the chunk server process (the
+    /// clients are left out).
+    fn cpu_s(&self, which: StoreSubject) -> Option<f64> {
+        match which {
+            StoreSubject::InProcess => {
+                cpu::own_threads_cpu_s(&[INPROC_LOAD_THREAD, STORE_ENGINE_THREAD])
+            }
+            StoreSubject::Rpc => cpu::proc_cpu_s(self.rpc.as_ref()?.server.pid()),
+        }
+    }
+
     fn report(&self, spec: &PhaseSpec) -> PhaseReport {
         PhaseReport {
             name: spec.name,
@@ -540,13 +561,15 @@ impl<'a> Bench<'a> {
                 (Some(rpc), StoreSubject::Rpc) => Some(RssSampler::start(rpc.server.pid())),
                 _ => None,
             };
+            let cpu_before = self.cpu_s(which);
             let result = load::run(subject, job, 2)
                 .await
                 .with_context(|| format!("{name}: {}", spec.name));
+            let cpu_s = cpu_before.zip(self.cpu_s(which)).map(|(a, b)| b - a);
             if let Some(sampler) = sampler {
                 rss.merge(sampler.stop().await?);
             }
-            self.record(&mut report, which, result?);
+            self.record(&mut report, which, result?.with_cpu_s(cpu_s));
         }
         Ok((report, rss))
     }
