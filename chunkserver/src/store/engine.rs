@@ -232,25 +232,19 @@ pub(crate) fn start(
     if options.inline {
         return start_inline(root, options, index, clean_stop);
     }
-    let entries = options.ring_entries.max(8);
     // Only the engine thread submits (single issuer), so completion work can
     // wait until it asks for events (defer taskrun) instead of interrupting
     // it: fewer wake-ups and batched completions. The ring is created
     // disabled and enabled by the engine thread, which then owns it. Kernels
     // before 6.1 lack these flags and get a plain ring.
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_r_disabled()
-        .build(entries)
-        .or_else(|_| IoUring::new(entries))
-        .map_err(|e| {
-            StoreError::io(
-                format!("creating an io_uring of {} entries", options.ring_entries),
-                e,
-            )
-        })?;
+    let ring = new_ring(
+        IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_r_disabled(),
+        options.ring_entries,
+    )?;
     // SAFETY: eventfd returns a new fd or -1; checked below before wrapping.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if efd < 0 {
@@ -277,6 +271,16 @@ pub(crate) fn start(
     Ok((shared, Runner::Thread(thread)))
 }
 
+/// A ring of `entries` (at least 8) with the builder's flags, or a plain one
+/// if the kernel refuses them.
+fn new_ring(builder: &io_uring::Builder, entries: u32) -> Result<IoUring> {
+    let n = entries.max(8);
+    builder
+        .build(n)
+        .or_else(|_| IoUring::new(n))
+        .map_err(|e| StoreError::io(format!("creating an io_uring of {entries} entries"), e))
+}
+
 /// Starts an engine as a task of the current tokio runtime. Its ring has
 /// none of the single-issuer flags: a task of a multi-thread runtime may
 /// move between threads. (On a current-thread runtime it never does, and
@@ -292,24 +296,16 @@ fn start_inline(
             "a store with inline engines must be opened inside a tokio runtime".into(),
         )
     })?;
-    let entries = options.ring_entries.max(8);
     // Cooperative task running: a completion does not interrupt the thread
     // with an IPI to post its CQE; the kernel posts it at the thread's next
-    // system call (the flag tells the engine when to make one). The thread
-    // makes one at least every turn (epoll, submit), so nothing waits
-    // long, and the interrupts the disk's completions used to send to a
-    // busy engine thread are gone. Kernels before 5.19 get a plain ring.
-    let ring = IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_taskrun_flag()
-        .build(entries)
-        .or_else(|_| IoUring::new(entries))
-        .map_err(|e| {
-            StoreError::io(
-                format!("creating an io_uring of {} entries", options.ring_entries),
-                e,
-            )
-        })?;
+    // system call, and the task-run flag tells the engine, which then enters
+    // the ring once (`post_completions`) before it looks for completions or
+    // sleeps; a thread asleep in epoll is still woken. Kernels before 5.19
+    // get a plain ring.
+    let ring = new_ring(
+        IoUring::builder().setup_coop_taskrun().setup_taskrun_flag(),
+        options.ring_entries,
+    )?;
     let (shared, engine) = Engine::new(
         root,
         options,
