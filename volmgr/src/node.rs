@@ -307,6 +307,9 @@ struct Node<L: LogStore, M: Machine, T: Transport> {
     /// Reads whose index is known, waiting for the machine to reach it.
     ready_reads: Vec<(u64, ReadFn<M>)>,
     was_leader: bool,
+    /// This member applied its own removal: it takes no further part in
+    /// raft (no messages stepped, no ticks) and waits to be stopped.
+    removed: bool,
 }
 
 impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
@@ -383,6 +386,7 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
             reads: HashMap::new(),
             ready_reads: Vec::new(),
             was_leader: false,
+            removed: false,
         })
     }
 
@@ -405,7 +409,9 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if Instant::now() >= next_tick {
-                self.raw.tick();
+                if !self.removed {
+                    self.raw.tick();
+                }
                 self.ticks.fetch_add(1, Ordering::Relaxed);
                 next_tick += TICK;
                 if next_tick < Instant::now() {
@@ -473,6 +479,17 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
     fn take(&mut self, input: Input<M>) {
         match input {
             Input::Raft(m) => {
+                if self.removed {
+                    // raft-rs keeps a removed leader leading, and its next
+                    // append response would find no progress of its own
+                    // (a panic in `maybe_commit`).
+                    debug!(
+                        member = self.id,
+                        from = m.from,
+                        "removed member: raft message dropped"
+                    );
+                    return;
+                }
                 if let Err(e) = self.raw.step(*m) {
                     debug!(member = self.id, "raft step: {e}");
                 }
@@ -653,6 +670,9 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                             match cc.get_change_type() {
                                 ConfChangeType::RemoveNode => {
                                     self.members.remove(&cc.node_id);
+                                    if cc.node_id == self.id {
+                                        self.removed = true;
+                                    }
                                 }
                                 _ => {
                                     let addr = String::from_utf8_lossy(&cc.context).into_owned();
@@ -674,6 +694,18 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                         if let Some(reply) = self.member_changes.remove(&tag) {
                             let _ = reply.send(result);
                         }
+                    }
+                    if self.removed && self.raw.raft.state != StateRole::Follower {
+                        // A removed leader stops leading at once: what it
+                        // still has pending is answered `Unknown` (callers
+                        // retry at the new leader) and new requests are
+                        // refused as not-leader.
+                        warn!(
+                            member = self.id,
+                            "removed from the group; no longer leading"
+                        );
+                        let term = self.raw.raft.term;
+                        self.raw.raft.become_follower(term, raft::INVALID_ID);
                     }
                 }
                 EntryType::EntryConfChangeV2 => {

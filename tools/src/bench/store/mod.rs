@@ -27,13 +27,13 @@ use cairn_chunkserver::config::Threads;
 use config::{Config, IoModeArg};
 pub use config::{StoreBenchArgs, LONG_ABOUT};
 
-/// Volume of the performance phases' working set.
 /// The in-process subject's load runtime, and the name its threads get
 /// from [`LoadRuntime::start`].
 const INPROC_LOAD_NAME: &str = "inproc";
 const INPROC_LOAD_THREAD: &str = "load-inproc";
 /// The store's engine threads (`--threads multi`) are named cairn-store-N.
 const STORE_ENGINE_THREAD: &str = "cairn-store";
+/// Volume of the performance phases' working set.
 const PERF_VOLUME_ID: u64 = 1;
 /// Volume of the memory phase's extents, kept apart from the working set.
 const MEMORY_VOLUME_ID: u64 = 2;
