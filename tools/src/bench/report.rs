@@ -240,30 +240,23 @@ fn print_cpu<C: Serialize>(out: &mut impl Write, r: &Report<C>) -> io::Result<()
         t.and_then(|t| t.cpu_us_per_op)
             .map_or("-".to_string(), |us| format!("{us:.1}"))
     };
-    let rows: Vec<String> = std::iter::once(&r.layout)
-        .chain(&r.phases)
-        .map(|p| {
-            format!(
-                "  {:<14} {:>8} {:>8} {:>8}",
-                p.name,
-                cpu(p.fio.as_ref()),
-                cpu(p.inprocess.as_ref().map(|s| &s.throughput)),
-                cpu(p.rpc.as_ref().map(|s| &s.throughput)),
-            )
-        })
-        .collect();
+    let row = |out: &mut dyn Write, name: &str, fio: &str, inproc: &str, rpc: &str| {
+        writeln!(out, "  {name:<14} {fio:>8} {inproc:>8} {rpc:>8}")
+    };
     writeln!(out)?;
     writeln!(
         out,
         "CPU per request, µs (user + system): fio = its job thread; in-proc = the load and the store's engine, both; rpc = the chunk server process"
     )?;
-    writeln!(
-        out,
-        "  {:<14} {:>8} {:>8} {:>8}",
-        "phase", "fio", "in-proc", "rpc"
-    )?;
-    for row in rows {
-        writeln!(out, "{row}")?;
+    row(out, "phase", "fio", "in-proc", "rpc")?;
+    for p in std::iter::once(&r.layout).chain(&r.phases) {
+        row(
+            out,
+            p.name,
+            &cpu(p.fio.as_ref()),
+            &cpu(p.inprocess.as_ref().map(|s| &s.throughput)),
+            &cpu(p.rpc.as_ref().map(|s| &s.throughput)),
+        )?;
     }
     Ok(())
 }
