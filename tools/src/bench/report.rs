@@ -52,11 +52,17 @@ impl Metric {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SubjectResult {
+    /// The run shown: with several rounds, the one of median throughput.
     #[serde(flatten)]
     pub throughput: Throughput,
-    /// Store over fio by the phase's metric; absent without fio.
+    /// Store over fio by the phase's metric; absent without fio. With
+    /// several rounds, the median of the rounds' ratios, each against fio's
+    /// run of the same round.
     pub ratio: Option<f64>,
     pub verdict: Option<Verdict>,
+    /// Each round's ratio, in round order (empty for a single run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_ratios: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +73,7 @@ pub struct PhaseReport {
     pub metric: Metric,
     /// Store/fio ratio the issue asks for (a goal, never asserted).
     pub goal_ratio: f64,
+    /// fio's run (with several rounds, the one of median throughput).
     pub fio: Option<Throughput>,
     pub inprocess: Option<SubjectResult>,
     pub rpc: Option<SubjectResult>,
@@ -74,15 +81,64 @@ pub struct PhaseReport {
 
 impl PhaseReport {
     pub fn subject(&self, t: Throughput) -> SubjectResult {
-        let ratio = self
-            .fio
-            .as_ref()
-            .map(|f| self.metric.of(&t) / self.metric.of(f).max(f64::MIN_POSITIVE));
+        let ratio = self.fio.as_ref().map(|f| self.ratio(&t, f));
         SubjectResult {
             throughput: t,
             ratio,
             verdict: ratio.map(|r| Verdict::of(r >= self.goal_ratio)),
+            round_ratios: Vec::new(),
         }
+    }
+
+    /// A subject measured over several rounds, `runs[i]` beside fio's
+    /// `fio_runs[i]` (empty without fio). Each round's ratio pairs runs made
+    /// minutes apart at most, so a disk that is slower for a while slows
+    /// both; the median of the rounds then ignores one odd round.
+    pub fn subject_rounds(&self, runs: Vec<Throughput>, fio_runs: &[Throughput]) -> SubjectResult {
+        let round_ratios: Vec<f64> = if fio_runs.len() == runs.len() {
+            runs.iter()
+                .zip(fio_runs)
+                .map(|(t, f)| self.ratio(t, f))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let ratio = median(&round_ratios);
+        let throughput = self.median_run(runs).expect("at least one round");
+        SubjectResult {
+            throughput,
+            ratio,
+            verdict: ratio.map(|r| Verdict::of(r >= self.goal_ratio)),
+            round_ratios: if fio_runs.len() > 1 {
+                round_ratios
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The run of median throughput by this phase's metric (the lower of
+    /// the middle two for an even count).
+    pub fn median_run(&self, mut runs: Vec<Throughput>) -> Option<Throughput> {
+        runs.sort_by(|a, b| self.metric.of(a).total_cmp(&self.metric.of(b)));
+        let middle = runs.len().checked_sub(1)? / 2;
+        Some(runs.swap_remove(middle))
+    }
+
+    fn ratio(&self, t: &Throughput, fio: &Throughput) -> f64 {
+        self.metric.of(t) / self.metric.of(fio).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The median (the mean of the middle two for an even count); None if empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
 }
 
@@ -223,12 +279,48 @@ pub fn print_table<C: Serialize>(
     }
     writeln!(out)?;
     writeln!(out, "ratio = store / fio (IOPS for 4k phases, bandwidth for 1m); goals are printed, never asserted")?;
+    print_rounds(out, r)?;
     print_cpu(out, r)?;
     for note in &r.notes {
         writeln!(out, "note: {note}")?;
     }
     if let Some(m) = &r.memory {
         print_memory(out, m)?;
+    }
+    Ok(())
+}
+
+/// With several rounds: each round's ratios, whose median the table shows.
+fn print_rounds<C: Serialize>(out: &mut impl Write, r: &Report<C>) -> io::Result<()> {
+    let rounds = |s: Option<&SubjectResult>| {
+        s.filter(|s| !s.round_ratios.is_empty()).map(|s| {
+            s.round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    };
+    let rows: Vec<_> = r
+        .phases
+        .iter()
+        .map(|p| (p.name, rounds(p.inprocess.as_ref()), rounds(p.rpc.as_ref())))
+        .filter(|(_, a, b)| a.is_some() || b.is_some())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "with several rounds, ratio = the median of the rounds' ratios (each store run against fio's run of the same round; subjects take turns going first); IOPS and MiB/s are each subject's median run"
+    )?;
+    for (name, inproc, rpc) in rows {
+        writeln!(
+            out,
+            "  {name:<14} in-proc {}  |  rpc {}",
+            inproc.as_deref().unwrap_or("-"),
+            rpc.as_deref().unwrap_or("-")
+        )?;
     }
     Ok(())
 }
@@ -351,6 +443,27 @@ mod tests {
         assert_eq!(p.subject(t(700.0, 1e9)).verdict, Some(Verdict::Below));
         let no_fio = phase(None).subject(t(1.0, 1.0));
         assert_eq!((no_fio.ratio, no_fio.verdict), (None, None));
+    }
+
+    #[test]
+    fn rounds_take_the_median_of_paired_ratios() {
+        let p = phase(Some(t(1000.0, 1.0)));
+        let fio = [t(1000.0, 1.0), t(500.0, 1.0), t(1000.0, 1.0)];
+        // Round 2's disk was slow for both: its ratio is still 0.8.
+        let store = vec![t(790.0, 1.0), t(400.0, 1.0), t(900.0, 1.0)];
+        let s = p.subject_rounds(store, &fio);
+        assert_eq!(s.round_ratios, vec![0.79, 0.8, 0.9]);
+        assert_eq!(s.ratio, Some(0.8));
+        assert_eq!(s.verdict, Some(Verdict::Pass));
+        assert_eq!(s.throughput.iops, 790.0, "the median run is shown");
+        let even = p.subject_rounds(vec![t(700.0, 1.0), t(800.0, 1.0)], &fio[..2]);
+        assert_eq!(even.ratio, Some((0.7 + 1.6) / 2.0));
+        assert_eq!(even.throughput.iops, 700.0, "the lower middle");
+        let one = p.subject_rounds(vec![t(850.0, 1.0)], &fio[..1]);
+        assert_eq!((one.ratio, one.round_ratios.len()), (Some(0.85), 0));
+        let no_fio = p.subject_rounds(vec![t(850.0, 1.0), t(1.0, 1.0)], &[]);
+        assert_eq!((no_fio.ratio, no_fio.verdict), (None, None));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]

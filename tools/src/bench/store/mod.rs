@@ -3,7 +3,8 @@
 //! Subjects: fio (the reference), the store opened in this process, and the
 //! store behind a real `cairn-chunkserver` child driven over the chunk RPC.
 //! Each phase runs on every subject back to back (fio, in-process, rpc) before
-//! the next phase starts, so machine noise lands on all of them alike.
+//! the next phase starts, so machine noise lands on all of them alike; with
+//! several rounds, a ratio is the median of the rounds' (see `phase`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -530,48 +531,108 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// Runs one phase on every subject; returns the results and the chunk
-    /// server's memory while the RPC subject ran it.
+    /// Runs one phase on every subject, `--rounds` times, each round's order
+    /// rotated by one so that every subject goes first as often as the
+    /// others (the first run after a phase change meets the disk fresh);
+    /// returns the results and the chunk server's memory while the RPC
+    /// subject ran it.
     async fn phase(&self, spec: &PhaseSpec) -> anyhow::Result<(PhaseReport, RssMax)> {
-        let runtime_s = self.config.runtime_s;
-        let mut report = self.report(spec);
+        let rounds = self.config.rounds as usize;
         let mut rss = RssMax::default();
-        if let Some(fio) = &self.fio {
-            progress(&format!("fio: {} for {runtime_s} s", spec.name));
-            let (fio, iodepth, pattern, block) = (
-                fio.clone(),
-                self.config.iodepth,
-                spec.pattern,
-                spec.block_bytes,
-            );
-            let t = blocking(move || fio.run(pattern, block, iodepth, Some(runtime_s)))
-                .await
-                .with_context(|| format!("fio: {}", spec.name))?;
-            report.fio = Some(t);
+        let mut runners: Vec<Option<StoreSubject>> = Vec::new();
+        if self.fio.is_some() {
+            runners.push(None);
         }
-        for (which, subject) in self.store_subjects() {
-            let name = which.name();
-            progress(&format!("{name}: {} for {runtime_s} s", spec.name));
-            let job = self.job(
-                spec.pattern,
-                spec.block_bytes,
-                Some(Duration::from_secs(runtime_s)),
-            );
-            let sampler = match (&self.rpc, which) {
-                (Some(rpc), StoreSubject::Rpc) => Some(RssSampler::start(rpc.server.pid())),
-                _ => None,
-            };
-            let cpu_before = self.cpu_s(which);
-            let result = load::run(subject, job, 2)
-                .await
-                .with_context(|| format!("{name}: {}", spec.name));
-            let cpu_s = cpu_before.zip(self.cpu_s(which)).map(|(a, b)| b - a);
-            if let Some(sampler) = sampler {
-                rss.merge(sampler.stop().await?);
+        runners.extend(self.store_subjects().into_iter().map(|(w, _)| Some(w)));
+        let mut fio_runs = Vec::with_capacity(rounds);
+        let mut store_runs: Vec<(StoreSubject, Vec<Throughput>)> = Vec::new();
+        for round in 0..rounds {
+            for i in 0..runners.len() {
+                match runners[(round + i) % runners.len()] {
+                    None => fio_runs.push(self.fio_run(spec, round).await?),
+                    Some(which) => {
+                        let (t, r) = self.store_run(spec, which, round).await?;
+                        rss.merge(r);
+                        match store_runs.iter_mut().find(|(w, _)| *w == which) {
+                            Some((_, runs)) => runs.push(t),
+                            None => store_runs.push((which, vec![t])),
+                        }
+                    }
+                }
             }
-            self.record(&mut report, which, result?.with_cpu_s(cpu_s));
+        }
+        let mut report = self.report(spec);
+        report.fio = report.median_run(fio_runs.clone());
+        for (which, runs) in store_runs {
+            let result = Some(report.subject_rounds(runs, &fio_runs));
+            match which {
+                StoreSubject::InProcess => report.inprocess = result,
+                StoreSubject::Rpc => report.rpc = result,
+            }
         }
         Ok((report, rss))
+    }
+
+    fn round_label(&self, round: usize) -> String {
+        match self.config.rounds {
+            1 => String::new(),
+            n => format!(" (round {} of {n})", round + 1),
+        }
+    }
+
+    async fn fio_run(&self, spec: &PhaseSpec, round: usize) -> anyhow::Result<Throughput> {
+        let fio = self.fio.clone().expect("fio runs only when configured");
+        let runtime_s = self.config.runtime_s;
+        progress(&format!(
+            "fio: {} for {runtime_s} s{}",
+            spec.name,
+            self.round_label(round)
+        ));
+        let (iodepth, pattern, block) = (self.config.iodepth, spec.pattern, spec.block_bytes);
+        blocking(move || fio.run(pattern, block, iodepth, Some(runtime_s)))
+            .await
+            .with_context(|| format!("fio: {}", spec.name))
+    }
+
+    /// One store subject's run of a phase, with its CPU time, and the chunk
+    /// server's memory meanwhile if it is the RPC subject.
+    async fn store_run(
+        &self,
+        spec: &PhaseSpec,
+        which: StoreSubject,
+        round: usize,
+    ) -> anyhow::Result<(Throughput, RssMax)> {
+        let runtime_s = self.config.runtime_s;
+        let name = which.name();
+        let subject = self
+            .store_subjects()
+            .into_iter()
+            .find_map(|(w, s)| (w == which).then_some(s))
+            .expect("a configured subject");
+        progress(&format!(
+            "{name}: {} for {runtime_s} s{}",
+            spec.name,
+            self.round_label(round)
+        ));
+        let job = self.job(
+            spec.pattern,
+            spec.block_bytes,
+            Some(Duration::from_secs(runtime_s)),
+        );
+        let sampler = match (&self.rpc, which) {
+            (Some(rpc), StoreSubject::Rpc) => Some(RssSampler::start(rpc.server.pid())),
+            _ => None,
+        };
+        let cpu_before = self.cpu_s(which);
+        let result = load::run(subject, job, 2 + round as u64)
+            .await
+            .with_context(|| format!("{name}: {}", spec.name));
+        let cpu_s = cpu_before.zip(self.cpu_s(which)).map(|(a, b)| b - a);
+        let rss = match sampler {
+            Some(sampler) => sampler.stop().await?,
+            None => RssMax::default(),
+        };
+        Ok((result?.with_cpu_s(cpu_s), rss))
     }
 }
 
