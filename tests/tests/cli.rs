@@ -554,7 +554,7 @@ async fn export_list_shows_open_exports_and_delete_respects_them() {
 
 /// `cairn volmgr members / add-member / remove-member` change the raft group
 /// of real `cairn-volmgr` processes: a third member started with `--join`
-/// is added, then the first is removed, and the survivors serve.
+/// is added, then the leader is removed, and the survivors serve.
 #[test]
 fn volume_manager_members_are_listed_added_and_removed() {
     let mut vm = cairn_tests::volmgr::VolmgrCluster::start(2, &[]).unwrap();
@@ -612,25 +612,46 @@ fn volume_manager_members_are_listed_added_and_removed() {
     let added = json(&run(&["volmgr", "add-member", "3", &addr], &f));
     assert_eq!(ids(&added), [1, 2, 3]);
 
-    let removed = json(&run(&["volmgr", "remove-member", "1"], &f));
-    assert_eq!(ids(&removed), [2, 3]);
+    // Remove the leader: it hands leadership to another member first, so the
+    // group never sits leaderless waiting out an election, and the new
+    // leader makes the change.
+    let leader = added["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["leader"] == true)
+        .and_then(|m| m["id"].as_u64())
+        .expect("a leader is listed");
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+    let removed = json(&run(&["volmgr", "remove-member", &leader.to_string()], &f));
+    assert_eq!(ids(&removed), survivors);
+    let old = vm.members.get_mut(&leader).unwrap();
+    let log = old.log();
+    assert!(log.contains("handing leadership over first"), "{log}");
+    assert!(
+        !log.contains("no longer leading"),
+        "the removal was applied while member {leader} still led:\n{log}"
+    );
     // The removed member keeps running until it is stopped, and must not
     // trip over the group's traffic meanwhile: raft-rs keeps a leader that
     // removed itself leading, and its next append response panicked it.
     std::thread::sleep(Duration::from_millis(1500));
-    let m1 = vm.members.get_mut(&1).unwrap();
-    assert!(m1.is_running(), "member 1 exited:\n{}", m1.log());
-    assert!(!m1.log().contains("panicked"), "{}", m1.log());
-    m1.stop().unwrap();
+    assert!(old.is_running(), "member {leader} exited:\n{}", old.log());
+    assert!(!old.log().contains("panicked"), "{}", old.log());
+    old.stop().unwrap();
 
-    // Members 2 and 3 are the group now: asked through 3 alone, it answers
-    // (a leader of {2, 3} exists) and lists exactly them.
-    let f = flags(&[addr], &cluster_id);
+    // The survivors are the group now: asked through them alone, they
+    // answer (a leader of the two exists) and list exactly them.
+    let addrs: Vec<String> = survivors
+        .iter()
+        .map(|i| vm.members[i].addr.to_string())
+        .collect();
+    let f = flags(&addrs, &cluster_id);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let o = run(&["volmgr", "members"], &f);
         if o.status.success() {
-            assert_eq!(ids(&json(&o)), [2, 3]);
+            assert_eq!(ids(&json(&o)), survivors);
             break;
         }
         assert!(Instant::now() < deadline, "{}", text(&o));

@@ -361,7 +361,9 @@ fn from_node_error(e: NodeError) -> VolmgrResponse {
             leader_addr: addr.unwrap_or_default(),
             ..Default::default()
         },
-        NodeError::Unknown => reply(VolmgrStatus::Retry, e.to_string()),
+        NodeError::Unknown | NodeError::HandingOver { .. } => {
+            reply(VolmgrStatus::Retry, e.to_string())
+        }
         NodeError::Busy => reply(VolmgrStatus::Busy, e.to_string()),
         NodeError::Raft(_) | NodeError::Stopped => reply(VolmgrStatus::Internal, e.to_string()),
     }

@@ -109,6 +109,11 @@ pub enum NodeError {
     Unknown,
     #[error("too many requests waiting for raft ({PENDING_MAX})")]
     Busy,
+    /// The leader was asked to remove itself: it hands leadership to member
+    /// `to` first (so the group never waits an election out); retry, and the
+    /// new leader makes the change.
+    #[error("handing leadership to member {to} before removing this member; retry")]
+    HandingOver { to: u64 },
     #[error("raft refused: {0}")]
     Raft(String),
     #[error("the node is stopping")]
@@ -143,8 +148,6 @@ pub enum Input<M: Machine> {
         addr: Option<String>,
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
-    /// Hands leadership to `to` (a no-op unless this member leads).
-    TransferLeader(u64),
     Stop,
 }
 
@@ -455,6 +458,21 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
         }
     }
 
+    /// The voter to hand leadership to: of the others recently heard from,
+    /// the one whose log matches this leader's furthest (raft-rs sends it
+    /// what it lacks, then tells it to campaign).
+    fn transferee(&self) -> Option<u64> {
+        let prs = self.raw.raft.prs();
+        self.conf_state
+            .voters
+            .iter()
+            .filter(|&&v| v != self.id)
+            .filter_map(|&v| prs.get(v).map(|p| (v, p)))
+            .filter(|(_, p)| p.recent_active)
+            .max_by_key(|(v, p)| (p.matched, std::cmp::Reverse(*v)))
+            .map(|(v, _)| v)
+    }
+
     fn pending(&self) -> usize {
         self.proposals.len() + self.reads.len() + self.ready_reads.len()
     }
@@ -538,6 +556,21 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                     let _ = reply.send(Err(self.not_leader()));
                     return;
                 }
+                if addr.is_none() && id == self.id {
+                    // A leader that applies its own removal stops leading
+                    // (see `removed`), and the others wait out an election
+                    // timeout before one of them leads. Hand over first;
+                    // with no other voter in touch, remove as before.
+                    if let Some(to) = self.transferee() {
+                        info!(
+                            to,
+                            "asked to remove this member, the leader: handing leadership over first"
+                        );
+                        self.raw.transfer_leader(to);
+                        let _ = reply.send(Err(NodeError::HandingOver { to }));
+                        return;
+                    }
+                }
                 let mut cc = ConfChange {
                     node_id: id,
                     ..Default::default()
@@ -559,7 +592,6 @@ impl<L: LogStore, M: Machine, T: Transport> Node<L, M, T> {
                     }
                 }
             }
-            Input::TransferLeader(to) => self.raw.transfer_leader(to),
             Input::Stop => unreachable!("handled by run"),
         }
     }
