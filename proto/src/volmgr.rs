@@ -355,6 +355,12 @@ pub struct VolmgrRequest {
     /// watch also answers as soon as the volume's is newer.
     #[prost(uint64, optional, tag = "82")]
     pub known_pr_generation: Option<u64>,
+    /// A front end's process, chosen at random when it starts (0: a front
+    /// end older than this field). The leader refuses lease requests from
+    /// an instance that another with the same `node_id` has superseded, so
+    /// two front ends configured with one id cannot share its leases.
+    #[prost(uint64, tag = "83")]
+    pub front_end_instance: u64,
 }
 
 /// A hidden epoch and the one epoch directly above it in every chain that

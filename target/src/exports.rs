@@ -76,15 +76,21 @@ pub struct Registry {
     volmgr: Arc<VolmgrClient>,
     cfg: RegistryConfig,
     live: Mutex<HashMap<String, Weak<Export>>>,
+    /// This process, to the volume manager: random, never 0. A later
+    /// process with the same `target_id` (a restart, or a second target
+    /// configured with this one's id by mistake) supersedes it there.
+    instance: u64,
 }
 
 impl Registry {
     pub fn new(cluster: Arc<Cluster>, volmgr: VolmgrClient, cfg: RegistryConfig) -> Arc<Registry> {
+        let instance = rand::random::<u64>().max(1);
         Arc::new(Registry {
             cluster,
-            volmgr: Arc::new(volmgr),
+            volmgr: Arc::new(volmgr.with_front_end_instance(instance)),
             cfg,
             live: Mutex::new(HashMap::new()),
+            instance,
         })
     }
 
@@ -311,7 +317,8 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
     let mut failing = false;
     // Its own client: its long polls must not hold up other exports' polls
     // (leases would lapse) nor lookups.
-    let watcher = VolmgrClient::new(registry.cfg.volmgr.clone(), registry.cfg.cluster_id.clone());
+    let watcher = VolmgrClient::new(registry.cfg.volmgr.clone(), registry.cfg.cluster_id.clone())
+        .with_front_end_instance(registry.instance);
     // Learn the renewal period (and take the lease) first.
     let sent = clock_ms();
     match watcher.register_export(registry.cfg.target_id, &name).await {

@@ -400,6 +400,39 @@ async fn ext4_through_nbdfuse_and_a_loop_device_checks_clean() {
     disk.detach();
 }
 
+/// Two targets started with the same `--target-id` (a copied config): the
+/// later one takes the id's export leases, and the earlier one is refused
+/// from its next renewal, saying why in its log, rather than both renewing
+/// one lease (a snapshot or a PREEMPT would then wait for only one of them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_target_with_the_same_id_supersedes_the_first_loudly() {
+    let (cluster, first) = setup("vol", 16 * MIB, &["--target-id", "4"]).await;
+    // An open connection keeps the export, and its lease, open.
+    let mut a = RawNbd::connect(first.addr()).unwrap();
+    a.go("vol", false).unwrap();
+    let second = TargetProcess::start(&cluster, &["--target-id", "4"]).unwrap();
+    let mut b = RawNbd::connect(second.addr()).unwrap();
+    b.go("vol", false).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !first
+        .log()
+        .contains("give every cairn-target its own target_id")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first target never heard it was superseded:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !second.log().contains("export lease"),
+        "the second target keeps its lease:\n{}",
+        second.log()
+    );
+    drop((a, b));
+}
+
 /// `--read-only`: the flag is advertised, and writes, trims and zeroing fail
 /// with EPERM while reads work.
 #[tokio::test(flavor = "multi_thread")]

@@ -71,9 +71,60 @@ pub struct Exports {
     pr_held: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>>,
     /// Woken whenever a front end reports a generation.
     pr_reported: Arc<tokio::sync::Notify>,
+    /// Per front end id: the process (instance) that now speaks for it,
+    /// and those it superseded.
+    instances: std::collections::BTreeMap<u64, FrontEndInstances>,
 }
 
+/// The processes that have used one front end id, as this leader saw them.
+#[derive(Default)]
+struct FrontEndInstances {
+    current: u64,
+    /// Newest last, at most `SUPERSEDED_MAX`.
+    superseded: std::collections::VecDeque<u64>,
+}
+
+/// Superseded instances remembered per front end id: one per restart, so a
+/// few cover any process still running by mistake.
+const SUPERSEDED_MAX: usize = 16;
+
 impl Exports {
+    /// Lets process `instance` speak for front end `target`. A new instance
+    /// supersedes the current one (a restarted front end must take over its
+    /// leases at once, not after they lapse); a superseded one is refused
+    /// from then on, so two processes given the same id do not take turns:
+    /// the older loses its leases and says why in its log. 0 (a front end
+    /// older than instances) is always let through.
+    fn claim_instance(&mut self, target: u64, instance: u64) -> Result<(), String> {
+        if instance == 0 {
+            return Ok(());
+        }
+        let e = self.instances.entry(target).or_default();
+        if e.current == instance {
+            return Ok(());
+        }
+        if e.superseded.contains(&instance) {
+            return Err(format!(
+                "front end id {target} is now used by another process (a cairn-target \
+                 started later with the same target_id); this one no longer holds export \
+                 leases: give every cairn-target its own target_id"
+            ));
+        }
+        if e.current != 0 {
+            warn!(
+                front_end = target,
+                "a new process speaks for front end {target}; the previous one is refused \
+                 from now on (a restart, or two cairn-targets sharing one target_id)"
+            );
+            e.superseded.push_back(e.current);
+            if e.superseded.len() > SUPERSEDED_MAX {
+                e.superseded.pop_front();
+            }
+        }
+        e.current = instance;
+        Ok(())
+    }
+
     fn renew(&mut self, volume: &str, target: u64, now_ms: u64) {
         self.leases
             .entry(volume.to_string())
@@ -709,6 +760,9 @@ impl Api {
                         "an export names its front end (node_id above 0) and its volume",
                     );
                 }
+                if let Some(refusal) = self.superseded(req) {
+                    return refusal;
+                }
                 if op == VolmgrOp::RegisterExport {
                     self.renew_lease(&req.volume_name, req.node_id);
                 } else {
@@ -889,6 +943,9 @@ impl Api {
                          the pending snapshot (above 0)",
                     );
                 }
+                if let Some(refusal) = self.superseded(req) {
+                    return refusal;
+                }
                 if !self
                     .pauses
                     .paused(&req.volume_name, req.node_id, req.pending_snapshot)
@@ -1066,6 +1123,9 @@ impl Api {
                 "an export watch names its front end (node_id above 0) and its volume",
             );
         }
+        if let Some(refusal) = self.superseded(req) {
+            return refusal;
+        }
         let wait = Duration::from_millis(u64::from(req.wait_ms)).min(WATCH_WAIT_MAX);
         let deadline = tokio::time::Instant::now() + wait;
         let mut applied = self.node.status();
@@ -1145,6 +1205,19 @@ impl Api {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    /// For a front end's lease requests, after the leader check: the
+    /// refusal if another process has taken over its id.
+    fn superseded(&self, req: &VolmgrRequest) -> Option<VolmgrResponse> {
+        let claimed = self
+            .exports
+            .lock()
+            .expect("exports lock")
+            .claim_instance(req.node_id, req.front_end_instance);
+        claimed
+            .err()
+            .map(|why| reply(VolmgrStatus::FailedPrecondition, why))
     }
 
     /// Renews front end `node`'s export lease on `volume`; a snapshot of

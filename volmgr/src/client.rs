@@ -140,6 +140,8 @@ pub struct VolmgrClient {
     next_seq: AtomicU64,
     next_request: AtomicU64,
     deadline: Duration,
+    /// Sent with every request (see `VolmgrRequest::front_end_instance`).
+    front_end_instance: u64,
     conn: Mutex<Conn>,
 }
 
@@ -168,6 +170,7 @@ impl VolmgrClient {
             next_seq: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
             deadline: REQUEST_DEADLINE,
+            front_end_instance: 0,
             conn: Mutex::new(Conn {
                 members,
                 idx: 0,
@@ -181,6 +184,15 @@ impl VolmgrClient {
         self
     }
 
+    /// Marks this client's requests as made by front end process
+    /// `instance` (random per process, the same on all its clients): the
+    /// leader then refuses the export leases of a process another with the
+    /// same front end id has superseded.
+    pub fn with_front_end_instance(mut self, instance: u64) -> Self {
+        self.front_end_instance = instance;
+        self
+    }
+
     pub fn client_id(&self) -> u64 {
         self.client_id
     }
@@ -190,6 +202,7 @@ impl VolmgrClient {
             op: op as i32,
             cluster_id: self.cluster_id.clone(),
             client_id: self.client_id,
+            front_end_instance: self.front_end_instance,
             ..Default::default()
         }
     }

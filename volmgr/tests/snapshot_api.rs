@@ -276,3 +276,64 @@ fn snapshots_of_exported_volumes_wait_for_the_front_ends() {
         );
     });
 }
+
+/// One front end id, two processes: the later one supersedes the earlier
+/// (a restarted target takes its leases over at once), and the earlier is
+/// refused from then on, naming the mistake, so two targets configured with
+/// one `target_id` cannot share its leases (a snapshot would wait for only
+/// one of them). Requests without an instance (older targets) pass.
+#[test]
+fn a_front_end_id_belongs_to_its_newest_process() {
+    let member = start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let admin = client(&member);
+        admin
+            .register_node(1, "127.0.0.2:7000", "h1", "", "", 1, 1 << 40)
+            .await
+            .unwrap();
+        let v = admin.create_volume("v", 1 << 30, 0, 1, 1).await.unwrap();
+        let process = |instance: u64| {
+            VolmgrClient::new(vec![member.addr.clone()], CLUSTER)
+                .with_deadline(Duration::from_secs(20))
+                .with_front_end_instance(instance)
+        };
+        let (first, second) = (process(11), process(22));
+
+        first.register_export(5, "v").await.unwrap();
+        first
+            .export_watch(5, "v", v.head_epoch, 0, Duration::ZERO)
+            .await
+            .unwrap();
+        second.register_export(5, "v").await.unwrap();
+        assert_eq!(admin.volume_exports("v").await.unwrap(), vec![5]);
+
+        // The first process is refused, whatever it asks, with the reason.
+        let err = first
+            .export_watch(5, "v", v.head_epoch, 0, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(VolmgrStatus::FailedPrecondition));
+        assert!(err.to_string().contains("target_id"), "{err}");
+        let err = first.register_export(5, "v").await.unwrap_err();
+        assert_eq!(err.status(), Some(VolmgrStatus::FailedPrecondition));
+        // Closing its export must not drop the lease the second holds.
+        let err = first.unregister_export(5, "v").await.unwrap_err();
+        assert_eq!(err.status(), Some(VolmgrStatus::FailedPrecondition));
+        assert_eq!(admin.volume_exports("v").await.unwrap(), vec![5]);
+        second
+            .export_watch(5, "v", v.head_epoch, 0, Duration::ZERO)
+            .await
+            .unwrap();
+
+        // The ids are apart: the first process may speak for another one,
+        // and a request without an instance always passes.
+        first.register_export(6, "v").await.unwrap();
+        admin.register_export(5, "v").await.unwrap();
+        second.unregister_export(5, "v").await.unwrap();
+        assert_eq!(admin.volume_exports("v").await.unwrap(), vec![6]);
+    });
+}
