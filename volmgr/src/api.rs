@@ -915,6 +915,14 @@ impl Api {
                         max: PR_STATE_BYTES_MAX,
                     });
                 }
+                // A superseded target must not change the reservations the
+                // id's current process serves (nor be left out of the wait
+                // for reports under that id).
+                if req.node_id != 0 && self.node.status().borrow().is_leader {
+                    if let Some(refusal) = self.superseded(req) {
+                        return refusal;
+                    }
+                }
                 let resp = self
                     .propose(
                         req,

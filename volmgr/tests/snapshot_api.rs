@@ -324,6 +324,10 @@ fn a_front_end_id_belongs_to_its_newest_process() {
         let err = first.unregister_export(5, "v").await.unwrap_err();
         assert_eq!(err.status(), Some(VolmgrStatus::FailedPrecondition));
         assert_eq!(admin.volume_exports("v").await.unwrap(), vec![5]);
+        // Nor may it change the reservations the id's new process serves.
+        let err = first.pr_set_as(5, "v", 0, vec![8, 1]).await.unwrap_err();
+        assert_eq!(err.status(), Some(VolmgrStatus::FailedPrecondition));
+        assert_eq!(admin.pr_get("v").await.unwrap().0, 0, "nothing stored");
         second
             .export_watch(5, "v", v.head_epoch, 0, Duration::ZERO)
             .await
