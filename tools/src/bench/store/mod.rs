@@ -539,6 +539,7 @@ impl<'a> Bench<'a> {
     async fn phase(&self, spec: &PhaseSpec) -> anyhow::Result<(PhaseReport, RssMax)> {
         let rounds = self.config.rounds as usize;
         let mut rss = RssMax::default();
+        // The subjects in their first round's order; None is fio.
         let mut runners: Vec<Option<StoreSubject>> = Vec::new();
         if self.fio.is_some() {
             runners.push(None);
