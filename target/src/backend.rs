@@ -4,7 +4,7 @@
 //! the cluster ([`crate::exports`]).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
@@ -125,4 +125,16 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Arc<Self::Export>>, String>> + Send;
     /// The persistent reservation store of `export` (opened as `name`).
     fn reservations(&self, name: &str, export: &Arc<Self::Export>) -> Self::Reservations;
+    /// Asks to have `hook` run whenever the export learns of a newer
+    /// reservation state (changed through another front end), before it
+    /// tells the volume manager it holds it. Nothing by default: a store
+    /// no one else changes never needs it.
+    fn watch_reservations(&self, _export: &Arc<Self::Export>, _hook: Weak<dyn ReservationsHook>) {}
+}
+
+/// What a logical unit does when its export learns of a newer reservation
+/// state: load it, and abort what a PREEMPT AND ABORT made elsewhere
+/// preempted here (`Lun::refresh_reservations`).
+pub trait ReservationsHook: Send + Sync {
+    fn refresh(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }

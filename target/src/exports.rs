@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::backend::ReservationsHook;
 use crate::iscsi::scsi::pr::{MemPrStore, PrState, PrStore, SaveError};
 use crate::nbd::wire::{EINVAL, EIO, STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Backend, Catalog, ExportInfo, Extents, IoError};
@@ -193,6 +194,12 @@ impl Catalog for Arc<Registry> {
     type Export = Export;
     type Reservations = Reservations;
 
+    fn watch_reservations(&self, export: &Arc<Export>, hook: Weak<dyn ReservationsHook>) {
+        let mut hooks = export.pr_hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.retain(|h| h.strong_count() > 0);
+        hooks.push(hook);
+    }
+
     fn reservations(&self, name: &str, export: &Arc<Export>) -> Reservations {
         if export.snapshot {
             // A snapshot view is a logical unit of its own, read-only and
@@ -295,6 +302,7 @@ impl Catalog for Arc<Registry> {
             snapshot,
             pr_generation: Arc::new(AtomicU64::new(0)),
             lease_until: Arc::new(AtomicU64::new(0)),
+            pr_hooks: Mutex::new(Vec::new()),
         });
         live.retain(|_, w| w.strong_count() > 0);
         live.insert(name.to_string(), Arc::downgrade(&export));
@@ -365,6 +373,12 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 }
                 failing = false;
                 x.renewed(sent, every, w.pr_generation);
+                if w.pr_generation > known_pr {
+                    // Changed through another front end: the logical units
+                    // load it and make a PREEMPT AND ABORT's aborts before
+                    // the next watch reports holding it.
+                    x.refresh_reservations().await;
+                }
                 if w.pending != 0 && w.pending != handled {
                     handled = w.pending;
                     x.pause_for_snapshot(&registry, &watcher, w.pending, every)
@@ -426,6 +440,9 @@ pub struct Export {
     /// When the export lease ends ([`clock_ms`]) unless renewed: 0 until
     /// it is first taken.
     lease_until: Arc<AtomicU64>,
+    /// The logical units over this export, run when a newer reservation
+    /// state is reported, before this target reports holding it.
+    pr_hooks: Mutex<Vec<Weak<dyn ReservationsHook>>>,
 }
 
 impl Export {
@@ -437,6 +454,19 @@ impl Export {
             .fetch_max(pr_generation, Ordering::AcqRel);
         self.lease_until
             .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+    }
+
+    async fn refresh_reservations(&self) {
+        let hooks: Vec<Arc<dyn ReservationsHook>> = self
+            .pr_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for hook in hooks {
+            hook.refresh().await;
+        }
     }
 
     /// A snapshot of the volume is being taken (`pending`): stops writes,

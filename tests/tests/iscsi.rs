@@ -830,7 +830,7 @@ async fn persistent_reservations_survive_a_restart_and_are_shared_by_targets() {
 
     // A second target process over the same volume.
     let portal_b = free_loopback_addr(TARGET_IP).unwrap().to_string();
-    let _b =
+    let b =
         TargetProcess::start(&cluster, &["--iscsi-listen", &portal_b, "--target-id", "2"]).unwrap();
     let (mut t, mut tn) = pr_session(&portal_b, &iqn, 9);
     assert_eq!(
@@ -871,6 +871,27 @@ async fn persistent_reservations_survive_a_restart_and_are_shared_by_targets() {
         scsi(&mut s, &mut sn, &write, &[3u8; 512], 0).0,
         0x18,
         "target A let a write in under B's new reservation"
+    );
+
+    // PREEMPT AND ABORT through A of the key registered through B: by the
+    // time A answers, B has aborted that nexus's tasks (its export runs the
+    // aborts before it reports holding the new state, and the volume
+    // manager answers A only after that report).
+    assert_eq!(prout(&mut s, &mut sn, 0x00, 0, 0, 0x123), 0, "REGISTER");
+    assert_eq!(
+        prout(&mut s, &mut sn, 0x05, 0x01, 0x123, 0xdef),
+        0,
+        "PREEMPT AND ABORT"
+    );
+    assert!(
+        b.log().contains("PREEMPT AND ABORT through another target"),
+        "target B had not aborted when A answered:\n{}",
+        b.log()
+    );
+    assert_ne!(
+        scsi(&mut t, &mut tn, &write, &[4u8; 512], 0).0,
+        0,
+        "the preempted nexus wrote through B"
     );
 }
 

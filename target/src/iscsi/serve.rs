@@ -170,6 +170,8 @@ impl<C: Catalog> Shared<C> {
         }
         let store = self.portal.catalog.reservations(name, &export);
         let u = Arc::new(Lun::with_store(export.clone(), lun, store));
+        let hook: Weak<dyn crate::backend::ReservationsHook> = Arc::downgrade(&u) as _;
+        self.portal.catalog.watch_reservations(&export, hook);
         units.insert(
             name.to_string(),
             (Arc::downgrade(&export), Arc::downgrade(&u)),

@@ -315,6 +315,10 @@ pub struct Lun<B: Backend, S: PrStore = MemPrStore> {
     /// Refusing reservation-governed commands (the store lapsed): logs
     /// the change once, not per command.
     fenced: std::sync::atomic::AtomicBool,
+    /// The newest PREEMPT AND ABORT (`PrState::abort_version`) whose
+    /// aborts this unit has made, or that predates its first load of the
+    /// state (`u64::MAX` until then: it had no tasks before).
+    abort_handled: std::sync::atomic::AtomicU64,
 }
 
 impl<B: Backend> Lun<B> {
@@ -341,6 +345,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             copies: Mutex::new(copy::Held::default()),
             attached: Mutex::new(Vec::new()),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            abort_handled: std::sync::atomic::AtomicU64::new(u64::MAX),
             backend,
         }
     }
@@ -376,6 +381,47 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         for (set, lun) in sets {
             set.abort_lun_tasks(lun).await;
         }
+    }
+
+    /// Loads the reservation state if another front end changed it, and if
+    /// a PREEMPT AND ABORT run elsewhere is newer than any this unit
+    /// handled, aborts the preempted nexuses' tasks here and returns once
+    /// they have stopped. The export runs it before it reports holding the
+    /// new state, and the volume manager answers the PREEMPT AND ABORT
+    /// only after that report (or the lease's end): so no write of a
+    /// preempted nexus lands through this target after it completes.
+    pub async fn refresh_reservations(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (aborted, issuer) = {
+            let g = match self.pr_state().await {
+                Ok(g) => g,
+                // Lapsed or unreadable: its commands are refused meanwhile.
+                Err(_) => return,
+            };
+            let Some(s) = g.as_ref() else { return };
+            let handled = self.abort_handled.load(Relaxed);
+            if handled == u64::MAX || s.abort_version <= handled {
+                return;
+            }
+            self.abort_handled.store(s.abort_version, Relaxed);
+            let issuer = s
+                .abort_issuer
+                .as_ref()
+                .map(|n| (n.initiator.clone(), n.target_port.clone()));
+            (s.aborted.clone(), issuer)
+        };
+        tracing::info!(
+            lun = self.lun_id,
+            nexuses = aborted.len(),
+            "PREEMPT AND ABORT through another target: aborting the preempted nexuses' tasks"
+        );
+        self.abort_nexuses(|k| {
+            Some(k) != issuer.as_ref()
+                && aborted.iter().any(|a| {
+                    a.initiator == k.0 && (a.target_port.is_empty() || a.target_port == k.1)
+                })
+        })
+        .await;
     }
 
     /// LOGICAL UNIT RESET's reach beyond the issuing nexus (whose own tasks
@@ -513,7 +559,16 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
                     tracing::warn!("persistent reservations: {e}");
                     Fail::from(sense::LOGICAL_UNIT_NOT_READY)
                 })?;
-                *g = Some(loaded.unwrap_or_default());
+                let loaded = loaded.unwrap_or_default();
+                // Aborts made before this unit first saw the state are not
+                // its to repeat.
+                let _ = self.abort_handled.compare_exchange(
+                    u64::MAX,
+                    loaded.abort_version,
+                    Relaxed,
+                    Relaxed,
+                );
+                *g = Some(loaded);
             }
             let used = g
                 .as_ref()
@@ -761,12 +816,34 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             let mut g = self.pr_state().await?;
             let current = g.clone().unwrap_or_default();
             let sa = c.service_action() as u8;
-            let (next, attentions) = current.out(req.nexus, sa, c.u8(2), params)?;
+            let (mut next, attentions) = current.out(req.nexus, sa, c.u8(2), params)?;
             if next == current {
                 break (g, attentions);
             }
+            let preempted = preempted_of(&attentions);
+            if sa == pr::PREEMPT_AND_ABORT && !preempted.is_empty() {
+                // For the other targets (see `refresh_reservations`).
+                next.abort_version = next.version;
+                next.aborted = preempted
+                    .into_iter()
+                    .map(|(initiator, port)| pr::NexusName {
+                        initiator,
+                        target_port: port.unwrap_or_default(),
+                    })
+                    .collect();
+                let (initiator, target_port) = key_of(req.nexus);
+                next.abort_issuer = Some(pr::NexusName {
+                    initiator,
+                    target_port,
+                });
+            }
             match self.store.save(&next).await {
                 Ok(()) => {
+                    if next.abort_version == next.version {
+                        // Aborted here below, not again by the refresh.
+                        self.abort_handled
+                            .store(next.abort_version, std::sync::atomic::Ordering::Relaxed);
+                    }
                     *g = Some(next);
                     break (g, attentions);
                 }
@@ -785,11 +862,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
         // PREEMPT AND ABORT: the preempted nexuses' tasks are aborted before
         // the command completes, so none of their writes lands after it (a
         // fenced node's included). The issuer's own tasks are left alone.
-        let preempted: Vec<(String, Option<String>)> = attentions
-            .iter()
-            .filter(|a| a.sense == sense::REGISTRATIONS_PREEMPTED)
-            .map(|a| (a.initiator.to_ascii_lowercase(), a.target_port.clone()))
-            .collect();
+        let preempted = preempted_of(&attentions);
         for a in attentions {
             self.raise(&a.initiator, a.target_port.as_deref(), a.sense);
         }
@@ -804,6 +877,22 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             .await;
         }
         Ok(Reply::good())
+    }
+}
+
+/// The nexuses a PERSISTENT RESERVE OUT preempted (initiator in lower
+/// case; target port None: through every port), from its attentions.
+fn preempted_of(attentions: &[pr::Attention]) -> Vec<(String, Option<String>)> {
+    attentions
+        .iter()
+        .filter(|a| a.sense == sense::REGISTRATIONS_PREEMPTED)
+        .map(|a| (a.initiator.to_ascii_lowercase(), a.target_port.clone()))
+        .collect()
+}
+
+impl<B: Backend, S: PrStore> crate::backend::ReservationsHook for Lun<B, S> {
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.refresh_reservations())
     }
 }
 

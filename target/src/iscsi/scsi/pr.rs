@@ -55,6 +55,30 @@ pub struct PrState {
     /// Activate persist through power loss, as the last REGISTER set it.
     #[prost(bool, tag = "5")]
     pub aptpl: bool,
+    /// The `version` the last PREEMPT AND ABORT made (0: none yet). The
+    /// target that runs one aborts the preempted nexuses' tasks itself;
+    /// every other target exporting the volume does so when it loads a
+    /// state with a newer `abort_version` than it handled, before it tells
+    /// the volume manager it holds the state (so before the PREEMPT AND
+    /// ABORT completes).
+    #[prost(uint64, tag = "6")]
+    pub abort_version: u64,
+    /// The I_T nexuses that PREEMPT AND ABORT preempted (an empty target
+    /// port: through every port).
+    #[prost(message, repeated, tag = "7")]
+    pub aborted: Vec<NexusName>,
+    /// The nexus that ran it: its own tasks are left alone.
+    #[prost(message, optional, tag = "8")]
+    pub abort_issuer: Option<NexusName>,
+}
+
+/// An I_T nexus by name, the initiator in lower case.
+#[derive(Clone, PartialEq, Message)]
+pub struct NexusName {
+    #[prost(string, tag = "1")]
+    pub initiator: String,
+    #[prost(string, tag = "2")]
+    pub target_port: String,
 }
 
 /// One registered I_T nexus (or, with `all_target_ports`, the initiator

@@ -415,3 +415,92 @@ async fn a_unit_cut_off_from_its_reservations_refuses_what_they_govern() {
     l.store.lapsed.store(false, Ordering::SeqCst);
     good(&run(&l, &m, &rw10(0x2a, 1, 1, 0), &[5; 512]).await);
 }
+
+/// A store shared by several units, as the volume manager is by several
+/// targets: it refuses a change made on a stale state and tells a unit
+/// when its state is stale.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Option<PrState>>>);
+
+impl PrStore for Shared {
+    async fn load(&self) -> Result<Option<PrState>, String> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    async fn save(&self, state: &PrState) -> Result<(), pr::SaveError> {
+        let mut saved = self.0.lock().unwrap();
+        if state.version != saved.as_ref().map_or(0, |s| s.version) + 1 {
+            return Err(pr::SaveError::Stale);
+        }
+        *saved = Some(state.clone());
+        Ok(())
+    }
+    fn stale(&self, version: u64) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.version > version)
+    }
+}
+
+/// PREEMPT AND ABORT through one target reaches the preempted nexuses'
+/// tasks on another: that target's unit aborts them when it refreshes its
+/// reservations (which its export does before reporting the new state to
+/// the volume manager, which answers the PREEMPT AND ABORT only then).
+/// Once, only for the preempted nexus, never for the issuer or for a plain
+/// PREEMPT, and not by a unit that first sees the state afterwards.
+#[tokio::test]
+async fn preempt_and_abort_reaches_the_preempted_nexus_tasks_on_other_units() {
+    let store = Shared::default();
+    let e = MemExport::new("vol", MIB, false);
+    let one = Lun::with_store(e.clone(), 0, store.clone());
+    let two = Lun::with_store(e.clone(), 0, store.clone());
+    let (a, b, c) = (nexus("a"), nexus("b"), nexus("c"));
+    let sets: Vec<Arc<Recorder>> = (0..4).map(|_| Arc::new(Recorder::default())).collect();
+    let weak = |i: usize| Arc::downgrade(&sets[i]) as Weak<dyn TaskSet>;
+    one.attach(&a, 0, weak(0));
+    two.attach(&a, 5, weak(3)); // the issuer reaches the other target too
+    two.attach(&b, 3, weak(1));
+    two.attach(&c, 0, weak(2));
+    let aborts = || -> Vec<Vec<u64>> { sets.iter().map(|s| s.0.lock().unwrap().clone()).collect() };
+    let none: Vec<Vec<u64>> = vec![vec![]; 4];
+
+    good(&prout(&one, &a, pr::REGISTER, 0, 0, 0xa).await);
+    good(&prout(&two, &b, pr::REGISTER, 0, 0, 0xb).await);
+    good(&prout(&two, &c, pr::REGISTER, 0, 0, 0xc).await);
+    good(&prout(&two, &b, pr::RESERVE, pr::WRITE_EXCLUSIVE, 0xb, 0).await);
+    two.refresh_reservations().await;
+    // A plain PREEMPT aborts nothing anywhere.
+    good(&prout(&one, &a, pr::PREEMPT, pr::WRITE_EXCLUSIVE, 0xa, 0xc).await);
+    two.refresh_reservations().await;
+    assert_eq!(aborts(), none);
+
+    good(
+        &prout(
+            &one,
+            &a,
+            pr::PREEMPT_AND_ABORT,
+            pr::WRITE_EXCLUSIVE,
+            0xa,
+            0xb,
+        )
+        .await,
+    );
+    assert_eq!(aborts(), none, "unit two has not refreshed yet");
+    two.refresh_reservations().await;
+    assert_eq!(aborts(), vec![vec![], vec![3], vec![], vec![]]);
+    two.refresh_reservations().await;
+    one.refresh_reservations().await;
+    assert_eq!(aborts(), vec![vec![], vec![3], vec![], vec![]], "once");
+
+    // A unit that first sees the state now has nothing to repeat.
+    let three = Lun::with_store(e, 0, store.clone());
+    let late = Arc::new(Recorder::default());
+    three.attach(&b, 1, Arc::downgrade(&late) as Weak<dyn TaskSet>);
+    three.refresh_reservations().await;
+    assert!(late.0.lock().unwrap().is_empty());
+    // The preempted nexus is no longer registered: RESERVATION CONFLICT
+    // for its writes everywhere.
+    let r = run(&two, &b, &rw10(0x2a, 1, 1, 0), &[5; 512]).await;
+    assert_eq!(r.status, 0x18, "RESERVATION CONFLICT");
+}
