@@ -1,6 +1,6 @@
-//! CPU time (user + system) of processes and of this process's threads,
-//! read from /proc: what a benchmark subject spent per request, beside how
-//! many requests it served.
+//! CPU time (user + system) of processes, of this process's threads and of
+//! the whole machine, read from /proc: what a benchmark subject spent per
+//! request, beside how many requests it served, and how busy the machine was.
 
 /// Clock ticks per second in /proc/PID/stat (USER_HZ, 100 on Linux).
 const USER_HZ: f64 = 100.0;
@@ -45,6 +45,20 @@ pub(super) fn own_threads_cpu_s(prefixes: &[&str]) -> Option<f64> {
         }
     }
     total
+}
+
+/// (busy, total) jiffies of all CPUs so far, from /proc/stat.
+pub(super) fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait.
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
 }
 
 #[cfg(test)]

@@ -59,10 +59,10 @@ use clap::Args;
 use serde::Serialize;
 
 use super::chunkserver::free_loopback_addr;
-use super::cpu::{cpu_of, proc_cpu_s};
+use super::cpu::{cpu_jiffies, cpu_of, proc_cpu_s};
 use super::disk::fs_info;
 use super::nbd::{pid_of, print_rows, Row, RunResult};
-use super::replication::{cpu_jiffies, progress, secs, verdict, Bench, Daemon, CLUSTER_ID};
+use super::replication::{progress, secs, verdict, Bench, Daemon, CLUSTER_ID};
 use crate::output::bytes_human;
 use initiator::{Job, JobStats, Offer, Session};
 

@@ -80,11 +80,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::chunkserver::{free_loopback_addr, proc_memory};
-use super::cpu::cpu_of;
+use super::cpu::{cpu_jiffies, cpu_of};
 use super::disk::fs_info;
-use super::replication::{
-    cpu_jiffies, progress, secs, verdict, Bench, Daemon, CLUSTER_ID, WAIT_MAX,
-};
+use super::replication::{progress, secs, verdict, Bench, Daemon, CLUSTER_ID, WAIT_MAX};
 use crate::output::bytes_human;
 
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);

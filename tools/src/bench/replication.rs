@@ -72,6 +72,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 
 use super::chunkserver::free_loopback_addr;
+use super::cpu::cpu_jiffies;
 
 pub(super) const CLUSTER_ID: &str = "bench";
 const BLOCK: u64 = 4096;
@@ -522,20 +523,6 @@ pub(super) struct IopsRun {
     /// processes: the client, the chunk servers, the kernel).
     cpu_busy: f64,
     errors: usize,
-}
-
-/// (busy, total) jiffies of all CPUs so far, from /proc/stat.
-pub(super) fn cpu_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    // idle and iowait.
-    let idle = v.get(3)? + v.get(4)?;
-    Some((total - idle, total))
 }
 
 pub(super) async fn iops_run(

@@ -80,14 +80,9 @@ pub struct PhaseReport {
 }
 
 impl PhaseReport {
+    /// A subject measured once, against the phase's fio run.
     pub fn subject(&self, t: Throughput) -> SubjectResult {
-        let ratio = self.fio.as_ref().map(|f| self.ratio(&t, f));
-        SubjectResult {
-            throughput: t,
-            ratio,
-            verdict: ratio.map(|r| Verdict::of(r >= self.goal_ratio)),
-            round_ratios: Vec::new(),
-        }
+        self.subject_rounds(vec![t], self.fio.as_slice())
     }
 
     /// A subject measured over several rounds, `runs[i]` beside fio's

@@ -415,10 +415,21 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             nexuses = aborted.len(),
             "PREEMPT AND ABORT through another target: aborting the preempted nexuses' tasks"
         );
+        self.abort_preempted(&aborted, issuer.as_ref()).await;
+    }
+
+    /// PREEMPT AND ABORT's reach on this unit: the tasks of the `preempted`
+    /// nexuses (an empty target port: through every port), not the
+    /// issuer's.
+    async fn abort_preempted(
+        &self,
+        preempted: &[pr::NexusName],
+        issuer: Option<&(String, String)>,
+    ) {
         self.abort_nexuses(|k| {
-            Some(k) != issuer.as_ref()
-                && aborted.iter().any(|a| {
-                    a.initiator == k.0 && (a.target_port.is_empty() || a.target_port == k.1)
+            Some(k) != issuer
+                && preempted.iter().any(|p| {
+                    p.initiator == k.0 && (p.target_port.is_empty() || p.target_port == k.1)
                 })
         })
         .await;
@@ -824,13 +835,7 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             if sa == pr::PREEMPT_AND_ABORT && !preempted.is_empty() {
                 // For the other targets (see `refresh_reservations`).
                 next.abort_version = next.version;
-                next.aborted = preempted
-                    .into_iter()
-                    .map(|(initiator, port)| pr::NexusName {
-                        initiator,
-                        target_port: port.unwrap_or_default(),
-                    })
-                    .collect();
+                next.aborted = preempted;
                 let (initiator, target_port) = key_of(req.nexus);
                 next.abort_issuer = Some(pr::NexusName {
                     initiator,
@@ -867,26 +872,23 @@ impl<B: Backend, S: PrStore> Lun<B, S> {
             self.raise(&a.initiator, a.target_port.as_deref(), a.sense);
         }
         if c.service_action() as u8 == pr::PREEMPT_AND_ABORT && !preempted.is_empty() {
-            let me = key_of(req.nexus);
-            self.abort_nexuses(|k| {
-                *k != me
-                    && preempted
-                        .iter()
-                        .any(|(i, port)| *i == k.0 && port.as_ref().is_none_or(|p| *p == k.1))
-            })
-            .await;
+            self.abort_preempted(&preempted, Some(&key_of(req.nexus)))
+                .await;
         }
         Ok(Reply::good())
     }
 }
 
 /// The nexuses a PERSISTENT RESERVE OUT preempted (initiator in lower
-/// case; target port None: through every port), from its attentions.
-fn preempted_of(attentions: &[pr::Attention]) -> Vec<(String, Option<String>)> {
+/// case; an empty target port: through every port), from its attentions.
+fn preempted_of(attentions: &[pr::Attention]) -> Vec<pr::NexusName> {
     attentions
         .iter()
         .filter(|a| a.sense == sense::REGISTRATIONS_PREEMPTED)
-        .map(|a| (a.initiator.to_ascii_lowercase(), a.target_port.clone()))
+        .map(|a| pr::NexusName {
+            initiator: a.initiator.to_ascii_lowercase(),
+            target_port: a.target_port.clone().unwrap_or_default(),
+        })
         .collect()
 }
 

@@ -539,32 +539,36 @@ impl<'a> Bench<'a> {
     async fn phase(&self, spec: &PhaseSpec) -> anyhow::Result<(PhaseReport, RssMax)> {
         let rounds = self.config.rounds as usize;
         let mut rss = RssMax::default();
-        // The subjects in their first round's order; None is fio.
-        let mut runners: Vec<Option<StoreSubject>> = Vec::new();
+        // The subjects in their first round's order (None is fio), and
+        // each one's runs.
+        let mut runners: Vec<Option<(StoreSubject, Arc<Subject>)>> = Vec::new();
         if self.fio.is_some() {
             runners.push(None);
         }
-        runners.extend(self.store_subjects().into_iter().map(|(w, _)| Some(w)));
-        let mut fio_runs = Vec::with_capacity(rounds);
-        let mut store_runs: Vec<(StoreSubject, Vec<Throughput>)> = Vec::new();
+        runners.extend(self.store_subjects().into_iter().map(Some));
+        let mut runs: Vec<Vec<Throughput>> = vec![Vec::with_capacity(rounds); runners.len()];
         for round in 0..rounds {
             for i in 0..runners.len() {
-                match runners[(round + i) % runners.len()] {
-                    None => fio_runs.push(self.fio_run(spec, round).await?),
-                    Some(which) => {
-                        let (t, r) = self.store_run(spec, which, round).await?;
+                let at = (round + i) % runners.len();
+                let t = match &runners[at] {
+                    None => self.fio_run(spec, round).await?,
+                    Some((which, subject)) => {
+                        let (t, r) = self.store_run(spec, *which, subject, round).await?;
                         rss.merge(r);
-                        match store_runs.iter_mut().find(|(w, _)| *w == which) {
-                            Some((_, runs)) => runs.push(t),
-                            None => store_runs.push((which, vec![t])),
-                        }
+                        t
                     }
-                }
+                };
+                runs[at].push(t);
             }
         }
         let mut report = self.report(spec);
+        let fio_runs = match self.fio {
+            Some(_) => std::mem::take(&mut runs[0]),
+            None => Vec::new(),
+        };
         report.fio = report.median_run(fio_runs.clone());
-        for (which, runs) in store_runs {
+        for (runner, runs) in runners.into_iter().zip(runs) {
+            let Some((which, _)) = runner else { continue };
             let result = Some(report.subject_rounds(runs, &fio_runs));
             match which {
                 StoreSubject::InProcess => report.inprocess = result,
@@ -601,15 +605,11 @@ impl<'a> Bench<'a> {
         &self,
         spec: &PhaseSpec,
         which: StoreSubject,
+        subject: &Arc<Subject>,
         round: usize,
     ) -> anyhow::Result<(Throughput, RssMax)> {
         let runtime_s = self.config.runtime_s;
         let name = which.name();
-        let subject = self
-            .store_subjects()
-            .into_iter()
-            .find_map(|(w, s)| (w == which).then_some(s))
-            .expect("a configured subject");
         progress(&format!(
             "{name}: {} for {runtime_s} s{}",
             spec.name,
@@ -625,7 +625,7 @@ impl<'a> Bench<'a> {
             _ => None,
         };
         let cpu_before = self.cpu_s(which);
-        let result = load::run(subject, job, 2 + round as u64)
+        let result = load::run(subject.clone(), job, 2 + round as u64)
             .await
             .with_context(|| format!("{name}: {}", spec.name));
         let cpu_s = cpu_before.zip(self.cpu_s(which)).map(|(a, b)| b - a);
