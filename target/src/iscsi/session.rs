@@ -1058,6 +1058,9 @@ async fn text_request<C: Catalog>(
     Ok(())
 }
 
+/// Bytes of PDUs the writer gathers into one send at most.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
 /// Puts queued PDUs on the wire, stamping the numbers at send time.
 async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     mut w: W,
@@ -1066,26 +1069,47 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     mut stat_sn: u32,
     shared: Arc<Shared<C>>,
 ) {
-    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let weak = Arc::downgrade(&shared);
     drop(shared);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(mut o) = next.take() {
-            if o.stat != Stat::None {
-                o.pdu.set_u32(24, stat_sn);
+        let mut yielded = false;
+        loop {
+            while let Some(mut o) = next.take() {
+                if o.stat != Stat::None {
+                    o.pdu.set_u32(24, stat_sn);
+                }
+                if o.stat == Stat::Advance {
+                    stat_sn = stat_sn.wrapping_add(1);
+                }
+                if let Some(s) = weak.upgrade() {
+                    o.pdu
+                        .set_u32(28, s.numbers.exp_cmd_sn.load(Ordering::Acquire))
+                        .set_u32(32, s.numbers.max_cmd_sn());
+                }
+                encode(&o.pdu, digests, &mut buf);
+                if buf.len() < WRITE_BATCH_BYTES {
+                    next = rx.try_recv().ok();
+                }
             }
-            if o.stat == Stat::Advance {
-                stat_sn = stat_sn.wrapping_add(1);
+            // While other commands run, let the tasks about to queue their
+            // responses run once before sending: one send for several
+            // responses costs the kernel far less than one send each (see
+            // the NBD reply writer). With none outstanding (a command is
+            // counted out before its response is queued) nothing would
+            // join, and a yield would only delay a QD1 response.
+            let others_running = weak
+                .upgrade()
+                .is_some_and(|s| s.numbers.outstanding.load(Ordering::Acquire) > 0);
+            if yielded || !others_running || buf.len() >= WRITE_BATCH_BYTES {
+                break;
             }
-            if let Some(s) = weak.upgrade() {
-                o.pdu
-                    .set_u32(28, s.numbers.exp_cmd_sn.load(Ordering::Acquire))
-                    .set_u32(32, s.numbers.max_cmd_sn());
-            }
-            encode(&o.pdu, digests, &mut buf);
-            if buf.len() < (256 << 10) {
-                next = rx.try_recv().ok();
+            tokio::task::yield_now().await;
+            yielded = true;
+            next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
             }
         }
         if w.write_all(&buf).await.is_err() {

@@ -118,6 +118,8 @@ where
         write_replies(
             BufWriter::with_capacity(64 << 10, writer),
             rx,
+            slots.clone(),
+            limits.requests_max.max(1),
             writer_dead.clone(),
         )
         .in_current_span(),
@@ -257,9 +259,13 @@ async fn acquire(slots: &Arc<Semaphore>, bytes: &Arc<Semaphore>, len: u32) -> Pe
     }
 }
 
+/// Writes replies as they come; `slots` (of `slots_max`) are the
+/// connection's request slots, to tell whether other requests are running.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::Receiver<Out>,
+    slots: Arc<Semaphore>,
+    slots_max: usize,
     dead: Arc<Notify>,
 ) {
     let result: std::io::Result<()> = async {
@@ -268,6 +274,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             // Batch whatever else is ready into the same flush.
             while let Ok(out) = rx.try_recv() {
                 put(&mut w, out).await?;
+            }
+            // While other requests run, let the tasks about to queue their
+            // replies run once first: replies that complete together then
+            // leave in one send. Without it, most 4 KiB read replies went
+            // out one per send (14k of 22k a second at QD32) and the target
+            // spent 41% of its CPU in send. With nothing else in flight (a
+            // permit is given back once its reply is put) there is nothing
+            // to wait for, and a yield would only delay a QD1 reply.
+            if slots.available_permits() < slots_max {
+                tokio::task::yield_now().await;
+                while let Ok(out) = rx.try_recv() {
+                    put(&mut w, out).await?;
+                }
             }
             w.flush().await?;
         }
