@@ -562,10 +562,12 @@ impl<'a> Bench<'a> {
             }
         }
         let mut report = self.report(spec);
-        let fio_runs = match self.fio {
-            Some(_) => std::mem::take(&mut runs[0]),
-            None => Vec::new(),
-        };
+        // fio's runs are the ones whose runner is None (wherever it stands).
+        let fio_runs = runners
+            .iter()
+            .position(Option::is_none)
+            .map(|at| std::mem::take(&mut runs[at]))
+            .unwrap_or_default();
         report.fio = report.median_run(fio_runs.clone());
         for (runner, runs) in runners.into_iter().zip(runs) {
             let Some((which, _)) = runner else { continue };
