@@ -379,7 +379,6 @@ impl Engine {
             flushes: VecDeque::new(),
             auto_flush_running: false,
             sqes_in_flight: 0,
-            woke: false,
             zero_crc: crc32fast::hash(&[0u8; BLOCK_BYTES as usize]),
             failed: None,
             shutdown: None,
@@ -674,9 +673,6 @@ struct Engine {
     flushes: VecDeque<usize>,
     auto_flush_running: bool,
     sqes_in_flight: usize,
-    /// The inline engine slept since its last reap: the next one handles
-    /// only [`WAKE_REAP_MAX`] completions.
-    woke: bool,
     zero_crc: u32,
     /// Set when an fsync failed: the kernel may have dropped dirty pages, so no
     /// later write can be promised durable (the "fsyncgate" lesson).
@@ -700,7 +696,7 @@ impl Engine {
             if let Err(e) = self.submit_and_wait() {
                 return self.stop_on("io_uring wait", e);
             }
-            self.reap();
+            self.reap(usize::MAX);
         }
     }
 
@@ -729,6 +725,8 @@ impl Engine {
             if self.turn() {
                 return;
             }
+            // After a sleep, only the first few completions: see WAKE_REAP_MAX.
+            let mut reap_max = usize::MAX;
             if let Err(e) = self.submit_pending() {
                 return self.stop_on("io_uring submit", e);
             }
@@ -752,9 +750,9 @@ impl Engine {
                     () = notify.notified() => {}
                 }
                 self.shared.sleeping.store(false, Ordering::SeqCst);
-                self.woke = true;
+                reap_max = WAKE_REAP_MAX;
             }
-            self.reap();
+            self.reap(reap_max);
         }
     }
 
@@ -1560,14 +1558,10 @@ impl Engine {
 
     // ----- completions -----
 
-    fn reap(&mut self) {
+    /// Handles up to `max` queued completions.
+    fn reap(&mut self, max: usize) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
-        let max = if std::mem::take(&mut self.woke) {
-            WAKE_REAP_MAX
-        } else {
-            usize::MAX
-        };
         cqes.extend(
             self.ring
                 .completion()

@@ -1066,51 +1066,28 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
     digests: Digests,
-    mut stat_sn: u32,
+    stat_sn: u32,
     shared: Arc<Shared<C>>,
 ) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
-    let weak = Arc::downgrade(&shared);
+    let mut stamp = Stamp {
+        stat_sn,
+        digests,
+        shared: Arc::downgrade(&shared),
+    };
     drop(shared);
     while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut yielded = false;
-        loop {
-            while let Some(mut o) = next.take() {
-                if o.stat != Stat::None {
-                    o.pdu.set_u32(24, stat_sn);
-                }
-                if o.stat == Stat::Advance {
-                    stat_sn = stat_sn.wrapping_add(1);
-                }
-                if let Some(s) = weak.upgrade() {
-                    o.pdu
-                        .set_u32(28, s.numbers.exp_cmd_sn.load(Ordering::Acquire))
-                        .set_u32(32, s.numbers.max_cmd_sn());
-                }
-                encode(&o.pdu, digests, &mut buf);
-                if buf.len() < WRITE_BATCH_BYTES {
-                    next = rx.try_recv().ok();
-                }
-            }
-            // While other commands run, let the tasks about to queue their
-            // responses run once before sending: one send for several
-            // responses costs the kernel far less than one send each (see
-            // the NBD reply writer). With none outstanding (a command is
-            // counted out before its response is queued) nothing would
-            // join, and a yield would only delay a QD1 response.
-            let others_running = weak
-                .upgrade()
-                .is_some_and(|s| s.numbers.outstanding.load(Ordering::Acquire) > 0);
-            if yielded || !others_running || buf.len() >= WRITE_BATCH_BYTES {
-                break;
-            }
+        stamp.encode(first, &mut buf);
+        stamp.encode_queued(&mut rx, &mut buf);
+        // While other commands run, let the tasks about to queue their
+        // responses run once before sending: one send for several
+        // responses costs the kernel far less than one send each (see
+        // the NBD reply writer). With none outstanding (a command is
+        // counted out before its response is queued) nothing would
+        // join, and a yield would only delay a QD1 response.
+        if buf.len() < WRITE_BATCH_BYTES && stamp.others_running() {
             tokio::task::yield_now().await;
-            yielded = true;
-            next = rx.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+            stamp.encode_queued(&mut rx, &mut buf);
         }
         if w.write_all(&buf).await.is_err() {
             return;
@@ -1119,4 +1096,47 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     }
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+}
+
+/// The writer's numbering: the StatSN it hands out, and the session whose
+/// command window every PDU carries (weak, so the writer never keeps it).
+struct Stamp<C: Catalog> {
+    stat_sn: u32,
+    digests: Digests,
+    shared: Weak<Shared<C>>,
+}
+
+impl<C: Catalog> Stamp<C> {
+    /// Stamps `o`'s numbers and encodes it at the end of `buf`.
+    fn encode(&mut self, mut o: Out, buf: &mut BytesMut) {
+        if o.stat != Stat::None {
+            o.pdu.set_u32(24, self.stat_sn);
+        }
+        if o.stat == Stat::Advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        if let Some(s) = self.shared.upgrade() {
+            o.pdu
+                .set_u32(28, s.numbers.exp_cmd_sn.load(Ordering::Acquire))
+                .set_u32(32, s.numbers.max_cmd_sn());
+        }
+        encode(&o.pdu, self.digests, buf);
+    }
+
+    /// Encodes what is queued, until `buf` holds [`WRITE_BATCH_BYTES`].
+    fn encode_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Out>, buf: &mut BytesMut) {
+        while buf.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(o) => self.encode(o, buf),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Commands of the session are still running.
+    fn others_running(&self) -> bool {
+        self.shared
+            .upgrade()
+            .is_some_and(|s| s.numbers.outstanding.load(Ordering::Acquire) > 0)
+    }
 }
