@@ -7,6 +7,8 @@
 
 use std::io;
 
+use bytes::{BufMut, BytesMut};
+
 use crate::frame::{FrameError, FramePrefix, FRAME_HEADER_BYTES_MAX, FRAME_PREFIX_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -51,6 +53,26 @@ pub async fn read_part<R: AsyncRead + Unpin>(
         }
         Err(e) => Err(ReadFrameError::Io { part, source: e }),
     }
+}
+
+/// Reads until `buf` holds `len` bytes, into its spare capacity: unlike
+/// `read_exact` into a `vec![0; len]`, the bytes are not zeroed first (that
+/// zeroing showed in profiles of 1 MiB transfers). An EOF before then is
+/// `UnexpectedEof`. Shared by the chunk RPC client and the NBD and iSCSI
+/// readers of `cairn-target`.
+pub async fn read_to_len<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> io::Result<()> {
+    buf.reserve(len.saturating_sub(buf.len()));
+    while buf.len() < len {
+        let room = len - buf.len();
+        if reader.read_buf(&mut (&mut *buf).limit(room)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks a frame prefix. An EOF before its first byte is `Closed`.

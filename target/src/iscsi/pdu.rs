@@ -202,11 +202,13 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     digests: Digests,
     max_data: u32,
 ) -> Result<Pdu, PduError> {
-    let mut buf = BytesMut::zeroed(BHS_LEN);
-    r.read_exact(&mut buf).await?;
-    let total = wire_len(&buf, digests, max_data)?;
-    buf.resize(total, 0);
-    r.read_exact(&mut buf[BHS_LEN..]).await?;
+    let mut bhs = [0u8; BHS_LEN];
+    r.read_exact(&mut bhs).await?;
+    let total = wire_len(&bhs, digests, max_data)?;
+    // The data segment is read into spare capacity, not zeroed first.
+    let mut buf = BytesMut::with_capacity(total);
+    buf.extend_from_slice(&bhs);
+    cairn_proto::frame_io::read_to_len(r, &mut buf, total).await?;
     match decode(buf.freeze(), digests)? {
         Some((pdu, _)) => Ok(pdu),
         None => Err(PduError::Io(std::io::ErrorKind::UnexpectedEof.into())),

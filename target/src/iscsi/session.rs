@@ -218,25 +218,49 @@ where
     let mut text_pending: Option<TextReply> = None;
     let mut last_heard = tokio::time::Instant::now();
     let mut pinged = false;
-    let end = loop {
-        let idle = if pinged { NOP_TIMEOUT } else { NOP_INTERVAL };
-        let pdu = tokio::select! {
-            p = read_pdu(&mut r, digests, est.params.recv_data_max) => p,
-            _ = crate::server::stopped(&mut shutdown) => break End::Shutdown,
-            _ = shared.closing.notified() => {
-                break End::Dropped("TARGET COLD RESET".into());
-            }
-            _ = tokio::time::sleep_until(last_heard + idle) => {
-                if pinged {
-                    break End::Dropped(format!("no answer to a NOP-In ping within {NOP_TIMEOUT:?}"));
+    // Made once and polled across PDUs: made anew for every PDU, these waits
+    // registered and dropped a waiter (under a mutex) each time, and the
+    // keepalive timer was inserted into and taken out of the timer wheel.
+    // The timer now stays armed and is moved on only when it fires early.
+    // It owns a handle on the session, so it is dropped before the writer
+    // is awaited (which ends once the last handle is gone).
+    let watched = shared.clone();
+    let mut ended = Box::pin(async move {
+        tokio::select! {
+            _ = crate::server::stopped(&mut shutdown) => End::Shutdown,
+            _ = watched.closing.notified() => End::Dropped("TARGET COLD RESET".into()),
+        }
+    });
+    let keepalive = tokio::time::sleep_until(last_heard + NOP_INTERVAL);
+    tokio::pin!(keepalive);
+    let end = 'session: loop {
+        // The read is not cancel-safe (it may have taken part of a PDU), so
+        // it lives until it completes: the keepalive wakes beside it.
+        let read = read_pdu(&mut r, digests, est.params.recv_data_max);
+        tokio::pin!(read);
+        let pdu = loop {
+            tokio::select! {
+                p = &mut read => break p,
+                end = &mut ended => break 'session end,
+                _ = &mut keepalive => {
+                    let idle = if pinged { NOP_TIMEOUT } else { NOP_INTERVAL };
+                    let due = last_heard + idle;
+                    if tokio::time::Instant::now() < due {
+                        // Heard from the initiator since the timer was set.
+                        keepalive.as_mut().reset(due);
+                        continue;
+                    }
+                    if pinged {
+                        break 'session End::Dropped(format!("no answer to a NOP-In ping within {NOP_TIMEOUT:?}"));
+                    }
+                    pinged = true;
+                    let mut p = Pdu::new(OP_NOP_IN);
+                    p.bhs[1] = FINAL;
+                    p.set_u32(16, NO_TAG).set_u32(20, 1);
+                    shared.send(p, Stat::Current);
+                    last_heard = tokio::time::Instant::now();
+                    keepalive.as_mut().reset(last_heard + NOP_TIMEOUT);
                 }
-                pinged = true;
-                let mut p = Pdu::new(OP_NOP_IN);
-                p.bhs[1] = FINAL;
-                p.set_u32(16, NO_TAG).set_u32(20, 1);
-                shared.send(p, Stat::Current);
-                last_heard = tokio::time::Instant::now();
-                continue;
             }
         };
         let pdu = match pdu {
@@ -351,6 +375,7 @@ where
         lun.detach(&task_set);
         lun.nexus_lost(&shared.nexus);
     }
+    drop(ended);
     drop(shared);
     let _ = writer.await;
     end

@@ -125,19 +125,26 @@ where
         .in_current_span(),
     );
 
-    // Made once: the export's revocation is watched across requests.
+    // Made once and watched across requests: made anew for every request,
+    // these waits registered and dropped a waiter (under a mutex) each time.
     let revoked = conn.export.revoked();
-    tokio::pin!(revoked);
+    let ended = async {
+        tokio::select! {
+            biased;
+            _ = crate::server::stopped(&mut shutdown) => End::Shutdown,
+            _ = writer_dead.notified() => End::Dropped,
+            _ = revoked => {
+                info!("export revoked (its volume changed under it); closing the connection");
+                End::Dropped
+            }
+        }
+    };
+    tokio::pin!(ended);
     let end = loop {
         let mut header = [0u8; REQUEST_BYTES];
         let got = tokio::select! {
             biased;
-            _ = crate::server::stopped(&mut shutdown) => break End::Shutdown,
-            _ = writer_dead.notified() => break End::Dropped,
-            _ = &mut revoked => {
-                info!("export revoked (its volume changed under it); closing the connection");
-                break End::Dropped;
-            }
+            end = &mut ended => break end,
             got = read_header(&mut reader, &mut header) => got,
         };
         match got {
@@ -174,7 +181,9 @@ where
             }
             let permit = acquire(&slots, &bytes, req.len).await;
             let mut data = BytesMut::with_capacity(req.len as usize);
-            if let Err(e) = read_payload(&mut reader, &mut data, req.len as usize).await {
+            if let Err(e) =
+                cairn_proto::frame_io::read_to_len(&mut reader, &mut data, req.len as usize).await
+            {
                 info!(
                     "client vanished inside a WRITE's payload (offset {}, length {}): {e}",
                     req.offset, req.len
@@ -214,20 +223,6 @@ async fn read_header<R: AsyncRead + Unpin>(
 
 /// Reads exactly `len` bytes into `buf`'s spare capacity (no zero-filling
 /// first: every byte of a write's payload is about to be overwritten).
-async fn read_payload<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    len: usize,
-) -> std::io::Result<()> {
-    while buf.len() < len {
-        let want = len - buf.len();
-        if r.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(())
-}
-
 async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
     if copied < n {
