@@ -508,3 +508,73 @@ async fn nop_and_logout() {
     assert_eq!((r.opcode(), r.u8(2)), (OP_LOGOUT_RESP, 0));
     assert!(i.recv().await.is_none());
 }
+
+/// The next PDU within `wait` (paused time: waits cost no real time), or
+/// None once the target closed the connection.
+async fn recv_within(i: &mut Initiator, wait: Duration) -> Option<Pdu> {
+    tokio::time::timeout(wait, read_pdu(&mut i.r, Digests::default(), 16 << 20))
+        .await
+        .expect("neither a PDU nor a close in time")
+        .ok()
+}
+
+fn nop_out(itt: u32, ttt: u32, cmd_sn: u32) -> Pdu {
+    let mut p = Pdu::new(OP_NOP_OUT | IMMEDIATE);
+    p.bhs[1] = FINAL;
+    p.set_u32(16, itt).set_u32(20, ttt).set_u32(24, cmd_sn);
+    p
+}
+
+/// The keepalive: a connection that talks is never pinged; a quiet one is
+/// pinged after `NOP_INTERVAL`; a ping answered keeps it, one unanswered for
+/// `NOP_TIMEOUT` drops it. Paused time, so the minutes take no real time.
+#[tokio::test(start_paused = true)]
+async fn keepalive_pings_quiet_connections_and_drops_silent_ones() {
+    use super::session::{NOP_INTERVAL, NOP_TIMEOUT};
+    use tokio::time::Instant;
+    let mut i = Initiator::connect(portal(auto()));
+    assert_eq!(i.login(Some(IQN)).await, 0);
+    // Talking at a third of the interval for three intervals: every PDU
+    // back is the answer to ours, never a ping.
+    for _ in 0..9 {
+        tokio::time::sleep(NOP_INTERVAL / 3).await;
+        let itt = i.next_itt();
+        i.send(&nop_out(itt, NO_TAG, i.cmd_sn)).await;
+        let r = i.recv().await.expect("an answer");
+        assert_eq!((r.opcode(), r.itt()), (OP_NOP_IN, itt), "not a ping");
+    }
+    // Quiet: pinged once the interval has passed, and answered.
+    let quiet = Instant::now();
+    let ping = recv_within(&mut i, NOP_INTERVAL * 2).await.expect("a ping");
+    assert_eq!((ping.opcode(), ping.itt()), (OP_NOP_IN, NO_TAG));
+    assert_ne!(ping.u32(20), NO_TAG, "a ping asks for an answer");
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= NOP_INTERVAL && waited < NOP_INTERVAL + Duration::from_secs(1),
+        "pinged after {waited:?}"
+    );
+    i.send(&nop_out(NO_TAG, ping.u32(20), i.cmd_sn)).await;
+    // Answered: the connection stays, and the next ping comes an interval
+    // after the answer, not a drop after the timeout.
+    let answered = Instant::now();
+    let ping = recv_within(&mut i, NOP_TIMEOUT * 2)
+        .await
+        .expect("a second ping");
+    assert_eq!((ping.opcode(), ping.itt()), (OP_NOP_IN, NO_TAG));
+    let waited = answered.elapsed();
+    assert!(
+        waited >= NOP_INTERVAL && waited < NOP_INTERVAL + Duration::from_secs(1),
+        "second ping after {waited:?}"
+    );
+    // Unanswered: dropped once the timeout has passed, not before.
+    let pinged = Instant::now();
+    assert!(
+        recv_within(&mut i, NOP_TIMEOUT * 2).await.is_none(),
+        "closed, not another PDU"
+    );
+    let waited = pinged.elapsed();
+    assert!(
+        waited >= NOP_TIMEOUT && waited < NOP_TIMEOUT + Duration::from_secs(1),
+        "dropped after {waited:?}"
+    );
+}

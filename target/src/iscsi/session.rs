@@ -280,7 +280,12 @@ where
             Err(e) => break End::Dropped(e.to_string()),
         };
         last_heard = tokio::time::Instant::now();
-        pinged = false;
+        if pinged {
+            // The timer waits for the ping's timeout; the next ping is
+            // due an interval from now, sooner.
+            keepalive.as_mut().reset(last_heard + NOP_INTERVAL);
+            pinged = false;
+        }
         match pdu.opcode() {
             OP_SCSI_CMD => {
                 if let Err(why) = command(&shared, pdu) {
