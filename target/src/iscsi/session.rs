@@ -541,8 +541,11 @@ async fn gather<C: Catalog>(
     } else {
         edtl.min(p.first_burst).max(immediate)
     };
-    let mut buf = BytesMut::zeroed(edtl as usize);
-    buf[..immediate as usize].copy_from_slice(&cmd.data);
+    if immediate == edtl {
+        // All of it came with the command: no copy.
+        return Ok(Some(cmd.data.clone()));
+    }
+    let mut buf = Assembly::new(edtl as usize, &cmd.data);
     let mut got = immediate;
     let mut unsol_next = immediate;
     let mut unsol_sn = 0u32;
@@ -628,7 +631,7 @@ async fn gather<C: Catalog>(
                 DATA_PHASE_ERROR,
             ));
         }
-        buf[offset as usize..(offset + len) as usize].copy_from_slice(&d.data);
+        buf.put(offset as usize, &d.data);
         got += len;
         if ttt == NO_TAG {
             unsol_next += len;
@@ -660,7 +663,41 @@ async fn gather<C: Catalog>(
             }
         }
     }
-    Ok(Some(buf.freeze()))
+    Ok(Some(buf.finish()))
+}
+
+/// A write's data as its segments arrive. They normally come in offset
+/// order and are appended, so the buffer is never zeroed first (zeroing
+/// and copying were a quarter of the target's CPU at 1 MiB iSCSI writes).
+/// A segment out of order (several R2Ts outstanding) turns it into a
+/// zero-filled buffer of the whole length, written in place from then on.
+/// [`gather`] checks that segments neither overlap nor leave gaps.
+struct Assembly {
+    buf: BytesMut,
+    len: usize,
+}
+
+impl Assembly {
+    fn new(len: usize, first: &[u8]) -> Assembly {
+        let mut buf = BytesMut::with_capacity(len);
+        buf.extend_from_slice(first);
+        Assembly { buf, len }
+    }
+
+    fn put(&mut self, offset: usize, data: &[u8]) {
+        if offset == self.buf.len() {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.buf.resize(self.len, 0);
+            self.buf[offset..offset + data.len()].copy_from_slice(data);
+        }
+    }
+
+    /// The data; whole once every byte has arrived.
+    fn finish(mut self) -> Bytes {
+        self.buf.resize(self.len, 0);
+        self.buf.freeze()
+    }
 }
 
 async fn run_command<C: Catalog>(
@@ -1168,5 +1205,50 @@ impl<C: Catalog> Stamp<C> {
         self.shared
             .upgrade()
             .is_some_and(|s| s.numbers.outstanding.load(Ordering::Acquire) > 0)
+    }
+}
+
+#[cfg(test)]
+mod assembly_tests {
+    use super::Assembly;
+
+    /// Segments of 1..=7 bytes covering `len` bytes, each byte its offset.
+    fn segments(len: usize) -> Vec<(usize, Vec<u8>)> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        while at < len {
+            let n = (at % 7 + 1).min(len - at);
+            out.push((at, (at..at + n).map(|b| b as u8).collect()));
+            at += n;
+        }
+        out
+    }
+
+    #[test]
+    fn segments_in_order_and_out_of_order_give_the_same_data() {
+        let len = 200;
+        let want: Vec<u8> = (0..len).map(|b| b as u8).collect();
+        let segs = segments(len);
+        // In order, the first segment as immediate data.
+        let mut a = Assembly::new(len, &segs[0].1);
+        for (offset, data) in &segs[1..] {
+            a.put(*offset, data);
+        }
+        assert_eq!(&a.finish()[..], &want[..]);
+        // Out of order: every rotation of the order after the first.
+        for r in 1..segs.len() {
+            let mut a = Assembly::new(len, &segs[0].1);
+            let mut rest = segs[1..].to_vec();
+            rest.rotate_left(r - 1);
+            for (offset, data) in &rest {
+                a.put(*offset, data);
+            }
+            assert_eq!(&a.finish()[..], &want[..], "rotation {r}");
+        }
+        // Nothing immediate, last segment first.
+        let mut a = Assembly::new(len, &[]);
+        for (offset, data) in segs.iter().rev() {
+            a.put(*offset, data);
+        }
+        assert_eq!(&a.finish()[..], &want[..]);
     }
 }
