@@ -25,7 +25,7 @@ use cairn_proto::chunk::{
 };
 use cairn_proto::frame::{FRAME_DATA_BYTES_MAX, FRAME_HEADER_BYTES_MAX};
 use prost::Message;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -33,7 +33,8 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use cairn_proto::frame_io::{
-    read_header, read_prefix, read_to_len, write_frame, ReadFrameError, SOCKET_BUFFER_BYTES,
+    read_header, read_prefix, read_to_len, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
+    SOCKET_BUFFER_BYTES,
 };
 
 /// Requests one client connection has on the wire at once; more calls wait.
@@ -505,19 +506,23 @@ async fn write_frames(
     mut frames: mpsc::Receiver<OutFrame>,
     calls: Arc<Calls>,
 ) {
-    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+    let mut writer = write_half;
+    // A write's data goes to the kernel from the caller's buffer, by
+    // reference, not copied into a write buffer.
+    let mut out = Outbox::new();
     let written: io::Result<()> = async {
         while let Some(frame) = frames.recv().await {
-            write_frame(&mut writer, &frame.header, &frame.data).await?;
+            out.put_frame(&frame.header, frame.data);
             // Requests queued together leave together; callers about to
             // queue more get one turn first (fewer, larger sends).
             if frames.is_empty() {
                 tokio::task::yield_now().await;
-                if frames.is_empty() {
-                    writer.flush().await?;
-                }
+            }
+            if frames.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
+                out.write_to(&mut writer).await?;
             }
         }
+        out.write_to(&mut writer).await?;
         writer.shutdown().await
     }
     .await;

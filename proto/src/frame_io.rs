@@ -3,11 +3,13 @@
 //!
 //! Only the prefix and the header pass through here; data bytes are read by
 //! the caller straight into the buffer that will own them (on the chunk
-//! server, an aligned buffer the store hands to the kernel without a copy).
+//! server, an aligned buffer the store hands to the kernel without a copy),
+//! and leave through an [`Outbox`], which hands them to the kernel by
+//! reference.
 
-use std::io;
+use std::io::{self, IoSlice};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::{FrameError, FramePrefix, FRAME_HEADER_BYTES_MAX, FRAME_PREFIX_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -135,4 +137,290 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         writer.write_all(data).await?;
     }
     Ok(())
+}
+
+/// Data of at least this many bytes is written from its own buffer
+/// (`writev`); shorter data is copied in with the headers around it. For
+/// 4 KiB replies the copy costs next to nothing (the kernel copies the
+/// bytes either way; A/B runs of 4 KiB reads showed no gain from passing
+/// them by reference), while at 1 MiB the copy was 12% of the iSCSI
+/// writer's CPU.
+pub const OUTBOX_COPY_MAX: usize = 16 << 10;
+
+/// Writers send what they have queued once it reaches this many bytes,
+/// without waiting for the queue to run dry.
+pub const OUTBOX_BATCH_BYTES: usize = 64 << 10;
+
+/// I/O vector entries per `writev`; Linux takes up to 1024.
+const OUTBOX_IOV: usize = 64;
+
+/// Bytes queued for a socket, written in as few `writev` calls as the
+/// socket takes. Prefixes, headers and short data are copied together into
+/// one buffer; longer data is kept by reference (`Bytes`), so a large read's
+/// data is not copied in user space on its way out. (The iSCSI writer
+/// copied every Data-In segment into its buffer; `BufWriter` skipped the
+/// copy for large data but then sent the header before it in a send of its
+/// own.) Used by the chunk RPC's two writers and by `cairn-target`'s NBD and
+/// iSCSI writers.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Pieces in order, each sealed.
+    sealed: Vec<Bytes>,
+    /// Short pieces after the last sealed one, copied together.
+    open: BytesMut,
+    /// Bytes queued in all.
+    len: usize,
+}
+
+impl Outbox {
+    pub fn new() -> Outbox {
+        Outbox::default()
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues a copy of `b`.
+    pub fn put_slice(&mut self, b: &[u8]) {
+        self.open.extend_from_slice(b);
+        self.len += b.len();
+    }
+
+    /// Queues `data`: by reference if it is long, else as a copy.
+    pub fn put_data(&mut self, data: Bytes) {
+        if data.len() < OUTBOX_COPY_MAX {
+            self.put_slice(&data);
+            return;
+        }
+        self.seal();
+        self.len += data.len();
+        self.sealed.push(data);
+    }
+
+    /// Queues one whole frame: prefix, header, data.
+    pub fn put_frame(&mut self, header: &[u8], data: Bytes) {
+        // Callers encode headers from messages they built; an empty or
+        // oversized header would be a bug here, and the peer would drop the
+        // connection.
+        assert!(
+            !header.is_empty() && header.len() <= FRAME_HEADER_BYTES_MAX as usize,
+            "header of {} bytes",
+            header.len()
+        );
+        let data_bytes = u32::try_from(data.len()).expect("frame data length checked by caller");
+        let prefix = FramePrefix {
+            header_bytes: header.len() as u32,
+            data_bytes,
+        };
+        self.put_slice(&prefix.encode());
+        self.put_slice(header);
+        self.put_data(data);
+    }
+
+    fn seal(&mut self) {
+        if !self.open.is_empty() {
+            self.sealed.push(self.open.split().freeze());
+        }
+    }
+
+    /// Writes everything queued, then flushes `w`; the outbox is empty
+    /// afterwards. Not cancel-safe: dropped midway, what was written is
+    /// forgotten.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> io::Result<()> {
+        self.seal();
+        // The first piece not wholly written, and how much of it was.
+        let (mut first, mut done) = (0usize, 0usize);
+        while first < self.sealed.len() {
+            let mut iov = [IoSlice::new(&[]); OUTBOX_IOV];
+            let pieces = self.sealed[first..].iter().take(OUTBOX_IOV);
+            let mut n_iov = 0;
+            for (slot, piece) in iov.iter_mut().zip(pieces) {
+                let from = if n_iov == 0 { done } else { 0 };
+                *slot = IoSlice::new(&piece[from..]);
+                n_iov += 1;
+            }
+            let mut written = w.write_vectored(&iov[..n_iov]).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let rest = self.sealed[first].len() - done;
+                if written >= rest {
+                    written -= rest;
+                    first += 1;
+                    done = 0;
+                } else {
+                    done += written;
+                    written = 0;
+                }
+            }
+        }
+        self.sealed.clear();
+        self.len = 0;
+        w.flush().await
+    }
+}
+
+#[cfg(test)]
+mod outbox_tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Takes at most `step` bytes a call; vectored or not.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+        vectored: bool,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            self.calls += 1;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            if !self.vectored {
+                let first = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &b[..]);
+                let n = first.len().min(self.step);
+                self.got.extend_from_slice(&first[..n]);
+                self.calls += 1;
+                return Poll::Ready(Ok(n));
+            }
+            let mut left = self.step;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.got.extend_from_slice(&b[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            self.calls += 1;
+            Poll::Ready(Ok(self.step - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_byte_leaves_in_order_whatever_the_socket_takes() {
+        // Frames with no data, short data (copied) and long data (by
+        // reference), more pieces than one writev takes.
+        let mut want = Vec::new();
+        let mut out = Outbox::new();
+        for i in 0..100usize {
+            let header = vec![i as u8; 1 + i % 9];
+            let n = if i % 2 == 0 {
+                OUTBOX_COPY_MAX + i
+            } else {
+                (i * 97) % 5000
+            };
+            let data: Vec<u8> = (0..n).map(|b| (b + i) as u8).collect();
+            let mut frame = BytesMut::new();
+            write_frame(&mut frame_writer(&mut frame), &header, &data)
+                .await
+                .unwrap();
+            want.extend_from_slice(&frame);
+            out.put_frame(&header, Bytes::from(data));
+        }
+        assert_eq!(out.len(), want.len());
+        for (step, vectored) in [
+            (1, true),
+            (7, true),
+            (4096, true),
+            (1 << 20, true),
+            (1000, false),
+        ] {
+            let mut copy = Outbox::new();
+            copy.put_slice(&want[..10]);
+            copy.put_data(Bytes::copy_from_slice(&want[10..4000]));
+            copy.put_data(Bytes::copy_from_slice(&want[4000..]));
+            let mut w = Trickle {
+                got: Vec::new(),
+                step,
+                vectored,
+                calls: 0,
+            };
+            copy.write_to(&mut w).await.unwrap();
+            assert!(w.got == want[..], "step {step}, vectored {vectored}");
+            assert!(copy.is_empty());
+        }
+        let mut w = Trickle {
+            got: Vec::new(),
+            step: 1 << 20,
+            vectored: true,
+            calls: 0,
+        };
+        out.write_to(&mut w).await.unwrap();
+        assert!(w.got == want, "frames");
+        // The 50 long data went by reference, each a piece of its own after
+        // a piece of copied bytes, plus the copied tail: 101 pieces, two
+        // writev calls of at most 64.
+        assert_eq!(w.calls, 2);
+        // Reused after writing.
+        out.put_slice(b"again");
+        let mut w = Trickle {
+            got: Vec::new(),
+            step: 2,
+            vectored: true,
+            calls: 0,
+        };
+        out.write_to(&mut w).await.unwrap();
+        assert_eq!(w.got, b"again");
+    }
+
+    /// A `BytesMut` as a writer, for the reference encoding.
+    fn frame_writer(buf: &mut BytesMut) -> impl AsyncWrite + Unpin + '_ {
+        struct W<'a>(&'a mut BytesMut);
+        impl AsyncWrite for W<'_> {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                b: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.get_mut().0.extend_from_slice(b);
+                Poll::Ready(Ok(b.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        W(buf)
+    }
 }

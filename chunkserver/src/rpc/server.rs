@@ -31,7 +31,7 @@ use cairn_proto::chunk::{ChunkRequest, ChunkResponse, ExtentInfo, NodeStat, Stat
 use cairn_proto::frame::FRAME_DATA_BYTES_MAX;
 use cairn_proto::group::{decode_peer, decode_request, encode_refusal, GroupRefusal, GroupRequest};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -39,7 +39,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::frame_io::{
-    read_header, read_part, read_prefix, write_frame, ReadFrameError, SOCKET_BUFFER_BYTES,
+    read_header, read_part, read_prefix, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
+    SOCKET_BUFFER_BYTES,
 };
 use super::request::{parse, Rejection, Request};
 use crate::replica::Replication;
@@ -520,30 +521,29 @@ fn failure_header(request_id: u64, status: Status, message: &str) -> ChunkRespon
 
 /// Writes replies until every sender is gone, then closes the write side.
 async fn write_replies(
-    write_half: OwnedWriteHalf,
+    mut write_half: OwnedWriteHalf,
     mut replies: mpsc::Receiver<Reply>,
 ) -> io::Result<()> {
-    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+    // A read's data goes to the kernel from the buffer the store read it
+    // into, by reference (`Outbox`), not copied into a write buffer.
+    let mut out = Outbox::new();
     while let Some(reply) = replies.recv().await {
         let header = reply.header.encode_to_vec();
-        write_frame(
-            &mut writer,
-            &header,
-            reply.data.as_deref().unwrap_or_default(),
-        )
-        .await?;
+        // The request's slot is given back now; its data stays referenced
+        // until written, at most a batch more than the slots account for.
+        out.put_frame(&header, reply.data.unwrap_or_default());
         // Replies that completed together leave together. Before sending,
         // let tasks about to queue more replies run once: one send for
         // several replies costs the kernel far less than one send each.
         if replies.is_empty() {
             tokio::task::yield_now().await;
-            if replies.is_empty() {
-                writer.flush().await?;
-            }
+        }
+        if replies.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
+            out.write_to(&mut write_half).await?;
         }
     }
-    writer.flush().await?;
-    writer.shutdown().await
+    out.write_to(&mut write_half).await?;
+    write_half.shutdown().await
 }
 
 /// A successful request's reply content.

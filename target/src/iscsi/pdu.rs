@@ -4,7 +4,8 @@
 //! [`read_pdu`] and [`encode`] are what the connection uses, and what the
 //! fuzzer drives.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use cairn_proto::frame_io::Outbox;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub const BHS_LEN: usize = 48;
@@ -182,8 +183,9 @@ pub fn crc32c(parts: &[&[u8]]) -> u32 {
     c
 }
 
-fn put_digest(out: &mut BytesMut, crc: u32) {
-    out.put_u32_le(crc);
+/// A digest as it goes on the wire (the byte order [`get_digest`] reads).
+fn digest_bytes(crc: u32) -> [u8; 4] {
+    crc.to_le_bytes()
 }
 
 fn get_digest(b: [u8; 4]) -> u32 {
@@ -291,26 +293,61 @@ fn decode(buf: Bytes, digests: Digests) -> Result<Option<(Pdu, usize)>, PduError
     Ok(Some((pdu, at)))
 }
 
+/// Where an encoded PDU goes: one contiguous buffer, or an [`Outbox`] that
+/// keeps a long data segment by reference.
+trait Sink {
+    fn put(&mut self, b: &[u8]);
+    fn put_data(&mut self, data: &Bytes);
+}
+
+impl Sink for BytesMut {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+    fn put_data(&mut self, data: &Bytes) {
+        self.extend_from_slice(data);
+    }
+}
+
+impl Sink for Outbox {
+    fn put(&mut self, b: &[u8]) {
+        self.put_slice(b);
+    }
+    fn put_data(&mut self, data: &Bytes) {
+        Outbox::put_data(self, data.clone());
+    }
+}
+
 /// Appends `pdu` to `out` as it goes on the wire: the header with its data
 /// segment length filled in, digests where negotiated, padding.
 pub fn encode(pdu: &Pdu, digests: Digests, out: &mut BytesMut) {
+    out.reserve(BHS_LEN + pdu.ahs.len() + 8 + pdu.data.len() + 4);
+    encode_to(pdu, digests, out);
+}
+
+/// As [`encode`], into an [`Outbox`]: a long data segment (a read's data)
+/// is queued by reference, not copied.
+pub fn encode_out(pdu: &Pdu, digests: Digests, out: &mut Outbox) {
+    encode_to(pdu, digests, out);
+}
+
+fn encode_to<S: Sink>(pdu: &Pdu, digests: Digests, out: &mut S) {
     let mut bhs = pdu.bhs;
     debug_assert!(pdu.ahs.len().is_multiple_of(4) && pdu.ahs.len() / 4 <= 255);
     bhs[4] = (pdu.ahs.len() / 4) as u8;
     let len = pdu.data.len() as u32;
     bhs[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
-    out.reserve(BHS_LEN + pdu.ahs.len() + 8 + pdu.data.len() + 4);
-    out.put_slice(&bhs);
-    out.put_slice(&pdu.ahs);
+    out.put(&bhs);
+    out.put(&pdu.ahs);
     if digests.header {
-        put_digest(out, crc32c(&[&bhs, &pdu.ahs]));
+        out.put(&digest_bytes(crc32c(&[&bhs, &pdu.ahs])));
     }
     if !pdu.data.is_empty() {
         let pad = padding(pdu.data.len());
-        out.put_slice(&pdu.data);
-        out.put_bytes(0, pad);
+        out.put_data(&pdu.data);
+        out.put(&[0u8; 3][..pad]);
         if digests.data {
-            put_digest(out, crc32c(&[&pdu.data, &[0u8; 3][..pad]]));
+            out.put(&digest_bytes(crc32c(&[&pdu.data, &[0u8; 3][..pad]])));
         }
     }
 }
@@ -357,11 +394,11 @@ mod tests {
     fn crc32c_matches_rfc_examples() {
         // RFC 7143 B.4: 32 bytes of zeros give aa 36 91 8a on the wire.
         let mut out = BytesMut::new();
-        put_digest(&mut out, crc32c(&[&[0u8; 32]]));
+        out.extend_from_slice(&digest_bytes(crc32c(&[&[0u8; 32]])));
         assert_eq!(&out[..], &[0xaa, 0x36, 0x91, 0x8a]);
         // 32 bytes of 0xff give 43 ab a8 62.
         let mut out = BytesMut::new();
-        put_digest(&mut out, crc32c(&[&[0xffu8; 32]]));
+        out.extend_from_slice(&digest_bytes(crc32c(&[&[0xffu8; 32]])));
         assert_eq!(&out[..], &[0x43, 0xab, 0xa8, 0x62]);
     }
 

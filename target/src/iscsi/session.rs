@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use cairn_proto::frame_io::Outbox;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -1136,7 +1137,9 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     stat_sn: u32,
     shared: Arc<Shared<C>>,
 ) {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    // A read's Data-In goes to the kernel by reference, not copied into a
+    // write buffer (the copy was 12% of the target's CPU at 1 MiB reads).
+    let mut buf = Outbox::new();
     let mut stamp = Stamp {
         stat_sn,
         digests,
@@ -1156,10 +1159,9 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
             tokio::task::yield_now().await;
             stamp.encode_queued(&mut rx, &mut buf);
         }
-        if w.write_all(&buf).await.is_err() {
+        if buf.write_to(&mut w).await.is_err() {
             return;
         }
-        buf.clear();
     }
     let _ = w.flush().await;
     let _ = w.shutdown().await;
@@ -1175,7 +1177,7 @@ struct Stamp<C: Catalog> {
 
 impl<C: Catalog> Stamp<C> {
     /// Stamps `o`'s numbers and encodes it at the end of `buf`.
-    fn encode(&mut self, mut o: Out, buf: &mut BytesMut) {
+    fn encode(&mut self, mut o: Out, buf: &mut Outbox) {
         if o.stat != Stat::None {
             o.pdu.set_u32(24, self.stat_sn);
         }
@@ -1187,11 +1189,11 @@ impl<C: Catalog> Stamp<C> {
                 .set_u32(28, s.numbers.exp_cmd_sn.load(Ordering::Acquire))
                 .set_u32(32, s.numbers.max_cmd_sn());
         }
-        encode(&o.pdu, self.digests, buf);
+        encode_out(&o.pdu, self.digests, buf);
     }
 
     /// Encodes what is queued, until `buf` holds [`WRITE_BATCH_BYTES`].
-    fn encode_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Out>, buf: &mut BytesMut) {
+    fn encode_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Out>, buf: &mut Outbox) {
         while buf.len() < WRITE_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(o) => self.encode(o, buf),

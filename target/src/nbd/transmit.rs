@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use cairn_proto::frame_io::{Outbox, OUTBOX_BATCH_BYTES};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
@@ -116,7 +117,7 @@ where
     let writer_dead = Arc::new(Notify::new());
     let writer_task = tokio::spawn(
         write_replies(
-            BufWriter::with_capacity(64 << 10, writer),
+            writer,
             rx,
             slots.clone(),
             limits.requests_max.max(1),
@@ -256,19 +257,23 @@ async fn acquire(slots: &Arc<Semaphore>, bytes: &Arc<Semaphore>, len: u32) -> Pe
 
 /// Writes replies as they come; `slots` (of `slots_max`) are the
 /// connection's request slots, to tell whether other requests are running.
+/// A read's data goes to the kernel by reference (`Outbox`), not copied into
+/// a write buffer.
 async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
+    mut w: W,
     mut rx: mpsc::Receiver<Out>,
     slots: Arc<Semaphore>,
     slots_max: usize,
     dead: Arc<Notify>,
 ) {
+    let mut outbox = Outbox::new();
     let result: std::io::Result<()> = async {
         while let Some(out) = rx.recv().await {
-            put(&mut w, out).await?;
-            // Batch whatever else is ready into the same flush.
-            while let Ok(out) = rx.try_recv() {
-                put(&mut w, out).await?;
+            put(&mut outbox, out);
+            // Batch whatever else is ready into the same send.
+            while outbox.len() < OUTBOX_BATCH_BYTES {
+                let Ok(out) = rx.try_recv() else { break };
+                put(&mut outbox, out);
             }
             // While other requests run, let the tasks about to queue their
             // replies run once first: replies that complete together then
@@ -277,13 +282,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             // spent 41% of its CPU in send. With nothing else in flight (a
             // permit is given back once its reply is put) there is nothing
             // to wait for, and a yield would only delay a QD1 reply.
-            if slots.available_permits() < slots_max {
+            if outbox.len() < OUTBOX_BATCH_BYTES && slots.available_permits() < slots_max {
                 tokio::task::yield_now().await;
-                while let Ok(out) = rx.try_recv() {
-                    put(&mut w, out).await?;
+                while outbox.len() < OUTBOX_BATCH_BYTES {
+                    let Ok(out) = rx.try_recv() else { break };
+                    put(&mut outbox, out);
                 }
             }
-            w.flush().await?;
+            outbox.write_to(&mut w).await?;
         }
         Ok(())
     }
@@ -294,12 +300,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn put<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, out: Out) -> std::io::Result<()> {
-    w.write_all(&out.head).await?;
-    if let Some(d) = &out.data {
-        w.write_all(d).await?;
+/// Queues a reply. Its permit is given back here; its data stays
+/// referenced until written, at most a batch beyond what the permits count.
+fn put(outbox: &mut Outbox, out: Out) {
+    outbox.put_slice(&out.head);
+    if let Some(d) = out.data {
+        outbox.put_data(d);
     }
-    Ok(())
 }
 
 impl<B: Backend> Conn<B> {
