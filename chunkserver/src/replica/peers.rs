@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn_group::NodeId;
 use cairn_proto::chunk::{ChunkRequest, Op};
-use cairn_proto::frame_io::{write_frame, SOCKET_BUFFER_BYTES};
+use cairn_proto::frame_io::{Outbox, OUTBOX_BATCH_BYTES};
 use cairn_proto::group::PeerHeader;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -119,7 +119,9 @@ async fn run_link(
         }
         let _ = stream.set_nodelay(true);
         let (mut read_half, write_half) = stream.into_split();
-        let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+        let mut writer = write_half;
+        // A forwarded write's data goes out by reference (`Outbox`).
+        let mut out = Outbox::new();
         let mut next = Some(first);
         let mut sink = [0u8; 4096];
         let ended: Result<(), String> = async {
@@ -147,11 +149,9 @@ async fn run_link(
                     peer: Some(header),
                     ..Default::default()
                 };
-                write_frame(&mut writer, &frame.encode_to_vec(), &data)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if rx.is_empty() {
-                    writer.flush().await.map_err(|e| e.to_string())?;
+                out.put_frame(&frame.encode_to_vec(), data);
+                if rx.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
+                    out.write_to(&mut writer).await.map_err(|e| e.to_string())?;
                 }
             }
         }
