@@ -112,13 +112,8 @@ pub async fn read_header<R: AsyncRead + Unpin>(
     Ok(header)
 }
 
-/// Writes one whole frame. The caller flushes (so that replies queued
-/// together leave in one segment).
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    header: &[u8],
-    data: &[u8],
-) -> io::Result<()> {
+/// The prefix of a frame with `header` and `data_len` data bytes.
+fn frame_prefix(header: &[u8], data_len: usize) -> [u8; FRAME_PREFIX_BYTES] {
     // Callers encode headers from messages they built; an empty or oversized
     // header would be a bug here, and the peer would drop the connection.
     assert!(
@@ -126,12 +121,22 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         "header of {} bytes",
         header.len()
     );
-    let data_bytes = u32::try_from(data.len()).expect("frame data length checked by caller");
-    let prefix = FramePrefix {
+    let data_bytes = u32::try_from(data_len).expect("frame data length checked by caller");
+    FramePrefix {
         header_bytes: header.len() as u32,
         data_bytes,
-    };
-    writer.write_all(&prefix.encode()).await?;
+    }
+    .encode()
+}
+
+/// Writes one whole frame. The caller flushes (so that replies queued
+/// together leave in one segment).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    header: &[u8],
+    data: &[u8],
+) -> io::Result<()> {
+    writer.write_all(&frame_prefix(header, data.len())).await?;
     writer.write_all(header).await?;
     if !data.is_empty() {
         writer.write_all(data).await?;
@@ -205,20 +210,7 @@ impl Outbox {
 
     /// Queues one whole frame: prefix, header, data.
     pub fn put_frame(&mut self, header: &[u8], data: Bytes) {
-        // Callers encode headers from messages they built; an empty or
-        // oversized header would be a bug here, and the peer would drop the
-        // connection.
-        assert!(
-            !header.is_empty() && header.len() <= FRAME_HEADER_BYTES_MAX as usize,
-            "header of {} bytes",
-            header.len()
-        );
-        let data_bytes = u32::try_from(data.len()).expect("frame data length checked by caller");
-        let prefix = FramePrefix {
-            header_bytes: header.len() as u32,
-            data_bytes,
-        };
-        self.put_slice(&prefix.encode());
+        self.put_slice(&frame_prefix(header, data.len()));
         self.put_slice(header);
         self.put_data(data);
     }
