@@ -507,8 +507,8 @@ async fn write_frames(
     calls: Arc<Calls>,
 ) {
     let mut writer = write_half;
-    // A write's data goes to the kernel from the caller's buffer, by
-    // reference, not copied into a write buffer.
+    // A large write's data goes to the kernel from the caller's buffer, by
+    // reference (`Outbox`), not copied into a write buffer.
     let mut out = Outbox::new();
     let written: io::Result<()> = async {
         while let Some(frame) = frames.recv().await {

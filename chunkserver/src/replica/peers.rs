@@ -120,7 +120,7 @@ async fn run_link(
         let _ = stream.set_nodelay(true);
         let (mut read_half, write_half) = stream.into_split();
         let mut writer = write_half;
-        // A forwarded write's data goes out by reference (`Outbox`).
+        // A large forwarded write's data goes out by reference (`Outbox`).
         let mut out = Outbox::new();
         let mut next = Some(first);
         let mut sink = [0u8; 4096];

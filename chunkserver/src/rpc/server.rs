@@ -524,8 +524,8 @@ async fn write_replies(
     mut write_half: OwnedWriteHalf,
     mut replies: mpsc::Receiver<Reply>,
 ) -> io::Result<()> {
-    // A read's data goes to the kernel from the buffer the store read it
-    // into, by reference (`Outbox`), not copied into a write buffer.
+    // A large read's data goes to the kernel from the buffer the store read
+    // it into, by reference (`Outbox`), not copied into a write buffer.
     let mut out = Outbox::new();
     while let Some(reply) = replies.recv().await {
         let header = reply.header.encode_to_vec();

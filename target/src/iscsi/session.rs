@@ -1137,8 +1137,9 @@ async fn writer<W: AsyncWrite + Unpin, C: Catalog>(
     stat_sn: u32,
     shared: Arc<Shared<C>>,
 ) {
-    // A read's Data-In goes to the kernel by reference, not copied into a
-    // write buffer (the copy was 12% of the target's CPU at 1 MiB reads).
+    // A large read's Data-In goes to the kernel by reference (`Outbox`), not
+    // copied into a write buffer (the copy was 12% of the target's CPU at
+    // 1 MiB reads).
     let mut buf = Outbox::new();
     let mut stamp = Stamp {
         stat_sn,

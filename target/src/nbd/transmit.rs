@@ -222,8 +222,6 @@ async fn read_header<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-/// Reads exactly `len` bytes into `buf`'s spare capacity (no zero-filling
-/// first: every byte of a write's payload is about to be overwritten).
 async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
     if copied < n {
@@ -257,8 +255,8 @@ async fn acquire(slots: &Arc<Semaphore>, bytes: &Arc<Semaphore>, len: u32) -> Pe
 
 /// Writes replies as they come; `slots` (of `slots_max`) are the
 /// connection's request slots, to tell whether other requests are running.
-/// A read's data goes to the kernel by reference (`Outbox`), not copied into
-/// a write buffer.
+/// A large read's data goes to the kernel by reference (`Outbox`), not
+/// copied into a write buffer.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Out>,
