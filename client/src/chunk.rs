@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cairn_proto::chunk::{
     ChunkRequest, ChunkResponse, ExtentInfo, ExtentKey, NodeStat, Op, Status,
 };
@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use cairn_proto::frame_io::{
-    read_header, read_prefix, read_to_len, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
+    read_header, read_part_bytes, read_prefix, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
     SOCKET_BUFFER_BYTES,
 };
 
@@ -559,28 +559,10 @@ async fn read_reply(
 ) -> Result<(ChunkResponse, Bytes), ReadFrameError> {
     let prefix = read_prefix(reader, FRAME_DATA_BYTES_MAX).await?;
     let header = read_header(reader, &prefix).await?;
-    let data = read_data(reader, prefix.data_bytes as usize).await?;
+    let data = read_part_bytes(reader, prefix.data_bytes as usize, "frame data").await?;
     let response = ChunkResponse::decode(header.as_slice()).map_err(|e| ReadFrameError::Io {
         part: "reply header",
         source: io::Error::new(io::ErrorKind::InvalidData, e),
     })?;
     Ok((response, data))
-}
-
-/// Reads a reply's `len` data bytes, not zeroed first.
-async fn read_data(
-    reader: &mut BufReader<OwnedReadHalf>,
-    len: usize,
-) -> Result<Bytes, ReadFrameError> {
-    let mut data = BytesMut::new();
-    match read_to_len(reader, &mut data, len).await {
-        Ok(()) => Ok(data.freeze()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err(ReadFrameError::Truncated { part: "frame data" })
-        }
-        Err(e) => Err(ReadFrameError::Io {
-            part: "frame data",
-            source: e,
-        }),
-    }
 }

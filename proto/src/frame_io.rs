@@ -48,12 +48,32 @@ pub async fn read_part<R: AsyncRead + Unpin>(
     buf: &mut [u8],
     part: &'static str,
 ) -> Result<(), ReadFrameError> {
-    match reader.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err(ReadFrameError::Truncated { part })
-        }
-        Err(e) => Err(ReadFrameError::Io { part, source: e }),
+    reader
+        .read_exact(buf)
+        .await
+        .map(|_| ())
+        .map_err(|e| part_error(part, e))
+}
+
+/// As [`read_part`], `len` bytes into a new buffer that is not zeroed first
+/// (see [`read_to_len`]).
+pub async fn read_part_bytes<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+    part: &'static str,
+) -> Result<Bytes, ReadFrameError> {
+    let mut buf = BytesMut::new();
+    read_to_len(reader, &mut buf, len)
+        .await
+        .map_err(|e| part_error(part, e))?;
+    Ok(buf.freeze())
+}
+
+fn part_error(part: &'static str, e: io::Error) -> ReadFrameError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ReadFrameError::Truncated { part }
+    } else {
+        ReadFrameError::Io { part, source: e }
     }
 }
 

@@ -269,10 +269,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         while let Some(out) = rx.recv().await {
             put(&mut outbox, out);
             // Batch whatever else is ready into the same send.
-            while outbox.len() < OUTBOX_BATCH_BYTES {
-                let Ok(out) = rx.try_recv() else { break };
-                put(&mut outbox, out);
-            }
+            put_ready(&mut outbox, &mut rx);
             // While other requests run, let the tasks about to queue their
             // replies run once first: replies that complete together then
             // leave in one send. Without it, most 4 KiB read replies went
@@ -282,10 +279,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             // to wait for, and a yield would only delay a QD1 reply.
             if outbox.len() < OUTBOX_BATCH_BYTES && slots.available_permits() < slots_max {
                 tokio::task::yield_now().await;
-                while outbox.len() < OUTBOX_BATCH_BYTES {
-                    let Ok(out) = rx.try_recv() else { break };
-                    put(&mut outbox, out);
-                }
+                put_ready(&mut outbox, &mut rx);
             }
             outbox.write_to(&mut w).await?;
         }
@@ -295,6 +289,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     if let Err(e) = result {
         info!("cannot send replies, closing the connection: {e}");
         dead.notify_one();
+    }
+}
+
+/// Queues the replies that are ready, up to a batch.
+fn put_ready(outbox: &mut Outbox, rx: &mut mpsc::Receiver<Out>) {
+    while outbox.len() < OUTBOX_BATCH_BYTES {
+        let Ok(out) = rx.try_recv() else { break };
+        put(outbox, out);
     }
 }
 
