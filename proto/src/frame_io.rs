@@ -14,11 +14,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::frame::{FrameError, FramePrefix, FRAME_HEADER_BYTES_MAX, FRAME_PREFIX_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Socket buffer on each side of a connection. Small frames (a 4 KiB write
-/// with its prefix and header) then cost one `read(2)` instead of three;
-/// payloads larger than this bypass the buffer and go straight to their
-/// destination (tokio's `BufReader`/`BufWriter` skip their buffer when it is
-/// empty and the transfer is at least its size).
+/// Read buffer of the chunk RPC's readers. Small frames (a 4 KiB write with
+/// its prefix and header) then cost one `read(2)` instead of three; payloads
+/// larger than this bypass the buffer and go straight to their destination
+/// (tokio's `BufReader` skips its buffer when it is empty and the transfer is
+/// at least its size). Writers queue in an [`Outbox`] instead.
 pub const SOCKET_BUFFER_BYTES: usize = 16 << 10;
 
 /// Why a frame could not be read.
