@@ -42,7 +42,11 @@ fn run() -> Result<(), Fatal> {
     let config = Config::from_args().map_err(|e| config_error(e.to_string()))?;
     cairn_daemon::init_tracing(&config.log_level, config.log_format)?;
     keep_payload_buffers();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder
         .thread_name("cairn-target")
         .enable_all()
         .build()

@@ -253,9 +253,11 @@ async fn nbdcopy_with_multi_conn_copies_in_and_out() {
     );
 }
 
+/// Also the test of `--worker-threads`: this target serves the four jobs
+/// on one runtime thread (every other test uses one per CPU).
 #[tokio::test(flavor = "multi_thread")]
 async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
-    let (_cluster, target) = setup("vol", 64 * MIB, &[]).await;
+    let (_cluster, target) = setup("vol", 64 * MIB, &["--worker-threads", "1"]).await;
     let uri = target.uri("vol");
     let out = run_tool(
         "fio",
@@ -292,6 +294,19 @@ async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
     assert!(
         job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
         "{job:#}"
+    );
+    // The main thread (which only waits for the runtime) and one worker;
+    // tokio's blocking pool, which the target does not use, would add more.
+    let pid = target.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let threads: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a Threads line");
+    assert_eq!(
+        threads, 2,
+        "--worker-threads 1: {threads} threads\n{status}"
     );
 }
 
