@@ -295,7 +295,7 @@ async fn fio_nbd_engine_verifies_crc32c_from_several_jobs() {
         job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
         "{job:#}"
     );
-    // The main thread (which only waits for the runtime) and one worker;
+    // The main thread (in block_on, awaiting the spawned servers) and one worker;
     // tokio's blocking pool, which the target does not use, would add more.
     let pid = target.pid().expect("running");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
