@@ -446,7 +446,12 @@ enum Applied {
 #[derive(Debug)]
 struct Session {
     interval: Epoch,
-    synced: bool,
+    /// The incarnation of this node (its `up_since`) that the primary's
+    /// SyncDone covered. Only then do forwards raise the committed
+    /// watermark: a node that went down and came back in the same interval
+    /// missed the writes of its absence, and must not call them committed
+    /// before its new sync has pushed them.
+    synced_as: Option<Epoch>,
     /// Forwarded writes seen, and whether they are applied.
     applied: BTreeMap<Seq, bool>,
     /// Every forwarded write at or below it is applied (or was never sent
@@ -2058,7 +2063,7 @@ impl Node {
             let g = self.groups.get_mut(&key).expect("exists");
             g.session = Some(Session {
                 interval,
-                synced: false,
+                synced_as: None,
                 applied: BTreeMap::new(),
                 floor: Seq::default(),
                 pushes: BTreeMap::new(),
@@ -2107,12 +2112,12 @@ impl Node {
                 self.send(from, key, interval, PeerMsg::SyncReport(r));
             }
             PeerMsg::Forward {
+                to_up_since,
                 seq,
                 committed,
                 ext,
                 op,
                 fua,
-                ..
             } => {
                 let lock = self.id_next();
                 let g = self.groups.get_mut(&key).expect("admitted");
@@ -2127,7 +2132,7 @@ impl Node {
                     let floor = s.floor;
                     s.applied.retain(|k, _| *k > floor);
                 }
-                if s.synced {
+                if s.synced_as == Some(to_up_since) {
                     self.raise_committed(key, committed);
                 }
                 let g = self.groups.get_mut(&key).expect("admitted");
@@ -2196,12 +2201,15 @@ impl Node {
                     Waiting::Replica { from: origin, work },
                 );
             }
-            PeerMsg::SyncDone { committed, .. } => {
+            PeerMsg::SyncDone {
+                to_up_since,
+                committed,
+            } => {
                 let g = self.groups.get_mut(&key).expect("admitted");
                 let Some(s) = g.session.as_mut() else {
                     return;
                 };
-                s.synced = true;
+                s.synced_as = Some(to_up_since);
                 self.raise_committed(key, committed);
             }
             PeerMsg::Flush { flush_id, .. } => {

@@ -105,6 +105,22 @@ fn catches_writing_after_a_miscompare() {
     caught(Bug::WriteOnMiscompare);
 }
 
+/// Found by a sweep of a million seeds past CI's (2026-12-07): a node cut
+/// off from the volume manager came back, in the same interval, to a group
+/// whose primary had synced it before; it took the committed watermark from
+/// a forward while its new sync had not yet pushed the writes of its
+/// absence, crashed, and reported that watermark after the restart, so no
+/// push ever brought those two acknowledged writes. A replica now trusts
+/// forwards' watermarks only for the incarnation its last SyncDone covered.
+#[test]
+fn a_node_back_in_the_same_interval_is_synced_again_before_it_trusts_forwards() {
+    let seed = 40_466_688;
+    let cfg = SimConfig::for_seed(seed, None);
+    if let Err(f) = run(seed, &cfg) {
+        panic!("{f}\nconfig: {cfg:?}");
+    }
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let cfg = SimConfig::for_seed(42, None);
