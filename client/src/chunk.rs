@@ -33,8 +33,7 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use cairn_proto::frame_io::{
-    read_header, read_part_bytes, read_prefix, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
-    SOCKET_BUFFER_BYTES,
+    read_header, read_part_bytes, read_prefix, Outbox, ReadFrameError, SOCKET_BUFFER_BYTES,
 };
 
 /// Requests one client connection has on the wire at once; more calls wait.
@@ -513,14 +512,9 @@ async fn write_frames(
     let written: io::Result<()> = async {
         while let Some(frame) = frames.recv().await {
             out.put_frame(&frame.header, frame.data);
-            // Requests queued together leave together; callers about to
-            // queue more get one turn first (fewer, larger sends).
-            if frames.is_empty() {
-                tokio::task::yield_now().await;
-            }
-            if frames.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
-                out.write_to(&mut writer).await?;
-            }
+            // Requests queued together leave together.
+            out.send_when_idle(&mut writer, || frames.is_empty())
+                .await?;
         }
         out.write_to(&mut writer).await?;
         writer.shutdown().await

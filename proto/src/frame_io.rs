@@ -173,8 +173,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 pub const OUTBOX_COPY_MAX: usize = 16 << 10;
 
 /// Writers send what they have queued once it reaches this many bytes,
-/// without waiting for the queue to run dry.
-pub const OUTBOX_BATCH_BYTES: usize = 64 << 10;
+/// without waiting for the queue to run dry ([`Outbox::is_full`]).
+const OUTBOX_BATCH_BYTES: usize = 64 << 10;
 
 /// I/O vector entries per `writev`; Linux takes up to 1024.
 const OUTBOX_IOV: usize = 64;
@@ -211,6 +211,11 @@ impl Outbox {
         self.len == 0
     }
 
+    /// Enough is queued to send without waiting for more.
+    pub fn is_full(&self) -> bool {
+        self.len >= OUTBOX_BATCH_BYTES
+    }
+
     /// Queues a copy of `b`.
     pub fn put_slice(&mut self, b: &[u8]) {
         self.open.extend_from_slice(b);
@@ -239,6 +244,24 @@ impl Outbox {
         if !self.open.is_empty() {
             self.sealed.push(self.open.split().freeze());
         }
+    }
+
+    /// After queuing: when `idle` says nothing more is waiting, lets the
+    /// tasks about to queue more run once (one send for several frames
+    /// costs the kernel far less than one send each), then writes what is
+    /// queued if still idle, or if the outbox is full.
+    pub async fn send_when_idle<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        idle: impl Fn() -> bool,
+    ) -> io::Result<()> {
+        if idle() {
+            tokio::task::yield_now().await;
+        }
+        if idle() || self.is_full() {
+            self.write_to(w).await?;
+        }
+        Ok(())
     }
 
     /// Writes everything queued, then flushes `w`; the outbox is empty
@@ -361,10 +384,8 @@ mod outbox_tests {
                 (i * 97) % 5000
             };
             let data: Vec<u8> = (0..n).map(|b| (b + i) as u8).collect();
-            let mut frame = BytesMut::new();
-            write_frame(&mut frame_writer(&mut frame), &header, &data)
-                .await
-                .unwrap();
+            let mut frame = Vec::new();
+            write_frame(&mut frame, &header, &data).await.unwrap();
             want.extend_from_slice(&frame);
             out.put_frame(&header, Bytes::from(data));
         }
@@ -412,27 +433,5 @@ mod outbox_tests {
         };
         out.write_to(&mut w).await.unwrap();
         assert_eq!(w.got, b"again");
-    }
-
-    /// A `BytesMut` as a writer, for the reference encoding.
-    fn frame_writer(buf: &mut BytesMut) -> impl AsyncWrite + Unpin + '_ {
-        struct W<'a>(&'a mut BytesMut);
-        impl AsyncWrite for W<'_> {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                b: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                self.get_mut().0.extend_from_slice(b);
-                Poll::Ready(Ok(b.len()))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-        }
-        W(buf)
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn_group::NodeId;
 use cairn_proto::chunk::{ChunkRequest, Op};
-use cairn_proto::frame_io::{Outbox, OUTBOX_BATCH_BYTES};
+use cairn_proto::frame_io::Outbox;
 use cairn_proto::group::PeerHeader;
 use prost::Message;
 use tokio::io::AsyncReadExt;
@@ -150,7 +150,7 @@ async fn run_link(
                     ..Default::default()
                 };
                 out.put_frame(&frame.encode_to_vec(), data);
-                if rx.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
+                if rx.is_empty() || out.is_full() {
                     out.write_to(&mut writer).await.map_err(|e| e.to_string())?;
                 }
             }

@@ -39,8 +39,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::frame_io::{
-    read_header, read_part, read_prefix, Outbox, ReadFrameError, OUTBOX_BATCH_BYTES,
-    SOCKET_BUFFER_BYTES,
+    read_header, read_part, read_prefix, Outbox, ReadFrameError, SOCKET_BUFFER_BYTES,
 };
 use super::request::{parse, Rejection, Request};
 use crate::replica::Replication;
@@ -532,15 +531,9 @@ async fn write_replies(
         // The request's slot is given back now; its data stays referenced
         // until written, at most a batch more than the slots account for.
         out.put_frame(&header, reply.data.unwrap_or_default());
-        // Replies that completed together leave together. Before sending,
-        // let tasks about to queue more replies run once: one send for
-        // several replies costs the kernel far less than one send each.
-        if replies.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        if replies.is_empty() || out.len() >= OUTBOX_BATCH_BYTES {
-            out.write_to(&mut write_half).await?;
-        }
+        // Replies that completed together leave together.
+        out.send_when_idle(&mut write_half, || replies.is_empty())
+            .await?;
     }
     out.write_to(&mut write_half).await?;
     write_half.shutdown().await

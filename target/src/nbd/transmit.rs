@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use cairn_proto::frame_io::{Outbox, OUTBOX_BATCH_BYTES};
+use cairn_proto::frame_io::Outbox;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
@@ -277,7 +277,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             // spent 41% of its CPU in send. With nothing else in flight (a
             // permit is given back once its reply is put) there is nothing
             // to wait for, and a yield would only delay a QD1 reply.
-            if outbox.len() < OUTBOX_BATCH_BYTES && slots.available_permits() < slots_max {
+            if !outbox.is_full() && slots.available_permits() < slots_max {
                 tokio::task::yield_now().await;
                 put_ready(&mut outbox, &mut rx);
             }
@@ -294,7 +294,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 
 /// Queues the replies that are ready, up to a batch.
 fn put_ready(outbox: &mut Outbox, rx: &mut mpsc::Receiver<Out>) {
-    while outbox.len() < OUTBOX_BATCH_BYTES {
+    while !outbox.is_full() {
         let Ok(out) = rx.try_recv() else { break };
         put(outbox, out);
     }
