@@ -89,6 +89,23 @@ pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
         .context("creating a temporary folder under /tmp")
 }
 
+/// The length and seed of a randomized soak test: `{prefix}_ROUNDS` (else
+/// `default_rounds`) and `{prefix}_SEED` (else a fresh random seed). Prints
+/// both, with how to replay the seed, so a failure in CI can be run again.
+pub fn soak_settings(prefix: &str, default_rounds: u32) -> (u32, u64) {
+    use rand::Rng;
+    let rounds = std::env::var(format!("{prefix}_ROUNDS"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_rounds);
+    let seed = std::env::var(format!("{prefix}_SEED"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("{rounds} rounds, seed {seed} ({prefix}_SEED={seed} to replay)");
+    (rounds, seed)
+}
+
 /// A loopback address with a port that was free a moment ago (the kernel
 /// picked it). Someone else may take it before it is used; callers retry.
 pub fn free_loopback_addr(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {

@@ -100,17 +100,9 @@ fn kill_9_multi_thread_chunk_server_loses_nothing_flushed() {
 }
 
 fn crash_rounds(extra_args: &[&str]) {
-    let rounds: usize = std::env::var("CAIRN_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let seed: u64 = std::env::var("CAIRN_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
-    eprintln!(
-        "crash test {extra_args:?}: {rounds} rounds, seed {seed} (CAIRN_CRASH_SEED={seed} to replay)"
-    );
+    eprint!("crash test {extra_args:?}: ");
+    let (rounds, seed) = cairn_tests::soak_settings("CAIRN_CRASH", 50);
+    let rounds = rounds as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
