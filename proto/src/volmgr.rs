@@ -83,6 +83,14 @@ pub enum VolmgrOp {
     ///    nothing was taken. A failure of the proposal (the leader lost
     ///    its leadership, say) likewise clears it and answers the failure.
     ///
+    /// A front end starts writes only while its export lease holds (2.5
+    /// renewal periods from the last renewal it sent; the leader counts 3
+    /// from receipt, and a new leader waits 3 from its election): so a
+    /// leader that does not know a front end, and goes ahead without its
+    /// pause, never freezes a head that front end still writes at. The
+    /// front end takes up such a snapshot on its next renewal, as after a
+    /// pause.
+    ///
     /// A request the state machine would refuse (a taken or bad name, an
     /// unknown volume) is refused before anyone pauses. A request retried
     /// after its change was applied answers the recorded result without

@@ -302,6 +302,8 @@ impl Catalog for Arc<Registry> {
             snapshot,
             pr_generation: Arc::new(AtomicU64::new(0)),
             lease_until: Arc::new(AtomicU64::new(0)),
+            lease_renewed: tokio::sync::Notify::new(),
+            lease_stalled: std::sync::atomic::AtomicBool::new(false),
             pr_hooks: Mutex::new(Vec::new()),
         });
         live.retain(|_, w| w.strong_count() > 0);
@@ -368,6 +370,41 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
         let Some(x) = export.upgrade() else { return };
         match got {
             Ok(w) => {
+                // A head that moved without this front end's pause is dealt
+                // with before the lease is renewed: no write may start at
+                // the old head, which now belongs to another view.
+                let unpaused = w.pending == 0 || w.pending == handled;
+                if let Some(v) = w.volume.as_ref().filter(|_| unpaused) {
+                    let head = x.volume.head_epoch();
+                    let moved = v.id != x.volume.info().id || v.head_epoch != head;
+                    if moved
+                        && v.id == x.volume.info().id
+                        && v.chain.first() == Some(&head)
+                        && !x.lease_held()
+                    {
+                        // A snapshot of this head, taken by a leader that did
+                        // not know this front end (a new one, say). It could
+                        // only go ahead after this front end's lease had
+                        // lapsed, and no renewal came since, so no write
+                        // started after it (`open_for_writes`): as after a
+                        // pause, writes go on at the new head.
+                        x.volume.switch_head(v.head_epoch, v.chain.clone());
+                        info!(
+                            volume = %name,
+                            head_epoch = v.head_epoch,
+                            "a snapshot was taken while the export lease had lapsed; \
+                             writes go to the new head"
+                        );
+                    } else if moved {
+                        x.revoke(&format!(
+                            "volume {name:?} changed under the export without a pause \
+                             (head epoch {} -> {}: a rollback or a re-creation)",
+                            x.volume.head_epoch(),
+                            v.head_epoch
+                        ));
+                        return;
+                    }
+                }
                 if failing {
                     info!(volume = %name, "export lease renewed again");
                 }
@@ -389,20 +426,12 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 } else {
                     handled = w.pending;
                     if let Some(v) = w.volume {
-                        if v.id == x.volume.info().id && x.volume.grow(v.size_bytes) {
+                        // (A changed identity or head revoked it above.)
+                        if x.volume.grow(v.size_bytes) {
                             // Open connections keep working; iSCSI initiators
                             // hear CAPACITY DATA HAS CHANGED, NBD clients see
                             // the new size when they reconnect.
                             info!(volume = %name, size = v.size_bytes, "volume grew");
-                        }
-                        if v.id != x.volume.info().id || v.head_epoch != x.volume.head_epoch() {
-                            x.revoke(&format!(
-                                "volume {name:?} changed under the export without a pause \
-                                 (head epoch {} -> {}: a rollback or a re-creation)",
-                                x.volume.head_epoch(),
-                                v.head_epoch
-                            ));
-                            return;
                         }
                     }
                 }
@@ -438,8 +467,13 @@ pub struct Export {
     /// reported (every lease renewal carries it).
     pr_generation: Arc<AtomicU64>,
     /// When the export lease ends ([`clock_ms`]) unless renewed: 0 until
-    /// it is first taken.
+    /// it is first taken. Writes start only while it is held
+    /// ([`Export::open_for_writes`]).
     lease_until: Arc<AtomicU64>,
+    /// Woken at every renewal: writes waiting for the lease go on.
+    lease_renewed: tokio::sync::Notify,
+    /// Writes are waiting for a lapsed lease (logged once per lapse).
+    lease_stalled: std::sync::atomic::AtomicBool,
     /// The logical units over this export, run when a newer reservation
     /// state is reported, before this target reports holding it.
     pr_hooks: Mutex<Vec<Weak<dyn ReservationsHook>>>,
@@ -454,6 +488,74 @@ impl Export {
             .fetch_max(pr_generation, Ordering::AcqRel);
         self.lease_until
             .fetch_max(sent + lease_validity_ms(every), Ordering::AcqRel);
+        if self.lease_held() && self.lease_stalled.swap(false, Ordering::AcqRel) {
+            info!(volume = %self.info.name, "export lease renewed: writes go on");
+        }
+        self.lease_renewed.notify_waiters();
+    }
+
+    /// Whether the export lease is held now.
+    fn lease_held(&self) -> bool {
+        clock_ms() < self.lease_until.load(Ordering::Acquire)
+    }
+
+    /// Admits a write (or zeroing, trim): waits while the export lease has
+    /// lapsed, then holds the snapshot gate shared.
+    ///
+    /// Why: the volume manager takes a snapshot without pausing a front end
+    /// it does not know exports the volume, and a newly elected leader
+    /// learns of a front end only from its next renewal. A front end that
+    /// went on writing meanwhile would write at the old head epoch after
+    /// it became the snapshot's: the snapshot would take writes made after
+    /// it. A front end's lease ends 2.5 renewal periods after it sent its
+    /// last renewal ([`lease_validity_ms`]), before a new leader stops
+    /// waiting for front ends it has not heard from (3 periods after its
+    /// election, `leases_unknown` in `volmgr/src/api.rs`), so writes started
+    /// only under the lease never reach an epoch frozen without this front
+    /// end's pause. Found by the replication chaos test
+    /// (`tests/tests/replication.rs`): a snapshot taken right after the
+    /// leader was killed held writes issued after it was answered. While
+    /// the lease is lapsed (as long as a leader change takes) writes wait,
+    /// they do not fail; reads go on (the chunk servers' own leases from
+    /// the volume manager govern those).
+    async fn open_for_writes(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, IoError> {
+        loop {
+            if !self.snapshot && !self.lease_held() {
+                self.await_lease().await?;
+            }
+            let open = self.gate.read().await;
+            // It may have lapsed while a snapshot held the gate.
+            if self.snapshot || self.lease_held() {
+                return Ok(open);
+            }
+        }
+    }
+
+    async fn await_lease(&self) -> Result<(), IoError> {
+        let mut revoked = self.revoked.subscribe();
+        while !self.lease_held() {
+            if *revoked.borrow_and_update() {
+                return Err(IoError {
+                    errno: EIO,
+                    message: format!("export {:?} was revoked", self.info.name),
+                });
+            }
+            if !self.lease_stalled.swap(true, Ordering::AcqRel) {
+                warn!(
+                    volume = %self.info.name,
+                    "export lease lapsed (no answer from the volume manager's leader): \
+                     writes wait until it is renewed"
+                );
+            }
+            let renewed = self.lease_renewed.notified();
+            tokio::select! {
+                _ = renewed => {}
+                _ = revoked.changed() => {}
+                // A renewal may land between the check and the wait.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        Ok(())
     }
 
     async fn refresh_reservations(&self) {
@@ -619,7 +721,7 @@ impl Backend for Export {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        let _open = self.gate.read().await;
+        let _open = self.open_for_writes().await?;
         self.volume.write(offset, data, fua).await.map_err(io_error)
     }
 
@@ -630,7 +732,7 @@ impl Backend for Export {
         data: Bytes,
         fua: bool,
     ) -> Result<Option<u64>, IoError> {
-        let _open = self.gate.read().await;
+        let _open = self.open_for_writes().await?;
         self.volume
             .compare_and_write(offset, compare, data, fua)
             .await
@@ -651,7 +753,7 @@ impl Backend for Export {
         fua: bool,
         no_hole: bool,
     ) -> Result<(), IoError> {
-        let _open = self.gate.read().await;
+        let _open = self.open_for_writes().await?;
         if !no_hole {
             return self
                 .volume
@@ -675,7 +777,7 @@ impl Backend for Export {
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         // The store punches whole blocks and zeroes the rest: a trimmed range
         // reads as zeros, which the protocol allows (it promises nothing).
-        let _open = self.gate.read().await;
+        let _open = self.open_for_writes().await?;
         self.volume
             .write_zeroes(offset, len as u64, fua)
             .await

@@ -963,11 +963,13 @@ async fn compare_and_write_is_atomic_across_targets() {
 /// missed a PREEMPT made through another target, which stops waiting for
 /// it once its export lease lapses: it then refuses reads and writes of a
 /// volume whose reservations are in use with NOT READY, TARGET PORT IN
-/// UNAVAILABLE STATE (multipath tries another path), while a volume
-/// without reservations keeps taking writes; once the volume manager is
-/// back, it serves again.
+/// UNAVAILABLE STATE (multipath tries another path). A volume without
+/// reservations holds its writes instead (they do not fail): a write
+/// started without the lease could land in a snapshot a new leader took
+/// without this target (`Export::open_for_writes`). Once the volume manager
+/// is back, both are served again and the held write completes.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_target_without_its_lease_fences_reserved_volumes_only() {
+async fn a_target_without_its_lease_refuses_reserved_volumes_and_holds_other_writes() {
     let (mut cluster, target, portal) = setup(&[("held", 16 * MIB), ("free", 16 * MIB)], &[]).await;
     let (mut h, mut hn) = pr_session(&portal, &format!("{PREFIX}:held"), 1);
     let (mut f, mut fnn) = pr_session(&portal, &format!("{PREFIX}:free"), 2);
@@ -1002,17 +1004,22 @@ async fn a_target_without_its_lease_fences_reserved_volumes_only() {
         2,
         "READ fenced too"
     );
-    let t1 = std::time::Instant::now();
-    let (status, _, sense) = scsi(&mut f, &mut fnn, &write, &[3u8; 512], 0);
-    assert_eq!(
-        status,
-        0,
-        "free volume: {sense:x?} after {:?}",
-        t1.elapsed()
+    let held = std::thread::spawn(move || {
+        let t1 = std::time::Instant::now();
+        let (status, _, sense) = scsi(&mut f, &mut fnn, &write, &[3u8; 512], 0);
+        (status, sense, t1.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !held.is_finished(),
+        "the free volume's write did not wait for the lease"
     );
     assert!(target.log().contains("no contact with the volume manager"));
+    assert!(target.log().contains("writes wait until it is renewed"));
 
     member.restart().unwrap();
+    let (status, sense, waited) = held.join().unwrap();
+    assert_eq!(status, 0, "free volume: {sense:x?} after {waited:?}");
     let t0 = std::time::Instant::now();
     while scsi(&mut h, &mut hn, &write, &[4u8; 512], 0).0 != 0 {
         assert!(

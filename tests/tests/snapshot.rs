@@ -494,6 +494,22 @@ async fn forced_rollback_disconnects_clients_and_they_reconnect_to_the_snapshot(
 
     let mut client = cairn_tests::target::RawNbd::connect(target.addr()).unwrap();
     client.go("vm", false).unwrap();
+    // The target takes its export lease just after the export opens: wait
+    // until the volume manager counts it (under load that can lag the GO).
+    let t0 = std::time::Instant::now();
+    while cluster
+        .client()
+        .volume_exports("vm")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the export lease was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let refused = cairn_output(&cluster, &["volume", "rollback", "vm", "good"]);
     assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
     cairn(&cluster, &["volume", "rollback", "vm", "good", "--force"]);
