@@ -130,6 +130,25 @@ impl History {
     }
 }
 
+/// The next write of a writer owning `count` blocks from `first`: a run of
+/// 1-8 blocks at a random place, with a new generation's pattern. Returns
+/// (first block, blocks, generation, data).
+fn next_write(
+    rng: &mut rand::rngs::StdRng,
+    first: u64,
+    count: u64,
+    gens: &AtomicU64,
+) -> (u64, u64, u64, Vec<u8>) {
+    let run = rng.gen_range(1..=8u64).min(count);
+    let start = first + rng.gen_range(0..=count - run);
+    let gen = gens.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut data = Vec::with_capacity((run * BLOCK) as usize);
+    for b in start..start + run {
+        data.extend_from_slice(&pattern(b, gen));
+    }
+    (start, run, gen, data)
+}
+
 /// A writer owning blocks `owned`: writes runs of 1-8 blocks at random
 /// places, sequentially, recording each acknowledged one; flushes now and
 /// then. Returns the number of writes.
@@ -145,13 +164,7 @@ async fn writer(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut writes = 0;
     while !stop.load(Ordering::Relaxed) {
-        let run = rng.gen_range(1..=8u64).min(count);
-        let start = first + rng.gen_range(0..=count - run);
-        let gen = gens.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut data = Vec::with_capacity((run * BLOCK) as usize);
-        for b in start..start + run {
-            data.extend_from_slice(&pattern(b, gen));
-        }
+        let (start, run, gen, data) = next_write(&mut rng, first, count, &gens);
         vol.write(start * BLOCK, Bytes::from(data), false)
             .await
             .unwrap_or_else(|e| panic!("write of blocks {start}+{run} failed: {e}"));
@@ -302,13 +315,7 @@ fn nbd_writer(
         assert_eq!((r.cookie, r.error), (cookie, 0), "{what} failed");
     };
     while !stop.load(Ordering::Relaxed) {
-        let run = rng.gen_range(1..=8u64).min(count);
-        let start = first + rng.gen_range(0..=count - run);
-        let gen = gens.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut data = Vec::with_capacity((run * BLOCK) as usize);
-        for b in start..start + run {
-            data.extend_from_slice(&pattern(b, gen));
-        }
+        let (start, run, gen, data) = next_write(&mut rng, first, count, &gens);
         let issued = history.tick();
         call(
             &mut nbd,
