@@ -94,16 +94,34 @@ impl ReplicatedCluster {
     ) -> anyhow::Result<ClusterMap> {
         let client = self.client();
         let t0 = Instant::now();
-        let mut map = client.get_map(0, Duration::ZERO).await?;
+        // A volume manager without a leader for longer than one request's
+        // deadline (members killed in turn) is waited out too, within
+        // `timeout`, and said so.
+        let get = |known: u64, wait: Duration| {
+            let client = &client;
+            async move {
+                loop {
+                    match client.get_map(known, wait).await {
+                        Ok(m) => return Ok(m),
+                        Err(e) if t0.elapsed() < timeout => {
+                            eprintln!(
+                                "{what}: no map from the volume manager after {:?}: {e}",
+                                t0.elapsed()
+                            );
+                        }
+                        Err(e) => return Err(anyhow::Error::from(e)),
+                    }
+                }
+            }
+        };
+        let mut map = get(0, Duration::ZERO).await?;
         while !ok(&map) {
             if t0.elapsed() > timeout {
                 bail!("{what}: not reached within {timeout:?}; map epoch {}: nodes {:?}, degraded groups {}", map.epoch,
                     map.nodes.iter().map(|n| (n.id, n.up)).collect::<Vec<_>>(),
                     map.degraded_groups());
             }
-            map = client
-                .get_map(map.epoch, Duration::from_millis(500))
-                .await?;
+            map = get(map.epoch, Duration::from_millis(500)).await?;
         }
         Ok(map)
     }

@@ -487,7 +487,13 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
             let member = if what == 0 {
                 None
             } else if round % 2 == 0 {
-                Some(c.volmgr.leader().await.unwrap())
+                // (Any member if none leads just now.)
+                Some(
+                    c.volmgr
+                        .leader()
+                        .await
+                        .unwrap_or_else(|_| rng.gen_range(1..=3u64)),
+                )
             } else {
                 Some(rng.gen_range(1..=3u64))
             };
