@@ -108,6 +108,7 @@ impl ReplicatedCluster {
                                 "{what}: no map from the volume manager after {:?}: {e}",
                                 t0.elapsed()
                             );
+                            tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                         Err(e) => return Err(anyhow::Error::from(e)),
                     }
