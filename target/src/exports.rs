@@ -376,12 +376,10 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                 let unpaused = w.pending == 0 || w.pending == handled;
                 if let Some(v) = w.volume.as_ref().filter(|_| unpaused) {
                     let head = x.volume.head_epoch();
-                    let moved = v.id != x.volume.info().id || v.head_epoch != head;
-                    if moved
-                        && v.id == x.volume.info().id
-                        && v.chain.first() == Some(&head)
-                        && !x.lease_held()
-                    {
+                    let same = v.id == x.volume.info().id;
+                    if same && v.head_epoch == head {
+                        // Unchanged.
+                    } else if same && v.chain.first() == Some(&head) && !x.lease_held() {
                         // A snapshot of this head, taken by a leader that did
                         // not know this front end (a new one, say). It could
                         // only go ahead after this front end's lease had
@@ -395,11 +393,10 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                             "a snapshot was taken while the export lease had lapsed; \
                              writes go to the new head"
                         );
-                    } else if moved {
+                    } else {
                         x.revoke(&format!(
                             "volume {name:?} changed under the export without a pause \
-                             (head epoch {} -> {}: a rollback or a re-creation)",
-                            x.volume.head_epoch(),
+                             (head epoch {head} -> {}: a rollback or a re-creation)",
                             v.head_epoch
                         ));
                         return;

@@ -63,14 +63,15 @@ async fn create(c: &ReplicatedCluster, name: &str, size: u64, min_replicas: u32)
 type Model = Arc<Mutex<HashMap<u64, u64>>>;
 
 /// Stops the writers and checks the volume once the cluster is healthy
-/// again: every block holds its last acknowledged write (read through `vol`,
-/// flushed first). Returns how many writes were made.
+/// again: every block holds its last acknowledged write (`acknowledged`,
+/// asked once the writers stopped; read through `vol`, flushed first).
+/// Returns how many writes were made.
 async fn stop_and_check(
     c: &ReplicatedCluster,
     writers: Vec<tokio::task::JoinHandle<u64>>,
     stop: &AtomicBool,
     vol: &Volume,
-    model: &Model,
+    acknowledged: impl FnOnce() -> HashMap<u64, u64>,
     blocks: u64,
 ) -> u64 {
     stop.store(true, Ordering::Relaxed);
@@ -81,7 +82,7 @@ async fn stop_and_check(
     assert!(total > 100, "only {total} writes went through");
     vol.flush().await.unwrap();
     c.wait_healthy(Duration::from_secs(60)).await.unwrap();
-    check_model(vol, model, blocks).await;
+    check_model(vol, &acknowledged(), blocks).await;
     total
 }
 
@@ -104,6 +105,15 @@ struct Written {
 impl History {
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Each written block's last acknowledged generation.
+    fn acknowledged(&self) -> HashMap<u64, u64> {
+        let writes = self.writes.lock().unwrap();
+        writes
+            .iter()
+            .filter_map(|(&b, l)| l.last().map(|w| (b, w.gen)))
+            .collect()
     }
 
     /// The generations block `b` may hold in a snapshot asked for at tick
@@ -182,8 +192,7 @@ async fn writer(
     writes
 }
 
-async fn check_model(vol: &Volume, model: &Model, blocks: u64) {
-    let m = model.lock().unwrap().clone();
+async fn check_model(vol: &Volume, m: &HashMap<u64, u64>, blocks: u64) {
     let data = vol.read(0, blocks * BLOCK).await.expect("read back");
     for b in 0..blocks {
         let got = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
@@ -270,7 +279,8 @@ fn kill_9_of_any_chunk_server_twenty_times_loses_no_acknowledged_write() {
                 gens.load(Ordering::Relaxed) - before
             );
         }
-        let total = stop_and_check(&c, writers, &stop, &vol, &model, blocks).await;
+        let acknowledged = || model.lock().unwrap().clone();
+        let total = stop_and_check(&c, writers, &stop, &vol, acknowledged, blocks).await;
         let compared = c.compare_replicas(id, 3).await.unwrap();
         println!("{total} writes; {compared} extents identical on every replica");
         assert!(compared > 0);
@@ -282,14 +292,12 @@ fn kill_9_of_any_chunk_server_twenty_times_loses_no_acknowledged_write() {
 /// part in snapshots (it pauses its writes and resumes at the new head),
 /// which a bare volume client does not. Every write is recorded in
 /// `history`.
-#[allow(clippy::too_many_arguments)]
 fn nbd_writer(
     addr: std::net::SocketAddr,
     name: &str,
     owned: std::ops::Range<u64>,
     seed: u64,
     gens: Arc<AtomicU64>,
-    model: Model,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
 ) -> u64 {
@@ -326,10 +334,8 @@ fn nbd_writer(
         );
         let acked = history.tick();
         {
-            let mut m = model.lock().unwrap();
             let mut w = history.writes.lock().unwrap();
             for b in start..start + run {
-                m.insert(b, gen);
                 w.entry(b).or_default().push(Written { gen, issued, acked });
             }
         }
@@ -402,18 +408,15 @@ async fn check_snapshot(
                 })
                 .unwrap_or_else(|| "no write of this block".into());
             for (id, m) in &c.volmgr.members {
-                let lines: Vec<&str> = Vec::new();
-                let log = m.log();
-                let mut lines = lines;
-                lines.extend(log.lines().filter(|l| {
-                    [
-                        "snapshot", "paus", "leader", "lease", "export", "elected", "became",
-                    ]
-                    .iter()
-                    .any(|k| l.contains(k))
-                }));
                 eprintln!("--- volume manager member {id}: snapshot, lease and leader lines ---");
-                for l in lines {
+                let keys = [
+                    "snapshot", "paus", "leader", "lease", "export", "elected", "became",
+                ];
+                for l in m
+                    .log()
+                    .lines()
+                    .filter(|l| keys.iter().any(|k| l.contains(k)))
+                {
                     eprintln!("{l}");
                 }
             }
@@ -446,9 +449,8 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
         let blocks = 32 * MIB / BLOCK;
         let id = create(&c, "chaos", 32 * MIB, 2).await;
         let cl = client(&c, Duration::from_secs(120)).await;
-        let (gens, model, stop) = (
+        let (gens, stop) = (
             Arc::new(AtomicU64::new(0)),
-            Model::default(),
             Arc::new(AtomicBool::new(false)),
         );
         let history = Arc::new(History::default());
@@ -456,13 +458,8 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
         let target = TargetProcess::start(&c, &[]).unwrap();
         let writers: Vec<_> = (0..4u64)
             .map(|w| {
-                let (addr, gens, model, history, stop) = (
-                    target.addr(),
-                    gens.clone(),
-                    model.clone(),
-                    history.clone(),
-                    stop.clone(),
-                );
+                let (addr, gens, history, stop) =
+                    (target.addr(), gens.clone(), history.clone(), stop.clone());
                 tokio::task::spawn_blocking(move || {
                     nbd_writer(
                         addr,
@@ -470,7 +467,6 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
                         w * blocks / 4..(w + 1) * blocks / 4,
                         seed ^ w,
                         gens,
-                        model,
                         history,
                         stop,
                     )
@@ -588,7 +584,8 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
         }
         // The head as it is now: snapshots moved it under the target.
         let vol = cl.open_volume("chaos").await.unwrap();
-        let total = stop_and_check(&c, writers, &stop, &vol, &model, blocks).await;
+        let acknowledged = || history.acknowledged();
+        let total = stop_and_check(&c, writers, &stop, &vol, acknowledged, blocks).await;
         for s in &taken {
             check_snapshot(&c, &cl, "chaos", s, &history, blocks).await;
         }
@@ -748,6 +745,6 @@ fn a_replaced_disk_gets_a_full_copy() {
         for b in 0..blocks {
             model.insert(b, 1);
         }
-        check_model(&vol, &Arc::new(Mutex::new(model)), blocks).await;
+        check_model(&vol, &model, blocks).await;
     });
 }
