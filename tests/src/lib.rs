@@ -81,12 +81,20 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A fresh temporary folder under /tmp, removed when dropped.
+/// A fresh temporary folder under /tmp, removed when dropped, unless
+/// `CAIRN_TEST_KEEP` is set: then it stays, with its daemons' whole logs,
+/// and its path is printed, for a failure whose log tails are not enough.
 pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
-    tempfile::Builder::new()
+    let keep = std::env::var_os("CAIRN_TEST_KEEP").is_some();
+    let dir = tempfile::Builder::new()
         .prefix(prefix)
+        .disable_cleanup(keep)
         .tempdir_in("/tmp")
-        .context("creating a temporary folder under /tmp")
+        .context("creating a temporary folder under /tmp")?;
+    if keep {
+        eprintln!("CAIRN_TEST_KEEP: keeping {}", dir.path().display());
+    }
+    Ok(dir)
 }
 
 /// The length and seed of a randomized soak test: `{prefix}_ROUNDS` (else
