@@ -8,6 +8,11 @@
 //! full queue or a broken connection drops messages and reports the peer
 //! unreachable to the node loop, which makes raft probe it gently instead of
 //! streaming appends into the void.
+//!
+//! The receiving member never writes on a link's connection, so anything
+//! readable there means the peer closed it (it restarted). The link checks
+//! before each write and reconnects, rather than lose the message to the
+//! peer's reset.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
@@ -145,6 +150,16 @@ async fn run_link<M: Machine>(
     let mut conn: Option<BufWriter<TcpStream>> = None;
     let mut warned = false;
     while let Some(first) = rx.recv().await {
+        if let Some(why) = conn.as_ref().and_then(|w| closed_by_peer(w.get_ref())) {
+            // The peer restarted (or crashed) since the last message. A
+            // write would still succeed into the kernel's buffer and the
+            // message would be lost to the peer's reset, and so would the
+            // next, which only reports the error: after a member restarted,
+            // the first votes the others sent it vanished that way, each
+            // costing an election timeout. So reconnect before writing.
+            debug!(peer, %addr, "raft connection closed by the peer ({why}); reconnecting");
+            conn = None;
+        }
         if conn.is_none() {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
                 Ok(Ok(s)) => {
@@ -186,6 +201,19 @@ async fn run_link<M: Machine>(
     }
 }
 
+/// Whether the peer has closed the connection: it never sends on it, so
+/// anything readable (end of stream, a reset, or stray bytes) means the
+/// connection is finished.
+fn closed_by_peer(s: &TcpStream) -> Option<String> {
+    let mut byte = [0u8; 1];
+    match s.try_read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Ok(0) => Some("end of stream".into()),
+        Ok(_) => Some("unexpected bytes from the receiving side".into()),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 fn unreachable_for_now<M: Machine>(
     node: &mpsc::Sender<Input<M>>,
     peer: u64,
@@ -208,4 +236,90 @@ async fn write_message(
     let data = protobuf::Message::write_to_bytes(m)
         .map_err(|e| std::io::Error::other(format!("encoding a raft message: {e}")))?;
     write_frame(w, header, &data).await
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link to a member that restarts: real loopback sockets, the peer
+    //! played by a bare listener that reads frames.
+
+    use std::collections::BTreeMap;
+
+    use cairn_proto::frame::FRAME_DATA_BYTES_MAX;
+    use cairn_proto::frame_io::{read_header, read_part, read_prefix};
+    use tokio::net::{TcpListener, TcpSocket};
+
+    use super::*;
+    use crate::testing::ListMachine;
+
+    fn listen(addr: std::net::SocketAddr) -> TcpListener {
+        let s = TcpSocket::new_v4().unwrap();
+        s.set_reuseaddr(true).unwrap();
+        s.bind(addr).unwrap();
+        s.listen(8).unwrap()
+    }
+
+    /// The term of the next raft message on `s`.
+    async fn next_term(s: &mut TcpStream) -> u64 {
+        let prefix = read_prefix(s, FRAME_DATA_BYTES_MAX).await.unwrap();
+        let header = read_header(s, &prefix).await.unwrap();
+        assert_eq!(PeerFrame::decode(&header[..]).unwrap().from, 1);
+        let mut data = vec![0u8; prefix.data_bytes as usize];
+        read_part(s, &mut data, "frame data").await.unwrap();
+        let m: Message = protobuf::Message::parse_from_bytes(&data).unwrap();
+        m.term
+    }
+
+    fn message(term: u64) -> Message {
+        Message {
+            to: 2,
+            term,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_message_after_a_peer_restarts_reaches_it() {
+        let first = listen("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap();
+        let (node_tx, node_rx) = mpsc::channel::<Input<ListMachine>>();
+        let mut t = TcpTransport::new(
+            1,
+            "127.0.0.1:1".into(),
+            "c1".into(),
+            tokio::runtime::Handle::current(),
+            node_tx,
+        );
+        t.set_members(&BTreeMap::from([
+            (1, "127.0.0.1:1".to_string()),
+            (2, addr.to_string()),
+        ]));
+        t.send(vec![message(1)]);
+        let (mut s, _) = first.accept().await.unwrap();
+        assert_eq!(next_term(&mut s).await, 1);
+
+        // The peer process dies (its sockets close) and a new one listens
+        // at the same address.
+        drop(s);
+        drop(first);
+        let second = listen(addr);
+        // Let the peer's close reach the link's socket, as it has long
+        // before the next message in a real restart.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t.send(vec![message(2)]);
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), second.accept())
+            .await
+            .expect("the link reconnects for the message after the restart")
+            .unwrap();
+        let term = tokio::time::timeout(Duration::from_secs(5), next_term(&mut s))
+            .await
+            .expect("the message after the restart arrives");
+        assert_eq!(term, 2, "the first message after the restart is delivered");
+        assert!(
+            node_rx
+                .try_iter()
+                .all(|i| !matches!(i, Input::Unreachable(_))),
+            "a peer that restarted is not reported unreachable"
+        );
+    }
 }
