@@ -379,13 +379,17 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     let same = v.id == x.volume.info().id;
                     if same && v.head_epoch == head {
                         // Unchanged.
-                    } else if same && v.chain.first() == Some(&head) && !x.lease_held() {
-                        // A snapshot of this head, taken by a leader that did
-                        // not know this front end (a new one, say). It could
-                        // only go ahead after this front end's lease had
-                        // lapsed, and no renewal came since, so no write
-                        // started after it (`open_for_writes`): as after a
-                        // pause, writes go on at the new head.
+                    } else if same && v.chain.contains(&head) && !x.lease_held() {
+                        // One or more snapshots taken since this head, by a
+                        // leader that did not know this front end (a new
+                        // one, say). They could only go ahead after this
+                        // front end's lease had lapsed, and no renewal came
+                        // since, so no write started after them
+                        // (`open_for_writes`). Every write it made went to
+                        // this head, which the new head reads through: as
+                        // after a pause, writes go on at the new head. (A
+                        // rollback to an older snapshot or a re-creation
+                        // leaves this head out of the chain.)
                         x.volume.switch_head(v.head_epoch, v.chain.clone());
                         info!(
                             volume = %name,
@@ -644,7 +648,9 @@ impl Export {
         if v.id != self.volume.info().id {
             self.revoke(&format!("volume {name:?} was deleted and re-created"));
         } else if v.head_epoch != known_head {
-            if v.chain.first() == Some(&known_head) {
+            // Every write went to the old head; a new head that reads
+            // through it (one snapshot or more since) holds them all.
+            if v.chain.contains(&known_head) {
                 self.volume.switch_head(v.head_epoch, v.chain.clone());
                 info!(
                     volume = %name,

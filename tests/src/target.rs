@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::cluster::ReplicatedCluster;
 use crate::{
@@ -125,6 +127,22 @@ impl TargetProcess {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Freezes the process (SIGSTOP), as a long stall or a partition would.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the target is not running")?;
+        kill(Pid::from_raw(pid as i32), signal)
+            .with_context(|| format!("sending {signal} to the target"))
     }
 
     /// SIGKILL, reaped.

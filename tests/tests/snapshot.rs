@@ -547,6 +547,77 @@ async fn forced_rollback_disconnects_clients_and_they_reconnect_to_the_snapshot(
     qemu_io(&target.uri(&format!("vm@{}", kept.name)), "read -P 2 0 1M");
 }
 
+/// Snapshots a new volume manager leader takes while the target's export
+/// lease has lapsed (the target stalled, the leader restarted and so does
+/// not know the export) do not cost the target's clients their disk: no
+/// write started after the lease lapsed, so the target goes on at the new
+/// head, however many snapshots were taken meanwhile. Its earlier writes
+/// are in both snapshots; its later writes in neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_taken_while_the_export_lease_had_lapsed_keep_the_clients_connected() {
+    let (mut cluster, target) = setup("vm", 16 * MIB).await;
+    let uri = target.uri("vm");
+    // This connection keeps the export open throughout.
+    let mut held = cairn_tests::target::RawNbd::connect(target.addr()).unwrap();
+    held.go("vm", false).unwrap();
+    qemu_io(&uri, "write -P 1 0 1M");
+    let t0 = Instant::now();
+    while cluster
+        .client()
+        .volume_exports("vm")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the export lease was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The target stalls; the volume manager restarts and forgets the
+    // export (leases live in the leader's memory) and, once it has waited
+    // for front ends to renew, snapshots the volume twice without pausing
+    // anyone.
+    target.pause().unwrap();
+    let member = cluster.volmgr.members.get_mut(&1).unwrap();
+    member.kill().unwrap();
+    member.restart().unwrap();
+    cairn(&cluster, &["snapshot", "create", "vm", "first"]);
+    cairn(&cluster, &["snapshot", "create", "vm", "second"]);
+    target.resume().unwrap();
+
+    // Writes go on at the new head, through the connection that stayed.
+    qemu_io(&uri, "write -P 2 0 1M");
+    let read = |held: &mut cairn_tests::target::RawNbd, cookie: u64| {
+        held.request(0, 0, cookie, 0, 4096, &[]).unwrap(); // NBD_CMD_READ
+        let r = held.reply(4096).expect("the held connection stays open");
+        assert_eq!((r.cookie, r.error), (cookie, 0));
+        r.data
+    };
+    assert_eq!(read(&mut held, 1), vec![2u8; 4096]);
+    held.request(0, 1, 2, 4096, 4096, &[3u8; 4096]).unwrap(); // NBD_CMD_WRITE
+    let r = held.reply(0).unwrap();
+    assert_eq!(
+        (r.cookie, r.error),
+        (2, 0),
+        "a write on the held connection"
+    );
+    assert_eq!(read(&mut held, 3), vec![2u8; 4096]);
+    qemu_io(&uri, "read -P 3 4096 4096");
+    assert!(
+        target
+            .log()
+            .contains("a snapshot was taken while the export lease had lapsed"),
+        "{}",
+        target.log()
+    );
+    for snap in ["first", "second"] {
+        qemu_io(&target.uri(&format!("vm@{snap}")), "read -P 1 0 1M");
+    }
+}
+
 /// A replica down while a volume is snapshotted and written catches up
 /// with every version: after it rejoins, every version reads the same on
 /// every replica (through the epochs beneath it), and the head and both
