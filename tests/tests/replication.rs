@@ -748,3 +748,83 @@ fn a_replaced_disk_gets_a_full_copy() {
         check_model(&vol, &model, blocks).await;
     });
 }
+
+/// A volume manager leader that freezes (SIGSTOP: its sockets stay open and
+/// silent, as in a partition) holds the target's writes only until the
+/// other members have elected a new leader and the target has given up on
+/// the frozen one (`cairn_volmgr::client::ATTEMPT_TIMEOUT`); not for the
+/// volume manager client's whole deadline, which held them 16 s, and not
+/// for as long as the freeze lasts. Every acknowledged write reads back.
+#[test]
+fn writes_go_on_while_the_volume_manager_leader_is_frozen() {
+    runtime().block_on(async {
+        let c = ReplicatedCluster::start_with(3, 3).await.unwrap();
+        create(&c, "frozen", 32 * MIB, 2).await;
+        let target = TargetProcess::start(&c, &[]).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (addr, stop, acked) = (target.addr(), stop.clone(), acked.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut nbd = RawNbd::connect(addr).unwrap();
+                nbd.s
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                nbd.go("frozen", false).unwrap();
+                let mut last = HashMap::new();
+                let mut cookie = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    cookie += 1;
+                    let b = (cookie * 7919) % (32 * MIB / BLOCK);
+                    let data = pattern(b, cookie);
+                    nbd.request(0, 1, cookie, b * BLOCK, BLOCK as u32, &data)
+                        .unwrap();
+                    let r = nbd.reply(0).expect("a write's reply");
+                    assert_eq!((r.cookie, r.error), (cookie, 0), "the write of block {b}");
+                    last.insert(b, cookie);
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                for (&b, &gen) in &last {
+                    cookie += 1;
+                    nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
+                        .unwrap();
+                    let r = nbd.reply(BLOCK as usize).unwrap();
+                    assert_eq!(r.error, 0, "the read of block {b}");
+                    assert!(r.data == pattern(b, gen), "block {b} lost write {gen}");
+                }
+                last.len()
+            })
+        };
+        let wait_for = |n: u64, within: Duration, what: &'static str| {
+            let acked = acked.clone();
+            async move {
+                let t0 = Instant::now();
+                let from = acked.load(Ordering::Relaxed);
+                while acked.load(Ordering::Relaxed) < from + n {
+                    assert!(t0.elapsed() < within, "{what}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        wait_for(100, Duration::from_secs(30), "writes before the freeze").await;
+        let leader = c.volmgr.leader().await.unwrap();
+        c.volmgr.members[&leader].pause().unwrap();
+        // The target's lease (2.5 renewals) has lapsed by now, and the
+        // other members have had an election timeout.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        wait_for(
+            100,
+            Duration::from_secs(10),
+            "writes did not go on while the leader was frozen",
+        )
+        .await;
+        c.volmgr.members[&leader].resume().unwrap();
+        wait_for(100, Duration::from_secs(30), "writes after the thaw").await;
+        stop.store(true, Ordering::Relaxed);
+        let blocks = writer.await.unwrap();
+        println!(
+            "{} writes; {blocks} blocks read back",
+            acked.load(Ordering::Relaxed)
+        );
+    });
+}

@@ -33,6 +33,16 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 /// Pause before retrying when no leader is known.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one member may take to answer, beyond the time the request
+/// itself asks the leader to wait ([`leader_wait`]), before the client
+/// gives up on it and asks the next. A leader answers in milliseconds (a
+/// raft commit and its fsync); one that says nothing for this long is
+/// frozen or cut off, and the other members elect a new one in about as
+/// long. Without it, a stalled leader held every call for the whole
+/// deadline: a front end's export lease lapsed and its writes waited 16 s.
+/// Giving up is safe: changes carry this client's id and sequence, so one
+/// the old leader did apply is not applied twice.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What went wrong, with the member's message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -259,7 +269,8 @@ impl VolmgrClient {
             req.request_id = self.next_request.fetch_add(1, Ordering::SeqCst);
             let stream = conn.stream.as_mut().expect("connected above");
             let remaining = self.deadline.saturating_sub(start.elapsed()) + Duration::from_secs(1);
-            let resp = match tokio::time::timeout(remaining, exchange(stream, &req)).await {
+            let attempt = (ATTEMPT_TIMEOUT + leader_wait(&req)).min(remaining);
+            let resp = match tokio::time::timeout(attempt, exchange(stream, &req)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     last = format!("{addr}: {e}");
@@ -269,7 +280,7 @@ impl VolmgrClient {
                     continue;
                 }
                 Err(_) => {
-                    last = format!("{addr}: no answer");
+                    last = format!("{addr}: no answer within {attempt:?}");
                     conn.stream = None;
                     conn.idx = idx + 1;
                     continue;
@@ -841,6 +852,24 @@ impl VolmgrClient {
         };
         self.call(req).await.map(|_| ())
     }
+}
+
+/// How long the leader may rightly take over `req` on purpose: a long poll's
+/// `wait_ms`, a snapshot's pause of the front ends, a reservation change's
+/// wait for every front end to report it (`crate::api`).
+fn leader_wait(req: &VolmgrRequest) -> Duration {
+    use crate::api::{PAUSE_TIMEOUT_DEFAULT, PAUSE_TIMEOUT_MAX};
+    let long_poll = Duration::from_millis(u64::from(req.wait_ms));
+    let op = VolmgrOp::try_from(req.op).ok();
+    let own = match op {
+        Some(VolmgrOp::CreateSnapshot) => match req.pause_timeout_ms {
+            0 => PAUSE_TIMEOUT_DEFAULT,
+            ms => Duration::from_millis(u64::from(ms)).min(PAUSE_TIMEOUT_MAX),
+        },
+        Some(VolmgrOp::PrSet) => PAUSE_TIMEOUT_MAX,
+        _ => Duration::ZERO,
+    };
+    long_poll.max(own)
 }
 
 async fn exchange(
