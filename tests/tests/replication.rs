@@ -754,7 +754,8 @@ fn a_replaced_disk_gets_a_full_copy() {
 /// other members have elected a new leader and the target has given up on
 /// the frozen one (`cairn_volmgr::client::ATTEMPT_TIMEOUT`); not for the
 /// volume manager client's whole deadline, which held them 16 s, and not
-/// for as long as the freeze lasts. Every acknowledged write reads back.
+/// for as long as the freeze lasts. Reads go on too (each write is read
+/// back at once), and every acknowledged write reads back at the end.
 #[test]
 fn writes_go_on_while_the_volume_manager_leader_is_frozen() {
     runtime().block_on(async {
@@ -782,6 +783,15 @@ fn writes_go_on_while_the_volume_manager_leader_is_frozen() {
                     let r = nbd.reply(0).expect("a write's reply");
                     assert_eq!((r.cookie, r.error), (cookie, 0), "the write of block {b}");
                     last.insert(b, cookie);
+                    // Reads need the primaries' read leases, which come
+                    // from the volume manager too.
+                    let gen = cookie;
+                    cookie += 1;
+                    nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
+                        .unwrap();
+                    let r = nbd.reply(BLOCK as usize).expect("a read's reply");
+                    assert_eq!((r.cookie, r.error), (cookie, 0), "the read of block {b}");
+                    assert!(r.data == pattern(b, gen), "block {b} misread");
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
                 for (&b, &gen) in &last {
