@@ -754,87 +754,128 @@ fn a_replaced_disk_gets_a_full_copy() {
 /// other members have elected a new leader and the target has given up on
 /// the frozen one (`cairn_volmgr::client::ATTEMPT_TIMEOUT`); not for the
 /// volume manager client's whole deadline, which held them 16 s, and not
-/// for as long as the freeze lasts. Reads go on too (each write is read
-/// back at once), and every acknowledged write reads back at the end.
+/// for as long as the freeze lasts.
 #[test]
 fn writes_go_on_while_the_volume_manager_leader_is_frozen() {
     runtime().block_on(async {
         let c = ReplicatedCluster::start_with(3, 3).await.unwrap();
-        create(&c, "frozen", 32 * MIB, 2).await;
-        let target = TargetProcess::start(&c, &[]).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let writer = {
-            let (addr, stop, acked) = (target.addr(), stop.clone(), acked.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut nbd = RawNbd::connect(addr).unwrap();
-                nbd.s
-                    .set_read_timeout(Some(Duration::from_secs(60)))
-                    .unwrap();
-                nbd.go("frozen", false).unwrap();
-                let mut last = HashMap::new();
-                let mut cookie = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    cookie += 1;
-                    let b = (cookie * 7919) % (32 * MIB / BLOCK);
-                    let data = pattern(b, cookie);
-                    nbd.request(0, 1, cookie, b * BLOCK, BLOCK as u32, &data)
-                        .unwrap();
-                    let r = nbd.reply(0).expect("a write's reply");
-                    assert_eq!((r.cookie, r.error), (cookie, 0), "the write of block {b}");
-                    last.insert(b, cookie);
-                    // Reads need the primaries' read leases, which come
-                    // from the volume manager too.
-                    let gen = cookie;
-                    cookie += 1;
-                    nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
-                        .unwrap();
-                    let r = nbd.reply(BLOCK as usize).expect("a read's reply");
-                    assert_eq!((r.cookie, r.error), (cookie, 0), "the read of block {b}");
-                    assert!(r.data == pattern(b, gen), "block {b} misread");
-                    acked.fetch_add(1, Ordering::Relaxed);
-                }
-                for (&b, &gen) in &last {
-                    cookie += 1;
-                    nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
-                        .unwrap();
-                    let r = nbd.reply(BLOCK as usize).unwrap();
-                    assert_eq!(r.error, 0, "the read of block {b}");
-                    assert!(r.data == pattern(b, gen), "block {b} lost write {gen}");
-                }
-                last.len()
-            })
-        };
-        let wait_for = |n: u64, within: Duration, what: &'static str| {
-            let acked = acked.clone();
-            async move {
-                let t0 = Instant::now();
-                let from = acked.load(Ordering::Relaxed);
-                while acked.load(Ordering::Relaxed) < from + n {
-                    assert!(t0.elapsed() < within, "{what}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        wait_for(100, Duration::from_secs(30), "writes before the freeze").await;
-        let leader = c.volmgr.leader().await.unwrap();
-        c.volmgr.members[&leader].pause().unwrap();
-        // The target's lease (2.5 renewals) has lapsed by now, and the
-        // other members have had an election timeout.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        wait_for(
-            100,
-            Duration::from_secs(10),
-            "writes did not go on while the leader was frozen",
+        io_goes_on_through_a_freeze(
+            &c,
+            "the volume manager leader",
+            async |c| {
+                let leader = c.volmgr.leader().await.unwrap();
+                c.volmgr.members[&leader].pause().unwrap();
+                leader
+            },
+            |c, leader| c.volmgr.members[&leader].resume().unwrap(),
         )
         .await;
-        c.volmgr.members[&leader].resume().unwrap();
-        wait_for(100, Duration::from_secs(30), "writes after the thaw").await;
-        stop.store(true, Ordering::Relaxed);
-        let blocks = writer.await.unwrap();
-        println!(
-            "{} writes; {blocks} blocks read back",
-            acked.load(Ordering::Relaxed)
-        );
     });
+}
+
+/// A chunk server that freezes (every group it serves, as primary or not)
+/// holds writes until the volume manager marks it down and its groups go
+/// on without it.
+#[test]
+fn writes_go_on_while_a_chunk_server_is_frozen() {
+    runtime().block_on(async {
+        let c = ReplicatedCluster::start_with(3, 1).await.unwrap();
+        io_goes_on_through_a_freeze(
+            &c,
+            "chunk server 2",
+            async |c| {
+                c.servers[1].pause().unwrap();
+            },
+            |c, ()| c.servers[1].resume().unwrap(),
+        )
+        .await;
+    });
+}
+
+/// Writes through a target (each read back at once: reads need the
+/// primaries' read leases, which come from the volume manager too) must go
+/// on while `freeze` holds a process stopped, and after `thaw`; then every
+/// acknowledged write reads back.
+async fn io_goes_on_through_a_freeze<T>(
+    c: &ReplicatedCluster,
+    what: &str,
+    freeze: impl AsyncFnOnce(&ReplicatedCluster) -> T,
+    thaw: impl FnOnce(&ReplicatedCluster, T),
+) {
+    create(c, "frozen", 32 * MIB, 2).await;
+    let target = TargetProcess::start(c, &[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (addr, stop, acked) = (target.addr(), stop.clone(), acked.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut nbd = RawNbd::connect(addr).unwrap();
+            nbd.s
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            nbd.go("frozen", false).unwrap();
+            let mut last = HashMap::new();
+            let mut cookie = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                cookie += 1;
+                let b = (cookie * 7919) % (32 * MIB / BLOCK);
+                let data = pattern(b, cookie);
+                nbd.request(0, 1, cookie, b * BLOCK, BLOCK as u32, &data)
+                    .unwrap();
+                let r = nbd.reply(0).expect("a write's reply");
+                assert_eq!((r.cookie, r.error), (cookie, 0), "the write of block {b}");
+                last.insert(b, cookie);
+                // Reads need the primaries' read leases, which come
+                // from the volume manager too.
+                let gen = cookie;
+                cookie += 1;
+                nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
+                    .unwrap();
+                let r = nbd.reply(BLOCK as usize).expect("a read's reply");
+                assert_eq!((r.cookie, r.error), (cookie, 0), "the read of block {b}");
+                assert!(r.data == pattern(b, gen), "block {b} misread");
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            for (&b, &gen) in &last {
+                cookie += 1;
+                nbd.request(0, 0, cookie, b * BLOCK, BLOCK as u32, &[])
+                    .unwrap();
+                let r = nbd.reply(BLOCK as usize).unwrap();
+                assert_eq!(r.error, 0, "the read of block {b}");
+                assert!(r.data == pattern(b, gen), "block {b} lost write {gen}");
+            }
+            last.len()
+        })
+    };
+    let wait_for = |n: u64, within: Duration, what: String| {
+        let acked = acked.clone();
+        async move {
+            let t0 = Instant::now();
+            let from = acked.load(Ordering::Relaxed);
+            while acked.load(Ordering::Relaxed) < from + n {
+                assert!(t0.elapsed() < within, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(
+        100,
+        Duration::from_secs(30),
+        "writes before the freeze".into(),
+    )
+    .await;
+    let frozen = freeze(c).await;
+    // The target's lease (2.5 renewals) and the primaries' read leases
+    // have lapsed by now, and the others have had time to notice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = format!("writes did not go on while {what} was frozen");
+    wait_for(100, Duration::from_secs(10), during).await;
+    thaw(c, frozen);
+    wait_for(100, Duration::from_secs(30), "writes after the thaw".into()).await;
+    stop.store(true, Ordering::Relaxed);
+    let blocks = writer.await.unwrap();
+    println!(
+        "{} writes; {blocks} blocks read back",
+        acked.load(Ordering::Relaxed)
+    );
 }
