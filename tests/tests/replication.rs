@@ -432,10 +432,13 @@ async fn check_snapshot(
 /// The control plane fails too: a volume manager of three raft members and
 /// three chunk servers, four writers, and in each round a kill -9 of a
 /// chunk server, of a volume manager member (the leader every other time),
-/// or of both at once, each restarted after a random pause. A failover then
+/// or of both at once, each restarted after a random pause; a third of the
+/// time the victims are frozen (SIGSTOP) and thawed instead, and wake with
+/// their old state (a leader that thinks it still leads). A failover then
 /// waits for a new leader; the data path must not lose an acknowledged write
 /// for it, and at the end every replica of every extent is identical. One
-/// member at most is down at a time, so the manager keeps its quorum.
+/// member at most is down (or frozen) at a time, so the manager keeps its
+/// quorum.
 /// Every third round or so a snapshot is taken while the victims are down
 /// (the writers pause for it); the oldest of more than three is read back
 /// against the write history and deleted, the rest at the end.
@@ -493,15 +496,29 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
             } else {
                 Some(rng.gen_range(1..=3u64))
             };
+            // A third of the time the victims are frozen (SIGSTOP) instead:
+            // a stall or a partition, after which they wake with their old
+            // state (a leader that still thinks it leads) and must find out
+            // they were replaced.
+            let frozen = rng.gen_ratio(1, 3);
             let incarnation = match server {
                 Some(i) => Some(c.map().await.unwrap().node(i as u64 + 1).unwrap().up_since),
                 None => None,
             };
             if let Some(m) = member {
-                c.volmgr.members.get_mut(&m).unwrap().kill().unwrap();
+                let m = c.volmgr.members.get_mut(&m).unwrap();
+                if frozen {
+                    m.pause().unwrap();
+                } else {
+                    m.kill().unwrap();
+                }
             }
             if let Some(i) = server {
-                c.servers[i].kill().unwrap();
+                if frozen {
+                    c.servers[i].pause().unwrap();
+                } else {
+                    c.servers[i].kill().unwrap();
+                }
             }
             tokio::time::sleep(Duration::from_millis(rng.gen_range(0..2000))).await;
             let mut snapshot = String::new();
@@ -533,13 +550,22 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
                 }
             }
             if let Some(i) = server {
-                c.servers[i].restart().unwrap();
+                if frozen {
+                    c.servers[i].resume().unwrap();
+                } else {
+                    c.servers[i].restart().unwrap();
+                }
             }
             if let Some(m) = member {
-                c.volmgr.members.get_mut(&m).unwrap().restart().unwrap();
+                let m = c.volmgr.members.get_mut(&m).unwrap();
+                if frozen {
+                    m.resume().unwrap();
+                } else {
+                    m.restart().unwrap();
+                }
             }
             let t0 = Instant::now();
-            if let (Some(i), Some(inc)) = (server, incarnation) {
+            if let (false, Some(i), Some(inc)) = (frozen, server, incarnation) {
                 let node = i as u64 + 1;
                 c.wait_map("restart registered", Duration::from_secs(30), |m| {
                     m.node(node).is_some_and(|n| n.up_since > inc)
@@ -547,7 +573,8 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
                 .await
                 .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
             }
-            if round % 2 == 0 {
+            let healthy = round % 2 == 0 || frozen;
+            if healthy {
                 c.wait_healthy(Duration::from_secs(60))
                     .await
                     .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
@@ -570,14 +597,15 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
                 snapshot.push_str(&format!(", snapshot {} checked and deleted", oldest.name));
             }
             println!(
-                "round {round} (seed {seed}): {} killed and restarted, {} after {:?}{snapshot}; \
+                "round {round} (seed {seed}): {} {}, {} after {:?}{snapshot}; \
                  writes meanwhile {}",
                 victims.join(" and "),
-                if round % 2 == 0 {
-                    "healthy"
+                if frozen {
+                    "frozen and thawed"
                 } else {
-                    "registered"
+                    "killed and restarted"
                 },
+                if healthy { "healthy" } else { "registered" },
                 t0.elapsed(),
                 gens.load(Ordering::Relaxed) - before
             );
