@@ -325,22 +325,6 @@ impl ChunkServerProcess {
         self.launch(true)
     }
 
-    /// Freezes the process (SIGSTOP), as a long stall or a partition would.
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
-    }
-
-    /// Lets a paused process go on (SIGCONT).
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGCONT)
-    }
-
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self.pid().context("the chunk server is not running")?;
-        kill(Pid::from_raw(pid as i32), signal)
-            .with_context(|| format!("sending {signal} to chunk server {}", self.addr))
-    }
-
     /// The daemon's whole log so far.
     pub fn log(&self) -> String {
         read_log(&self.log_path)
@@ -462,5 +446,42 @@ pub(crate) fn wait_with_deadline(
             return Ok(None);
         }
         std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// SIGSTOP and SIGCONT for a daemon a test started: a long stall or a
+/// partition (its sockets stay open and say nothing), after which it wakes
+/// with its old state.
+pub trait Freeze {
+    /// The process id while it runs.
+    fn running_pid(&self) -> Option<u32>;
+    /// What it is, for error messages.
+    fn what(&self) -> String;
+
+    /// Freezes the process (SIGSTOP).
+    fn pause(&self) -> anyhow::Result<()> {
+        send_signal(self, Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    fn resume(&self) -> anyhow::Result<()> {
+        send_signal(self, Signal::SIGCONT)
+    }
+}
+
+fn send_signal<P: Freeze + ?Sized>(p: &P, signal: Signal) -> anyhow::Result<()> {
+    let pid = p
+        .running_pid()
+        .with_context(|| format!("{} is not running", p.what()))?;
+    kill(Pid::from_raw(pid as i32), signal)
+        .with_context(|| format!("sending {signal} to {}", p.what()))
+}
+
+impl Freeze for ChunkServerProcess {
+    fn running_pid(&self) -> Option<u32> {
+        self.pid()
+    }
+    fn what(&self) -> String {
+        format!("chunk server {}", self.addr)
     }
 }

@@ -9,8 +9,6 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::cluster::ReplicatedCluster;
 use crate::{
@@ -127,22 +125,6 @@ impl TargetProcess {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Freezes the process (SIGSTOP), as a long stall or a partition would.
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
-    }
-
-    /// Lets a paused process go on (SIGCONT).
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGCONT)
-    }
-
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self.pid().context("the target is not running")?;
-        kill(Pid::from_raw(pid as i32), signal)
-            .with_context(|| format!("sending {signal} to the target"))
     }
 
     /// SIGKILL, reaped.
@@ -408,5 +390,14 @@ impl RawNbd {
             }
             other => bail!("bad reply magic {other:#x}"),
         }
+    }
+}
+
+impl crate::Freeze for TargetProcess {
+    fn running_pid(&self) -> Option<u32> {
+        self.pid()
+    }
+    fn what(&self) -> String {
+        format!("cairn-target {}", self.addr)
     }
 }

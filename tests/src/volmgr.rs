@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cairn_volmgr::client::VolmgrClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::{
     bin_path, free_loopback_addr, log_tail, read_log, temp_dir, terminate, wait_until_listening,
@@ -71,27 +69,6 @@ impl VolmgrMember {
             c.wait().context("reaping a volmgr member")?;
         }
         Ok(())
-    }
-
-    /// Freezes the process (SIGSTOP), as a long stall or a partition would:
-    /// its sockets stay open and say nothing.
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
-    }
-
-    /// Lets a paused process go on (SIGCONT).
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGCONT)
-    }
-
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self
-            .child
-            .as_ref()
-            .map(|c| c.id())
-            .with_context(|| format!("volmgr member {} is not running", self.id))?;
-        kill(Pid::from_raw(pid as i32), signal)
-            .with_context(|| format!("sending {signal} to volmgr member {}", self.id))
     }
 
     /// SIGTERM and wait for the exit status.
@@ -238,5 +215,14 @@ impl VolmgrCluster {
             .await
             .context("asking the cluster who leads")?;
         Ok(status.leader_id)
+    }
+}
+
+impl crate::Freeze for VolmgrMember {
+    fn running_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    fn what(&self) -> String {
+        format!("volmgr member {}", self.id)
     }
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use cairn_client::{ClientConfig, Cluster, Volume};
 use cairn_tests::cluster::ReplicatedCluster;
 use cairn_tests::target::{RawNbd, TargetProcess};
+use cairn_tests::Freeze;
 use rand::{Rng, SeedableRng};
 
 const BLOCK: u64 = 4096;

@@ -11,6 +11,7 @@ use cairn_tests::cli::{assert_code, Cli};
 use cairn_tests::cluster::ReplicatedCluster;
 use cairn_tests::nbdfuse::FuseDisk;
 use cairn_tests::target::{stdout, TargetProcess};
+use cairn_tests::Freeze;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -39,6 +40,26 @@ fn cairn(cluster: &ReplicatedCluster, args: &[&str]) -> std::process::Output {
     let out = cairn_output(cluster, args);
     assert_code(&out, 0);
     out
+}
+
+/// Waits until the volume manager counts a front end's export lease on
+/// `volume` (taken just after the export opens; under load that can lag
+/// the client's GO).
+async fn wait_exported(cluster: &ReplicatedCluster, volume: &str) {
+    let t0 = Instant::now();
+    while cluster
+        .client()
+        .volume_exports(volume)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the export lease on {volume} was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until no front end holds an export lease on `volume` (a closed
@@ -494,22 +515,7 @@ async fn forced_rollback_disconnects_clients_and_they_reconnect_to_the_snapshot(
 
     let mut client = cairn_tests::target::RawNbd::connect(target.addr()).unwrap();
     client.go("vm", false).unwrap();
-    // The target takes its export lease just after the export opens: wait
-    // until the volume manager counts it (under load that can lag the GO).
-    let t0 = std::time::Instant::now();
-    while cluster
-        .client()
-        .volume_exports("vm")
-        .await
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the export lease was never taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_exported(&cluster, "vm").await;
     let refused = cairn_output(&cluster, &["volume", "rollback", "vm", "good"]);
     assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
     cairn(&cluster, &["volume", "rollback", "vm", "good", "--force"]);
@@ -561,20 +567,7 @@ async fn snapshots_taken_while_the_export_lease_had_lapsed_keep_the_clients_conn
     let mut held = cairn_tests::target::RawNbd::connect(target.addr()).unwrap();
     held.go("vm", false).unwrap();
     qemu_io(&uri, "write -P 1 0 1M");
-    let t0 = Instant::now();
-    while cluster
-        .client()
-        .volume_exports("vm")
-        .await
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the export lease was never taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_exported(&cluster, "vm").await;
 
     // The target stalls; the volume manager restarts and forgets the
     // export (leases live in the leader's memory) and, once it has waited
