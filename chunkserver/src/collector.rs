@@ -18,7 +18,9 @@
 //! copies up what it holds into that child through the group protocol and
 //! has the volume manager drop it from every chain (`cairn_client::fold`).
 //! It is then dead, and every collector deletes its versions: what the
-//! child overwrote is freed. A hidden epoch with several children (read
+//! child overwrote is freed. It folds only while every replica of the data
+//! id's groups acts (see `cairn_client::fold`), so a degraded cluster keeps
+//! hidden epochs until it is whole again. A hidden epoch with several children (read
 //! through by a volume and a clone with their own epochs above it) stays.
 
 use std::collections::{HashMap, HashSet};
@@ -125,9 +127,19 @@ async fn fold_pass(
     };
     for f in folds.into_iter().take(FOLDS_PER_PASS) {
         let t0 = Instant::now();
-        let done = cairn_client::fold(&c, volmgr, f)
+        let Some(done) = cairn_client::fold(&c, volmgr, f)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+        else {
+            // A group is not whole, or changed during the copy-up: the
+            // next pass tries again (cairn_client::fold says why).
+            debug!(
+                data_id = f.data_id,
+                epoch = f.epoch,
+                "folding waits until every replica acts"
+            );
+            return Ok(());
+        };
         info!(
             data_id = f.data_id,
             epoch = f.epoch,

@@ -733,6 +733,55 @@ async fn a_copy_up_reaches_every_replica_and_a_rejoining_one() {
     assert!(snap.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 1));
 }
 
+/// A fold waits while a replica is away: a copy-up depends on what each
+/// replica holds beneath the child, so one that rejoins later could apply a
+/// forwarded copy-up after the folded epoch left the chain, and hold zeros
+/// where the data was (`client/src/fold.rs`). With node 3 down the hidden
+/// epoch stays; once node 3 is back and every group whole it is folded, and
+/// every replica holds the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hidden_epoch_is_folded_only_once_every_replica_is_back() {
+    let (mut cluster, target) = setup("w", 16 * MIB).await;
+    let uri = target.uri("w");
+    qemu_io(&uri, "write -P 1 0 4M");
+    cairn(&cluster, &["snapshot", "create", "w", "s"]);
+    qemu_io(&uri, "write -P 2 0 2M");
+    kill_node_3(&mut cluster).await;
+    cairn(&cluster, &["snapshot", "delete", "w", "s", "--yes"]);
+    let volmgr = cluster.client();
+    let t0 = Instant::now();
+    while !cluster.servers[0]
+        .log()
+        .contains("folding waits until every replica acts")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no fold was tried: {}",
+            cluster.servers[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two more collector passes (one a second) leave it waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = volmgr.get_volume("w").await.unwrap();
+    assert_eq!(v.chain.len(), 1, "folded with node 3 away: {v:?}");
+
+    cluster.servers[2].restart().unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).await.unwrap();
+    let t0 = Instant::now();
+    while !volmgr.get_volume("w").await.unwrap().chain.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the hidden epoch was not folded once node 3 was back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    qemu_io(&uri, "read -P 2 0 2M");
+    qemu_io(&uri, "read -P 1 2M 2M");
+    let compared = cluster.compare_replicas(v.id, 3).await.unwrap();
+    assert!(compared >= 4, "{compared} versions compared");
+}
+
 /// The usual life of a snapshot: taken before an upgrade, the volume is
 /// written, the snapshot is deleted. Its epoch is still read through by the
 /// head (hidden), so it is folded (the blocks it holds copied up into the
