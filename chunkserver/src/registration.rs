@@ -113,12 +113,16 @@ pub async fn run(
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
-        let used = store.usage().await.map(|u| u.allocated_bytes).unwrap_or(0);
+        let used = named_if_stuck(reg.node_id, "the store's usage", store.usage())
+            .await
+            .map(|u| u.allocated_bytes)
+            .unwrap_or(0);
         let sent = Instant::now();
         match beats.heartbeat_lease(reg.node_id, used).await {
             Ok(reply) => {
                 if let Some(r) = &replication {
-                    r.lease(sent, reply.lease_ms as u64, reply.map_epoch).await;
+                    let renew = r.lease(sent, reply.lease_ms as u64, reply.map_epoch);
+                    named_if_stuck(reg.node_id, "the replication driver's input", renew).await;
                 }
                 if failing {
                     info!(
@@ -134,6 +138,31 @@ pub async fn run(
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// How long a heartbeat may wait on this process's own parts before it
+/// says which one holds it.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+
+/// Awaits `fut`, with a warning naming `what` if it takes longer than
+/// [`STUCK_AFTER`]. Heartbeats still wait for it: a server whose store or
+/// replication driver is stuck should be marked down, not look alive. A
+/// soak once saw a restarted server's heartbeats stop without any error
+/// logged; this says where they stopped.
+async fn named_if_stuck<T>(node: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    let mut fut = std::pin::pin!(fut);
+    match tokio::time::timeout(STUCK_AFTER, &mut fut).await {
+        Ok(v) => v,
+        Err(_) => {
+            warn!(
+                node,
+                "heartbeats have waited {STUCK_AFTER:?} for {what}; it is stuck"
+            );
+            let v = fut.await;
+            info!(node, "{what} answered again; heartbeats go on");
+            v
         }
     }
 }
