@@ -322,6 +322,15 @@ const PAUSE_RECHECK: Duration = Duration::from_secs(10);
 /// pauses writes here (see [`Export::pause_for_snapshot`]); any other change
 /// of the head epoch (a forced rollback) revokes the export, which
 /// disconnects its clients: they reconnect to the new head.
+/// Whether volume record `v` still holds every write an export made at
+/// head epoch `head`: its head reads through `head` (one snapshot or more
+/// were taken since). A rollback to an older snapshot or a re-creation
+/// leaves `head` out of the chain. Only valid while no write starts at
+/// `head` (a pause, or a lapsed lease).
+fn holds_writes_at(v: &VolumeInfo, head: u64) -> bool {
+    v.chain.contains(&head)
+}
+
 async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export>) {
     let mut every = LEASE_RENEW_DEFAULT;
     let mut failing = false;
@@ -379,17 +388,14 @@ async fn watch_export(registry: Arc<Registry>, name: String, export: Weak<Export
                     let same = v.id == x.volume.info().id;
                     if same && v.head_epoch == head {
                         // Unchanged.
-                    } else if same && v.chain.contains(&head) && !x.lease_held() {
+                    } else if same && holds_writes_at(v, head) && !x.lease_held() {
                         // One or more snapshots taken since this head, by a
                         // leader that did not know this front end (a new
                         // one, say). They could only go ahead after this
                         // front end's lease had lapsed, and no renewal came
                         // since, so no write started after them
-                        // (`open_for_writes`). Every write it made went to
-                        // this head, which the new head reads through: as
-                        // after a pause, writes go on at the new head. (A
-                        // rollback to an older snapshot or a re-creation
-                        // leaves this head out of the chain.)
+                        // (`open_for_writes`): as after a pause, writes go
+                        // on at the new head.
                         x.volume.switch_head(v.head_epoch, v.chain.clone());
                         info!(
                             volume = %name,
@@ -648,9 +654,7 @@ impl Export {
         if v.id != self.volume.info().id {
             self.revoke(&format!("volume {name:?} was deleted and re-created"));
         } else if v.head_epoch != known_head {
-            // Every write went to the old head; a new head that reads
-            // through it (one snapshot or more since) holds them all.
-            if v.chain.contains(&known_head) {
+            if holds_writes_at(&v, known_head) {
                 self.volume.switch_head(v.head_epoch, v.chain.clone());
                 info!(
                     volume = %name,

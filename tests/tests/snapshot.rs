@@ -62,6 +62,23 @@ async fn wait_exported(cluster: &ReplicatedCluster, volume: &str) {
     }
 }
 
+/// Waits until `volume`'s chain is empty: its hidden epoch was folded.
+async fn wait_folded(cluster: &ReplicatedCluster, volume: &str) {
+    let t0 = Instant::now();
+    loop {
+        let v = cluster.client().get_volume(volume).await.unwrap();
+        if v.chain.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the hidden epoch of {volume} was not folded: chain {:?}",
+            v.chain
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until no front end holds an export lease on `volume` (a closed
 /// export drops its lease as it closes).
 async fn wait_unexported(cluster: &ReplicatedCluster, volume: &str) {
@@ -768,14 +785,7 @@ async fn a_hidden_epoch_is_folded_only_once_every_replica_is_back() {
 
     cluster.servers[2].restart().unwrap();
     cluster.wait_healthy(Duration::from_secs(60)).await.unwrap();
-    let t0 = Instant::now();
-    while !volmgr.get_volume("w").await.unwrap().chain.is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the hidden epoch was not folded once node 3 was back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_folded(&cluster, "w").await;
     qemu_io(&uri, "read -P 2 0 2M");
     qemu_io(&uri, "read -P 1 2M 2M");
     let compared = cluster.compare_replicas(v.id, 3).await.unwrap();
@@ -805,19 +815,7 @@ async fn a_deleted_snapshot_under_the_head_is_folded_and_its_overwritten_blocks_
         &cluster,
         &["snapshot", "delete", "f", "before-upgrade", "--yes"],
     );
-    let t0 = Instant::now();
-    loop {
-        let v = volmgr.get_volume("f").await.unwrap();
-        if v.chain.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the hidden epoch was not folded: chain {:?}",
-            v.chain
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_folded(&cluster, "f").await;
     // 4 MiB held beneath, 2 MiB of it overwritten: 2 MiB copied up and 4
     // MiB deleted, on three replicas.
     let after = wait_used_at_most(&cluster, before - 3 * 2 * MIB, "after the fold").await;
