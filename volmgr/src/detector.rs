@@ -15,7 +15,11 @@
 //!
 //! - **Down**: an up node silent for `down_after_ms` [4 s] is marked down.
 //!   Silence counts from its last heartbeat to *this* detector, or from when
-//!   this detector first saw it in the map, whichever is later.
+//!   this detector first saw it in the map (or first saw its current
+//!   incarnation, `up_since`), whichever is later: a process that has just
+//!   registered is not judged by its predecessor's silence. The proposal
+//!   names the map epoch it judged (`NodeIds::seen_epoch`), and applying it
+//!   leaves out a node that registered again since.
 //!   When one node is due, every other up node silent for at least
 //!   `down_after_ms` minus one heartbeat interval goes down with it:
 //!   heartbeats are spread over the interval, so servers that died together
@@ -66,7 +70,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use cairn_proto::map::ClusterMap;
+use cairn_proto::map::{ClusterMap, NodeInfo};
 
 use crate::state::{Command, NodeIds, NODES_MAX};
 
@@ -137,9 +141,11 @@ struct Tracked {
     last_heartbeat_ms: Option<u64>,
     /// Start of the current steady run of heartbeats.
     run_start_ms: u64,
-    /// The map's `up` and `in_` at the last tick; `None` before the first.
+    /// The map's `up`, `in_` and `up_since` (the incarnation) at the last
+    /// tick; `None` before the first.
     seen_up: Option<bool>,
     seen_in: Option<bool>,
+    seen_up_since: Option<u64>,
     /// When this detector first saw it down in the map.
     down_since_ms: Option<u64>,
     /// When it fell (up to down in the map), oldest first.
@@ -157,6 +163,7 @@ impl Tracked {
             run_start_ms: now_ms,
             seen_up: None,
             seen_in: None,
+            seen_up_since: None,
             down_since_ms: None,
             falls_ms: VecDeque::new(),
             down_proposed_ms: None,
@@ -166,7 +173,18 @@ impl Tracked {
     }
 
     /// Notes what the map says now, and what changed since the last tick.
-    fn observe(&mut self, up: bool, in_: bool, now_ms: u64, config: &DetectorConfig) {
+    fn observe(&mut self, node: &NodeInfo, now_ms: u64, config: &DetectorConfig) {
+        let (up, in_) = (node.up, node.in_);
+        if up && self.seen_up_since.is_some_and(|s| s != node.up_since) {
+            // A new incarnation (the process registered again, or came back
+            // up): its silence counts from now, not from its predecessor's
+            // last heartbeat. A proposal to mark the predecessor down that
+            // is still on its way cannot touch it (it names an older
+            // `seen_epoch`), so leases need not wait for it.
+            self.watched_since_ms = now_ms;
+            self.down_proposed_ms = None;
+        }
+        self.seen_up_since = Some(node.up_since);
         match (self.seen_up, up) {
             (None, false) => self.down_since_ms = Some(now_ms),
             (Some(true), false) => {
@@ -314,7 +332,7 @@ impl FailureDetector {
                 .nodes
                 .entry(node.id)
                 .or_insert_with(|| Tracked::new(now_ms));
-            t.observe(node.up, node.in_, now_ms, &config);
+            t.observe(node, now_ms, &config);
             let window_start = now_ms.saturating_sub(config.flap_window_ms);
             while t.falls_ms.front().is_some_and(|&f| f < window_start) {
                 t.falls_ms.pop_front();
@@ -383,13 +401,22 @@ impl FailureDetector {
         }
         let mut commands = Vec::new();
         if !down.is_empty() {
-            commands.push(Command::MarkDown(NodeIds { node_ids: down }));
+            commands.push(Command::MarkDown(NodeIds {
+                node_ids: down,
+                seen_epoch: map.epoch,
+            }));
         }
         if !out.is_empty() {
-            commands.push(Command::MarkOut(NodeIds { node_ids: out }));
+            commands.push(Command::MarkOut(NodeIds {
+                node_ids: out,
+                seen_epoch: map.epoch,
+            }));
         }
         if !up.is_empty() {
-            commands.push(Command::MarkUp(NodeIds { node_ids: up }));
+            commands.push(Command::MarkUp(NodeIds {
+                node_ids: up,
+                seen_epoch: map.epoch,
+            }));
         }
         commands
     }

@@ -436,10 +436,10 @@ impl State {
             Command::SetGroupCount(c) => self.set_group_count(c.group_count),
             Command::RegisterNode(c) => self.register_node(c, now_unix_ms),
             Command::NodeStats(c) => Ok(self.node_stats(c)),
-            Command::MarkDown(c) => self.mark(&c.node_ids, Mark::Down, now_unix_ms),
-            Command::MarkUp(c) => self.mark(&c.node_ids, Mark::Up, now_unix_ms),
-            Command::MarkOut(c) => self.mark(&c.node_ids, Mark::Out, now_unix_ms),
-            Command::MarkIn(c) => self.mark(&c.node_ids, Mark::In, now_unix_ms),
+            Command::MarkDown(c) => self.mark(c, Mark::Down, now_unix_ms),
+            Command::MarkUp(c) => self.mark(c, Mark::Up, now_unix_ms),
+            Command::MarkOut(c) => self.mark(c, Mark::Out, now_unix_ms),
+            Command::MarkIn(c) => self.mark(c, Mark::In, now_unix_ms),
             Command::SetWeight(c) => self.set_weight(c, now_unix_ms),
             Command::RemoveNode(c) => self.remove_node(c.node_id),
             Command::CreateVolume(c) => self.create_volume(c, now_unix_ms),
@@ -571,19 +571,24 @@ impl State {
         Outcome::default()
     }
 
-    fn mark(&mut self, ids: &[u64], mark: Mark, now_unix_ms: u64) -> Result<Outcome, StateError> {
-        if ids.is_empty() {
+    fn mark(&mut self, c: &NodeIds, mark: Mark, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        if c.node_ids.is_empty() {
             return Err(StateError::NoNodes);
         }
         let mut changing = BTreeSet::new();
-        for &node_id in ids {
+        for &node_id in &c.node_ids {
             let i = self.node_index(node_id)?;
             let node = &self.map.nodes[i];
             let current = match mark {
                 Mark::Down | Mark::Up => node.up,
                 Mark::Out | Mark::In => node.in_,
             };
-            if current != mark.value() {
+            // A new incarnation since the proposer looked (see
+            // `NodeIds::seen_epoch`): the judgement was about another process.
+            let judged_another = matches!(mark, Mark::Down | Mark::Out)
+                && c.seen_epoch != 0
+                && node.up_since > c.seen_epoch;
+            if current != mark.value() && !judged_another {
                 changing.insert(i);
             }
         }

@@ -66,12 +66,14 @@ fn create(name: &str, replicas: u32) -> Command {
 fn mark_down(ids: &[u64]) -> Command {
     Command::MarkDown(NodeIds {
         node_ids: ids.to_vec(),
+        seen_epoch: 0,
     })
 }
 
 fn mark_up(ids: &[u64]) -> Command {
     Command::MarkUp(NodeIds {
         node_ids: ids.to_vec(),
+        seen_epoch: 0,
     })
 }
 
@@ -397,6 +399,7 @@ fn a_node_outside_the_placement_is_not_claimed() {
         &mut s,
         Command::MarkOut(NodeIds {
             node_ids: vec![p[1]],
+            seen_epoch: 0,
         }),
     );
     let g = record(&s, 2, g.index);
@@ -413,7 +416,13 @@ fn a_node_outside_the_placement_is_not_claimed() {
 fn an_acting_node_cannot_be_removed() {
     let mut s = nodes(3);
     ok(&mut s, create("a", 1));
-    ok(&mut s, Command::MarkOut(NodeIds { node_ids: vec![2] }));
+    ok(
+        &mut s,
+        Command::MarkOut(NodeIds {
+            node_ids: vec![2],
+            seen_epoch: 0,
+        }),
+    );
     ok(&mut s, mark_down(&[2]));
     let g = records(&s, 1)
         .into_iter()
@@ -437,7 +446,13 @@ fn an_acting_node_cannot_be_removed() {
     // Where others remain, a down node has left: with 2 replicas it goes.
     let mut s = nodes(3);
     ok(&mut s, create("a", 2));
-    ok(&mut s, Command::MarkOut(NodeIds { node_ids: vec![2] }));
+    ok(
+        &mut s,
+        Command::MarkOut(NodeIds {
+            node_ids: vec![2],
+            seen_epoch: 0,
+        }),
+    );
     ok(&mut s, mark_down(&[2]));
     ok(&mut s, Command::RemoveNode(RemoveNode { node_id: 2 }));
     assert!(s.map().groups.iter().all(|g| !g.acting.contains(&2)));

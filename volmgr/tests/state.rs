@@ -56,6 +56,7 @@ fn delete(key: VolumeKey) -> Command {
 fn ids(node_ids: &[u64]) -> NodeIds {
     NodeIds {
         node_ids: node_ids.to_vec(),
+        seen_epoch: 0,
     }
 }
 
@@ -859,4 +860,44 @@ fn snapshots_breaking_invariants_are_refused() {
     prost::encoding::uint64::encode(4, &5, &mut payload);
     let e = State::restore(&wrap(payload, 1)).unwrap_err();
     assert!(e.to_string().contains("next volume id 5"), "{e}");
+}
+
+/// A failure detector's MarkDown or MarkOut names the map it judged
+/// (`seen_epoch`); a node registered again after that is a new incarnation
+/// the judgement was not about, and stays as it is. The others named with
+/// it still change, and an admin's command (no epoch) always applies.
+#[test]
+fn marks_judged_on_an_older_map_leave_a_new_incarnation_alone() {
+    let mut s = cluster();
+    let judged = s.map_epoch();
+    ok(&mut s, register(2, "h2", "r1"));
+    let incarnation = s.map().node(2).unwrap().up_since;
+    assert!(incarnation > judged);
+    let stale = |node_ids: &[u64]| NodeIds {
+        node_ids: node_ids.to_vec(),
+        seen_epoch: judged,
+    };
+    let before = s.map_epoch();
+    ok(&mut s, Command::MarkDown(stale(&[2])));
+    assert_eq!(s.map_epoch(), before, "nothing changed, no new epoch");
+    ok(&mut s, Command::MarkDown(stale(&[2, 3])));
+    let (n2, n3) = (s.map().node(2).unwrap(), s.map().node(3).unwrap());
+    assert!(n2.up && n2.up_since == incarnation);
+    assert!(!n3.up);
+    // MarkOut of a node that came back after the judgement: left alone.
+    ok(&mut s, Command::MarkOut(stale(&[2])));
+    assert!(s.map().node(2).unwrap().in_);
+    // Judged on a map that shows the new incarnation: applies.
+    ok(
+        &mut s,
+        Command::MarkDown(NodeIds {
+            node_ids: vec![2],
+            seen_epoch: incarnation,
+        }),
+    );
+    assert!(!s.map().node(2).unwrap().up);
+    // An admin's marks are unconditional.
+    ok(&mut s, register(1, "h1", "r1"));
+    ok(&mut s, Command::MarkOut(ids(&[1])));
+    assert!(!s.map().node(1).unwrap().in_);
 }

@@ -76,8 +76,8 @@ fn command() -> impl Strategy<Value = Command> {
                 }],
             })
         }),
-        2 => (0u8..4, ids).prop_map(|(kind, node_ids)| {
-            let ids = NodeIds { node_ids };
+        2 => (0u8..4, ids, prop_oneof![Just(0u64), 1u64..40]).prop_map(|(kind, node_ids, seen_epoch)| {
+            let ids = NodeIds { node_ids, seen_epoch };
             match kind {
                 0 => Command::MarkDown(ids),
                 1 => Command::MarkUp(ids),
@@ -408,6 +408,18 @@ fn check_groups_step(before: &State, after: &State, p: &Proposal) {
         }
         if restarted || (!old.up && n.up) {
             assert_eq!(n.up_since, a.epoch, "a new incarnation");
+        }
+        // The detector's marks leave alone an incarnation newer than the
+        // map it judged.
+        if let Some(Command::MarkDown(c) | Command::MarkOut(c)) = &p.command {
+            if c.seen_epoch != 0 && old.up_since > c.seen_epoch {
+                assert_eq!(
+                    (n.up, n.in_),
+                    (old.up, old.in_),
+                    "node {} judged by an older map",
+                    n.id
+                );
+            }
         }
     }
     // Acting sets grow only by a granted claim, by its node, at a new

@@ -224,6 +224,22 @@ pub struct NodeIds {
     /// At least one.
     #[prost(uint64, repeated, tag = "1")]
     pub node_ids: Vec<u64>,
+    /// The map epoch the proposer judged the nodes by (the failure
+    /// detector's); 0 for an admin's unconditional command. MarkDown and
+    /// MarkOut leave out a node whose current up period began after it
+    /// (`NodeInfo::up_since` greater): that is a new incarnation, registered
+    /// while the proposal was on its way, and the silence the detector
+    /// measured was its predecessor's. Without this a server restarted just
+    /// as its old process was found silent was marked down at once, and
+    /// then had to heartbeat through the anti-flap wait (up to 5 minutes)
+    /// before it was let back.
+    ///
+    /// Added after the first release of this format: entries without it
+    /// decode as 0 and apply as before. Like a new command, it needs every
+    /// member to run a build that knows it before a leader proposes it
+    /// (an older member would apply the command unconditionally).
+    #[prost(uint64, tag = "2")]
+    pub seen_epoch: u64,
 }
 
 /// See [`Command::SetWeight`].
