@@ -362,6 +362,31 @@ pub enum PeerMsg {
         /// The flush.
         flush_id: u64,
     },
+    /// Primary → acting replica: the primary cannot read its own copy of
+    /// this part of an extent (a checksum mismatch or a disk error); send
+    /// yours. Read repair: the primary stores what comes back and reads
+    /// again. Sent under the primary's range lock, so no write to the part
+    /// is in flight and every acting replica holds the same bytes there.
+    Fetch {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// Matches the reply.
+        fetch_id: u64,
+        /// The extent.
+        ext: ExtentId,
+        /// Which part: whole 4 KiB blocks, or the whole extent.
+        part: Part,
+    },
+    /// Replica → primary: the part asked for (ranges: their bytes one after
+    /// another, read through the chain whether or not the version is
+    /// stored; the whole extent: `None` if this replica stores no such
+    /// version), or why it could not read it either.
+    FetchReply {
+        /// The fetch.
+        fetch_id: u64,
+        /// The bytes, or the replica's own error.
+        data: Result<Option<Bytes>, String>,
+    },
     /// Replica → primary: refused.
     Refused(PeerRefusal),
 }

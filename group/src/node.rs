@@ -31,6 +31,9 @@ pub struct Config {
     /// Changes remembered by range per group ([`RECENT_MAX`]; the
     /// simulator uses small values to exercise forgetting).
     pub recent_max: usize,
+    /// The store's checksummed block: a read repair fetches and stores
+    /// whole blocks around the range that could not be read.
+    pub block_bytes: u64,
     /// A deliberately broken variant, to show the simulator catches it.
     pub bug: Option<Bug>,
 }
@@ -43,6 +46,7 @@ impl Default for Config {
             sync_request_ms: 500,
             claim_retry_ms: 1000,
             recent_max: RECENT_MAX,
+            block_bytes: 4096,
             bug: None,
         }
     }
@@ -93,6 +97,15 @@ pub enum DiskReq {
         ext: ExtentId,
         /// Which part.
         part: Part,
+    },
+    /// Read ranges through the version's chain, their bytes one after
+    /// another: zeros (or the versions beneath) where this version holds
+    /// nothing, stored or not. Answers [`DiskDone::Data`]. For read repair.
+    ReadRanges {
+        /// The extent.
+        ext: ExtentId,
+        /// Sorted, apart, whole blocks.
+        ranges: Vec<(u64, u64)>,
     },
     /// Replace the whole extent (or delete it), or some ranges of it.
     PutExtent {
@@ -343,6 +356,41 @@ pub enum Trace {
         /// Extents pushed to it.
         pushed: usize,
     },
+    /// As primary, this node could not read its own copy of `part` of
+    /// `ext` (`error`), and fetches the part from replica `from`.
+    Repairing {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// The part.
+        part: Part,
+        /// The replica asked.
+        from: NodeId,
+        /// Why the local read failed.
+        error: String,
+    },
+    /// The part fetched from `from` was stored and reads back: repaired.
+    Repaired {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// The part.
+        part: Part,
+        /// The replica whose copy was stored.
+        from: NodeId,
+    },
+    /// No acting replica could supply a good copy, or the repaired copy
+    /// still does not read: the operation fails as it would have.
+    RepairFailed {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// What went wrong, every replica asked included.
+        error: String,
+    },
 }
 
 /// What the node asks its driver to do, in order.
@@ -384,6 +432,14 @@ enum DiskCtx {
         key: GroupKey,
         from: Origin,
         applied: Applied,
+        lock: u64,
+    },
+    /// A replica reading a part the primary fetches (read repair), under
+    /// lock `lock`.
+    ReplicaFetch {
+        key: GroupKey,
+        from: Origin,
+        fetch_id: u64,
         lock: u64,
     },
     /// A replica flushing.
@@ -430,6 +486,11 @@ enum ReplicaWork {
         seq: Option<Seq>,
         part: Part,
         data: Option<Bytes>,
+    },
+    /// Read repair: read this part for the primary.
+    Fetch {
+        fetch_id: u64,
+        part: Part,
     },
 }
 
@@ -557,7 +618,55 @@ struct Primary {
     by_seq: BTreeMap<Seq, u64>,
     by_push: BTreeMap<u64, (u64, NodeId)>,
     by_flush: BTreeMap<u64, (u64, NodeId)>,
+    /// Read repairs, by task.
+    repairs: BTreeMap<u64, Repair>,
+    /// fetch id -> task
+    by_fetch: BTreeMap<u64, u64>,
     pushed_at_peering: usize,
+}
+
+/// A primary task's read repair. Its local read (a client read, a
+/// compare-and-write's compare, or a push's read of the copy to push)
+/// failed: the store found a block whose checksum does not match, or the
+/// disk failed the read. Every acting replica holds the same bytes for the
+/// part (the task holds its range lock, so no write to it is in flight),
+/// so one of them is asked for its copy, which is stored here; then the
+/// task reads again. The task keeps its lock throughout.
+#[derive(Debug)]
+struct Repair {
+    ext: ExtentId,
+    /// Whole blocks around what the task reads, or the whole extent.
+    part: Part,
+    /// The local error that started it, and those of replicas asked since.
+    error: String,
+    /// The replica asked now, by which fetch.
+    from: NodeId,
+    fetch_id: u64,
+    /// Replicas asked so far.
+    tried: BTreeSet<NodeId>,
+    /// When `from` was first asked, and last.
+    asked_at: u64,
+    sent_at: u64,
+    /// The fetched copy is being stored here.
+    putting: bool,
+    /// It was stored: the task's read runs again, and if that fails too
+    /// the failure is final.
+    stored: bool,
+}
+
+impl Primary {
+    /// An acting replica not yet asked that may supply a copy, and its
+    /// incarnation: up-to-date replicas first.
+    fn repair_source(&self, tried: &BTreeSet<NodeId>) -> Option<(NodeId, Epoch)> {
+        let mut candidates: Vec<(bool, NodeId, Epoch)> = self
+            .members
+            .iter()
+            .filter(|(n, m)| m.acting && !tried.contains(n))
+            .map(|(n, m)| (m.state != MemberState::Synced, *n, m.up_since))
+            .collect();
+        candidates.sort_unstable();
+        candidates.first().map(|&(_, n, up)| (n, up))
+    }
 }
 
 impl Primary {
@@ -830,6 +939,8 @@ impl Node {
             by_seq: BTreeMap::new(),
             by_push: BTreeMap::new(),
             by_flush: BTreeMap::new(),
+            repairs: BTreeMap::new(),
+            by_fetch: BTreeMap::new(),
             pushed_at_peering: 0,
         });
         let queries: Vec<(NodeId, Epoch)> = g
@@ -1421,6 +1532,30 @@ impl Node {
             Waiting::Replica { from, work } => {
                 let id = self.id_next();
                 let ext = from.ext;
+                if let ReplicaWork::Fetch { fetch_id, part } = work {
+                    // Read repair: nothing changes here, nothing is journaled.
+                    // Ranges are read whether or not this version is stored
+                    // (the primary's lock covers only them); the whole
+                    // extent as a push reads it (the lock covers it all).
+                    let req = match part {
+                        Part::Ranges(ranges) => DiskReq::ReadRanges { ext, ranges },
+                        Part::Whole => DiskReq::ReadExtent {
+                            ext,
+                            part: Part::Whole,
+                        },
+                    };
+                    self.disk.insert(
+                        id,
+                        DiskCtx::ReplicaFetch {
+                            key,
+                            from,
+                            fetch_id,
+                            lock,
+                        },
+                    );
+                    self.out.push(Output::Disk { id, req });
+                    return;
+                }
                 let cap = self.cfg.recent_max;
                 let g = self.groups.get_mut(&key).expect("exists");
                 let (record, req, applied) = match work {
@@ -1448,6 +1583,7 @@ impl Node {
                         },
                         Applied::Push(push_id, seq, part),
                     ),
+                    ReplicaWork::Fetch { .. } => unreachable!("started above"),
                 };
                 // A write is journaled before it starts: from then on the
                 // extent counts as uncertain here. A push lowers the entry
@@ -1836,6 +1972,26 @@ impl Node {
                 };
                 self.send(from.primary, key, from.interval, ack);
             }
+            DiskCtx::ReplicaFetch {
+                key,
+                from,
+                fetch_id,
+                lock,
+            } => {
+                self.release(key, from.ext, lock);
+                let data = match done {
+                    DiskDone::Extent(content) => Ok(content),
+                    DiskDone::Data(bytes) => Ok(Some(bytes)),
+                    DiskDone::Failed(e) => Err(e),
+                    other => Err(format!("unexpected read result {other:?}")),
+                };
+                self.send(
+                    from.primary,
+                    key,
+                    from.interval,
+                    PeerMsg::FetchReply { fetch_id, data },
+                );
+            }
             DiskCtx::ReplicaFlush {
                 key,
                 interval,
@@ -1860,6 +2016,46 @@ impl Node {
 
     fn task_disk_done(&mut self, key: GroupKey, gen: u64, tid: u64, done: DiskDone) {
         let now = self.now;
+        let align = self.cfg.block_bytes;
+        let g = self.groups.get_mut(&key).expect("exists");
+        let Some(p) = g.primary.as_mut().filter(|p| p.gen == gen) else {
+            return;
+        };
+        // Read repair (see `Repair`): the fetched copy is stored ...
+        if p.repairs.get(&tid).is_some_and(|r| r.putting) {
+            self.repair_stored(key, gen, tid, done);
+            return;
+        }
+        // ... a local read failed ...
+        if let DiskDone::Failed(e) = &done {
+            let target = match p.tasks.get(&tid) {
+                Some(Task::Read {
+                    ext, offset, len, ..
+                }) => Some((*ext, blocks_around((*offset, offset + len), align))),
+                Some(Task::Write {
+                    compare: Some(_),
+                    ext,
+                    op,
+                    ..
+                }) => Some((*ext, blocks_around(op.range(), align))),
+                Some(Task::Push { ext, part, .. }) => Some((*ext, part.clone())),
+                _ => None,
+            };
+            if let Some((ext, part)) = target {
+                if self.try_repair(key, tid, ext, part, e) {
+                    return;
+                }
+            }
+        } else if let Some(r) = p.repairs.remove(&tid) {
+            // ... or read again after the repair: repaired.
+            p.by_fetch.remove(&r.fetch_id);
+            self.out.push(Output::Trace(Trace::Repaired {
+                key,
+                ext: r.ext,
+                part: r.part,
+                from: r.from,
+            }));
+        }
         let g = self.groups.get_mut(&key).expect("exists");
         let Some(p) = g.primary.as_mut().filter(|p| p.gen == gen) else {
             return;
@@ -1978,6 +2174,235 @@ impl Node {
         }
     }
 
+    // ------------------------------------------------------- read repair
+
+    /// Starts a read repair (see [`Repair`]) for task `tid`, whose local
+    /// read of `part` of `ext` failed with `error`. False when there is none
+    /// to start: no other replica acts, or the read failed again after a
+    /// repair stored a fetched copy (the failure then stands).
+    fn try_repair(
+        &mut self,
+        key: GroupKey,
+        tid: u64,
+        ext: ExtentId,
+        part: Part,
+        error: &str,
+    ) -> bool {
+        let now = self.now;
+        let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
+            return false;
+        };
+        if let Some(r) = p.repairs.remove(&tid) {
+            p.by_fetch.remove(&r.fetch_id);
+            self.out.push(Output::Trace(Trace::RepairFailed {
+                key,
+                ext,
+                error: format!("{error}, again after storing the copy of node {}", r.from),
+            }));
+            return false;
+        }
+        let Some((from, up_since)) = p.repair_source(&BTreeSet::new()) else {
+            return false;
+        };
+        let fetch_id = self.next_id;
+        self.next_id += 1;
+        let interval = p.interval;
+        p.by_fetch.insert(fetch_id, tid);
+        p.repairs.insert(
+            tid,
+            Repair {
+                ext,
+                part: part.clone(),
+                error: error.to_string(),
+                from,
+                fetch_id,
+                tried: BTreeSet::from([from]),
+                asked_at: now,
+                sent_at: now,
+                putting: false,
+                stored: false,
+            },
+        );
+        self.out.push(Output::Trace(Trace::Repairing {
+            key,
+            ext,
+            part: part.clone(),
+            from,
+            error: error.to_string(),
+        }));
+        let msg = PeerMsg::Fetch {
+            to_up_since: up_since,
+            fetch_id,
+            ext,
+            part,
+        };
+        self.send(from, key, interval, msg);
+        true
+    }
+
+    /// The replica asked for task `tid`'s repair could not help (`why`):
+    /// asks the next one, or fails the repair.
+    fn repair_ask_next(&mut self, key: GroupKey, tid: u64, why: String) {
+        let now = self.now;
+        let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
+            return;
+        };
+        let interval = p.interval;
+        let Some(r) = p.repairs.get_mut(&tid) else {
+            return;
+        };
+        r.error = format!("{}; {why}", r.error);
+        let tried = r.tried.clone();
+        let old_fetch = r.fetch_id;
+        p.by_fetch.remove(&old_fetch);
+        let Some((from, up_since)) = p.repair_source(&tried) else {
+            self.repair_fail(key, tid);
+            return;
+        };
+        let fetch_id = self.next_id;
+        self.next_id += 1;
+        p.by_fetch.insert(fetch_id, tid);
+        let r = p.repairs.get_mut(&tid).expect("just seen");
+        r.from = from;
+        r.fetch_id = fetch_id;
+        r.tried.insert(from);
+        r.asked_at = now;
+        r.sent_at = now;
+        let (ext, part) = (r.ext, r.part.clone());
+        self.out.push(Output::Trace(Trace::Repairing {
+            key,
+            ext,
+            part: part.clone(),
+            from,
+            error: why,
+        }));
+        let msg = PeerMsg::Fetch {
+            to_up_since: up_since,
+            fetch_id,
+            ext,
+            part,
+        };
+        self.send(from, key, interval, msg);
+    }
+
+    /// No replica could supply task `tid`'s part, or storing the copy
+    /// failed: the task fails as its read did. A push keeps its lock and
+    /// reads again on a later tick (which may repair again).
+    fn repair_fail(&mut self, key: GroupKey, tid: u64) {
+        let now = self.now;
+        let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
+            return;
+        };
+        let Some(r) = p.repairs.remove(&tid) else {
+            return;
+        };
+        p.by_fetch.remove(&r.fetch_id);
+        self.out.push(Output::Trace(Trace::RepairFailed {
+            key,
+            ext: r.ext,
+            error: r.error.clone(),
+        }));
+        match p.tasks.get_mut(&tid) {
+            Some(Task::Read { .. }) => {
+                let Some(Task::Read {
+                    client, ext, lock, ..
+                }) = p.tasks.remove(&tid)
+                else {
+                    unreachable!()
+                };
+                self.out.push(Output::Reply(ClientReply {
+                    client: client.0,
+                    id: client.1,
+                    result: Err(Refusal::Io(r.error)),
+                }));
+                self.release(key, ext, lock);
+            }
+            Some(Task::Write { .. }) => self.finish_unwritten(key, tid, Err(Refusal::Io(r.error))),
+            Some(Task::Push { sent_at, .. }) => *sent_at = now,
+            _ => {}
+        }
+    }
+
+    /// The store of task `tid`'s fetched copy ended: read again, or fail.
+    fn repair_stored(&mut self, key: GroupKey, gen: u64, tid: u64, done: DiskDone) {
+        let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
+            return;
+        };
+        let Some(r) = p.repairs.get_mut(&tid) else {
+            return;
+        };
+        r.putting = false;
+        if let DiskDone::Failed(e) = done {
+            r.error = format!("{}; storing the copy of node {}: {e}", r.error, r.from);
+            self.repair_fail(key, tid);
+            return;
+        }
+        r.stored = true;
+        self.start_task(key, gen, tid);
+    }
+
+    /// A replica answered a repair's fetch.
+    fn on_fetch_reply(
+        &mut self,
+        key: GroupKey,
+        interval: Epoch,
+        from: NodeId,
+        fetch_id: u64,
+        data: Result<Option<Bytes>, String>,
+    ) {
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        let Some(&tid) = p.by_fetch.get(&fetch_id) else {
+            return; // a duplicate, or a repair that moved on
+        };
+        let gen = p.gen;
+        let Some(r) = p.repairs.get_mut(&tid) else {
+            return;
+        };
+        if r.from != from || r.putting {
+            return;
+        }
+        let asked = r.part.bytes();
+        match data {
+            Err(e) => self.repair_ask_next(key, tid, format!("node {from}: {e}")),
+            Ok(None) if asked.is_some() => {
+                // Ranges always come with their bytes; only a whole extent
+                // (under a push's lock on all of it) may be absent.
+                let why = format!("node {from}: answered no copy of the ranges asked");
+                self.repair_ask_next(key, tid, why);
+            }
+            Ok(Some(d)) if asked.is_some_and(|n| n != d.len() as u64) => {
+                let why = format!(
+                    "node {from}: answered {} bytes for {} asked",
+                    d.len(),
+                    asked.unwrap_or(0)
+                );
+                self.repair_ask_next(key, tid, why);
+            }
+            Ok(content) => {
+                p.by_fetch.remove(&fetch_id);
+                r.putting = true;
+                // `None` (a whole extent): the replica stores no such
+                // version, so neither may this node (reads then fall
+                // through, on both, to the same versions beneath), as a
+                // push that deletes.
+                let part = if content.is_some() {
+                    r.part.clone()
+                } else {
+                    Part::Whole
+                };
+                let req = DiskReq::PutExtent {
+                    ext: r.ext,
+                    part,
+                    data: content,
+                };
+                let op = self.id_next();
+                self.task_disk(op, key, gen, tid, req);
+            }
+        }
+    }
+
     // -------------------------------------------------------------- peers
 
     fn send(&mut self, to: NodeId, key: GroupKey, interval: Epoch, msg: PeerMsg) {
@@ -2007,7 +2432,11 @@ impl Node {
                 self.on_flush_ack(m.key, m.interval, m.from, flush_id)
             }
             PeerMsg::Refused(r) => self.on_refused(m.key, m.interval, m.from, r),
+            PeerMsg::FetchReply { fetch_id, data } => {
+                self.on_fetch_reply(m.key, m.interval, m.from, fetch_id, data)
+            }
             PeerMsg::SyncQuery { to_up_since }
+            | PeerMsg::Fetch { to_up_since, .. }
             | PeerMsg::Forward { to_up_since, .. }
             | PeerMsg::Push { to_up_since, .. }
             | PeerMsg::SyncDone { to_up_since, .. }
@@ -2227,6 +2656,29 @@ impl Node {
                     id,
                     req: DiskReq::Flush,
                 });
+            }
+            PeerMsg::Fetch {
+                fetch_id,
+                ext,
+                part,
+                ..
+            } => {
+                // Behind every write and push to the extent already queued
+                // here, like a push.
+                let lock = self.id_next();
+                let origin = Origin {
+                    interval,
+                    primary: from,
+                    ext,
+                };
+                let work = ReplicaWork::Fetch { fetch_id, part };
+                self.queue(
+                    key,
+                    ext,
+                    WHOLE,
+                    lock,
+                    Waiting::Replica { from: origin, work },
+                );
             }
             _ => unreachable!("only primary messages get here"),
         }
@@ -2485,6 +2937,26 @@ impl Node {
         }
         let ups: BTreeMap<NodeId, Epoch> =
             p.members.iter().map(|(n, m)| (*n, m.up_since)).collect();
+        // Read repairs: ask again, or after `sync_timeout_ms` of silence
+        // the next replica (a frozen one must not hold the extent's lock).
+        let mut unanswered = Vec::new();
+        for (tid, r) in p.repairs.iter_mut().filter(|(_, r)| !r.putting) {
+            if now >= r.asked_at + cfg.sync_timeout_ms {
+                unanswered.push((*tid, r.from));
+            } else if now >= r.sent_at + cfg.retry_ms {
+                r.sent_at = now;
+                sends.push((
+                    r.from,
+                    PeerMsg::Fetch {
+                        to_up_since: ups.get(&r.from).copied().unwrap_or(0),
+                        fetch_id: r.fetch_id,
+                        ext: r.ext,
+                        part: r.part.clone(),
+                    },
+                ));
+            }
+        }
+        let repairing: BTreeSet<u64> = p.repairs.keys().copied().collect();
         let mut restart_reads = Vec::new();
         for (tid, t) in p.tasks.iter_mut() {
             match t {
@@ -2543,7 +3015,7 @@ impl Node {
                     data: None,
                     sent_at,
                     ..
-                } if now >= *sent_at + cfg.retry_ms => {
+                } if now >= *sent_at + cfg.retry_ms && !repairing.contains(tid) => {
                     // Reading our copy failed: try again.
                     *sent_at = now;
                     restart_reads.push(*tid);
@@ -2568,6 +3040,10 @@ impl Node {
         let gen = p.gen;
         for (n, msg) in sends {
             self.send(n, key, interval, msg);
+        }
+        for (tid, from) in unanswered {
+            let why = format!("node {from}: no answer in {} ms", cfg.sync_timeout_ms);
+            self.repair_ask_next(key, tid, why);
         }
         for tid in restart_reads {
             let in_flight = self
@@ -2616,6 +3092,11 @@ impl Group {
             last_sync_request: None,
         }
     }
+}
+
+/// Whole blocks of `align` bytes around `range`.
+fn blocks_around((start, end): (u64, u64), align: u64) -> Part {
+    Part::range(start / align * align, end.div_ceil(align) * align)
 }
 
 /// The extents to push to a replica with report `r`: every extent the

@@ -137,6 +137,8 @@ pub enum PeerKind {
     Flush = 9,
     FlushAck = 10,
     Refused = 11,
+    Fetch = 12,
+    FetchReply = 13,
 }
 
 /// A message between members of a group (chunk op `Peer`; one way, never
@@ -211,6 +213,12 @@ pub struct PeerHeader {
     /// `length_bytes` at `offset_bytes`, carrying no data.
     #[prost(bool, tag = "22")]
     pub materialize: bool,
+    /// FetchReply: the replica could not read the part either; `error`
+    /// says why (and the frame carries no data).
+    #[prost(bool, tag = "23")]
+    pub failed: bool,
+    #[prost(string, tag = "24")]
+    pub error: String,
 }
 
 /// Appends a part's ranges as start, end pairs; answers how many pairs (0
@@ -665,6 +673,34 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
             h.op_id = *flush_id;
             PeerKind::FlushAck
         }
+        PeerMsg::Fetch {
+            to_up_since,
+            fetch_id,
+            ext,
+            part,
+        } => {
+            h.up_since = *to_up_since;
+            h.op_id = *fetch_id;
+            h.extent = Some((*ext).into());
+            h.extent_bytes = extent_bytes;
+            put_part(part, &mut h.ranges);
+            PeerKind::Fetch
+        }
+        PeerMsg::FetchReply { fetch_id, data: d } => {
+            h.op_id = *fetch_id;
+            match d {
+                Ok(Some(d)) => {
+                    h.has_data = true;
+                    data = d.clone();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    h.failed = true;
+                    h.error = e.clone();
+                }
+            }
+            PeerKind::FetchReply
+        }
         PeerMsg::Refused(r) => {
             match r {
                 PeerRefusal::StaleInterval { current } => {
@@ -680,8 +716,8 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
     (h, data)
 }
 
-/// Decodes and checks a peer message. Returns it and, for Forward and
-/// Push, the volume's extent size (0 otherwise).
+/// Decodes and checks a peer message. Returns it and, for Forward, Push and
+/// Fetch, the volume's extent size (0 otherwise).
 pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
     let key = GroupKey {
         replicas: h.replicas,
@@ -706,7 +742,10 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
             .map(ExtentId::from)
             .ok_or_else(|| format!("{key}: {kind:?} without an extent"))
     };
-    let carries_data = matches!(kind, PeerKind::Forward | PeerKind::Push);
+    let carries_data = matches!(
+        kind,
+        PeerKind::Forward | PeerKind::Push | PeerKind::FetchReply
+    );
     if !carries_data && !data.is_empty() {
         return Err(format!("{key}: {} data bytes on a {kind:?}", data.len()));
     }
@@ -840,6 +879,45 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
             flush_id: h.op_id,
         },
         PeerKind::FlushAck => PeerMsg::FlushAck { flush_id: h.op_id },
+        PeerKind::Fetch => {
+            let ext = need_ext()?;
+            if !h.ranges.len().is_multiple_of(2) {
+                return Err(format!("{ext}: fetch with an odd count of range bounds"));
+            }
+            let mut at = 0;
+            let part = take_part(&h.ranges, &mut at, (h.ranges.len() / 2) as u32, ext)?;
+            if h.extent_bytes != 0 {
+                check_range(ext, h.extent_bytes, 0, h.extent_bytes as u64)?;
+                part.validate(h.extent_bytes as u64, 512)
+                    .map_err(|e| format!("{ext}: {e}"))?;
+                extent_bytes = h.extent_bytes;
+            }
+            PeerMsg::Fetch {
+                to_up_since: h.up_since,
+                fetch_id: h.op_id,
+                ext,
+                part,
+            }
+        }
+        PeerKind::FetchReply => {
+            let reply = if h.failed {
+                if !data.is_empty() || h.has_data {
+                    return Err(format!("{key}: a failed fetch reply carries data"));
+                }
+                Err(h.error.clone())
+            } else if h.has_data {
+                Ok(Some(data))
+            } else {
+                if !data.is_empty() {
+                    return Err(format!("{key}: a fetch reply without a copy carries data"));
+                }
+                Ok(None)
+            };
+            PeerMsg::FetchReply {
+                fetch_id: h.op_id,
+                data: reply,
+            }
+        }
         PeerKind::Refused => PeerMsg::Refused(if h.stale_interval {
             PeerRefusal::StaleInterval {
                 current: h.current_interval,
@@ -978,6 +1056,30 @@ mod tests {
             PeerMsg::FlushAck { flush_id: 8 },
             PeerMsg::Refused(PeerRefusal::StaleInterval { current: 13 }),
             PeerMsg::Refused(PeerRefusal::WrongIncarnation),
+            PeerMsg::Fetch {
+                to_up_since: 7,
+                fetch_id: 9,
+                ext: EXT,
+                part: Part::Ranges(vec![(4096, 12288)]),
+            },
+            PeerMsg::Fetch {
+                to_up_since: 7,
+                fetch_id: 10,
+                ext: EXT,
+                part: Part::Whole,
+            },
+            PeerMsg::FetchReply {
+                fetch_id: 9,
+                data: Ok(Some(Bytes::from(vec![3; 8192]))),
+            },
+            PeerMsg::FetchReply {
+                fetch_id: 10,
+                data: Ok(None),
+            },
+            PeerMsg::FetchReply {
+                fetch_id: 11,
+                data: Err("node 2: checksum mismatch".into()),
+            },
         ] {
             round_trip_peer(msg);
         }

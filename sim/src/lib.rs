@@ -7,7 +7,11 @@
 //! order and tear the writes in flight when a node crashes. Nodes crash and
 //! restart, freeze (as under SIGSTOP) and resume, lose their link to the
 //! volume manager (so it marks them down while they still run), and the map
-//! moves on at any point.
+//! moves on at any point. With `rot`, blocks on one node's disk go bad (as
+//! bit rot: every read of them fails until they are written again), so the
+//! primary's read repair runs under the same faults; while a node holds a
+//! bad block the others are spared crashes, freezes and cuts, so a good copy
+//! always stays acting (the protocol cannot repair from nothing).
 //!
 //! After the faults stop, the schedule heals (every node back, every group's
 //! acting set whole again, every client request answered) and is checked:
@@ -61,6 +65,8 @@ pub struct SimConfig {
     /// Changes each replica remembers by range per group (small values make
     /// peering fall back to whole extents).
     pub recent_max: usize,
+    /// Blocks go bad on one node's disk now and then (see the crate docs).
+    pub rot: bool,
     /// Print every event.
     pub verbose: bool,
 }
@@ -80,6 +86,7 @@ impl Default for SimConfig {
             min_replicas: 1,
             bug: None,
             recent_max: RECENT_MAX,
+            rot: false,
             verbose: false,
         }
     }
@@ -99,6 +106,9 @@ impl SimConfig {
             queue_depth: rng.gen_range(1..=6),
             min_replicas: rng.gen_range(1..=replicas),
             recent_max: [1, 3, 8, RECENT_MAX][rng.gen_range(0..4)],
+            // Drawn last, so the draws before it, and every schedule
+            // without rot, are what they were before rot existed.
+            rot: rng.gen_bool(0.5),
             bug,
             ..SimConfig::default()
         }
@@ -134,6 +144,10 @@ pub struct Stats {
     pub whole_pushes: u64,
     /// See `whole_pushes`.
     pub range_pushes: u64,
+    /// Blocks that went bad, and read repairs that ended well.
+    pub rotted: u64,
+    /// See `rotted`.
+    pub repaired: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -226,6 +240,9 @@ impl Ord for Queued {
 struct Disk {
     extents: BTreeMap<ExtentId, Vec<u8>>,
     inflight: BTreeMap<u64, DiskReq>,
+    /// Bad blocks (extent, block index): reads of them fail; writing a
+    /// block whole makes it good again. Their bytes are kept, unread.
+    rot: BTreeSet<(ExtentId, u64)>,
 }
 
 struct SimNode {
@@ -343,6 +360,7 @@ impl World {
             sync_request_ms: 200,
             claim_retry_ms: 400,
             recent_max: cfg.recent_max,
+            block_bytes: cfg.block,
             bug: cfg.bug,
         };
         let mut nodes = BTreeMap::new();
@@ -529,7 +547,7 @@ impl World {
                 let Some(req) = n.disk.inflight.remove(&op) else {
                     return;
                 };
-                let done = apply(&mut n.disk, &req, self.cfg.extent_bytes);
+                let done = apply(&mut n.disk, &req, self.cfg.extent_bytes, self.cfg.block);
                 let core = n.core.as_mut().expect("running");
                 core.set_clock(self.now);
                 core.on_disk(op, done);
@@ -750,6 +768,9 @@ impl World {
                 }
                 Output::Trace(t) => {
                     self.log(|| format!("{id}: {t:?}"));
+                    if matches!(t, Trace::Repaired { .. }) {
+                        self.stats.repaired += 1;
+                    }
                     if let Trace::AckedWrite { key, interval } = t {
                         let prev = *self.acked_in.entry((key, interval)).or_insert(id);
                         if prev != id {
@@ -809,7 +830,13 @@ impl World {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let id = ids[self.rng.gen_range(0..ids.len())];
         let now = self.now;
-        match self.rng.gen_range(0..10) {
+        let kind = self.rng.gen_range(0..10);
+        // While a node holds bad blocks, the others stay up and acting (see
+        // the crate docs).
+        if (0..=5).contains(&kind) && self.rotten_node().is_some_and(|r| r != id) {
+            return;
+        }
+        match kind {
             0..=2 if self.nodes[&id].core.is_some() => {
                 self.crash(id);
                 let back = now + self.rng.gen_range(20..1500);
@@ -833,8 +860,62 @@ impl World {
                 m.epoch += 1;
                 self.publish(m);
             }
+            7..=9 if self.cfg.rot => self.rot(),
             _ => {}
         }
+    }
+
+    /// The node holding bad blocks, if any (only one at a time).
+    fn rotten_node(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|(_, n)| !n.disk.rot.is_empty())
+            .map(|(id, _)| *id)
+    }
+
+    /// A block of an extent on one node's disk goes bad: on the node that
+    /// already holds bad blocks, or else on the extent's primary (whose
+    /// reads and pushes need repair), and only where the extent's group
+    /// acts whole (every other member up), so a good copy stays acting.
+    fn rot(&mut self) {
+        let index = self.rng.gen_range(0..self.cfg.extents);
+        let key = self.key_of(index);
+        let map = &self.volmgr.map;
+        let Some(id) = self.rotten_node().or_else(|| map.primary(key)) else {
+            return;
+        };
+        let ext = ExtentId {
+            volume: VOLUME,
+            index,
+            epoch: 1,
+        };
+        if !self.nodes[&id].disk.extents.contains_key(&ext) {
+            return;
+        }
+        let g = &map.groups[&key];
+        let now = self.now;
+        let alive = |n: &NodeId| {
+            let sn = &self.nodes[n];
+            map.nodes[n].up && sn.core.is_some() && sn.frozen_until <= now && sn.cut_until <= now
+        };
+        let whole = g.acting == g.placement
+            && g.acting.len() > 1
+            && g.acting.contains(&id)
+            && g.acting.iter().all(alive);
+        if !whole {
+            return;
+        }
+        let block = self
+            .rng
+            .gen_range(0..self.cfg.extent_bytes / self.cfg.block);
+        self.stats.rotted += 1;
+        self.log(|| format!("node {id}: extent {} block {block} goes bad", ext.index));
+        self.nodes
+            .get_mut(&id)
+            .expect("node")
+            .disk
+            .rot
+            .insert((ext, block));
     }
 
     fn crash(&mut self, id: NodeId) {
@@ -849,12 +930,14 @@ impl World {
             match self.rng.gen_range(0..3) {
                 0 => {}
                 1 => {
-                    apply(&mut n.disk, &req, eb);
+                    apply(&mut n.disk, &req, eb, block as u64);
                 }
                 _ => {
-                    // Torn: some blocks land, others keep the old bytes.
+                    // Torn: some blocks land, others keep the old bytes
+                    // (and stay bad if they were).
                     let before = n.disk.extents.clone();
-                    apply(&mut n.disk, &req, eb);
+                    let rot_before = n.disk.rot.clone();
+                    apply(&mut n.disk, &req, eb, block as u64);
                     if let Some(ext) = req_ext(&req) {
                         let old = before.get(&ext).cloned();
                         if let Some(new) = n.disk.extents.get_mut(&ext) {
@@ -865,6 +948,9 @@ impl World {
                                             chunk.copy_from_slice(&o[i * block..(i + 1) * block])
                                         }
                                         None => chunk.fill(0),
+                                    }
+                                    if rot_before.contains(&(ext, i as u64)) {
+                                        n.disk.rot.insert((ext, i as u64));
                                     }
                                     torn += 1;
                                 }
@@ -1348,7 +1434,54 @@ fn req_ext(r: &DiskReq) -> Option<ExtentId> {
 }
 
 /// Applies a disk operation to the fake disk.
-fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
+fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64, block: u64) -> DiskDone {
+    // Reads of bad blocks fail (as a checksum mismatch); whole-block
+    // writes make them good again.
+    let blocks = |s: u64, e: u64| s / block..e.div_ceil(block);
+    let read_ranges: Option<(ExtentId, Vec<(u64, u64)>)> = match r {
+        DiskReq::Read { ext, offset, len } => Some((*ext, vec![(*offset, offset + len)])),
+        DiskReq::ReadRanges { ext, ranges } => Some((*ext, ranges.clone())),
+        DiskReq::ReadExtent { ext, part } if d.extents.contains_key(ext) => Some((
+            *ext,
+            match part {
+                Part::Whole => vec![(0, extent_bytes)],
+                Part::Ranges(v) => v.clone(),
+            },
+        )),
+        _ => None,
+    };
+    if let Some((ext, ranges)) = read_ranges {
+        for (s, e) in ranges {
+            if let Some(b) = blocks(s, e).find(|b| d.rot.contains(&(ext, *b))) {
+                return DiskDone::Failed(format!(
+                    "checksum mismatch in extent {} block {b}",
+                    ext.index
+                ));
+            }
+        }
+    }
+    let written: Option<(ExtentId, Vec<(u64, u64)>)> = match r {
+        DiskReq::Write {
+            ext,
+            op: op @ (WriteOp::Data { .. } | WriteOp::Zero { .. }),
+            ..
+        } => Some((*ext, vec![op.range()])),
+        DiskReq::PutExtent {
+            ext,
+            part: Part::Ranges(v),
+            ..
+        } => Some((*ext, v.clone())),
+        DiskReq::PutExtent { ext, .. } => Some((*ext, vec![(0, extent_bytes)])),
+        _ => None,
+    };
+    if let Some((ext, ranges)) = written {
+        for (s, e) in ranges {
+            // Only blocks written whole (sim writes are whole blocks).
+            for b in s.div_ceil(block)..e / block {
+                d.rot.remove(&(ext, b));
+            }
+        }
+    }
     match r {
         DiskReq::Write { ext, op, .. } => {
             let e = d
@@ -1373,6 +1506,16 @@ fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64) -> DiskDone {
                 None => vec![0; *len as usize],
             };
             DiskDone::Data(Bytes::from(data))
+        }
+        DiskReq::ReadRanges { ext, ranges } => {
+            let mut out = Vec::new();
+            for &(s, e) in ranges {
+                match d.extents.get(ext) {
+                    Some(x) => out.extend_from_slice(&x[s as usize..e as usize]),
+                    None => out.resize(out.len() + (e - s) as usize, 0),
+                }
+            }
+            DiskDone::Data(Bytes::from(out))
         }
         DiskReq::ReadExtent {
             ext,
@@ -1464,6 +1607,7 @@ fn brief_disk(r: &DiskReq) -> String {
         DiskReq::Write { ext, op, .. } => format!("write ext {} {:?}", ext.index, op.range()),
         DiskReq::Read { ext, offset, len } => format!("read ext {} {offset}+{len}", ext.index),
         DiskReq::ReadExtent { ext, part } => format!("read extent {} {part:?}", ext.index),
+        DiskReq::ReadRanges { ext, ranges } => format!("read ranges {} {ranges:?}", ext.index),
         DiskReq::PutExtent { ext, part, data } => format!(
             "put extent {} {part:?} {}",
             ext.index,

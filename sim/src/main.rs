@@ -41,13 +41,15 @@ fn main() {
         }
     }
     let t = Instant::now();
-    let mut acked = 0;
+    let (mut acked, mut rotted, mut repaired) = (0, 0, 0);
     for seed in from..from + count {
         let mut cfg = SimConfig::for_seed(seed, bug);
         cfg.verbose = verbose;
         match run(seed, &cfg) {
             Ok(s) => {
                 acked += s.acked_writes;
+                rotted += s.rotted;
+                repaired += s.repaired;
                 if verbose || count == 1 {
                     println!("seed {seed}: ok {s:?} {cfg:?}");
                 }
@@ -60,7 +62,7 @@ fn main() {
         }
     }
     println!(
-        "{count} schedules passed ({acked} acknowledged writes checked) in {:.1} s",
+        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs) in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }

@@ -908,3 +908,135 @@ async fn io_goes_on_through_a_freeze<T>(
         acked.load(Ordering::Relaxed)
     );
 }
+
+/// Runs qemu-io on `uri` with `commands`; returns whether it exited 0, and
+/// its output.
+fn qemu_io(uri: &str, commands: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = cairn_tests::target::tool("qemu-io", &args).unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Bit rot: overwrites 100 bytes inside block `block` of extent `index` of
+/// `volume` in node `node`'s extent file, behind its chunk server's back,
+/// so the block's checksum no longer matches.
+async fn rot(c: &ReplicatedCluster, node: u64, volume: u64, index: u64, block: u64) {
+    use cairn_chunkserver::store::{layout, ExtentKey};
+    use std::os::unix::fs::FileExt;
+    let server = &c.servers[node as usize - 1];
+    let chunk = cairn_chunkserver::rpc::ChunkClient::connect(server.addr())
+        .await
+        .unwrap();
+    let page = chunk.extent_list(Some(volume), None, 0).await.unwrap();
+    let e = page
+        .extents
+        .iter()
+        .find(|e| e.key.is_some_and(|k| k.extent_index == index))
+        .unwrap_or_else(|| panic!("node {node} stores no extent {index}"));
+    let k = e.key.unwrap();
+    let key = ExtentKey {
+        volume_id: k.volume_id,
+        extent_index: k.extent_index,
+        epoch: k.epoch,
+    };
+    let path = server
+        .data_dir()
+        .join("extents")
+        .join(layout::relative_path(&key));
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let at = layout::data_offset(e.extent_bytes) + block * BLOCK + 700;
+    f.write_all_at(&[0xff; 100], at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Read repair. A block that rotted on the primary's disk (its checksum no
+/// longer matches) still reads back right through NBD (qemu-io): the
+/// primary fetches the block from a replica, stores it, and reads again,
+/// so afterwards every replica holds the same bytes. A block rotted on
+/// every replica fails that read alone with an I/O error; the rest of the
+/// volume and the servers go on.
+#[test]
+fn a_block_rotted_on_the_primary_is_repaired_from_a_replica() {
+    runtime().block_on(async {
+        let c = ReplicatedCluster::start(3).await.unwrap();
+        let id = create(&c, "rot", 8 * MIB, 2).await;
+        let target = TargetProcess::start(&c, &[]).unwrap();
+        let uri = target.uri("rot");
+        let (ok, out) = qemu_io(&uri, &["write -P 0x5a 0 4M", "flush"]);
+        assert!(ok && !out.contains("failed"), "{out}");
+        let map = c.map().await.unwrap();
+        let primary = ReplicatedCluster::primary_of(&map, 3, id, 0).unwrap();
+        rot(&c, primary, id, 0, 3).await;
+        // The store refuses the bad block (no repair without replicas).
+        let chunk =
+            cairn_chunkserver::rpc::ChunkClient::connect(c.servers[primary as usize - 1].addr())
+                .await
+                .unwrap();
+        let local = |chunk: cairn_chunkserver::rpc::ChunkClient| async move {
+            let page = chunk.extent_list(Some(id), None, 0).await.unwrap();
+            let e = page
+                .extents
+                .iter()
+                .find(|e| e.key.is_some_and(|k| k.extent_index == 0))
+                .unwrap()
+                .clone();
+            chunk
+                .read_through(e.key.unwrap(), &[], e.extent_bytes, 3 * BLOCK, BLOCK as u32)
+                .await
+        };
+        let err = local(chunk.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("checksum") && err.contains("block 3"), "{err}");
+
+        let (ok, out) = qemu_io(&uri, &["read -P 0x5a 0 1M"]);
+        assert!(
+            ok && !out.contains("failed") && out.contains("read 1048576/1048576"),
+            "{out}"
+        );
+        let log = c.servers[primary as usize - 1].log();
+        assert!(
+            log.contains("fetching the replica's to repair it")
+                && log.contains("repaired this node's copy from the replica's"),
+            "node {primary}'s log:\n{log}"
+        );
+        // Repaired on disk: the primary's own copy reads again, and every
+        // replica holds the same bytes.
+        assert_eq!(
+            &local(chunk).await.unwrap()[..],
+            &[0x5a; BLOCK as usize][..]
+        );
+        assert!(c.compare_replicas(id, 3).await.unwrap() >= 4);
+
+        // Rotted everywhere: that read fails, nothing else does.
+        let bad = ReplicatedCluster::primary_of(&map, 3, id, 2).unwrap();
+        for node in 1..=3 {
+            rot(&c, node, id, 2, 5).await;
+        }
+        let (ok, out) = qemu_io(
+            &uri,
+            &[&format!("read -P 0x5a {} 4096", 2 * MIB + 5 * BLOCK)],
+        );
+        assert!(!ok && out.contains("Input/output error"), "{out}");
+        let (ok, out) = qemu_io(
+            &uri,
+            &[
+                &format!("read -P 0x5a {} 8192", 2 * MIB + 3 * BLOCK),
+                "read -P 0x5a 3M 1M",
+            ],
+        );
+        assert!(ok && !out.contains("failed"), "{out}");
+        let log = c.servers[bad as usize - 1].log();
+        assert!(
+            log.contains("cannot repair this node's copy"),
+            "node {bad}'s log:\n{log}"
+        );
+    });
+}

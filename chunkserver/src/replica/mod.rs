@@ -350,7 +350,10 @@ impl Driver {
                 self.node.on_client(req);
             }
             Input::Peer { msg, extent_bytes } => {
-                if let PeerMsg::Forward { ext, .. } | PeerMsg::Push { ext, .. } = &msg.msg {
+                if let PeerMsg::Forward { ext, .. }
+                | PeerMsg::Push { ext, .. }
+                | PeerMsg::Fetch { ext, .. } = &msg.msg
+                {
                     self.learn_size(ext.volume, extent_bytes);
                 }
                 self.node.on_peer(msg);
@@ -516,7 +519,9 @@ impl Driver {
                 data: Some(d),
                 ..
             } => Some(d.len() as u32),
-            PeerMsg::Push { ext, .. } => self.extent_sizes.get(&ext.volume).copied(),
+            PeerMsg::Push { ext, .. } | PeerMsg::Fetch { ext, .. } => {
+                self.extent_sizes.get(&ext.volume).copied()
+            }
             _ => None,
         }
         .unwrap_or(0);
@@ -612,6 +617,39 @@ fn trace(me: NodeId, t: Trace) {
             pushed,
             "replica brought up to date; claiming it into the acting set"
         ),
+        Trace::Repairing {
+            key,
+            ext,
+            part,
+            from,
+            error,
+        } => warn!(
+            node = me,
+            group = %key,
+            extent = %ext,
+            part = ?part,
+            replica = from,
+            "cannot read this node's copy ({error}); fetching the replica's to repair it"
+        ),
+        Trace::Repaired {
+            key,
+            ext,
+            part,
+            from,
+        } => warn!(
+            node = me,
+            group = %key,
+            extent = %ext,
+            part = ?part,
+            replica = from,
+            "repaired this node's copy from the replica's; it reads back"
+        ),
+        Trace::RepairFailed { key, ext, error } => warn!(
+            node = me,
+            group = %key,
+            extent = %ext,
+            "cannot repair this node's copy: {error}"
+        ),
     }
 }
 
@@ -619,6 +657,7 @@ fn disk_extent(req: &DiskReq) -> Option<ExtentId> {
     match req {
         DiskReq::Write { ext, .. }
         | DiskReq::Read { ext, .. }
+        | DiskReq::ReadRanges { ext, .. }
         | DiskReq::ReadExtent { ext, .. }
         | DiskReq::PutExtent { ext, .. } => Some(*ext),
         DiskReq::Flush => None,
@@ -682,6 +721,25 @@ async fn run_disk(
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(DiskDone::Data(Bytes::from_owner(buf)))
+        }
+        DiskReq::ReadRanges { ext, ranges } => {
+            let eb = need_size(ext)?;
+            let below = chains.below(ext).await?;
+            let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+            let mut out = BytesMut::with_capacity(total as usize);
+            for (start, end) in ranges {
+                let mut at = start;
+                while at < end {
+                    let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
+                    let buf = store
+                        .read_at(key_of(ext), &below, eb, at, len)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    out.extend_from_slice(&buf);
+                    at += len as u64;
+                }
+            }
+            Ok(DiskDone::Data(out.freeze()))
         }
         DiskReq::ReadExtent {
             ext,
