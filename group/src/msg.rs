@@ -321,6 +321,17 @@ pub enum PeerMsg {
         /// The write.
         seq: Seq,
     },
+    /// Replica → primary: applying the write failed here (a write of part
+    /// of a block whose checksum no longer matches cannot merge into it,
+    /// or the disk failed). The primary mends this replica's copy: it
+    /// forwards the write again, same sequence number, as its own whole
+    /// blocks around it.
+    ForwardFailed {
+        /// The write.
+        seq: Seq,
+        /// The replica's error.
+        error: String,
+    },
     /// Primary → replica: replace your copy of an extent (or of some ranges
     /// of it) with this one.
     Push {

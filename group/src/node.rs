@@ -370,6 +370,19 @@ pub enum Trace {
         /// Why the local read failed.
         error: String,
     },
+    /// Replica `node` could not apply a write to `ext` (`error`): this
+    /// node, as primary, sends it the write again as its own whole blocks
+    /// around it.
+    Mending {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// The replica.
+        node: NodeId,
+        /// The replica's error.
+        error: String,
+    },
     /// The part fetched from `from` was stored and reads back: repaired.
     Repaired {
         /// The group.
@@ -442,6 +455,10 @@ enum DiskCtx {
         fetch_id: u64,
         lock: u64,
     },
+    /// A primary reading its whole blocks around write task `task` to
+    /// mend members that could not apply it. Only a read: an aborted
+    /// session needs nothing from it.
+    MendRead { key: GroupKey, gen: u64, task: u64 },
     /// A replica flushing.
     ReplicaFlush {
         key: GroupKey,
@@ -520,6 +537,17 @@ struct Session {
     floor: Seq,
     /// Pushes seen, and whether they are applied.
     pushes: BTreeMap<u64, bool>,
+    /// Per extent, the highest `seq` of a push received: the primary read
+    /// the pushed copy after every write up to it was done there, so a
+    /// forward of one of them that arrives later (delayed in the network,
+    /// sent before this replica was dropped and synced again) is already
+    /// in it, and applying it would put older bytes over newer ones.
+    pushed: BTreeMap<ExtentId, Seq>,
+    /// Per extent, the highest `seq` of a forward received. A push with a
+    /// lower `seq` was read before that write began (a push holds the
+    /// whole extent until this replica acks it), so it is a late copy from
+    /// an earlier sync and must not put its older bytes over the write.
+    forwarded: BTreeMap<ExtentId, Seq>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -570,6 +598,11 @@ enum Task {
         /// must hold. Until then the task holds its lock but has not
         /// started (nothing journaled, nothing forwarded).
         compare: Option<Bytes>,
+        /// Members that could not apply the write (`ForwardFailed`): each
+        /// gets it again as the primary's whole blocks around it (a write
+        /// of whole blocks replaces a bad block instead of merging into
+        /// it), once the local write is done.
+        mends: BTreeMap<NodeId, Mend>,
     },
     Read {
         client: (ClientId, u64),
@@ -588,6 +621,8 @@ enum Task {
         /// member -> push id
         waiting: BTreeMap<NodeId, u64>,
         sent_at: u64,
+        /// The failed write this push helps settle (`Primary::settling`).
+        settles: Option<Seq>,
     },
     Flush {
         client: (ClientId, u64),
@@ -618,6 +653,9 @@ struct Primary {
     by_seq: BTreeMap<Seq, u64>,
     by_push: BTreeMap<u64, (u64, NodeId)>,
     by_flush: BTreeMap<u64, (u64, NodeId)>,
+    /// Writes that failed here, with the pushes of this node's copy still
+    /// to finish before they count as done (`seq_done`).
+    settling: BTreeMap<Seq, usize>,
     /// Read repairs, by task.
     repairs: BTreeMap<u64, Repair>,
     /// fetch id -> task
@@ -652,6 +690,15 @@ struct Repair {
     /// It was stored: the task's read runs again, and if that fails too
     /// the failure is final.
     stored: bool,
+}
+
+/// A member that could not apply a write (see `Task::Write::mends`): it
+/// gets the write again as this node's whole blocks around it, same
+/// sequence number, once they are read here.
+#[derive(Debug, Default)]
+struct Mend {
+    /// This node's whole blocks around the write, after the write.
+    data: Option<Bytes>,
 }
 
 impl Primary {
@@ -939,6 +986,7 @@ impl Node {
             by_seq: BTreeMap::new(),
             by_push: BTreeMap::new(),
             by_flush: BTreeMap::new(),
+            settling: BTreeMap::new(),
             repairs: BTreeMap::new(),
             by_fetch: BTreeMap::new(),
             pushed_at_peering: 0,
@@ -1101,7 +1149,7 @@ impl Node {
             if joined {
                 continue;
             }
-            self.start_push(key, n, ext, want);
+            self.start_push(key, n, ext, want, None);
         }
         self.maybe_member_synced(key, n);
     }
@@ -1484,8 +1532,16 @@ impl Node {
                 sent_at: 0,
                 replied: false,
                 compare,
+                mends: BTreeMap::new(),
             },
         );
+        // Whole blocks: two writes to one block never run at once, so a
+        // mend (which pushes whole blocks) never carries a neighbour's
+        // bytes that are still on their way to the replica.
+        let range = match blocks_around(range, self.cfg.block_bytes) {
+            Part::Ranges(v) => v[0],
+            Part::Whole => range,
+        };
         self.queue(key, ext, range, lock, Waiting::Task { gen, task: tid });
     }
 
@@ -1781,8 +1837,19 @@ impl Node {
                 else {
                     unreachable!()
                 };
-                let committed = p.seq_done(seq);
-                self.raise_committed(key, committed);
+                // A write that failed here is settled only once this node's
+                // copy (without it) is pushed over the members' (with it):
+                // until then the committed watermark must not pass it, or
+                // a crash in between would leave the replicas differing
+                // with nothing uncertain to push.
+                let members: Vec<NodeId> = p.members.keys().copied().collect();
+                if failed.is_some() && !members.is_empty() {
+                    p.by_seq.remove(&seq);
+                    p.settling.insert(seq, members.len());
+                } else {
+                    let committed = p.seq_done(seq);
+                    self.raise_committed(key, committed);
+                }
                 if let Some((c, id)) = client {
                     if let Some(w) = self.clients.get_mut(&c) {
                         w.inflight.remove(&id);
@@ -1809,13 +1876,8 @@ impl Node {
                 if failed.is_some() {
                     // Our copy is what counts: push it to every member so
                     // the replicas agree again.
-                    let members: Vec<NodeId> = self.groups[&key]
-                        .primary
-                        .as_ref()
-                        .map(|p| p.members.keys().copied().collect())
-                        .unwrap_or_default();
                     for n in members {
-                        self.start_push(key, n, ext, Part::Whole);
+                        self.start_push(key, n, ext, Part::Whole, Some(seq));
                     }
                 }
             }
@@ -1825,9 +1887,21 @@ impl Node {
                 waiting,
                 ..
             } if waiting.is_empty() => {
-                let Some(Task::Push { ext, lock, .. }) = p.tasks.remove(&tid) else {
+                let Some(Task::Push {
+                    ext, lock, settles, ..
+                }) = p.tasks.remove(&tid)
+                else {
                     unreachable!()
                 };
+                if let Some(seq) = settles {
+                    let left = p.settling.entry(seq).or_insert(1);
+                    *left -= 1;
+                    if *left == 0 {
+                        p.settling.remove(&seq);
+                        let committed = p.seq_done(seq);
+                        self.raise_committed(key, committed);
+                    }
+                }
                 self.release(key, ext, lock);
             }
             Task::Push { .. } => {}
@@ -1893,8 +1967,30 @@ impl Node {
     }
 
     /// Queues a push of `ext` to member `n` behind every earlier operation
-    /// on the extent.
-    fn start_push(&mut self, key: GroupKey, n: NodeId, ext: ExtentId, part: Part) {
+    /// on the extent. With `settles`, the push is one of those that settle a write that
+    /// failed here (see `Primary::settling`).
+    fn start_push(
+        &mut self,
+        key: GroupKey,
+        n: NodeId,
+        ext: ExtentId,
+        part: Part,
+        settles: Option<Seq>,
+    ) {
+        // Whole blocks: a push of part of a block would have to merge into
+        // the replica's block, which fails if that block went bad; outside
+        // the changed ranges both copies hold the same bytes anyway.
+        let part = match part {
+            Part::Whole => Part::Whole,
+            Part::Ranges(v) => Part::from_ranges(
+                v.into_iter()
+                    .filter_map(|r| match blocks_around(r, self.cfg.block_bytes) {
+                        Part::Ranges(w) => w.first().copied(),
+                        Part::Whole => None,
+                    })
+                    .collect(),
+            ),
+        };
         let tid = self.id_next();
         let lock = self.id_next();
         let g = self.groups.get_mut(&key).expect("exists");
@@ -1913,6 +2009,7 @@ impl Node {
                 seq: None,
                 waiting: BTreeMap::from([(n, 0)]),
                 sent_at: 0,
+                settles,
             },
         );
         self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
@@ -1959,7 +2056,11 @@ impl Node {
                     }
                     Applied::Write(seq) => {
                         sess.applied.remove(&seq);
-                        return;
+                        let error = match done {
+                            DiskDone::Failed(e) => e,
+                            _ => String::new(),
+                        };
+                        PeerMsg::ForwardFailed { seq, error }
                     }
                     Applied::Push(push_id, ..) if ok => {
                         sess.pushes.insert(push_id, true);
@@ -2003,6 +2104,7 @@ impl Node {
                 }
             }
             DiskCtx::Task { key, gen, task } => self.task_disk_done(key, gen, task, done),
+            DiskCtx::MendRead { key, gen, task } => self.mend_read(key, gen, task, done),
         }
     }
 
@@ -2032,12 +2134,10 @@ impl Node {
                 Some(Task::Read {
                     ext, offset, len, ..
                 }) => Some((*ext, blocks_around((*offset, offset + len), align))),
-                Some(Task::Write {
-                    compare: Some(_),
-                    ext,
-                    op,
-                    ..
-                }) => Some((*ext, blocks_around(op.range(), align))),
+                // A compare's read, or the write itself: a write of part of
+                // a block cannot merge into a block gone bad, so the block
+                // is repaired and the write done again.
+                Some(Task::Write { ext, op, .. }) => Some((*ext, blocks_around(op.range(), align))),
                 Some(Task::Push { ext, part, .. }) => Some((*ext, part.clone())),
                 _ => None,
             };
@@ -2086,11 +2186,22 @@ impl Node {
                 }
             }
             Task::Write {
-                local_done, failed, ..
+                local_done,
+                failed,
+                mends,
+                waiting,
+                ..
             } => {
                 *local_done = true;
                 if let DiskDone::Failed(e) = done {
                     *failed = Some(e);
+                    // The push of this node's whole copy that follows a
+                    // failed write mends those members too.
+                    for n in std::mem::take(mends).into_keys() {
+                        waiting.remove(&n);
+                    }
+                } else if !mends.is_empty() {
+                    self.start_mend_read(key, gen, tid);
                 }
                 self.check_task(key, tid);
             }
@@ -2171,6 +2282,173 @@ impl Node {
                 *local_done = true;
                 self.check_task(key, tid);
             }
+        }
+    }
+
+    // ------------------------------------------------------------ mends
+
+    /// Member `from` could not apply write `seq` (see
+    /// [`PeerMsg::ForwardFailed`]): it is mended with a push of this
+    /// node's whole blocks around the write, once written here.
+    fn on_forward_failed(
+        &mut self,
+        key: GroupKey,
+        interval: Epoch,
+        from: NodeId,
+        seq: Seq,
+        error: String,
+    ) {
+        let now = self.now;
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        if let Some(m) = p.members.get_mut(&from) {
+            m.last_heard = now;
+        }
+        let Some(&tid) = p.by_seq.get(&seq) else {
+            return;
+        };
+        let gen = p.gen;
+        let Some(Task::Write {
+            ext,
+            waiting,
+            mends,
+            local_done,
+            failed,
+            ..
+        }) = p.tasks.get_mut(&tid)
+        else {
+            return;
+        };
+        if !waiting.contains(&from) || mends.contains_key(&from) {
+            return;
+        }
+        let ext = *ext;
+        if failed.is_some() {
+            // It failed here too: the push of this node's whole copy that
+            // follows mends every member.
+            waiting.remove(&from);
+            self.check_task(key, tid);
+            return;
+        }
+        mends.insert(from, Mend::default());
+        let data = mends.values().find_map(|m| m.data.clone());
+        let written = *local_done;
+        self.out.push(Output::Trace(Trace::Mending {
+            key,
+            ext,
+            node: from,
+            error,
+        }));
+        match data {
+            Some(bytes) => self.forward_mends(key, gen, tid, bytes),
+            None if written => self.start_mend_read(key, gen, tid),
+            None => {} // read once written (`task_disk_done`)
+        }
+    }
+
+    /// Reads this node's whole blocks around write task `tid`, for its
+    /// mends; one read at a time.
+    fn start_mend_read(&mut self, key: GroupKey, gen: u64, tid: u64) {
+        let align = self.cfg.block_bytes;
+        let Some(p) = self
+            .groups
+            .get(&key)
+            .and_then(|g| g.primary.as_ref())
+            .filter(|p| p.gen == gen)
+        else {
+            return;
+        };
+        let Some(Task::Write { ext, op, mends, .. }) = p.tasks.get(&tid) else {
+            return;
+        };
+        if mends.values().all(|m| m.data.is_some()) {
+            return;
+        }
+        let reading = self.disk.values().any(|c| {
+            matches!(c, DiskCtx::MendRead { key: k, gen: g, task } if *k == key && *g == gen && *task == tid)
+        });
+        if reading {
+            return;
+        }
+        let Part::Ranges(ranges) = blocks_around(op.range(), align) else {
+            return;
+        };
+        let ext = *ext;
+        let id = self.id_next();
+        self.disk.insert(
+            id,
+            DiskCtx::MendRead {
+                key,
+                gen,
+                task: tid,
+            },
+        );
+        self.out.push(Output::Disk {
+            id,
+            req: DiskReq::ReadRanges { ext, ranges },
+        });
+    }
+
+    /// The mend read of write task `tid` ended. A failure is retried on a
+    /// later tick (`tick_primary`).
+    fn mend_read(&mut self, key: GroupKey, gen: u64, tid: u64, done: DiskDone) {
+        if let DiskDone::Data(bytes) = done {
+            self.forward_mends(key, gen, tid, bytes);
+        }
+    }
+
+    /// Sends write task `tid` again, as `bytes` (this node's whole blocks
+    /// around it), to every member being mended that has not had it yet.
+    /// The same sequence number: the member applies it as that write (its
+    /// log only moves up) and acks it as that write. No other write to
+    /// those blocks is in flight (writes lock whole blocks), so the bytes
+    /// around the write are the member's own.
+    fn forward_mends(&mut self, key: GroupKey, gen: u64, tid: u64, bytes: Bytes) {
+        let now = self.now;
+        let Some(p) = self
+            .groups
+            .get_mut(&key)
+            .and_then(|g| g.primary.as_mut())
+            .filter(|p| p.gen == gen)
+        else {
+            return;
+        };
+        let (interval, committed) = (p.interval, p.committed);
+        let Some(Task::Write {
+            seq,
+            ext,
+            op,
+            fua,
+            mends,
+            sent_at,
+            ..
+        }) = p.tasks.get_mut(&tid)
+        else {
+            return;
+        };
+        *sent_at = now;
+        let msg = mend_forward(
+            *seq,
+            committed,
+            *ext,
+            op,
+            *fua,
+            &bytes,
+            self.cfg.block_bytes,
+        );
+        let mut sends = Vec::new();
+        for (n, m) in mends.iter_mut().filter(|(_, m)| m.data.is_none()) {
+            m.data = Some(bytes.clone());
+            let up = p.members.get(n).map(|m| m.up_since).unwrap_or(0);
+            sends.push((*n, up));
+        }
+        for (n, up_since) in sends {
+            let mut msg = msg.clone();
+            if let PeerMsg::Forward { to_up_since, .. } = &mut msg {
+                *to_up_since = up_since;
+            }
+            self.send(n, key, interval, msg);
         }
     }
 
@@ -2317,7 +2595,27 @@ impl Node {
                 }));
                 self.release(key, ext, lock);
             }
-            Some(Task::Write { .. }) => self.finish_unwritten(key, tid, Err(Refusal::Io(r.error))),
+            // A compare's read: nothing was journaled or forwarded yet.
+            Some(Task::Write {
+                compare: Some(_), ..
+            }) => self.finish_unwritten(key, tid, Err(Refusal::Io(r.error))),
+            // The write itself, journaled and forwarded: it failed here as
+            // a local write fails (the members may hold it; this node's
+            // copy is pushed over theirs, and it settles after that).
+            Some(Task::Write {
+                local_done,
+                failed,
+                mends,
+                waiting,
+                ..
+            }) => {
+                *local_done = true;
+                *failed = Some(r.error);
+                for n in std::mem::take(mends).into_keys() {
+                    waiting.remove(&n);
+                }
+                self.check_task(key, tid);
+            }
             Some(Task::Push { sent_at, .. }) => *sent_at = now,
             _ => {}
         }
@@ -2338,7 +2636,26 @@ impl Node {
             return;
         }
         r.stored = true;
-        self.start_task(key, gen, tid);
+        match p.tasks.get(&tid) {
+            // A write already journaled and forwarded: only its local
+            // write runs again.
+            Some(Task::Write {
+                compare: None,
+                ext,
+                op,
+                fua,
+                ..
+            }) => {
+                let req = DiskReq::Write {
+                    ext: *ext,
+                    op: op.clone(),
+                    fua: *fua,
+                };
+                let id = self.id_next();
+                self.task_disk(id, key, gen, tid, req);
+            }
+            _ => self.start_task(key, gen, tid),
+        }
     }
 
     /// A replica answered a repair's fetch.
@@ -2427,6 +2744,9 @@ impl Node {
             PeerMsg::SyncRequest { up_since } => self.on_sync_request(m.key, m.from, up_since),
             PeerMsg::SyncReport(r) => self.on_report(m.key, m.interval, m.from, r),
             PeerMsg::ForwardAck { seq } => self.on_forward_ack(m.key, m.interval, m.from, seq),
+            PeerMsg::ForwardFailed { seq, error } => {
+                self.on_forward_failed(m.key, m.interval, m.from, seq, error)
+            }
             PeerMsg::PushAck { push_id } => self.on_push_ack(m.key, m.interval, m.from, push_id),
             PeerMsg::FlushAck { flush_id } => {
                 self.on_flush_ack(m.key, m.interval, m.from, flush_id)
@@ -2496,6 +2816,8 @@ impl Node {
                 applied: BTreeMap::new(),
                 floor: Seq::default(),
                 pushes: BTreeMap::new(),
+                pushed: BTreeMap::new(),
+                forwarded: BTreeMap::new(),
             });
         }
         true
@@ -2570,6 +2892,18 @@ impl Node {
                     self.send(from, key, interval, PeerMsg::ForwardAck { seq });
                     return;
                 }
+                // Already here: at or below this replica's committed
+                // watermark (every write up to it is applied here), or in a
+                // push of the extent received since (see `Session::pushed`).
+                // A late copy of such a write would put older bytes over
+                // newer ones.
+                if seq <= g.d.committed || s.pushed.get(&ext).is_some_and(|&p| seq <= p) {
+                    s.applied.insert(seq, true);
+                    self.send(from, key, interval, PeerMsg::ForwardAck { seq });
+                    return;
+                }
+                let f = s.forwarded.entry(ext).or_insert(seq);
+                *f = (*f).max(seq);
                 if s.applied.contains_key(&seq) {
                     return; // being applied; acked when done
                 }
@@ -2610,7 +2944,20 @@ impl Node {
                     Some(false) => return,
                     None => {}
                 }
+                // A late copy from an earlier sync (see `Session::forwarded`):
+                // acked, not applied. (`None` < any write: the primary had
+                // written nothing to the extent when it read it.)
+                let newest = s.forwarded.get(&ext).max(s.pushed.get(&ext)).copied();
+                if newest.is_some_and(|n| seq < Some(n)) {
+                    s.pushes.insert(push_id, true);
+                    self.send(from, key, interval, PeerMsg::PushAck { push_id });
+                    return;
+                }
                 s.pushes.insert(push_id, false);
+                if let Some(seq) = seq {
+                    let p = s.pushed.entry(ext).or_insert(seq);
+                    *p = (*p).max(seq);
+                }
                 let origin = Origin {
                     interval,
                     primary: from,
@@ -2958,6 +3305,7 @@ impl Node {
         }
         let repairing: BTreeSet<u64> = p.repairs.keys().copied().collect();
         let mut restart_reads = Vec::new();
+        let mut mend_reads = Vec::new();
         for (tid, t) in p.tasks.iter_mut() {
             match t {
                 Task::Write {
@@ -2968,10 +3316,36 @@ impl Node {
                     fua,
                     waiting,
                     sent_at,
+                    mends,
+                    local_done,
                     ..
                 } if now >= *sent_at + cfg.retry_ms => {
                     *sent_at = now;
-                    for n in waiting.iter() {
+                    // Members being mended get the write again as whole
+                    // blocks (or, if this node's read for it failed, there
+                    // is another read).
+                    for (n, m) in mends.iter().filter(|(n, _)| waiting.contains(n)) {
+                        match &m.data {
+                            Some(data) => {
+                                let mut msg = mend_forward(
+                                    *seq,
+                                    committed,
+                                    *ext,
+                                    op,
+                                    *fua,
+                                    data,
+                                    cfg.block_bytes,
+                                );
+                                if let PeerMsg::Forward { to_up_since, .. } = &mut msg {
+                                    *to_up_since = ups.get(n).copied().unwrap_or(0);
+                                }
+                                sends.push((*n, msg));
+                            }
+                            None if *local_done => mend_reads.push(*tid),
+                            None => {}
+                        }
+                    }
+                    for n in waiting.iter().filter(|n| !mends.contains_key(n)) {
                         sends.push((
                             *n,
                             PeerMsg::Forward {
@@ -3041,6 +3415,9 @@ impl Node {
         for (n, msg) in sends {
             self.send(n, key, interval, msg);
         }
+        for tid in mend_reads {
+            self.start_mend_read(key, gen, tid);
+        }
         for (tid, from) in unanswered {
             let why = format!("node {from}: no answer in {} ms", cfg.sync_timeout_ms);
             self.repair_ask_next(key, tid, why);
@@ -3091,6 +3468,33 @@ impl Group {
             waiting: BTreeMap::new(),
             last_sync_request: None,
         }
+    }
+}
+
+/// Write `seq` again as whole blocks: `blocks` (the primary's bytes for
+/// the blocks of `align` bytes around `op`'s range, after `op`), for a
+/// member being mended (see [`Mend`]); `to_up_since` is filled in by the
+/// sender.
+fn mend_forward(
+    seq: Seq,
+    committed: Seq,
+    ext: ExtentId,
+    op: &WriteOp,
+    fua: bool,
+    blocks: &Bytes,
+    align: u64,
+) -> PeerMsg {
+    let offset = op.range().0 / align * align;
+    PeerMsg::Forward {
+        to_up_since: 0,
+        seq,
+        committed,
+        ext,
+        op: WriteOp::Data {
+            offset,
+            data: blocks.clone(),
+        },
+        fua,
     }
 }
 

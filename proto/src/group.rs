@@ -139,6 +139,7 @@ pub enum PeerKind {
     Refused = 11,
     Fetch = 12,
     FetchReply = 13,
+    ForwardFailed = 14,
 }
 
 /// A message between members of a group (chunk op `Peer`; one way, never
@@ -214,7 +215,8 @@ pub struct PeerHeader {
     #[prost(bool, tag = "22")]
     pub materialize: bool,
     /// FetchReply: the replica could not read the part either; `error`
-    /// says why (and the frame carries no data).
+    /// says why (and the frame carries no data). ForwardFailed: `error`
+    /// is why the write failed.
     #[prost(bool, tag = "23")]
     pub failed: bool,
     #[prost(string, tag = "24")]
@@ -629,6 +631,11 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
             h.seq = Some((*seq).into());
             PeerKind::ForwardAck
         }
+        PeerMsg::ForwardFailed { seq, error } => {
+            h.seq = Some((*seq).into());
+            h.error = error.clone();
+            PeerKind::ForwardFailed
+        }
         PeerMsg::Push {
             to_up_since,
             push_id,
@@ -824,6 +831,10 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
             }
         }
         PeerKind::ForwardAck => PeerMsg::ForwardAck { seq: need_seq()? },
+        PeerKind::ForwardFailed => PeerMsg::ForwardFailed {
+            seq: need_seq()?,
+            error: h.error.clone(),
+        },
         PeerKind::Push => {
             let ext = need_ext()?;
             if !h.ranges.len().is_multiple_of(2) {
@@ -1079,6 +1090,10 @@ mod tests {
             PeerMsg::FetchReply {
                 fetch_id: 11,
                 data: Err("node 2: checksum mismatch".into()),
+            },
+            PeerMsg::ForwardFailed {
+                seq,
+                error: "node 3: block 5 of extent 9 cannot merge a partial write".into(),
             },
         ] {
             round_trip_peer(msg);

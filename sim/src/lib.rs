@@ -52,6 +52,10 @@ pub struct SimConfig {
     pub extent_bytes: u64,
     /// Bytes per block (the write granularity).
     pub block: u64,
+    /// Bytes per checksummed block (the store's 4 KiB): two write blocks,
+    /// so a write may cover part of one, which cannot merge into it once
+    /// it went bad.
+    pub csum_block: u64,
     /// Milliseconds of faults before healing.
     pub fault_ms: u64,
     /// Milliseconds allowed to heal.
@@ -80,6 +84,7 @@ impl Default for SimConfig {
             extents: 12,
             extent_bytes: 64,
             block: 8,
+            csum_block: 16,
             fault_ms: 3000,
             heal_ms: 60_000,
             queue_depth: 4,
@@ -144,10 +149,13 @@ pub struct Stats {
     pub whole_pushes: u64,
     /// See `whole_pushes`.
     pub range_pushes: u64,
-    /// Blocks that went bad, and read repairs that ended well.
+    /// Blocks that went bad, read repairs that ended well, and replicas
+    /// mended after they could not apply a write.
     pub rotted: u64,
     /// See `rotted`.
     pub repaired: u64,
+    /// See `rotted`.
+    pub mended: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -240,8 +248,9 @@ impl Ord for Queued {
 struct Disk {
     extents: BTreeMap<ExtentId, Vec<u8>>,
     inflight: BTreeMap<u64, DiskReq>,
-    /// Bad blocks (extent, block index): reads of them fail; writing a
-    /// block whole makes it good again. Their bytes are kept, unread.
+    /// Bad checksummed blocks (extent, `csum_block` index): reads of them
+    /// fail, and so do writes that cover part of one; writing one whole
+    /// makes it good again. Their bytes are kept, unread.
     rot: BTreeSet<(ExtentId, u64)>,
 }
 
@@ -360,7 +369,7 @@ impl World {
             sync_request_ms: 200,
             claim_retry_ms: 400,
             recent_max: cfg.recent_max,
-            block_bytes: cfg.block,
+            block_bytes: cfg.csum_block,
             bug: cfg.bug,
         };
         let mut nodes = BTreeMap::new();
@@ -547,7 +556,12 @@ impl World {
                 let Some(req) = n.disk.inflight.remove(&op) else {
                     return;
                 };
-                let done = apply(&mut n.disk, &req, self.cfg.extent_bytes, self.cfg.block);
+                let done = apply(
+                    &mut n.disk,
+                    &req,
+                    self.cfg.extent_bytes,
+                    self.cfg.csum_block,
+                );
                 let core = n.core.as_mut().expect("running");
                 core.set_clock(self.now);
                 core.on_disk(op, done);
@@ -768,8 +782,10 @@ impl World {
                 }
                 Output::Trace(t) => {
                     self.log(|| format!("{id}: {t:?}"));
-                    if matches!(t, Trace::Repaired { .. }) {
-                        self.stats.repaired += 1;
+                    match t {
+                        Trace::Repaired { .. } => self.stats.repaired += 1,
+                        Trace::Mending { .. } => self.stats.mended += 1,
+                        _ => {}
                     }
                     if let Trace::AckedWrite { key, interval } = t {
                         let prev = *self.acked_in.entry((key, interval)).or_insert(id);
@@ -907,7 +923,7 @@ impl World {
         }
         let block = self
             .rng
-            .gen_range(0..self.cfg.extent_bytes / self.cfg.block);
+            .gen_range(0..self.cfg.extent_bytes / self.cfg.csum_block);
         self.stats.rotted += 1;
         self.log(|| format!("node {id}: extent {} block {block} goes bad", ext.index));
         self.nodes
@@ -921,6 +937,7 @@ impl World {
     fn crash(&mut self, id: NodeId) {
         self.stats.crashes += 1;
         let block = self.cfg.block as usize;
+        let csum = self.cfg.csum_block;
         let eb = self.cfg.extent_bytes;
         let n = self.nodes.get_mut(&id).expect("node");
         n.core = None;
@@ -930,14 +947,14 @@ impl World {
             match self.rng.gen_range(0..3) {
                 0 => {}
                 1 => {
-                    apply(&mut n.disk, &req, eb, block as u64);
+                    apply(&mut n.disk, &req, eb, csum);
                 }
                 _ => {
                     // Torn: some blocks land, others keep the old bytes
                     // (and stay bad if they were).
                     let before = n.disk.extents.clone();
                     let rot_before = n.disk.rot.clone();
-                    apply(&mut n.disk, &req, eb, block as u64);
+                    apply(&mut n.disk, &req, eb, csum);
                     if let Some(ext) = req_ext(&req) {
                         let old = before.get(&ext).cloned();
                         if let Some(new) = n.disk.extents.get_mut(&ext) {
@@ -949,8 +966,9 @@ impl World {
                                         }
                                         None => chunk.fill(0),
                                     }
-                                    if rot_before.contains(&(ext, i as u64)) {
-                                        n.disk.rot.insert((ext, i as u64));
+                                    let unit = (i * block) as u64 / csum;
+                                    if rot_before.contains(&(ext, unit)) {
+                                        n.disk.rot.insert((ext, unit));
                                     }
                                     torn += 1;
                                 }
@@ -1475,8 +1493,20 @@ fn apply(d: &mut Disk, r: &DiskReq, extent_bytes: u64, block: u64) -> DiskDone {
         _ => None,
     };
     if let Some((ext, ranges)) = written {
+        // Part of a bad block cannot merge into it (the real store reads
+        // the block to merge, and its checksum fails): nothing is written.
+        for &(s, e) in &ranges {
+            let partial = [s / block, (e - 1) / block]
+                .into_iter()
+                .find(|b| d.rot.contains(&(ext, *b)) && (b * block < s || (b + 1) * block > e));
+            if let Some(b) = partial {
+                return DiskDone::Failed(format!(
+                    "block {b} of extent {} went bad; a write of part of it cannot merge",
+                    ext.index
+                ));
+            }
+        }
         for (s, e) in ranges {
-            // Only blocks written whole (sim writes are whole blocks).
             for b in s.div_ceil(block)..e / block {
                 d.rot.remove(&(ext, b));
             }

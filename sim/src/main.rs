@@ -41,7 +41,7 @@ fn main() {
         }
     }
     let t = Instant::now();
-    let (mut acked, mut rotted, mut repaired) = (0, 0, 0);
+    let (mut acked, mut rotted, mut repaired, mut mended) = (0, 0, 0, 0);
     for seed in from..from + count {
         let mut cfg = SimConfig::for_seed(seed, bug);
         cfg.verbose = verbose;
@@ -50,6 +50,7 @@ fn main() {
                 acked += s.acked_writes;
                 rotted += s.rotted;
                 repaired += s.repaired;
+                mended += s.mended;
                 if verbose || count == 1 {
                     println!("seed {seed}: ok {s:?} {cfg:?}");
                 }
@@ -62,7 +63,7 @@ fn main() {
         }
     }
     println!(
-        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs) in {:.1} s",
+        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs, {mended} replicas mended) in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }

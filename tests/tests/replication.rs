@@ -1040,3 +1040,53 @@ fn a_block_rotted_on_the_primary_is_repaired_from_a_replica() {
         );
     });
 }
+
+/// A write of part of a block that went bad cannot merge into it. On a
+/// replica, the primary mends that replica's copy with its own whole
+/// blocks; on the primary, it repairs the block from a replica and writes
+/// again. Either way the write (512 bytes through qemu-io) succeeds, reads
+/// back, and the replicas agree.
+#[test]
+fn a_partial_write_into_a_rotted_block_mends_it() {
+    runtime().block_on(async {
+        let c = ReplicatedCluster::start(3).await.unwrap();
+        let id = create(&c, "mend", 8 * MIB, 2).await;
+        let target = TargetProcess::start(&c, &[]).unwrap();
+        let uri = target.uri("mend");
+        let (ok, out) = qemu_io(&uri, &["write -P 0x5a 0 2M", "flush"]);
+        assert!(ok, "{out}");
+        let map = c.map().await.unwrap();
+        let primary = ReplicatedCluster::primary_of(&map, 3, id, 1).unwrap();
+        let replica = (1..=3).find(|n| *n != primary).unwrap();
+        rot(&c, replica, id, 1, 3).await;
+        rot(&c, primary, id, 1, 6).await;
+        let (a, b) = (MIB + 3 * BLOCK + 512, MIB + 6 * BLOCK + 1024);
+        let (ok, out) = qemu_io(
+            &uri,
+            &[
+                &format!("write -P 0x77 {a} 512"),
+                &format!("write -P 0x66 {b} 512"),
+                "flush",
+            ],
+        );
+        assert!(ok && !out.contains("failed"), "{out}");
+        let log = c.servers[primary as usize - 1].log();
+        assert!(
+            log.contains("this node's whole blocks around the write instead")
+                && log.contains("repaired this node's copy from the replica's"),
+            "node {primary}'s log:\n{log}"
+        );
+        let (ok, out) = qemu_io(
+            &uri,
+            &[
+                &format!("read -P 0x77 {a} 512"),
+                &format!("read -P 0x66 {b} 512"),
+                &format!("read -P 0x5a {} {}", MIB + 3 * BLOCK, 512),
+                &format!("read -P 0x5a {} {}", a + 512, b - (a + 512)),
+                &format!("read -P 0x5a {} {}", b + 512, 2 * MIB - (b + 512)),
+            ],
+        );
+        assert!(ok && !out.contains("failed"), "{out}");
+        assert!(c.compare_replicas(id, 3).await.unwrap() >= 2);
+    });
+}

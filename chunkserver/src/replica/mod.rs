@@ -644,6 +644,18 @@ fn trace(me: NodeId, t: Trace) {
             replica = from,
             "repaired this node's copy from the replica's; it reads back"
         ),
+        Trace::Mending {
+            key,
+            ext,
+            node,
+            error,
+        } => warn!(
+            node = me,
+            group = %key,
+            extent = %ext,
+            replica = node,
+            "the replica could not apply a write ({error}); sending it this node's whole blocks around the write instead"
+        ),
         Trace::RepairFailed { key, ext, error } => warn!(
             node = me,
             group = %key,
