@@ -2298,14 +2298,10 @@ impl Node {
         seq: Seq,
         error: String,
     ) {
-        let now = self.now;
-        let Some(p) = self.primary_for(key, interval) else {
+        let Some(tid) = self.write_answered(key, interval, from, seq) else {
             return;
         };
-        if let Some(m) = p.members.get_mut(&from) {
-            m.last_heard = now;
-        }
-        let Some(&tid) = p.by_seq.get(&seq) else {
+        let Some(p) = self.primary_for(key, interval) else {
             return;
         };
         let gen = p.gen;
@@ -3111,15 +3107,28 @@ impl Node {
         self.begin_sync(key, from, set);
     }
 
-    fn on_forward_ack(&mut self, key: GroupKey, interval: Epoch, from: NodeId, seq: Seq) {
+    /// The write task that member `from`'s answer about write `seq`
+    /// concerns, if it still runs; notes that the member was heard from.
+    fn write_answered(
+        &mut self,
+        key: GroupKey,
+        interval: Epoch,
+        from: NodeId,
+        seq: Seq,
+    ) -> Option<u64> {
         let now = self.now;
-        let Some(p) = self.primary_for(key, interval) else {
-            return;
-        };
+        let p = self.primary_for(key, interval)?;
         if let Some(m) = p.members.get_mut(&from) {
             m.last_heard = now;
         }
-        let Some(&tid) = p.by_seq.get(&seq) else {
+        p.by_seq.get(&seq).copied()
+    }
+
+    fn on_forward_ack(&mut self, key: GroupKey, interval: Epoch, from: NodeId, seq: Seq) {
+        let Some(tid) = self.write_answered(key, interval, from, seq) else {
+            return;
+        };
+        let Some(p) = self.primary_for(key, interval) else {
             return;
         };
         if let Some(Task::Write { waiting, .. }) = p.tasks.get_mut(&tid) {

@@ -926,6 +926,22 @@ fn qemu_io(uri: &str, commands: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A cluster of three with an 8 MiB volume `name` (3 replicas) exported by
+/// a target, its first `written` bytes 0x5a (written with qemu-io and
+/// flushed): the cluster, the volume's id, the target and the NBD URI.
+async fn written_volume(
+    name: &str,
+    written: &str,
+) -> (ReplicatedCluster, u64, TargetProcess, String) {
+    let c = ReplicatedCluster::start(3).await.unwrap();
+    let id = create(&c, name, 8 * MIB, 2).await;
+    let target = TargetProcess::start(&c, &[]).unwrap();
+    let uri = target.uri(name);
+    let (ok, out) = qemu_io(&uri, &[&format!("write -P 0x5a 0 {written}"), "flush"]);
+    assert!(ok && !out.contains("failed"), "{out}");
+    (c, id, target, uri)
+}
+
 /// Bit rot: overwrites 100 bytes inside block `block` of extent `index` of
 /// `volume` in node `node`'s extent file, behind its chunk server's back,
 /// so the block's checksum no longer matches.
@@ -967,12 +983,7 @@ async fn rot(c: &ReplicatedCluster, node: u64, volume: u64, index: u64, block: u
 #[test]
 fn a_block_rotted_on_the_primary_is_repaired_from_a_replica() {
     runtime().block_on(async {
-        let c = ReplicatedCluster::start(3).await.unwrap();
-        let id = create(&c, "rot", 8 * MIB, 2).await;
-        let target = TargetProcess::start(&c, &[]).unwrap();
-        let uri = target.uri("rot");
-        let (ok, out) = qemu_io(&uri, &["write -P 0x5a 0 4M", "flush"]);
-        assert!(ok && !out.contains("failed"), "{out}");
+        let (c, id, _target, uri) = written_volume("rot", "4M").await;
         let map = c.map().await.unwrap();
         let primary = ReplicatedCluster::primary_of(&map, 3, id, 0).unwrap();
         rot(&c, primary, id, 0, 3).await;
@@ -1049,12 +1060,7 @@ fn a_block_rotted_on_the_primary_is_repaired_from_a_replica() {
 #[test]
 fn a_partial_write_into_a_rotted_block_mends_it() {
     runtime().block_on(async {
-        let c = ReplicatedCluster::start(3).await.unwrap();
-        let id = create(&c, "mend", 8 * MIB, 2).await;
-        let target = TargetProcess::start(&c, &[]).unwrap();
-        let uri = target.uri("mend");
-        let (ok, out) = qemu_io(&uri, &["write -P 0x5a 0 2M", "flush"]);
-        assert!(ok, "{out}");
+        let (c, id, _target, uri) = written_volume("mend", "2M").await;
         let map = c.map().await.unwrap();
         let primary = ReplicatedCluster::primary_of(&map, 3, id, 1).unwrap();
         let replica = (1..=3).find(|n| *n != primary).unwrap();
