@@ -910,9 +910,15 @@ impl World {
         }
         let g = &map.groups[&key];
         let now = self.now;
+        // Up, running, and heard from lately: a node just back from a freeze
+        // or a cut may still be marked down for the silence before.
         let alive = |n: &NodeId| {
             let sn = &self.nodes[n];
-            map.nodes[n].up && sn.core.is_some() && sn.frozen_until <= now && sn.cut_until <= now
+            map.nodes[n].up
+                && sn.core.is_some()
+                && sn.frozen_until <= now
+                && sn.cut_until <= now
+                && self.volmgr.last_heard[n] + 3 * HEARTBEAT_MS >= now
         };
         let whole = g.acting == g.placement
             && g.acting.len() > 1
