@@ -1538,10 +1538,7 @@ impl Node {
         // Whole blocks: two writes to one block never run at once, so a
         // mend (which pushes whole blocks) never carries a neighbour's
         // bytes that are still on their way to the replica.
-        let range = match blocks_around(range, self.cfg.block_bytes) {
-            Part::Ranges(v) => v[0],
-            Part::Whole => range,
-        };
+        let range = blocks_around(range, self.cfg.block_bytes);
         self.queue(key, ext, range, lock, Waiting::Task { gen, task: tid });
     }
 
@@ -1984,10 +1981,7 @@ impl Node {
             Part::Whole => Part::Whole,
             Part::Ranges(v) => Part::from_ranges(
                 v.into_iter()
-                    .filter_map(|r| match blocks_around(r, self.cfg.block_bytes) {
-                        Part::Ranges(w) => w.first().copied(),
-                        Part::Whole => None,
-                    })
+                    .map(|r| blocks_around(r, self.cfg.block_bytes))
                     .collect(),
             ),
         };
@@ -2133,11 +2127,11 @@ impl Node {
             let target = match p.tasks.get(&tid) {
                 Some(Task::Read {
                     ext, offset, len, ..
-                }) => Some((*ext, blocks_around((*offset, offset + len), align))),
+                }) => Some((*ext, block_part((*offset, offset + len), align))),
                 // A compare's read, or the write itself: a write of part of
                 // a block cannot merge into a block gone bad, so the block
                 // is repaired and the write done again.
-                Some(Task::Write { ext, op, .. }) => Some((*ext, blocks_around(op.range(), align))),
+                Some(Task::Write { ext, op, .. }) => Some((*ext, block_part(op.range(), align))),
                 Some(Task::Push { ext, part, .. }) => Some((*ext, part.clone())),
                 _ => None,
             };
@@ -2288,8 +2282,8 @@ impl Node {
     // ------------------------------------------------------------ mends
 
     /// Member `from` could not apply write `seq` (see
-    /// [`PeerMsg::ForwardFailed`]): it is mended with a push of this
-    /// node's whole blocks around the write, once written here.
+    /// [`PeerMsg::ForwardFailed`]): it is mended by the write again as this
+    /// node's whole blocks around it, once written here (see [`Mend`]).
     fn on_forward_failed(
         &mut self,
         key: GroupKey,
@@ -2367,9 +2361,7 @@ impl Node {
         if reading {
             return;
         }
-        let Part::Ranges(ranges) = blocks_around(op.range(), align) else {
-            return;
-        };
+        let ranges = vec![blocks_around(op.range(), align)];
         let ext = *ext;
         let id = self.id_next();
         self.disk.insert(
@@ -3493,7 +3485,7 @@ fn mend_forward(
     blocks: &Bytes,
     align: u64,
 ) -> PeerMsg {
-    let offset = op.range().0 / align * align;
+    let (offset, _) = blocks_around(op.range(), align);
     PeerMsg::Forward {
         to_up_since: 0,
         seq,
@@ -3508,8 +3500,14 @@ fn mend_forward(
 }
 
 /// Whole blocks of `align` bytes around `range`.
-fn blocks_around((start, end): (u64, u64), align: u64) -> Part {
-    Part::range(start / align * align, end.div_ceil(align) * align)
+fn blocks_around((start, end): (u64, u64), align: u64) -> (u64, u64) {
+    (start / align * align, end.div_ceil(align) * align)
+}
+
+/// [`blocks_around`] as a part of an extent.
+fn block_part(range: (u64, u64), align: u64) -> Part {
+    let (start, end) = blocks_around(range, align);
+    Part::range(start, end)
 }
 
 /// The extents to push to a replica with report `r`: every extent the

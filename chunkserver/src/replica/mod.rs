@@ -737,70 +737,22 @@ async fn run_disk(
         DiskReq::ReadRanges { ext, ranges } => {
             let eb = need_size(ext)?;
             let below = chains.below(ext).await?;
-            let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-            let mut out = BytesMut::with_capacity(total as usize);
-            for (start, end) in ranges {
-                let mut at = start;
-                while at < end {
-                    let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
-                    let buf = store
-                        .read_at(key_of(ext), &below, eb, at, len)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    out.extend_from_slice(&buf);
-                    at += len as u64;
-                }
-            }
-            Ok(DiskDone::Data(out.freeze()))
+            let out = read_ranges(store, ext, &below, eb, &ranges).await?;
+            Ok(DiskDone::Data(out))
         }
-        DiskReq::ReadExtent {
-            ext,
-            part: Part::Ranges(ranges),
-        } => {
-            let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-            let mut out = BytesMut::with_capacity(total as usize);
+        DiskReq::ReadExtent { ext, part } => {
             let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? else {
                 return Ok(DiskDone::Extent(None));
             };
             let eb = stat.extent_bytes;
             *learned = Some(eb);
             let below = chains.below(ext).await?;
-            for (start, end) in ranges {
-                let mut at = start;
-                while at < end {
-                    let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
-                    let buf = store
-                        .read_at(key_of(ext), &below, eb, at, len)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    out.extend_from_slice(&buf);
-                    at += len as u64;
-                }
-            }
-            Ok(DiskDone::Extent(Some(out.freeze())))
-        }
-        DiskReq::ReadExtent {
-            ext,
-            part: Part::Whole,
-        } => {
-            let Some(stat) = store.stat(key_of(ext)).await.map_err(|e| e.to_string())? else {
-                return Ok(DiskDone::Extent(None));
+            let ranges = match part {
+                Part::Whole => vec![(0, eb as u64)],
+                Part::Ranges(v) => v,
             };
-            let eb = stat.extent_bytes;
-            *learned = Some(eb);
-            let below = chains.below(ext).await?;
-            let mut out = BytesMut::with_capacity(eb as usize);
-            let mut at = 0u64;
-            while at < eb as u64 {
-                let len = EXTENT_READ_PIECE.min(eb - at as u32);
-                let buf = store
-                    .read_at(key_of(ext), &below, eb, at, len)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                out.extend_from_slice(&buf);
-                at += len as u64;
-            }
-            Ok(DiskDone::Extent(Some(out.freeze())))
+            let out = read_ranges(store, ext, &below, eb, &ranges).await?;
+            Ok(DiskDone::Extent(Some(out)))
         }
         DiskReq::PutExtent {
             ext,
@@ -858,6 +810,32 @@ async fn run_disk(
             Ok(DiskDone::Ok)
         }
     }
+}
+
+/// Reads `ranges` of `ext` through the versions `below` it, their bytes one
+/// after another, in pieces of at most [`EXTENT_READ_PIECE`].
+async fn read_ranges(
+    store: &Store,
+    ext: ExtentId,
+    below: &[u64],
+    eb: u32,
+    ranges: &[(u64, u64)],
+) -> Result<Bytes, String> {
+    let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    let mut out = BytesMut::with_capacity(total as usize);
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let len = (EXTENT_READ_PIECE as u64).min(end - at) as u32;
+            let buf = store
+                .read_at(key_of(ext), below, eb, at, len)
+                .await
+                .map_err(|e| e.to_string())?;
+            out.extend_from_slice(&buf);
+            at += len as u64;
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// Replaces `data.len()` bytes of an extent of `eb` bytes at `offset` (a
