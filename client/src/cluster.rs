@@ -656,6 +656,9 @@ pub(crate) fn describe(vol: &VolumeInfo, op: &ClientOp) -> String {
                 at(ext.index, *offset)
             )
         }
+        ClientOp::Scrub { ext, offset, len } => {
+            format!("scrub of {len} bytes {}", at(ext.index, *offset))
+        }
         ClientOp::Flush => "flush".to_string(),
     }
 }

@@ -172,9 +172,14 @@ impl Volume {
     }
 
     fn ext(&self, p: &Piece) -> ExtentId {
+        self.extent_id(p.index)
+    }
+
+    /// Extent `index` of the version this handle reads and writes.
+    pub(crate) fn extent_id(&self, index: u64) -> ExtentId {
         ExtentId {
             volume: self.inner.info.data_volume_id(),
-            index: p.index,
+            index,
             epoch: self.head_epoch(),
         }
     }

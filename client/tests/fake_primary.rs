@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_client::{ClientConfig, ClientError, Cluster, Volume};
-use cairn_group::msg::{ClientOp, Refusal, WriteOp};
+use cairn_group::msg::{ClientOp, Refusal, ScrubFound, WriteOp};
 use cairn_group::GroupKey;
 use cairn_proto::chunk::{ChunkRequest, ChunkResponse, Op, Status};
 use cairn_proto::frame::FRAME_DATA_BYTES_MAX;
@@ -173,6 +173,7 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
         } => "materialize",
         ClientOp::Read { .. } => "read",
         ClientOp::CompareAndWrite { .. } => "compare-and-write",
+        ClientOp::Scrub { .. } => "scrub",
         ClientOp::Flush => "flush",
     };
     s.log.push(Seen {
@@ -260,6 +261,21 @@ fn handle(state: &Mutex<State>, req: &ChunkRequest, data: Bytes) -> Reply {
             if s.drop_after_apply > 0 {
                 s.drop_after_apply -= 1;
                 return None;
+            }
+        }
+        // One copy, found bad at the start of odd extents; the report of
+        // extent 5 is garbage.
+        ClientOp::Scrub { ext, offset, .. } => {
+            out = match ext.index {
+                5 => Bytes::from_static(b"\xff\xff\xff"),
+                i => Bytes::from(
+                    ScrubFound {
+                        copies: 1,
+                        repaired_here: i % 2 == 1 && offset == 0,
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                ),
             }
         }
         ClientOp::Flush => s.flushes.push(creq.key),
@@ -389,6 +405,47 @@ async fn write_read_round_trip_across_extents() {
     assert!(log.iter().all(|s| s.key.index < GROUPS));
     // Nothing is in flight any more.
     assert!(cluster.oldest_outstanding() > log.iter().map(|s| s.id).max().unwrap());
+}
+
+/// A scrub of an extent goes out in pieces of at most 1 MiB, in order, each
+/// with the primary's report; a report that does not decode fails only its
+/// piece; an extent past the end is refused before sending.
+#[tokio::test]
+async fn a_scrub_covers_the_extent_in_pieces_with_their_reports() {
+    let fake = Fake::start().await;
+    let cluster = Cluster::with_static_map(
+        config(Duration::from_secs(10)),
+        map(1, &[(1, &fake.addr)], |_| 1),
+    );
+    let extent = 4 << 20;
+    let info = VolumeInfo {
+        size_bytes: 16 * extent,
+        extent_size_bytes: extent as u32,
+        ..volume_info()
+    };
+    let vol = cluster.volume(info).unwrap();
+    let pieces = vol.scrub_extent(3).await.unwrap();
+    let per = cairn_client::SCRUB_PIECE_BYTES;
+    let ranges: Vec<(u64, u64, u64)> = pieces.iter().map(|p| (p.index, p.offset, p.len)).collect();
+    let want: Vec<(u64, u64, u64)> = (0..extent / per).map(|i| (3, i * per, per)).collect();
+    assert_eq!(ranges, want);
+    let found: Vec<ScrubFound> = pieces.into_iter().map(|p| p.found.unwrap()).collect();
+    assert!(found[0].repaired_here && found.iter().skip(1).all(|f| !f.repaired_here));
+    assert!(found.iter().all(|f| f.copies == 1));
+    let scrubs = fake.log().iter().filter(|s| s.kind == "scrub").count();
+    assert_eq!(scrubs, want.len());
+
+    let pieces = vol.scrub_extent(5).await.unwrap();
+    let e = pieces[0].found.as_ref().unwrap_err().to_string();
+    assert!(
+        e.contains("undecodable report") && e.contains("extent 5"),
+        "{e}"
+    );
+
+    let before = fake.log().len();
+    let e = vol.scrub_extent(16).await.unwrap_err();
+    assert!(e.is_invalid_argument(), "{e}");
+    assert_eq!(fake.log().len(), before);
 }
 
 #[tokio::test]

@@ -180,6 +180,20 @@ pub enum ClientOp {
         /// Durable on every replica before the reply.
         fua: bool,
     },
+    /// Scrub part of one extent: the primary reads its copy (repairing it
+    /// from a replica if it does not read), every synced replica reads
+    /// its own and answers a digest, all under the primary's range lock,
+    /// so every copy must hold the same bytes. A copy that does not read
+    /// or differs gets the primary's pushed over it. The reply's data is a
+    /// [`ScrubFound`].
+    Scrub {
+        /// The extent.
+        ext: ExtentId,
+        /// Byte offset (a multiple of 4096).
+        offset: u64,
+        /// Bytes (a multiple of 4096).
+        len: u64,
+    },
 }
 
 impl ClientOp {
@@ -188,7 +202,8 @@ impl ClientOp {
         match self {
             ClientOp::Write { ext, .. }
             | ClientOp::Read { ext, .. }
-            | ClientOp::CompareAndWrite { ext, .. } => Some(*ext),
+            | ClientOp::CompareAndWrite { ext, .. }
+            | ClientOp::Scrub { ext, .. } => Some(*ext),
             ClientOp::Flush => None,
         }
     }
@@ -216,6 +231,38 @@ pub struct ClientRequest {
     pub min_replicas: u32,
     /// What to do.
     pub op: ClientOp,
+}
+
+/// What the scrub of one range found: the data of its reply, encoded with
+/// prost (`ScrubFound::encode_to_vec`).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ScrubFound {
+    /// Copies compared, the primary's included.
+    #[prost(uint32, tag = "1")]
+    pub copies: u32,
+    /// The primary could not read its own copy and repaired it from a
+    /// replica (read repair) before comparing.
+    #[prost(bool, tag = "2")]
+    pub repaired_here: bool,
+    /// Replicas whose copy did not read or differed: each gets the
+    /// primary's copy of the range pushed over it.
+    #[prost(message, repeated, tag = "3")]
+    pub pushed: Vec<ScrubCopy>,
+    /// Synced replicas that did not answer in time (frozen, cut off, or
+    /// too old to know scrubs): their copies were not compared.
+    #[prost(uint64, repeated, tag = "4")]
+    pub silent: Vec<u64>,
+}
+
+/// A replica's copy a scrub replaced, and why.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ScrubCopy {
+    /// The replica.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Its read error, or that its digest differed.
+    #[prost(string, tag = "2")]
+    pub why: String,
 }
 
 /// Why a request was not done; every one of them is worth a retry, after a
@@ -397,6 +444,29 @@ pub enum PeerMsg {
         fetch_id: u64,
         /// The bytes, or the replica's own error.
         data: Result<Option<Bytes>, String>,
+    },
+    /// Primary → synced replica: read this range of your copy and answer
+    /// its digest (scrub). Sent under the primary's range lock, like a
+    /// fetch, so every synced replica must answer the primary's digest.
+    Verify {
+        /// Recipient's incarnation.
+        to_up_since: Epoch,
+        /// Matches the reply.
+        verify_id: u64,
+        /// The extent.
+        ext: ExtentId,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Replica → primary: the CRC32 of the range's bytes, or why it could
+    /// not read them.
+    VerifyReply {
+        /// The verify.
+        verify_id: u64,
+        /// The digest, or the replica's error.
+        digest: Result<u32, String>,
     },
     /// Replica → primary: refused.
     Refused(PeerRefusal),

@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
+use prost::Message;
 
 use crate::authority::Claim;
 use crate::locks::{Locks, WHOLE};
 use crate::map::{Epoch, ExtentId, GroupKey, GroupMap, NodeId, Seq};
 use crate::msg::{
     ClientId, ClientOp, ClientReply, ClientRequest, Part, Peer, PeerMsg, PeerRefusal, Refusal,
-    SyncState, WriteOp,
+    ScrubCopy, ScrubFound, SyncState, WriteOp,
 };
 
 /// Identifies a disk operation between [`Output::Disk`] and
@@ -394,6 +395,23 @@ pub enum Trace {
         /// The replica whose copy was stored.
         from: NodeId,
     },
+    /// A scrub found that replica `node`'s copy of `[offset, offset +
+    /// len)` of `ext` does not read or differs from this node's (`why`):
+    /// this node, as primary, pushes its copy over it.
+    ScrubPushing {
+        /// The group.
+        key: GroupKey,
+        /// The extent.
+        ext: ExtentId,
+        /// The replica.
+        node: NodeId,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The replica's error, or that the digests differ.
+        why: String,
+    },
     /// No acting replica could supply a good copy, or the repaired copy
     /// still does not read: the operation fails as it would have.
     RepairFailed {
@@ -447,12 +465,14 @@ enum DiskCtx {
         applied: Applied,
         lock: u64,
     },
-    /// A replica reading a part the primary fetches (read repair), under
-    /// lock `lock`.
+    /// A replica reading a part the primary fetches (read repair) or
+    /// verifies (scrub: `verify`, answered with a digest), under lock
+    /// `lock`.
     ReplicaFetch {
         key: GroupKey,
         from: Origin,
         fetch_id: u64,
+        verify: bool,
         lock: u64,
     },
     /// A primary reading its whole blocks around write task `task` to
@@ -504,10 +524,12 @@ enum ReplicaWork {
         part: Part,
         data: Option<Bytes>,
     },
-    /// Read repair: read this part for the primary.
+    /// Read repair: read this part for the primary. Scrub (`verify`):
+    /// read it and answer its digest.
     Fetch {
         fetch_id: u64,
         part: Part,
+        verify: bool,
     },
 }
 
@@ -631,6 +653,31 @@ enum Task {
         waiting: BTreeMap<NodeId, u64>,
         sent_at: u64,
     },
+    /// See [`ClientOp::Scrub`].
+    Scrub {
+        client: (ClientId, u64),
+        ext: ExtentId,
+        offset: u64,
+        len: u64,
+        lock: u64,
+        /// The CRC32 of this node's copy of the range, once read.
+        digest: Option<u32>,
+        /// This node's copy was repaired from a replica before it read.
+        repaired: bool,
+        /// The members were asked (a read again after a repair does not
+        /// ask them again).
+        asked: bool,
+        /// Synced members asked for their digest: member -> verify id.
+        waiting: BTreeMap<NodeId, u64>,
+        /// Their answers.
+        answers: BTreeMap<NodeId, Result<u32, String>>,
+        /// Members that did not answer within `sync_timeout_ms` of being
+        /// asked: not compared, and not pushed to (a frozen member must
+        /// not hold the range's lock).
+        silent: Vec<NodeId>,
+        asked_at: u64,
+        sent_at: u64,
+    },
 }
 
 /// The primary's state for one interval of a group.
@@ -660,6 +707,8 @@ struct Primary {
     repairs: BTreeMap<u64, Repair>,
     /// fetch id -> task
     by_fetch: BTreeMap<u64, u64>,
+    /// verify id -> scrub task
+    by_verify: BTreeMap<u64, u64>,
     pushed_at_peering: usize,
 }
 
@@ -989,6 +1038,7 @@ impl Node {
             settling: BTreeMap::new(),
             repairs: BTreeMap::new(),
             by_fetch: BTreeMap::new(),
+            by_verify: BTreeMap::new(),
             pushed_at_peering: 0,
         });
         let queries: Vec<(NodeId, Epoch)> = g
@@ -1049,6 +1099,9 @@ impl Node {
                     ..
                 } => (ext, lock, if replied { None } else { client }),
                 Task::Read {
+                    client, ext, lock, ..
+                }
+                | Task::Scrub {
                     client, ext, lock, ..
                 } => (ext, lock, Some(client)),
                 Task::Push { ext, lock, .. } => (ext, lock, None),
@@ -1276,6 +1329,13 @@ impl Node {
                 Task::Write { waiting, .. } => waiting.remove(&n),
                 Task::Push { waiting, .. } => waiting.remove(&n).is_some(),
                 Task::Flush { waiting, .. } => waiting.remove(&n).is_some(),
+                Task::Scrub { waiting, .. } => match waiting.remove(&n) {
+                    Some(vid) => {
+                        p.by_verify.remove(&vid);
+                        true
+                    }
+                    None => false,
+                },
                 Task::Read { .. } => false,
             };
             if hit {
@@ -1411,6 +1471,45 @@ impl Node {
                 }
                 let op = WriteOp::Data { offset, data };
                 self.new_write(key, Some((req.client, req.id)), ext, op, fua, Some(compare));
+            }
+            ClientOp::Scrub { ext, offset, len } => {
+                // Under the read lease as a read: a deposed primary would
+                // compare a stale copy (its pushes would be refused, but
+                // its answer would be wrong).
+                if self.now >= self.lease_until {
+                    self.out.push(reply(Refusal::Busy));
+                    return;
+                }
+                let tid = self.id_next();
+                let lock = self.id_next();
+                let g = self.groups.get_mut(&key).expect("active");
+                let p = g.primary.as_mut().expect("active");
+                let gen = p.gen;
+                p.tasks.insert(
+                    tid,
+                    Task::Scrub {
+                        client: (req.client, req.id),
+                        ext,
+                        offset,
+                        len,
+                        lock,
+                        digest: None,
+                        repaired: false,
+                        asked: false,
+                        waiting: BTreeMap::new(),
+                        answers: BTreeMap::new(),
+                        silent: Vec::new(),
+                        asked_at: 0,
+                        sent_at: 0,
+                    },
+                );
+                self.queue(
+                    key,
+                    ext,
+                    (offset, offset + len),
+                    lock,
+                    Waiting::Task { gen, task: tid },
+                );
             }
             ClientOp::Read { ext, offset, len } => {
                 if self.now >= self.lease_until {
@@ -1585,7 +1684,12 @@ impl Node {
             Waiting::Replica { from, work } => {
                 let id = self.id_next();
                 let ext = from.ext;
-                if let ReplicaWork::Fetch { fetch_id, part } = work {
+                if let ReplicaWork::Fetch {
+                    fetch_id,
+                    part,
+                    verify,
+                } = work
+                {
                     // Read repair: nothing changes here, nothing is journaled.
                     // Ranges are read whether or not this version is stored
                     // (the primary's lock covers only them); the whole
@@ -1603,6 +1707,7 @@ impl Node {
                             key,
                             from,
                             fetch_id,
+                            verify,
                             lock,
                         },
                     );
@@ -1764,6 +1869,53 @@ impl Node {
                 let (ext, part) = (*ext, part.clone());
                 self.task_disk(op_id, key, gen, tid, DiskReq::ReadExtent { ext, part });
             }
+            Task::Scrub {
+                ext,
+                offset,
+                len,
+                waiting,
+                sent_at,
+                asked_at,
+                asked,
+                ..
+            } => {
+                let (ext, offset, len) = (*ext, *offset, *len);
+                let req = DiskReq::Read { ext, offset, len };
+                // Only the first start asks the members; a start after a
+                // read repair only reads again.
+                let mut sends = Vec::new();
+                if !*asked {
+                    *asked = true;
+                    *asked_at = now;
+                    *sent_at = now;
+                    // Synced members only: one still being synced may
+                    // differ until its pushes land.
+                    for (n, m) in &p.members {
+                        if m.acting && m.state == MemberState::Synced {
+                            let verify_id = self.next_id;
+                            self.next_id += 1;
+                            waiting.insert(*n, verify_id);
+                            p.by_verify.insert(verify_id, tid);
+                            sends.push((*n, m.up_since, verify_id));
+                        }
+                    }
+                }
+                self.task_disk(op_id, key, gen, tid, req);
+                for (n, up_since, verify_id) in sends {
+                    self.send(
+                        n,
+                        key,
+                        interval,
+                        PeerMsg::Verify {
+                            to_up_since: up_since,
+                            verify_id,
+                            ext,
+                            offset,
+                            len,
+                        },
+                    );
+                }
+            }
             Task::Flush { .. } => {}
         }
     }
@@ -1902,6 +2054,70 @@ impl Node {
                 self.release(key, ext, lock);
             }
             Task::Push { .. } => {}
+            Task::Scrub {
+                digest: Some(_),
+                waiting,
+                ..
+            } if waiting.is_empty() => {
+                let Some(Task::Scrub {
+                    client,
+                    ext,
+                    offset,
+                    len,
+                    lock,
+                    digest: Some(mine),
+                    repaired,
+                    answers,
+                    silent,
+                    ..
+                }) = p.tasks.remove(&tid)
+                else {
+                    unreachable!()
+                };
+                let mut found = ScrubFound {
+                    copies: 1,
+                    repaired_here: repaired,
+                    pushed: Vec::new(),
+                    silent,
+                };
+                let mut bad = Vec::new();
+                for (n, answer) in answers {
+                    if !p.members.contains_key(&n) {
+                        continue; // dropped since: it will be synced again
+                    }
+                    found.copies += 1;
+                    let why = match answer {
+                        Ok(d) if d == mine => continue,
+                        Ok(d) => {
+                            format!("its copy's CRC32 is {d:#010x}, the primary's {mine:#010x}")
+                        }
+                        Err(e) => e,
+                    };
+                    found.pushed.push(ScrubCopy {
+                        node: n,
+                        why: why.clone(),
+                    });
+                    bad.push((n, why));
+                }
+                self.out.push(Output::Reply(ClientReply {
+                    client: client.0,
+                    id: client.1,
+                    result: Ok(Some(Bytes::from(found.encode_to_vec()))),
+                }));
+                self.release(key, ext, lock);
+                for (node, why) in bad {
+                    self.out.push(Output::Trace(Trace::ScrubPushing {
+                        key,
+                        ext,
+                        node,
+                        offset,
+                        len,
+                        why,
+                    }));
+                    self.start_push(key, node, ext, Part::range(offset, offset + len), None);
+                }
+            }
+            Task::Scrub { .. } => {}
             Task::Flush {
                 client,
                 local_done,
@@ -2071,7 +2287,31 @@ impl Node {
                 key,
                 from,
                 fetch_id,
+                verify: true,
                 lock,
+            } => {
+                self.release(key, from.ext, lock);
+                let digest = match done {
+                    DiskDone::Data(bytes) => Ok(crc32fast::hash(&bytes)),
+                    DiskDone::Failed(e) => Err(e),
+                    other => Err(format!("unexpected read result {other:?}")),
+                };
+                self.send(
+                    from.primary,
+                    key,
+                    from.interval,
+                    PeerMsg::VerifyReply {
+                        verify_id: fetch_id,
+                        digest,
+                    },
+                );
+            }
+            DiskCtx::ReplicaFetch {
+                key,
+                from,
+                fetch_id,
+                lock,
+                ..
             } => {
                 self.release(key, from.ext, lock);
                 let data = match done {
@@ -2127,6 +2367,9 @@ impl Node {
             let target = match p.tasks.get(&tid) {
                 Some(Task::Read {
                     ext, offset, len, ..
+                })
+                | Some(Task::Scrub {
+                    ext, offset, len, ..
                 }) => Some((*ext, block_part((*offset, offset + len), align))),
                 // A compare's read, or the write itself: a write of part of
                 // a block cannot merge into a block gone bad, so the block
@@ -2143,6 +2386,9 @@ impl Node {
         } else if let Some(r) = p.repairs.remove(&tid) {
             // ... or read again after the repair: repaired.
             p.by_fetch.remove(&r.fetch_id);
+            if let Some(Task::Scrub { repaired, .. }) = p.tasks.get_mut(&tid) {
+                *repaired = true;
+            }
             self.out.push(Output::Trace(Trace::Repaired {
                 key,
                 ext: r.ext,
@@ -2276,7 +2522,76 @@ impl Node {
                 *local_done = true;
                 self.check_task(key, tid);
             }
+            Task::Scrub { digest, .. } => match done {
+                DiskDone::Data(b) => {
+                    *digest = Some(crc32fast::hash(&b));
+                    self.check_task(key, tid);
+                }
+                other => {
+                    let e = match other {
+                        DiskDone::Failed(e) => e,
+                        other => format!("unexpected read result {other:?}"),
+                    };
+                    self.end_scrub(key, tid, Err(Refusal::Io(e)));
+                }
+            },
         }
+    }
+
+    /// Ends scrub task `tid` without a comparison (this node's copy does
+    /// not read, and no replica could repair it), answering `result`.
+    fn end_scrub(&mut self, key: GroupKey, tid: u64, result: Result<Option<Bytes>, Refusal>) {
+        let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
+            return;
+        };
+        let Some(Task::Scrub {
+            client,
+            ext,
+            lock,
+            waiting,
+            ..
+        }) = p.tasks.remove(&tid)
+        else {
+            return;
+        };
+        for id in waiting.values() {
+            p.by_verify.remove(id);
+        }
+        self.out.push(Output::Reply(ClientReply {
+            client: client.0,
+            id: client.1,
+            result,
+        }));
+        self.release(key, ext, lock);
+    }
+
+    /// A replica answered a scrub's verify.
+    fn on_verify_reply(
+        &mut self,
+        key: GroupKey,
+        interval: Epoch,
+        from: NodeId,
+        verify_id: u64,
+        digest: Result<u32, String>,
+    ) {
+        let Some(p) = self.primary_for(key, interval) else {
+            return;
+        };
+        let Some(tid) = p.by_verify.remove(&verify_id) else {
+            return; // a duplicate, or a scrub that ended
+        };
+        let Some(Task::Scrub {
+            waiting, answers, ..
+        }) = p.tasks.get_mut(&tid)
+        else {
+            return;
+        };
+        if waiting.get(&from) != Some(&verify_id) {
+            return;
+        }
+        waiting.remove(&from);
+        answers.insert(from, digest);
+        self.check_task(key, tid);
     }
 
     // ------------------------------------------------------------ mends
@@ -2583,6 +2898,7 @@ impl Node {
                 }));
                 self.release(key, ext, lock);
             }
+            Some(Task::Scrub { .. }) => self.end_scrub(key, tid, Err(Refusal::Io(r.error))),
             // A compare's read: nothing was journaled or forwarded yet.
             Some(Task::Write {
                 compare: Some(_), ..
@@ -2670,7 +2986,15 @@ impl Node {
         }
         let asked = r.part.bytes();
         match data {
-            Err(e) => self.repair_ask_next(key, tid, format!("node {from}: {e}")),
+            Err(e) => {
+                // (A chunk server's errors name their node already.)
+                let why = if e.starts_with(&format!("node {from}:")) {
+                    e
+                } else {
+                    format!("node {from}: {e}")
+                };
+                self.repair_ask_next(key, tid, why)
+            }
             Ok(None) if asked.is_some() => {
                 // Ranges always come with their bytes; only a whole extent
                 // (under a push's lock on all of it) may be absent.
@@ -2743,8 +3067,12 @@ impl Node {
             PeerMsg::FetchReply { fetch_id, data } => {
                 self.on_fetch_reply(m.key, m.interval, m.from, fetch_id, data)
             }
+            PeerMsg::VerifyReply { verify_id, digest } => {
+                self.on_verify_reply(m.key, m.interval, m.from, verify_id, digest)
+            }
             PeerMsg::SyncQuery { to_up_since }
             | PeerMsg::Fetch { to_up_since, .. }
+            | PeerMsg::Verify { to_up_since, .. }
             | PeerMsg::Forward { to_up_since, .. }
             | PeerMsg::Push { to_up_since, .. }
             | PeerMsg::SyncDone { to_up_since, .. }
@@ -3006,7 +3334,38 @@ impl Node {
                     primary: from,
                     ext,
                 };
-                let work = ReplicaWork::Fetch { fetch_id, part };
+                let work = ReplicaWork::Fetch {
+                    fetch_id,
+                    part,
+                    verify: false,
+                };
+                self.queue(
+                    key,
+                    ext,
+                    WHOLE,
+                    lock,
+                    Waiting::Replica { from: origin, work },
+                );
+            }
+            PeerMsg::Verify {
+                verify_id,
+                ext,
+                offset,
+                len,
+                ..
+            } => {
+                // As a fetch: behind every write and push already queued.
+                let lock = self.id_next();
+                let origin = Origin {
+                    interval,
+                    primary: from,
+                    ext,
+                };
+                let work = ReplicaWork::Fetch {
+                    fetch_id: verify_id,
+                    part: Part::range(offset, offset + len),
+                    verify: true,
+                };
                 self.queue(
                     key,
                     ext,
@@ -3306,6 +3665,7 @@ impl Node {
         }
         let repairing: BTreeSet<u64> = p.repairs.keys().copied().collect();
         let mut restart_reads = Vec::new();
+        let mut silent_scrubs = Vec::new();
         let mut mend_reads = Vec::new();
         for (tid, t) in p.tasks.iter_mut() {
             match t {
@@ -3395,6 +3755,40 @@ impl Node {
                     *sent_at = now;
                     restart_reads.push(*tid);
                 }
+                Task::Scrub {
+                    waiting,
+                    silent,
+                    asked_at,
+                    ..
+                } if !waiting.is_empty() && now >= *asked_at + cfg.sync_timeout_ms => {
+                    for (n, vid) in std::mem::take(waiting) {
+                        silent.push(n);
+                        p.by_verify.remove(&vid);
+                    }
+                    silent_scrubs.push(*tid);
+                }
+                Task::Scrub {
+                    ext,
+                    offset,
+                    len,
+                    waiting,
+                    sent_at,
+                    ..
+                } if now >= *sent_at + cfg.retry_ms => {
+                    *sent_at = now;
+                    for (n, vid) in waiting.iter() {
+                        sends.push((
+                            *n,
+                            PeerMsg::Verify {
+                                to_up_since: ups.get(n).copied().unwrap_or(0),
+                                verify_id: *vid,
+                                ext: *ext,
+                                offset: *offset,
+                                len: *len,
+                            },
+                        ));
+                    }
+                }
                 Task::Flush {
                     waiting, sent_at, ..
                 } if now >= *sent_at + cfg.retry_ms => {
@@ -3418,6 +3812,9 @@ impl Node {
         }
         for tid in mend_reads {
             self.start_mend_read(key, gen, tid);
+        }
+        for tid in silent_scrubs {
+            self.check_task(key, tid);
         }
         for (tid, from) in unanswered {
             let why = format!("node {from}: no answer in {} ms", cfg.sync_timeout_ms);

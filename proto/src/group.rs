@@ -42,7 +42,15 @@ pub enum GroupOp {
     /// `length_bytes` long. The reply carries no data when it wrote, the
     /// bytes found when they differ.
     CompareAndWrite = 6,
+    /// Scrub `length_bytes` at `offset_bytes` (whole 4 KiB blocks, at most
+    /// [`SCRUB_BYTES_MAX`]): `ClientOp::Scrub`. The reply's data is a
+    /// `ScrubFound`.
+    Scrub = 7,
 }
+
+/// A scrub request covers at most this many bytes: each copy holds them in
+/// memory while it is read and digested.
+pub const SCRUB_BYTES_MAX: u64 = 4 << 20;
 
 /// A volume client's request to a group's primary (chunk op `Group`).
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -140,6 +148,8 @@ pub enum PeerKind {
     Fetch = 12,
     FetchReply = 13,
     ForwardFailed = 14,
+    Verify = 15,
+    VerifyReply = 16,
 }
 
 /// A message between members of a group (chunk op `Peer`; one way, never
@@ -221,6 +231,9 @@ pub struct PeerHeader {
     pub failed: bool,
     #[prost(string, tag = "24")]
     pub error: String,
+    /// VerifyReply (unless `failed`): the CRC32 of the range.
+    #[prost(uint32, tag = "25")]
+    pub digest: u32,
 }
 
 /// Appends a part's ranges as start, end pairs; answers how many pairs (0
@@ -369,6 +382,12 @@ pub fn encode_request(req: &ClientRequest, extent_bytes: u32) -> (GroupRequest, 
             both.extend_from_slice(d);
             data = both.freeze();
         }
+        ClientOp::Scrub { ext, offset, len } => {
+            h.op = GroupOp::Scrub as i32;
+            h.extent = Some((*ext).into());
+            h.offset_bytes = *offset;
+            h.length_bytes = *len;
+        }
         ClientOp::Flush => h.op = GroupOp::Flush as i32,
     }
     (h, data)
@@ -396,15 +415,22 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
             | GroupOp::Zero
             | GroupOp::Read
             | GroupOp::Materialize
-            | GroupOp::CompareAndWrite),
+            | GroupOp::CompareAndWrite
+            | GroupOp::Scrub),
         ) => {
             let ext: ExtentId = h
                 .extent
                 .ok_or_else(|| format!("{key}: {kind:?} without an extent"))?
                 .into();
             check_range(ext, h.extent_bytes, h.offset_bytes, h.length_bytes)?;
-            if kind == GroupOp::Materialize {
+            if kind == GroupOp::Materialize || kind == GroupOp::Scrub {
                 check_blocks(ext, h.offset_bytes, h.length_bytes)?;
+            }
+            if kind == GroupOp::Scrub && h.length_bytes > SCRUB_BYTES_MAX {
+                return Err(format!(
+                    "{ext}: scrub of {} bytes (at most {SCRUB_BYTES_MAX} per request)",
+                    h.length_bytes
+                ));
             }
             match kind {
                 GroupOp::Write => {
@@ -457,6 +483,11 @@ pub fn decode_request(h: &GroupRequest, data: Bytes) -> Result<(ClientRequest, u
                     },
                     fua: h.fua,
                 },
+                GroupOp::Scrub => ClientOp::Scrub {
+                    ext,
+                    offset: h.offset_bytes,
+                    len: h.length_bytes,
+                },
                 _ => ClientOp::Read {
                     ext,
                     offset: h.offset_bytes,
@@ -488,7 +519,7 @@ fn check_blocks(ext: ExtentId, offset: u64, len: u64) -> Result<(), String> {
     let align = cairn_group::msg::MATERIALIZE_ALIGN;
     if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
         return Err(format!(
-            "{ext}: copy-up range {offset}+{len} is not whole {align}-byte blocks"
+            "{ext}: range {offset}+{len} is not whole {align}-byte blocks"
         ));
     }
     Ok(())
@@ -692,6 +723,32 @@ pub fn encode_peer(p: &Peer, extent_bytes: u32) -> (PeerHeader, Bytes) {
             h.extent_bytes = extent_bytes;
             put_part(part, &mut h.ranges);
             PeerKind::Fetch
+        }
+        PeerMsg::Verify {
+            to_up_since,
+            verify_id,
+            ext,
+            offset,
+            len,
+        } => {
+            h.up_since = *to_up_since;
+            h.op_id = *verify_id;
+            h.extent = Some((*ext).into());
+            h.extent_bytes = extent_bytes;
+            h.offset_bytes = *offset;
+            h.length_bytes = *len;
+            PeerKind::Verify
+        }
+        PeerMsg::VerifyReply { verify_id, digest } => {
+            h.op_id = *verify_id;
+            match digest {
+                Ok(d) => h.digest = *d,
+                Err(e) => {
+                    h.failed = true;
+                    h.error = e.clone();
+                }
+            }
+            PeerKind::VerifyReply
         }
         PeerMsg::FetchReply { fetch_id, data: d } => {
             h.op_id = *fetch_id;
@@ -910,6 +967,32 @@ pub fn decode_peer(h: &PeerHeader, data: Bytes) -> Result<(Peer, u32), String> {
                 part,
             }
         }
+        PeerKind::Verify => {
+            let ext = need_ext()?;
+            check_range(ext, h.extent_bytes, h.offset_bytes, h.length_bytes)?;
+            if h.length_bytes > SCRUB_BYTES_MAX {
+                return Err(format!(
+                    "{ext}: verify of {} bytes (at most {SCRUB_BYTES_MAX})",
+                    h.length_bytes
+                ));
+            }
+            extent_bytes = h.extent_bytes;
+            PeerMsg::Verify {
+                to_up_since: h.up_since,
+                verify_id: h.op_id,
+                ext,
+                offset: h.offset_bytes,
+                len: h.length_bytes,
+            }
+        }
+        PeerKind::VerifyReply => PeerMsg::VerifyReply {
+            verify_id: h.op_id,
+            digest: if h.failed {
+                Err(h.error.clone())
+            } else {
+                Ok(h.digest)
+            },
+        },
         PeerKind::FetchReply => {
             let reply = if h.failed {
                 if !data.is_empty() || h.has_data {
@@ -1095,6 +1178,21 @@ mod tests {
                 seq,
                 error: "node 3: block 5 of extent 9 cannot merge a partial write".into(),
             },
+            PeerMsg::Verify {
+                to_up_since: 7,
+                verify_id: 12,
+                ext: EXT,
+                offset: 65536,
+                len: 65536,
+            },
+            PeerMsg::VerifyReply {
+                verify_id: 12,
+                digest: Ok(0xdead_beef),
+            },
+            PeerMsg::VerifyReply {
+                verify_id: 13,
+                digest: Err("node 2: checksum mismatch".into()),
+            },
         ] {
             round_trip_peer(msg);
         }
@@ -1138,6 +1236,11 @@ mod tests {
                 compare: Bytes::from(vec![1; 512]),
                 data: Bytes::from(vec![2; 512]),
                 fua: true,
+            },
+            ClientOp::Scrub {
+                ext: EXT,
+                offset: 4096,
+                len: (1 << 20) - 4096,
             },
             ClientOp::Flush,
         ] {
@@ -1220,6 +1323,18 @@ mod tests {
             GroupRequest {
                 op: GroupOp::Materialize as i32,
                 offset_bytes: 512,
+                ..good.clone()
+            },
+            // A scrub of part of a block, and one too long.
+            GroupRequest {
+                op: GroupOp::Scrub as i32,
+                length_bytes: 512,
+                ..good.clone()
+            },
+            GroupRequest {
+                op: GroupOp::Scrub as i32,
+                extent_bytes: 64 << 20,
+                length_bytes: SCRUB_BYTES_MAX + 4096,
                 ..good.clone()
             },
         ];

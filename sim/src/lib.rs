@@ -29,11 +29,14 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use bytes::Bytes;
 use cairn_group::authority::{self, Claim};
-use cairn_group::msg::{ClientOp, ClientReply, ClientRequest, Part, Peer, Refusal, WriteOp};
+use cairn_group::msg::{
+    ClientOp, ClientReply, ClientRequest, Part, Peer, Refusal, ScrubFound, WriteOp,
+};
 use cairn_group::node::{
     Bug, Config, DiskDone, DiskReq, Durable, JournalRecord, Node, Output, Trace, RECENT_MAX,
 };
 use cairn_group::{Epoch, ExtentId, GroupKey, GroupMap, GroupView, NodeId, NodeView};
+use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -71,6 +74,11 @@ pub struct SimConfig {
     pub recent_max: usize,
     /// Blocks go bad on one node's disk now and then (see the crate docs).
     pub rot: bool,
+    /// The client scrubs now and then (some of its reads become scrubs),
+    /// bad blocks go to any acting member instead of only the primary, and
+    /// after healing a scrub of every extent must leave no bad block on an
+    /// acting member.
+    pub scrub: bool,
     /// Print every event.
     pub verbose: bool,
 }
@@ -92,6 +100,7 @@ impl Default for SimConfig {
             bug: None,
             recent_max: RECENT_MAX,
             rot: false,
+            scrub: false,
             verbose: false,
         }
     }
@@ -114,6 +123,9 @@ impl SimConfig {
             // Drawn last, so the draws before it, and every schedule
             // without rot, are what they were before rot existed.
             rot: rng.gen_bool(0.5),
+            // Drawn after rot for the same reason: a schedule without
+            // scrubs is what it was before scrubs existed.
+            scrub: rng.gen_bool(0.5),
             bug,
             ..SimConfig::default()
         }
@@ -156,6 +168,13 @@ pub struct Stats {
     pub repaired: u64,
     /// See `rotted`.
     pub mended: u64,
+    /// Scrubs answered; copies they found bad (a read error) or different
+    /// and had pushed over; primaries' copies they had repaired.
+    pub scrubs: u64,
+    /// See `scrubs`.
+    pub scrub_pushed: u64,
+    /// See `scrubs`.
+    pub scrub_repaired_here: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -307,6 +326,8 @@ struct World {
     acked_in: BTreeMap<(GroupKey, Epoch), NodeId>,
     failure: Option<String>,
     core_cfg: Config,
+    /// The scrub of every extent after healing was sent (`SimConfig::scrub`).
+    scrubbed_all: bool,
 }
 
 /// Runs schedule `seed` with configuration `cfg`.
@@ -418,6 +439,7 @@ impl World {
             acked_in: BTreeMap::new(),
             failure: None,
             core_cfg,
+            scrubbed_all: false,
             cfg,
         }
     }
@@ -465,6 +487,11 @@ impl World {
                 return Err(f);
             }
             if !self.faults && self.healed() {
+                if self.cfg.scrub && !self.scrubbed_all {
+                    self.scrubbed_all = true;
+                    self.scrub_all();
+                    continue;
+                }
                 self.stats.healed_at_ms = self.now;
                 return self.check_final();
             }
@@ -897,7 +924,16 @@ impl World {
         let index = self.rng.gen_range(0..self.cfg.extents);
         let key = self.key_of(index);
         let map = &self.volmgr.map;
-        let Some(id) = self.rotten_node().or_else(|| map.primary(key)) else {
+        // With scrubs, any acting member (scrubs find bad replicas, which
+        // reads never do); drawn only then, so other schedules stay as
+        // they were.
+        let member = if self.cfg.scrub {
+            let acting = &map.groups[&key].acting;
+            (!acting.is_empty()).then(|| acting[self.rng.gen_range(0..acting.len())])
+        } else {
+            map.primary(key)
+        };
+        let Some(id) = self.rotten_node().or(member) else {
             return;
         };
         let ext = ExtentId {
@@ -1187,10 +1223,24 @@ impl World {
                 },
             }
         } else if r < 95 {
-            ClientOp::Read {
-                ext: extent,
-                offset: first * self.cfg.block,
-                len: count * self.cfg.block,
+            if self.cfg.scrub && self.rng.gen_bool(0.2) {
+                // A scrub of the blocks, or of the whole extent.
+                let (offset, len) = if self.rng.gen_bool(0.5) {
+                    (first * self.cfg.block, count * self.cfg.block)
+                } else {
+                    (0, self.cfg.extent_bytes)
+                };
+                ClientOp::Scrub {
+                    ext: extent,
+                    offset,
+                    len,
+                }
+            } else {
+                ClientOp::Read {
+                    ext: extent,
+                    offset: first * self.cfg.block,
+                    len: count * self.cfg.block,
+                }
             }
         } else {
             ClientOp::Flush
@@ -1235,6 +1285,8 @@ impl World {
                         ext.index,
                         data.len()
                     ),
+                    ClientOp::Scrub { ext, offset, len } =>
+                        format!("scrub ext {} {offset}+{len}", ext.index),
                     ClientOp::Flush => "flush".into(),
                 }
             )
@@ -1378,9 +1430,65 @@ impl World {
                             }
                         }
                     }
+                    ClientOp::Scrub { ext, .. } => {
+                        let found = match ScrubFound::decode(&data.unwrap_or_default()[..]) {
+                            Ok(f) => f,
+                            Err(e) => {
+                                self.failure = Some(format!(
+                                    "scrub of extent {} answered an undecodable report: {e}",
+                                    ext.index
+                                ));
+                                return;
+                            }
+                        };
+                        let replicas = self.volmgr.map.groups[&p.key].placement.len() as u32;
+                        if found.copies == 0 || found.copies > replicas {
+                            self.failure = Some(format!(
+                                "scrub of extent {} compared {} copies in a group of {replicas}",
+                                ext.index, found.copies
+                            ));
+                            return;
+                        }
+                        self.stats.scrubs += 1;
+                        self.stats.scrub_pushed += found.pushed.len() as u64;
+                        self.stats.scrub_repaired_here += u64::from(found.repaired_here);
+                    }
                     ClientOp::Flush => {}
                 }
             }
+        }
+    }
+
+    /// After healing: a scrub of every extent, whole. `check_final` then
+    /// finds no bad block on an acting member.
+    fn scrub_all(&mut self) {
+        self.log(|| "--- healed; scrubbing every extent".into());
+        self.client.map = self.volmgr.map.clone();
+        for index in 0..self.cfg.extents {
+            let id = self.client.next_id;
+            self.client.next_id += 1;
+            let now = self.now;
+            self.client.pending.insert(
+                id,
+                PendingOp {
+                    id,
+                    key: self.key_of(index),
+                    op: ClientOp::Scrub {
+                        ext: ExtentId {
+                            volume: VOLUME,
+                            index,
+                            epoch: 1,
+                        },
+                        offset: 0,
+                        len: self.cfg.extent_bytes,
+                    },
+                    sent_at: now,
+                    next_try: now,
+                    allowed: Vec::new(),
+                    sent: 0,
+                },
+            );
+            self.client_send(id);
         }
     }
 
@@ -1388,6 +1496,18 @@ impl World {
 
     fn check_final(&mut self) -> Result<(), String> {
         let map = self.volmgr.map.clone();
+        if self.scrubbed_all {
+            for (id, n) in &self.nodes {
+                for (ext, block) in &n.disk.rot {
+                    if map.groups[&self.key_of(ext.index)].acting.contains(id) {
+                        return Err(format!(
+                            "node {id}: block {block} of extent {} is still bad after a scrub of every extent",
+                            ext.index
+                        ));
+                    }
+                }
+            }
+        }
         let blocks = self.cfg.extent_bytes / self.cfg.block;
         for e in 0..self.cfg.extents {
             let key = self.key_of(e);

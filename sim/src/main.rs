@@ -42,6 +42,7 @@ fn main() {
     }
     let t = Instant::now();
     let (mut acked, mut rotted, mut repaired, mut mended) = (0, 0, 0, 0);
+    let (mut scrubs, mut scrub_pushed, mut scrub_repaired) = (0, 0, 0);
     for seed in from..from + count {
         let mut cfg = SimConfig::for_seed(seed, bug);
         cfg.verbose = verbose;
@@ -51,6 +52,9 @@ fn main() {
                 rotted += s.rotted;
                 repaired += s.repaired;
                 mended += s.mended;
+                scrubs += s.scrubs;
+                scrub_pushed += s.scrub_pushed;
+                scrub_repaired += s.scrub_repaired_here;
                 if verbose || count == 1 {
                     println!("seed {seed}: ok {s:?} {cfg:?}");
                 }
@@ -63,7 +67,7 @@ fn main() {
         }
     }
     println!(
-        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs, {mended} replicas mended) in {:.1} s",
+        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs, {mended} replicas mended; {scrubs} scrubs pushed over {scrub_pushed} replica copies and repaired {scrub_repaired} primary copies) in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }

@@ -14,6 +14,7 @@ mod export;
 mod node;
 mod output;
 mod placement;
+mod scrub;
 mod snapshot;
 mod table;
 #[cfg(test)]
@@ -75,7 +76,7 @@ enum Command {
     /// List the chunk servers.
     #[command(subcommand)]
     Node(node::NodeCommand),
-    /// Create, list, inspect, grow, delete, roll back and clone volumes.
+    /// Create, list, inspect, grow, delete, roll back, clone and scrub volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
     /// Take, list and delete snapshots of a volume.

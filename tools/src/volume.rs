@@ -133,6 +133,38 @@ pub enum VolumeCommand {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// Read every copy of every written block, compare them and replace bad copies.
+    #[command(after_help = "Examples:\n  \
+        cairn volume scrub pacs-db\n  \
+        cairn volume scrub pacs-db --snapshots --rate 50M\n  \
+        cairn volume scrub pacs-db --json\n  \
+        cairn volume scrub --all --snapshots\n\n\
+        Bit rot on cold data is found only when the data is read; a scrub reads it all \
+        before a failure needs it. For each written range the group's primary reads its \
+        copy (repairing it from a replica if it does not read), every in-sync replica reads \
+        its own and answers a CRC32, and a copy that does not read or differs gets the \
+        primary's copy pushed over it. Writes to a range wait while it is compared (at most \
+        1 MiB at a time). Progress goes to stderr every 2 s (JSON lines with --json); the \
+        report, to stdout, lists every copy replaced. Exit status 1 if some range could not \
+        be scrubbed (no good copy could be read, or its group stayed unavailable): the \
+        report names them. Run it from a timer (systemd/cairn-scrub.timer) to check every \
+        block regularly.")]
+    Scrub {
+        /// The volume.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Scrub every volume, one after another.
+        #[arg(long)]
+        all: bool,
+        /// Also scrub every snapshot's view (blocks shared with the volume are read again).
+        #[arg(long)]
+        snapshots: bool,
+        /// Pace: at most this much of each copy per second, with a binary unit (0: no limit).
+        #[arg(long, default_value = "100M", value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
 }
 
 /// `pacs-db@nightly` -> (`pacs-db`, `nightly`).
@@ -175,6 +207,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
+        VolumeCommand::Scrub {
+            name,
+            all: _,
+            snapshots,
+            rate,
+            cluster,
+        } => crate::scrub::run(crate::scrub::ScrubArgs {
+            name,
+            snapshots,
+            rate,
+            cluster,
+        })?,
         VolumeCommand::Create {
             name,
             size,

@@ -352,7 +352,8 @@ impl Driver {
             Input::Peer { msg, extent_bytes } => {
                 if let PeerMsg::Forward { ext, .. }
                 | PeerMsg::Push { ext, .. }
-                | PeerMsg::Fetch { ext, .. } = &msg.msg
+                | PeerMsg::Fetch { ext, .. }
+                | PeerMsg::Verify { ext, .. } = &msg.msg
                 {
                     self.learn_size(ext.volume, extent_bytes);
                 }
@@ -519,9 +520,9 @@ impl Driver {
                 data: Some(d),
                 ..
             } => Some(d.len() as u32),
-            PeerMsg::Push { ext, .. } | PeerMsg::Fetch { ext, .. } => {
-                self.extent_sizes.get(&ext.volume).copied()
-            }
+            PeerMsg::Push { ext, .. }
+            | PeerMsg::Fetch { ext, .. }
+            | PeerMsg::Verify { ext, .. } => self.extent_sizes.get(&ext.volume).copied(),
             _ => None,
         }
         .unwrap_or(0);
@@ -655,6 +656,22 @@ fn trace(me: NodeId, t: Trace) {
             extent = %ext,
             replica = node,
             "the replica could not apply a write ({error}); sending it this node's whole blocks around the write instead"
+        ),
+        Trace::ScrubPushing {
+            key,
+            ext,
+            node,
+            offset,
+            len,
+            why,
+        } => warn!(
+            node = me,
+            group = %key,
+            extent = %ext,
+            replica = node,
+            offset,
+            len,
+            "scrub: the replica's copy of the range is bad ({why}); pushing this node's over it"
         ),
         Trace::RepairFailed { key, ext, error } => warn!(
             node = me,
