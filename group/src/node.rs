@@ -1472,72 +1472,55 @@ impl Node {
                 let op = WriteOp::Data { offset, data };
                 self.new_write(key, Some((req.client, req.id)), ext, op, fua, Some(compare));
             }
-            ClientOp::Scrub { ext, offset, len } => {
-                // Under the read lease as a read: a deposed primary would
-                // compare a stale copy (its pushes would be refused, but
-                // its answer would be wrong).
+            op @ (ClientOp::Read { .. } | ClientOp::Scrub { .. }) => {
+                // Under the read lease: a deposed primary would read stale
+                // bytes (a scrub would compare them; its pushes would be
+                // refused, but its answer would be wrong).
                 if self.now >= self.lease_until {
                     self.out.push(reply(Refusal::Busy));
                     return;
                 }
                 let tid = self.id_next();
                 let lock = self.id_next();
+                let client = (req.client, req.id);
+                let (ext, range, task) = match op {
+                    ClientOp::Read { ext, offset, len } => (
+                        ext,
+                        (offset, offset + len),
+                        Task::Read {
+                            client,
+                            ext,
+                            offset,
+                            len,
+                            lock,
+                        },
+                    ),
+                    ClientOp::Scrub { ext, offset, len } => (
+                        ext,
+                        (offset, offset + len),
+                        Task::Scrub {
+                            client,
+                            ext,
+                            offset,
+                            len,
+                            lock,
+                            digest: None,
+                            repaired: false,
+                            asked: false,
+                            waiting: BTreeMap::new(),
+                            answers: BTreeMap::new(),
+                            silent: Vec::new(),
+                            asked_at: 0,
+                            sent_at: 0,
+                        },
+                    ),
+                    _ => unreachable!("matched above"),
+                };
                 let g = self.groups.get_mut(&key).expect("active");
                 let p = g.primary.as_mut().expect("active");
                 let gen = p.gen;
-                p.tasks.insert(
-                    tid,
-                    Task::Scrub {
-                        client: (req.client, req.id),
-                        ext,
-                        offset,
-                        len,
-                        lock,
-                        digest: None,
-                        repaired: false,
-                        asked: false,
-                        waiting: BTreeMap::new(),
-                        answers: BTreeMap::new(),
-                        silent: Vec::new(),
-                        asked_at: 0,
-                        sent_at: 0,
-                    },
-                );
-                self.queue(
-                    key,
-                    ext,
-                    (offset, offset + len),
-                    lock,
-                    Waiting::Task { gen, task: tid },
-                );
-            }
-            ClientOp::Read { ext, offset, len } => {
-                if self.now >= self.lease_until {
-                    self.out.push(reply(Refusal::Busy));
-                    return;
-                }
-                let tid = self.id_next();
-                let lock = self.id_next();
-                let g = self.groups.get_mut(&key).expect("active");
-                let p = g.primary.as_mut().expect("active");
-                let gen = p.gen;
-                p.tasks.insert(
-                    tid,
-                    Task::Read {
-                        client: (req.client, req.id),
-                        ext,
-                        offset,
-                        len,
-                        lock,
-                    },
-                );
-                self.queue(
-                    key,
-                    ext,
-                    (offset, offset + len),
-                    lock,
-                    Waiting::Task { gen, task: tid },
-                );
+                p.tasks.insert(tid, task);
+                self.queue(key, ext, range, lock, Waiting::Task { gen, task: tid });
             }
             ClientOp::Flush => {
                 let tid = self.id_next();
@@ -2055,33 +2038,25 @@ impl Node {
             }
             Task::Push { .. } => {}
             Task::Scrub {
-                digest: Some(_),
+                ext,
+                offset,
+                len,
+                digest: Some(mine),
+                repaired,
                 waiting,
+                answers,
+                silent,
                 ..
             } if waiting.is_empty() => {
-                let Some(Task::Scrub {
-                    client,
-                    ext,
-                    offset,
-                    len,
-                    lock,
-                    digest: Some(mine),
-                    repaired,
-                    answers,
-                    silent,
-                    ..
-                }) = p.tasks.remove(&tid)
-                else {
-                    unreachable!()
-                };
+                let (ext, offset, len, mine) = (*ext, *offset, *len, *mine);
                 let mut found = ScrubFound {
                     copies: 1,
-                    repaired_here: repaired,
+                    repaired_here: *repaired,
                     pushed: Vec::new(),
-                    silent,
+                    silent: std::mem::take(silent),
                 };
                 let mut bad = Vec::new();
-                for (n, answer) in answers {
+                for (n, answer) in std::mem::take(answers) {
                     if !p.members.contains_key(&n) {
                         continue; // dropped since: it will be synced again
                     }
@@ -2099,12 +2074,7 @@ impl Node {
                     });
                     bad.push((n, why));
                 }
-                self.out.push(Output::Reply(ClientReply {
-                    client: client.0,
-                    id: client.1,
-                    result: Ok(Some(Bytes::from(found.encode_to_vec()))),
-                }));
-                self.release(key, ext, lock);
+                self.end_scrub(key, tid, Ok(Some(Bytes::from(found.encode_to_vec()))));
                 for (node, why) in bad {
                     self.out.push(Output::Trace(Trace::ScrubPushing {
                         key,
@@ -2538,8 +2508,9 @@ impl Node {
         }
     }
 
-    /// Ends scrub task `tid` without a comparison (this node's copy does
-    /// not read, and no replica could repair it), answering `result`.
+    /// Ends scrub task `tid`, answering `result`: what it found, or why it
+    /// could not compare (this node's copy does not read, and no replica
+    /// could repair it).
     fn end_scrub(&mut self, key: GroupKey, tid: u64, result: Result<Option<Bytes>, Refusal>) {
         let Some(p) = self.groups.get_mut(&key).and_then(|g| g.primary.as_mut()) else {
             return;

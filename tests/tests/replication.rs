@@ -443,6 +443,10 @@ async fn check_snapshot(
 /// Every third round or so a snapshot is taken while the victims are down
 /// (the writers pause for it); the oldest of more than three is read back
 /// against the write history and deleted, the rest at the end.
+/// Throughout, a scrubber scrubs one extent after another: no disk here
+/// goes bad, so no scrub may find a copy that fails or differs (replicas
+/// in sync must hold the same bytes under the primary's lock, whatever was
+/// killed); at the end a scrub of every extent finds every copy equal.
 /// `CAIRN_CHAOS_ROUNDS` (default 12) and `CAIRN_CHAOS_SEED` for soaks.
 #[test]
 fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_write() {
@@ -460,6 +464,13 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
         let history = Arc::new(History::default());
         let mut taken: Vec<Taken> = Vec::new();
         let target = TargetProcess::start(&c, &[]).unwrap();
+        let scrub_stop = Arc::new(AtomicBool::new(false));
+        let scrubber = tokio::spawn(scrub_while(
+            client(&c, Duration::from_secs(10)).await,
+            "chaos",
+            seed,
+            scrub_stop.clone(),
+        ));
         let writers: Vec<_> = (0..4u64)
             .map(|w| {
                 let (addr, gens, history, stop) =
@@ -611,6 +622,8 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
                 gens.load(Ordering::Relaxed) - before
             );
         }
+        scrub_stop.store(true, Ordering::Relaxed);
+        let (scrubbed, unscrubbed) = scrubber.await.unwrap();
         // The head as it is now: snapshots moved it under the target.
         let vol = cl.open_volume("chaos").await.unwrap();
         let acknowledged = || history.acknowledged();
@@ -619,13 +632,64 @@ fn kill_9_of_chunk_servers_and_volume_manager_members_loses_no_acknowledged_writ
             check_snapshot(&c, &cl, "chaos", s, &history, blocks).await;
         }
         let compared = c.compare_replicas(id, 3).await.unwrap();
+        for index in 0..blocks * BLOCK / MIB {
+            for p in vol.scrub_extent(index).await.unwrap() {
+                let found = p.found.unwrap();
+                assert!(
+                    found.copies == 3 && found.pushed.is_empty() && !found.repaired_here,
+                    "seed {seed}: the final scrub of extent {index} at {} found {found:?}",
+                    p.offset
+                );
+            }
+        }
         println!(
             "{total} writes; {} snapshots left and checked; {compared} extent versions \
-             identical on every replica",
+             identical on every replica; {scrubbed} ranges scrubbed under chaos \
+             ({unscrubbed} not: unavailable), then all equal",
             taken.len()
         );
         assert!(compared > 0);
+        assert!(scrubbed > 0, "no scrub got through during {rounds} rounds");
     });
+}
+
+/// Scrubs random extents of volume `name` until `stop`; no disk goes bad in
+/// the tests that run it, so every scrub must find every copy it compares
+/// equal (a scrub that cannot finish, say while its group has no primary,
+/// only counts). Returns the ranges scrubbed and those that could not be.
+async fn scrub_while(
+    cl: Arc<Cluster>,
+    name: &'static str,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5c7);
+    let (mut scrubbed, mut failed) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        // Opened anew each time: a snapshot moves the head.
+        let Ok(vol) = cl.open_volume(name).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let extents = vol.size() / u64::from(vol.info().extent_size_bytes);
+        let index = rng.gen_range(0..extents);
+        for p in vol.scrub_extent(index).await.unwrap() {
+            match p.found {
+                Ok(found) => {
+                    assert!(
+                        found.pushed.is_empty() && !found.repaired_here,
+                        "seed {seed}: a scrub of extent {index} at {} (epoch {}) found {found:?}",
+                        p.offset,
+                        vol.head_epoch()
+                    );
+                    scrubbed += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (scrubbed, failed)
 }
 
 /// Issue 5, point 2: a primary frozen with SIGSTOP while a write waits on
@@ -946,18 +1010,43 @@ async fn written_volume(
 /// `volume` in node `node`'s extent file, behind its chunk server's back,
 /// so the block's checksum no longer matches.
 async fn rot(c: &ReplicatedCluster, node: u64, volume: u64, index: u64, block: u64) {
+    rot_version(c, node, volume, (index, None), block).await
+}
+
+/// The extent `index` (of epoch `epoch`, or the first listed) node `node`
+/// stores for `volume`.
+async fn stored_version(
+    chunk: &cairn_chunkserver::rpc::ChunkClient,
+    node: u64,
+    volume: u64,
+    (index, epoch): (u64, Option<u64>),
+) -> cairn_proto::chunk::ExtentInfo {
+    let page = chunk.extent_list(Some(volume), None, 0).await.unwrap();
+    page.extents
+        .into_iter()
+        .find(|e| {
+            e.key
+                .is_some_and(|k| k.extent_index == index && epoch.is_none_or(|x| k.epoch == x))
+        })
+        .unwrap_or_else(|| panic!("node {node} stores no extent {index} of epoch {epoch:?}"))
+}
+
+/// [`rot`] in the version of extent `index` at epoch `epoch` (or the first
+/// listed).
+async fn rot_version(
+    c: &ReplicatedCluster,
+    node: u64,
+    volume: u64,
+    at: (u64, Option<u64>),
+    block: u64,
+) {
     use cairn_chunkserver::store::{layout, ExtentKey};
     use std::os::unix::fs::FileExt;
     let server = &c.servers[node as usize - 1];
     let chunk = cairn_chunkserver::rpc::ChunkClient::connect(server.addr())
         .await
         .unwrap();
-    let page = chunk.extent_list(Some(volume), None, 0).await.unwrap();
-    let e = page
-        .extents
-        .iter()
-        .find(|e| e.key.is_some_and(|k| k.extent_index == index))
-        .unwrap_or_else(|| panic!("node {node} stores no extent {index}"));
+    let e = stored_version(&chunk, node, volume, at).await;
     let k = e.key.unwrap();
     let key = ExtentKey {
         volume_id: k.volume_id,
@@ -1058,18 +1147,12 @@ async fn read_local(
     c: &ReplicatedCluster,
     node: u64,
     volume: u64,
-    index: u64,
+    at: (u64, Option<u64>),
     block: u64,
 ) -> anyhow::Result<Bytes> {
     let chunk =
         cairn_chunkserver::rpc::ChunkClient::connect(c.servers[node as usize - 1].addr()).await?;
-    let page = chunk.extent_list(Some(volume), None, 0).await?;
-    let e = page
-        .extents
-        .iter()
-        .find(|e| e.key.is_some_and(|k| k.extent_index == index))
-        .unwrap_or_else(|| panic!("node {node} stores no extent {index}"))
-        .clone();
+    let e = stored_version(&chunk, node, volume, at).await;
     Ok(chunk
         .read_through(
             e.key.unwrap(),
@@ -1091,14 +1174,16 @@ async fn read_local(
 #[test]
 fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
     runtime().block_on(async {
-        let (c, id, _target, _uri) = written_volume("scrub", "3M").await;
+        let (c, id, _target, uri) = written_volume("scrub", "3M").await;
         let map = c.map().await.unwrap();
         let primary = |index| ReplicatedCluster::primary_of(&map, 3, id, index).unwrap();
         let replica = |index| (1..=3).find(|n| *n != primary(index)).unwrap();
         let rotted = [(replica(0), 0, 3), (primary(1), 1, 6), (replica(2), 2, 0)];
         for (node, index, block) in rotted {
             rot(&c, node, id, index, block).await;
-            let e = read_local(&c, node, id, index, block).await.unwrap_err();
+            let e = read_local(&c, node, id, (index, None), block)
+                .await
+                .unwrap_err();
             assert!(e.to_string().contains("checksum"), "{e}");
         }
         let cli = cairn_tests::cli::Cli::new(&c.volmgr.addrs(), &c.volmgr.cluster_id);
@@ -1132,7 +1217,9 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
         );
         // Every copy reads on its own node again, and they agree.
         for (node, index, block) in rotted {
-            let b = read_local(&c, node, id, index, block).await.unwrap();
+            let b = read_local(&c, node, id, (index, None), block)
+                .await
+                .unwrap();
             assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
         }
         assert!(c.compare_replicas(id, 3).await.unwrap() >= 3);
@@ -1157,6 +1244,30 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
             ],
         );
         println!("{out}");
+
+        // A snapshot's own version: overwritten in the head, so only a
+        // scrub with --snapshots reads it.
+        let snap = cli.json(&["snapshot", "create", "scrub", "before"]);
+        let (ok, out) = qemu_io(&uri, &["write -P 0x6b 0 1M", "flush"]);
+        assert!(ok && !out.contains("failed"), "{out}");
+        let old = (0, snap["snapshot"]["epoch"].as_u64());
+        rot_version(&c, replica(0), id, old, 7).await;
+        let report = cli.json(&["volume", "scrub", "scrub", "--rate", "0"]);
+        assert_eq!(report["views"].as_array().unwrap().len(), 1, "{report}");
+        assert_eq!(
+            report["views"][0]["replica_copies_replaced"],
+            serde_json::json!([]),
+            "{report}"
+        );
+        let report = cli.json(&["volume", "scrub", "scrub", "--rate", "0", "--snapshots"]);
+        let snapshot = &report["views"][1];
+        assert_eq!(snapshot["view"], "snapshot before", "{report}");
+        let replaced = snapshot["replica_copies_replaced"].as_array().unwrap();
+        assert_eq!(replaced.len(), 1, "{report}");
+        assert_eq!(replaced[0]["node"], replica(0), "{report}");
+        assert_eq!(replaced[0]["extent"], 0, "{report}");
+        let b = read_local(&c, replica(0), id, old, 7).await.unwrap();
+        assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
 
         // Bad on every copy: reported, exit status 1, the rest checked.
         for node in 1..=3 {
