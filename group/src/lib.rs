@@ -64,6 +64,14 @@
 //! nothing after `W` touched them on either side. So a failover under load
 //! pushes a few blocks per group, not a few whole extents.
 //!
+//! **Bad blocks: read repair, mends and scrubs.** A primary that cannot read
+//! its own copy of a range (a checksum mismatch) fetches it from an acting
+//! replica under the range lock, stores it and reads again. A replica that
+//! cannot apply a write into a bad block gets the write again as the
+//! primary's whole blocks around it. A scrub reads a range on the primary
+//! and has every synced replica answer a digest of its own copy, under the
+//! same lock; a copy that fails or differs gets the primary's pushed over it.
+//!
 //! **Restarts.** A chunk server that starts registers as a new incarnation,
 //! which takes it out of every acting set where others remain; messages to
 //! its old incarnation are refused. It then rejoins by the procedure above.
@@ -73,7 +81,8 @@
 //! Every acknowledged write reads back; after healing, every replica of a
 //! group holds the same bytes; at most one node acknowledges writes for a
 //! group in one interval; a read returns what the last acknowledged write
-//! (or one still in flight) left there.
+//! (or one still in flight) left there; after a scrub of every extent, no
+//! acting replica holds a bad block.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

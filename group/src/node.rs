@@ -645,6 +645,11 @@ enum Task {
         sent_at: u64,
         /// The failed write this push helps settle (`Primary::settling`).
         settles: Option<Seq>,
+        /// The ranges as this node reads them through the chain, stored
+        /// into the replica's version even where this node stores none at
+        /// this epoch (a scrub's push: the bad block may be in a version
+        /// beneath, which a push of this version alone would not replace).
+        merged: bool,
     },
     Flush {
         client: (ClientId, u64),
@@ -1189,6 +1194,7 @@ impl Node {
                 Task::Push {
                     ext: e,
                     started: false,
+                    merged: false,
                     part,
                     waiting,
                     ..
@@ -1846,11 +1852,18 @@ impl Node {
                 self.task_disk(op_id, key, gen, tid, req);
             }
             Task::Push {
-                ext, part, started, ..
+                ext,
+                part,
+                started,
+                merged,
+                ..
             } => {
                 *started = true;
-                let (ext, part) = (*ext, part.clone());
-                self.task_disk(op_id, key, gen, tid, DiskReq::ReadExtent { ext, part });
+                let req = match (part.clone(), *merged) {
+                    (Part::Ranges(ranges), true) => DiskReq::ReadRanges { ext: *ext, ranges },
+                    (part, _) => DiskReq::ReadExtent { ext: *ext, part },
+                };
+                self.task_disk(op_id, key, gen, tid, req);
             }
             Task::Scrub {
                 ext,
@@ -2084,7 +2097,8 @@ impl Node {
                         len,
                         why,
                     }));
-                    self.start_push(key, node, ext, Part::range(offset, offset + len), None);
+                    let part = Part::range(offset, offset + len);
+                    self.start_push_as(key, node, ext, part, None, true);
                 }
             }
             Task::Scrub { .. } => {}
@@ -2160,6 +2174,19 @@ impl Node {
         part: Part,
         settles: Option<Seq>,
     ) {
+        self.start_push_as(key, n, ext, part, settles, false)
+    }
+
+    /// [`start_push`](Self::start_push), `merged` as in `Task::Push`.
+    fn start_push_as(
+        &mut self,
+        key: GroupKey,
+        n: NodeId,
+        ext: ExtentId,
+        part: Part,
+        settles: Option<Seq>,
+        merged: bool,
+    ) {
         // Whole blocks: a push of part of a block would have to merge into
         // the replica's block, which fails if that block went bad; outside
         // the changed ranges both copies hold the same bytes anyway.
@@ -2190,6 +2217,7 @@ impl Node {
                 waiting: BTreeMap::from([(n, 0)]),
                 sent_at: 0,
                 settles,
+                merged,
             },
         );
         self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
@@ -2445,6 +2473,8 @@ impl Node {
             } => {
                 let content = match done {
                     DiskDone::Extent(c) => c,
+                    // A merged read (always the ranges' bytes).
+                    DiskDone::Data(b) => Some(b),
                     _ => {
                         // Cannot read our own copy: leave the lock held and
                         // retry on the next tick.

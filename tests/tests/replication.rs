@@ -1269,6 +1269,36 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
         let b = read_local(&c, replica(0), id, old, 7).await.unwrap();
         assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
 
+        // A bad block beneath the head: extent 1 has no version at the
+        // head's epoch (not written since the snapshot), so the head reads
+        // it through to the snapshot's. A scrub of the head stores the
+        // primary's bytes of the range into the head's version on that
+        // replica, so a second one finds the head right on every copy; the
+        // snapshot's own version is replaced by a scrub of its view.
+        let beneath = (1, old.1);
+        rot_version(&c, replica(1), id, beneath, 2).await;
+        let replaced = |report: &serde_json::Value, view: usize| -> Vec<(u64, u64)> {
+            report["views"][view]["replica_copies_replaced"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| (j["node"].as_u64().unwrap(), j["extent"].as_u64().unwrap()))
+                .collect()
+        };
+        let head_only = ["volume", "scrub", "scrub", "--rate", "0"];
+        let report = cli.json(&head_only);
+        assert_eq!(replaced(&report, 0), vec![(replica(1), 1)], "{report}");
+        let report = cli.json(&head_only);
+        assert_eq!(replaced(&report, 0), vec![], "{report}");
+        let with_snapshots = ["volume", "scrub", "scrub", "--rate", "0", "--snapshots"];
+        let report = cli.json(&with_snapshots);
+        assert_eq!(replaced(&report, 1), vec![(replica(1), 1)], "{report}");
+        let report = cli.json(&with_snapshots);
+        assert_eq!(replaced(&report, 0), vec![], "{report}");
+        assert_eq!(replaced(&report, 1), vec![], "{report}");
+        let b = read_local(&c, replica(1), id, beneath, 2).await.unwrap();
+        assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
+
         // Bad on every copy: reported, exit status 1, the rest checked.
         for node in 1..=3 {
             rot(&c, node, id, 2, 5).await;
