@@ -1230,9 +1230,14 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
             .lines()
             .find_map(|l| l.strip_prefix("ExecStart=/usr/bin/cairn "))
             .unwrap();
-        let args: Vec<&str> = exec.split_whitespace().collect();
+        let state_dir = tempfile::tempdir().unwrap();
+        let state = state_dir.path().join("state.json");
+        let state_arg = state.display().to_string();
+        let mut args: Vec<&str> = exec.split_whitespace().collect();
         let config = args.iter().position(|a| *a == "--config").unwrap();
-        let args = [&args[..config], &args[config + 2..]].concat();
+        args.drain(config..config + 2);
+        let at = args.iter().position(|a| *a == "--state").unwrap() + 1;
+        args[at] = &state_arg;
         let out = cli.ok(
             &args,
             &[
@@ -1244,6 +1249,46 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
             ],
         );
         println!("{out}");
+        assert!(!state.exists(), "a complete pass leaves no state behind");
+
+        // A run stopped halfway (kill -9) goes on where it stopped.
+        let line = cli.command_line(&[
+            "volume", "scrub", "scrub", "--rate", "1M", "--state", &state_arg,
+        ]);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut child = std::process::Command::new(words[0])
+            .args(&words[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let next = loop {
+            let saved = std::fs::read(&state)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            if let Some(n) = saved.as_ref().and_then(|j| j["current"][1].as_u64()) {
+                break n;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no state saved");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!((1..3).contains(&next), "next extent {next}");
+        let report = cli.json(&[
+            "volume", "scrub", "scrub", "--rate", "0", "--state", &state_arg,
+        ]);
+        let head = &report["views"][0];
+        assert!(
+            head["resumed_from_extent"].as_u64().unwrap() >= next,
+            "{report}"
+        );
+        assert!(
+            head["bytes_per_copy"].as_u64().unwrap() < 3 * MIB,
+            "{report}"
+        );
+        assert!(!state.exists(), "a complete pass leaves no state behind");
 
         // A snapshot's own version: overwritten in the head, so only a
         // scrub with --snapshots reads it.

@@ -4,7 +4,9 @@
 //! done by its group's primary (`ClientOp::Scrub`, see "Scrub" in
 //! ARCHITECTURE.md); this walks the volume's written extents and sums up.
 
+use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -28,13 +30,79 @@ pub struct ScrubArgs {
     pub snapshots: bool,
     /// Bytes per second (of each copy), 0 for no limit.
     pub rate: u64,
+    /// Where the pass stands, kept across runs (see [`ScrubState`]).
+    pub state: Option<PathBuf>,
     pub cluster: ClusterArgs,
+}
+
+/// Where a pass stands with `--state FILE`: the views finished and the next
+/// extent of the one under way, saved as the scrub goes (at most once a
+/// second, and at the end of each view), so that a pass stopped halfway (a
+/// reboot during a scrub of a large cluster that takes days) goes on where
+/// it stopped. The file is removed once a pass is complete.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ScrubState {
+    /// Views finished in this pass, as `VOLUME_ID@EPOCH` (a snapshot moves
+    /// the head to a new epoch, whose view is then scrubbed again).
+    done: BTreeSet<String>,
+    /// The view under way, and its next extent.
+    current: Option<(String, u64)>,
+}
+
+/// A [`ScrubState`] and its file.
+struct StateFile {
+    path: PathBuf,
+    state: ScrubState,
+    saved: Option<Instant>,
+}
+
+impl StateFile {
+    /// The pass recorded in `path`, or a new one.
+    fn open(path: PathBuf) -> anyhow::Result<StateFile> {
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                exit::usage(format!(
+                    "scrub state {} is not one (remove it to start a new pass): {e}",
+                    path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ScrubState::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(StateFile {
+            path,
+            state,
+            saved: None,
+        })
+    }
+
+    /// Writes the state (a new file renamed over the old one), if `force`
+    /// or a second has passed since the last time.
+    fn save(&mut self, force: bool) -> anyhow::Result<()> {
+        if !force
+            && self
+                .saved
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&self.state)?)
+            .and_then(|()| std::fs::rename(&tmp, &self.path))
+            .with_context(|| format!("saving the scrub state to {}", self.path.display()))?;
+        self.saved = Some(Instant::now());
+        Ok(())
+    }
 }
 
 /// One view's findings: the head, or a snapshot.
 #[derive(Default)]
 struct ViewReport {
     view: String,
+    /// Finished by an earlier run of this pass (`--state`): not read now.
+    done_before: bool,
+    /// This run went on from this extent of the view (`--state`).
+    resumed_from: Option<u64>,
     extents: u64,
     written_extents: u64,
     bytes: u64,
@@ -49,6 +117,8 @@ impl ViewReport {
     fn json(&self) -> serde_json::Value {
         json!({
             "view": self.view,
+            "done_in_an_earlier_run": self.done_before,
+            "resumed_from_extent": self.resumed_from,
             "extents": self.extents,
             "written_extents": self.written_extents,
             "bytes_per_copy": self.bytes,
@@ -94,8 +164,15 @@ impl ViewReport {
     }
 
     fn human(&self) -> String {
+        if self.done_before {
+            return format!("{}: scrubbed by an earlier run of this pass\n", self.view);
+        }
+        let resumed = match self.resumed_from {
+            Some(i) => format!(" (this run went on from extent {i})"),
+            None => String::new(),
+        };
         let mut out = format!(
-            "{}: {} of {} extents written, {} per copy checked, up to {} copies compared\n",
+            "{}: {} of {} extents written, {} per copy checked, up to {} copies compared{resumed}\n",
             self.view,
             self.written_extents,
             self.extents,
@@ -204,10 +281,19 @@ pub fn run(args: ScrubArgs) -> anyhow::Result<()> {
         ))
         .await
         .context("connecting to the chunk servers")?;
+        let mut state = args.state.clone().map(StateFile::open).transpose()?;
         let mut results = Vec::new();
         for info in volumes {
-            let reports = scrub_volume(&cluster, &info, &args).await?;
+            let reports = scrub_volume(&cluster, &info, &args, &mut state).await?;
             results.push((info.name, reports));
+        }
+        // The pass is complete: the next run starts a new one.
+        if let Some(s) = &state {
+            match std::fs::remove_file(&s.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", s.path.display())),
+            }
         }
         Ok(results)
     })?;
@@ -254,6 +340,7 @@ async fn scrub_volume(
     cluster: &std::sync::Arc<Cluster>,
     info: &VolumeInfo,
     args: &ScrubArgs,
+    state: &mut Option<StateFile>,
 ) -> anyhow::Result<Vec<ViewReport>> {
     let mut views = vec![("head".to_string(), info.clone())];
     if args.snapshots {
@@ -272,13 +359,32 @@ async fn scrub_volume(
         }
     }
     // Which extents hold data, per view, first: the total for progress.
+    // With a state, views finished earlier in the pass are left out, and
+    // the one under way goes on from its next extent.
     let mut plans = Vec::new();
     for (view, vi) in views {
+        let key = format!("{:#x}@{}", vi.id, vi.head_epoch);
         let vol = cluster
             .volume(vi)
             .with_context(|| format!("opening {view} of volume {:?}", info.name))?;
-        let written = written_extents(&vol).await?;
-        plans.push((view, vol, written));
+        let (done_before, from) = match state.as_ref().map(|s| &s.state) {
+            Some(s) if s.done.contains(&key) => (true, None),
+            Some(ScrubState {
+                current: Some((k, next)),
+                ..
+            }) if *k == key => (false, Some(*next)),
+            _ => (false, None),
+        };
+        let mut written = if done_before {
+            Vec::new()
+        } else {
+            written_extents(&vol).await?
+        };
+        let written_count = written.len() as u64;
+        if let Some(next) = from {
+            written.retain(|i| *i >= next);
+        }
+        plans.push((view, key, vol, written, written_count, done_before, from));
     }
     let extent_bytes = u64::from(info.extent_size_bytes);
     let now = Instant::now();
@@ -286,25 +392,32 @@ async fn scrub_volume(
         json: args.cluster.json,
         started: now,
         last: now,
-        total: plans
-            .iter()
-            .map(|(_, _, w)| w.len() as u64 * extent_bytes)
-            .sum(),
+        total: plans.iter().map(|p| p.3.len() as u64 * extent_bytes).sum(),
         done: 0,
         fixed: 0,
     };
     let mut reports = Vec::new();
-    for (view, vol, written) in plans {
+    for (view, key, vol, written, written_count, done_before, from) in plans {
         let mut r = ViewReport {
             view,
+            done_before,
+            resumed_from: from,
             extents: vol.size().div_ceil(extent_bytes),
-            written_extents: written.len() as u64,
+            written_extents: written_count,
             ..Default::default()
         };
+        if done_before {
+            reports.push(r);
+            continue;
+        }
         for index in written {
             let fixed_before = r.pushed.len() + r.repaired_here.len();
             for p in vol.scrub_extent(index).await? {
                 r.note(p, extent_bytes);
+            }
+            if let Some(s) = state.as_mut() {
+                s.state.current = Some((key.clone(), index + 1));
+                s.save(false)?;
             }
             progress.done += extent_bytes;
             progress.fixed += (r.pushed.len() + r.repaired_here.len() - fixed_before) as u64;
@@ -317,6 +430,11 @@ async fn scrub_volume(
                     tokio::time::sleep(due - spent).await;
                 }
             }
+        }
+        if let Some(s) = state.as_mut() {
+            s.state.done.insert(key);
+            s.state.current = None;
+            s.save(true)?;
         }
         reports.push(r);
     }

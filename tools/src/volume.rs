@@ -138,7 +138,7 @@ pub enum VolumeCommand {
         cairn volume scrub pacs-db\n  \
         cairn volume scrub pacs-db --snapshots --rate 50M\n  \
         cairn volume scrub pacs-db --json\n  \
-        cairn volume scrub --all --snapshots\n\n\
+        cairn volume scrub --all --snapshots --state /var/lib/cairn-scrub/state.json\n\n\
         Bit rot on cold data is found only when the data is read; a scrub reads it all \
         before a failure needs it. For each written range the group's primary reads its \
         copy (repairing it from a replica if it does not read), every in-sync replica reads \
@@ -147,8 +147,10 @@ pub enum VolumeCommand {
         1 MiB at a time). Progress goes to stderr every 2 s (JSON lines with --json); the \
         report, to stdout, lists every copy replaced. Exit status 1 if some range could not \
         be scrubbed (no good copy could be read, or its group stayed unavailable): the \
-        report names them. Run it from a timer (systemd/cairn-scrub.timer) to check every \
-        block regularly.")]
+        report names them. With --state FILE a pass that stops halfway (a reboot during a \
+        scrub that takes days) goes on where it stopped when run again; the report then \
+        covers what this run read. Run it from a timer (systemd/cairn-scrub.timer) to \
+        check every block regularly.")]
     Scrub {
         /// The volume.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -162,6 +164,9 @@ pub enum VolumeCommand {
         /// Pace: at most this much of each copy per second, with a binary unit (0: no limit).
         #[arg(long, default_value = "100M", value_parser = parse_size)]
         rate: u64,
+        /// Keep where the pass stands in FILE: a run stopped halfway goes on from there next time (the file is removed when a pass completes).
+        #[arg(long, value_name = "FILE")]
+        state: Option<std::path::PathBuf>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -212,11 +217,13 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             all: _,
             snapshots,
             rate,
+            state,
             cluster,
         } => crate::scrub::run(crate::scrub::ScrubArgs {
             name,
             snapshots,
             rate,
+            state,
             cluster,
         })?,
         VolumeCommand::Create {
