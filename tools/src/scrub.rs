@@ -344,19 +344,7 @@ async fn scrub_volume(
 ) -> anyhow::Result<Vec<ViewReport>> {
     let mut views = vec![("head".to_string(), info.clone())];
     if args.snapshots {
-        for s in &info.snapshots {
-            views.push((
-                format!("snapshot {}", s.name),
-                VolumeInfo {
-                    name: format!("{}@{}", info.name, s.name),
-                    size_bytes: s.size_bytes,
-                    head_epoch: s.epoch,
-                    chain: s.chain.clone(),
-                    snapshots: Vec::new(),
-                    ..info.clone()
-                },
-            ));
-        }
+        views.extend(frozen_views(info));
     }
     // Which extents hold data, per view, first: the total for progress.
     // With a state, views finished earlier in the pass are left out, and
@@ -442,6 +430,63 @@ async fn scrub_volume(
     Ok(reports)
 }
 
+/// Every frozen epoch the volume's views read, as a view of its own, newest
+/// first: each snapshot's, and the hidden epochs of deleted snapshots that
+/// the head or a snapshot still reads through (a clone's chain holds its
+/// source's). A scrub reads through the chain and repairs into the version
+/// it reads, so a bad block in a version beneath is replaced in that
+/// version only by a scrub of its own view: hence every epoch, not only
+/// the snapshots'.
+fn frozen_views(info: &VolumeInfo) -> Vec<(String, VolumeInfo)> {
+    use std::collections::BTreeMap;
+    // epoch -> (view, record name, size, the chain beneath it)
+    let mut epochs: BTreeMap<u64, (String, String, u64, Vec<u64>)> = BTreeMap::new();
+    let mut add_chain = |chain: &[u64], size: u64| {
+        for (i, e) in chain.iter().enumerate() {
+            epochs.entry(*e).or_insert_with(|| {
+                (
+                    format!("hidden epoch {e}"),
+                    format!("{}@epoch-{e}", info.name),
+                    size,
+                    chain[i + 1..].to_vec(),
+                )
+            });
+        }
+    };
+    add_chain(&info.chain, info.size_bytes);
+    for s in &info.snapshots {
+        add_chain(&s.chain, s.size_bytes);
+    }
+    for s in &info.snapshots {
+        epochs.insert(
+            s.epoch,
+            (
+                format!("snapshot {}", s.name),
+                format!("{}@{}", info.name, s.name),
+                s.size_bytes,
+                s.chain.clone(),
+            ),
+        );
+    }
+    epochs
+        .into_iter()
+        .rev()
+        .map(|(epoch, (view, name, size_bytes, chain))| {
+            (
+                view,
+                VolumeInfo {
+                    name,
+                    size_bytes,
+                    head_epoch: epoch,
+                    chain,
+                    snapshots: Vec::new(),
+                    ..info.clone()
+                },
+            )
+        })
+        .collect()
+}
+
 /// The extents of the view that some acting replica stores (or whose state
 /// is unknown: those are scrubbed too), in order.
 async fn written_extents(vol: &Volume) -> anyhow::Result<Vec<u64>> {
@@ -465,4 +510,77 @@ async fn written_extents(vol: &Volume) -> anyhow::Result<Vec<u64>> {
         first = a.first + a.state.len() as u64;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_proto::map::SnapshotInfo;
+
+    /// Snapshots, the hidden epochs of deleted ones beneath the head, and
+    /// those beneath a snapshot off the head's chain (kept by a rollback):
+    /// every one a view, newest first, each over the chain beneath it.
+    #[test]
+    fn every_frozen_epoch_is_a_view_of_its_own() {
+        let snap = |name: &str, epoch, chain: Vec<u64>| SnapshotInfo {
+            name: name.into(),
+            epoch,
+            chain,
+            size_bytes: 1 << 30,
+            ..Default::default()
+        };
+        let info = VolumeInfo {
+            name: "pacs".into(),
+            size_bytes: 2 << 30,
+            head_epoch: 9,
+            chain: vec![5, 3, 1],
+            snapshots: vec![snap("nightly", 3, vec![1]), snap("kept", 7, vec![6, 3, 1])],
+            ..Default::default()
+        };
+        let views: Vec<(String, String, u64, Vec<u64>, u64)> = frozen_views(&info)
+            .into_iter()
+            .map(|(v, i)| (v, i.name, i.head_epoch, i.chain, i.size_bytes))
+            .collect();
+        let g = 1 << 30;
+        assert_eq!(
+            views,
+            vec![
+                (
+                    "snapshot kept".into(),
+                    "pacs@kept".into(),
+                    7,
+                    vec![6, 3, 1],
+                    g
+                ),
+                (
+                    "hidden epoch 6".into(),
+                    "pacs@epoch-6".into(),
+                    6,
+                    vec![3, 1],
+                    g
+                ),
+                (
+                    "hidden epoch 5".into(),
+                    "pacs@epoch-5".into(),
+                    5,
+                    vec![3, 1],
+                    2 * g
+                ),
+                (
+                    "snapshot nightly".into(),
+                    "pacs@nightly".into(),
+                    3,
+                    vec![1],
+                    g
+                ),
+                (
+                    "hidden epoch 1".into(),
+                    "pacs@epoch-1".into(),
+                    1,
+                    vec![],
+                    2 * g
+                ),
+            ]
+        );
+    }
 }

@@ -158,7 +158,7 @@ pub enum VolumeCommand {
         /// Scrub every volume, one after another.
         #[arg(long)]
         all: bool,
-        /// Also scrub every snapshot's view (blocks shared with the volume are read again).
+        /// Also scrub every frozen epoch's view: each snapshot's, and those of deleted snapshots still read through (blocks shared with the volume are read again).
         #[arg(long)]
         snapshots: bool,
         /// Pace: at most this much of each copy per second, with a binary unit (0: no limit).
