@@ -1164,6 +1164,26 @@ async fn read_local(
         .await?)
 }
 
+/// [`read_local`], retried for up to 10 s until it reads.
+async fn read_local_soon(
+    c: &ReplicatedCluster,
+    node: u64,
+    volume: u64,
+    at: (u64, Option<u64>),
+    block: u64,
+) -> Bytes {
+    let t0 = Instant::now();
+    loop {
+        match read_local(c, node, volume, at, block).await {
+            Ok(b) => return b,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                panic!("node {node}, extent {at:?}, block {block} still does not read: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Scrub (`cairn volume scrub`). Bad blocks on two replicas, which no read
 /// ever looks at, and one on a primary: the scrub replaces both replicas'
 /// copies with their primaries' and repairs the primary's from a replica,
@@ -1215,11 +1235,10 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
             "node {}'s log:\n{log}",
             primary(0)
         );
-        // Every copy reads on its own node again, and they agree.
+        // Every copy reads on its own node again (a replaced copy once its
+        // push, which follows the answer, is applied), and they agree.
         for (node, index, block) in rotted {
-            let b = read_local(&c, node, id, (index, None), block)
-                .await
-                .unwrap();
+            let b = read_local_soon(&c, node, id, (index, None), block).await;
             assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
         }
         assert!(c.compare_replicas(id, 3).await.unwrap() >= 3);
@@ -1311,7 +1330,7 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
         assert_eq!(replaced.len(), 1, "{report}");
         assert_eq!(replaced[0]["node"], replica(0), "{report}");
         assert_eq!(replaced[0]["extent"], 0, "{report}");
-        let b = read_local(&c, replica(0), id, old, 7).await.unwrap();
+        let b = read_local_soon(&c, replica(0), id, old, 7).await;
         assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
 
         // A bad block beneath the head: extent 1 has no version at the
@@ -1341,7 +1360,7 @@ fn a_scrub_replaces_bad_copies_that_no_read_would_find() {
         let report = cli.json(&with_snapshots);
         assert_eq!(replaced(&report, 0), vec![], "{report}");
         assert_eq!(replaced(&report, 1), vec![], "{report}");
-        let b = read_local(&c, replica(1), id, beneath, 2).await.unwrap();
+        let b = read_local_soon(&c, replica(1), id, beneath, 2).await;
         assert_eq!(&b[..], &[0x5a; BLOCK as usize][..]);
 
         // Bad on every copy: reported, exit status 1, the rest checked.
