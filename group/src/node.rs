@@ -669,9 +669,9 @@ enum Task {
         digest: Option<u32>,
         /// This node's copy was repaired from a replica before it read.
         repaired: bool,
-        /// The members were asked (a read again after a repair does not
-        /// ask them again).
-        asked: bool,
+        /// When the members were asked (a read again after a repair does
+        /// not ask them again).
+        asked_at: Option<u64>,
         /// Synced members asked for their digest: member -> verify id.
         waiting: BTreeMap<NodeId, u64>,
         /// Their answers.
@@ -680,7 +680,6 @@ enum Task {
         /// asked: not compared, and not pushed to (a frozen member must
         /// not hold the range's lock).
         silent: Vec<NodeId>,
-        asked_at: u64,
         sent_at: u64,
     },
 }
@@ -1512,11 +1511,10 @@ impl Node {
                             lock,
                             digest: None,
                             repaired: false,
-                            asked: false,
+                            asked_at: None,
                             waiting: BTreeMap::new(),
                             answers: BTreeMap::new(),
                             silent: Vec::new(),
-                            asked_at: 0,
                             sent_at: 0,
                         },
                     ),
@@ -1872,7 +1870,6 @@ impl Node {
                 waiting,
                 sent_at,
                 asked_at,
-                asked,
                 ..
             } => {
                 let (ext, offset, len) = (*ext, *offset, *len);
@@ -1880,9 +1877,8 @@ impl Node {
                 // Only the first start asks the members; a start after a
                 // read repair only reads again.
                 let mut sends = Vec::new();
-                if !*asked {
-                    *asked = true;
-                    *asked_at = now;
+                if asked_at.is_none() {
+                    *asked_at = Some(now);
                     *sent_at = now;
                     // Synced members only: one still being synced may
                     // differ until its pushes land.
@@ -2068,7 +2064,6 @@ impl Node {
                     pushed: Vec::new(),
                     silent: std::mem::take(silent),
                 };
-                let mut bad = Vec::new();
                 for (n, answer) in std::mem::take(answers) {
                     if !p.members.contains_key(&n) {
                         continue; // dropped since: it will be synced again
@@ -2081,14 +2076,10 @@ impl Node {
                         }
                         Err(e) => e,
                     };
-                    found.pushed.push(ScrubCopy {
-                        node: n,
-                        why: why.clone(),
-                    });
-                    bad.push((n, why));
+                    found.pushed.push(ScrubCopy { node: n, why });
                 }
                 self.end_scrub(key, tid, Ok(Some(Bytes::from(found.encode_to_vec()))));
-                for (node, why) in bad {
+                for ScrubCopy { node, why } in found.pushed {
                     self.out.push(Output::Trace(Trace::ScrubPushing {
                         key,
                         ext,
@@ -3321,12 +3312,37 @@ impl Node {
                     req: DiskReq::Flush,
                 });
             }
-            PeerMsg::Fetch {
-                fetch_id,
-                ext,
-                part,
-                ..
-            } => {
+            msg @ (PeerMsg::Fetch { .. } | PeerMsg::Verify { .. }) => {
+                let (ext, work) = match msg {
+                    PeerMsg::Fetch {
+                        fetch_id,
+                        ext,
+                        part,
+                        ..
+                    } => (
+                        ext,
+                        ReplicaWork::Fetch {
+                            fetch_id,
+                            part,
+                            verify: false,
+                        },
+                    ),
+                    PeerMsg::Verify {
+                        verify_id,
+                        ext,
+                        offset,
+                        len,
+                        ..
+                    } => (
+                        ext,
+                        ReplicaWork::Fetch {
+                            fetch_id: verify_id,
+                            part: Part::range(offset, offset + len),
+                            verify: true,
+                        },
+                    ),
+                    _ => unreachable!("matched above"),
+                };
                 // Behind every write and push to the extent already queued
                 // here, like a push.
                 let lock = self.id_next();
@@ -3334,38 +3350,6 @@ impl Node {
                     interval,
                     primary: from,
                     ext,
-                };
-                let work = ReplicaWork::Fetch {
-                    fetch_id,
-                    part,
-                    verify: false,
-                };
-                self.queue(
-                    key,
-                    ext,
-                    WHOLE,
-                    lock,
-                    Waiting::Replica { from: origin, work },
-                );
-            }
-            PeerMsg::Verify {
-                verify_id,
-                ext,
-                offset,
-                len,
-                ..
-            } => {
-                // As a fetch: behind every write and push already queued.
-                let lock = self.id_next();
-                let origin = Origin {
-                    interval,
-                    primary: from,
-                    ext,
-                };
-                let work = ReplicaWork::Fetch {
-                    fetch_id: verify_id,
-                    part: Part::range(offset, offset + len),
-                    verify: true,
                 };
                 self.queue(
                     key,
@@ -3761,7 +3745,9 @@ impl Node {
                     silent,
                     asked_at,
                     ..
-                } if !waiting.is_empty() && now >= *asked_at + cfg.sync_timeout_ms => {
+                } if !waiting.is_empty()
+                    && asked_at.is_some_and(|t| now >= t + cfg.sync_timeout_ms) =>
+                {
                     for (n, vid) in std::mem::take(waiting) {
                         silent.push(n);
                         p.by_verify.remove(&vid);

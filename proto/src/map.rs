@@ -213,6 +213,26 @@ impl VolumeInfo {
             .collect()
     }
 
+    /// The volume as it reads at frozen epoch `epoch` (a snapshot's, or a
+    /// deleted one's still read through) over `chain`, the epochs beneath
+    /// it, as a record of its own named `name`, `size_bytes` long.
+    pub fn frozen_view(
+        &self,
+        name: String,
+        epoch: u64,
+        chain: Vec<u64>,
+        size_bytes: u64,
+    ) -> VolumeInfo {
+        VolumeInfo {
+            name,
+            size_bytes,
+            head_epoch: epoch,
+            chain,
+            snapshots: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// The snapshot named `name`, if the volume has one.
     pub fn snapshot(&self, name: &str) -> Option<&SnapshotInfo> {
         self.snapshots.iter().find(|s| s.name == name)

@@ -180,14 +180,12 @@ impl Registry {
 /// A snapshot as a volume record of its own: named `VOL@SNAP`, reading its
 /// epoch and the chain beneath it, with the size the volume had.
 fn snapshot_view(v: &VolumeInfo, s: &SnapshotInfo) -> VolumeInfo {
-    VolumeInfo {
-        name: format!("{}@{}", v.name, s.name),
-        size_bytes: s.size_bytes,
-        head_epoch: s.epoch,
-        chain: s.chain.clone(),
-        snapshots: Vec::new(),
-        ..v.clone()
-    }
+    v.frozen_view(
+        format!("{}@{}", v.name, s.name),
+        s.epoch,
+        s.chain.clone(),
+        s.size_bytes,
+    )
 }
 
 impl Catalog for Arc<Registry> {

@@ -740,12 +740,7 @@ async fn a_copy_up_reaches_every_replica_and_a_rejoining_one() {
     }
     let s = info.snapshot("s").unwrap();
     let snap = data
-        .volume(cairn_proto::map::VolumeInfo {
-            head_epoch: s.epoch,
-            chain: s.chain.clone(),
-            snapshots: Vec::new(),
-            ..info.clone()
-        })
+        .volume(info.frozen_view(info.name.clone(), s.epoch, s.chain.clone(), info.size_bytes))
         .unwrap();
     assert!(snap.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 1));
 }

@@ -349,6 +349,7 @@ async fn scrub_volume(
     // Which extents hold data, per view, first: the total for progress.
     // With a state, views finished earlier in the pass are left out, and
     // the one under way goes on from its next extent.
+    let extent_bytes = u64::from(info.extent_size_bytes);
     let mut plans = Vec::new();
     for (view, vi) in views {
         let key = format!("{:#x}@{}", vi.id, vi.head_epoch);
@@ -368,33 +369,34 @@ async fn scrub_volume(
         } else {
             written_extents(&vol).await?
         };
-        let written_count = written.len() as u64;
+        let r = ViewReport {
+            view,
+            done_before,
+            resumed_from: from,
+            extents: vol.size().div_ceil(extent_bytes),
+            written_extents: written.len() as u64,
+            ..Default::default()
+        };
         if let Some(next) = from {
             written.retain(|i| *i >= next);
         }
-        plans.push((view, key, vol, written, written_count, done_before, from));
+        plans.push((r, key, vol, written));
     }
-    let extent_bytes = u64::from(info.extent_size_bytes);
     let now = Instant::now();
     let mut progress = Progress {
         json: args.cluster.json,
         started: now,
         last: now,
-        total: plans.iter().map(|p| p.3.len() as u64 * extent_bytes).sum(),
+        total: plans
+            .iter()
+            .map(|(_, _, _, w)| w.len() as u64 * extent_bytes)
+            .sum(),
         done: 0,
         fixed: 0,
     };
     let mut reports = Vec::new();
-    for (view, key, vol, written, written_count, done_before, from) in plans {
-        let mut r = ViewReport {
-            view,
-            done_before,
-            resumed_from: from,
-            extents: vol.size().div_ceil(extent_bytes),
-            written_extents: written_count,
-            ..Default::default()
-        };
-        if done_before {
+    for (mut r, key, vol, written) in plans {
+        if r.done_before {
             reports.push(r);
             continue;
         }
@@ -471,18 +473,8 @@ fn frozen_views(info: &VolumeInfo) -> Vec<(String, VolumeInfo)> {
     epochs
         .into_iter()
         .rev()
-        .map(|(epoch, (view, name, size_bytes, chain))| {
-            (
-                view,
-                VolumeInfo {
-                    name,
-                    size_bytes,
-                    head_epoch: epoch,
-                    chain,
-                    snapshots: Vec::new(),
-                    ..info.clone()
-                },
-            )
+        .map(|(epoch, (view, name, size, chain))| {
+            (view, info.frozen_view(name, epoch, chain, size))
         })
         .collect()
 }
