@@ -197,6 +197,25 @@ pub enum VolmgrOp {
     /// another's change by the generation their `ExportWatch` answers.
     /// A change.
     PrSet = 27,
+    /// An admin takes chunk servers `node_ids` out of placement (draining
+    /// them): every group they hold gets a new placement without them, its
+    /// primary copies the data to the new members and claims them, and
+    /// once a group's placement is whole in its acting set the drained
+    /// node leaves it (`cairn_group::authority::claim`). Nodes already out
+    /// are left as they are. Refused (`FailedPrecondition`) when the hosts
+    /// left could not hold every group's replicas. A change.
+    NodesOut = 28,
+    /// An admin puts chunk servers `node_ids` back into placement: groups
+    /// move some replicas back to them. A change.
+    NodesIn = 29,
+    /// An admin sets chunk server `node_id`'s placement `weight` (0 holds
+    /// nothing, like out; refused as for `NodesOut` when that leaves too few
+    /// hosts). Answers the node. A change.
+    SetNodeWeight = 30,
+    /// An admin drops chunk server `node_id` from the map for good: only
+    /// when it is out, down, and in no group's acting set. Answers the node
+    /// removed. A change.
+    RemoveNode = 31,
 }
 
 /// Largest SCSI persistent reservation state one volume may store (see
@@ -369,6 +388,9 @@ pub struct VolmgrRequest {
     /// two front ends configured with one id cannot share its leases.
     #[prost(uint64, tag = "83")]
     pub front_end_instance: u64,
+    /// NodesOut, NodesIn: the chunk servers, at least one.
+    #[prost(uint64, repeated, tag = "84")]
+    pub node_ids: Vec<u64>,
 }
 
 /// A hidden epoch and the one epoch directly above it in every chain that

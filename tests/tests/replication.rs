@@ -1425,3 +1425,150 @@ fn a_partial_write_into_a_rotted_block_mends_it() {
         assert!(c.compare_replicas(id, 3).await.unwrap() >= 2);
     });
 }
+
+/// Draining a chunk server (`cairn node drain`) while writers run: every
+/// group it held gets a new placement without it, the data moves to the new
+/// members, and it leaves every acting set, also where it was the primary.
+/// Nothing acknowledged is lost and the replicas agree. `cairn node in`
+/// brings it back into placement (data moves back), a second drain with
+/// `--no-wait` is watched by running `drain` again, and once stopped it is
+/// removed from the map. A drain that would leave fewer hosts than
+/// replicas is refused.
+#[test]
+fn a_drained_chunk_server_leaves_every_group_and_can_be_removed() {
+    runtime().block_on(async {
+        let mut c = ReplicatedCluster::start(4).await.unwrap();
+        let cli = cairn_tests::cli::Cli::new(&c.volmgr.addrs(), &c.volmgr.cluster_id);
+        let size = 32 * MIB;
+        let id = create(&c, "drain", size, 2).await;
+        let cl = client(&c, Duration::from_secs(60)).await;
+        let vol = cl.open_volume("drain").await.unwrap();
+        let blocks = size / BLOCK;
+        let mut data = Vec::with_capacity(size as usize);
+        for b in 0..blocks {
+            data.extend_from_slice(&pattern(b, 1));
+        }
+        vol.write(0, Bytes::from(data), false).await.unwrap();
+        vol.flush().await.unwrap();
+        let model: Model = Arc::new(Mutex::new((0..blocks).map(|b| (b, 1)).collect()));
+
+        let map = c.wait_healthy(Duration::from_secs(30)).await.unwrap();
+        let holding = |m: &cairn_proto::map::ClusterMap, node: u64| {
+            m.groups
+                .iter()
+                .filter(|g| g.replicas == 3 && g.acting.contains(&node))
+                .count()
+        };
+        let primary_of = |m: &cairn_proto::map::ClusterMap, node: u64| {
+            m.groups
+                .iter()
+                .filter(|g| g.replicas == 3 && g.acting.first() == Some(&node))
+                .count()
+        };
+        let (held, led) = (holding(&map, 4), primary_of(&map, 4));
+        assert!(
+            held > 0 && led > 0,
+            "node 4 holds {held} groups, leads {led}"
+        );
+
+        // Drain node 4 while two writers go on.
+        let stop = Arc::new(AtomicBool::new(false));
+        let gens = Arc::new(AtomicU64::new(1));
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let half = blocks / 2;
+                tokio::spawn(writer(
+                    vol.clone(),
+                    w * half..(w + 1) * half,
+                    w + 70,
+                    gens.clone(),
+                    model.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let o = cli.run_async(&["node", "drain", "4", "--json"]).await;
+        cairn_tests::cli::assert_code(&o, 0);
+        let report = cairn_tests::cli::json(&o);
+        assert_eq!(report["done"], true, "{report}");
+        assert_eq!(report["groups_left"], 0, "{report}");
+        assert_eq!(report["groups_total"], held as u64, "{report}");
+        let map = c.map().await.unwrap();
+        assert_eq!(holding(&map, 4), 0, "node 4 left every group");
+        let n4 = map.node(4).unwrap();
+        assert!(n4.up && !n4.in_, "node 4 up and out: {n4:?}");
+        let view = cairn_proto::groupmap::group_map(&map);
+        for (key, g) in &view.groups {
+            assert_eq!(g.acting, g.placement, "{key}: acting is the new placement");
+        }
+        // A drained node that still runs cannot be removed.
+        let o = cli.run(&["node", "remove", "4"]);
+        cairn_tests::cli::assert_code(&o, 1);
+        assert!(
+            cairn_tests::cli::text(&o).contains("while it is up"),
+            "{}",
+            cairn_tests::cli::text(&o)
+        );
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for w in writers {
+            total += w.await.unwrap();
+        }
+        assert!(total > 50, "only {total} writes went through the drain");
+        vol.flush().await.unwrap();
+        let acked = model.lock().unwrap().clone();
+        check_model(&vol, &acked, blocks).await;
+        let compared = c.compare_replicas(id, 3).await.unwrap();
+        assert_eq!(compared, (size / MIB) as usize);
+
+        // Back in: groups move some replicas back to it.
+        cli.ok(&["node", "in", "4"], &["in placement"]);
+        let map = c
+            .wait_map("node 4 back in its groups", Duration::from_secs(60), |m| {
+                let view = cairn_proto::groupmap::group_map(m);
+                view.groups.values().all(|g| g.acting == g.placement)
+                    && m.groups.iter().any(|g| g.acting.contains(&4))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            holding(&map, 4),
+            held,
+            "the same groups as before the drain"
+        );
+        check_model(&vol, &acked, blocks).await;
+        assert_eq!(
+            c.compare_replicas(id, 3).await.unwrap(),
+            (size / MIB) as usize
+        );
+
+        // Drain again without waiting, then watch it by running drain again.
+        let o = cli.json(&["node", "drain", "4", "--no-wait"]);
+        assert_eq!(o["groups_total"], held as u64, "{o}");
+        let o = cli.json(&["node", "drain", "4"]);
+        assert_eq!((&o["done"], &o["groups_left"]), (&true.into(), &0.into()));
+        // Stopped, it is marked down, and then it can be removed.
+        c.servers[3].stop().unwrap();
+        c.wait_map("node 4 down", Duration::from_secs(30), |m| {
+            m.node(4).is_some_and(|n| !n.up)
+        })
+        .await
+        .unwrap();
+        cli.ok(&["node", "remove", "4"], &["removed"]);
+        let map = c.map().await.unwrap();
+        assert!(map.node(4).is_none(), "node 4 is gone from the map");
+        check_model(&vol, &acked, blocks).await;
+
+        // Three hosts left for 3 replicas: no drain.
+        let o = cli.run(&["node", "drain", "3"]);
+        cairn_tests::cli::assert_code(&o, 1);
+        let text = cairn_tests::cli::text(&o);
+        assert!(
+            text.contains("3 distinct hosts") && text.contains("2 would be left"),
+            "{text}"
+        );
+        // Unknown node: exit 3.
+        cairn_tests::cli::assert_code(&cli.run(&["node", "drain", "9"]), 3);
+    });
+}

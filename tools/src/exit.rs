@@ -5,7 +5,7 @@
 //! | 0 | success (also `cluster status` on a degraded cluster: it reports) |
 //! | 1 | failure: the cluster is unreachable, the server refused or failed |
 //! | 2 | bad arguments or configuration (clap's usage errors are 2 as well) |
-//! | 3 | not found: no such volume or snapshot |
+//! | 3 | not found: no such volume, snapshot or chunk server |
 //!
 //! The top-level `--help` (main.rs) repeats this table.
 //!

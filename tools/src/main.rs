@@ -46,6 +46,7 @@ use clap::{Parser, Subcommand};
         "Examples:\n  \
         cairn cluster status\n  \
         cairn node list\n  \
+        cairn node drain 4\n  \
         cairn volume create pacs-db --size 100G\n  \
         cairn volume list --json\n  \
         cairn volume resize pacs-db --size 200G\n  \
@@ -57,7 +58,7 @@ use clap::{Parser, Subcommand};
         0  success (`cluster status` also exits 0 on a degraded cluster: it reports)\n  \
         1  failure: cluster unreachable, or the server refused or failed\n  \
         2  bad arguments or configuration (no config found, broken config, bad size)\n  \
-        3  not found: no such volume or snapshot"
+        3  not found: no such volume, snapshot or chunk server"
     )
 )]
 struct Cli {
@@ -73,7 +74,7 @@ enum Command {
     /// Cluster health in one screen.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
-    /// List the chunk servers.
+    /// List the chunk servers; drain, weigh, put back and remove them.
     #[command(subcommand)]
     Node(node::NodeCommand),
     /// Create, list, inspect, grow, delete, roll back, clone and scrub volumes.

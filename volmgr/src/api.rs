@@ -38,8 +38,8 @@ use crate::node::{NodeError, NodeHandle};
 use crate::server::Handler;
 use crate::state::{
     ClaimReplica, CloneVolume, Command, CreateSnapshot, CreateVolume, DeleteSnapshot, DeleteVolume,
-    EpochsCollected, ErrorCode, GrowVolume, PrSet, Proposal, RegisterNode, Response,
-    RollbackVolume, State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
+    EpochsCollected, ErrorCode, GrowVolume, NodeIds, PrSet, Proposal, RegisterNode, RemoveNode,
+    Response, RollbackVolume, SetWeight, State, StateError, VolumeKey, EXTENT_SIZE_BYTES_DEFAULT,
 };
 
 /// Longest a `GetMap` long poll waits.
@@ -570,6 +570,10 @@ impl Api {
                 | VolmgrOp::EpochsCollected
                 | VolmgrOp::FoldEpoch
                 | VolmgrOp::PrSet
+                | VolmgrOp::NodesOut
+                | VolmgrOp::NodesIn
+                | VolmgrOp::SetNodeWeight
+                | VolmgrOp::RemoveNode
         );
         if changes && (req.client_id == 0 || req.client_seq == 0) {
             return reply(
@@ -938,6 +942,66 @@ impl Api {
                         .await;
                 }
                 resp
+            }
+            VolmgrOp::NodesOut | VolmgrOp::NodesIn => {
+                let ids = NodeIds {
+                    node_ids: req.node_ids.clone(),
+                    // An admin's judgement: unconditional (see `NodeIds`).
+                    seen_epoch: 0,
+                };
+                let out = op == VolmgrOp::NodesOut;
+                let r = self
+                    .propose(
+                        req,
+                        if out {
+                            Command::MarkOut(ids)
+                        } else {
+                            Command::MarkIn(ids)
+                        },
+                    )
+                    .await;
+                if r.status == VolmgrStatus::Ok as i32 {
+                    info!(nodes = ?req.node_ids, epoch = r.map_epoch, "chunk server(s) marked {} by an admin", if out { "out" } else { "in" });
+                }
+                r
+            }
+            VolmgrOp::SetNodeWeight => {
+                let r = self
+                    .propose(
+                        req,
+                        Command::SetWeight(SetWeight {
+                            node_id: req.node_id,
+                            weight: req.weight,
+                        }),
+                    )
+                    .await;
+                if r.status == VolmgrStatus::Ok as i32 {
+                    info!(
+                        node = req.node_id,
+                        weight = req.weight,
+                        epoch = r.map_epoch,
+                        "chunk server weight set by an admin"
+                    );
+                }
+                r
+            }
+            VolmgrOp::RemoveNode => {
+                let r = self
+                    .propose(
+                        req,
+                        Command::RemoveNode(RemoveNode {
+                            node_id: req.node_id,
+                        }),
+                    )
+                    .await;
+                if r.status == VolmgrStatus::Ok as i32 {
+                    info!(
+                        node = req.node_id,
+                        epoch = r.map_epoch,
+                        "chunk server removed from the map by an admin"
+                    );
+                }
+                r
             }
             VolmgrOp::ExportWatch => self.export_watch(req).await,
             VolmgrOp::SnapshotPaused => {

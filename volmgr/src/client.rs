@@ -727,6 +727,46 @@ impl VolmgrClient {
         Ok(self.call(req).await?.map.unwrap_or_default())
     }
 
+    /// Takes chunk servers out of placement (drains them; see
+    /// `VolmgrOp::NodesOut`). Answers the map epoch of the change (the
+    /// current one if every node was out already).
+    pub async fn nodes_out(&self, node_ids: &[u64]) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            node_ids: node_ids.to_vec(),
+            ..self.change(VolmgrOp::NodesOut)
+        };
+        Ok(self.call(req).await?.map_epoch)
+    }
+
+    /// Puts chunk servers back into placement (`VolmgrOp::NodesIn`).
+    pub async fn nodes_in(&self, node_ids: &[u64]) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            node_ids: node_ids.to_vec(),
+            ..self.change(VolmgrOp::NodesIn)
+        };
+        Ok(self.call(req).await?.map_epoch)
+    }
+
+    /// Sets a chunk server's placement weight (`VolmgrOp::SetNodeWeight`).
+    pub async fn set_node_weight(&self, node_id: u64, weight: u32) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            node_id,
+            weight,
+            ..self.change(VolmgrOp::SetNodeWeight)
+        };
+        Ok(self.call(req).await?.map_epoch)
+    }
+
+    /// Drops a chunk server that is out, down and in no acting set from the
+    /// map (`VolmgrOp::RemoveNode`).
+    pub async fn remove_node(&self, node_id: u64) -> Result<u64, ClientError> {
+        let req = VolmgrRequest {
+            node_id,
+            ..self.change(VolmgrOp::RemoveNode)
+        };
+        Ok(self.call(req).await?.map_epoch)
+    }
+
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         Ok(self
             .call(self.request(VolmgrOp::ClusterStatus))

@@ -34,7 +34,12 @@
 //!   this detector proposed it down, or first saw it down (nodes already
 //!   down at election, or marked down by an admin). A leader change
 //!   therefore delays out by up to `out_after_ms`, never hastens it: marking
-//!   out moves data, so late is the safe side. Heartbeats do not stop the
+//!   out moves data, so late is the safe side. Not when the nodes left in
+//!   would be fewer hosts than some group has replicas (three chunk servers
+//!   on three hosts with 3-replica volumes, say): no placement could be
+//!   built then, so nothing would be re-replicated and the node, once back,
+//!   could never rejoin its groups; it stays down and in, its groups wait
+//!   for it degraded (`ClusterMap::placeable_without`). Heartbeats do not stop the
 //!   out clock; only being marked up does. Nodes out stay out until an admin
 //!   marks them in (bringing one back moves data again, and should be a
 //!   decision).
@@ -361,8 +366,16 @@ impl FailureDetector {
                 && down_ms >= config.out_after_ms
                 && proposal_due(t.out_proposed_ms, now_ms, &config)
             {
-                t.out_proposed_ms = Some(now_ms);
-                out.push(node.id);
+                // Not when the rest could not place every group: nothing
+                // could be re-replicated then, and the node, once back,
+                // could never be claimed into its groups again. It stays
+                // in (down); its groups wait for it, degraded.
+                let mut taken = out.clone();
+                taken.push(node.id);
+                if map.placeable_without(&taken).is_ok() {
+                    t.out_proposed_ms = Some(now_ms);
+                    out.push(node.id);
+                }
             }
             let steady = t
                 .last_heartbeat_ms

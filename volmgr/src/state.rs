@@ -595,6 +595,21 @@ impl State {
         if changing.is_empty() {
             return Ok(Outcome::default());
         }
+        // An admin's out (`seen_epoch` 0) that would leave some group no
+        // placement is refused. The failure detector checks the same before
+        // it proposes (`FailureDetector::tick`); its entries apply as they
+        // always did, so a log replayed by this build computes what older
+        // builds computed.
+        if matches!(mark, Mark::Out) && c.seen_epoch == 0 {
+            let ids: Vec<u64> = changing.iter().map(|&i| self.map.nodes[i].id).collect();
+            if let Err((replicas, hosts)) = self.map.placeable_without(&ids) {
+                return Err(StateError::TooFewHostsLeft {
+                    nodes: ids,
+                    replicas,
+                    hosts,
+                });
+            }
+        }
         let epoch = self.next_map_epoch()?;
         match mark {
             // Acting sets change with up/down: through the authority, every
@@ -627,6 +642,15 @@ impl State {
 
     fn set_weight(&mut self, c: &SetWeight, now_unix_ms: u64) -> Result<Outcome, StateError> {
         let i = self.node_index(c.node_id)?;
+        if c.weight == 0 && self.map.nodes[i].weight != 0 && self.map.nodes[i].in_ {
+            if let Err((replicas, hosts)) = self.map.placeable_without(&[c.node_id]) {
+                return Err(StateError::TooFewHostsLeft {
+                    nodes: vec![c.node_id],
+                    replicas,
+                    hosts,
+                });
+            }
+        }
         if self.map.nodes[i].weight != c.weight {
             let epoch = self.next_map_epoch()?;
             let node = &mut self.map.nodes[i];

@@ -435,3 +435,35 @@ fn a_new_incarnation_is_not_judged_by_its_predecessors_silence() {
     }
     assert_eq!(sim.node(3), (false, true));
 }
+
+/// A node down for `out_after` is not marked out when the hosts left could
+/// not hold every group's replicas: three hosts and 3-replica volumes. No
+/// placement could be built without it, so nothing would be re-replicated,
+/// and the node, once back, could never be claimed into its groups again.
+/// With a fourth host it is marked out as usual.
+#[test]
+fn out_only_when_the_rest_can_place_every_group() {
+    for (nodes, outs) in [(3, 0), (4, 1)] {
+        let mut sim = Sim::new(nodes, 0, DetectorConfig::default());
+        for command in [
+            Command::SetGroupCount(SetGroupCount { group_count: 64 }),
+            Command::CreateVolume(CreateVolume {
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                extent_size_bytes: 4 << 20,
+                replicas: 3,
+                min_replicas: 2,
+                epoch_from_counter: true,
+            }),
+        ] {
+            let r = sim.state.apply(&proposal(command));
+            assert!(r.is_ok(), "{}", r.message);
+        }
+        sim.run(30_000 + 700_000, |id, t| id != 3 || t <= 30_300);
+        let got: Vec<_> = sim.events.iter().map(|e| ids(&e.command)).collect();
+        let mut want = vec![("down", vec![3])];
+        want.extend((0..outs).map(|_| ("out", vec![3])));
+        assert_eq!(got, want, "{nodes} nodes");
+        assert_eq!(sim.node(3), (false, outs == 0), "{nodes} nodes");
+    }
+}

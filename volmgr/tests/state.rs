@@ -215,20 +215,49 @@ fn bad_replica_counts_are_refused() {
         ErrorCode::FailedPrecondition,
         &["has 3"],
     );
-    // Out nodes and weight-0 nodes hold nothing, so they do not count.
+    // An admin cannot take a host out that vol-a's 3-replica groups need:
+    // no placement could be built without it.
+    let weight_0 = |node_id| Command::SetWeight(SetWeight { node_id, weight: 0 });
+    for take in [Command::MarkOut(ids(&[3])), weight_0(2)] {
+        refused(
+            &mut s,
+            take,
+            ErrorCode::FailedPrecondition,
+            &["3-replica groups need 3 distinct hosts", "2 would be left"],
+        );
+    }
+    // With a fourth host, out nodes and weight-0 nodes hold nothing, so
+    // they do not count.
+    ok(&mut s, register(5, "h4", "r2"));
     ok(&mut s, Command::MarkOut(ids(&[3])));
     refused(
         &mut s,
-        create("v", GIB, 4 * MIB, 3, 2),
+        create("v", GIB, 4 * MIB, 4, 2),
         ErrorCode::FailedPrecondition,
-        &["has 2"],
+        &["has 3"],
+    );
+    refused(
+        &mut s,
+        Command::MarkOut(ids(&[5])),
+        ErrorCode::FailedPrecondition,
+        &["[5]", "2 would be left"],
     );
     ok(&mut s, Command::MarkIn(ids(&[3])));
+    ok(&mut s, weight_0(2));
+    refused(
+        &mut s,
+        create("v", GIB, 4 * MIB, 4, 2),
+        ErrorCode::FailedPrecondition,
+        &["has 3"],
+    );
+    // The failure detector's out (it names the map it judged) is applied
+    // as it always was: it checks before it proposes.
+    let seen_epoch = s.map_epoch();
     ok(
         &mut s,
-        Command::SetWeight(SetWeight {
-            node_id: 2,
-            weight: 0,
+        Command::MarkOut(NodeIds {
+            node_ids: vec![5],
+            seen_epoch,
         }),
     );
     refused(
@@ -582,6 +611,8 @@ fn map_changes_make_exactly_one_epoch_each() {
 #[test]
 fn re_registering_keeps_weight_and_states() {
     let mut s = cluster();
+    // A fourth host, so that one may leave placement.
+    ok(&mut s, register(4, "h4", "r2"));
     ok(
         &mut s,
         Command::SetWeight(SetWeight {
@@ -605,6 +636,8 @@ fn re_registering_keeps_weight_and_states() {
 #[test]
 fn nodes_are_removed_only_when_out_and_down() {
     let mut s = cluster();
+    // A fourth host, so that one may leave placement.
+    ok(&mut s, register(4, "h4", "r2"));
     ok(&mut s, Command::MarkOut(ids(&[3])));
     refused(
         &mut s,
@@ -896,7 +929,8 @@ fn marks_judged_on_an_older_map_leave_a_new_incarnation_alone() {
         }),
     );
     assert!(!s.map().node(2).unwrap().up);
-    // An admin's marks are unconditional.
+    // An admin's marks are unconditional (given a host to place on).
+    ok(&mut s, register(4, "h4", "r2"));
     ok(&mut s, register(1, "h1", "r1"));
     ok(&mut s, Command::MarkOut(ids(&[1])));
     assert!(!s.map().node(1).unwrap().in_);

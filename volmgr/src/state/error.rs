@@ -327,6 +327,21 @@ pub enum StateError {
         /// How many groups it is acting in.
         groups: usize,
     },
+    /// An admin's out (or weight 0) that would leave fewer hosts than some
+    /// group has replicas: no placement could be built for those groups.
+    #[error(
+        "cannot take chunk server(s) {nodes:?} out of placement: {replicas}-replica groups need \
+         {replicas} distinct hosts, and {hosts} would be left (counting hosts with a chunk server \
+         that is in and has weight above 0); add a chunk server on another host first"
+    )]
+    TooFewHostsLeft {
+        /// The nodes asked for.
+        nodes: Vec<u64>,
+        /// The largest replica count of any group.
+        replicas: u32,
+        /// Hosts that would be left.
+        hosts: u32,
+    },
     /// A claim the map does not grant (see `cairn_group::authority::claim`).
     #[error(
         "claim by primary {primary} of chunk server {node} into group {index}x{replicas} \
@@ -423,6 +438,7 @@ impl StateError {
             | PrGenerationMismatch { .. }
             | NodeInUse { .. }
             | NodeActing { .. }
+            | TooFewHostsLeft { .. }
             | ClaimRefused { .. }
             | Placement { .. }
             | NodeAddrMismatch { .. }
