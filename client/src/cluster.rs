@@ -502,11 +502,11 @@ impl Cluster {
                             // not seen it (a failover): the range then holds
                             // exactly our bytes. Its compare succeeded.
                             if sent_before && data == *new {
-                                id.finish();
+                                id.finish(sent_before);
                                 return Ok((key, Bytes::new()));
                             }
                         }
-                        id.finish();
+                        id.finish(sent_before);
                         return Ok((key, data));
                     }
                     Ok(Status::Refused) => {

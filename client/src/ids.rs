@@ -1,7 +1,8 @@
 //! Request ids of one client process and the two facts every request tells
 //! a primary about the others: `oldest_outstanding` (every smaller id is
-//! finished) and `abandoned` (ids above it the client gave up on, whose
-//! late copies must be dropped).
+//! finished) and `abandoned` (ids above it whose late copies must be
+//! dropped: writes the client gave up on, and writes answered after earlier
+//! attempts, whose copies may still reach a node that did not run them).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -120,10 +121,19 @@ impl IdGuard {
         self.id
     }
 
-    /// The request is answered.
-    pub(crate) fn finish(mut self) {
+    /// The request is answered. `retried`: earlier attempts went out (to a
+    /// node that timed out, or before a failover). A copy of one may still
+    /// sit in a frozen node's socket and run there later, after writes this
+    /// client makes next; a write's id is then listed as one given up on is,
+    /// so that a late copy is dropped (simulator seed 238008).
+    pub(crate) fn finish(mut self, retried: bool) {
         self.done = true;
-        self.ids.lock().finish(self.id);
+        let mut s = self.ids.lock();
+        if retried && self.is_write {
+            s.abandon(self.id);
+        } else {
+            s.finish(self.id);
+        }
     }
 }
 
@@ -207,7 +217,26 @@ mod tests {
         assert_eq!(oldest, held.id());
         assert_eq!(abandoned, vec![wid]);
         assert!(!abandoned.contains(&rid));
-        held.finish();
+        held.finish(false);
         assert_eq!(ids.header(), (rid + 1, vec![]));
+    }
+
+    /// A write answered after earlier attempts is listed until the oldest
+    /// in flight passes it: a copy of an earlier attempt must not run
+    /// later. Answered at once, or a read, it is simply finished.
+    #[test]
+    fn writes_answered_after_retries_are_listed() {
+        let ids = Arc::new(Ids::default());
+        let held = IdGuard::begin(&ids, false);
+        let retried = IdGuard::begin(&ids, true);
+        let first_try = IdGuard::begin(&ids, true);
+        let read = IdGuard::begin(&ids, false);
+        let rid = retried.id();
+        retried.finish(true);
+        first_try.finish(false);
+        read.finish(true);
+        assert_eq!(ids.header(), (held.id(), vec![rid]));
+        held.finish(false);
+        assert_eq!(ids.header(), (rid + 3, vec![]));
     }
 }

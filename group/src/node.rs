@@ -35,9 +35,26 @@ pub struct Config {
     /// The store's checksummed block: a read repair fetches and stores
     /// whole blocks around the range that could not be read.
     pub block_bytes: u64,
+    /// Pushes that bring members up to date (peering, rejoin, a new
+    /// placement member), in flight at once on this node across all its
+    /// groups; the rest wait their turn, oldest first, without holding
+    /// their extent's lock. Each reads a whole extent into memory, so this
+    /// bounds a node's memory and its peer links' queues while it copies a
+    /// node's worth of data (a drained or new node), and keeps answers to
+    /// the pushes in flight within the resend and silence timers (before
+    /// it, every extent of every group was read and sent at once, and the
+    /// pushes were sent again every `retry_ms` while the queue drained:
+    /// draining a node holding 1.5 GiB stalled for 44 s). At least 1.
+    /// Pushes to acting members (the peering that holds a group's
+    /// activation: recent changes only), pushes that settle a failed write
+    /// and pushes that replace a copy a scrub found bad do not wait.
+    pub pushes_max: usize,
     /// A deliberately broken variant, to show the simulator catches it.
     pub bug: Option<Bug>,
 }
+
+/// [`Config::pushes_max`] by default: 8 extents (32 MiB of 4 MiB extents).
+pub const PUSHES_MAX: usize = 8;
 
 impl Default for Config {
     fn default() -> Self {
@@ -48,6 +65,7 @@ impl Default for Config {
             claim_retry_ms: 1000,
             recent_max: RECENT_MAX,
             block_bytes: 4096,
+            pushes_max: PUSHES_MAX,
             bug: None,
         }
     }
@@ -650,6 +668,16 @@ enum Task {
         /// this epoch (a scrub's push: the bad block may be in a version
         /// beneath, which a push of this version alone would not replace).
         merged: bool,
+        /// It waits its turn among [`Config::pushes_max`] (a push to a
+        /// member joining the acting set).
+        budgeted: bool,
+        /// Its turn came (or it never waited): it has queued for its
+        /// extent's lock. Until then it waits in [`Node::push_queue`].
+        admitted: bool,
+        /// Times sent again; each resend waits twice as long as the last
+        /// (up to 8 `retry_ms`): a push unanswered because the link or the
+        /// replica's disk is busy is not sent again every `retry_ms`.
+        resends: u32,
     },
     Flush {
         client: (ClientId, u64),
@@ -825,6 +853,10 @@ pub struct Node {
     disk: HashMap<OpId, DiskCtx>,
     clients: HashMap<ClientId, ClientWindow>,
     out: Vec<Output>,
+    /// Pushes waiting for their turn ([`Config::pushes_max`]), by task id
+    /// (oldest first): the group and its primary session's generation. An
+    /// entry whose session ended is skipped when its turn comes.
+    push_queue: BTreeMap<u64, (GroupKey, u64)>,
 }
 
 impl Node {
@@ -849,6 +881,7 @@ impl Node {
             disk: HashMap::new(),
             clients: HashMap::new(),
             out: Vec::new(),
+            push_queue: BTreeMap::new(),
         }
     }
 
@@ -981,6 +1014,13 @@ impl Node {
             return;
         }
         // Same interval: drop rejoining members the map no longer allows.
+        // A member with a claim out stays while its incarnation does, placed
+        // or not: the claim may still be granted (it was made in this
+        // interval, and the member may be placed again by then: out, then
+        // in), and it says the member holds every write of the interval, so
+        // it must go on getting them. (Dropped here, it missed writes, and
+        // a claim delivered after the placement came back made it acting
+        // without them: simulator seed 4596 with placement moves.)
         let map = &self.map;
         let g = self.groups.get_mut(&key).expect("exists");
         let p = g.primary.as_mut().expect("kept");
@@ -988,7 +1028,9 @@ impl Node {
             .members
             .iter()
             .filter(|(n, m)| {
-                !m.acting && (map.up_since(**n) != Some(m.up_since) || !gv.placement.contains(n))
+                !m.acting
+                    && (map.up_since(**n) != Some(m.up_since)
+                        || (!gv.placement.contains(n) && m.claimed_at.is_none()))
             })
             .map(|(n, _)| *n)
             .collect();
@@ -1181,6 +1223,11 @@ impl Node {
         m.state = MemberState::Syncing {
             pending: set.keys().copied().collect(),
         };
+        // An acting member's sync holds the group's activation (no client
+        // I/O until it is done), and covers only recent changes: its pushes
+        // go at once. A member joining the acting set (rejoin, a new
+        // placement) may need whole extents: its pushes wait their turn.
+        let wait_turn = !m.acting;
         if !p.active {
             p.pushed_at_peering += set.len();
         }
@@ -1196,8 +1243,9 @@ impl Node {
                     merged: false,
                     part,
                     waiting,
+                    admitted,
                     ..
-                } if *e == ext => {
+                } if *e == ext && (*admitted || wait_turn) => {
                     *part = part.union(&want);
                     waiting.insert(n, 0);
                     true
@@ -1207,7 +1255,7 @@ impl Node {
             if joined {
                 continue;
             }
-            self.start_push(key, n, ext, want, None);
+            self.start_push_as(key, n, ext, want, None, false, wait_turn);
         }
         self.maybe_member_synced(key, n);
     }
@@ -2018,7 +2066,7 @@ impl Node {
                     // Our copy is what counts: push it to every member so
                     // the replicas agree again.
                     for n in members {
-                        self.start_push(key, n, ext, Part::Whole, Some(seq));
+                        self.start_push_as(key, n, ext, Part::Whole, Some(seq), false, false);
                     }
                 }
             }
@@ -2044,6 +2092,7 @@ impl Node {
                     }
                 }
                 self.release(key, ext, lock);
+                self.admit_pushes();
             }
             Task::Push { .. } => {}
             Task::Scrub {
@@ -2089,7 +2138,7 @@ impl Node {
                         why,
                     }));
                     let part = Part::range(offset, offset + len);
-                    self.start_push_as(key, node, ext, part, None, true);
+                    self.start_push_as(key, node, ext, part, None, true, false);
                 }
             }
             Task::Scrub { .. } => {}
@@ -2157,18 +2206,10 @@ impl Node {
     /// Queues a push of `ext` to member `n` behind every earlier operation
     /// on the extent. With `settles`, the push is one of those that settle a write that
     /// failed here (see `Primary::settling`).
-    fn start_push(
-        &mut self,
-        key: GroupKey,
-        n: NodeId,
-        ext: ExtentId,
-        part: Part,
-        settles: Option<Seq>,
-    ) {
-        self.start_push_as(key, n, ext, part, settles, false)
-    }
-
-    /// [`start_push`](Self::start_push), `merged` as in `Task::Push`.
+    /// Pushes `part` of `ext` to member `n`: `settles` and `merged` as in
+    /// `Task::Push`; with `wait_turn` it waits for its turn among
+    /// [`Config::pushes_max`], else it queues for its extent's lock at once.
+    #[allow(clippy::too_many_arguments)]
     fn start_push_as(
         &mut self,
         key: GroupKey,
@@ -2177,6 +2218,7 @@ impl Node {
         part: Part,
         settles: Option<Seq>,
         merged: bool,
+        wait_turn: bool,
     ) {
         // Whole blocks: a push of part of a block would have to merge into
         // the replica's block, which fails if that block went bad; outside
@@ -2196,6 +2238,7 @@ impl Node {
             return;
         };
         let gen = p.gen;
+        let admitted = !wait_turn;
         p.tasks.insert(
             tid,
             Task::Push {
@@ -2209,9 +2252,86 @@ impl Node {
                 sent_at: 0,
                 settles,
                 merged,
+                budgeted: wait_turn,
+                admitted,
+                resends: 0,
             },
         );
-        self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
+        if admitted {
+            self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
+        } else {
+            self.push_queue.insert(tid, (key, gen));
+            self.admit_pushes();
+        }
+    }
+
+    /// Sync pushes admitted and not yet done, on every group.
+    fn pushes_admitted(&self) -> usize {
+        self.groups
+            .values()
+            .filter_map(|g| g.primary.as_ref())
+            .flat_map(|p| p.tasks.values())
+            .filter(|t| {
+                matches!(
+                    t,
+                    Task::Push {
+                        admitted: true,
+                        budgeted: true,
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
+    /// Lets waiting pushes queue for their extent's lock, oldest first,
+    /// while fewer than [`Config::pushes_max`] are admitted. A member's
+    /// silence is measured from its push's admission: until then it had
+    /// nothing to answer.
+    fn admit_pushes(&mut self) {
+        if self.push_queue.is_empty() {
+            return;
+        }
+        let mut busy = self.pushes_admitted();
+        let now = self.now;
+        while busy < self.cfg.pushes_max.max(1) {
+            let Some((tid, (key, gen))) = self.push_queue.pop_first() else {
+                return;
+            };
+            let Some(p) = self
+                .groups
+                .get_mut(&key)
+                .and_then(|g| g.primary.as_mut())
+                .filter(|p| p.gen == gen)
+            else {
+                continue;
+            };
+            let Some(Task::Push {
+                ext,
+                lock,
+                admitted: admitted @ false,
+                waiting,
+                ..
+            }) = p.tasks.get_mut(&tid)
+            else {
+                continue;
+            };
+            if waiting.is_empty() {
+                // Every member it was for left: it never queued for the
+                // lock, so it just goes.
+                p.tasks.remove(&tid);
+                continue;
+            }
+            *admitted = true;
+            let (ext, lock) = (*ext, *lock);
+            for n in waiting.keys() {
+                if let Some(m) = p.members.get_mut(n) {
+                    m.last_heard = m.last_heard.max(now);
+                }
+            }
+            busy += 1;
+            self.queue(key, ext, WHOLE, lock, Waiting::Task { gen, task: tid });
+        }
     }
 
     // -------------------------------------------------------------- disk
@@ -3557,6 +3677,8 @@ impl Node {
         let Some(my) = self.up_since else {
             return;
         };
+        // Pushes whose session ended freed their turns without a completion.
+        self.admit_pushes();
         // Only groups with a timer that can fire: an idle node (every group
         // settled, nothing in flight) does no work per tick beyond this
         // scan, which allocates nothing.
@@ -3608,6 +3730,27 @@ impl Node {
         let mut sends: Vec<(NodeId, PeerMsg)> = Vec::new();
         let mut drops = Vec::new();
         let mut claims = Vec::new();
+        let placement: Vec<NodeId> = self
+            .map
+            .groups
+            .get(&key)
+            .map(|gv| gv.placement.clone())
+            .unwrap_or_default();
+        // Members with a push still waiting for its turn wait on this node,
+        // not the other way round: not silent.
+        let queued: BTreeSet<NodeId> = p
+            .tasks
+            .values()
+            .filter_map(|t| match t {
+                Task::Push {
+                    admitted: false,
+                    waiting,
+                    ..
+                } => Some(waiting.keys().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         for (n, m) in p.members.iter_mut() {
             if m.state == MemberState::Querying && now >= m.sent_at + cfg.retry_ms {
                 m.sent_at = now;
@@ -3618,11 +3761,18 @@ impl Node {
                     },
                 ));
             }
-            if !m.acting && m.claimed_at.is_none() && now >= m.last_heard + cfg.sync_timeout_ms {
+            if !m.acting
+                && m.claimed_at.is_none()
+                && now >= m.last_heard + cfg.sync_timeout_ms
+                && !queued.contains(n)
+            {
                 drops.push(*n);
             }
+            // A claimed member outside the placement waits (the volume
+            // manager would refuse it) until it is placed again or the
+            // interval moves.
             if let Some(t) = m.claimed_at {
-                if now >= t + cfg.claim_retry_ms {
+                if now >= t + cfg.claim_retry_ms && placement.contains(n) {
                     claims.push(*n);
                 }
             }
@@ -3713,9 +3863,11 @@ impl Node {
                     seq,
                     waiting,
                     sent_at,
+                    resends,
                     ..
-                } if now >= *sent_at + cfg.retry_ms => {
+                } if now >= *sent_at + (cfg.retry_ms << (*resends).min(3)) => {
                     *sent_at = now;
+                    *resends += 1;
                     for (n, pid) in waiting.iter() {
                         sends.push((
                             *n,

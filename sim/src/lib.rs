@@ -11,7 +11,20 @@
 //! bit rot: every read of them fails until they are written again), so the
 //! primary's read repair runs under the same faults; while a node holds a
 //! bad block the others are spared crashes, freezes and cuts, so a good copy
-//! always stays acting (the protocol cannot repair from nothing).
+//! always stays acting (the protocol cannot repair from nothing); with
+//! moves, blocks go bad only while every node is alive, as any of them may
+//! join the group and take over from the good copies.
+//!
+//! With `moves`, the volume manager also marks nodes out (as an admin
+//! draining them) and in again now and then, at any point: while they are
+//! down, frozen, cut off or primaries. As in the real volume manager, that
+//! changes only placement (recomputed by `cairn_placement` with the out
+//! nodes ineligible), never acting sets: the groups' primaries bring the
+//! new placement members up to date and claim them, and the claims retire
+//! the members outside the placement once it is whole; where nothing is left
+//! to claim, the volume manager's leader settles the group
+//! (`SettlePlacement`, see `SimConfig::retire_on_move`). Out nodes
+//! may stay out after healing; their leftover copies are never compared.
 //!
 //! After the faults stop, the schedule heals (every node back, every group's
 //! acting set whole again, every client request answered) and is checked:
@@ -19,7 +32,9 @@
 //! - every acknowledged write reads back (and every read during the run
 //!   returned what the last acknowledged write, or one in flight, left);
 //! - every replica of every group holds the same bytes;
-//! - at most one node acknowledged writes for a group in one interval.
+//! - at most one node acknowledged writes for a group in one interval;
+//! - with `moves`, a node that is out acts in no group (its leftover copies
+//!   are stale and not compared).
 //!
 //! Everything is a function of the seed: a failing seed replays exactly
 //! (`cargo run -p cairn-sim --release -- --seed N --verbose`).
@@ -79,6 +94,24 @@ pub struct SimConfig {
     /// after healing a scrub of every extent must leave no bad block on an
     /// acting member.
     pub scrub: bool,
+    /// Placement moves: now and then, during the faults, the volume manager
+    /// marks a node out or an out node in again (never more than `nodes -
+    /// replicas` out), which recomputes every group's placement; the data
+    /// moves to it through the protocol. Only with `nodes > replicas`.
+    pub moves: bool,
+    /// With `moves`: when the faults stop, every out node is marked in
+    /// again (else out nodes stay out, and healing must move every group
+    /// off them).
+    pub moves_in_at_heal: bool,
+    /// The volume manager settles placements as the real leader does
+    /// (`Command::SettlePlacement` in `cairn-volmgr`): at its next tick
+    /// after a move left a group with every placement member acting, but
+    /// other members too or another order, it sets that group's acting set
+    /// to its placement in a new epoch (`authority::settle_at`). No claim
+    /// is left to make there, so without it such a group never sheds its
+    /// old members (a drained node) nor heals (seed 32 with this off). On
+    /// in `for_seed`.
+    pub retire_on_move: bool,
     /// Print every event.
     pub verbose: bool,
 }
@@ -101,6 +134,9 @@ impl Default for SimConfig {
             recent_max: RECENT_MAX,
             rot: false,
             scrub: false,
+            moves: false,
+            moves_in_at_heal: false,
+            retire_on_move: true,
             verbose: false,
         }
     }
@@ -113,7 +149,7 @@ impl SimConfig {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_c0f1_6a11_0000);
         let nodes = rng.gen_range(3..=5);
         let replicas = if rng.gen_bool(0.75) { 3 } else { 2 };
-        SimConfig {
+        let cfg = SimConfig {
             nodes,
             replicas,
             groups: [2, 4, 8][rng.gen_range(0..3)],
@@ -128,6 +164,16 @@ impl SimConfig {
             scrub: rng.gen_bool(0.5),
             bug,
             ..SimConfig::default()
+        };
+        // Drawn after scrub for the same reason: a schedule without moves
+        // is what it was before moves existed. Two thirds of the seeds that
+        // have somewhere to move to (half of all seeds).
+        let moves = rng.gen_bool(2.0 / 3.0) && cfg.nodes > u64::from(cfg.replicas);
+        let moves_in_at_heal = rng.gen_bool(0.5);
+        SimConfig {
+            moves,
+            moves_in_at_heal: moves && moves_in_at_heal,
+            ..cfg
         }
     }
 }
@@ -175,6 +221,18 @@ pub struct Stats {
     pub scrub_pushed: u64,
     /// See `scrubs`.
     pub scrub_repaired_here: u64,
+    /// Nodes marked out and in (`SimConfig::moves`).
+    pub outs: u64,
+    /// See `outs`.
+    pub ins: u64,
+    /// Claims granted of nodes a move placed in a group, and replicas those
+    /// claims retired (dropped from an acting set as outside the placement).
+    pub move_claims: u64,
+    /// See `move_claims`.
+    pub retired: u64,
+    /// Groups whose acting set the volume manager settled to their
+    /// placement (`SimConfig::retire_on_move`).
+    pub retired_on_move: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -239,6 +297,7 @@ enum Event {
     Heartbeat { node: NodeId, process: u64 },
     Restart { node: NodeId },
     Fault,
+    Move,
     ClientStep,
     VolmgrTick,
 }
@@ -310,6 +369,11 @@ struct Volmgr {
     map: GroupMap,
     last_heard: BTreeMap<NodeId, u64>,
     process: BTreeMap<NodeId, u64>,
+    /// Nodes marked out (`SimConfig::moves`).
+    out: BTreeSet<NodeId>,
+    /// (group, node) pairs a move put in the group's placement, not yet
+    /// claimed (for `Stats::move_claims`).
+    placed_by_move: BTreeSet<(GroupKey, NodeId)>,
 }
 
 struct World {
@@ -328,6 +392,9 @@ struct World {
     core_cfg: Config,
     /// The scrub of every extent after healing was sent (`SimConfig::scrub`).
     scrubbed_all: bool,
+    /// Draws for placement moves, apart from `rng` so that a schedule with
+    /// moves runs as the one without until its first move.
+    move_rng: ChaCha8Rng,
 }
 
 /// Runs schedule `seed` with configuration `cfg`.
@@ -348,19 +415,7 @@ impl World {
             epoch: 1,
             ..Default::default()
         };
-        let candidates: Vec<cairn_placement::Candidate> = (1..=cfg.nodes)
-            .map(|id| cairn_placement::Candidate {
-                id,
-                weight: 1,
-                host: format!("h{id}"),
-                rack: String::new(),
-                room: String::new(),
-                eligible: true,
-            })
-            .collect();
-        let table =
-            cairn_placement::PlacementTable::build(&candidates, cfg.groups, cfg.replicas as usize)
-                .expect("valid placement");
+        let table = placement_table(&cfg, &BTreeSet::new());
         for id in 1..=cfg.nodes {
             map.nodes.insert(
                 id,
@@ -391,6 +446,8 @@ impl World {
             claim_retry_ms: 400,
             recent_max: cfg.recent_max,
             block_bytes: cfg.csum_block,
+            // Small, so that syncs queue for their turn in most schedules.
+            pushes_max: 2,
             bug: cfg.bug,
         };
         let mut nodes = BTreeMap::new();
@@ -425,6 +482,8 @@ impl World {
                 map: map.clone(),
                 last_heard: (1..=cfg.nodes).map(|n| (n, 0)).collect(),
                 process: (1..=cfg.nodes).map(|n| (n, 1)).collect(),
+                out: BTreeSet::new(),
+                placed_by_move: BTreeSet::new(),
             },
             client: Client {
                 map,
@@ -440,6 +499,7 @@ impl World {
             failure: None,
             core_cfg,
             scrubbed_all: false,
+            move_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6d0f_e5a1_1c0d_e000),
             cfg,
         }
     }
@@ -476,6 +536,10 @@ impl World {
         self.at(1, Event::ClientStep);
         self.at(50, Event::Fault);
         self.at(10, Event::VolmgrTick);
+        if self.cfg.moves {
+            let t = self.move_rng.gen_range(100..1000);
+            self.at(t, Event::Move);
+        }
         let deadline = self.cfg.fault_ms + self.cfg.heal_ms;
         while let Some(Reverse(Queued(t, _, e))) = self.queue.pop() {
             self.now = t;
@@ -518,6 +582,12 @@ impl World {
                 self.restart(id);
             }
         }
+        if self.cfg.moves_in_at_heal {
+            let out: Vec<NodeId> = self.volmgr.out.iter().copied().collect();
+            for id in out {
+                self.mark_in_or_out(id, true);
+            }
+        }
     }
 
     fn healed(&self) -> bool {
@@ -556,6 +626,9 @@ impl World {
             if !n.up {
                 s += &format!("; node {id} down");
             }
+        }
+        if !self.volmgr.out.is_empty() {
+            s += &format!("; out {:?}", self.volmgr.out);
         }
         for (key, g) in &map.groups {
             if g.acting != g.placement {
@@ -635,6 +708,13 @@ impl World {
                     self.fault();
                     let dt = self.rng.gen_range(30..300);
                     self.at(self.now + dt, Event::Fault);
+                }
+            }
+            Event::Move => {
+                if self.faults {
+                    self.placement_move();
+                    let dt = self.move_rng.gen_range(200..1000);
+                    self.at(self.now + dt, Event::Move);
                 }
             }
             Event::ClientStep => {
@@ -741,6 +821,20 @@ impl World {
                 Msg::Claim(c) => match authority::claim(&self.volmgr.map, &c) {
                     Ok(m) => {
                         self.log(|| format!("volmgr: claim {c:?} granted"));
+                        if self.volmgr.placed_by_move.remove(&(c.key, c.node)) {
+                            self.stats.move_claims += 1;
+                        }
+                        let before = &self.volmgr.map.groups[&c.key].acting;
+                        let after = &m.groups[&c.key].acting;
+                        let retired: Vec<NodeId> = before
+                            .iter()
+                            .copied()
+                            .filter(|n| !after.contains(n))
+                            .collect();
+                        if !retired.is_empty() {
+                            self.stats.retired += retired.len() as u64;
+                            self.log(|| format!("volmgr: {} retires {retired:?}", c.key));
+                        }
                         self.publish(m);
                     }
                     Err(e) => self.log(|| format!("volmgr: claim {c:?} refused: {e:?}")),
@@ -865,6 +959,114 @@ impl World {
                 self.publish(m);
             }
         }
+        // The leader's `SettlePlacement` (see `retire_on_move`): groups whose
+        // whole placement acts, but whose acting set differs from it, get
+        // their placement as acting set in a new epoch.
+        if self.cfg.retire_on_move && !authority::unsettled(&self.volmgr.map).is_empty() {
+            let mut m = self.volmgr.map.clone();
+            m.epoch += 1;
+            let epoch = m.epoch;
+            let settled = authority::settle_at(&mut m, epoch);
+            self.stats.retired_on_move += settled.len() as u64;
+            self.log(|| format!("volmgr: placement settled for {settled:?}"));
+            self.publish(m);
+        }
+    }
+
+    /// A placement move (`SimConfig::moves`): a node marked out, or an out
+    /// node marked in again, whatever state it is in. At most `nodes -
+    /// replicas` nodes are out, so every group finds a placement.
+    fn placement_move(&mut self) {
+        let max_out = (self.cfg.nodes - u64::from(self.cfg.replicas)) as usize;
+        let out = self.volmgr.out.len();
+        let mark_out = out == 0 || (out < max_out && self.move_rng.gen_bool(0.6));
+        // An out node with bad blocks comes in only while no other node
+        // holds any: one node with bad blocks at a time.
+        let rotten = self.rotten_node();
+        let pick: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| {
+                self.volmgr.out.contains(id) != mark_out
+                    && (mark_out || n.disk.rot.is_empty() || rotten.is_none_or(|r| r == **id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if pick.is_empty() {
+            return;
+        }
+        let id = pick[self.move_rng.gen_range(0..pick.len())];
+        self.mark_in_or_out(id, !mark_out);
+    }
+
+    /// Marks `id` in or out: a new map epoch in which every group's
+    /// placement is recomputed and nothing else changes (as `Mark::In` and
+    /// `Mark::Out` in the real volume manager).
+    fn mark_in_or_out(&mut self, id: NodeId, mark_in: bool) {
+        let changed = if mark_in {
+            self.volmgr.out.remove(&id)
+        } else {
+            self.volmgr.out.insert(id)
+        };
+        if !changed {
+            return;
+        }
+        if mark_in {
+            self.stats.ins += 1;
+        } else {
+            self.stats.outs += 1;
+        }
+        let table = placement_table(&self.cfg, &self.volmgr.out);
+        let mut m = self.volmgr.map.clone();
+        m.epoch += 1;
+        let mut moved = Vec::new();
+        for (key, g) in m.groups.iter_mut() {
+            let placement = table.lookup(key.index).expect("in range").to_vec();
+            for n in &placement {
+                if !g.placement.contains(n) {
+                    self.volmgr.placed_by_move.insert((*key, *n));
+                }
+            }
+            for n in &g.placement {
+                if !placement.contains(n) {
+                    self.volmgr.placed_by_move.remove(&(*key, *n));
+                }
+            }
+            if placement != g.placement {
+                moved.push(format!(
+                    "{key} {:?} -> {placement:?} (acting {:?})",
+                    g.placement, g.acting
+                ));
+                g.placement = placement;
+            }
+        }
+        self.log(|| {
+            let n = &self.nodes[&id];
+            format!(
+                "volmgr: node {id} marked {} (epoch {}; {}{}{}{}); out now {:?}; placement: {}",
+                if mark_in { "in" } else { "out" },
+                m.epoch,
+                if self.volmgr.map.nodes[&id].up {
+                    "up"
+                } else {
+                    "down"
+                },
+                if n.core.is_none() { ", crashed" } else { "" },
+                if n.frozen_until > self.now {
+                    ", frozen"
+                } else {
+                    ""
+                },
+                if n.cut_until > self.now { ", cut" } else { "" },
+                self.volmgr.out,
+                if moved.is_empty() {
+                    "unchanged".into()
+                } else {
+                    moved.join("; ")
+                }
+            )
+        });
+        self.publish(m);
     }
 
     // ------------------------------------------------------------- faults
@@ -908,11 +1110,21 @@ impl World {
         }
     }
 
-    /// The node holding bad blocks, if any (only one at a time).
+    /// The node holding bad blocks, if any (only one at a time). Bad blocks
+    /// an out node keeps of groups it no longer acts in do not count: no
+    /// copy of those groups depends on them (and nothing writes them until
+    /// the node is in again, see `placement_move`).
     fn rotten_node(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .find(|(_, n)| !n.disk.rot.is_empty())
+            .find(|(id, n)| {
+                n.disk.rot.iter().any(|(ext, _)| {
+                    !self.volmgr.out.contains(id)
+                        || self.volmgr.map.groups[&self.key_of(ext.index)]
+                            .acting
+                            .contains(id)
+                })
+            })
             .map(|(id, _)| *id)
     }
 
@@ -956,10 +1168,14 @@ impl World {
                 && sn.cut_until <= now
                 && self.volmgr.last_heard[n] + 3 * HEARTBEAT_MS >= now
         };
+        // With moves, any node may become a member (and the members it
+        // replaces retire), so every node must be alive: from then on the
+        // others are spared faults, and whoever joins stays acting.
         let whole = g.acting == g.placement
             && g.acting.len() > 1
             && g.acting.contains(&id)
-            && g.acting.iter().all(alive);
+            && g.acting.iter().all(alive)
+            && (!self.cfg.moves || self.nodes.keys().all(alive));
         if !whole {
             return;
         }
@@ -1342,6 +1558,13 @@ impl World {
             }
             Ok(data) => {
                 let p = self.client.pending.remove(&r.id).expect("pending");
+                // Sent more than once: another copy may still be on its way
+                // to a node that did not run this one, and must not run
+                // after the writes the client makes next (seed 238008). It
+                // is named, as one given up on is, until below the oldest.
+                if p.sent > 1 {
+                    self.client.abandoned.insert(r.id);
+                }
                 match p.op {
                     // A copy-up changes no block: the model stays.
                     ClientOp::Write {
@@ -1441,7 +1664,13 @@ impl World {
                                 return;
                             }
                         };
-                        let replicas = self.volmgr.map.groups[&p.key].placement.len() as u32;
+                        // While data moves, a group acts on more nodes than
+                        // its placement holds.
+                        let replicas = if self.cfg.moves {
+                            self.cfg.nodes as u32
+                        } else {
+                            self.volmgr.map.groups[&p.key].placement.len() as u32
+                        };
                         if found.copies == 0 || found.copies > replicas {
                             self.failure = Some(format!(
                                 "scrub of extent {} compared {} copies in a group of {replicas}",
@@ -1496,6 +1725,18 @@ impl World {
 
     fn check_final(&mut self) -> Result<(), String> {
         let map = self.volmgr.map.clone();
+        // Out nodes' leftover copies are stale: only acting members count,
+        // and an out node is none.
+        for id in &self.volmgr.out {
+            for (key, g) in &map.groups {
+                if g.acting.contains(id) || g.placement.contains(id) {
+                    return Err(format!(
+                        "node {id} is out but still in {key}: acting {:?}, placement {:?}",
+                        g.acting, g.placement
+                    ));
+                }
+            }
+        }
         if self.scrubbed_all {
             for (id, n) in &self.nodes {
                 for (ext, block) in &n.disk.rot {
@@ -1557,6 +1798,23 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// The placement of every group with the nodes in `out` ineligible (each
+/// node is its own host), as the volume manager computes it.
+fn placement_table(cfg: &SimConfig, out: &BTreeSet<NodeId>) -> cairn_placement::PlacementTable {
+    let candidates: Vec<cairn_placement::Candidate> = (1..=cfg.nodes)
+        .map(|id| cairn_placement::Candidate {
+            id,
+            weight: 1,
+            host: format!("h{id}"),
+            rack: String::new(),
+            room: String::new(),
+            eligible: !out.contains(&id),
+        })
+        .collect();
+    cairn_placement::PlacementTable::build(&candidates, cfg.groups, cfg.replicas as usize)
+        .expect("valid placement")
 }
 
 fn block_value(op: &WriteOp, b: u64, block: u64) -> Vec<u8> {

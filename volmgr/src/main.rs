@@ -20,7 +20,9 @@ use cairn_volmgr::config::Config;
 use cairn_volmgr::detector::{DetectorConfig, FailureDetector};
 use cairn_volmgr::node::{self, NodeHandle};
 use cairn_volmgr::raftlog::RaftLog;
-use cairn_volmgr::state::{Command, NodeStats, NodeUsage, Proposal, SetGroupCount, State};
+use cairn_volmgr::state::{
+    Command, NodeStats, NodeUsage, Proposal, SetGroupCount, SettlePlacement, State,
+};
 use cairn_volmgr::transport::TcpTransport;
 use prost::Message as _;
 use raft::prelude::Snapshot;
@@ -205,6 +207,7 @@ async fn lead(
     let mut ticker = tokio::time::interval(DETECTOR_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
+    let mut settled_at_epoch = 0;
     loop {
         ticks = ticks.wrapping_add(1);
         tokio::select! {
@@ -232,6 +235,17 @@ async fn lead(
         let mut commands = Vec::new();
         if map.group_count == 0 {
             commands.push(Command::SetGroupCount(SetGroupCount { group_count }));
+        }
+        // Groups a placement change left with nothing to claim. The check
+        // builds the placement tables: once per map epoch, unless some were
+        // found (then again each tick until the proposal has applied).
+        if map.epoch != settled_at_epoch {
+            let view = cairn_proto::groupmap::group_map(&map);
+            if cairn_group::authority::unsettled(&view).is_empty() {
+                settled_at_epoch = map.epoch;
+            } else {
+                commands.push(Command::SettlePlacement(SettlePlacement {}));
+            }
         }
         if let Some(d) = detector.lock().expect("detector lock").as_mut() {
             let was_isolated = d.suspects_isolation();

@@ -453,7 +453,25 @@ impl State {
             Command::EpochsCollected(c) => self.epochs_collected(c),
             Command::FoldEpoch(c) => self.fold_epoch(c),
             Command::PrSet(c) => self.pr_set(c),
+            Command::SettlePlacement(_) => self.settle_placement(now_unix_ms),
         }
+    }
+
+    /// Groups whose whole placement acts but whose acting set differs from
+    /// it (see [`Command::SettlePlacement`]).
+    pub fn unsettled_groups(&self) -> usize {
+        authority::unsettled(&cairn_proto::groupmap::group_map(&self.map)).len()
+    }
+
+    fn settle_placement(&mut self, now_unix_ms: u64) -> Result<Outcome, StateError> {
+        let mut view = cairn_proto::groupmap::group_map(&self.map);
+        if authority::unsettled(&view).is_empty() {
+            return Ok(Outcome::default());
+        }
+        let epoch = self.next_map_epoch()?;
+        authority::settle_at(&mut view, epoch);
+        self.write_back(&view, epoch, now_unix_ms);
+        Ok(Outcome::default())
     }
 
     // ---- the cluster map ----

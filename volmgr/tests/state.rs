@@ -935,3 +935,37 @@ fn marks_judged_on_an_older_map_leave_a_new_incarnation_alone() {
     ok(&mut s, Command::MarkOut(ids(&[1])));
     assert!(!s.map().node(1).unwrap().in_);
 }
+
+/// A placement change can leave groups whose whole placement acts, but in
+/// another order or beside a node it no longer holds: nothing is left to
+/// claim there. `SettlePlacement` sets their acting sets to the placement
+/// (a new interval each), and changes nothing when none is so.
+#[test]
+fn settle_placement_sets_acting_to_a_placement_that_acts_whole() {
+    let mut s = cluster();
+    ok(&mut s, register(4, "h4", "r2"));
+    // Node 4 in no acting set yet; take it out again: placements move back,
+    // and some groups' acting sets are their placement in another order.
+    ok(&mut s, Command::MarkOut(ids(&[1])));
+    let before = s.unsettled_groups();
+    ok(&mut s, Command::MarkIn(ids(&[1])));
+    ok(&mut s, Command::MarkOut(ids(&[4])));
+    let unsettled = s.unsettled_groups();
+    assert!(
+        unsettled > 0,
+        "a move left groups to settle ({before} before)"
+    );
+    let epoch = s.map_epoch();
+    ok(&mut s, Command::SettlePlacement(SettlePlacement {}));
+    assert_eq!(s.map_epoch(), epoch + 1);
+    assert_eq!(s.unsettled_groups(), 0);
+    let view = cairn_proto::groupmap::group_map(s.map());
+    for (key, g) in &view.groups {
+        if g.placement.iter().all(|n| g.acting.contains(n)) {
+            assert_eq!(g.acting, g.placement, "{key}");
+        }
+    }
+    // Nothing to settle: no change, no epoch.
+    ok(&mut s, Command::SettlePlacement(SettlePlacement {}));
+    assert_eq!(s.map_epoch(), epoch + 1);
+}

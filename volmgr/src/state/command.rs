@@ -32,12 +32,12 @@ pub struct Proposal {
     /// this build does not know.
     #[prost(
         oneof = "Command",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
     )]
     pub command: Option<Command>,
 }
 
-/// A change to the replicated state. Tags 30 and up are free (a new one
+/// A change to the replicated state. Tags 31 and up are free (a new one
 /// goes into [`Proposal::command`]'s tag list too, or it never decodes).
 #[derive(Clone, PartialEq, ::prost::Oneof)]
 pub enum Command {
@@ -118,6 +118,16 @@ pub enum Command {
     /// change.
     #[prost(message, tag = "29")]
     PrSet(PrSet),
+    /// Sets the acting set of every group whose whole placement acts, but
+    /// whose acting set differs from it, to its placement
+    /// (`cairn_group::authority::settle_at`): after a placement change
+    /// nothing may be left to claim there, and no claim would retire the
+    /// members outside the placement (a drained node) or give the
+    /// placement's first node the lead. Proposed by the leader when it sees
+    /// such groups; applied to whatever groups are so when it applies (none:
+    /// no change). Map change when any is.
+    #[prost(message, tag = "30")]
+    SettlePlacement(SettlePlacement),
 }
 
 /// See [`Command::PrSet`]: if the volume's persistent reservation
@@ -268,6 +278,11 @@ pub struct RemoveNode {
     #[prost(uint64, tag = "1")]
     pub node_id: u64,
 }
+
+/// See [`Command::SettlePlacement`]; no fields: it settles what needs it
+/// when it applies.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SettlePlacement {}
 
 /// See [`Command::CreateVolume`]. Every field is explicit; defaults (such as
 /// `EXTENT_SIZE_BYTES_DEFAULT`) are the API's business.
