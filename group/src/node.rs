@@ -1020,7 +1020,8 @@ impl Node {
         // in), and it says the member holds every write of the interval, so
         // it must go on getting them. (Dropped here, it missed writes, and
         // a claim delivered after the placement came back made it acting
-        // without them: simulator seed 4596 with placement moves.)
+        // without them: simulator seeds 160660 and 376929, with placement
+        // moves.)
         let map = &self.map;
         let g = self.groups.get_mut(&key).expect("exists");
         let p = g.primary.as_mut().expect("kept");
@@ -2203,12 +2204,11 @@ impl Node {
         self.release(key, ext, lock);
     }
 
-    /// Queues a push of `ext` to member `n` behind every earlier operation
-    /// on the extent. With `settles`, the push is one of those that settle a write that
-    /// failed here (see `Primary::settling`).
-    /// Pushes `part` of `ext` to member `n`: `settles` and `merged` as in
-    /// `Task::Push`; with `wait_turn` it waits for its turn among
-    /// [`Config::pushes_max`], else it queues for its extent's lock at once.
+    /// Pushes `part` of `ext` to member `n`, behind every earlier operation
+    /// on the extent. With `settles`, the push is one of those that settle
+    /// a write that failed here (see `Primary::settling`); `merged` as in
+    /// `Task::Push`. With `wait_turn` it first waits for its turn among
+    /// [`Config::pushes_max`]; otherwise it queues for the lock at once.
     #[allow(clippy::too_many_arguments)]
     fn start_push_as(
         &mut self,
