@@ -3730,12 +3730,7 @@ impl Node {
         let mut sends: Vec<(NodeId, PeerMsg)> = Vec::new();
         let mut drops = Vec::new();
         let mut claims = Vec::new();
-        let placement: Vec<NodeId> = self
-            .map
-            .groups
-            .get(&key)
-            .map(|gv| gv.placement.clone())
-            .unwrap_or_default();
+        let placement: &[NodeId] = self.map.groups.get(&key).map_or(&[], |gv| &gv.placement);
         // Members with a push still waiting for its turn wait on this node,
         // not the other way round: not silent.
         let queued: BTreeSet<NodeId> = p

@@ -75,23 +75,29 @@ impl ClusterMap {
         self.groups.iter().filter(|g| g.degraded()).count()
     }
 
-    /// Whether every group could still be placed if the nodes `taken` were
-    /// out (or weighted 0) too: placement puts no two replicas of a group on
-    /// one host, so the distinct (room, rack, host) among the nodes left in
-    /// with weight above 0 must number at least the largest replica count
-    /// any group has. Otherwise `Err((replicas, hosts))`: that count and the
-    /// hosts that would be left. A map that fails this builds no placement
-    /// for those groups: nothing could move to a new placement, and a node
-    /// that comes back could never be claimed again.
-    pub fn placeable_without(&self, taken: &[u64]) -> Result<(), (u32, u32)> {
-        let replicas = self.groups.iter().map(|g| g.replicas).max().unwrap_or(0);
+    /// Distinct hosts, as placement counts them ((room, rack, host)), among
+    /// the nodes that can take replicas (in, with weight above 0; down nodes
+    /// count: they keep their place while in), leaving out `taken`.
+    pub fn failure_domains_without(&self, taken: &[u64]) -> u32 {
         let hosts: std::collections::BTreeSet<(&str, &str, &str)> = self
             .nodes
             .iter()
             .filter(|n| n.in_ && n.weight > 0 && !taken.contains(&n.id))
             .map(|n| (n.room.as_str(), n.rack.as_str(), n.host.as_str()))
             .collect();
-        let hosts = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
+        u32::try_from(hosts.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether every group could still be placed if the nodes `taken` were
+    /// out (or weighted 0) too: placement puts no two replicas of a group on
+    /// one host, so the hosts left must number at least the largest replica
+    /// count any group has. Otherwise `Err((replicas, hosts))`: that count
+    /// and the hosts that would be left. A map that fails this builds no
+    /// placement for those groups: nothing could move to a new placement,
+    /// and a node that comes back could never be claimed again.
+    pub fn placeable_without(&self, taken: &[u64]) -> Result<(), (u32, u32)> {
+        let replicas = self.groups.iter().map(|g| g.replicas).max().unwrap_or(0);
+        let hosts = self.failure_domains_without(taken);
         if hosts < replicas {
             Err((replicas, hosts))
         } else {

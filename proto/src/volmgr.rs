@@ -210,11 +210,11 @@ pub enum VolmgrOp {
     NodesIn = 29,
     /// An admin sets chunk server `node_id`'s placement `weight` (0 holds
     /// nothing, like out; refused as for `NodesOut` when that leaves too few
-    /// hosts). Answers the node. A change.
+    /// hosts). Answers the map epoch. A change.
     SetNodeWeight = 30,
     /// An admin drops chunk server `node_id` from the map for good: only
-    /// when it is out, down, and in no group's acting set. Answers the node
-    /// removed. A change.
+    /// when it is out, down, and in no group's acting set. Answers the map
+    /// epoch. A change.
     RemoveNode = 31,
 }
 

@@ -23,7 +23,7 @@
 //! new placement members up to date and claim them, and the claims retire
 //! the members outside the placement once it is whole; where nothing is left
 //! to claim, the volume manager's leader settles the group
-//! (`SettlePlacement`, see `SimConfig::retire_on_move`). Out nodes
+//! (`SettlePlacement`, see `SimConfig::settle_placement`). Out nodes
 //! may stay out after healing; their leftover copies are never compared.
 //!
 //! After the faults stop, the schedule heals (every node back, every group's
@@ -111,7 +111,7 @@ pub struct SimConfig {
     /// is left to make there, so without it such a group never sheds its
     /// old members (a drained node) nor heals (seed 32 with this off). On
     /// in `for_seed`.
-    pub retire_on_move: bool,
+    pub settle_placement: bool,
     /// Print every event.
     pub verbose: bool,
 }
@@ -136,7 +136,7 @@ impl Default for SimConfig {
             scrub: false,
             moves: false,
             moves_in_at_heal: false,
-            retire_on_move: true,
+            settle_placement: true,
             verbose: false,
         }
     }
@@ -231,8 +231,8 @@ pub struct Stats {
     /// See `move_claims`.
     pub retired: u64,
     /// Groups whose acting set the volume manager settled to their
-    /// placement (`SimConfig::retire_on_move`).
-    pub retired_on_move: u64,
+    /// placement (`SimConfig::settle_placement`).
+    pub settled: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -959,15 +959,15 @@ impl World {
                 self.publish(m);
             }
         }
-        // The leader's `SettlePlacement` (see `retire_on_move`): groups whose
+        // The leader's `SettlePlacement` (see `settle_placement`): groups whose
         // whole placement acts, but whose acting set differs from it, get
         // their placement as acting set in a new epoch.
-        if self.cfg.retire_on_move && !authority::unsettled(&self.volmgr.map).is_empty() {
+        if self.cfg.settle_placement && !authority::unsettled(&self.volmgr.map).is_empty() {
             let mut m = self.volmgr.map.clone();
             m.epoch += 1;
             let epoch = m.epoch;
             let settled = authority::settle_at(&mut m, epoch);
-            self.stats.retired_on_move += settled.len() as u64;
+            self.stats.settled += settled.len() as u64;
             self.log(|| format!("volmgr: placement settled for {settled:?}"));
             self.publish(m);
         }

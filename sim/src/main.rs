@@ -1,11 +1,11 @@
 //! `cairn-sim`: runs simulator schedules.
 //!
 //! ```text
-//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--each] [--no-retire-on-move] [--verbose]
+//! cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--each] [--no-settle] [--verbose]
 //! ```
 //! `--each` prints every schedule's stats on one line;
-//! `--no-retire-on-move` runs moves without the volume manager settling groups
-//! (see `SimConfig::retire_on_move`).
+//! `--no-settle` runs moves without the volume manager settling groups
+//! (see `SimConfig::settle_placement`).
 //! Exits 1 and prints the seed if a schedule fails.
 
 use std::time::Instant;
@@ -16,7 +16,7 @@ use cairn_sim::{run, SimConfig};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut from, mut count, mut bug, mut verbose) = (0u64, 1000u64, None, false);
-    let (mut each, mut retire_on_move) = (false, true);
+    let (mut each, mut settle_placement) = (false, true);
     while let Some(a) = args.next() {
         let mut val = || {
             args.next()
@@ -41,7 +41,7 @@ fn main() {
             }
             "--verbose" => verbose = true,
             "--each" => each = true,
-            "--no-retire-on-move" => retire_on_move = false,
+            "--no-settle" => settle_placement = false,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -49,11 +49,11 @@ fn main() {
     let t = Instant::now();
     let (mut acked, mut rotted, mut repaired, mut mended) = (0, 0, 0, 0);
     let (mut scrubs, mut scrub_pushed, mut scrub_repaired) = (0, 0, 0);
-    let (mut outs, mut ins, mut move_claims, mut retired, mut retired_on_move) = (0, 0, 0, 0, 0);
+    let (mut outs, mut ins, mut move_claims, mut retired, mut settled) = (0, 0, 0, 0, 0);
     for seed in from..from + count {
         let mut cfg = SimConfig::for_seed(seed, bug);
         cfg.verbose = verbose;
-        cfg.retire_on_move = retire_on_move;
+        cfg.settle_placement = settle_placement;
         match run(seed, &cfg) {
             Ok(s) => {
                 acked += s.acked_writes;
@@ -67,7 +67,7 @@ fn main() {
                 ins += s.ins;
                 move_claims += s.move_claims;
                 retired += s.retired;
-                retired_on_move += s.retired_on_move;
+                settled += s.settled;
                 if each {
                     println!("seed {seed}: {s:?}");
                 } else if verbose || count == 1 {
@@ -82,7 +82,7 @@ fn main() {
         }
     }
     println!(
-        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs, {mended} replicas mended; {scrubs} scrubs pushed over {scrub_pushed} replica copies and repaired {scrub_repaired} primary copies; {outs} nodes marked out, {ins} in, {move_claims} claims of moved replicas, {retired} replicas retired by claims, {retired_on_move} groups settled by the volume manager) in {:.1} s",
+        "{count} schedules passed ({acked} acknowledged writes checked; {rotted} blocks went bad, {repaired} read repairs, {mended} replicas mended; {scrubs} scrubs pushed over {scrub_pushed} replica copies and repaired {scrub_repaired} primary copies; {outs} nodes marked out, {ins} in, {move_claims} claims of moved replicas, {retired} replicas retired by claims, {settled} groups settled by the volume manager) in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }
@@ -91,6 +91,6 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("cairn-sim: {msg}");
     }
-    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--each] [--no-retire-on-move] [--verbose]");
+    eprintln!("usage: cairn-sim [--seeds N] [--from S] [--seed S] [--bug ack-before-replicas|no-fence|no-peering-push|primary-ranges-only|write-on-miscompare] [--each] [--no-settle] [--verbose]");
     std::process::exit(2);
 }

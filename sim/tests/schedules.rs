@@ -279,17 +279,17 @@ fn a_late_copy_of_a_retried_write_does_not_run_after_newer_writes() {
 /// (found at seed 32, 118 of CI's move schedules then; seed 9 today: group
 /// 0x2 acting [1, 5, 3] with placement [3, 1]). The volume manager's leader
 /// now settles such groups (`SettlePlacement`, modelled by
-/// `retire_on_move`).
+/// `settle_placement`).
 #[test]
 fn groups_a_move_leaves_nothing_to_claim_are_settled() {
     let seed = 9;
     let cfg = SimConfig::for_seed(seed, None);
-    assert!(cfg.moves && cfg.retire_on_move, "{cfg:?}");
+    assert!(cfg.moves && cfg.settle_placement, "{cfg:?}");
     if let Err(f) = run(seed, &cfg) {
         panic!("{f}\nconfig: {cfg:?}");
     }
     let without = SimConfig {
-        retire_on_move: false,
+        settle_placement: false,
         ..cfg
     };
     assert!(

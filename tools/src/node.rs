@@ -102,7 +102,7 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::List { cluster } => {
             let (client, _) = cluster.connect()?;
-            let map = block_on(read_map(&client))?;
+            let map = block_on(read_map(&client, 0, Duration::ZERO))?;
             if cluster.json {
                 let nodes: Vec<_> = map.nodes.iter().map(node_json).collect();
                 println!("{}", serde_json::Value::Array(nodes));
@@ -175,9 +175,14 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn read_map(client: &VolmgrClient) -> anyhow::Result<ClusterMap> {
+/// The cluster map, once newer than `newer_than` or after `wait`.
+async fn read_map(
+    client: &VolmgrClient,
+    newer_than: u64,
+    wait: Duration,
+) -> anyhow::Result<ClusterMap> {
     client
-        .get_map(0, Duration::ZERO)
+        .get_map(newer_than, wait)
         .await
         .context("reading the cluster map")
 }
@@ -217,17 +222,21 @@ struct DrainReport<'a> {
     /// Groups that held the nodes when the drain began.
     total: usize,
     now: &'a DrainState,
-    done: bool,
     /// The map epoch that took the nodes out.
     out_epoch: u64,
     elapsed: Duration,
 }
 
 impl DrainReport<'_> {
+    /// No group holds the nodes any more.
+    fn done(&self) -> bool {
+        self.now.holding == 0
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({
             "nodes": self.ids,
-            "done": self.done,
+            "done": self.done(),
             "out_epoch": self.out_epoch,
             "groups_total": self.total,
             "groups_left": self.now.holding,
@@ -246,7 +255,7 @@ impl DrainReport<'_> {
         } else {
             String::new()
         };
-        let head = if self.done {
+        let head = if self.done() {
             "drained: no group holds"
         } else {
             "draining"
@@ -293,10 +302,7 @@ async fn drain(
         .await
         .with_context(|| format!("taking chunk server(s) {ids:?} out of placement"))?;
     let started = Instant::now();
-    let mut map = client
-        .get_map(out_epoch.saturating_sub(1), PROGRESS_EVERY)
-        .await
-        .context("reading the cluster map")?;
+    let mut map = read_map(client, out_epoch.saturating_sub(1), PROGRESS_EVERY).await?;
     let total = drain_state(&map, ids).holding;
     let deadline = (timeout_s > 0).then(|| started + Duration::from_secs(timeout_s));
     let mut last_shown = Instant::now();
@@ -306,11 +312,10 @@ async fn drain(
             ids,
             total,
             now: &now,
-            done: now.holding == 0,
             out_epoch,
             elapsed: started.elapsed(),
         };
-        if report.done || no_wait {
+        if report.done() || no_wait {
             report.print(json);
             return Ok(());
         }
@@ -327,10 +332,7 @@ async fn drain(
             report.progress(json);
         }
         // Wake on the next map, or in time for the next progress line.
-        map = client
-            .get_map(map.epoch, PROGRESS_EVERY)
-            .await
-            .context("reading the cluster map")?;
+        map = read_map(client, map.epoch, PROGRESS_EVERY).await?;
     }
 }
 

@@ -475,6 +475,21 @@ impl Api {
         }
     }
 
+    /// [`Api::propose`], then `applied(map_epoch)` if the change was
+    /// applied (for its log line).
+    async fn propose_logged(
+        &self,
+        req: &VolmgrRequest,
+        command: Command,
+        applied: impl FnOnce(u64),
+    ) -> VolmgrResponse {
+        let r = self.propose(req, command).await;
+        if r.status == VolmgrStatus::Ok as i32 {
+            applied(r.map_epoch);
+        }
+        r
+    }
+
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> R + Send + 'static,
@@ -585,31 +600,26 @@ impl Api {
         match op {
             VolmgrOp::Unspecified => reply(VolmgrStatus::UnknownOp, "operation not set"),
             VolmgrOp::ClaimReplica => {
-                let r = self
-                    .propose(
-                        req,
-                        Command::ClaimReplica(ClaimReplica {
-                            primary: req.node_id,
-                            replicas: req.group_replicas,
-                            index: req.group_index,
-                            interval: req.group_interval,
-                            node: req.claim_node,
-                            up_since: req.claim_up_since,
-                            more: req.more_claims.clone(),
-                        }),
-                    )
-                    .await;
-                if r.status == VolmgrStatus::Ok as i32 {
+                let command = Command::ClaimReplica(ClaimReplica {
+                    primary: req.node_id,
+                    replicas: req.group_replicas,
+                    index: req.group_index,
+                    interval: req.group_interval,
+                    node: req.claim_node,
+                    up_since: req.claim_up_since,
+                    more: req.more_claims.clone(),
+                });
+                self.propose_logged(req, command, |epoch| {
                     debug!(
                         primary = req.node_id,
                         group = format_args!("{}x{}", req.group_index, req.group_replicas),
                         node = req.claim_node,
                         more = req.more_claims.len(),
-                        epoch = r.map_epoch,
+                        epoch,
                         "claim granted"
-                    );
-                }
-                r
+                    )
+                })
+                .await
             }
             VolmgrOp::RegisterNode => {
                 let r = self
@@ -949,59 +959,42 @@ impl Api {
                     // An admin's judgement: unconditional (see `NodeIds`).
                     seen_epoch: 0,
                 };
-                let out = op == VolmgrOp::NodesOut;
-                let r = self
-                    .propose(
-                        req,
-                        if out {
-                            Command::MarkOut(ids)
-                        } else {
-                            Command::MarkIn(ids)
-                        },
-                    )
-                    .await;
-                if r.status == VolmgrStatus::Ok as i32 {
-                    info!(nodes = ?req.node_ids, epoch = r.map_epoch, "chunk server(s) marked {} by an admin", if out { "out" } else { "in" });
-                }
-                r
+                let (command, mark) = if op == VolmgrOp::NodesOut {
+                    (Command::MarkOut(ids), "out")
+                } else {
+                    (Command::MarkIn(ids), "in")
+                };
+                self.propose_logged(req, command, |epoch| {
+                    info!(nodes = ?req.node_ids, epoch, "chunk server(s) marked {mark} by an admin")
+                })
+                .await
             }
             VolmgrOp::SetNodeWeight => {
-                let r = self
-                    .propose(
-                        req,
-                        Command::SetWeight(SetWeight {
-                            node_id: req.node_id,
-                            weight: req.weight,
-                        }),
-                    )
-                    .await;
-                if r.status == VolmgrStatus::Ok as i32 {
+                let command = Command::SetWeight(SetWeight {
+                    node_id: req.node_id,
+                    weight: req.weight,
+                });
+                self.propose_logged(req, command, |epoch| {
                     info!(
                         node = req.node_id,
                         weight = req.weight,
-                        epoch = r.map_epoch,
+                        epoch,
                         "chunk server weight set by an admin"
-                    );
-                }
-                r
+                    )
+                })
+                .await
             }
             VolmgrOp::RemoveNode => {
-                let r = self
-                    .propose(
-                        req,
-                        Command::RemoveNode(RemoveNode {
-                            node_id: req.node_id,
-                        }),
-                    )
-                    .await;
-                if r.status == VolmgrStatus::Ok as i32 {
+                let command = Command::RemoveNode(RemoveNode {
+                    node_id: req.node_id,
+                });
+                self.propose_logged(req, command, |epoch| {
                     info!(
                         node = req.node_id,
-                        epoch = r.map_epoch,
-                        "chunk server removed from the map by an admin"
-                    );
-                }
-                r
+                        epoch, "chunk server removed from the map by an admin"
+                    )
+                })
+                .await
             }
             VolmgrOp::ExportWatch => self.export_watch(req).await,
             VolmgrOp::SnapshotPaused => {

@@ -459,18 +459,16 @@ impl State {
 
     /// Groups whose whole placement acts but whose acting set differs from
     /// it (see [`Command::SettlePlacement`]).
-    pub fn unsettled_groups(&self) -> usize {
-        authority::unsettled(&cairn_proto::groupmap::group_map(&self.map)).len()
+    pub fn unsettled_groups(&mut self) -> usize {
+        authority::unsettled(&self.placed_view()).len()
     }
 
     fn settle_placement(&mut self, now_unix_ms: u64) -> Result<Outcome, StateError> {
-        let mut view = cairn_proto::groupmap::group_map(&self.map);
-        if authority::unsettled(&view).is_empty() {
-            return Ok(Outcome::default());
-        }
+        let mut view = self.placed_view();
         let epoch = self.next_map_epoch()?;
-        authority::settle_at(&mut view, epoch);
-        self.write_back(&view, epoch, now_unix_ms);
+        if !authority::settle_at(&mut view, epoch).is_empty() {
+            self.write_back(&view, epoch, now_unix_ms);
+        }
         Ok(Outcome::default())
     }
 
@@ -751,14 +749,7 @@ impl State {
     /// the nodes that can take replicas: in, with weight above 0. Down nodes
     /// count: they keep their place in placement while in.
     pub fn failure_domains(&self) -> u32 {
-        let hosts: BTreeSet<(&str, &str, &str)> = self
-            .map
-            .nodes
-            .iter()
-            .filter(|n| n.in_ && n.weight > 0)
-            .map(|n| (n.room.as_str(), n.rack.as_str(), n.host.as_str()))
-            .collect();
-        u32::try_from(hosts.len()).unwrap_or(u32::MAX)
+        self.map.failure_domains_without(&[])
     }
 
     // ---- the volume catalogue ----

@@ -108,6 +108,19 @@ impl State {
         group_map_with(&self.map, &BTreeMap::new())
     }
 
+    /// [`State::group_view`] with every group's placement, from the cached
+    /// tables claims use; groups of a replica count the map cannot place
+    /// get none (as `cairn_proto::groupmap::group_map` gives them).
+    pub(super) fn placed_view(&mut self) -> GroupMap {
+        let mut view = self.group_view();
+        for (key, g) in view.groups.iter_mut() {
+            if let Ok(table) = self.placement.table(&self.map, key.replicas) {
+                g.placement = table.lookup(key.index).unwrap_or_default().to_vec();
+            }
+        }
+        view
+    }
+
     /// Writes `view`'s acting sets, intervals and node states (made from
     /// this map by [`State::group_view`] and changed at `epoch`) back into
     /// the map, and makes `epoch` the map's. Nodes whose up state or
